@@ -1,0 +1,161 @@
+"""Event streams, sensors and tokens — NumPy only (the server's API layer and the client use this).
+
+An event stream is ``N`` events ``(t_i, address_i)`` with ``t_i`` integer microseconds,
+non-decreasing. The network reads two things per event:
+
+- a **token**: for a 1-D sensor with ``C`` channels, ``token = channel``; for a 2-D sensor
+  ``W x H`` with polarity ``p in {0, 1}``, ``token = x + W*y + W*H*p`` (one-to-one; the vocabulary
+  has ``2*W*H`` entries);
+- a **gap**: ``t_i - t_{i-1}`` in integer microseconds, ``0`` for a stream's first event. The model
+  turns gaps into ``dt_i = gap_i / 1000`` milliseconds (float32). Gaps are carried as int32 and
+  clamped at ``2**31 - 1`` us (about 36 minutes), far beyond any state's memory.
+
+Padding positions carry token ``PAD_TOKEN`` (-1) and gap 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+PAD_TOKEN = -1
+MAX_GAP_US = np.iinfo(np.int32).max
+
+
+@dataclass(frozen=True)
+class SensorSpec:
+    """Geometry of the sensor a model reads.
+
+    ``kind="1d"``: ``channels`` addresses (x only). ``kind="2d"``: ``width x height`` pixels with
+    two polarities (x, y, p).
+    """
+
+    kind: str  # "1d" | "2d"
+    channels: int = 0
+    width: int = 0
+    height: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind == "1d":
+            if self.channels <= 0:
+                raise ValueError("a 1-D sensor needs channels > 0")
+        elif self.kind == "2d":
+            if self.width <= 0 or self.height <= 0:
+                raise ValueError("a 2-D sensor needs width > 0 and height > 0")
+        else:
+            raise ValueError(f"sensor kind must be '1d' or '2d', got {self.kind!r}")
+
+    @property
+    def num_tokens(self) -> int:
+        """Vocabulary size of the tokeniser (``num_embeddings``)."""
+        return self.channels if self.kind == "1d" else 2 * self.width * self.height
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Address columns of an event besides ``t``."""
+        return ("x",) if self.kind == "1d" else ("x", "y", "p")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SensorSpec":
+        return cls(**{k: d[k] for k in ("kind", "channels", "width", "height") if k in d})
+
+    @classmethod
+    def one_d(cls, channels: int) -> "SensorSpec":
+        return cls(kind="1d", channels=channels)
+
+    @classmethod
+    def two_d(cls, width: int, height: int) -> "SensorSpec":
+        return cls(kind="2d", width=width, height=height)
+
+
+@dataclass
+class Recording:
+    """One event recording: ``t`` int64 microseconds [N]; ``x`` [N]; ``y``, ``p`` [N] or None."""
+
+    t: np.ndarray
+    x: np.ndarray
+    y: np.ndarray | None = None
+    p: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.t.shape[0])
+
+    def slice(self, start: int, stop: int) -> "Recording":
+        cut = lambda a: None if a is None else a[start:stop]  # noqa: E731
+        return Recording(self.t[start:stop], self.x[start:stop], cut(self.y), cut(self.p))
+
+
+class EventError(ValueError):
+    """Invalid events. ``code`` is the stable error code of the external contract."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def tokenize(sensor: SensorSpec, x: np.ndarray, y: np.ndarray | None = None,
+             p: np.ndarray | None = None, *, check: bool = True) -> np.ndarray:
+    """Map event addresses to int32 tokens [N] (see module docstring).
+
+    With ``check`` an address outside the sensor raises ``EventError("address_out_of_range")``.
+    """
+    x = np.asarray(x)
+    if sensor.kind == "1d":
+        if check and x.size and (x.min() < 0 or x.max() >= sensor.channels):
+            bad = int(x[(x < 0) | (x >= sensor.channels)][0])
+            raise EventError("address_out_of_range",
+                             f"x={bad} is outside the sensor's channels 0..{sensor.channels - 1}")
+        return x.astype(np.int32)
+    if y is None or p is None:
+        raise EventError("missing_column", "a 2-D sensor needs columns x, y and p")
+    y = np.asarray(y)
+    p = np.asarray(p)
+    if check and x.size:
+        for name, col, hi in (("x", x, sensor.width), ("y", y, sensor.height), ("p", p, 2)):
+            if col.min() < 0 or col.max() >= hi:
+                bad = int(col[(col < 0) | (col >= hi)][0])
+                raise EventError("address_out_of_range",
+                                 f"{name}={bad} is outside the sensor's range 0..{hi - 1}")
+    w, h = sensor.width, sensor.height
+    return (x.astype(np.int64) + w * y.astype(np.int64) + w * h * p.astype(np.int64)).astype(np.int32)
+
+
+def untokenize(sensor: SensorSpec, tokens: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Inverse of :func:`tokenize`: ``(x,)`` or ``(x, y, p)``."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    if sensor.kind == "1d":
+        return (tokens,)
+    w, h = sensor.width, sensor.height
+    return tokens % w, (tokens // w) % h, tokens // (w * h)
+
+
+def time_gaps(t: np.ndarray, last_t: int | None = None, *, check: bool = True) -> np.ndarray:
+    """Inter-event gaps in microseconds, int32 [N], clamped to ``MAX_GAP_US``.
+
+    ``last_t`` is the timestamp of the event before ``t[0]`` (None at a stream's start, which gives
+    ``gap_0 = 0``). With ``check``, decreasing timestamps raise ``EventError("timestamps_decreasing")``.
+    """
+    t = np.asarray(t, dtype=np.int64)
+    if t.size == 0:
+        return np.zeros(0, np.int32)
+    prev = t[0] if last_t is None else np.int64(last_t)
+    gaps = np.diff(t, prepend=prev)
+    if check and (gaps < 0).any():
+        i = int(np.argmax(gaps < 0))
+        if i == 0:
+            msg = f"t[0]={int(t[0])} is before the session's last event at t={int(prev)}"
+        else:
+            msg = f"t[{i}]={int(t[i])} is before t[{i - 1}]={int(t[i - 1])}"
+        raise EventError("timestamps_decreasing", msg)
+    return np.minimum(gaps, MAX_GAP_US).astype(np.int32)
+
+
+def recording_inputs(sensor: SensorSpec, rec: Recording) -> tuple[np.ndarray, np.ndarray]:
+    """``(tokens int32 [N], gaps int32 [N])`` of a whole recording from its start."""
+    return tokenize(sensor, rec.x, rec.y, rec.p), time_gaps(rec.t)
