@@ -1,0 +1,116 @@
+"""Checkpoints: a directory that needs nothing else to be loaded.
+
+Layout::
+
+    CHECKPOINT_DIR/
+      evssm.json     format version, the full model config (incl. sensor and class names),
+                     task name, training summary (step, epoch, metrics)
+      variables/     orbax PyTree checkpoint of {"params": ..., "batch_stats": ...}
+
+Loading checks, in order, and says which failed: the directory exists; ``evssm.json`` exists and
+parses; its format version is one this code reads; the config is valid; the stored arrays are
+complete and match the config's architecture.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from .config import ModelConfig
+
+FORMAT_VERSION = 1
+METADATA_FILE = "evssm.json"
+VARIABLES_DIR = "variables"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory that cannot be loaded; the message says why."""
+
+
+def abstract_variables(config: ModelConfig) -> dict[str, Any]:
+    """Shapes/dtypes of a model's variables (no computation)."""
+    from .model import EventSSM, init_state
+
+    module = EventSSM(config)
+    state = init_state(config, 1)
+    x = jnp.zeros((1, 8), jnp.int32)
+    variables = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), x, x,
+                                                   jnp.array([8]), state))
+    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+def save_checkpoint(directory: str | Path, config: ModelConfig, variables: dict[str, Any], *,
+                    task: str | None = None, summary: dict[str, Any] | None = None) -> Path:
+    """Write ``variables`` (``params`` and ``batch_stats``) and metadata to ``directory``.
+
+    An existing checkpoint at ``directory`` is replaced atomically-enough: written beside it, then
+    swapped in.
+    """
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory).absolute()
+    tmp = directory.with_name(directory.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    tree = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp / VARIABLES_DIR, jax.device_get(tree))
+    checkpointer.wait_until_finished()
+    meta = {"format_version": FORMAT_VERSION, "config": config.to_dict(), "task": task,
+            "summary": summary or {}}
+    (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    if directory.exists():
+        shutil.rmtree(directory)
+    tmp.rename(directory)
+    return directory
+
+
+def read_metadata(directory: str | Path) -> dict[str, Any]:
+    """The checkpoint's ``evssm.json``, checked; raises :class:`CheckpointError`."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"no checkpoint directory at {directory}")
+    meta_path = directory / METADATA_FILE
+    if not meta_path.exists():
+        raise CheckpointError(f"{directory} is not an evssm checkpoint: {METADATA_FILE} is missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{meta_path} is truncated or corrupt: {exc}") from exc
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{directory} has checkpoint format version {version!r}; this "
+                              f"evssm reads version {FORMAT_VERSION}")
+    try:
+        meta["config"] = ModelConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{meta_path} holds an invalid model config: {exc}") from exc
+    return meta
+
+
+def load_checkpoint(directory: str | Path) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
+    """Load ``(config, variables, metadata)`` from a checkpoint directory."""
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory).absolute()
+    meta = read_metadata(directory)
+    config: ModelConfig = meta["config"]
+    var_dir = directory / VARIABLES_DIR
+    if not var_dir.is_dir():
+        raise CheckpointError(f"{directory} is incomplete: {VARIABLES_DIR}/ is missing")
+    target = abstract_variables(config)
+    try:
+        variables = ocp.StandardCheckpointer().restore(var_dir, target)
+    except ValueError as exc:
+        raise CheckpointError(f"{directory} does not match its config's architecture "
+                              f"({config.name}): {exc}") from exc
+    except Exception as exc:  # orbax raises many types for missing/corrupt files
+        raise CheckpointError(f"{directory} is truncated or corrupt: {exc}") from exc
+    return config, variables, meta

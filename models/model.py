@@ -1,0 +1,274 @@
+"""The EventSSM network: token encoder, stages of sequence layers, classification head.
+
+Every layer takes a carried state and returns the new one, so one forward pass serves both forms:
+``offline = forward(zero state, whole sequence)``; ``streaming = forward(carried state, packet)``.
+
+Sequence layer (``d_in -> d_out``, stride ``s``)::
+
+    skip = x
+    if prenorm: x = Norm(x)
+    y = SSM(x, dt)                         # d_out wide, at the pooled rate when s > 1
+    g = Dense_d_out(Dropout(GELU(y)))
+    x = Dropout(y * sigmoid(g))
+    if s > 1: skip, dt = Pool(skip, dt)
+    if d_in != d_out: skip = Dense_d_out(skip)
+    x = skip + x
+    if not prenorm: x = Norm(x)
+
+Stage ``k`` has width ``H_k = H e^k`` and state ``P_k = P e^k``; its first layer maps
+``H_{k-1} -> H_k`` and pools by ``s``. The head pools the final-rate outputs ``z_1 .. z_M``
+(``pool``: mean; ``timepool``: ``sum z_m (dt_m + eps) / sum (dt_m + eps)``; ``last``) and applies
+``Dense(num_classes)``. Before the first complete final-rate window there is no prediction.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from .config import ModelConfig
+from .pooling import TIMEPOOL_EPS, pool_state_shapes, pool_weights, pool_windows
+from .ssm import S5SSM, DecayTable, ssm_state_shapes
+
+Array = jax.Array
+State = dict[str, Any]
+
+
+def lengths_mask(lengths: Array, size: int) -> Array:
+    """[B] -> bool [B, size]: True at real (non-padding) positions."""
+    return jnp.arange(size)[None, :] < lengths[:, None]
+
+
+class Norm(nn.Module):
+    """LayerNorm, or BatchNorm whose statistics skip padding (running stats outside training)."""
+
+    kind: str
+    momentum: float = 0.9
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Array, train: bool) -> Array:
+        """x [B, L, d], mask [B, L] -> [B, L, d]."""
+        if self.kind == "layer":
+            return nn.LayerNorm(epsilon=self.eps)(x)
+        d = x.shape[-1]
+        mean_v = self.variable("batch_stats", "mean", lambda: jnp.zeros(d, jnp.float32))
+        var_v = self.variable("batch_stats", "var", lambda: jnp.ones(d, jnp.float32))
+        scale = self.param("scale", nn.initializers.ones, (d,))
+        bias = self.param("bias", nn.initializers.zeros, (d,))
+        if train:
+            m = mask[..., None].astype(x.dtype)
+            count = jnp.maximum(m.sum(), 1.0)
+            mean = (x * m).sum((0, 1)) / count
+            var = (jnp.square(x - mean) * m).sum((0, 1)) / count
+            if not self.is_initializing():
+                mean_v.value = self.momentum * mean_v.value + (1 - self.momentum) * mean
+                var_v.value = self.momentum * var_v.value + (1 - self.momentum) * var
+        else:
+            mean, var = mean_v.value, var_v.value
+        return (x - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+
+
+class SequenceLayer(nn.Module):
+    """One S5 sequence layer with pooling stride ``stride`` (see module docstring)."""
+
+    config: ModelConfig
+    d_in: int
+    d_out: int
+    d_state: int
+    stride: int
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.norm = Norm(cfg.norm, cfg.bn_momentum)
+        self.ssm = S5SSM(self.d_in, self.d_out, self.d_state, cfg.block_size, cfg.conj_sym,
+                         cfg.clip_eigs, cfg.discretization, cfg.dt_min, cfg.dt_max,
+                         cfg.step_rescale)
+        self.gate = nn.Dense(self.d_out)
+        self.skip_proj = nn.Dense(self.d_out) if self.d_in != self.d_out else None
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def features(self, x: Array, mask: Array, train: bool) -> tuple[Array, Array]:
+        """Per-event inputs of the recurrence and of the pooling.
+
+        x [B, L, d_in] -> ``(B~ u [B, L, P'] complex, pool_in [B, L, d_pool])``: ``pool_in`` is
+        ``[u, x]`` with prenorm (the SSM's feed-through input and the skip), ``x`` without.
+        For the first layer these depend on the token alone and can be tabulated.
+        """
+        if self.config.prenorm:
+            u = self.norm(x, mask, train)
+            return self.ssm.input_proj(u), jnp.concatenate([u, x], -1)
+        return self.ssm.input_proj(x), x
+
+    def __call__(self, features: tuple[Array, Array], times: Array, scale: float, lengths: Array,
+                 state: State, train: bool, table: DecayTable | None = None
+                 ) -> tuple[Array, Array, Array, State]:
+        """features from :meth:`features`, times [B, L] (time steps ``dt = times * scale`` ms),
+        lengths [B], state (batched) -> ``(x [B, W, d_out], dt [B, W] ms, lengths [B], state')``;
+        W = L when stride is 1."""
+        bu, pool_in = features
+        dt = times * scale
+        stride = self.stride
+        batch = lengths.shape[0]
+        if stride > 1:
+            offsets = state["count"]
+            ssm_state = {"s_last": state["s_last"], "s_first": state["s_first"]}
+        else:
+            offsets = jnp.zeros(batch, jnp.int32)
+            ssm_state = {"s_last": state["s_last"], "s_first": state["s_last"]}
+        window_states, new_ssm = self.ssm(bu, times, scale, lengths, offsets, ssm_state, stride,
+                                          table)
+        new_state: State = {"s_last": new_ssm["s_last"]}
+        if stride > 1:
+            w = pool_weights(dt, offsets, stride, self.config.pooling_mode)
+            carry = {k: state[k] for k in ("sum_wx", "sum_w", "sum_dt")}
+            pooled, dt, carry = jax.vmap(pool_windows, in_axes=(0, 0, 0, 0, 0, 0, None))(
+                pool_in, w, dt, lengths, offsets, carry, stride)
+            total = offsets + lengths
+            lengths = total // stride
+            new_state.update(carry, s_first=new_ssm["s_first"], count=total % stride)
+        else:
+            pooled = pool_in
+        if self.config.prenorm:
+            u, skip = jnp.split(pooled, 2, axis=-1)
+        else:
+            u = skip = pooled
+        deterministic = not train
+        y = self.ssm.readout(window_states, u)
+        g = self.gate(self.dropout(nn.gelu(y, approximate=False), deterministic=deterministic))
+        x = self.dropout(y * jax.nn.sigmoid(g), deterministic=deterministic)
+        if self.skip_proj is not None:
+            skip = self.skip_proj(skip)
+        x = skip + x
+        if not self.config.prenorm:
+            x = self.norm(x, lengths_mask(lengths, x.shape[1]), train)
+        return x, dt, lengths, new_state
+
+
+def layer_plan(config: ModelConfig) -> list[tuple[int, int, int, int]]:
+    """``(d_in, d_out, d_state, stride)`` of every sequence layer, in order."""
+    plan = []
+    for k in range(config.num_stages):
+        for j in range(config.layers_per_stage):
+            d_in = config.stage_width(k - 1) if j == 0 else config.stage_width(k)
+            stride = config.pooling_stride if j == 0 else 1
+            plan.append((d_in, config.stage_width(k), config.stage_state(k), stride))
+    return plan
+
+
+def state_spec(config: ModelConfig) -> State:
+    """Shapes and dtypes of one session's carried state (a pytree of ``(shape, dtype)``)."""
+    layers = []
+    for d_in, _, d_state, stride in layer_plan(config):
+        num_states = d_state // 2 if config.conj_sym else d_state
+        spec = {"s_last": ssm_state_shapes(num_states)["s_last"]}
+        if stride > 1:
+            spec.update(ssm_state_shapes(num_states))
+            spec.update(pool_state_shapes(2 * d_in if config.prenorm else d_in))
+            spec["count"] = ((), jnp.int32)
+        layers.append(spec)
+    width = config.stage_width(config.num_stages - 1)
+    head = {"sum_z": ((width,), jnp.float32), "sum_w": ((), jnp.float32),
+            "last_z": ((width,), jnp.float32), "count": ((), jnp.int32)}
+    return {"layers": layers, "head": head}
+
+
+def init_state(config: ModelConfig, batch: int) -> State:
+    """Zero carried state for ``batch`` sessions (leading axis ``batch`` on every leaf)."""
+    return jax.tree.map(lambda sd: jnp.zeros((batch, *sd[0]), sd[1]), state_spec(config),
+                        is_leaf=lambda v: isinstance(v, tuple) and len(v) == 2
+                        and isinstance(v[0], tuple))
+
+
+# Inter-event times (microseconds) whose first-layer decays are tabulated: covers the gaps
+# inside a pooling window of any sensor faster than ~2,000 events/s.
+DECAY_TABLE_SIZE = 8192
+
+
+class InferenceTables(NamedTuple):
+    """Per-model inference tables: ``bu`` [V, P'] complex, ``pool_in`` [V, d_pool], ``decay``."""
+
+    bu: Array
+    pool_in: Array
+    decay: DecayTable
+
+
+class EventSSM(nn.Module):
+    """EventSSM classifier. See the module docstring."""
+
+    config: ModelConfig
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.embed = nn.Embed(cfg.num_embeddings, cfg.d_model,
+                              embedding_init=nn.initializers.normal(1.0))
+        self.layers = [SequenceLayer(cfg, d_in, d_out, d_state, stride)
+                       for d_in, d_out, d_state, stride in layer_plan(cfg)]
+        self.head = nn.Dense(cfg.num_classes)
+
+    def encode(self, tokens: Array) -> Array:
+        """tokens int32 [B, L] (-1 = padding) -> embeddings [B, L, H] (zero for padding)."""
+        x = self.embed(jnp.maximum(tokens, 0))
+        return jnp.where((tokens >= 0)[..., None], x, 0.0)
+
+    def token_tables(self, decay_size: int = DECAY_TABLE_SIZE) -> InferenceTables:
+        """Inference-only tables (no dropout, BN running statistics) of the first layer: its
+        per-token features, gathered per event instead of embedding + norm + projection, and
+        its decays for inter-event times below ``decay_size`` microseconds."""
+        tokens = jnp.arange(self.config.num_embeddings)[None, :]
+        mask = jnp.ones(tokens.shape, bool)
+        bu, pool_in = self.layers[0].features(self.encode(tokens), mask, False)
+        return InferenceTables(bu[0], pool_in[0], self.layers[0].ssm.decay_table(decay_size))
+
+    def __call__(self, tokens: Array, gaps: Array, lengths: Array, state: State,
+                 train: bool = False, tables: InferenceTables | None = None
+                 ) -> tuple[Array, Array, State]:
+        """Advance a batch of sessions by one packet each.
+
+        tokens int32 [B, L] (-1 padding), gaps int32 [B, L] (microseconds since the session's
+        previous event, 0 for its first and for padding), lengths int32 [B], state (batched).
+        Returns ``(logits [B, C], ready bool [B], state')``.
+        """
+        mask = lengths_mask(lengths, tokens.shape[1])
+        if tables is None:
+            feats = self.layers[0].features(self.encode(tokens), mask, train)
+        else:
+            safe = jnp.where(mask, tokens, 0)
+            feats = (tables.bu[safe], tables.pool_in[safe])
+        # The first layer reads integer microsecond gaps (so its decays can be tabulated);
+        # later layers read pooled time steps in milliseconds.
+        times, scale = gaps.astype(jnp.float32), 1e-3
+        new_layers = []
+        x = None
+        for i, layer in enumerate(self.layers):
+            if i > 0:
+                feats = layer.features(x, lengths_mask(lengths, x.shape[1]), train)
+            table = tables.decay if (tables is not None and i == 0) else None
+            x, times, lengths, layer_state = layer(feats, times, scale, lengths,
+                                                   state["layers"][i], train, table)
+            scale = 1.0
+            new_layers.append(layer_state)
+        dt = times
+        head_state = self._pool_head(x, dt, lengths, state["head"])
+        hw = head_state["sum_w"]
+        pooled = head_state["sum_z"] / jnp.where(hw > 0, hw, 1.0)[:, None]
+        if self.config.head == "last":
+            pooled = head_state["last_z"]
+        logits = self.head(pooled)
+        return logits, head_state["count"] > 0, {"layers": new_layers, "head": head_state}
+
+    def _pool_head(self, z: Array, dt: Array, lengths: Array, state: State) -> State:
+        """Running pool of the final-rate outputs: z [B, M, d], dt [B, M], lengths [B]."""
+        mask = lengths_mask(lengths, z.shape[1]).astype(z.dtype)
+        w = mask * (dt + TIMEPOOL_EPS) if self.config.head == "timepool" else mask
+        last_index = jnp.maximum(lengths - 1, 0)
+        last = jnp.take_along_axis(z, last_index[:, None, None], axis=1)[:, 0]
+        return {
+            "sum_z": state["sum_z"] + jnp.einsum("bm,bmd->bd", w, z),
+            "sum_w": state["sum_w"] + w.sum(1),
+            "last_z": jnp.where((lengths > 0)[:, None], last, state["last_z"]),
+            "count": state["count"] + lengths,
+        }

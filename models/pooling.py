@@ -1,0 +1,69 @@
+"""Event pooling over windows of ``s`` consecutive events, with a carried partial window.
+
+Window ``w`` holds events ``ws .. ws+s-1`` of the stream's global event count; a window produces
+its output once its last event has arrived (a trailing incomplete window produces nothing yet).
+Every mode is a weighted mean with pooled time step ``sum dt``::
+
+    first     w_j = 1 at the window's first event, else 0   (the value at the first event)
+    avgpool   w_j = 1                                         (mean)
+    timepool  w_j = dt_j + eps, eps = 1e-6                    (time-weighted mean)
+
+    Pool(x)_w = sum_j w_j x_j / sum_j w_j,        Pool(dt)_w = sum_j dt_j
+
+The partial sums of the current window (``sum w x``, ``sum w``, ``sum dt``) are the carried state,
+so a window split across packets pools exactly as if it had arrived in one.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+TIMEPOOL_EPS = 1e-6
+
+
+def pool_weights(dt: Array, offsets: Array, stride: int, mode: str) -> Array:
+    """Per-event pooling weights: dt [B, L] ms, offsets [B] -> [B, L]."""
+    if mode == "avgpool":
+        return jnp.ones_like(dt)
+    if mode == "timepool":
+        return dt + TIMEPOOL_EPS
+    if mode == "first":
+        index = offsets[:, None] + jnp.arange(dt.shape[1])[None, :]
+        return (index % stride == 0).astype(dt.dtype)
+    raise ValueError(f"unknown pooling mode {mode!r}")
+
+
+def pool_windows(x: Array, w: Array, dt: Array, n: Array, off: Array, carry: dict[str, Array],
+                 stride: int) -> tuple[Array, Array, dict[str, Array]]:
+    """Pool one session's packet into windows.
+
+    x [L, d], w [L], dt [L]; n real events; off events of the current window already seen;
+    carry: ``sum_wx`` [d], ``sum_w`` [], ``sum_dt`` [].
+    Returns ``(pooled [W, d], pooled_dt [W], carry')`` with ``W = ceil((L + stride - 1) / stride)``;
+    windows ``0 .. (off + n) // stride - 1`` are complete, later rows are undefined (zeros).
+    """
+    length = x.shape[0]
+    nwin = -(-(length + stride - 1) // stride)
+    pos = jnp.arange((nwin + 1) * stride)
+    src = pos - off
+    real = (src >= 0) & (src < n)
+    src = jnp.clip(src, 0, length - 1)
+    wb = jnp.where(real, w[src], 0.0).reshape(nwin + 1, stride)
+    dtb = jnp.where(real, dt[src], 0.0).reshape(nwin + 1, stride)
+    xb = x[src].reshape(nwin + 1, stride, -1)
+    sum_wx = jnp.einsum("ws,wsd->wd", wb, xb).at[0].add(carry["sum_wx"])
+    sum_w = wb.sum(1).at[0].add(carry["sum_w"])
+    sum_dt = dtb.sum(1).at[0].add(carry["sum_dt"])
+    pooled = sum_wx / jnp.where(sum_w > 0, sum_w, 1.0)[:, None]
+    m = (off + n) // stride  # complete windows; window m is the new partial one
+    new_carry = {"sum_wx": sum_wx[m], "sum_w": sum_w[m], "sum_dt": sum_dt[m]}
+    return pooled[:nwin], sum_dt[:nwin], new_carry
+
+
+def pool_state_shapes(width: int) -> dict[str, tuple[tuple[int, ...], jnp.dtype]]:
+    """Carried partial window of one session."""
+    return {"sum_wx": ((width,), jnp.float32), "sum_w": ((), jnp.float32),
+            "sum_dt": ((), jnp.float32)}

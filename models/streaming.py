@@ -1,0 +1,211 @@
+"""Inference runner: the model's streaming and offline forms as jitted, shape-bucketed functions.
+
+A session's carried state is a pytree of fixed-shape arrays (``state_spec``): for every layer the
+SSM state after the last event and at the current window's first event, the partial pooling
+window (weighted sums, weight, dt) and the event count modulo the stride; for the head the running
+pool. Streaming a recording packet by packet gives the same logits, after every packet, as the
+offline form on the prefix seen so far (``tests/test_streaming_invariant.py``).
+
+At inference the first layer's per-event inputs depend on the token alone; they are tabulated
+once per model (``EventSSM.token_tables``) and gathered per event.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ModelConfig, load_model_config
+from .model import EventSSM, State, init_state, state_spec
+
+Array = jax.Array
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "pretrained" / "event-mnist"
+DEFAULT_MODEL_CONFIG = "event-mnist"
+
+
+def state_nbytes(config: ModelConfig) -> int:
+    """Bytes of one session's carried state."""
+    leaves = jax.tree.leaves(state_spec(config), is_leaf=lambda v: isinstance(v, tuple)
+                             and len(v) == 2 and isinstance(v[0], tuple))
+    return int(sum(np.prod(shape, dtype=np.int64) * np.dtype(dtype).itemsize
+                   for shape, dtype in leaves))
+
+
+class StreamingModel:
+    """A loaded model with jitted streaming (``step``, ``step_slots``) and offline (``classify``)
+    functions. Executables are cached per input shape; ``compilations`` counts them."""
+
+    def __init__(self, config: ModelConfig, variables: dict[str, Any], *,
+                 info: dict[str, Any] | None = None):
+        self.config = config
+        self.module = EventSSM(config)
+        self.variables = {"params": variables["params"],
+                          "batch_stats": variables.get("batch_stats", {})}
+        self.tables = jax.jit(lambda v: self.module.apply(v, method=EventSSM.token_tables))(
+            self.variables)
+        self.state_bytes = state_nbytes(config)
+        self.info = {
+            "name": config.name,
+            "classes": list(config.labels),
+            "num_classes": config.num_classes,
+            "sensor": config.sensor.to_dict(),
+            "downsampling": config.downsampling,
+            "state_bytes": self.state_bytes,
+            "trained": False,
+            "source": "random-init",
+            **(info or {}),
+        }
+        self.compilations = 0
+        self._lock = threading.Lock()
+        self._jitted = {
+            "step": jax.jit(self._step_impl),
+            "step_slots": jax.jit(self._step_slots_impl, donate_argnums=(2,)),
+            "zero_slots": jax.jit(self._zero_slots_impl, donate_argnums=(0,)),
+            "classify": jax.jit(self._classify_impl),
+        }
+
+    # --- constructors ------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: ModelConfig, seed: int = 0) -> "StreamingModel":
+        """A randomly initialised model (deterministic per ``seed``)."""
+        return cls(config, init_variables(config, seed),
+                   info={"source": f"random-init(seed={seed})", "trained": False})
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "StreamingModel":
+        """Load a checkpoint directory written by the trainer."""
+        from .checkpoint import load_checkpoint
+
+        config, variables, meta = load_checkpoint(directory)
+        summary = meta.get("summary", {})
+        return cls(config, variables, info={"source": str(directory), "trained": True,
+                                            "task": meta.get("task"), "summary": summary})
+
+    # --- pure implementations ----------------------------------------------------------------
+    def _apply(self, variables: dict, tables: tuple, state: State, tokens: Array, gaps: Array,
+               lengths: Array) -> tuple[Array, Array, State]:
+        return self.module.apply(variables, tokens, gaps, lengths, state, tables=tables)
+
+    def _step_impl(self, variables, tables, state, tokens, gaps, lengths):
+        logits, ready, state = self._apply(variables, tables, state, tokens, gaps, lengths)
+        return state, logits, ready
+
+    def _step_slots_impl(self, variables, tables, pool, slots, tokens, gaps, lengths):
+        # Out-of-range slots mark padding rows: reads clip, writes drop.
+        state = jax.tree.map(lambda a: a.at[slots].get(mode="clip"), pool)
+        logits, ready, state = self._apply(variables, tables, state, tokens, gaps, lengths)
+        pool = jax.tree.map(lambda a, s: a.at[slots].set(s, mode="drop"), pool, state)
+        return pool, logits, ready
+
+    @staticmethod
+    def _zero_slots_impl(pool, slots):
+        return jax.tree.map(lambda a: a.at[slots].set(jnp.zeros((), a.dtype), mode="drop"), pool)
+
+    def _classify_impl(self, variables, tables, tokens, gaps, lengths):
+        state = init_state(self.config, tokens.shape[0])
+        logits, ready, _ = self._apply(variables, tables, state, tokens, gaps, lengths)
+        return logits, ready
+
+    # --- dispatch -----------------------------------------------------------------------------
+    def _call(self, name: str, *args: Any) -> Any:
+        """Call jitted ``name`` through JAX's fast path, counting new compilations (one per new
+        input shape; ``compile`` makes them all before traffic)."""
+        fn = self._jitted[name]
+        before = fn._cache_size()
+        out = fn(*args)
+        after = fn._cache_size()
+        if after != before:
+            with self._lock:
+                self.compilations += after - before
+        return out
+
+    # --- public API --------------------------------------------------------------------------
+    def init_state(self, batch: int) -> State:
+        """Zero state (fresh sessions) for ``batch`` sessions."""
+        return init_state(self.config, batch)
+
+    def step(self, state: State, tokens: Array, gaps: Array, lengths: Array
+             ) -> tuple[State, Array, Array]:
+        """Advance ``B`` sessions by one packet each.
+
+        state (batched), tokens int32 [B, L] (-1 padding), gaps int32 [B, L] (microseconds since
+        the session's previous event; 0 for its first event and for padding), lengths int32 [B]
+        -> ``(state', logits float32 [B, C], ready bool [B])``.
+        """
+        return self._call("step", self.variables, self.tables, state, _i32(tokens), _i32(gaps),
+                          _i32(lengths))
+
+    def step_slots(self, pool: State, slots: Array, tokens: Array, gaps: Array, lengths: Array
+                   ) -> tuple[State, Array, Array]:
+        """:meth:`step` on rows ``slots`` (int32 [B]) of a session pool, in place (``pool`` is
+        donated). A slot index equal to the pool size marks a padding row."""
+        return self._call("step_slots", self.variables, self.tables, pool, _i32(slots),
+                          _i32(tokens), _i32(gaps), _i32(lengths))
+
+    def zero_slots(self, pool: State, slots: Array) -> State:
+        """Zero rows ``slots`` (int32 [K]; the pool size marks padding) of a pool (donated)."""
+        return self._call("zero_slots", pool, _i32(slots))
+
+    def classify(self, tokens: Array, gaps: Array, lengths: Array) -> tuple[Array, Array]:
+        """Offline form: whole recordings from a zero state.
+
+        tokens, gaps int32 [B, L]; lengths int32 [B] -> ``(logits [B, C], ready bool [B])``.
+        """
+        return self._call("classify", self.variables, self.tables, _i32(tokens), _i32(gaps),
+                          _i32(lengths))
+
+    def compile(self, batch_buckets: list[int], length_buckets: list[int], *,
+                pool_size: int | None = None, classify: bool = True) -> int:
+        """Compile ``step_slots`` (for a pool of ``pool_size`` rows) and ``classify`` for every
+        ``(batch, length)`` bucket ahead of traffic, by running each once on padding.
+        Returns the number of new compilations."""
+        before = self.compilations
+        for b in batch_buckets:
+            for length in length_buckets:
+                ints = np.zeros((b, length), np.int32)
+                vec = np.zeros(b, np.int32)
+                if pool_size is not None:
+                    # Every row is padding (slot index == pool size): nothing is written.
+                    pool = self.init_state(pool_size)
+                    jax.block_until_ready(self.step_slots(pool, vec + pool_size, ints, ints, vec))
+                if classify:
+                    jax.block_until_ready(self.classify(ints, ints, vec))
+        return self.compilations - before
+
+
+def _i32(a: Any) -> Any:
+    """int32 array-like, without a copy when it already is one."""
+    return a if getattr(a, "dtype", None) == np.int32 else np.asarray(a, np.int32)
+
+
+def init_variables(config: ModelConfig, seed: int = 0) -> dict[str, Any]:
+    """Initial ``{"params", "batch_stats"}`` of a model; deterministic per seed."""
+    module = EventSSM(config)
+    x = jnp.zeros((1, 8), jnp.int32)
+    variables = jax.jit(lambda key: module.init(key, x, x, jnp.array([8], jnp.int32),
+                                                init_state(config, 1)))(jax.random.PRNGKey(seed))
+    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+def load_model(spec: str | Path | None = None) -> StreamingModel:
+    """Load a model for serving.
+
+    ``None``: the project's default model (the shipped trained checkpoint, or — if it is
+    missing — a random-init model of ``configs/models/event-mnist.yaml``, marked untrained);
+    ``"config:NAME"``: a random-init model of ``configs/models/NAME.yaml``; otherwise a
+    checkpoint directory.
+    """
+    if spec is None:
+        if (DEFAULT_MODEL_DIR / "evssm.json").exists():
+            return StreamingModel.load(DEFAULT_MODEL_DIR)
+        return StreamingModel.from_config(load_model_config(DEFAULT_MODEL_CONFIG))
+    spec = str(spec)
+    if spec.startswith("config:"):
+        return StreamingModel.from_config(load_model_config(spec[len("config:"):]))
+    return StreamingModel.load(spec)
