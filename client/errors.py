@@ -1,0 +1,93 @@
+"""Typed exceptions of the client.
+
+Every error a caller can meet derives from :class:`ClientError`. Errors the server reports (a
+WebSocket ``error`` frame, an HTTP ``{"error": CODE}`` body, or the "server full" close code) are
+:class:`ServerError` subclasses carrying the contract's stable ``code``; :func:`server_error` picks
+the subclass from the code, so callers can ``except InvalidEvents`` or test ``err.code``.
+"""
+
+from __future__ import annotations
+
+
+class ClientError(Exception):
+    """Base class of every error raised by :mod:`evssm.client`."""
+
+
+class ServerError(ClientError):
+    """The server rejected a request. ``code`` is the contract's error code (DESIGN section 4).
+
+    ``seq`` is the packet the error answers (None for errors not tied to a packet); ``status`` is
+    the HTTP status for errors from the HTTP API.
+    """
+
+    def __init__(self, code: str, message: str = "", *, seq: int | None = None,
+                 status: int | None = None):
+        self.code = code
+        self.message = message
+        self.seq = seq
+        self.status = status
+        where = f" (packet {seq})" if seq is not None else ""
+        super().__init__(f"{code}: {message}{where}" if message else f"{code}{where}")
+
+
+class InvalidEvents(ServerError):
+    """A packet or stream was rejected as malformed; the session's state is untouched."""
+
+
+class UnknownModel(ServerError):
+    """The requested model is not served."""
+
+
+class ServerUnavailable(ServerError):
+    """The server cannot take the request now (full, still loading, shutting down): retry later."""
+
+
+class ServerFull(ServerUnavailable):
+    """The server has no room for another session; retry later."""
+
+
+class SessionExpired(ServerError):
+    """A resume token no longer names a live session (the server dropped or forgot it)."""
+
+
+# Codes of the contract (the server's ``Code`` enum) mapped to the subclass that carries them;
+# other codes (no_session, internal_error, ...) get ServerError itself.
+_CODE_CLASSES: dict[str, type[ServerError]] = {
+    **dict.fromkeys(
+        ("malformed_frame", "unknown_type", "invalid_field", "missing_column", "invalid_column",
+         "length_mismatch", "address_out_of_range", "timestamps_decreasing", "packet_too_large",
+         "request_too_large", "unsupported_media_type"),
+        InvalidEvents),
+    "unknown_model": UnknownModel,
+    "server_full": ServerFull,
+    **dict.fromkeys(("not_ready", "draining"), ServerUnavailable),
+    **dict.fromkeys(("unknown_session", "session_expired", "session_resumed_elsewhere",
+                     "resume_mismatch"), SessionExpired),
+}
+
+
+def server_error(code: str, message: str = "", *, seq: int | None = None,
+                 status: int | None = None) -> ServerError:
+    """Build the typed exception for a server error ``code``."""
+    cls = _CODE_CLASSES.get(code, ServerError)
+    return cls(code, message, seq=seq, status=status)
+
+
+class ConnectionLost(ClientError):
+    """The connection dropped and could not be re-established (or reconnecting was disabled)."""
+
+
+class ProtocolError(ClientError):
+    """The server sent something the contract does not allow (e.g. a result out of order)."""
+
+
+class NothingInFlight(ClientError):
+    """A result was awaited but no packet is waiting for one."""
+
+
+class SessionClosed(ClientError):
+    """The session was used after :meth:`close` (or before :meth:`open`)."""
+
+
+class SourceError(ClientError, ValueError):
+    """An event source could not be read or does not hold what was asked for."""

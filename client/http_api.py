@@ -1,0 +1,151 @@
+"""Whole-recording classification over HTTP (``POST /v1/classify``) and model listing.
+
+Requests are msgpack with ``bin`` columns (the same columns as streaming); the server answers with
+the offline form of the model, batched. Many recordings are sent in requests of ``batch_size``
+streams, so one call can classify a whole data set without one huge request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import httpx
+import msgpack
+
+from evssm.models.events import Recording
+
+from .errors import ClientError, ConnectionLost, ProtocolError, ServerUnavailable, server_error
+from .protocol import ModelInfo, endpoint_url, event_columns
+
+MSGPACK = "application/msgpack"
+
+
+@dataclass(frozen=True)
+class Classification:
+    """The server's answer for one recording: class probabilities, the predicted label (as the
+    server names it) and the number of events it read. ``probs`` and ``label`` are None for a
+    recording too short for one complete output window."""
+
+    probs: list[float] | None
+    label: Any
+    events: int
+    model: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"probs": self.probs, "label": self.label, "events": self.events,
+                "model": self.model}
+
+
+def _decode_body(response: httpx.Response) -> Any:
+    kind = response.headers.get("content-type", "").split(";")[0].strip()
+    if kind in (MSGPACK, "application/x-msgpack"):
+        return msgpack.unpackb(response.content, raw=False)
+    return response.json()
+
+
+def _raise_for(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        body = _decode_body(response)
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and "error" in body:
+        code = body["error"]
+        # FastAPI's own errors put a list or dict under "detail"; ours put a code under "error".
+        raise server_error(str(code), str(body.get("message", "")), status=response.status_code)
+    if response.status_code == 503:
+        raise ServerUnavailable("unavailable", response.text[:200], status=503)
+    raise server_error(f"http_{response.status_code}", response.text[:500],
+                       status=response.status_code)
+
+
+def _request_body(recordings: Sequence[Recording], model: str | None, binary: bool) -> bytes:
+    body: dict[str, Any] = {"streams": [event_columns(r, binary=binary) for r in recordings]}
+    if model is not None:
+        body["model"] = model
+    return msgpack.packb(body)
+
+
+def _parse(body: Any, expected: int) -> list[Classification]:
+    try:
+        model = str(body.get("model", ""))
+        results = body["results"]
+        out = [Classification(probs=None if r.get("probs") is None
+                              else [float(v) for v in r["probs"]], label=r.get("label"),
+                              events=int(r.get("events", 0)), model=model) for r in results]
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"malformed classify response: {exc}") from exc
+    if len(out) != expected:
+        raise ProtocolError(f"classify answered {len(out)} results for {expected} streams")
+    return out
+
+
+def classify(url: str, recordings: Sequence[Recording], *, model: str | None = None,
+             batch_size: int = 16, timeout: float = 300.0, binary: bool = True,
+             transport: httpx.BaseTransport | None = None) -> list[Classification]:
+    """Classify whole recordings with the offline model, ``batch_size`` per request.
+
+    ``url`` is the server (``http://HOST:PORT``; a ``ws://`` URL works too). Raises typed
+    :class:`~evssm.client.errors.ServerError` subclasses for the server's error codes and
+    :class:`~evssm.client.errors.ConnectionLost` when it cannot be reached. ``transport``
+    replaces the network (tests).
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    target = endpoint_url(url, "classify")
+    out: list[Classification] = []
+    try:
+        with httpx.Client(timeout=timeout, transport=transport) as client:
+            for start in range(0, len(recordings), batch_size):
+                batch = recordings[start:start + batch_size]
+                response = client.post(target, content=_request_body(batch, model, binary),
+                                       headers={"content-type": MSGPACK, "accept": MSGPACK})
+                _raise_for(response)
+                out += _parse(_decode_body(response), len(batch))
+    except httpx.TransportError as exc:
+        raise ConnectionLost(f"cannot reach {target}: {exc}") from exc
+    return out
+
+
+async def aclassify(url: str, recordings: Sequence[Recording], *, model: str | None = None,
+                    batch_size: int = 16, timeout: float = 300.0, binary: bool = True,
+                    transport: httpx.AsyncBaseTransport | None = None) -> list[Classification]:
+    """Asyncio twin of :func:`classify`."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    target = endpoint_url(url, "classify")
+    out: list[Classification] = []
+    try:
+        async with httpx.AsyncClient(timeout=timeout, transport=transport) as client:
+            for start in range(0, len(recordings), batch_size):
+                batch = recordings[start:start + batch_size]
+                response = await client.post(target, content=_request_body(batch, model, binary),
+                                             headers={"content-type": MSGPACK, "accept": MSGPACK})
+                _raise_for(response)
+                out += _parse(_decode_body(response), len(batch))
+    except httpx.TransportError as exc:
+        raise ConnectionLost(f"cannot reach {target}: {exc}") from exc
+    return out
+
+
+def list_models(url: str, *, timeout: float = 30.0,
+                transport: httpx.BaseTransport | None = None) -> list[ModelInfo]:
+    """The models the server serves (``GET /v1/models``), its default model first."""
+    target = endpoint_url(url, "models")
+    try:
+        with httpx.Client(timeout=timeout, transport=transport) as client:
+            response = client.get(target, headers={"accept": "application/json"})
+    except httpx.TransportError as exc:
+        raise ConnectionLost(f"cannot reach {target}: {exc}") from exc
+    _raise_for(response)
+    body = _decode_body(response)
+    models = body.get("models", body) if isinstance(body, dict) else body
+    if isinstance(models, dict):  # {name: info}
+        models = [{"name": k, **v} for k, v in models.items()]
+    if not isinstance(models, list):
+        raise ClientError(f"unexpected /v1/models answer: {str(body)[:200]}")
+    infos = [ModelInfo.from_dict(m) for m in models]
+    default = body.get("default") if isinstance(body, dict) else None
+    return sorted(infos, key=lambda m: m.name != default)  # stable: the default first

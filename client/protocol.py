@@ -1,0 +1,199 @@
+"""Wire format of the external contract (DESIGN section 4): msgpack frames, event columns, replies.
+
+Event columns go out as msgpack ``bin`` of little-endian ``int64`` (t, microseconds), ``uint16``
+(x, y) and ``uint8`` (p) by default: one memory copy per column, no per-integer encoding, which is
+what keeps a small sensor-side board fast. ``binary=False`` sends plain integer arrays instead
+(readable when debugging). ``y``/``p`` are left out when the recording has none (1-D sensors).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+from urllib.parse import urlsplit, urlunsplit
+
+import msgpack
+import numpy as np
+
+from evssm.models.events import Recording, SensorSpec
+
+from .errors import ProtocolError
+
+STREAM_PATH = "/v1/stream"
+CLASSIFY_PATH = "/v1/classify"
+MODELS_PATH = "/v1/models"
+
+# (column, wire dtype, largest value the dtype holds)
+_COLUMNS: tuple[tuple[str, str, int], ...] = (
+    ("x", "<u2", 0xFFFF),
+    ("y", "<u2", 0xFFFF),
+    ("p", "<u1", 0xFF),
+)
+
+
+def _column_bytes(name: str, values: np.ndarray, dtype: str, hi: int) -> np.ndarray:
+    """``values`` as ``dtype``; refuses values the wire type cannot hold (a cast would wrap)."""
+    arr = np.asarray(values)
+    if arr.dtype != np.dtype(dtype) and arr.size:
+        lo_v, hi_v = arr.min(), arr.max()
+        if lo_v < 0 or hi_v > hi:
+            bad = lo_v if lo_v < 0 else hi_v
+            raise ValueError(f"column {name} holds {bad}, outside the wire range 0..{hi}")
+    return np.ascontiguousarray(arr, dtype=dtype)
+
+
+def event_columns(rec: Recording, *, binary: bool = True) -> dict[str, Any]:
+    """The ``t``/``x``/``y``/``p`` columns of ``rec`` as msgpack-ready values.
+
+    Raises ``ValueError`` if the columns differ in length or hold values the wire types cannot.
+    """
+    n = len(rec)
+    t = np.ascontiguousarray(rec.t, dtype="<i8")
+    cols: dict[str, np.ndarray] = {"t": t}
+    for name, dtype, hi in _COLUMNS:
+        values = getattr(rec, name)
+        if values is None:
+            continue
+        if len(values) != n:
+            raise ValueError(f"column {name} has {len(values)} events, t has {n}")
+        cols[name] = _column_bytes(name, values, dtype, hi)
+    if binary:
+        return {k: v.tobytes() for k, v in cols.items()}
+    return {k: v.tolist() for k, v in cols.items()}
+
+
+def encode_events(seq: int, rec: Recording, *, binary: bool = True) -> bytes:
+    """An ``events`` frame for packet ``seq``."""
+    return msgpack.packb({"type": "events", "seq": seq, **event_columns(rec, binary=binary)})
+
+
+def encode_message(msg_type: str, **fields: Any) -> bytes:
+    """A control frame (``open``, ``reset``, ``close``); ``None`` fields are left out."""
+    return msgpack.packb({"type": msg_type, **{k: v for k, v in fields.items() if v is not None}})
+
+
+def decode_frame(frame: bytes | str) -> dict[str, Any]:
+    """Decode a server frame (msgpack binary, or JSON text) into a dict."""
+    try:
+        msg = json.loads(frame) if isinstance(frame, str) else msgpack.unpackb(frame, raw=False)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise ProtocolError(f"undecodable frame from the server: {exc}") from exc
+    if not isinstance(msg, dict) or "type" not in msg:
+        raise ProtocolError(f"server frame is not a typed message: {str(msg)[:200]}")
+    return msg
+
+
+def _probs(value: Any) -> list[float] | None:
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray)):  # tolerate float32 bin, though the contract says list
+        return np.frombuffer(value, dtype="<f4").astype(float).tolist()
+    return [float(v) for v in value]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the server says about the model behind a session (the ``model`` of ``opened``)."""
+
+    name: str
+    classes: tuple[str, ...]
+    sensor: SensorSpec | None
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "ModelInfo":
+        d = dict(d or {})
+        sensor = d.get("sensor")
+        try:
+            spec = SensorSpec.from_dict(sensor) if isinstance(sensor, Mapping) else None
+        except (TypeError, ValueError):
+            spec = None
+        classes = d.get("classes") or d.get("labels") or ()
+        if isinstance(classes, int):  # a bare class count
+            classes = [str(i) for i in range(classes)]
+        return cls(name=str(d.get("name", "")), classes=tuple(str(c) for c in classes),
+                   sensor=spec, raw=d)
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """The server's ``opened`` reply: session id, resume token, events so far, model."""
+
+    session: str
+    resume: str | None
+    events: int
+    model: ModelInfo
+
+    @classmethod
+    def from_message(cls, msg: Mapping[str, Any]) -> "SessionInfo":
+        if msg.get("type") != "opened":
+            raise ProtocolError(f"expected 'opened', got {msg.get('type')!r}")
+        return cls(session=str(msg.get("session", "")),
+                   resume=None if msg.get("resume") is None else str(msg["resume"]),
+                   events=int(msg.get("events") or 0),
+                   model=ModelInfo.from_dict(msg.get("model")))
+
+
+@dataclass(frozen=True)
+class Result:
+    """The server's answer to one packet.
+
+    ``events`` is the session's total event count after the packet, ``t`` its last timestamp.
+    ``probs`` is None while the network has no complete output window yet. ``latency_s`` is
+    measured by the client from the packet's first send to the answer's arrival. ``lost`` marks a
+    packet the server processed but whose answer was lost with a dropped connection (its
+    ``probs``/``top`` are then unknown, not resent: resending would process the events twice).
+    """
+
+    seq: int
+    events: int
+    t: int | None
+    probs: list[float] | None
+    top: list[tuple[Any, float]]
+    latency_s: float = 0.0
+    lost: bool = False
+
+    @property
+    def label(self) -> Any:
+        """The most probable class (as the server names it), or None without a prediction."""
+        return self.top[0][0] if self.top else None
+
+    @classmethod
+    def from_message(cls, msg: Mapping[str, Any], latency_s: float = 0.0) -> "Result":
+        try:
+            top = [(entry[0], float(entry[1])) for entry in (msg.get("top") or [])]
+            t = msg.get("t")
+            return cls(seq=int(msg["seq"]), events=int(msg.get("events") or 0),
+                       t=None if t is None else int(t), probs=_probs(msg.get("probs")),
+                       top=top, latency_s=latency_s)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise ProtocolError(f"malformed result frame: {exc}") from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seq": self.seq, "events": self.events, "t": self.t, "probs": self.probs,
+                "top": [[label, p] for label, p in self.top], "latency_ms": self.latency_s * 1e3,
+                "lost": self.lost}
+
+
+def endpoint_url(url: str, kind: str) -> str:
+    """The full URL of an endpoint from a base ``url`` given as ``ws://``, ``http://`` or bare
+    ``HOST:PORT``.
+
+    ``kind``: ``"stream"`` (a ``ws``/``wss`` URL, path ``/v1/stream`` unless ``url`` has a path),
+    ``"classify"``, ``"models"`` or ``"base"`` (``http``/``https``; a path in ``url`` is dropped,
+    so the same ``--url`` works for both protocols).
+    """
+    if "://" not in url:
+        url = "ws://" + url if kind == "stream" else "http://" + url
+    parts = urlsplit(url)
+    secure = parts.scheme in ("wss", "https")
+    if parts.scheme not in ("ws", "wss", "http", "https"):
+        raise ValueError(f"unsupported URL scheme {parts.scheme!r} in {url!r}")
+    if kind == "stream":
+        scheme = "wss" if secure else "ws"
+        path = parts.path if parts.path not in ("", "/") else STREAM_PATH
+        return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+    scheme = "https" if secure else "http"
+    path = {"classify": CLASSIFY_PATH, "models": MODELS_PATH, "base": ""}[kind]
+    return urlunsplit((scheme, parts.netloc, path, "", ""))

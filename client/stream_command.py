@@ -1,0 +1,310 @@
+"""Stream a recording to a server event packet by event packet, with a live view of the answer.
+
+SOURCE is an event file (.npy/.npz structured arrays, DVS Gesture .npy, SHD/SSC .h5 with
+--index, .aedat4 with the aedat extra), a project data set as dataset:NAME (with --split and
+--index), or a simulated sensor as sim[:rate=EVENTS_PER_S,duration=S,label=K,classes=C,seed=N]
+(it emits for the served model's sensor). The recording plays in real time (--speed scales it,
+--fast sends as fast as the server answers) in packets of --packet-events events or --packet-ms
+milliseconds. The terminal shows the top classes, events/s and packet latency while it plays,
+then the final answer; --json prints one JSON object for scripts instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from evssm.models.events import Recording, SensorSpec
+
+from .errors import ClientError
+from .packets import apaced, packetize
+from .protocol import Result, SessionInfo
+from .session import AsyncStreamSession
+from .sources import FORMATS, Sample, open_source
+from .stats import RateMeter, percentiles_ms
+
+DEFAULT_URL = os.environ.get("EVSSM_URL", "ws://127.0.0.1:8000")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the epilog's paragraphs and lines, and shows defaults."""
+
+
+def explain(parser: argparse.ArgumentParser, doc: str | None) -> None:
+    """Show a command module's docstring (after its first line) below the options in --help."""
+    parser.formatter_class = _HelpFormatter
+    parser.epilog = "\n".join((doc or "").strip().splitlines()[1:]).strip() or None
+
+
+def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options that pick a sample from a source (shared with ``evssm classify``)."""
+    parser.add_argument("--format", choices=FORMATS, default=None,
+                        help="file format (default: from the file suffix; an N x 4 .npy is read "
+                             "as DVS Gesture)")
+    parser.add_argument("--split", default="test", help="split of a dataset:NAME source")
+    parser.add_argument("--data-dir", default=None,
+                        help="directory of the project's data sets (dataset:NAME sources)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    explain(parser, __doc__)
+    parser.add_argument("source", metavar="SOURCE",
+                        help="event file, dataset:NAME, or sim[:rate=R,duration=S,label=K,...]")
+    parser.add_argument("--url", default=DEFAULT_URL,
+                        help="server, ws://HOST:PORT (env EVSSM_URL sets the default)")
+    parser.add_argument("--model", default=None, help="model name (default: the server's)")
+    parser.add_argument("--index", type=int, default=0,
+                        help="sample of a many-sample source (HDF5 file, data set)")
+    add_source_arguments(parser)
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--packet-events", type=int, default=None, metavar="N",
+                      help="events per packet (default 256 unless --packet-ms)")
+    size.add_argument("--packet-ms", type=float, default=None, metavar="MS",
+                      help="one packet per time window of MS milliseconds of the recording")
+    parser.add_argument("--max-packet-events", type=int, default=16384, metavar="N",
+                        help="split time-window packets larger than this")
+    pace = parser.add_mutually_exclusive_group()
+    pace.add_argument("--speed", type=float, default=1.0,
+                      help="replay speed: 1 = real time, 2 = twice as fast, 0.5 = half speed")
+    pace.add_argument("--fast", action="store_true",
+                      help="send as fast as the server answers (no real-time pacing)")
+    parser.add_argument("--top", type=int, default=5, help="classes shown / returned")
+    parser.add_argument("--max-in-flight", type=int, default=8,
+                        help="packets sent and not yet answered, at most")
+    parser.add_argument("--resume", default=None, metavar="TOKEN",
+                        help="resume token of a live session to continue")
+    parser.add_argument("--no-reconnect", action="store_true",
+                        help="fail on a dropped connection instead of reconnecting")
+    parser.add_argument("--json", action="store_true",
+                        help="no live view; print one JSON object with the final answer")
+    parser.add_argument("--refresh", type=float, default=10.0, help="live view refreshes per s")
+
+
+def check_sensor(rec: Recording, sensor: SensorSpec | None) -> str | None:
+    """Why ``rec`` cannot be read by a model with ``sensor`` (None when it can)."""
+    if sensor is None or len(rec) == 0:
+        return None
+    if sensor.kind == "1d":
+        if rec.y is not None:
+            return "the recording is 2-D (x, y, p) but the model reads a 1-D sensor"
+        if int(rec.x.max()) >= sensor.channels:
+            return f"channel {int(rec.x.max())} exceeds the model's {sensor.channels} channels"
+        return None
+    if rec.y is None or rec.p is None:
+        return "the recording is 1-D (x only) but the model reads a 2-D sensor (x, y, p)"
+    if int(rec.x.max()) >= sensor.width or int(rec.y.max()) >= sensor.height:
+        return (f"addresses up to {int(rec.x.max())}x{int(rec.y.max())} exceed the model's "
+                f"{sensor.width}x{sensor.height} sensor")
+    return None
+
+
+class _View:
+    """State of a streaming run and its rich rendering."""
+
+    def __init__(self, sample: Sample, info: SessionInfo, url: str, speed: float | None, top: int):
+        self.sample, self.info, self.url, self.speed, self.top = sample, info, url, speed, top
+        self.total = len(sample.recording)
+        rec_t = sample.recording.t
+        self.t0 = int(rec_t[0]) if self.total else 0
+        self.span_s = (int(rec_t[-1]) - self.t0) / 1e6 if self.total else 0.0
+        self.started = time.monotonic()
+        self.meter = RateMeter(1.0)
+        self.latencies: list[float] = []
+        self.base = info.events  # a resumed session counts the events it had before
+        self.answered = 0
+        self.packets = 0
+        self.lost = 0
+        self.last: Result | None = None  # last result that carries probabilities
+        self.last_any: Result | None = None
+        self.reconnects = 0
+
+    def add(self, result: Result) -> None:
+        self.packets += 1
+        events = result.events - self.base
+        self.meter.add(max(events - self.answered, 0))
+        self.answered = events
+        self.last_any = result
+        if result.lost:
+            self.lost += 1
+            return
+        self.latencies.append(result.latency_s)
+        if result.probs is not None or result.top:
+            self.last = result
+
+    def render(self) -> Any:
+        from rich.console import Group
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+        from rich.text import Text
+
+        wall = time.monotonic() - self.started
+        lat = percentiles_ms(self.latencies[-2000:])
+        last_ms = self.latencies[-1] * 1e3 if self.latencies else None
+        head = Text.assemble(
+            ("evssm stream ", "bold"), (self.sample.name or "recording", "cyan"), " → ",
+            (self.url, "dim"), "  model ", (self.info.model.name or "?", "magenta"),
+            "  session ", (self.info.session, "dim"))
+        rec_pos = ((self.last_any.t - self.t0) / 1e6) if self.last_any and self.last_any.t \
+            is not None else 0.0
+        progress = Table.grid(padding=(0, 1))
+        progress.add_row(ProgressBar(total=max(self.total, 1), completed=self.answered, width=40),
+                         f"{self.answered:,}/{self.total:,} events",
+                         f"{rec_pos:6.2f}/{self.span_s:.2f} s of recording",
+                         f"wall {wall:6.2f} s", "fast" if self.speed is None
+                         else f"speed {self.speed:g}x")
+        fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+        stats = Text(f"events/s {self.meter.rate():>10,.0f}   latency ms last {fmt(last_ms)}  "
+                     f"p50 {fmt(lat['p50'])}  p95 {fmt(lat['p95'])}  p99 {fmt(lat['p99'])}   "
+                     f"packets {self.packets:,}   reconnects {self.reconnects}")
+        classes = Table(box=None, padding=(0, 1), show_header=True, header_style="bold")
+        classes.add_column("#", justify="right")
+        classes.add_column("class")
+        classes.add_column("prob", justify="right")
+        classes.add_column("")
+        if self.last is not None:
+            for i, (label, prob) in enumerate(_top(self.last, self.info, self.top), 1):
+                classes.add_row(str(i), str(label), f"{prob:.3f}",
+                                ProgressBar(total=1.0, completed=prob, width=30))
+        else:
+            classes.add_row("", Text("no prediction yet (first output window not complete)",
+                                     "dim"), "", "")
+        parts: list[Any] = [head, progress, stats, classes]
+        true_name = self.sample.label_name(self.info.model.classes)
+        if true_name is not None:
+            parts.append(Text(f"true label: {true_name}", "dim"))
+        return Group(*parts)
+
+
+def _top(result: Result, info: SessionInfo, k: int) -> list[tuple[Any, float]]:
+    """Top-k (label, prob): the server's ``top``, else computed from ``probs``."""
+    if result.top:
+        return result.top[:k]
+    if result.probs is None:
+        return []
+    order = sorted(range(len(result.probs)), key=lambda i: -result.probs[i])[:k]  # type: ignore[index]
+    names = info.model.classes
+    return [(names[i] if i < len(names) else i, result.probs[i]) for i in order]  # type: ignore[index]
+
+
+def _summary(view: _View, sample: Sample, info: SessionInfo, args: argparse.Namespace
+             ) -> dict[str, Any]:
+    wall = time.monotonic() - view.started
+    final = view.last
+    top = _top(final, info, args.top) if final is not None else []
+    prediction = top[0][0] if top else None
+    return {
+        "source": sample.name,
+        "url": view.url,
+        "model": info.model.name,
+        "session": info.session,
+        "resume": info.resume,
+        "label": sample.label,
+        "label_name": sample.label_name(info.model.classes),
+        "prediction": prediction,
+        "probability": top[0][1] if top else None,
+        "correct": sample.is_correct(prediction, info.model.classes),
+        "top": [[label, p] for label, p in top],
+        "probs": final.probs if final is not None else None,
+        "events": view.answered,
+        "recording_events": view.total,
+        "packets": view.packets,
+        "lost_results": view.lost,
+        "reconnects": view.reconnects,
+        "wall_s": round(wall, 4),
+        "recording_s": round(view.span_s, 4),
+        "events_per_s": round(view.answered / wall, 1) if wall > 0 else None,
+        "speed": None if args.fast else args.speed,
+        "latency_ms": percentiles_ms(view.latencies),
+    }
+
+
+async def _stream(args: argparse.Namespace) -> int:
+    is_sim = args.source == "sim" or args.source.startswith("sim:")
+    sample = None if is_sim else open_source(args.source, index=args.index, fmt=args.format,
+                                             data_dir=args.data_dir, split=args.split)
+    session = AsyncStreamSession(args.url, model=args.model, resume=args.resume, top_k=args.top,
+                                 max_in_flight=args.max_in_flight,
+                                 reconnect=not args.no_reconnect)
+    info = await session.open()
+    try:
+        if sample is None:  # the simulated sensor emits for the served model's sensor
+            sample = open_source(args.source, sensor=info.model.sensor)
+        problem = check_sensor(sample.recording, info.model.sensor)
+        if problem:
+            raise ClientError(f"{sample.name}: {problem}")
+        speed = None if args.fast else args.speed
+        if args.packet_ms is not None:
+            packets = packetize(sample.recording, window_us=max(int(args.packet_ms * 1000), 1),
+                                max_events=args.max_packet_events)
+        else:
+            packets = packetize(sample.recording, events=args.packet_events or 256)
+        view = _View(sample, info, session.url, speed, args.top)
+        if args.json:
+            async for result in session.stream(apaced(packets, speed)):
+                view.add(result)
+                view.reconnects = session.reconnects
+        else:
+            await _live(session, view, apaced(packets, speed), args.refresh)
+        view.reconnects = session.reconnects
+        summary = _summary(view, sample, info, args)
+    finally:
+        await session.close()
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        _print_final(summary)
+    return 0
+
+
+async def _live(session: AsyncStreamSession, view: _View, packets: Any, refresh: float) -> None:
+    from rich.console import Console
+    from rich.live import Live
+
+    console = Console(stderr=False)
+    period = 1.0 / max(refresh, 0.5)
+    next_draw = 0.0
+    with Live(view.render(), console=console, auto_refresh=False, transient=False) as live:
+        async for result in session.stream(packets):
+            view.add(result)
+            view.reconnects = session.reconnects
+            now = time.monotonic()
+            if now >= next_draw:
+                live.update(view.render(), refresh=True)
+                next_draw = now + period
+        live.update(view.render(), refresh=True)
+
+
+def _print_final(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+
+    console = Console()
+    lat = summary["latency_ms"]
+    if summary["prediction"] is None:
+        console.print("[bold]no prediction[/]: the recording ended before the model's first "
+                      "output window")
+    else:
+        verdict = {True: " [green]✓ correct[/]", False: " [red]✗ wrong[/]", None: ""}[
+            summary["correct"]]
+        truth = f" (true label: {summary['label_name']})" if summary["label_name"] else ""
+        console.print(f"[bold]prediction:[/] {summary['prediction']} "
+                      f"p={summary['probability']:.3f}{truth}{verdict}")
+    console.print(f"{summary['events']:,} events in {summary['packets']:,} packets, "
+                  f"{summary['wall_s']:.2f} s wall, {summary['events_per_s'] or 0:,.0f} events/s, "
+                  f"latency p50 {lat['p50']} ms p95 {lat['p95']} ms p99 {lat['p99']} ms, "
+                  f"reconnects {summary['reconnects']}")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(_stream(args))
+    except ClientError as exc:
+        print(f"evssm stream: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("evssm stream: interrupted", file=sys.stderr)
+        return 130

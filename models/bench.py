@@ -1,0 +1,147 @@
+"""Benchmark the model in-process: offline and streaming throughput, state size (JSON).
+
+Figures per model config: offline forward events/s (batch 1 and batch 32), streaming events/s of
+one session with state carried, by packet size, aggregate events/s of many sessions stepped
+together through the session pool, and bytes of carried state per session. Random tokens with
+short gaps (a fast sensor); every measurement runs after its compilation, for ``--seconds``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+
+def machine_info() -> dict[str, Any]:
+    import jax
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def timed(fn: Callable[[], Any], seconds: float) -> tuple[int, float, list[float]]:
+    """Run ``fn`` (which blocks until done) repeatedly for ``seconds``: (calls, elapsed, latencies)."""
+    latencies = []
+    start = time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        fn()
+        latencies.append(time.perf_counter() - t0)
+        if time.perf_counter() - start >= seconds:
+            break
+    return len(latencies), time.perf_counter() - start, latencies
+
+
+def bench_config(name: str, seconds: float, packet_sizes: list[int], sessions: int,
+                 offline_length: int, seed: int = 0) -> dict[str, Any]:
+    import jax
+
+    from .config import load_model_config
+    from .streaming import StreamingModel
+
+    config = load_model_config(name)
+    model = StreamingModel.from_config(config, seed=seed)
+    rng = np.random.default_rng(seed)
+
+    def inputs(batch: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        tokens = rng.integers(0, config.num_embeddings, (batch, length)).astype(np.int32)
+        gaps = rng.integers(0, 20, (batch, length)).astype(np.int32)
+        return tokens, gaps
+
+    result: dict[str, Any] = {"config": config.to_dict(), "state_bytes_per_session":
+                              model.state_bytes, "offline": {}, "streaming_one_session": {},
+                              "streaming_many_sessions": {}}
+    for batch in (1, 32):
+        tokens, gaps = inputs(batch, offline_length)
+        lengths = np.full(batch, offline_length, np.int32)
+        run = lambda: jax.block_until_ready(model.classify(tokens, gaps, lengths))  # noqa: E731
+        run()
+        calls, elapsed, _ = timed(run, seconds)
+        result["offline"][f"batch_{batch}"] = {
+            "events_per_s": calls * batch * offline_length / elapsed,
+            "sequence_events": offline_length, "calls": calls}
+    for size in packet_sizes:
+        tokens, gaps = inputs(1, size)
+        lengths = np.array([size], np.int32)
+        state = [model.init_state(1)]
+
+        def step() -> None:
+            state[0], logits, _ = model.step(state[0], tokens, gaps, lengths)
+            jax.block_until_ready(logits)
+
+        step()
+        calls, elapsed, lat = timed(step, seconds)
+        result["streaming_one_session"][f"packet_{size}"] = {
+            "events_per_s": calls * size / elapsed, "calls": calls,
+            "latency_ms_p50": 1e3 * float(np.percentile(lat, 50)),
+            "latency_ms_p99": 1e3 * float(np.percentile(lat, 99))}
+    size = 256
+    tokens, gaps = inputs(sessions, size)
+    lengths = np.full(sessions, size, np.int32)
+    slots = np.arange(sessions, dtype=np.int32)
+    pool = [model.init_state(sessions)]
+
+    def step_many() -> None:
+        pool[0], logits, _ = model.step_slots(pool[0], slots, tokens, gaps, lengths)
+        jax.block_until_ready(logits)
+
+    step_many()
+    compilations = model.compilations
+    calls, elapsed, lat = timed(step_many, seconds)
+    result["streaming_many_sessions"] = {
+        "sessions": sessions, "packet": size, "events_per_s": calls * sessions * size / elapsed,
+        "calls": calls, "step_latency_ms_p50": 1e3 * float(np.percentile(lat, 50)),
+        "step_latency_ms_p99": 1e3 * float(np.percentile(lat, 99)),
+        "compilations_in_steady_state": model.compilations - compilations}
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--configs", nargs="+", default=["dvs", "shd"],
+                        help="model configs (configs/models/NAME.yaml) to benchmark")
+    parser.add_argument("--seconds", type=float, default=2.0, help="time per measurement")
+    parser.add_argument("--packet-sizes", type=int, nargs="+", default=[1, 16, 256, 4096],
+                        help="packet sizes for the one-session streaming figure")
+    parser.add_argument("--sessions", type=int, default=64,
+                        help="sessions stepped together for the aggregate figure")
+    parser.add_argument("--offline-length", type=int, default=4096,
+                        help="events per recording for the offline figure")
+    parser.add_argument("--out", help="also write the JSON to this file")
+
+
+def run(args: argparse.Namespace) -> int:
+    report = {"benchmark": "evssm bench model", "command": " ".join(["evssm"] + sys.argv[1:]),
+              "machine": machine_info(), "seconds_per_measurement": args.seconds, "models": {}}
+    for name in args.configs:
+        print(f"benchmarking {name} ...", file=sys.stderr)
+        report["models"][name] = bench_config(name, args.seconds, args.packet_sizes,
+                                              args.sessions, args.offline_length)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0

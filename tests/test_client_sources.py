@@ -1,0 +1,345 @@
+"""Event sources: each file format round-trips through a small file written here; the simulated
+sensor; source specs."""
+
+from __future__ import annotations
+
+import struct
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from evssm.client import sources
+from evssm.client.errors import SourceError
+from evssm.client.sources import (
+    DVS_GESTURE_SENSOR,
+    Sample,
+    SimulatedSensor,
+    load_file,
+    open_source,
+    parse_sim_spec,
+    save_events,
+    source_count,
+)
+from evssm.models.events import Recording, SensorSpec
+
+
+def rec_2d(n: int = 300, seed: int = 0, w: int = 128, h: int = 128) -> Recording:
+    rng = np.random.default_rng(seed)
+    t = np.cumsum(rng.integers(0, 500, n)).astype(np.int64) + 1_000
+    return Recording(t, rng.integers(0, w, n).astype(np.uint16),
+                     rng.integers(0, h, n).astype(np.uint16), rng.integers(0, 2, n).astype(np.uint8))
+
+
+def rec_1d(n: int = 300, seed: int = 0, channels: int = 700) -> Recording:
+    rng = np.random.default_rng(seed)
+    t = np.cumsum(rng.integers(0, 500, n)).astype(np.int64)
+    return Recording(t, rng.integers(0, channels, n).astype(np.uint16))
+
+
+def assert_same(a: Recording, b: Recording) -> None:
+    np.testing.assert_array_equal(a.t, b.t)
+    assert a.t.dtype == np.int64
+    np.testing.assert_array_equal(a.x, b.x)
+    for name in ("y", "p"):
+        va, vb = getattr(a, name), getattr(b, name)
+        assert (va is None) == (vb is None)
+        if va is not None:
+            np.testing.assert_array_equal(va, vb)
+
+
+# -- the client's own formats ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".npz"])
+@pytest.mark.parametrize("make", [rec_1d, rec_2d])
+def test_npy_npz_round_trip(tmp_path: Path, suffix: str, make: Any) -> None:
+    rec = make()
+    path = save_events(tmp_path / f"events{suffix}", rec, label=3)
+    sample = open_source(str(path))
+    assert_same(sample.recording, rec)
+    assert sample.label == (3 if suffix == ".npz" else None)
+    assert sample.sensor is not None and sample.sensor.kind == ("1d" if rec.y is None else "2d")
+
+
+def test_npz_with_a_structured_array_and_bool_polarity(tmp_path: Path) -> None:
+    rec = rec_2d(50)
+    arr = np.zeros(50, dtype=[("t", "<u8"), ("x", "<i2"), ("y", "<i2"), ("on", "?")])
+    arr["t"], arr["x"], arr["y"], arr["on"] = rec.t, rec.x, rec.y, rec.p.astype(bool)
+    np.savez(tmp_path / "s.npz", events=arr)
+    assert_same(load_file(tmp_path / "s.npz").recording, rec)
+
+
+def test_unsorted_events_are_sorted_stably(tmp_path: Path) -> None:
+    t = np.array([5, 3, 3, 9], np.int64)
+    x = np.array([0, 1, 2, 3], np.uint16)
+    np.savez(tmp_path / "u.npz", t=t, x=x)
+    got = load_file(tmp_path / "u.npz").recording
+    np.testing.assert_array_equal(got.t, [3, 3, 5, 9])
+    np.testing.assert_array_equal(got.x, [1, 2, 0, 3])
+
+
+def test_bad_files_raise_source_error(tmp_path: Path) -> None:
+    np.save(tmp_path / "bad.npy", np.zeros((3, 3)))
+    with pytest.raises(SourceError, match="N x 4"):
+        load_file(tmp_path / "bad.npy")
+    np.savez(tmp_path / "bad.npz", a=np.zeros(3))
+    with pytest.raises(SourceError, match="no t/x"):
+        load_file(tmp_path / "bad.npz")
+    with pytest.raises(SourceError, match="no such file"):
+        load_file(tmp_path / "missing.npy")
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(SourceError, match="unknown format"):
+        load_file(tmp_path / "x.txt")
+    np.savez(tmp_path / "len.npz", t=np.arange(3), x=np.arange(2))
+    with pytest.raises(SourceError, match="shape"):
+        load_file(tmp_path / "len.npz")
+
+
+# -- DVS Gesture ------------------------------------------------------------------------------
+
+
+def test_dvs_gesture_npy_round_trip(tmp_path: Path) -> None:
+    rec = rec_2d(400)
+    # The common tools' layout: N x 4 columns x, y, p, t with t in milliseconds.
+    arr = np.stack([rec.x, rec.y, rec.p, rec.t / 1000.0], axis=1).astype(np.float64)
+    folder = tmp_path / "user01_fluorescent"
+    folder.mkdir()
+    np.save(folder / "5.npy", arr)
+    for fmt in (None, "dvs-npy"):
+        sample = load_file(folder / "5.npy", fmt=fmt)
+        assert_same(sample.recording, rec)
+        assert sample.label == 5 and sample.label_name() == "left_arm_clockwise"
+        assert sample.sensor == DVS_GESTURE_SENSOR
+        assert sample.name == "user01_fluorescent/5.npy"
+
+
+# -- SHD / SSC HDF5 -----------------------------------------------------------------------------
+
+
+def write_shd(path: Path, recs: list[Recording], labels: list[int]) -> None:
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(path, "w") as f:
+        # As the real files: ragged float16 seconds and uint16 units, one row per sample.
+        times = f.create_dataset("spikes/times", (len(recs),), dtype=h5py.vlen_dtype(np.float16))
+        units = f.create_dataset("spikes/units", (len(recs),), dtype=h5py.vlen_dtype(np.uint16))
+        for i, r in enumerate(recs):
+            times[i] = (r.t / 1e6).astype(np.float16)
+            units[i] = r.x
+        f.create_dataset("labels", data=np.asarray(labels, np.uint16))
+        f.create_dataset("extra/keys", data=np.array([f"word{i}".encode() for i in range(20)]))
+
+
+def test_shd_hdf5_round_trip(tmp_path: Path) -> None:
+    recs = [rec_1d(200, seed=i) for i in range(3)]
+    path = tmp_path / "shd_test.h5"
+    write_shd(path, recs, [4, 0, 19])
+    assert source_count(str(path)) == 3
+    for i, r in enumerate(recs):
+        sample = open_source(str(path), index=i)
+        # float16 seconds hold ~3 significant digits: compare at that precision, exactly as read
+        expect = np.rint(np.asarray((r.t / 1e6).astype(np.float16), np.float64) * 1e6)
+        np.testing.assert_array_equal(sample.recording.t, np.sort(expect.astype(np.int64)))
+        assert sample.recording.y is None
+        assert sample.sensor == SensorSpec.one_d(700)
+    sample = open_source(str(path), index=2)
+    assert sample.label == 19 and sample.label_name() == "word19"
+    assert sample.name == "shd_test.h5[2]"
+    with pytest.raises(SourceError, match="out of range"):
+        open_source(str(path), index=3)
+
+
+def test_hdf5_float16_times_are_widened_before_scaling(tmp_path: Path) -> None:
+    h5py = pytest.importorskip("h5py")
+    path = tmp_path / "one.h5"
+    with h5py.File(path, "w") as f:
+        times = f.create_dataset("spikes/times", (1,), dtype=h5py.vlen_dtype(np.float16))
+        units = f.create_dataset("spikes/units", (1,), dtype=h5py.vlen_dtype(np.uint16))
+        times[0] = np.array([0.5, 0.9995], np.float16)
+        units[0] = np.array([1, 2], np.uint16)
+        f.create_dataset("labels", data=np.array([1], np.uint16))
+    got = load_file(path).recording.t
+    # float16(0.9995) = 0.99951171875 s; scaled in float16 it would overflow to inf.
+    np.testing.assert_array_equal(got, [500000, 999512])
+
+
+def test_hdf5_without_h5py_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "x.h5"
+    path.write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "h5py", None)
+    with pytest.raises(SourceError, match="needs h5py"):
+        load_file(path)
+
+
+# -- AEDAT4 -------------------------------------------------------------------------------------
+
+
+def write_aedat4(path: Path, rec: Recording, width: int, height: int, packet: int = 100) -> None:
+    """A minimal uncompressed AEDAT4 file: IO header (flatbuffer), then event packets."""
+    description = (
+        '<dv version="2.0"><node name="outInfo" path="/mainloop/Recorder/outInfo/">'
+        '<node name="0" path="/mainloop/Recorder/outInfo/0/">'
+        '<attr key="compression" type="string">NONE</attr>'
+        '<attr key="originalModuleName" type="string">capture</attr>'
+        '<attr key="typeIdentifier" type="string">EVTS</attr>'
+        '<node name="info" path="/mainloop/Recorder/outInfo/0/info/">'
+        f'<attr key="sizeX" type="int">{width}</attr>'
+        f'<attr key="sizeY" type="int">{height}</attr>'
+        '</node></node></node></dv>').encode()
+    # IOHeader table {compression: int32 = 0, file_data_position: int64 = -1, description}
+    header = bytearray()
+    header += struct.pack("<I", 24) + b"IOHE"                      # root offset, identifier
+    header += struct.pack("<5H", 10, 20, 4, 8, 16) + b"\0" * 6    # vtable (at 8), pad to 24
+    header += struct.pack("<iiqI", 24 - 8, 0, -1, 4)              # table (at 24), string at 44
+    header += struct.pack("<I", len(description)) + description + b"\0"
+    out = bytearray(b"#!AER-DAT4.0\r\n") + struct.pack("<I", len(header)) + header
+    for start in range(0, len(rec), packet):
+        part = rec.slice(start, start + packet)
+        n = len(part)
+        # A size-prefixed EventPacket {elements: [Event]}; offsets below are from the prefix.
+        body = bytearray()
+        body += struct.pack("<II", 28 + 16 * n, 20 - 4) + b"EVTS"  # size, root table at 20
+        body += struct.pack("<3H", 6, 8, 4) + b"\0" * 2            # vtable at 12
+        body += struct.pack("<iI", 20 - 12, 28 - 24)               # table at 20: vector at 28
+        body += struct.pack("<I", n)                               # vector length at 28
+        for t, x, y, p in zip(part.t, part.x, part.y, part.p):     # 16-byte Event structs at 32
+            body += struct.pack("<qhh?3x", int(t), int(x), int(y), bool(p))
+        out += struct.pack("<II", 0, len(body)) + body
+    path.write_bytes(bytes(out))
+
+
+def test_aedat4_round_trip_with_aedat(tmp_path: Path) -> None:
+    pytest.importorskip("aedat")
+    rec = rec_2d(250, w=346, h=260)
+    path = tmp_path / "cam.aedat4"
+    write_aedat4(path, rec, 346, 260)
+    sample = open_source(str(path))
+    assert_same(sample.recording, rec)
+    assert sample.sensor == SensorSpec.two_d(346, 260)
+
+
+def test_aedat4_through_the_decoder_interface(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the optional package installed, check our side of its interface with a stand-in
+    decoder that parses the file written above."""
+    rec = rec_2d(250, w=346, h=260)
+    path = tmp_path / "cam.aedat4"
+    write_aedat4(path, rec, 346, 260, packet=64)
+
+    class Decoder:
+        def __init__(self, p: Path):
+            data = Path(p).read_bytes()
+            self._packets = []
+            pos = 14 + 4 + struct.unpack_from("<I", data, 14)[0]
+            dtype = np.dtype({"names": ["t", "x", "y", "on"],
+                              "formats": ["<i8", "<i2", "<i2", "?"],
+                              "offsets": [0, 8, 10, 12], "itemsize": 16})
+            while pos < len(data):
+                sid, size = struct.unpack_from("<II", data, pos)
+                n = struct.unpack_from("<I", data, pos + 8 + 28)[0]
+                ev = np.frombuffer(data, dtype, n, pos + 8 + 32)
+                self._packets.append({"stream_id": sid, "events": ev})
+                pos += 8 + size
+
+        def id_to_stream(self) -> dict[int, dict[str, Any]]:
+            return {0: {"type": "events", "width": 346, "height": 260}}
+
+        def __iter__(self) -> Any:
+            return iter(self._packets)
+
+    monkeypatch.setitem(sys.modules, "aedat", types.SimpleNamespace(Decoder=Decoder))
+    sample = open_source(str(path))
+    assert_same(sample.recording, rec)
+    assert sample.sensor == SensorSpec.two_d(346, 260)
+
+
+def test_aedat4_without_the_extra_says_how_to_install(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "cam.aedat4"
+    path.write_bytes(b"#!AER-DAT4.0\r\n")
+    monkeypatch.setitem(sys.modules, "aedat", None)
+    with pytest.raises(SourceError, match=r"evssm\[aedat\]"):
+        open_source(str(path))
+
+
+# -- the project's data sets ------------------------------------------------------------------
+
+
+def test_dataset_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    recs = [rec_1d(50, seed=i, channels=700) for i in range(4)]
+
+    class Split(list):  # what evssm.models.data.load_dataset returns: (Recording, label) pairs
+        sensor = SensorSpec.one_d(700)
+        class_names = ("zero", "one", "two")
+
+    calls: list[tuple[Any, ...]] = []
+
+    def load_dataset(name: str, split: str, data_dir: Any) -> Split:
+        calls.append((name, split, data_dir))
+        return Split([(r, i % 3) for i, r in enumerate(recs)])
+
+    fake = types.ModuleType("evssm.models.data")
+    fake.load_dataset = load_dataset  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "evssm.models.data", fake)
+    sample = open_source("dataset:tiny", index=2, split="train", data_dir="/d")
+    assert calls[-1] == ("tiny", "train", "/d")
+    assert_same(sample.recording, recs[2])
+    assert sample.label == 2 and sample.label_name() == "two"
+    assert sample.sensor == SensorSpec.one_d(700) and sample.name == "tiny/train[2]"
+    assert source_count("dataset:tiny") == 4
+    with pytest.raises(SourceError, match="out of range"):
+        open_source("dataset:tiny", index=4)
+
+
+# -- simulated sensor ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sensor", [SensorSpec.one_d(700), SensorSpec.two_d(32, 24)])
+def test_simulated_sensor_rate_range_and_determinism(sensor: SensorSpec) -> None:
+    sim = SimulatedSensor(sensor, 50_000, label=3, num_classes=5, seed=1)
+    rec = sim.recording(2.0)
+    assert abs(len(rec) - 100_000) < 2_000  # Poisson: sd ~ 316
+    assert (np.diff(rec.t) >= 0).all() and rec.t[0] >= 0 and rec.t[-1] < 2_000_000
+    if sensor.kind == "1d":
+        assert rec.y is None and rec.x.max() < 700
+    else:
+        assert rec.x.max() < 32 and rec.y.max() < 24 and set(np.unique(rec.p)) <= {0, 1}
+    again = SimulatedSensor(sensor, 50_000, label=3, num_classes=5, seed=1).recording(2.0)
+    assert_same(rec, again)
+    more = sim.chunk(10_000)
+    assert more.t.min() >= 2_000_000 and sim.now_us == 2_010_000
+    exact = sim.take(256)
+    assert len(exact) == 256 and exact.t[0] >= 2_010_000
+
+
+def test_simulated_labels_are_distinguishable() -> None:
+    """Classes differ in their address statistics, so a model can tell them apart."""
+    hists = [np.bincount(SimulatedSensor(SensorSpec.one_d(100), 20_000, label=k, num_classes=4)
+                         .recording(0.5).x, minlength=100) for k in range(4)]
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert np.abs(hists[a] / hists[a].sum() - hists[b] / hists[b].sum()).sum() > 0.3
+
+
+def test_sim_spec() -> None:
+    assert parse_sim_spec("sim") == sources.SIM_DEFAULTS
+    s = parse_sim_spec("sim:rate=1000,duration=0.5,label=2")
+    assert s["rate"] == 1000 and s["duration"] == 0.5 and s["label"] == 2
+    with pytest.raises(SourceError, match="bad sim setting"):
+        parse_sim_spec("sim:speed=3")
+    sample = open_source("sim:rate=2000,duration=1,label=1,classes=3",
+                         sensor=SensorSpec.two_d(16, 16))
+    assert isinstance(sample, Sample) and sample.label == 1
+    assert sample.sensor == SensorSpec.two_d(16, 16) and 1800 < len(sample.recording) < 2200
+
+
+def test_label_checks() -> None:
+    s = Sample(rec_1d(5), label=2, class_names=("a", "b", "c"))
+    assert s.is_correct("c", ("a", "b", "c")) and s.is_correct(2) and not s.is_correct("a", "abc")
+    assert s.is_correct("C", ("A", "B", "C"))  # model names differ: compare by index
+    named = Sample(rec_1d(5), label="yes")
+    assert named.is_correct("yes") and not named.is_correct("no")
+    assert Sample(rec_1d(5)).is_correct("a") is None

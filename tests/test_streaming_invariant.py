@@ -1,0 +1,223 @@
+"""The invariant: streaming, packet by packet, equals the offline form on every prefix.
+
+Covers the reference configurations and variants for every discretisation, pooling mode, head,
+norm, conj_sym, and one to three stages; random packetisations include empty and 1-event packets
+and packets that end mid-window; gaps mix tabulated (short) and exponentiated (long) decays.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from evssm.models.config import load_model_config
+from evssm.models.streaming import StreamingModel, init_variables
+
+PACKET_BUCKET = 64
+
+
+def random_stream(rng: np.random.Generator, num_tokens: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    tokens = rng.integers(0, num_tokens, n).astype(np.int32)
+    gaps = np.where(rng.random(n) < 0.9, rng.integers(0, 60, n), rng.integers(0, 200_000, n))
+    gaps = gaps.astype(np.int32)
+    gaps[0] = 0
+    return tokens, gaps
+
+
+def random_cuts(rng: np.random.Generator, n: int) -> list[int]:
+    """Packet sizes summing to n, each <= PACKET_BUCKET, with empty and 1-event packets."""
+    sizes = []
+    while sum(sizes) < n:
+        kind = rng.random()
+        size = 0 if kind < 0.1 else 1 if kind < 0.25 else int(rng.integers(2, PACKET_BUCKET + 1))
+        sizes.append(min(size, n - sum(sizes)))
+    return sizes
+
+
+def perturbed_model(config, seed: int = 0) -> StreamingModel:
+    """A model whose BatchNorm statistics are non-trivial (random init leaves them 0 and 1)."""
+    variables = init_variables(config, seed)
+    rng = np.random.default_rng(seed)
+    stats = jax.tree.map(lambda a: np.asarray(a) + rng.uniform(0.1, 0.5, a.shape).astype(a.dtype),
+                         variables["batch_stats"])
+    return StreamingModel(config, {"params": variables["params"], "batch_stats": stats})
+
+
+def stream_and_compare(model: StreamingModel, tokens: np.ndarray, gaps: np.ndarray,
+                       sizes: list[int], max_len: int) -> int:
+    """Stream in packets of ``sizes``; compare logits after each packet with the offline form of
+    the prefix. Returns how many packets had a prediction."""
+    state = model.init_state(1)
+    stream_logits, stream_ready, prefixes = [], [], []
+    pos = 0
+    for size in sizes:
+        tok = np.full((1, PACKET_BUCKET), -1, np.int32)
+        gap = np.zeros((1, PACKET_BUCKET), np.int32)
+        tok[0, :size] = tokens[pos:pos + size]
+        gap[0, :size] = gaps[pos:pos + size]
+        state, logits, ready = model.step(state, tok, gap, np.array([size], np.int32))
+        pos += size
+        stream_logits.append(np.asarray(logits[0]))
+        stream_ready.append(bool(ready[0]))
+        prefixes.append(pos)
+    # All prefixes in one offline batch.
+    batch_tok = np.full((len(prefixes), max_len), -1, np.int32)
+    batch_gap = np.zeros((len(prefixes), max_len), np.int32)
+    for i, p in enumerate(prefixes):
+        batch_tok[i, :p] = tokens[:p]
+        batch_gap[i, :p] = gaps[:p]
+    off_logits, off_ready = model.classify(batch_tok, batch_gap, np.array(prefixes, np.int32))
+    off_logits, off_ready = np.asarray(off_logits), np.asarray(off_ready)
+    np.testing.assert_array_equal(np.array(stream_ready), off_ready)
+    expected_ready = np.array(prefixes) >= model.config.downsampling
+    np.testing.assert_array_equal(off_ready, expected_ready)
+    for i in np.flatnonzero(off_ready):
+        scale = max(1.0, float(np.abs(off_logits[i]).max()))
+        np.testing.assert_allclose(stream_logits[i], off_logits[i], rtol=1e-4, atol=1e-4 * scale,
+                                   err_msg=f"prefix {prefixes[i]} of packet sizes {sizes}")
+    return int(off_ready.sum())
+
+
+SMALL = dict(d_model=16, d_state=16, block_size=8, layers_per_stage=2, pooling_stride=4,
+             num_stages=2, dropout=0.0)
+
+VARIANTS = {
+    "zoh-avgpool-pool-layer": dict(SMALL, discretization="zoh", pooling_mode="avgpool", head="pool"),
+    "dirac-first-last-batch": dict(SMALL, discretization="dirac", pooling_mode="first", head="last",
+                                   norm="batch"),
+    "async-timepool-timepool-conj": dict(SMALL, discretization="async", pooling_mode="timepool",
+                                         head="timepool", conj_sym=True, clip_eigs=True),
+    "postnorm-batch-conj-zoh": dict(SMALL, prenorm=False, norm="batch", conj_sym=True,
+                                    discretization="zoh", pooling_mode="timepool"),
+    "postnorm-layer-first": dict(SMALL, prenorm=False, norm="layer", pooling_mode="first",
+                                 head="last", discretization="async"),
+    "one-stage-stride3": dict(SMALL, num_stages=1, pooling_stride=3, layers_per_stage=3,
+                              pooling_mode="avgpool"),
+    "three-stages-expansion": dict(SMALL, num_stages=3, pooling_stride=2, layers_per_stage=1,
+                                   state_expansion_factor=2, discretization="dirac"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_variants_stream_equals_offline(name: str) -> None:
+    config = load_model_config("tiny", VARIANTS[name])
+    model = perturbed_model(config, seed=1)
+    rng = np.random.default_rng(abs(hash(name)) % 2**32)
+    for trial in range(3):
+        n = int(rng.integers(20, 300))
+        tokens, gaps = random_stream(rng, config.num_embeddings, n)
+        assert stream_and_compare(model, tokens, gaps, random_cuts(rng, n), 320) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["shd", "ssc", "dvs", "tiny", "event-mnist"])
+def test_reference_configs_stream_equals_offline(name: str) -> None:
+    config = load_model_config(name)
+    model = perturbed_model(config, seed=2)
+    rng = np.random.default_rng(7)
+    n = 3 * config.downsampling + 37  # several final-rate windows, ending mid-window
+    tokens, gaps = random_stream(rng, config.num_embeddings, n)
+    assert stream_and_compare(model, tokens, gaps, random_cuts(rng, n), n) > 0
+
+
+@pytest.mark.slow
+def test_long_stream_stays_equal() -> None:
+    """Thousands of events in many packets: no drift between the forms."""
+    config = load_model_config("tiny", dict(SMALL, pooling_stride=8))
+    model = perturbed_model(config)
+    rng = np.random.default_rng(3)
+    n = 6000
+    tokens, gaps = random_stream(rng, config.num_embeddings, n)
+    state = model.init_state(1)
+    for start in range(0, n, PACKET_BUCKET):
+        size = min(PACKET_BUCKET, n - start)
+        tok = np.full((1, PACKET_BUCKET), -1, np.int32)
+        gap = np.zeros((1, PACKET_BUCKET), np.int32)
+        tok[0, :size], gap[0, :size] = tokens[start:start + size], gaps[start:start + size]
+        state, logits, _ = model.step(state, tok, gap, np.array([size], np.int32))
+    offline, ready = model.classify(tokens[None], gaps[None], np.array([n], np.int32))
+    assert bool(ready[0])
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(offline), rtol=1e-4, atol=1e-4)
+
+
+def test_batched_sessions_equal_each_alone() -> None:
+    """Sessions with different packet lengths and offsets stepped together equal each alone,
+    through the slot pool the server uses (with padding rows and zeroed slots)."""
+    config = load_model_config("tiny", dict(SMALL, pooling_mode="timepool"))
+    model = perturbed_model(config)
+    rng = np.random.default_rng(4)
+    num, L = 5, 32
+    streams = [random_stream(rng, config.num_embeddings, 200) for _ in range(num)]
+    pool = model.init_state(num + 2)
+    slots = np.array([3, 0, 5, 1, 2], np.int32)  # arbitrary slot assignment
+    alone = [model.init_state(1) for _ in range(num)]
+    pos = [0] * num
+    for _ in range(6):
+        lengths = rng.integers(0, L + 1, num).astype(np.int32)
+        tok = np.full((num + 1, L), -1, np.int32)
+        gap = np.zeros((num + 1, L), np.int32)
+        for i in range(num):
+            tok[i, :lengths[i]] = streams[i][0][pos[i]:pos[i] + lengths[i]]
+            gap[i, :lengths[i]] = streams[i][1][pos[i]:pos[i] + lengths[i]]
+        batch_slots = np.append(slots, num + 2)  # a padding row
+        pool, logits, ready = model.step_slots(pool, batch_slots, tok, gap,
+                                               np.append(lengths, 0).astype(np.int32))
+        for i in range(num):
+            alone[i], one_logits, one_ready = model.step(alone[i], tok[i:i + 1], gap[i:i + 1],
+                                                         lengths[i:i + 1])
+            assert bool(one_ready[0]) == bool(ready[i])
+            np.testing.assert_allclose(np.asarray(logits[i]), np.asarray(one_logits[0]),
+                                       rtol=1e-5, atol=1e-5)
+            pos[i] += int(lengths[i])
+    # Zeroing a slot gives a fresh session; the others are untouched.
+    before = jax.tree.map(np.asarray, pool)
+    pool = model.zero_slots(pool, np.array([slots[2], num + 2], np.int32))
+    after = jax.tree.map(np.asarray, pool)
+    for b, a in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+        assert not np.any(a[slots[2]])
+        keep = [s for s in range(num + 2) if s != slots[2]]
+        np.testing.assert_array_equal(a[keep], b[keep])
+
+
+def test_padding_never_changes_a_result() -> None:
+    config = load_model_config("tiny", SMALL)
+    model = perturbed_model(config)
+    rng = np.random.default_rng(5)
+    tokens, gaps = random_stream(rng, config.num_embeddings, 100)
+    results = []
+    for pad in (100, 128, 300):
+        tok = np.full((1, pad), -1, np.int32)
+        gap = np.zeros((1, pad), np.int32)
+        tok[0, :100], gap[0, :100] = tokens, gaps
+        # Garbage beyond the length must be ignored too.
+        if pad > 100:
+            tok[0, 100:] = rng.integers(0, config.num_embeddings, pad - 100)
+            gap[0, 100:] = rng.integers(0, 10_000, pad - 100)
+        logits, ready = model.classify(tok, gap, np.array([100], np.int32))
+        results.append(np.asarray(logits))
+    for r in results[1:]:
+        np.testing.assert_allclose(r, results[0], rtol=1e-6, atol=1e-6)
+
+
+def test_tabulated_first_layer_equals_direct() -> None:
+    """Inference tables (token features, decays) give the training path's values."""
+    config = load_model_config("tiny", dict(SMALL, norm="batch"))
+    model = perturbed_model(config)
+    rng = np.random.default_rng(6)
+    tokens, gaps = random_stream(rng, config.num_embeddings, 150)
+    state = model.init_state(1)
+    direct = model.module.apply(model.variables, tokens[None], gaps[None], np.array([150]), state)
+    tabulated = model.module.apply(model.variables, tokens[None], gaps[None], np.array([150]),
+                                   state, tables=model.tables)
+    np.testing.assert_allclose(np.asarray(direct[0]), np.asarray(tabulated[0]), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_initialisation_is_deterministic_per_seed() -> None:
+    config = load_model_config("tiny", SMALL)
+    a, b, c = (init_variables(config, s) for s in (0, 0, 1))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert any(not np.array_equal(np.asarray(x), np.asarray(z))
+               for x, z in zip(jax.tree.leaves(a), jax.tree.leaves(c)))
