@@ -113,4 +113,15 @@ def load_checkpoint(directory: str | Path) -> tuple[ModelConfig, dict[str, Any],
                               f"({config.name}): {exc}") from exc
     except Exception as exc:  # orbax raises many types for missing/corrupt files
         raise CheckpointError(f"{directory} is truncated or corrupt: {exc}") from exc
+    # orbax may hand back the stored shapes rather than the target's: compare explicitly.
+    want = dict(jax.tree.leaves_with_path(target))
+    got = dict(jax.tree.leaves_with_path(variables))
+    for path in sorted(set(want) | set(got), key=str):
+        if path not in want or path not in got or want[path].shape != got[path].shape:
+            name = jax.tree_util.keystr(path)
+            shapes = (getattr(got.get(path), "shape", "absent"),
+                      getattr(want.get(path), "shape", "absent"))
+            raise CheckpointError(f"{directory} does not match its config's architecture "
+                                  f"({config.name}): {name} is stored as {shapes[0]}, the config "
+                                  f"needs {shapes[1]}")
     return config, variables, meta

@@ -11,7 +11,9 @@ so that the client (which does not install them) can import ``evssm.models.data`
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -57,6 +59,17 @@ def make_recording(sensor: SensorSpec, t: np.ndarray, x: np.ndarray, y: np.ndarr
         if y is not None and p is not None:
             y, p = y[order], p[order]
     return Recording(t, x, y, p)
+
+
+def progress_bar(total: int, desc: str, unit: str, enabled: bool = True) -> Any:
+    """A tqdm bar on stderr, or None when disabled or tqdm is not installed (the client lacks it)."""
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr)
 
 
 class EventDataset:
@@ -170,6 +183,25 @@ def pack_recordings(recs: Sequence[Recording]) -> tuple[np.ndarray, np.ndarray, 
     return t, x, y, p, offsets
 
 
+class Subset(EventDataset):
+    """A view of samples ``indices`` of another data set (nothing is copied)."""
+
+    def __init__(self, base: EventDataset, indices: Sequence[int] | np.ndarray):
+        self.base = base
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.name, self.split, self.sensor, self.class_names = base.name, base.split, base.sensor, base.class_names
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+    def _get(self, i: int) -> tuple[Recording, int]:
+        return self.base[int(self.indices[i])]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.base.labels[self.indices]
+
+
 # ---------------------------------------------------------------------------------------------
 # Registry
 
@@ -258,12 +290,20 @@ def load_dataset(name: str, split: str = "train", data_dir: str | os.PathLike[st
 
     Real benchmarks are read from files already on disk (a missing file raises
     ``FileNotFoundError`` saying what to put where); data sets the project makes are built and
-    cached on first use. ``kwargs`` go to the reader (e.g. ``limit=`` for event-mnist).
+    cached on first use. ``limit=N`` (any data set) keeps the first N samples; other ``kwargs`` go
+    to the reader (e.g. ``preload=`` for SHD/SSC, ``format=`` for dvs-gesture, ``cache=`` for
+    event-mnist).
     """
     spec = get_spec(name)
     if split not in spec.splits:
         raise ValueError(f"data set {name!r} has splits {spec.splits}, not {split!r}")
-    return spec.resolve("loader")(split, resolve_data_dir(data_dir), **kwargs)
+    loader = spec.resolve("loader")
+    limit = kwargs.get("limit")
+    if "limit" in kwargs and "limit" not in inspect.signature(loader).parameters:
+        del kwargs["limit"]  # every data set takes limit=; readers without it get a view
+        ds = loader(split, resolve_data_dir(data_dir), **kwargs)
+        return ds if limit is None or limit >= len(ds) else Subset(ds, np.arange(limit))
+    return loader(split, resolve_data_dir(data_dir), **kwargs)
 
 
 def missing_files_error(dataset: str, directory: Path, files: Sequence[str], how: str = "") -> FileNotFoundError:

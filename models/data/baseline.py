@@ -54,7 +54,8 @@ def count_features(ds: EventDataset, time_bins: int = 1, limit: int | None = Non
         if s.kind == "1d":
             addr = rec.x.astype(np.int64)
         else:
-            addr = (rec.p.astype(np.int64) * gh + rec.y // pool) * gw + rec.x // pool  # type: ignore[union-attr,operator]
+            assert rec.y is not None and rec.p is not None
+            addr = (rec.p.astype(np.int64) * gh + rec.y // pool) * gw + rec.x // pool
         span = int(rec.t[-1] - rec.t[0]) + 1
         tb = (rec.t - rec.t[0]) * time_bins // span
         feats[i] = np.bincount(tb * n_addr + addr, minlength=time_bins * n_addr)

@@ -66,18 +66,14 @@ def split_status(name: str, split: str, data_dir: Path) -> str:
 
 
 def _list(data_dir: Path) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"event data sets in {data_dir}", show_lines=True)
-    for col in ("name", "sensor", "classes", "splits", "files"):
-        table.add_column(col, overflow="fold")
+    print(f"data directory: {data_dir}  (--data-dir or ${DATA_DIR_ENV})")
     for spec in DATASETS.values():
         s = spec.sensor
-        geometry = f"1-D, {s.channels} ch" if s.kind == "1d" else f"2-D, {s.width}x{s.height}x2"
-        splits = "\n".join(f"{sp}: {split_status(spec.name, sp, data_dir)}" for sp in spec.splits)
-        table.add_row(spec.name, geometry, str(spec.num_classes), splits, spec.files)
-    Console().print(table)
+        geometry = f"1-D {s.channels} channels" if s.kind == "1d" else f"2-D {s.width}x{s.height}x2"
+        splits = ", ".join(f"{sp}: {split_status(spec.name, sp, data_dir)}" for sp in spec.splits)
+        print(f"\n{spec.name}  ({geometry}, {spec.num_classes} classes)  {spec.description}")
+        print(f"  splits: {splits}")
+        print(f"  files:  {spec.files}")
     return 0
 
 

@@ -43,7 +43,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..events import SensorSpec
-from .base import ArrayDataset
+from .base import ArrayDataset, progress_bar
 
 NAME = "event-mnist"
 SIMULATOR_VERSION = 1  # bump when the simulation code changes its output
@@ -312,16 +312,15 @@ def build_split(split: str, params: EventMnistParams = EventMnistParams(),
         raise IndexError(f"event-mnist/{split} has {rows.size} samples; indices out of range")
     images, labels = mnist_5k()
     ts, xs, ys, ps = [], [], [], []
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=idx.size, desc=f"event-mnist {split}", unit="digit", file=sys.stderr)
+    bar = progress_bar(idx.size, f"event-mnist {split}", "digit", progress)
     for a in range(0, idx.size, batch_size):
         chunk = idx[a:a + batch_size]
         recs = simulate(images[rows[chunk]], [sample_rng(params, split, int(i)) for i in chunk], params)
         for t, x, y, p in recs:
-            ts.append(t), xs.append(x), ys.append(y), ps.append(p)
+            ts.append(t)
+            xs.append(x)
+            ys.append(y)
+            ps.append(p)
         if bar is not None:
             bar.update(chunk.size)
     if bar is not None:

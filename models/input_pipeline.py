@@ -1,0 +1,134 @@
+"""Input pipeline: recordings -> padded, bucketed batches of tokens and time gaps (NumPy).
+
+Training batches are shuffled per epoch with a seeded generator, augmented (training only), cut-mixed
+(labels mixed by event fraction), cropped to ``max_events`` and padded to a multiple of
+``pad_unit`` events so that shapes repeat and compilations stay few. A background thread prepares
+the next batches while the accelerator works.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .data import AugmentConfig, EventDataset, augment
+from .events import PAD_TOKEN, Recording, SensorSpec, time_gaps, tokenize
+
+
+@dataclass
+class Batch:
+    """tokens, gaps int32 [B, L]; lengths int32 [B]; targets float32 [B, C] (soft);
+    labels int32 [B]; weights float32 [B] (0 for padding rows)."""
+
+    tokens: np.ndarray
+    gaps: np.ndarray
+    lengths: np.ndarray
+    targets: np.ndarray
+    labels: np.ndarray
+    weights: np.ndarray
+
+    @property
+    def num_events(self) -> int:
+        return int(self.lengths.sum())
+
+
+def bucket_length(n: int, pad_unit: int) -> int:
+    """Smallest multiple of ``pad_unit`` that holds ``n`` events (at least one unit)."""
+    return max(1, -(-n // pad_unit)) * pad_unit
+
+
+def make_batch(recordings: Sequence[Recording], targets: np.ndarray, labels: np.ndarray,
+               sensor: SensorSpec, pad_unit: int, batch_size: int | None = None) -> Batch:
+    """Pad recordings into one batch; ``batch_size`` rows (extra rows are weight-0 padding)."""
+    rows = batch_size or len(recordings)
+    length = bucket_length(max((len(r) for r in recordings), default=1), pad_unit)
+    tokens = np.full((rows, length), PAD_TOKEN, np.int32)
+    gaps = np.zeros((rows, length), np.int32)
+    lengths = np.zeros(rows, np.int32)
+    for i, rec in enumerate(recordings):
+        n = len(rec)
+        tokens[i, :n] = tokenize(sensor, rec.x, rec.y, rec.p, check=False)
+        gaps[i, :n] = time_gaps(rec.t, check=False)
+        lengths[i] = n
+    num_classes = targets.shape[1]
+    full_targets = np.zeros((rows, num_classes), np.float32)
+    full_targets[:len(recordings)] = targets
+    full_labels = np.zeros(rows, np.int32)
+    full_labels[:len(recordings)] = labels
+    weights = np.zeros(rows, np.float32)
+    weights[:len(recordings)] = 1.0
+    return Batch(tokens, gaps, lengths, full_targets, full_labels, weights)
+
+
+def crop_to(rec: Recording, max_events: int | None, rng: np.random.Generator | None) -> Recording:
+    """A contiguous window of at most ``max_events`` (random start with ``rng``, else the start)."""
+    if max_events is None or len(rec) <= max_events:
+        return rec
+    start = int(rng.integers(0, len(rec) - max_events + 1)) if rng is not None else 0
+    return rec.slice(start, start + max_events)
+
+
+def train_batches(dataset: EventDataset, batch_size: int, num_classes: int, pad_unit: int,
+                  max_events: int | None, augment_cfg: AugmentConfig | None, seed: int,
+                  epoch: int) -> Iterator[Batch]:
+    """One epoch of augmented training batches (the last incomplete batch is dropped)."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(dataset))
+    sensor = dataset.sensor
+    eye = np.eye(num_classes, dtype=np.float32)
+    for start in range(0, len(order) - batch_size + 1, batch_size):
+        idx = order[start:start + batch_size]
+        recs, targets, labels = [], [], []
+        for i in idx:
+            rec, label = dataset[int(i)]
+            target = eye[label]
+            if augment_cfg is not None:
+                rec = augment.augment(rec, sensor, rng, augment_cfg)
+                if augment_cfg.cut_mix_p > 0 and rng.random() < augment_cfg.cut_mix_p:
+                    other, other_label = dataset[int(rng.integers(len(dataset)))]
+                    rec, lam = augment.cut_mix(rec, other, rng, augment_cfg.cut_mix_max)
+                    target = (1 - lam) * target + lam * eye[other_label]
+            recs.append(crop_to(rec, max_events, rng))
+            targets.append(target)
+            labels.append(label)
+        yield make_batch(recs, np.stack(targets), np.array(labels), sensor, pad_unit)
+
+
+def eval_batches(dataset: EventDataset, batch_size: int, num_classes: int, pad_unit: int,
+                 max_events: int | None = None) -> Iterator[Batch]:
+    """Every sample once, in order; the last batch is padded with weight-0 rows."""
+    eye = np.eye(num_classes, dtype=np.float32)
+    for start in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        recs = [crop_to(rec, max_events, None) for rec, _ in items]
+        labels = np.array([label for _, label in items])
+        yield make_batch(recs, eye[labels], labels, dataset.sensor, pad_unit, batch_size)
+
+
+def prefetch(batches: Iterable[Batch], size: int = 2) -> Iterator[Batch]:
+    """Produce ``batches`` on a background thread, ``size`` ahead."""
+    q: queue.Queue = queue.Queue(maxsize=size)
+    done = object()
+    errors: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            for item in batches:
+                q.put(item)
+        except BaseException as exc:  # surfaced in the consumer
+            errors.append(exc)
+        finally:
+            q.put(done)
+
+    threading.Thread(target=produce, daemon=True).start()
+    while True:
+        item = q.get()
+        if item is done:
+            if errors:
+                raise errors[0]
+            return
+        yield item

@@ -1,0 +1,323 @@
+"""Train an EventSSM model: ``evssm train task=NAME [model=NAME] [key=value ...] [--out DIR]``.
+
+Configuration: a task (``configs/tasks/NAME.yaml``) names its data set, its default model
+(``configs/models/NAME.yaml``), training settings and augmentations. Any key can be overridden on
+the command line: ``model.d_model=32``, ``train.epochs=3``, ``augment.cut_mix_p=0``,
+``dataset=...``, ``data_dir=...``. The resolved configuration is saved with the run.
+
+Optimisation (DESIGN section 2): softmax cross-entropy on soft targets; AdamW in two groups —
+``B``, ``Lambda_re``, ``Lambda_im`` at ``ssm_lr = ssm_base_lr * batch_size * accumulation`` with
+``ssm_weight_decay``, everything else at ``ssm_lr * lr_factor`` with ``weight_decay`` — warm-up then
+cosine decay (or constant), gradient accumulation. Data-parallel over all local devices (batch
+sharded, parameters replicated), and across hosts through ``jax.distributed`` when the
+environment provides a coordinator.
+
+The run directory holds ``config.yaml``, ``metrics.jsonl``, TensorBoard events in ``tb/``, the best
+checkpoint by validation accuracy in ``best/`` (a checkpoint ``evssm serve`` and ``evssm eval``
+load), and ``train_state/`` for ``--resume``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from .config import ModelConfig, configs_dir, load_model_config, parse_value
+
+SSM_PARAMS = ("B", "Lambda_re", "Lambda_im")
+SECTIONS = ("train", "augment")
+
+
+# --- configuration -------------------------------------------------------------------------
+def load_task_config(overrides: list[str]) -> dict[str, Any]:
+    """Resolve ``task=NAME``, ``model=NAME`` and dotted ``key=value`` overrides into one dict:
+    ``{"task", "dataset", "data_dir", "model": ModelConfig dict, "train": {...},
+    "augment": {...}}``."""
+    pairs: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise SystemExit(f"evssm train: expected key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        pairs[key.strip()] = parse_value(value)
+    task_name = str(pairs.pop("task", "event-mnist"))
+    task_path = configs_dir() / "tasks" / f"{task_name}.yaml"
+    if not task_path.exists():
+        names = sorted(p.stem for p in (configs_dir() / "tasks").glob("*.yaml"))
+        raise SystemExit(f"evssm train: no task {task_name!r}; available: {', '.join(names)}")
+    task = yaml.safe_load(task_path.read_text())
+    model_name = str(pairs.pop("model", task["model"]))
+    model_overrides = {k[len("model."):]: v for k, v in pairs.items() if k.startswith("model.")}
+    resolved: dict[str, Any] = {
+        "task": task_name,
+        "dataset": pairs.pop("dataset", task["dataset"]),
+        "data_dir": pairs.pop("data_dir", None),
+        "model_name": model_name,
+        "train": dict(task.get("train", {})),
+        "augment": dict(task.get("augment", {})),
+    }
+    for key, value in pairs.items():
+        section, _, name = key.partition(".")
+        if section == "model":
+            continue
+        if section not in SECTIONS or not name:
+            raise SystemExit(f"evssm train: unknown key {key!r} (use task=, model=, dataset=, "
+                             f"data_dir=, model.KEY=, train.KEY=, augment.KEY=)")
+        if section == "train" and name not in resolved["train"]:
+            raise SystemExit(f"evssm train: unknown training key {name!r}; known: "
+                             f"{', '.join(sorted(resolved['train']))}")
+        resolved[section][name] = value
+    resolved["model_overrides"] = model_overrides
+    return resolved
+
+
+# --- optimisation --------------------------------------------------------------------------
+def make_optimizer(train: dict[str, Any], steps_per_epoch: int, global_batch: int):
+    """Two-group AdamW with warm-up + cosine (or constant) schedule and accumulation."""
+    import jax
+    import optax
+
+    ssm_lr = train["ssm_base_lr"] * global_batch * train["accumulation"]
+    total = max(1, train["epochs"] * steps_per_epoch)
+    warmup = min(total - 1, train["warmup_epochs"] * steps_per_epoch)
+
+    def schedule(peak: float):
+        if train["schedule"] == "constant":
+            return optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)),
+                                         optax.constant_schedule(peak)], [warmup])
+        if train["schedule"] != "cosine":
+            raise SystemExit(f"evssm train: schedule must be cosine or constant, "
+                             f"got {train['schedule']!r}")
+        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total, end_value=0.0)
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "ssm" if getattr(path[-1], "key", None) in SSM_PARAMS else "other",
+            params)
+
+    tx = optax.multi_transform({
+        "ssm": optax.adamw(schedule(ssm_lr), weight_decay=train["ssm_weight_decay"]),
+        "other": optax.adamw(schedule(ssm_lr * train["lr_factor"]),
+                             weight_decay=train["weight_decay"]),
+    }, labels)
+    if train["accumulation"] > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=train["accumulation"])
+    return tx, ssm_lr
+
+
+def cross_entropy(logits, targets):
+    """Softmax cross-entropy with soft targets: logits, targets [B, C] -> [B]."""
+    import jax
+
+    return -(targets * jax.nn.log_softmax(logits)).sum(-1)
+
+
+# --- the run -------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="task=NAME, model=NAME, dataset=NAME, data_dir=DIR, model.KEY=V, "
+                             "train.KEY=V, augment.KEY=V")
+    parser.add_argument("--out", help="run directory (default: runs/TASK-TIMESTAMP)")
+    parser.add_argument("--data-dir", help="where data sets live (or EVSSM_DATA_DIR)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its last saved epoch")
+    parser.add_argument("--limit-train", type=int, help="use only the first N training samples")
+    parser.add_argument("--limit-valid", type=int, help="use only the first N validation samples")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_task_config(args.overrides)
+    if args.data_dir:
+        cfg["data_dir"] = args.data_dir
+    out = Path(args.out or f"runs/{cfg['task']}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return train(cfg, out, resume=args.resume, limit_train=args.limit_train,
+                 limit_valid=args.limit_valid, progress=not args.no_progress)
+
+
+def maybe_init_distributed() -> None:
+    """Join a multi-host job when the environment names a coordinator."""
+    import jax
+
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("EVSSM_DISTRIBUTED"):
+        jax.distributed.initialize()
+
+
+def train(cfg: dict[str, Any], out: Path, *, resume: bool = False, limit_train: int | None = None,
+          limit_valid: int | None = None, progress: bool = True, stop_after: int | None = None
+          ) -> int:
+    """Train per ``cfg`` (from :func:`load_task_config`) into ``out``; returns an exit code.
+
+    ``stop_after`` ends the run after that many epochs without changing its schedule (the run
+    can be continued with ``resume``)."""
+    maybe_init_distributed()
+    import jax
+    import jax.numpy as jnp
+    import optax
+    import orbax.checkpoint as ocp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    from tensorboardX import SummaryWriter
+    from tqdm import tqdm
+
+    from .checkpoint import save_checkpoint
+    from .data import AugmentConfig, load_dataset
+    from .evaluate import classification_metrics
+    from .input_pipeline import eval_batches, prefetch, train_batches
+    from .model import EventSSM, init_state
+    from .streaming import init_variables
+
+    t = cfg["train"]
+    train_ds = load_dataset(cfg["dataset"], "train", cfg["data_dir"], limit=limit_train)
+    valid_ds = load_dataset(cfg["dataset"], t["valid_split"], cfg["data_dir"], limit=limit_valid)
+    base = load_model_config(cfg["model_name"])
+    model_cfg = ModelConfig.from_dict({
+        **base.to_dict(), **cfg["model_overrides"], "sensor": train_ds.sensor.to_dict(),
+        "num_classes": len(train_ds.class_names), "class_names": list(train_ds.class_names)})
+    cfg["model"] = model_cfg.to_dict()
+    augment_cfg = AugmentConfig.from_dict(cfg["augment"], train_ds.sensor) if cfg["augment"] else None
+
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = {k: v for k, v in cfg.items() if k != "model_overrides"}
+    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+    devices = jax.devices()
+    mesh = Mesh(np.array(devices), ("data",))
+    data_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch_size = t["batch_size"]
+    if batch_size % len(devices):
+        raise SystemExit(f"evssm train: batch_size {batch_size} is not divisible by the "
+                         f"{len(devices)} devices")
+    steps_per_epoch = max(1, len(train_ds) // batch_size // t["accumulation"])
+    tx, ssm_lr = make_optimizer(t, steps_per_epoch, batch_size)
+
+    module = EventSSM(model_cfg)
+    variables = init_variables(model_cfg, t["seed"])
+    train_state = {"params": variables["params"], "batch_stats": variables["batch_stats"],
+                   "opt_state": tx.init(variables["params"]), "step": jnp.zeros((), jnp.int32),
+                   "epoch": jnp.zeros((), jnp.int32), "best_accuracy": jnp.zeros((), jnp.float32)}
+    checkpointer = ocp.StandardCheckpointer()
+    start_epoch = 0
+    if resume:
+        if not (out / "train_state").exists():
+            raise SystemExit(f"evssm train: --resume but {out}/train_state does not exist")
+        train_state = checkpointer.restore((out / "train_state").absolute(), train_state)
+        start_epoch = int(train_state["epoch"])
+        print(f"resuming {out} at epoch {start_epoch}", file=sys.stderr)
+    train_state = jax.device_put(train_state, replicated)
+
+    def loss_fn(params, batch_stats, batch, key):
+        state0 = init_state(model_cfg, batch["tokens"].shape[0])
+        (logits, ready, _), updates = module.apply(
+            {"params": params, "batch_stats": batch_stats}, batch["tokens"], batch["gaps"],
+            batch["lengths"], state0, train=True, rngs={"dropout": key}, mutable=["batch_stats"])
+        w = batch["weights"] * ready
+        loss = (w * cross_entropy(logits, batch["targets"])).sum() / jnp.maximum(w.sum(), 1.0)
+        correct = ((logits.argmax(-1) == batch["labels"]) * w).sum()
+        return loss, (updates.get("batch_stats", batch_stats), correct, w.sum())
+
+    def train_step(state, batch):
+        key = jax.random.fold_in(jax.random.PRNGKey(t["seed"]), state["step"])
+        (loss, (batch_stats, correct, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"], state["batch_stats"], batch, key)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        new = dict(state, params=params, batch_stats=batch_stats, opt_state=opt_state,
+                   step=state["step"] + 1)
+        return new, {"loss": loss, "correct": correct, "count": count}
+
+    def eval_step(params, batch_stats, batch):
+        state0 = init_state(model_cfg, batch["tokens"].shape[0])
+        logits, ready, _ = module.apply({"params": params, "batch_stats": batch_stats},
+                                        batch["tokens"], batch["gaps"], batch["lengths"], state0)
+        return logits, ready
+
+    train_step = jax.jit(train_step, donate_argnums=0)
+    eval_step = jax.jit(eval_step)
+
+    def to_device(batch) -> dict[str, Any]:
+        arrays = {k: getattr(batch, k) for k in ("tokens", "gaps", "lengths", "targets",
+                                                  "labels", "weights")}
+        return {k: jax.make_array_from_process_local_data(data_sharding, v)
+                for k, v in arrays.items()}
+
+    writer = SummaryWriter(str(out / "tb"))
+    metrics_file = (out / "metrics.jsonl").open("a")
+    print(f"training {model_cfg.name} on {cfg['dataset']}: {len(train_ds)} train / "
+          f"{len(valid_ds)} {t['valid_split']} samples, {len(devices)} device(s), "
+          f"ssm_lr {ssm_lr:.2e}, run directory {out}", file=sys.stderr)
+    last_epoch = t["epochs"] if stop_after is None else min(t["epochs"], stop_after)
+    for epoch in range(start_epoch, last_epoch):
+        batches = prefetch(train_batches(train_ds, batch_size, model_cfg.num_classes,
+                                         t["pad_unit"], t["max_events"], augment_cfg, t["seed"],
+                                         epoch))
+        bar = tqdm(batches, total=len(train_ds) // batch_size, desc=f"epoch {epoch + 1}",
+                   disable=not progress, file=sys.stderr, dynamic_ncols=True)
+        sums = {"loss": 0.0, "correct": 0.0, "count": 0.0, "events": 0}
+        t0 = time.perf_counter()
+        for i, batch in enumerate(bar):
+            train_state, m = train_step(train_state, to_device(batch))
+            m = jax.device_get(m)
+            sums["loss"] += float(m["loss"]) * float(m["count"])
+            sums["correct"] += float(m["correct"])
+            sums["count"] += float(m["count"])
+            sums["events"] += batch.num_events
+            rate = sums["events"] / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{sums['loss'] / max(sums['count'], 1):.3f}",
+                            acc=f"{sums['correct'] / max(sums['count'], 1):.3f}",
+                            ev_s=f"{rate:,.0f}")
+        train_time = time.perf_counter() - t0
+        logits, labels, weights = [], [], []
+        for batch in eval_batches(valid_ds, t["eval_batch_size"], model_cfg.num_classes,
+                                  t["pad_unit"], t["max_events"]):
+            lg, ready = eval_step(train_state["params"], train_state["batch_stats"],
+                                  to_device(batch))
+            logits.append(np.asarray(lg))
+            labels.append(batch.labels)
+            weights.append(batch.weights * np.asarray(ready))
+        valid = classification_metrics(np.concatenate(logits), np.concatenate(labels),
+                                       np.concatenate(weights))
+        record = {"epoch": epoch + 1, "step": int(train_state["step"]),
+                  "train_loss": sums["loss"] / max(sums["count"], 1),
+                  "train_accuracy": sums["correct"] / max(sums["count"], 1),
+                  "train_events_per_s": sums["events"] / train_time,
+                  "train_seconds": train_time,
+                  "valid_loss": valid["loss"], "valid_accuracy": valid["accuracy"]}
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+        for key, value in record.items():
+            if key not in ("epoch", "step"):
+                writer.add_scalar(key, value, record["epoch"])
+        print(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f} acc "
+              f"{record['train_accuracy']:.4f} ({record['train_events_per_s']:,.0f} events/s) | "
+              f"{t['valid_split']} loss {valid['loss']:.4f} acc {valid['accuracy']:.4f}",
+              file=sys.stderr)
+        train_state = dict(train_state, epoch=jnp.asarray(epoch + 1, jnp.int32))
+        if valid["accuracy"] >= float(train_state["best_accuracy"]) or epoch == 0:
+            train_state["best_accuracy"] = jnp.asarray(valid["accuracy"], jnp.float32)
+            if jax.process_index() == 0:
+                save_checkpoint(out / "best", model_cfg, jax.device_get(train_state),
+                                task=cfg["task"], summary={**record, "dataset": cfg["dataset"],
+                                                           "valid_split": t["valid_split"]})
+        # Written beside the previous one, then swapped in: a crash never leaves no state.
+        tmp = (out / "train_state.saving").absolute()
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        checkpointer.save(tmp, jax.device_get(train_state))
+        checkpointer.wait_until_finished()
+        if (out / "train_state").exists():
+            shutil.rmtree(out / "train_state")
+        tmp.rename(out / "train_state")
+    writer.close()
+    metrics_file.close()
+    print(f"best {t['valid_split']} accuracy {float(train_state['best_accuracy']):.4f}; "
+          f"checkpoint {out / 'best'}", file=sys.stderr)
+    return 0

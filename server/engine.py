@@ -1,0 +1,204 @@
+"""The engine: models, the session table and one scheduler per model (no JAX at import).
+
+The API layer talks to the engine only: open/resume sessions, submit work, classify, drain. The
+engine loads models (importing the JAX runner lazily, in a background thread, so ``/healthz``
+answers while models compile), evicts idle sessions, and keeps the session metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from .metrics import Metrics
+from .protocol import CLOSE_GOING_AWAY, Code, error_frame
+from .scheduler import Scheduler
+from .sessions import Item, Session, SessionTable
+from .settings import ModelSpec, Settings
+
+if TYPE_CHECKING:  # the runner imports JAX; the API layer must not
+    from evssm.models.streaming import StreamingModel
+
+    from .runner import ModelRunner
+
+log = logging.getLogger("evssm.server.engine")
+
+
+class Connection(Protocol):
+    """The engine's view of a client connection (``app.Connection``)."""
+
+    def detach(self, session: Session, frame: dict[str, Any] | None) -> None: ...
+
+    def close_after_flush(self, code: int, reason: str) -> None: ...
+
+
+class Engine:
+    """Everything behind the API of one server instance."""
+
+    def __init__(self, settings: Settings, metrics: Metrics,
+                 models: dict[str, "StreamingModel"] | None = None):
+        self.settings = settings
+        self.metrics = metrics
+        self._preloaded = models
+        self.runners: dict[str, ModelRunner] = {}
+        self.schedulers: dict[str, Scheduler] = {}
+        self.table: SessionTable | None = None
+        self.default_model: str | None = None
+        self.ready = False
+        self.draining = False
+        self.load_error: str | None = None
+        self.connections: set[Connection] = set()
+        self.started_at = time.monotonic()
+        self.ready_after_s: float | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._drained = asyncio.Event()
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Begin loading models in the background (``ready`` turns True when all compiled)."""
+        self._tasks.append(asyncio.create_task(self._load(), name="evssm-load"))
+
+    async def _load(self) -> None:
+        loop = asyncio.get_running_loop()
+        s = self.settings
+        try:
+            from . import runner as runner_mod  # JAX is imported here, off the API layer's path
+
+            slots = s.slots_per_model or s.max_sessions
+            kwargs = dict(num_slots=slots, batch_buckets=s.batch_buckets, length_buckets=s.length_buckets,
+                          classify_length_buckets=s.classify_length_buckets,
+                          classify_batch_events=s.classify_batch_events,
+                          on_compile=lambda name: self.metrics.compilations.labels(model=name).inc())
+            if self._preloaded is not None:
+                jobs = [(name, None, model) for name, model in self._preloaded.items()]
+            else:
+                jobs = [(spec.name, spec.source, None) for spec in (s.models or (ModelSpec(None, None),))]
+            for name, source, model in jobs:
+                t0 = time.perf_counter()
+                runner = await loop.run_in_executor(
+                    None, functools.partial(runner_mod.load_runner, name, source, model=model, **kwargs))
+                if runner.name in self.runners:
+                    raise ValueError(f"two models are named {runner.name!r}; name them with NAME=SOURCE")
+                self.metrics.init_model(runner.name, runner.state_bytes, runner.num_slots)
+                self.runners[runner.name] = runner
+                self.default_model = self.default_model or runner.name
+                compile_s = await loop.run_in_executor(runner.executor, runner.warmup)
+                log.info("model %s from %s: loaded and compiled in %.1f s (compiling %.1f s, %d "
+                         "compilations); %d B of state per session, %d slots", runner.name,
+                         runner.model.info.get("source"), time.perf_counter() - t0, compile_s,
+                         runner.compilations, runner.state_bytes, slots)
+            self.table = SessionTable(s.max_sessions, {n: r.num_slots for n, r in self.runners.items()})
+            for name, runner in self.runners.items():
+                sched = Scheduler(runner, self.table, self.metrics, s.batch_wait_ms / 1000.0, self._released)
+                sched.start()
+                self.schedulers[name] = sched
+            self._tasks.append(asyncio.create_task(self._janitor(), name="evssm-janitor"))
+            self.ready_after_s = time.monotonic() - self.started_at
+            self.ready = True
+            self.metrics.ready.set(1)
+            log.info("ready after %.1f s: models %s", self.ready_after_s, list(self.runners))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self.load_error = f"{type(e).__name__}: {e}"
+            log.exception("loading models failed")
+
+    async def stop(self) -> None:
+        """Stop schedulers and background tasks (after a drain, or abruptly)."""
+        for sched in self.schedulers.values():
+            await sched.stop()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._tasks.clear()
+        for runner in self.runners.values():
+            runner.close()
+
+    # --- sessions ------------------------------------------------------------------------------
+    def open(self, model: str, top_k: int) -> Session:
+        """A new session of ``model`` (raises ``sessions.ServerFull``)."""
+        assert self.table is not None
+        session = self.table.open(model, top_k)
+        self.schedulers[model].add(session)
+        self.metrics.sessions_active.labels(model=model).inc()
+        self.metrics.sessions_opened.labels(model=model).inc()
+        return session
+
+    def resume(self, token: str) -> Session | None:
+        return None if self.table is None else self.table.by_token(token)
+
+    def submit(self, session: Session, item: Item) -> None:
+        self.schedulers[session.model].submit(session, item)
+
+    def _released(self, session: Session) -> None:
+        self.metrics.sessions_active.labels(model=session.model).dec()
+
+    def sessions_by_model(self) -> dict[str, int]:
+        if self.table is None:
+            return {name: 0 for name in self.runners}
+        return self.table.counts()
+
+    async def _janitor(self) -> None:
+        """Evict sessions idle longer than the timeout (attached or not)."""
+        timeout = self.settings.session_idle_timeout
+        period = min(1.0, max(0.01, timeout / 4))
+        while True:
+            await asyncio.sleep(period)
+            self.evict_idle(time.monotonic() - timeout)
+
+    def evict_idle(self, before: float) -> int:
+        """Evict sessions with no work whose last activity is older than ``before``."""
+        assert self.table is not None
+        evicted = 0
+        for session in list(self.table.sessions.values()):
+            if session.closing or not session.idle or session.last_active >= before:
+                continue
+            session.closing = True
+            if session.attachment is not None:
+                session.attachment.detach(session, error_frame(
+                    Code.SESSION_EXPIRED,
+                    f"session {session.id} was evicted after {self.settings.session_idle_timeout:g} s idle"))
+            if self.schedulers[session.model].release_if_done(session):
+                self.metrics.sessions_evicted.labels(model=session.model).inc()
+                evicted += 1
+        return evicted
+
+    # --- classification ----------------------------------------------------------------------
+    async def classify(self, model: str, tokens: list[np.ndarray], gaps: list[np.ndarray]
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        runner = self.runners[model]
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(runner.classify_executor, runner.classify, tokens, gaps)
+
+    # --- drain -------------------------------------------------------------------------------
+    @property
+    def pending(self) -> int:
+        """Sessions with work queued or running."""
+        return sum(s.pending for s in self.schedulers.values())
+
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Refuse new sessions and packets, finish and answer in-flight packets, then close every
+        connection cleanly (1001). True if everything finished within ``timeout``."""
+        timeout = self.settings.drain_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        self.draining = True
+        self.metrics.ready.set(0)
+        while self.pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        finished = not self.pending
+        for conn in list(self.connections):
+            conn.close_after_flush(CLOSE_GOING_AWAY, "server shutting down")
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        self._drained.set()
+        log.info("drained: %s", "clean" if finished and not self.connections else "timed out")
+        return finished and not self.connections

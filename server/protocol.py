@@ -1,0 +1,276 @@
+"""Wire protocol of the inference server: frames, event columns, error codes (no JAX).
+
+Everything a client can send is decoded and validated here, so that bad input is rejected with a
+stable error code *before* it reaches the engine (a rejected packet never touches session state).
+The contract is DESIGN section 4; ``docs/protocol.md`` has an example of every frame.
+
+Event columns come in three encodings:
+
+- msgpack/JSON arrays of integers;
+- msgpack ``bin`` of little-endian ``int64`` (``t``, microseconds), ``uint16`` (``x``, ``y``),
+  ``uint8`` (``p``);
+- one ``bin`` of packed 13-byte records ``t64 x16 y16 on8`` (key ``records``), the layout
+  event-camera tools (faery, AEStream) stream over UDP. For a 1-D sensor ``x`` is the channel and
+  ``y``/``on`` are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from evssm.models.events import EventError, SensorSpec, time_gaps, tokenize
+
+
+class Code(StrEnum):
+    """Stable error codes (``"code"`` of an error frame, ``"error"`` of an HTTP error body)."""
+
+    MALFORMED_FRAME = "malformed_frame"  # not msgpack/JSON, or not a map
+    UNKNOWN_TYPE = "unknown_type"  # "type" missing or not one of open/events/reset/close
+    INVALID_FIELD = "invalid_field"  # a non-column field missing or of the wrong type/value
+    MISSING_COLUMN = "missing_column"  # t, x (and y, p for 2-D sensors) required
+    INVALID_COLUMN = "invalid_column"  # a column that is not integers / a bin of the right size
+    LENGTH_MISMATCH = "length_mismatch"  # columns of different lengths
+    ADDRESS_OUT_OF_RANGE = "address_out_of_range"  # x/y/p outside the model's sensor
+    TIMESTAMPS_DECREASING = "timestamps_decreasing"  # within a packet or against the session
+    PACKET_TOO_LARGE = "packet_too_large"  # more events than --max-packet-events
+    UNKNOWN_MODEL = "unknown_model"
+    SERVER_FULL = "server_full"  # --max-sessions reached; WebSocket closed with 1013
+    NO_SESSION = "no_session"  # events/reset/close before open
+    SESSION_ALREADY_OPEN = "session_already_open"  # open twice on one connection
+    UNKNOWN_SESSION = "unknown_session"  # resume token unknown or its session expired
+    SESSION_EXPIRED = "session_expired"  # the session was evicted after the idle timeout
+    SESSION_RESUMED_ELSEWHERE = "session_resumed_elsewhere"  # another connection resumed it
+    NOT_READY = "not_ready"  # models still loading/compiling; WebSocket closed with 1013
+    DRAINING = "draining"  # shutting down; WebSocket closed with 1012
+    INTERNAL_ERROR = "internal_error"
+    # HTTP only
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    REQUEST_TOO_LARGE = "request_too_large"
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+
+
+# WebSocket close codes (RFC 6455 section 7.4 and the IANA registry).
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001  # end of a drain
+CLOSE_SERVICE_RESTART = 1012  # refused while draining: reconnect (elsewhere) later
+CLOSE_TRY_AGAIN_LATER = 1013  # server_full / not_ready: retry later
+
+MSGPACK = "application/msgpack"
+MSGPACK_TYPES = frozenset({"application/msgpack", "application/x-msgpack", "application/vnd.msgpack"})
+
+# The packed record layout t64 x16 y16 on8: 13 bytes, little-endian, no padding.
+RECORD_DTYPE = np.dtype([("t", "<u8"), ("x", "<u2"), ("y", "<u2"), ("on", "u1")])
+assert RECORD_DTYPE.itemsize == 13
+
+# dtype of each column in its little-endian bin form.
+COLUMN_DTYPES: dict[str, np.dtype] = {
+    "t": np.dtype("<i8"),
+    "x": np.dtype("<u2"),
+    "y": np.dtype("<u2"),
+    "p": np.dtype("u1"),
+}
+
+FRAME_TYPES = ("open", "events", "reset", "close")
+
+
+class ProtocolError(Exception):
+    """A request the server rejects; becomes an error frame or a 4xx JSON body."""
+
+    def __init__(self, code: Code, message: str, seq: int | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.seq = seq
+
+
+# --- frames --------------------------------------------------------------------------------------
+def decode_frame(data: bytes | str) -> dict[str, Any]:
+    """Decode one WebSocket frame: ``bytes`` are msgpack, ``str`` is JSON. Returns the map."""
+    try:
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            msg = msgpack.unpackb(data, raw=False)
+        else:
+            msg = json.loads(data)
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        kind = "msgpack" if isinstance(data, (bytes, bytearray, memoryview)) else "JSON"
+        raise ProtocolError(Code.MALFORMED_FRAME,
+                            f"frame is not valid {kind}: {type(e).__name__} {e}".rstrip()) from None
+    if not isinstance(msg, dict):
+        raise ProtocolError(Code.MALFORMED_FRAME, f"frame must be a map, got {type(msg).__name__}")
+    return msg
+
+
+def frame_type(msg: dict[str, Any]) -> str:
+    """The frame's ``type``; ``unknown_type`` unless it is one of :data:`FRAME_TYPES`."""
+    kind = msg.get("type")
+    if kind not in FRAME_TYPES:
+        raise ProtocolError(Code.UNKNOWN_TYPE,
+                            f"type must be one of {list(FRAME_TYPES)}, got {kind!r}", _seq_or_none(msg))
+    return kind
+
+
+def encode_frame(frame: dict[str, Any], binary: bool) -> bytes | str:
+    """Encode an outgoing frame as msgpack (``binary``) or JSON text."""
+    if binary:
+        return msgpack.packb(frame, use_bin_type=True)
+    return json.dumps(frame, separators=(",", ":"))
+
+
+def error_frame(code: Code | str, message: str, seq: int | None = None) -> dict[str, Any]:
+    return {"type": "error", "seq": seq, "code": str(code), "message": message}
+
+
+def _seq_or_none(msg: dict[str, Any]) -> int | None:
+    seq = msg.get("seq")
+    return seq if _is_int(seq) else None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def parse_seq(msg: dict[str, Any]) -> int | None:
+    """The optional client sequence number of a frame (echoed in the reply)."""
+    seq = msg.get("seq")
+    if seq is None or _is_int(seq):
+        return seq
+    raise ProtocolError(Code.INVALID_FIELD, f"seq must be an integer, got {type(seq).__name__}")
+
+
+@dataclass(frozen=True)
+class OpenRequest:
+    model: str | None
+    resume: str | None
+    top_k: int
+
+
+def parse_open(msg: dict[str, Any], default_top_k: int = 3, max_top_k: int = 1000) -> OpenRequest:
+    """Validate an ``open`` frame's fields (``model``, ``resume``, ``top_k``; all optional)."""
+    model, resume, top_k = msg.get("model"), msg.get("resume"), msg.get("top_k", default_top_k)
+    if model is not None and not isinstance(model, str):
+        raise ProtocolError(Code.INVALID_FIELD, "model must be a string")
+    if resume is not None and not isinstance(resume, str):
+        raise ProtocolError(Code.INVALID_FIELD, "resume must be a string (a resume token)")
+    if top_k is None:
+        top_k = default_top_k
+    if not _is_int(top_k) or not 0 <= top_k <= max_top_k:
+        raise ProtocolError(Code.INVALID_FIELD, f"top_k must be an integer in 0..{max_top_k}")
+    return OpenRequest(model=model, resume=resume, top_k=top_k)
+
+
+# --- event columns -------------------------------------------------------------------------------
+@dataclass
+class Events:
+    """Decoded, not yet validated event columns: ``t`` int64 [N]; ``x``, ``y``, ``p`` [N] or None."""
+
+    t: np.ndarray
+    x: np.ndarray
+    y: np.ndarray | None
+    p: np.ndarray | None
+
+    def __len__(self) -> int:
+        return int(self.t.shape[0])
+
+
+def _column(name: str, value: Any) -> np.ndarray:
+    """One column from an array of integers or a little-endian ``bin``."""
+    dtype = COLUMN_DTYPES[name]
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        if len(value) % dtype.itemsize:
+            raise ProtocolError(Code.INVALID_COLUMN,
+                                f"column {name}: a bin of {len(value)} bytes is not a whole number "
+                                f"of {dtype.itemsize}-byte {dtype.name} values")
+        return np.frombuffer(value, dtype=dtype)
+    if not isinstance(value, (list, tuple)):
+        raise ProtocolError(Code.INVALID_COLUMN,
+                            f"column {name} must be an array of integers or a bin, "
+                            f"got {type(value).__name__}")
+    if not value:
+        return np.zeros(0, np.int64)
+    try:
+        arr = np.asarray(value)
+    except (OverflowError, ValueError) as e:  # ragged nesting or ints beyond int64
+        raise ProtocolError(Code.INVALID_COLUMN, f"column {name} is not a flat array of integers: {e}")
+    if arr.ndim != 1 or arr.dtype.kind not in "iu":  # floats, strings, bools, nested, None
+        raise ProtocolError(Code.INVALID_COLUMN, f"column {name} must hold integers only")
+    if arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and arr.size and arr.max() > np.iinfo(np.int64).max:
+        raise ProtocolError(Code.INVALID_COLUMN, f"column {name} has values beyond int64")
+    return arr.astype(np.int64, copy=False)
+
+
+def _records(value: Any, max_events: int | None) -> Events:
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise ProtocolError(Code.INVALID_COLUMN,
+                            f"records must be a bin of packed t64 x16 y16 on8 records, "
+                            f"got {type(value).__name__}")
+    if len(value) % RECORD_DTYPE.itemsize:
+        raise ProtocolError(Code.INVALID_COLUMN,
+                            f"records: {len(value)} bytes is not a whole number of 13-byte records")
+    n = len(value) // RECORD_DTYPE.itemsize
+    _check_size(n, max_events)
+    rec = np.frombuffer(value, dtype=RECORD_DTYPE)
+    if n and rec["t"].max() > np.iinfo(np.int64).max:
+        raise ProtocolError(Code.INVALID_COLUMN, "records: t beyond int64")
+    return Events(t=rec["t"].astype(np.int64), x=rec["x"], y=rec["y"], p=rec["on"])
+
+
+def _check_size(n: int, max_events: int | None) -> None:
+    if max_events is not None and n > max_events:
+        raise ProtocolError(Code.PACKET_TOO_LARGE,
+                            f"packet has {n} events, more than the limit of {max_events}")
+
+
+def _bin_len(name: str, value: Any) -> int | None:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return len(value) // COLUMN_DTYPES[name].itemsize
+    return len(value) if isinstance(value, (list, tuple)) else None
+
+
+def decode_events(msg: dict[str, Any], sensor: SensorSpec, max_events: int | None = None) -> Events:
+    """Decode the event columns of an ``events`` frame or a classify stream.
+
+    Raises :class:`ProtocolError` with ``missing_column``, ``invalid_column``, ``length_mismatch``
+    or ``packet_too_large``. Addresses and timestamps are validated by :func:`prepare`.
+    """
+    if "records" in msg:
+        if "t" in msg:
+            raise ProtocolError(Code.INVALID_FIELD, "send either columns (t, x, ...) or records, not both")
+        return _records(msg["records"], max_events)
+    names = ("t",) + sensor.columns
+    missing = [c for c in names if c not in msg or msg[c] is None]
+    if missing:
+        raise ProtocolError(Code.MISSING_COLUMN,
+                            f"missing column(s) {missing}; a {sensor.kind} sensor needs {list(names)}")
+    # Reject an oversized packet before converting anything (cheap for bins and lists alike).
+    size = _bin_len("t", msg["t"])
+    if size is not None:
+        _check_size(size, max_events)
+    cols = {c: _column(c, msg[c]) for c in names}
+    lengths = {c: int(a.shape[0]) for c, a in cols.items()}
+    if len(set(lengths.values())) > 1:
+        raise ProtocolError(Code.LENGTH_MISMATCH, f"columns differ in length: {lengths}")
+    return Events(t=cols["t"], x=cols["x"], y=cols.get("y"), p=cols.get("p"))
+
+
+def prepare(events: Events, sensor: SensorSpec, last_t: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Validate addresses and timestamps; return ``(tokens int32 [N], gaps int32 [N])``.
+
+    ``last_t`` is the session's last accepted timestamp (None at a stream's start or after reset).
+    """
+    try:
+        tokens = tokenize(sensor, events.x, events.y, events.p)
+        gaps = time_gaps(events.t, last_t)
+    except EventError as e:
+        try:
+            code = Code(e.code)
+        except ValueError:  # a code the contract does not list: still a bad column
+            code = Code.INVALID_COLUMN
+        raise ProtocolError(code, e.message) from None
+    return tokens, gaps

@@ -1,0 +1,275 @@
+"""Model runner: the server's only JAX-touching module.
+
+Wraps a :class:`evssm.models.streaming.StreamingModel` with what serving needs: a pool of session
+states on the default device (one row per slot, updated in place by donated, jitted steps), shape
+buckets (every call is padded to a compiled ``(batch, length)`` shape, so steady traffic never
+compiles), the offline classify path, softmax, and a count of XLA compilations attributed to the
+model. Inputs and outputs are NumPy; nothing here knows about sessions or sockets.
+
+Threads: each runner owns one *step* thread (the only one that touches the state pool) and one
+*classify* thread, so a large HTTP classification never holds up streaming steps.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+
+from evssm.models.events import PAD_TOKEN, SensorSpec
+from evssm.models.streaming import StreamingModel, load_model
+
+log = logging.getLogger("evssm.server.runner")
+
+_BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_local = threading.local()  # .runner: the runner whose call is running on this thread
+_listener_installed = False
+_listener_lock = threading.Lock()
+
+
+def _on_jax_event(event: str, duration: float, **kwargs: Any) -> None:
+    if event == _BACKEND_COMPILE_EVENT:
+        runner = getattr(_local, "runner", None)
+        if runner is not None:
+            runner._compiled()
+
+
+def _install_compile_listener() -> None:
+    """Count XLA backend compilations per runner: JAX reports them on the compiling thread."""
+    global _listener_installed
+    with _listener_lock:
+        if not _listener_installed:
+            jax.monitoring.register_event_duration_secs_listener(_on_jax_event)
+            _listener_installed = True
+
+
+def bucket(value: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket >= ``value`` (``value`` must fit the largest)."""
+    i = bisect.bisect_left(buckets, value)
+    if i == len(buckets):
+        raise ValueError(f"{value} exceeds the largest bucket {buckets[-1]}")
+    return buckets[i]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, float32 [B, C] (computed in float64; one function for every path)."""
+    z = logits.astype(np.float64)
+    z -= z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+class ModelRunner:
+    """One served model: state pool, buckets, steps, classification (all blocking calls; run
+    ``step``/``zero``/``warmup`` on :attr:`executor` and ``classify`` on
+    :attr:`classify_executor`)."""
+
+    def __init__(self, name: str, model: StreamingModel, *, num_slots: int,
+                 batch_buckets: tuple[int, ...], length_buckets: tuple[int, ...],
+                 classify_length_buckets: tuple[int, ...] = (), classify_batch_events: int = 1 << 18,
+                 on_compile: Callable[[str], None] | None = None):
+        _install_compile_listener()
+        self.name = name
+        self.model = model
+        self.config = model.config
+        self.sensor: SensorSpec = model.config.sensor
+        self.labels: tuple[str, ...] = tuple(model.config.labels)
+        self.num_classes = model.config.num_classes
+        self.state_bytes = int(model.state_bytes)
+        self.num_slots = num_slots
+        self.batch_buckets = tuple(sorted(set(batch_buckets)))
+        self.length_buckets = tuple(sorted(set(length_buckets)))
+        self.max_batch = self.batch_buckets[-1]
+        self.max_length = self.length_buckets[-1]
+        # Offline classify shapes: every length bucket, with the batch buckets whose padded batch
+        # fits the event budget (always at least batch 1).
+        lengths = sorted(set(self.length_buckets) | {L for L in classify_length_buckets if L > self.max_length})
+        self.classify_shapes: dict[int, tuple[int, ...]] = {
+            L: tuple(b for b in self.batch_buckets if b == 1 or b * L <= classify_batch_events)
+            for L in lengths
+        }
+        self.classify_max_length = lengths[-1]
+        self.on_compile = on_compile
+        self.compilations = 0
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"evssm-step-{name}")
+        self.classify_executor = ThreadPoolExecutor(1, thread_name_prefix=f"evssm-classify-{name}")
+        with self._attributed():
+            self.pool = model.init_state(num_slots)  # the sessions' states: row = slot
+        self.warm = False
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """JSON description for ``/v1/models`` and ``opened`` frames."""
+        return {**self.model.info, "name": self.name, "config_name": self.config.name,
+                "labels": list(self.labels), "state_bytes": self.state_bytes,
+                "slots": self.num_slots, "batch_buckets": list(self.batch_buckets),
+                "length_buckets": list(self.length_buckets)}
+
+    @property
+    def device_state_bytes(self) -> int:
+        """Bytes of the state pool on the device (``num_slots * state_bytes``)."""
+        return int(sum(a.nbytes for a in jax.tree.leaves(self.pool)))
+
+    # --- compilation accounting ----------------------------------------------------------------
+    @contextlib.contextmanager
+    def _attributed(self) -> Iterator[None]:
+        prev = getattr(_local, "runner", None)
+        _local.runner = self
+        try:
+            yield
+        finally:
+            _local.runner = prev
+
+    def _compiled(self) -> None:
+        self.compilations += 1
+        if self.on_compile is not None:
+            self.on_compile(self.name)
+
+    # --- start-up --------------------------------------------------------------------------
+    def warmup(self) -> float:
+        """Compile every shape bucket (steps, zeroing, classify). Returns seconds taken."""
+        t0 = time.perf_counter()
+        with self._attributed():
+            self.model.compile(list(self.batch_buckets), list(self.length_buckets),
+                               pool_size=self.num_slots, classify=False)
+            for L, batches in self.classify_shapes.items():
+                self.model.compile(list(batches), [L], classify=True)
+            for b in self.batch_buckets:  # zero_slots on all-padding rows: compiles, changes nothing
+                pad = np.full(b, self.num_slots, np.int32)
+                self.pool = self.model.zero_slots(self.pool, pad)
+            jax.block_until_ready(self.pool)
+        self.warm = True
+        return time.perf_counter() - t0
+
+    # --- streaming (step thread) ---------------------------------------------------------------
+    def _pad(self, tokens: list[np.ndarray], gaps: list[np.ndarray], batch: int, length: int
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows ``tokens[i]``/``gaps[i]`` padded to int32 [batch, length]; lengths int32 [batch]."""
+        tok = np.full((batch, length), PAD_TOKEN, np.int32)
+        gap = np.zeros((batch, length), np.int32)
+        lengths = np.zeros(batch, np.int32)
+        for i, (t, g) in enumerate(zip(tokens, gaps)):
+            n = t.shape[0]
+            tok[i, :n] = t
+            gap[i, :n] = g
+            lengths[i] = n
+        return tok, gap, lengths
+
+    def step(self, slots: np.ndarray, tokens: list[np.ndarray], gaps: list[np.ndarray]
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """Advance rows ``slots`` int32 [B] by one chunk each (``tokens[i]``, ``gaps[i]`` int32,
+        at most :attr:`max_length` events). Returns probs float32 [B, C], ready bool [B]."""
+        B = len(slots)
+        Bb = bucket(B, self.batch_buckets)
+        L = bucket(max(1, max(t.shape[0] for t in tokens)), self.length_buckets)
+        slot_arr = np.full(Bb, self.num_slots, np.int32)  # padding rows: out of range
+        slot_arr[:B] = slots
+        tok, gap, lengths = self._pad(tokens, gaps, Bb, L)
+        with self._attributed():
+            self.pool, logits, ready = self.model.step_slots(self.pool, slot_arr, tok, gap, lengths)
+            logits = np.asarray(logits)[:B]
+            ready = np.asarray(ready)[:B]
+        return softmax(logits), ready
+
+    def zero(self, slots: np.ndarray) -> None:
+        """Zero rows ``slots`` int32 [K] (in groups of at most the largest batch bucket)."""
+        with self._attributed():
+            for i in range(0, len(slots), self.max_batch):
+                part = slots[i:i + self.max_batch]
+                pad = np.full(bucket(len(part), self.batch_buckets), self.num_slots, np.int32)
+                pad[:len(part)] = part
+                self.pool = self.model.zero_slots(self.pool, pad)
+            jax.block_until_ready(self.pool)
+
+    def recover(self) -> bool:
+        """After a failed step: if the donated pool was consumed, re-create it (all rows zero)."""
+        if any(getattr(a, "is_deleted", lambda: False)() for a in jax.tree.leaves(self.pool)):
+            log.error("runner %s: state pool lost in a failed step; re-created", self.name)
+            with self._attributed():
+                self.pool = self.model.init_state(self.num_slots)
+            return True
+        return False
+
+    # --- offline classification (classify thread) ----------------------------------------------
+    def classify(self, tokens: list[np.ndarray], gaps: list[np.ndarray]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """Classify whole recordings from a zero state. ``tokens[i]``/``gaps[i]`` int32 [n_i].
+
+        Recordings up to :attr:`classify_max_length` events run the offline form, sorted by length
+        and padded to ``(batch, length)`` buckets; longer ones are streamed through scratch rows in
+        chunks (the same function by the streaming invariant). Returns probs float32 [N, C] and
+        ready bool [N] (False: fewer events than one final-rate window).
+        """
+        n = len(tokens)
+        probs = np.zeros((n, self.num_classes), np.float32)
+        ready = np.zeros(n, bool)
+        sizes = np.array([t.shape[0] for t in tokens], np.int64)
+        order = np.argsort(sizes, kind="stable")
+        short = [int(i) for i in order if sizes[i] <= self.classify_max_length]
+        long = [int(i) for i in order if sizes[i] > self.classify_max_length]
+        with self._attributed():
+            lengths = sorted(self.classify_shapes)
+            pos = 0
+            while pos < len(short):
+                L = bucket(max(1, int(sizes[short[pos]])), tuple(lengths))
+                group = [i for i in short[pos:] if sizes[i] <= L]
+                b = min(len(group), self.classify_shapes[L][-1])
+                Bb = bucket(b, self.classify_shapes[L])
+                idx = group[:b]
+                tok, gap, lens = self._pad([tokens[i] for i in idx], [gaps[i] for i in idx], Bb, L)
+                logits, rdy = self.model.classify(tok, gap, lens)
+                probs[idx] = softmax(np.asarray(logits)[:b])
+                ready[idx] = np.asarray(rdy)[:b]
+                pos += b
+            for start in range(0, len(long), self.max_batch):
+                idx = long[start:start + self.max_batch]
+                p, r = self._stream_scratch([tokens[i] for i in idx], [gaps[i] for i in idx])
+                probs[idx], ready[idx] = p, r
+        return probs, ready
+
+    def _stream_scratch(self, tokens: list[np.ndarray], gaps: list[np.ndarray]
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        """Stream up to ``max_batch`` recordings from a zero state through rows 0..B-1 of a
+        scratch pool. The scratch pool has the session pool's shape, so the compiled step is
+        reused; it lives only for this call, so it costs device memory only while in use."""
+        B = len(tokens)
+        Bb = bucket(B, self.batch_buckets)
+        rows = np.full(Bb, self.num_slots, np.int32)
+        rows[:B] = np.arange(B)
+        scratch = self.model.init_state(self.num_slots)
+        logits_out = np.zeros((B, self.num_classes), np.float32)
+        ready_out = np.zeros(B, bool)
+        longest = max(t.shape[0] for t in tokens)
+        for off in range(0, longest, self.max_length):
+            live = [i for i in range(B) if tokens[i].shape[0] > off]
+            slot_arr = np.full(Bb, self.num_slots, np.int32)  # finished rows become padding
+            slot_arr[live] = rows[live]
+            chunk_t = [tokens[i][off:off + self.max_length] if i in live else tokens[i][:0] for i in range(B)]
+            chunk_g = [gaps[i][off:off + self.max_length] if i in live else gaps[i][:0] for i in range(B)]
+            L = bucket(max(1, max(c.shape[0] for c in chunk_t)), self.length_buckets)
+            tok, gap, lens = self._pad(chunk_t, chunk_g, Bb, L)
+            scratch, logits, rdy = self.model.step_slots(scratch, slot_arr, tok, gap, lens)
+            logits, rdy = np.asarray(logits), np.asarray(rdy)
+            logits_out[live] = logits[live]
+            ready_out[live] = rdy[live]
+        return softmax(logits_out), ready_out
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.classify_executor.shutdown(wait=False, cancel_futures=True)
+
+
+def load_runner(name: str | None, source: str | None, *, model: StreamingModel | None = None,
+                **kwargs: Any) -> ModelRunner:
+    """Load ``source`` (checkpoint dir, ``config:NAME``, None: default model) into a runner named
+    ``name`` (None: the model config's name). A ``model`` already loaded is used as is."""
+    if model is None:
+        model = load_model(source)
+    return ModelRunner(name or model.config.name, model, **kwargs)

@@ -1,0 +1,85 @@
+"""Shared test fixtures: run a real server on a free 127.0.0.1 port.
+
+``serve_app(app)`` runs any ASGI app under uvicorn on a background thread and yields a
+:class:`RunningServer` (``http`` and ``ws`` base URLs, the server's event loop); it stops the
+server on exit. ``free_port()`` finds an unused port for servers started as subprocesses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import pytest
+
+
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1 (bind to port 0, read it back, release it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    host: str
+    port: int
+    server: Any  # uvicorn.Server
+    loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def http(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://{self.host}:{self.port}"
+
+    def call(self, coro: Any, timeout: float = 30.0) -> Any:
+        """Run a coroutine on the server's event loop (e.g. to drive the app's internals)."""
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+@contextlib.contextmanager
+def serve_app(app: Any, *, startup_timeout: float = 60.0, **config: Any) -> Iterator[RunningServer]:
+    """Run ``app`` with uvicorn on a thread, on a free 127.0.0.1 port, until the block exits."""
+    import uvicorn
+
+    port = free_port()
+    cfg = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", **config)
+    server = uvicorn.Server(cfg)
+    running = RunningServer("127.0.0.1", port, server)
+
+    def target() -> None:
+        async def main() -> None:
+            running.loop = asyncio.get_running_loop()
+            await server.serve()
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=target, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError(f"the test server on port {port} did not start")
+        time.sleep(0.02)
+    try:
+        yield running
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture
+def serve() -> Iterator[Any]:
+    """``serve(app)`` -> a :class:`RunningServer`; every server is stopped after the test."""
+    with contextlib.ExitStack() as stack:
+        yield lambda app, **kw: stack.enter_context(serve_app(app, **kw))

@@ -1,0 +1,554 @@
+"""The server over real sockets (uvicorn on 127.0.0.1, websockets and httpx clients), tiny model.
+
+One ``config:tiny`` model is loaded for the module; every app reuses it, so its shape buckets are
+compiled once. Buckets are small (batch 8, length 128) so packets above 128 events take several
+steps and 64 sessions take several batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import httpx
+import msgpack
+import numpy as np
+import pytest
+import websockets
+from websockets.asyncio.client import connect
+
+from evssm.server.app import create_app
+from evssm.server.protocol import RECORD_DTYPE
+from evssm.server.settings import Settings
+
+CHANNELS = 700
+BASE = Settings(batch_buckets=(8,), length_buckets=(128,), classify_length_buckets=(1024,),
+                slots_per_model=64, max_sessions=64, max_packet_events=2048, batch_wait_ms=2.0,
+                max_classify_events=50_000, session_idle_timeout=60.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from evssm.models.streaming import load_model
+
+    return load_model("config:tiny")
+
+
+def wait_ready(base: str, timeout: float = 240.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = httpx.get(f"{base}/readyz", timeout=10)
+        if r.status_code == 200:
+            return r.json()
+        time.sleep(0.1)
+    raise TimeoutError("server not ready")
+
+
+@pytest.fixture
+def start(serve, tiny_model):
+    """``start(**settings)`` -> a ready server with the tiny model named "tiny"."""
+    def _start(**changes: Any):
+        app = create_app(BASE.replace(**changes), models={"tiny": tiny_model})
+        server = serve(app)
+        wait_ready(server.http)
+        server.app = app
+        return server
+    return _start
+
+
+@pytest.fixture
+def server(start):
+    return start()
+
+
+# --- helpers -------------------------------------------------------------------------------------
+def recording(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    t = np.cumsum(rng.integers(0, 3000, n)).astype(np.int64) + int(rng.integers(0, 10**6))
+    return t, rng.integers(0, CHANNELS, n).astype(np.int64)
+
+
+def columns(t: np.ndarray, x: np.ndarray, form: str) -> dict[str, Any]:
+    if form == "bin":
+        return {"t": t.astype("<i8").tobytes(), "x": x.astype("<u2").tobytes()}
+    if form == "records":
+        rec = np.zeros(len(t), RECORD_DTYPE)
+        rec["t"], rec["x"] = t, x
+        return {"records": rec.tobytes()}
+    return {"t": t.tolist(), "x": x.tolist()}
+
+
+def random_cuts(rng: np.random.Generator, n: int, largest: int = 400) -> list[int]:
+    cuts = [0]
+    while cuts[-1] < n:
+        cuts.append(min(n, cuts[-1] + int(rng.choice([0, 1, 7, rng.integers(1, largest)]))))
+    return cuts
+
+
+class Client:
+    """A thin WebSocket client speaking msgpack (or JSON with ``text=True``)."""
+
+    def __init__(self, ws: Any):
+        self.ws = ws
+
+    async def send(self, msg: dict[str, Any], text: bool = False) -> None:
+        await self.ws.send(json.dumps(msg) if text else msgpack.packb(msg, use_bin_type=True))
+
+    async def recv(self, timeout: float = 30.0) -> dict[str, Any]:
+        data = await asyncio.wait_for(self.ws.recv(), timeout)
+        return json.loads(data) if isinstance(data, str) else msgpack.unpackb(data, raw=False)
+
+    async def request(self, msg: dict[str, Any], text: bool = False) -> dict[str, Any]:
+        await self.send(msg, text)
+        return await self.recv()
+
+    async def open(self, **fields: Any) -> dict[str, Any]:
+        reply = await self.request({"type": "open", **fields})
+        assert reply["type"] == "opened", reply
+        return reply
+
+
+def classify(base: str, streams: list[tuple[np.ndarray, np.ndarray]], **body: Any) -> list[dict]:
+    r = httpx.post(f"{base}/v1/classify", timeout=120,
+                   json={"streams": [{"t": t.tolist(), "x": x.tolist()} for t, x in streams], **body})
+    assert r.status_code == 200, r.text
+    return r.json()["results"]
+
+
+def assert_probs_equal(a: list[float] | None, b: list[float] | None) -> None:
+    assert (a is None) == (b is None), (a, b)
+    if a is not None:
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=2e-6)
+
+
+def metric_value(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+# --- streaming equals classify -------------------------------------------------------------------
+def test_random_packets_match_classify_of_every_prefix(server):
+    rng = np.random.default_rng(1)
+    t, x = recording(rng, 900)
+    cuts = random_cuts(rng, len(t))
+    forms = ["bin", "lists", "records", "json"]
+
+    async def stream() -> list[dict]:
+        async with connect(f"{server.ws}/v1/stream") as ws:
+            c = Client(ws)
+            opened = await c.open(top_k=2)
+            assert opened["model"]["name"] == "tiny" and opened["events"] == 0
+            results = []
+            for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+                form = forms[i % 4]
+                msg = {"type": "events", "seq": i,
+                       **columns(t[a:b], x[a:b], "lists" if form == "json" else form)}
+                results.append(await c.request(msg, text=form == "json"))
+            return results
+
+    results = asyncio.run(stream())
+    assert [r["seq"] for r in results] == list(range(len(cuts) - 1))
+    assert [r["events"] for r in results] == cuts[1:]
+    prefixes = [(t[:b], x[:b]) for b in cuts[1:]]
+    expected = classify(server.http, prefixes)
+    for got, want, b in zip(results, expected, cuts[1:]):
+        assert got["t"] == (int(t[b - 1]) if b else None)
+        assert_probs_equal(got["probs"], want["probs"])
+        if got["probs"] is not None:
+            assert len(got["top"]) == 2 and got["top"][0][0] == want["label"]
+    assert results[-1]["probs"] is not None
+
+
+def test_classify_msgpack_long_recordings_and_order(server):
+    """Recordings beyond every classify bucket are chunked; results keep the request's order."""
+    rng = np.random.default_rng(2)
+    streams = [recording(rng, n) for n in (1500, 10, 300, 0, 2048)]
+    body = {"streams": [columns(t, x, "bin") for t, x in streams]}
+    r = httpx.post(f"{server.http}/v1/classify", content=msgpack.packb(body),
+                   headers={"content-type": "application/msgpack"}, timeout=120)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/msgpack")
+    got = msgpack.unpackb(r.content)["results"]
+    assert [g["events"] for g in got] == [1500, 10, 300, 0, 2048]
+    assert got[1]["probs"] is None and got[3]["probs"] is None and got[3]["label"] is None
+
+    async def stream(t: np.ndarray, x: np.ndarray) -> dict:
+        async with connect(f"{server.ws}/v1/stream") as ws:
+            c = Client(ws)
+            await c.open()
+            reply = await c.request({"type": "events", "seq": 0, **columns(t, x, "bin")})
+            return reply
+
+    for i in (0, 4):
+        assert_probs_equal(asyncio.run(stream(*streams[i]))["probs"], got[i]["probs"])
+        np.testing.assert_allclose(sum(got[i]["probs"]), 1.0, rtol=1e-5)
+
+
+def test_64_concurrent_sessions_each_get_their_own_answer(server):
+    rng = np.random.default_rng(3)
+    recs = [recording(rng, int(rng.integers(150, 500))) for _ in range(64)]
+    cuts = [random_cuts(rng, len(t), 200) for t, _ in recs]
+
+    async def session(i: int) -> dict:
+        t, x = recs[i]
+        async with connect(f"{server.ws}/v1/stream") as ws:
+            c = Client(ws)
+            await c.open()
+            packets = list(zip(cuts[i][:-1], cuts[i][1:]))
+            for k, (a, b) in enumerate(packets):  # pipelined: all sent before any answer is read
+                await c.send({"type": "events", "seq": k, **columns(t[a:b], x[a:b], "bin")})
+                await asyncio.sleep(0)
+            replies = [await c.recv() for _ in packets]
+            assert [r["seq"] for r in replies] == list(range(len(packets)))
+            assert (await c.request({"type": "close"}))["type"] == "closed"
+            return replies[-1]
+
+    async def all_sessions() -> list[dict]:
+        return await asyncio.gather(*(session(i) for i in range(64)))
+
+    finals = asyncio.run(all_sessions())
+    expected = classify(server.http, recs)
+    for got, want, (t, _) in zip(finals, expected, recs):
+        assert got["events"] == len(t)
+        assert_probs_equal(got["probs"], want["probs"])
+    metrics = httpx.get(f"{server.http}/metrics").text
+    steps = metric_value(metrics, "evssm_batch_size_count")
+    sessions_stepped = metric_value(metrics, "evssm_batch_size_sum")
+    assert sessions_stepped / steps > 2  # packets of different sessions shared steps
+    assert metric_value(metrics, "evssm_sessions_active") == 0  # all closed, all slots free
+
+
+def test_steady_traffic_compiles_nothing(server):
+    before = httpx.get(f"{server.http}/readyz").json()["compilations"]["tiny"]
+    rng = np.random.default_rng(4)
+    t, x = recording(rng, 2000)
+
+    async def run() -> None:
+        async with connect(f"{server.ws}/v1/stream") as ws:
+            c = Client(ws)
+            await c.open()
+            for k, n in enumerate([1, 128, 129, 0, 2000 - 258]):
+                a = sum([1, 128, 129, 0][:k])
+                await c.request({"type": "events", "seq": k, **columns(t[a:a + n], x[a:a + n], "bin")})
+
+    asyncio.run(run())
+    classify(server.http, [(t[:n], x[:n]) for n in (5, 100, 1000, 1500)])
+    after = httpx.get(f"{server.http}/readyz").json()["compilations"]["tiny"]
+    assert after == before
+    assert metric_value(httpx.get(f"{server.http}/metrics").text, "evssm_compilations_total") == before
+
+
+# --- session lifecycle ---------------------------------------------------------------------------
+def test_reset_and_close_and_slot_reuse(start):
+    server = start(max_sessions=1)
+    rng = np.random.default_rng(5)
+    (t1, x1), (t2, x2) = recording(rng, 300), recording(rng, 200)
+    want1, want2 = classify(server.http, [(t1, x1), (t2, x2)])
+
+    async def run() -> None:
+        async with connect(f"{server.ws}/v1/stream") as ws:
+            c = Client(ws)
+            opened = await c.open()
+            r = await c.request({"type": "events", "seq": 0, **columns(t1, x1, "bin")})
+            assert_probs_equal(r["probs"], want1["probs"])
+            assert (await c.request({"type": "reset"}))["type"] == "reset_done"
+            # After a reset time may start again anywhere, like a new session.
+            r = await c.request({"type": "events", "seq": 1, **columns(t2, x2, "bin")})
+            assert r["events"] == len(t2)
+            assert_probs_equal(r["probs"], want2["probs"])
+            closed = await c.request({"type": "close"})
+            assert closed == {"type": "closed", "session": opened["session"], "events": len(t2)}
+            assert (await c.request({"type": "events", "t": [1], "x": [1]}))["code"] == "no_session"
+            # The only slot was freed: a new session on the same connection gets it, zeroed.
+            again = await c.open()
+            assert again["session"] != opened["session"] and again["events"] == 0
+            r = await c.request({"type": "events", "seq": 2, **columns(t2, x2, "bin")})
+            assert_probs_equal(r["probs"], want2["probs"])
+
+    asyncio.run(run())
+
+
+def test_resume_continues_the_same_state(server):
+    rng = np.random.default_rng(6)
+    t, x = recording(rng, 600)
+    (want,) = classify(server.http, [(t, x)])
+
+    async def run() -> None:
+        ws1 = await connect(f"{server.ws}/v1/stream")
+        c1 = Client(ws1)
+        opened = await c1.open()
+        await c1.request({"type": "events", "seq": 0, **columns(t[:250], x[:250], "bin")})
+        await ws1.close()  # dropped without a close frame of the protocol
+        async with connect(f"{server.ws}/v1/stream") as ws2:
+            c2 = Client(ws2)
+            # Only the token re-attaches: the session id is not a credential.
+            err = await c2.request({"type": "open", "resume": opened["session"]})
+            assert err["type"] == "error" and err["code"] == "unknown_session"
+            resumed = await c2.open(resume=opened["resume"])
+            assert resumed["session"] == opened["session"] and resumed["resumed"] is True
+            assert resumed["events"] == 250 and resumed["t"] == int(t[249])
+            # Timestamps continue from the session's last event, not from zero.
+            bad = await c2.request({"type": "events", "seq": 1, "t": [int(t[0])], "x": [1]})
+            assert bad["code"] == "timestamps_decreasing"
+            # A second connection resuming the same token takes the session over.
+            async with connect(f"{server.ws}/v1/stream") as ws3:
+                c3 = Client(ws3)
+                await c3.open(resume=opened["resume"])
+                note = await c2.recv()
+                assert note["code"] == "session_resumed_elsewhere"
+                assert (await c2.request({"type": "reset"}))["code"] == "no_session"
+                r = await c3.request({"type": "events", "seq": 2, **columns(t[250:], x[250:], "bin")})
+                assert r["events"] == 600
+                assert_probs_equal(r["probs"], want["probs"])
+
+    asyncio.run(run())
+
+
+def test_idle_sessions_are_evicted(start):
+    server = start(session_idle_timeout=0.5)
+
+    async def run() -> None:
+        ws1 = await connect(f"{server.ws}/v1/stream")
+        opened = await Client(ws1).open()
+        await ws1.close()  # disconnected without close: kept only until the timeout
+        async with connect(f"{server.ws}/v1/stream") as ws2:
+            c = Client(ws2)
+            await c.open()  # attached but idle: evicted too, and told so
+            note = await c.recv(timeout=5)
+            assert note["type"] == "error" and note["code"] == "session_expired"
+            assert (await c.request({"type": "events", "t": [1], "x": [1]}))["code"] == "no_session"
+            err = await c.request({"type": "open", "resume": opened["resume"]})
+            assert err["code"] == "unknown_session"
+
+    asyncio.run(run())
+    metrics = httpx.get(f"{server.http}/metrics").text
+    assert metric_value(metrics, "evssm_sessions_evicted_total") == 2
+    assert metric_value(metrics, "evssm_sessions_active") == 0
+
+
+def test_server_full_closes_with_1013(start):
+    server = start(max_sessions=2)
+
+    async def run() -> None:
+        a = await connect(f"{server.ws}/v1/stream")
+        b = await connect(f"{server.ws}/v1/stream")
+        await Client(a).open()
+        await Client(b).open()
+        async with connect(f"{server.ws}/v1/stream") as ws:
+            c = Client(ws)
+            err = await c.request({"type": "open"})
+            assert err["type"] == "error" and err["code"] == "server_full"
+            with pytest.raises(websockets.ConnectionClosed) as info:
+                await c.recv()
+            assert info.value.rcvd.code == 1013
+        await Client(a).request({"type": "close"})
+        await a.close()
+        async with connect(f"{server.ws}/v1/stream") as ws:  # room again
+            await Client(ws).open()
+        await b.close()
+
+    asyncio.run(run())
+
+
+# --- bad input -----------------------------------------------------------------------------------
+BAD_FRAMES: list[tuple[Any, str]] = [
+    (b"\xc1\xc1", "malformed_frame"),
+    ("{not json", "malformed_frame"),
+    (msgpack.packb([1, 2, 3]), "malformed_frame"),
+    ({"type": "teleport"}, "unknown_type"),
+    ({"seq": 1}, "unknown_type"),
+    ({"type": "events", "seq": "one", "t": [1], "x": [1]}, "invalid_field"),
+    ({"type": "events", "seq": 1, "t": [1]}, "missing_column"),
+    ({"type": "events", "seq": 1, "t": [1], "x": "1"}, "invalid_column"),
+    ({"type": "events", "seq": 1, "t": [1.5], "x": [1]}, "invalid_column"),
+    ({"type": "events", "seq": 1, "t": b"\x00" * 9, "x": b"\x00\x00"}, "invalid_column"),
+    ({"type": "events", "seq": 1, "records": b"\x00" * 14}, "invalid_column"),
+    ({"type": "events", "seq": 1, "t": [1, 2], "x": [1]}, "length_mismatch"),
+    ({"type": "events", "seq": 1, "t": [1], "x": [CHANNELS]}, "address_out_of_range"),
+    ({"type": "events", "seq": 1, "t": [1], "x": [-3]}, "address_out_of_range"),
+    ({"type": "events", "seq": 1, "t": [1], "x": [70000]}, "address_out_of_range"),
+    ({"type": "events", "seq": 1, "t": [10**9 + 5, 10**9 + 4], "x": [1, 1]}, "timestamps_decreasing"),
+    ({"type": "events", "seq": 1, "t": [0], "x": [1]}, "timestamps_decreasing"),  # before the last event
+    ({"type": "events", "seq": 1, "t": list(range(10**9, 10**9 + 2049)), "x": [1] * 2049}, "packet_too_large"),
+    ({"type": "open"}, "session_already_open"),
+    ({"type": "open", "top_k": "all"}, "invalid_field"),
+]
+
+
+def test_every_bad_input_gets_an_error_and_leaves_the_state_untouched(server):
+    rng = np.random.default_rng(7)
+    t, x = recording(rng, 400)
+    (want,) = classify(server.http, [(t, x)])
+
+    async def run() -> None:
+        async with connect(f"{server.ws}/v1/stream") as ws:
+            c = Client(ws)
+            before_open = await c.request({"type": "events", "seq": 0, "t": [1], "x": [1]})
+            assert before_open["code"] == "no_session"
+            err = await c.request({"type": "open", "model": "no-such-model"})
+            assert err["code"] == "unknown_model"
+            await c.open()
+            first = await c.request({"type": "events", "seq": 0, **columns(t[:200], x[:200], "bin")})
+            assert first["events"] == 200
+            for frame, code in BAD_FRAMES:
+                if isinstance(frame, dict):
+                    await c.send(frame)
+                else:
+                    await c.ws.send(frame)
+                reply = await c.recv()
+                assert reply["type"] == "error" and reply["code"] == code, (frame if len(str(frame)) < 200 else code, reply)
+                assert isinstance(reply["message"], str) and reply["message"]
+                if isinstance(frame, dict) and isinstance(frame.get("seq"), int):
+                    assert reply["seq"] == frame["seq"]
+            last = await c.request({"type": "events", "seq": 2, **columns(t[200:], x[200:], "bin")})
+            assert last["events"] == 400 and last["seq"] == 2
+            assert_probs_equal(last["probs"], want["probs"])
+
+    asyncio.run(run())
+    metrics = httpx.get(f"{server.http}/metrics").text
+    assert 'evssm_rejected_packets_total{code="timestamps_decreasing"} 2.0' in metrics
+    assert metric_value(metrics, "evssm_rejected_packets_total") == len(BAD_FRAMES) + 2
+
+
+def test_http_bad_input_is_4xx_json(server):
+    h = server.http
+    ok = {"streams": [{"t": [1, 2], "x": [3, 4]}]}
+    cases = [
+        (dict(content=b"{nope", headers={"content-type": "application/json"}), 400, "malformed_frame"),
+        (dict(content=b"\xc1", headers={"content-type": "application/msgpack"}), 400, "malformed_frame"),
+        (dict(content=b"a,b", headers={"content-type": "text/csv"}), 415, "unsupported_media_type"),
+        (dict(json=[1, 2]), 400, "malformed_frame"),
+        (dict(json={}), 400, "invalid_field"),
+        (dict(json={"streams": [5]}), 400, "invalid_field"),
+        (dict(json={**ok, "model": "nope"}), 404, "unknown_model"),
+        (dict(json={**ok, "top_k": "x"}), 400, "invalid_field"),
+        (dict(json={"streams": [{"t": [1]}]}), 400, "missing_column"),
+        (dict(json={"streams": [{"t": [1], "x": ["a"]}]}), 400, "invalid_column"),
+        (dict(json={"streams": [{"t": [1, 2], "x": [1]}]}), 400, "length_mismatch"),
+        (dict(json={"streams": [{"t": [1], "x": [CHANNELS]}]}), 400, "address_out_of_range"),
+        (dict(json={"streams": [{"t": [2, 1], "x": [1, 1]}]}), 400, "timestamps_decreasing"),
+        (dict(json={"streams": [{"t": list(range(30_000)), "x": [0] * 30_000}] * 2}), 413, "request_too_large"),
+    ]
+    for kwargs, status, code in cases:
+        r = httpx.post(f"{h}/v1/classify", timeout=60, **kwargs)
+        assert r.status_code == status and r.json()["error"] == code, (kwargs.get("json", "")[:1] if False else code, r.text)
+        assert r.json()["message"]
+    r = httpx.get(f"{h}/v1/classify")
+    assert r.status_code == 405 and r.json()["error"] == "method_not_allowed"
+    r = httpx.get(f"{h}/no/such/route")
+    assert r.status_code == 404 and r.json()["error"] == "not_found"
+    metrics = httpx.get(f"{h}/metrics").text
+    assert 'evssm_http_requests_total{route="/v1/classify",status="400"}' in metrics
+    assert 'evssm_http_requests_total{route="unmatched",status="404"}' in metrics
+    assert 'status="500"' not in metrics
+
+
+# --- read-only endpoints -------------------------------------------------------------------------
+def test_models_health_stats_metrics_dashboard(server):
+    h = server.http
+    models = httpx.get(f"{h}/v1/models").json()
+    assert models["default"] == "tiny" and models["ready"] is True
+    (info,) = models["models"]
+    assert info["name"] == "tiny" and info["sensor"]["kind"] == "1d" and len(info["classes"]) == 20
+    assert info["downsampling"] == 32 and info["state_bytes"] > 0 and info["slots"] == 64
+    assert httpx.get(f"{h}/healthz").json()["status"] == "ok"
+    ready = httpx.get(f"{h}/readyz").json()
+    assert ready["ready"] is True and ready["compilations"]["tiny"] >= 0
+
+    rng = np.random.default_rng(8)
+    t, x = recording(rng, 512)
+
+    async def run() -> None:
+        async with connect(f"{server.ws}/v1/stream") as ws:
+            c = Client(ws)
+            await c.open()
+            for k in range(4):
+                await c.request({"type": "events", "seq": k, **columns(t[k * 128:(k + 1) * 128],
+                                                                       x[k * 128:(k + 1) * 128], "bin")})
+            stats = httpx.get(f"{h}/v1/stats").json()
+            assert stats["sessions_active"] == 1 and stats["models"]["tiny"]["sessions_active"] == 1
+
+    asyncio.run(run())
+    stats = httpx.get(f"{h}/v1/stats").json()
+    assert stats["events_total"] == 512 and stats["packets_total"] == 4
+    assert stats["events_per_s"] > 0 and stats["latency_p50_ms"] > 0
+    assert stats["latency_p99_ms"] >= stats["latency_p50_ms"] and "time" in stats
+    metrics = httpx.get(f"{h}/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain")
+    text = metrics.text
+    assert 'evssm_events_total{model="tiny"} 512.0' in text
+    assert 'evssm_packets_total{model="tiny"} 4.0' in text
+    for name in ("evssm_sessions_active", "evssm_packet_latency_seconds_count", "evssm_step_latency_seconds_count",
+                 "evssm_batch_size_count", "evssm_queue_wait_seconds_count", "evssm_compilations_total"):
+        assert f'{name}{{model="tiny"}}' in text, name
+    assert metric_value(text, "evssm_packet_latency_seconds_count") == 4
+    r = httpx.get(f"{h}/dashboard")
+    if r.status_code == 200:
+        assert "html" in r.headers["content-type"]
+    else:
+        assert r.status_code == 404 and r.json()["error"] == "not_found"
+
+
+def test_drain_answers_in_flight_packets_then_closes(server):
+    rng = np.random.default_rng(9)
+    t, x = recording(rng, 10 * 1000)
+    engine = server.app.state.engine
+
+    async def run() -> None:
+        async with connect(f"{server.ws}/v1/stream") as ws:
+            c = Client(ws)
+            await c.open()
+            for k in range(10):
+                await c.send({"type": "events", "seq": k, **columns(t[k * 1000:(k + 1) * 1000],
+                                                                    x[k * 1000:(k + 1) * 1000], "bin")})
+            await asyncio.sleep(0.05)
+            drained = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(engine.drain(10.0), server.loop))
+            async with connect(f"{server.ws}/v1/stream") as late:  # no new sessions while draining
+                lc = Client(late)
+                err = await lc.recv()  # told at once, before any frame of its own
+                assert err["type"] == "error" and err["code"] == "draining"
+                with pytest.raises(websockets.ConnectionClosed) as info:
+                    await lc.recv()
+                assert info.value.rcvd.code == 1012
+            replies = []
+            with pytest.raises(websockets.ConnectionClosed) as info:
+                while True:
+                    replies.append(await c.recv())
+            assert info.value.rcvd.code == 1001
+            assert [r["seq"] for r in replies] == list(range(10))
+            assert replies[-1]["events"] == 10_000
+            assert await drained is True
+
+    asyncio.run(run())
+    r = httpx.get(f"{server.http}/readyz")
+    assert r.status_code == 503 and r.json()["error"] == "draining"
+    r = httpx.post(f"{server.http}/v1/classify", json={"streams": []})
+    assert r.status_code == 503 and r.json()["error"] == "draining"
+
+
+def test_several_models_served_at_once(serve, tiny_model):
+    app = create_app(BASE.replace(max_sessions=4), models={"a": tiny_model, "b": tiny_model})
+    server = serve(app)
+    wait_ready(server.http)
+    models = httpx.get(f"{server.http}/v1/models").json()
+    assert models["default"] == "a" and [m["name"] for m in models["models"]] == ["a", "b"]
+    rng = np.random.default_rng(10)
+    t, x = recording(rng, 300)
+    (want,) = classify(server.http, [(t, x)], model="b")
+
+    async def run() -> None:
+        async with connect(f"{server.ws}/v1/stream") as wa, connect(f"{server.ws}/v1/stream") as wb:
+            ca, cb = Client(wa), Client(wb)
+            assert (await ca.open())["model"]["name"] == "a"
+            assert (await cb.open(model="b"))["model"]["name"] == "b"
+            ra = await ca.request({"type": "events", "seq": 0, **columns(t[:100], x[:100], "bin")})
+            rb = await cb.request({"type": "events", "seq": 0, **columns(t, x, "bin")})
+            assert ra["events"] == 100 and rb["events"] == 300
+            assert_probs_equal(rb["probs"], want["probs"])
+            stats = httpx.get(f"{server.http}/v1/stats").json()
+            assert stats["models"]["a"]["sessions_active"] == stats["models"]["b"]["sessions_active"] == 1
+
+    asyncio.run(run())

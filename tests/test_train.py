@@ -1,0 +1,132 @@
+"""Trainer, checkpoints and evaluation, on tiny models for a few steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from evssm.cli import main as cli_main
+from evssm.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from evssm.models.config import load_model_config
+from evssm.models.streaming import StreamingModel, init_variables
+from evssm.models.train import load_task_config, train
+
+TINY = ["task=event-mnist", "model.d_model=16", "model.d_state=16", "model.num_stages=1",
+        "model.layers_per_stage=2", "model.pooling_stride=16", "train.batch_size=16",
+        "train.pad_unit=1024", "train.max_events=2048", "train.eval_batch_size=32",
+        "train.warmup_epochs=0", "train.ssm_base_lr=2e-4"]
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_overrides_resolve_and_unknown_keys_fail() -> None:
+    cfg = load_task_config(TINY + ["train.epochs=3", "augment.noise_p=0.5", "dataset=event-mnist"])
+    assert cfg["train"]["epochs"] == 3 and cfg["train"]["ssm_base_lr"] == pytest.approx(2e-4)
+    assert cfg["model_overrides"]["d_model"] == 16 and cfg["augment"]["noise_p"] == 0.5
+    with pytest.raises(SystemExit, match="unknown training key"):
+        load_task_config(["train.epochz=3"])
+    with pytest.raises(SystemExit, match="no task"):
+        load_task_config(["task=nope"])
+
+
+def test_checkpoint_round_trips_exactly(tmp_path: Path) -> None:
+    config = load_model_config("tiny", {"norm": "batch"})
+    variables = init_variables(config, 3)
+    save_checkpoint(tmp_path / "ck", config, variables, task="unit")
+    config2, loaded, meta = load_checkpoint(tmp_path / "ck")
+    assert config2 == config and meta["task"] == "unit"
+    flat = jax.tree.leaves_with_path(variables)
+    flat2 = dict(jax.tree.leaves_with_path(loaded))
+    assert len(flat) == len(flat2) and len(flat) > 10
+    for path, leaf in flat:
+        np.testing.assert_array_equal(np.asarray(flat2[path]), np.asarray(leaf))
+
+
+def test_checkpoint_errors_say_what_is_wrong(tmp_path: Path) -> None:
+    config = load_model_config("tiny")
+    good = save_checkpoint(tmp_path / "good", config, init_variables(config, 0))
+    with pytest.raises(CheckpointError, match="no checkpoint directory"):
+        load_checkpoint(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="evssm.json is missing"):
+        load_checkpoint(tmp_path / "empty")
+    meta = json.loads((good / "evssm.json").read_text())
+
+    def variant(name: str, text: str) -> Path:
+        d = tmp_path / name
+        subprocess.run(["cp", "-r", str(good), str(d)], check=True)
+        (d / "evssm.json").write_text(text)
+        return d
+
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(variant("trunc", json.dumps(meta)[:40]))
+    with pytest.raises(CheckpointError, match="format version 99"):
+        load_checkpoint(variant("version", json.dumps({**meta, "format_version": 99})))
+    other = dict(meta, config=dict(meta["config"], d_model=24))
+    with pytest.raises(CheckpointError, match="does not match its config's architecture"):
+        load_checkpoint(variant("arch", json.dumps(other)))
+    broken = variant("novars", json.dumps(meta))
+    subprocess.run(["rm", "-r", str(broken / "variables")], check=True)
+    with pytest.raises(CheckpointError, match="variables/ is missing"):
+        load_checkpoint(broken)
+
+
+@pytest.mark.slow
+def test_training_learns_resumes_reproducibly_and_evaluates(tmp_path: Path, capsys) -> None:
+    """Loss falls; 1 epoch + resume equals 2 epochs straight (same seed, CPU); the best
+    checkpoint serves and `evssm eval` finds both forms in agreement."""
+    import orbax.checkpoint as ocp
+
+    overrides = TINY + ["train.epochs=2"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    kwargs = dict(limit_train=96, limit_valid=32, progress=False)
+    assert train(load_task_config(overrides), straight, **kwargs) == 0
+    metrics = read_metrics(straight)
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert metrics[1]["train_loss"] < metrics[0]["train_loss"]
+    assert (straight / "config.yaml").exists() and list((straight / "tb").iterdir())
+
+    # The same run, stopped after epoch 1 and resumed.
+    assert train(load_task_config(overrides), split, stop_after=1, **kwargs) == 0
+    assert [m["epoch"] for m in read_metrics(split)] == [1]
+    assert train(load_task_config(overrides), split, resume=True, **kwargs) == 0
+    assert [m["epoch"] for m in read_metrics(split)] == [1, 2]
+    restore = ocp.StandardCheckpointer().restore
+    final_a = restore((straight / "train_state").absolute())
+    final_b = restore((split / "train_state").absolute())
+    leaves_a, leaves_b = jax.tree.leaves(final_a["params"]), jax.tree.leaves(final_b["params"])
+    assert len(leaves_a) == len(leaves_b) > 10
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+    model = StreamingModel.load(straight / "best")
+    assert model.info["trained"] and model.config.sensor.width == 34
+    capsys.readouterr()
+    code = cli_main(["eval", str(straight / "best"), "--limit", "24", "--batch-size", "8",
+                     "--packet-events", "100", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["forms_agree"] and result["samples"] == 24
+    assert result["offline"]["accuracy"] == result["streaming"]["accuracy"]
+
+
+@pytest.mark.slow
+def test_data_parallel_over_forced_host_devices(tmp_path: Path) -> None:
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu")
+    out = tmp_path / "dp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "evssm.cli", "train", *TINY, "train.epochs=1", "--out", str(out),
+         "--limit-train", "32", "--limit-valid", "16", "--no-progress"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 device(s)" in proc.stderr
+    assert read_metrics(out)[0]["train_loss"] > 0
