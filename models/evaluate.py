@@ -29,8 +29,11 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, weights: np.n
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max(-1, keepdims=True))
-    return z / z.sum(-1, keepdims=True)
+    """Row-wise softmax, float32 [B, C] (computed in float64; one function for every path)."""
+    z = logits.astype(np.float64)
+    z -= z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
 def evaluate(model: Any, dataset: Any, *, batch_size: int = 32, packet_events: int = 256,

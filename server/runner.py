@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
+from evssm.models.evaluate import softmax
 from evssm.models.events import PAD_TOKEN, SensorSpec
 from evssm.models.streaming import StreamingModel, load_model
 
@@ -56,14 +57,6 @@ def bucket(value: int, buckets: tuple[int, ...]) -> int:
     if i == len(buckets):
         raise ValueError(f"{value} exceeds the largest bucket {buckets[-1]}")
     return buckets[i]
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax, float32 [B, C] (computed in float64; one function for every path)."""
-    z = logits.astype(np.float64)
-    z -= z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
 class ModelRunner:

@@ -2,13 +2,16 @@
 
 ``serve_app(app)`` runs any ASGI app under uvicorn on a background thread and yields a
 :class:`RunningServer` (``http`` and ``ws`` base URLs, the server's event loop); it stops the
-server on exit. ``free_port()`` finds an unused port for servers started as subprocesses.
+server on exit. ``free_port()`` finds an unused port for servers started as subprocesses;
+``require_tool()`` finds a system tool a test drives.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
 import socket
 import threading
 import time
@@ -23,6 +26,17 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def require_tool(name: str, package: str) -> str:
+    """Path of ``name``; skips (or, under CI, fails) with the Debian package that provides it."""
+    path = shutil.which(name)
+    if path:
+        return path
+    message = f"{name} not found: apt-get install -y --no-install-recommends {package}"
+    if os.environ.get("CI") and not os.environ.get("EVSSM_DEPLOY_TESTS_ALLOW_SKIP"):
+        pytest.fail(message + " (CI must install it)")
+    pytest.skip(message)
 
 
 @dataclass

@@ -28,6 +28,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import require_tool
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
@@ -53,17 +55,6 @@ CONTRACT_METRICS = {
     "evssm_http_requests_total": "counter",
     "evssm_compilations_total": "counter",
 }
-
-
-def require_tool(name: str, package: str) -> str:
-    """Path of ``name``; skips (or, under CI, fails) with the Debian package that provides it."""
-    path = shutil.which(name)
-    if path:
-        return path
-    message = f"{name} not found: apt-get install -y --no-install-recommends {package}"
-    if os.environ.get("CI") and not os.environ.get("EVSSM_DEPLOY_TESTS_ALLOW_SKIP"):
-        pytest.fail(message + " (CI must install it)")
-    pytest.skip(message)
 
 
 def run(cmd: list[str], cwd: Path = ROOT, timeout: float = 120, env: dict | None = None):

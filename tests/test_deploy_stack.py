@@ -17,9 +17,7 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -35,6 +33,8 @@ import numpy as np
 import pytest
 import yaml
 from websockets.sync.client import connect
+
+from conftest import free_port, require_tool
 
 pytestmark = pytest.mark.slow
 
@@ -65,22 +65,6 @@ def _load_module(name: str, path: Path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def require_tool(name: str, package: str) -> str:
-    path = shutil.which(name)
-    if path:
-        return path
-    message = f"{name} not found: apt-get install -y --no-install-recommends {package}"
-    if os.environ.get("CI") and not os.environ.get("EVSSM_DEPLOY_TESTS_ALLOW_SKIP"):
-        pytest.fail(message + " (CI must install it)")
-    pytest.skip(message)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
