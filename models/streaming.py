@@ -12,6 +12,7 @@ once per model (``EventSSM.token_tables``) and gathered per event.
 
 from __future__ import annotations
 
+import functools
 import threading
 from pathlib import Path
 from typing import Any
@@ -63,11 +64,17 @@ class StreamingModel:
         }
         self.compilations = 0
         self._lock = threading.Lock()
+        # The parameters are closed over (compile-time constants), not passed: XLA folds every
+        # parameter-derived value (Lambda * Delta, gains, transposed and merged weights) once,
+        # and a call skips ~60 argument buffers. The tables stay arguments: they are large, and
+        # a constant would be copied into every shape bucket's executable.
+        variables = self.variables
         self._jitted = {
-            "step": jax.jit(self._step_impl),
-            "step_slots": jax.jit(self._step_slots_impl, donate_argnums=(2,)),
+            "step": jax.jit(functools.partial(self._step_impl, variables)),
+            "step_slots": jax.jit(functools.partial(self._step_slots_impl, variables),
+                                  donate_argnums=(1,)),
             "zero_slots": jax.jit(self._zero_slots_impl, donate_argnums=(0,)),
-            "classify": jax.jit(self._classify_impl),
+            "classify": jax.jit(functools.partial(self._classify_impl, variables)),
         }
 
     # --- constructors ------------------------------------------------------------------------
@@ -138,14 +145,14 @@ class StreamingModel:
         the session's previous event; 0 for its first event and for padding), lengths int32 [B]
         -> ``(state', logits float32 [B, C], ready bool [B])``.
         """
-        return self._call("step", self.variables, self.tables, state, _i32(tokens), _i32(gaps),
+        return self._call("step", self.tables, state, _i32(tokens), _i32(gaps),
                           _i32(lengths))
 
     def step_slots(self, pool: State, slots: Array, tokens: Array, gaps: Array, lengths: Array
                    ) -> tuple[State, Array, Array]:
         """:meth:`step` on rows ``slots`` (int32 [B]) of a session pool, in place (``pool`` is
         donated). A slot index equal to the pool size marks a padding row."""
-        return self._call("step_slots", self.variables, self.tables, pool, _i32(slots),
+        return self._call("step_slots", self.tables, pool, _i32(slots),
                           _i32(tokens), _i32(gaps), _i32(lengths))
 
     def zero_slots(self, pool: State, slots: Array) -> State:
@@ -157,7 +164,7 @@ class StreamingModel:
 
         tokens, gaps int32 [B, L]; lengths int32 [B] -> ``(logits [B, C], ready bool [B])``.
         """
-        return self._call("classify", self.variables, self.tables, _i32(tokens), _i32(gaps),
+        return self._call("classify", self.tables, _i32(tokens), _i32(gaps),
                           _i32(lengths))
 
     def compile(self, batch_buckets: list[int], length_buckets: list[int], *,

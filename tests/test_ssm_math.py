@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import jax.numpy as jnp
 
-from evssm.models.ssm import discretize, window_states
+from evssm.models.ssm import cexp, discretize, window_states
 from evssm.models.ssm_init import hippo_legs, hippo_n_init
 
 
@@ -59,6 +59,15 @@ def test_discretisation_formulas(mode: str) -> None:
     np.testing.assert_allclose(np.asarray(bar), want_bar, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.broadcast_to(np.asarray(gain), np.shape(want_gain)), want_gain,
                                rtol=1e-5, atol=1e-6)
+
+
+def test_real_arithmetic_complex_exp_equals_exp() -> None:
+    """``cexp`` (used for every decay) is the complex exponential up to float32 rounding."""
+    rng = np.random.default_rng(1)
+    z = (-rng.uniform(0, 20, 1000) + 1j * rng.uniform(-300, 300, 1000)).astype(np.complex64)
+    got = np.asarray(cexp(jnp.asarray(z)))
+    np.testing.assert_allclose(got, np.exp(z.astype(np.complex128)), rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(got, np.asarray(jnp.exp(jnp.asarray(z))), rtol=2e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("stride,off", [(1, 0), (4, 0), (4, 3), (5, 2)])
