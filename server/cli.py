@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 from types import FrameType
 from typing import Any
 
@@ -78,10 +79,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
     except ValueError as e:
-        print(f"evssm serve: {e}")
+        print(f"evssm serve: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # orbax logs every checkpoint step through absl at INFO; keep it to warnings unless debugging.
+    if settings.log_level.lower() != "debug":
+        logging.getLogger("absl").setLevel(logging.WARNING)
     cache = getattr(args, "compilation_cache", None) or os.environ.get(ENV_PREFIX + "COMPILATION_CACHE")
     if cache:  # read by JAX when it is first imported (by the runner)
         os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", cache)
