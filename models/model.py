@@ -125,8 +125,7 @@ class SequenceLayer(nn.Module):
         if stride > 1:
             w = pool_weights(dt, offsets, stride, self.config.pooling_mode)
             carry = {k: state[k] for k in ("sum_wx", "sum_w", "sum_dt")}
-            pooled, dt, carry = jax.vmap(pool_windows, in_axes=(0, 0, 0, 0, 0, 0, None))(
-                pool_in, w, dt, lengths, offsets, carry, stride)
+            pooled, dt, carry = pool_windows(pool_in, w, dt, lengths, offsets, carry, stride)
             total = offsets + lengths
             lengths = total // stride
             new_state.update(carry, s_first=new_ssm["s_first"], count=total % stride)

@@ -23,6 +23,9 @@ Array = jax.Array
 
 TIMEPOOL_EPS = 1e-6
 
+# Packets with (events x windows) up to this pool by a membership matmul (no gathers).
+SHORT_PACKET_CELLS = 4096
+
 
 def pool_weights(dt: Array, offsets: Array, stride: int, mode: str) -> Array:
     """Per-event pooling weights: dt [B, L] ms, offsets [B] -> [B, L]."""
@@ -38,13 +41,42 @@ def pool_weights(dt: Array, offsets: Array, stride: int, mode: str) -> Array:
 
 def pool_windows(x: Array, w: Array, dt: Array, n: Array, off: Array, carry: dict[str, Array],
                  stride: int) -> tuple[Array, Array, dict[str, Array]]:
-    """Pool one session's packet into windows.
+    """Pool B sessions' packets into windows.
 
-    x [L, d], w [L], dt [L]; n real events; off events of the current window already seen;
-    carry: ``sum_wx`` [d], ``sum_w`` [], ``sum_dt`` [].
-    Returns ``(pooled [W, d], pooled_dt [W], carry')`` with ``W = ceil((L + stride - 1) / stride)``;
-    windows ``0 .. (off + n) // stride - 1`` are complete, later rows are undefined (zeros).
+    x [B, L, d], w [B, L], dt [B, L]; n [B] real events; off [B] events of the current window
+    already seen; carry: ``sum_wx`` [B, d], ``sum_w`` [B], ``sum_dt`` [B].
+    Returns ``(pooled [B, W, d], pooled_dt [B, W], carry')`` with
+    ``W = ceil((L + stride - 1) / stride)``; windows ``0 .. (off + n) // stride - 1`` are
+    complete, later rows are undefined.
     """
+    batch, length, d = x.shape
+    nwin = -(-(length + stride - 1) // stride)
+    real = jnp.arange(length)[None, :] < n[:, None]
+    if length * (nwin + 1) <= SHORT_PACKET_CELLS:
+        # Short packets: window sums of [w x, w, dt] as one matmul with the 0/1
+        # window-membership matrix (no gathers); the carried partial sums join window 0.
+        win = (jnp.arange(length)[None, :] + off[:, None]) // stride  # [B, L]
+        member = (win[:, None, :] == jnp.arange(nwin + 1)[None, :, None]) & real[:, None, :]
+        cols = jnp.concatenate([w[..., None] * x, w[..., None], dt[..., None]], -1)
+        first = (jnp.arange(nwin + 1) == 0)[None, :, None]
+        prior = jnp.concatenate([carry["sum_wx"], carry["sum_w"][:, None],
+                                 carry["sum_dt"][:, None]], -1)[:, None, :]
+        sums = jnp.einsum("bwl,blc->bwc", member.astype(x.dtype), cols) + jnp.where(
+            first, prior, 0.0)  # [B, nwin + 1, d + 2]
+        m = (off + n) // stride  # complete windows; window m is the new partial one
+        new = jnp.take_along_axis(sums, m[:, None, None], 1)[:, 0]
+        sum_w = sums[..., d]
+        pooled = sums[..., :d] / jnp.where(sum_w > 0, sum_w, 1.0)[..., None]
+        new_carry = {"sum_wx": new[:, :d], "sum_w": new[:, d], "sum_dt": new[:, d + 1]}
+        return pooled[:, :nwin], sums[:, :nwin, d + 1], new_carry
+    return jax.vmap(_pool_windows_one, in_axes=(0, 0, 0, 0, 0, 0, None))(
+        x, w, dt, n, off, carry, stride)
+
+
+def _pool_windows_one(x: Array, w: Array, dt: Array, n: Array, off: Array,
+                      carry: dict[str, Array], stride: int
+                      ) -> tuple[Array, Array, dict[str, Array]]:
+    """:func:`pool_windows` for one session (x [L, d]) through a window-aligned layout."""
     length = x.shape[0]
     nwin = -(-(length + stride - 1) // stride)
     pos = jnp.arange((nwin + 1) * stride)

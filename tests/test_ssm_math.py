@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import jax
 import jax.numpy as jnp
 
+from evssm.models import pooling, ssm
 from evssm.models.ssm import cexp, discretize, window_states
 from evssm.models.ssm_init import hippo_legs, hippo_n_init
 
@@ -70,9 +72,14 @@ def test_real_arithmetic_complex_exp_equals_exp() -> None:
     np.testing.assert_allclose(got, np.asarray(jnp.exp(jnp.asarray(z))), rtol=2e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("short", [True, False])
 @pytest.mark.parametrize("stride,off", [(1, 0), (4, 0), (4, 3), (5, 2)])
-def test_window_states_equal_the_sequential_recurrence(stride: int, off: int) -> None:
-    """Block-folded states at window starts equal a plain loop of s_i = a_i s_{i-1} + b_i."""
+def test_window_states_equal_the_sequential_recurrence(stride: int, off: int, short: bool,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Block-folded states at window starts equal a plain loop of s_i = a_i s_{i-1} + b_i
+    (both the short-packet membership-matmul path and the block-layout path)."""
+    if not short:
+        monkeypatch.setattr(ssm, "SHORT_PACKET_CELLS", 0)
     rng = np.random.default_rng(stride + off)
     p, length, n = 6, 23, 19
     step = (-rng.uniform(0.1, 1, p) + 1j * rng.normal(size=p)) * 0.1
@@ -104,3 +111,29 @@ def test_window_states_equal_the_sequential_recurrence(stride: int, off: int) ->
     nxt = ((off + n) // stride) * stride - off
     if 0 <= nxt < n:
         np.testing.assert_allclose(np.asarray(new_first[0]), seq[nxt], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("stride", [3, 4])
+def test_pool_windows_paths_agree(stride: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Window pooling by membership matmul (short packets) equals the window-aligned layout."""
+    rng = np.random.default_rng(stride)
+    batch, length, d = 3, 11, 5
+    x = jnp.asarray(rng.normal(size=(batch, length, d)), jnp.float32)
+    dt = jnp.asarray(rng.uniform(0, 2, (batch, length)), jnp.float32)
+    n, off = jnp.array([11, 7, 0]), jnp.array([0, stride - 1, 1])
+    carry = {"sum_wx": jnp.asarray(rng.normal(size=(batch, d)), jnp.float32),
+             "sum_w": jnp.array([0.0, 1.5, 0.7], jnp.float32),
+             "sum_dt": jnp.array([0.0, 2.0, 0.3], jnp.float32)}
+    w = pooling.pool_weights(dt, off, stride, "timepool")
+    short = pooling.pool_windows(x, w, dt, n, off, carry, stride)
+    monkeypatch.setattr(pooling, "SHORT_PACKET_CELLS", 0)
+    long = pooling.pool_windows(x, w, dt, n, off, carry, stride)
+    complete = (off + n) // stride
+    for b in range(batch):
+        k = int(complete[b])
+        np.testing.assert_allclose(np.asarray(short[0][b, :k]), np.asarray(long[0][b, :k]),
+                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(short[1][b, :k]), np.asarray(long[1][b, :k]),
+                                   rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(short[2]), jax.tree.leaves(long[2])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
