@@ -2,8 +2,8 @@
 
 ``serve_app(app)`` runs any ASGI app under uvicorn on a background thread and yields a
 :class:`RunningServer` (``http`` and ``ws`` base URLs, the server's event loop); it stops the
-server on exit. ``free_port()`` finds an unused port for servers started as subprocesses;
-``require_tool()`` finds a system tool a test drives.
+server on exit. ``free_port()`` finds an unused port for servers started as subprocesses and
+``wait_process_ready()`` waits for one; ``require_tool()`` finds a system tool a test drives.
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ import contextlib
 import os
 import shutil
 import socket
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
@@ -26,6 +28,26 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_process_ready(proc: subprocess.Popen, base_url: str, log_path: Path,
+                       timeout: float) -> None:
+    """Poll ``base_url/readyz`` of a server started as ``proc`` until it answers 200; raise with
+    the tail of its log if it exits first or is not ready within ``timeout`` seconds."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"evssm serve exited with {proc.returncode}:\n"
+                               f"{log_path.read_text(errors='replace')[-6000:]}")
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"evssm serve not ready after {timeout} s:\n"
+                               f"{log_path.read_text(errors='replace')[-6000:]}")
+        time.sleep(0.25)
 
 
 def require_tool(name: str, package: str) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -29,8 +28,6 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-import httpx  # noqa: E402
-
 from evssm.client import (  # noqa: E402
     AsyncStreamSession,
     InvalidEvents,
@@ -43,18 +40,14 @@ from evssm.client import (  # noqa: E402
 )
 from evssm.models.events import Recording, SensorSpec  # noqa: E402
 
+from conftest import free_port, wait_process_ready  # noqa: E402
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 STARTUP_TIMEOUT_S = 600
 SERVER_ARGS = ["--model", "config:tiny", "--batch-buckets", "1,8", "--length-buckets", "64,256",
                "--classify-length-buckets", "1024,16384", "--max-sessions", "16"]
 RTOL, ATOL = 1e-4, 1e-6  # float32 tolerance of the streaming == offline invariant
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -68,19 +61,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
                                 stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready in {STARTUP_TIMEOUT_S} s:\n"
-                            f"{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
+        wait_process_ready(proc, base, log_path, STARTUP_TIMEOUT_S)
         yield {"http": base, "ws": f"ws://127.0.0.1:{port}", "port": port}
     finally:
         proc.terminate()

@@ -34,7 +34,7 @@ import pytest
 import yaml
 from websockets.sync.client import connect
 
-from conftest import free_port, require_tool
+from conftest import free_port, require_tool, wait_process_ready
 
 pytestmark = pytest.mark.slow
 
@@ -117,15 +117,8 @@ class Server:
         return self.log_path.read_text(errors="replace")[-6000:]
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"evssm serve exited with {self.proc.returncode}:\n{self.output()}")
-            with contextlib.suppress(OSError):
-                if http_get(self.http + "/readyz", timeout=2)[0] == 200:
-                    return
-            time.sleep(0.5)
-        raise RuntimeError(f"evssm serve not ready after {timeout} s:\n{self.output()}")
+        self.log.flush()
+        wait_process_ready(self.proc, self.http, self.log_path, timeout)
 
     def stop(self) -> None:
         stop_process(self.proc)

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import msgpack
@@ -16,7 +15,7 @@ import pytest
 import websockets
 from websockets.asyncio.client import connect
 
-from conftest import free_port
+from conftest import free_port, wait_process_ready
 
 
 def test_sigterm_drains_in_flight_packets_and_exits_cleanly(tmp_path):
@@ -29,16 +28,7 @@ def test_sigterm_drains_in_flight_packets_and_exits_cleanly(tmp_path):
                              "--host", "127.0.0.1"], env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-            assert time.monotonic() < deadline, "server not ready"
-            try:
-                if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
+        wait_process_ready(proc, base, tmp_path / "serve.log", 300)
         (info,) = httpx.get(f"{base}/v1/models").json()["models"]
         assert info["name"] == "small" and info["slots"] == 3 and info["batch_buckets"] == [4]
 
