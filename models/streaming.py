@@ -173,14 +173,16 @@ class StreamingModel:
         ``(batch, length)`` bucket ahead of traffic, by running each once on padding.
         Returns the number of new compilations."""
         before = self.compilations
+        pool = None if pool_size is None else self.init_state(pool_size)
         for b in batch_buckets:
             for length in length_buckets:
                 ints = np.zeros((b, length), np.int32)
                 vec = np.zeros(b, np.int32)
-                if pool_size is not None:
-                    # Every row is padding (slot index == pool size): nothing is written.
-                    pool = self.init_state(pool_size)
-                    jax.block_until_ready(self.step_slots(pool, vec + pool_size, ints, ints, vec))
+                if pool is not None:
+                    # Every row is padding (slot index == pool size): nothing is written; the
+                    # donated pool comes back and serves the next bucket.
+                    pool, logits, _ = self.step_slots(pool, vec + pool_size, ints, ints, vec)
+                    jax.block_until_ready(logits)
                 if classify:
                     jax.block_until_ready(self.classify(ints, ints, vec))
         return self.compilations - before
