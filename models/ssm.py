@@ -54,23 +54,26 @@ def cexp(z: Array) -> Array:
     return jax.lax.complex(mag * jnp.cos(z.imag), mag * jnp.sin(z.imag))
 
 
+def input_gain(lambda_: Array, delta: Array, dt: Array, mode: str) -> Array:
+    """Input gain of every event: lambda_ [P'] complex, delta [P'], dt [...] (ms) ->
+    ``[..., P']`` for ``zoh``, ``[P']`` otherwise (the only gain that depends on dt is zoh's)."""
+    step = lambda_ * delta
+    if mode == "zoh":
+        return (cexp(step * dt[..., None]) - 1.0) / lambda_
+    if mode == "dirac":
+        return jnp.ones_like(step)
+    if mode == "async":
+        return (cexp(step) - 1.0) / lambda_
+    raise ValueError(f"unknown discretization {mode!r}")
+
+
 def discretize(lambda_: Array, delta: Array, dt: Array, mode: str) -> tuple[Array, Array]:
     """Transition and input gain of every event.
 
     lambda_ [P'] complex, delta [P'] float, dt [...] float (ms) -> ``(Lambda_bar [..., P'],
     gain [..., P'] or [P'])``, both complex.
     """
-    step = lambda_ * delta  # [P']
-    lambda_bar = cexp(step * dt[..., None])
-    if mode == "zoh":
-        gain = (lambda_bar - 1.0) / lambda_
-    elif mode == "dirac":
-        gain = jnp.ones_like(step)
-    elif mode == "async":
-        gain = (cexp(step) - 1.0) / lambda_
-    else:
-        raise ValueError(f"unknown discretization {mode!r}")
-    return lambda_bar, gain
+    return cexp(lambda_ * delta * dt[..., None]), input_gain(lambda_, delta, dt, mode)
 
 
 def _combine(left: tuple[Array, Array], right: tuple[Array, Array]) -> tuple[Array, Array]:
@@ -270,11 +273,6 @@ class S5SSM(nn.Module):
         y = u @ w
         return jax.lax.complex(y[..., :p], y[..., p:])
 
-    def transition(self, dt: Array) -> tuple[Array, Array]:
-        """``(Lambda_bar [..., P'], gain)`` for time steps dt [...] (ms)."""
-        delta = self.step_rescale * jnp.exp(self.log_step)
-        return discretize(self.lambda_(), delta, dt, self.discretization)
-
     def readout(self, s: Array, u: Array) -> Array:
         """``c Re(C~ s) + D u``: s [..., P'] complex, u [..., d_in] -> [..., d_out].
 
@@ -306,14 +304,11 @@ class S5SSM(nn.Module):
         lengths [B], offsets [B] (events of the current window already seen)
         -> ``(S [B, W, P'], new state)``.
         """
-        step = self.step_size()
-        if self.discretization == "zoh":  # the only gain that depends on the event's dt
-            gain = (cexp(step * (times * scale)[..., None]) - 1.0) / self.lambda_()
-        else:
-            gain = discretize(self.lambda_(), self.step_rescale * jnp.exp(self.log_step),
-                              jnp.zeros(()), self.discretization)[1]
-        states, s_last, s_first = window_states(step, gain * bu, times, scale, lengths, offsets,
-                                                state["s_last"], state["s_first"], stride, table)
+        lambda_, delta = self.lambda_(), self.step_rescale * jnp.exp(self.log_step)
+        gain = input_gain(lambda_, delta, times * scale, self.discretization)
+        states, s_last, s_first = window_states(lambda_ * delta, gain * bu, times, scale, lengths,
+                                                offsets, state["s_last"], state["s_first"], stride,
+                                                table)
         return states, {"s_last": s_last, "s_first": s_first}
 
 

@@ -105,11 +105,6 @@ class ModelRunner:
                 "slots": self.num_slots, "batch_buckets": list(self.batch_buckets),
                 "length_buckets": list(self.length_buckets)}
 
-    @property
-    def device_state_bytes(self) -> int:
-        """Bytes of the state pool on the device (``num_slots * state_bytes``)."""
-        return int(sum(a.nbytes for a in jax.tree.leaves(self.pool)))
-
     # --- compilation accounting ----------------------------------------------------------------
     @contextlib.contextmanager
     def _attributed(self) -> Iterator[None]:
