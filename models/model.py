@@ -239,25 +239,43 @@ class EventSSM(nn.Module):
             feats = (tables.bu[safe], tables.pool_in[safe])
         # The first layer reads integer microsecond gaps (so its decays can be tabulated);
         # later layers read pooled time steps in milliseconds.
-        times, scale = gaps.astype(jnp.float32), 1e-3
-        new_layers = []
-        x = None
-        for i, layer in enumerate(self.layers):
-            if i > 0:
-                feats = layer.features(x, lengths_mask(lengths, x.shape[1]), train)
-            table = tables.decay if (tables is not None and i == 0) else None
-            x, times, lengths, layer_state = layer(feats, times, scale, lengths,
-                                                   state["layers"][i], train, table)
-            scale = 1.0
-            new_layers.append(layer_state)
-        dt = times
-        head_state = self._pool_head(x, dt, lengths, state["head"])
+        layers, head_state = self._run_layers(0, feats, gaps.astype(jnp.float32), 1e-3, lengths,
+                                              state["layers"], state["head"], train, tables)
         hw = head_state["sum_w"]
         pooled = head_state["sum_z"] / jnp.where(hw > 0, hw, 1.0)[:, None]
         if self.config.head == "last":
             pooled = head_state["last_z"]
         logits = self.head(pooled)
-        return logits, head_state["count"] > 0, {"layers": new_layers, "head": head_state}
+        return logits, head_state["count"] > 0, {"layers": layers, "head": head_state}
+
+    def _run_layers(self, start: int, feats: Any, times: Array, scale: float, lengths: Array,
+                    layer_states: list[State], head_state: State, train: bool,
+                    tables: InferenceTables | None) -> tuple[list[State], State]:
+        """Layers ``start ..`` and the head's running pool -> ``(their new states, head state)``.
+
+        ``feats`` are layer ``start``'s per-event features (:meth:`SequenceLayer.features`).
+        Outside training, the layers above a strided layer run only when some session completed
+        one of its windows: with no new window their input is empty and their state, and the
+        head's, stays as it was. Exact, and it spares small packets the deeper layers' weights
+        (the bulk of a short packet's cost).
+        """
+        new_states = []
+        x = None
+        for i in range(start, len(self.layers)):
+            layer = self.layers[i]
+            if i > start:
+                if self.layers[i - 1].stride > 1 and not train and not self.is_initializing():
+                    later, head_state = nn.cond(
+                        jnp.any(lengths > 0), _continue_from(i, scale, tables), _unchanged,
+                        self, x, times, lengths, layer_states[i - start:], head_state)
+                    return new_states + later, head_state
+                feats = layer.features(x, lengths_mask(lengths, x.shape[1]), train)
+            table = tables.decay if (tables is not None and i == 0) else None
+            x, times, lengths, layer_state = layer(feats, times, scale, lengths,
+                                                   layer_states[i - start], train, table)
+            scale = 1.0
+            new_states.append(layer_state)
+        return new_states, self._pool_head(x, times, lengths, head_state)
 
     def _pool_head(self, z: Array, dt: Array, lengths: Array, state: State) -> State:
         """Running pool of the final-rate outputs: z [B, M, d], dt [B, M], lengths [B]."""
@@ -271,3 +289,21 @@ class EventSSM(nn.Module):
             "last_z": jnp.where((lengths > 0)[:, None], last, state["last_z"]),
             "count": state["count"] + lengths,
         }
+
+
+def _continue_from(start: int, scale: float, tables: InferenceTables | None):
+    """Inference branch of :meth:`EventSSM._run_layers`: run layers ``start ..`` on ``x``."""
+
+    def run(model: EventSSM, x: Array, times: Array, lengths: Array, layer_states: list[State],
+            head_state: State) -> tuple[list[State], State]:
+        feats = model.layers[start].features(x, lengths_mask(lengths, x.shape[1]), False)
+        return model._run_layers(start, feats, times, scale, lengths, layer_states, head_state,
+                                 False, tables)
+
+    return run
+
+
+def _unchanged(model: EventSSM, x: Array, times: Array, lengths: Array,
+               layer_states: list[State], head_state: State) -> tuple[list[State], State]:
+    """No session completed a window that reaches these layers: their state stays."""
+    return layer_states, head_state

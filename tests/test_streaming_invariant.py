@@ -206,7 +206,7 @@ def test_tabulated_first_layer_equals_direct() -> None:
     model = perturbed_model(config)
     rng = np.random.default_rng(6)
     tokens, gaps = random_stream(rng, config.num_embeddings, 150)
-    state = model.init_state(1)
+    state = model.unpack_state(model.init_state(1))
     direct = model.module.apply(model.variables, tokens[None], gaps[None], np.array([150]), state)
     tabulated = model.module.apply(model.variables, tokens[None], gaps[None], np.array([150]),
                                    state, tables=model.tables)
@@ -221,3 +221,26 @@ def test_initialisation_is_deterministic_per_seed() -> None:
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert any(not np.array_equal(np.asarray(x), np.asarray(z))
                for x, z in zip(jax.tree.leaves(a), jax.tree.leaves(c)))
+
+
+def test_packed_state_round_trips_exactly() -> None:
+    """One int32 row per session holds every leaf of the state pytree bit for bit."""
+    config = load_model_config("tiny", VARIANTS["dirac-first-last-batch"])
+    model = perturbed_model(config)
+    rng = np.random.default_rng(8)
+    tokens, gaps = random_stream(rng, config.num_embeddings, 2 * PACKET_BUCKET)
+    packed = model.init_state(2)
+    assert packed.dtype == np.int32 and packed.shape == (2, model.state_bytes // 4)
+    zero = model.unpack_state(packed)
+    assert all(not np.any(np.asarray(leaf)) for leaf in jax.tree.leaves(zero))
+    for k in range(2):  # two packets: SSM states, partial windows and counts all non-zero
+        sl = slice(k * PACKET_BUCKET, (k + 1) * PACKET_BUCKET - 5)
+        tok = np.stack([tokens[sl], tokens[sl][::-1]])
+        gap = np.stack([gaps[sl], gaps[sl][::-1]])
+        packed, _, _ = model.step(packed, tok, gap, np.array([tok.shape[1], 7], np.int32))
+    state = model.unpack_state(packed)
+    spec_leaves = jax.tree.leaves(state)
+    assert sum(np.asarray(leaf)[0].nbytes for leaf in spec_leaves) == model.state_bytes
+    assert any(np.iscomplexobj(leaf) for leaf in spec_leaves)
+    assert any(np.asarray(leaf).dtype == np.int32 and np.any(leaf) for leaf in spec_leaves)
+    np.testing.assert_array_equal(np.asarray(model.pack_state(state)), np.asarray(packed))
