@@ -175,11 +175,15 @@ def state_spec(config: ModelConfig) -> State:
     return {"layers": layers, "head": head}
 
 
+def is_spec_leaf(value: Any) -> bool:
+    """True for a ``(shape, dtype)`` leaf of :func:`state_spec` (pass as ``is_leaf``)."""
+    return isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], tuple)
+
+
 def init_state(config: ModelConfig, batch: int) -> State:
     """Zero carried state for ``batch`` sessions (leading axis ``batch`` on every leaf)."""
     return jax.tree.map(lambda sd: jnp.zeros((batch, *sd[0]), sd[1]), state_spec(config),
-                        is_leaf=lambda v: isinstance(v, tuple) and len(v) == 2
-                        and isinstance(v[0], tuple))
+                        is_leaf=is_spec_leaf)
 
 
 # Inter-event times (microseconds) whose first-layer decays are tabulated: covers the gaps

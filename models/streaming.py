@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import ModelConfig, load_model_config
-from .model import EventSSM, State, init_state, state_spec
+from .model import EventSSM, State, init_state, is_spec_leaf, state_spec
 
 Array = jax.Array
 
@@ -44,9 +44,7 @@ class StateLayout:
     """
 
     def __init__(self, config: ModelConfig):
-        is_leaf = lambda v: (isinstance(v, tuple) and len(v) == 2  # noqa: E731
-                             and isinstance(v[0], tuple))
-        leaves, self.treedef = jax.tree.flatten(state_spec(config), is_leaf=is_leaf)
+        leaves, self.treedef = jax.tree.flatten(state_spec(config), is_leaf=is_spec_leaf)
         self.leaves = [(tuple(shape), np.dtype(dtype)) for shape, dtype in leaves]
         sizes = [int(np.prod(shape, dtype=np.int64)) for shape, _ in self.leaves]
         self.float_words = sum(n * (2 if dtype == np.complex64 else 1)
