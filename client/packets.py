@@ -108,9 +108,7 @@ def paced(packets: Iterable[Packet], speed: float | None = 1.0, *,
     clock (default: the first packet's first event, so the first packet waits its own span)."""
     pacer = Pacer(speed)
     for packet in packets:
-        if speed is not None and not pacer.started:
-            pacer.start(t0_us if t0_us is not None else _first_t(packet))
-        wait = pacer.delay(packet.due_us)
+        wait = _packet_delay(pacer, packet, t0_us)
         if wait > 0:
             time.sleep(wait)
         yield packet
@@ -121,13 +119,16 @@ async def apaced(packets: Iterable[Packet], speed: float | None = 1.0, *,
     """Asyncio twin of :func:`paced`."""
     pacer = Pacer(speed)
     for packet in packets:
-        if speed is not None and not pacer.started:
-            pacer.start(t0_us if t0_us is not None else _first_t(packet))
-        wait = pacer.delay(packet.due_us)
+        wait = _packet_delay(pacer, packet, t0_us)
         if wait > 0:
             await asyncio.sleep(wait)
         yield packet
 
 
-def _first_t(packet: Packet) -> int:
-    return int(packet.events.t[0]) if len(packet.events) else packet.due_us
+def _packet_delay(pacer: Pacer, packet: Packet, t0_us: int | None) -> float:
+    """Seconds until ``packet`` is due; the first call anchors the clock at ``t0_us`` (default:
+    the packet's first event, so the first packet waits its own span)."""
+    if pacer.speed is not None and not pacer.started:
+        first = int(packet.events.t[0]) if len(packet.events) else packet.due_us
+        pacer.start(t0_us if t0_us is not None else first)
+    return pacer.delay(packet.due_us)
