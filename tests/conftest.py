@@ -4,6 +4,7 @@
 :class:`RunningServer` (``http`` and ``ws`` base URLs, the server's event loop); it stops the
 server on exit. ``free_port()`` finds an unused port for servers started as subprocesses and
 ``wait_process_ready()`` waits for one; ``require_tool()`` finds a system tool a test drives.
+:class:`LoopThread` is the base of the small loopback servers tests write themselves.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Self
 
 import pytest
 
@@ -59,6 +60,49 @@ def require_tool(name: str, package: str) -> str:
     if os.environ.get("CI") and not os.environ.get("EVSSM_DEPLOY_TESTS_ALLOW_SKIP"):
         pytest.fail(message + " (CI must install it)")
     pytest.skip(message)
+
+
+class LoopThread:
+    """A loopback server on its own asyncio loop in a daemon thread; ``with`` starts and stops it.
+
+    Subclasses implement :meth:`_listen`: an async context manager that listens on 127.0.0.1
+    and yields the bound port.
+    """
+
+    def __init__(self) -> None:
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._stop: asyncio.Future[None] | None = None
+        self._thread = threading.Thread(target=self._main, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        assert self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set_result, None)  # type: ignore[union-attr]
+        self._thread.join(10)
+
+    def _listen(self) -> contextlib.AbstractAsyncContextManager[int]:
+        raise NotImplementedError
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._serve())
+        self._loop.close()
+
+    async def _serve(self) -> None:
+        self._stop = self._loop.create_future()
+        async with self._listen() as port:
+            self.port = port
+            self._ready.set()
+            await self._stop
 
 
 @dataclass

@@ -13,6 +13,7 @@ One server serves the whole module: the tiny model with small shape buckets, so 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -20,7 +21,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, AsyncIterator, Iterator
 
 import numpy as np
 import pytest
@@ -40,7 +41,7 @@ from evssm.client import (  # noqa: E402
 )
 from evssm.models.events import Recording, SensorSpec  # noqa: E402
 
-from conftest import free_port, wait_process_ready  # noqa: E402
+from conftest import LoopThread, free_port, wait_process_ready  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -72,31 +73,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
             proc.wait(timeout=10)
 
 
-class DroppingProxy:
+class DroppingProxy(LoopThread):
     """A TCP proxy on loopback whose :meth:`drop` cuts every open connection at once (RST)."""
 
     def __init__(self, target_port: int):
+        super().__init__()
         self.target_port = target_port
-        self.port = 0
         self.connections = 0
-        self._loop = asyncio.new_event_loop()
         self._transports: list[asyncio.WriteTransport] = []
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._main, daemon=True)
-        self._stop: asyncio.Future[None] | None = None
-
-    def __enter__(self) -> "DroppingProxy":
-        self._thread.start()
-        assert self._ready.wait(10)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._loop.call_soon_threadsafe(self._stop.set_result, None)  # type: ignore[union-attr]
-        self._thread.join(10)
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
 
     def drop(self) -> None:
         done = threading.Event()
@@ -110,17 +94,11 @@ class DroppingProxy:
         self._loop.call_soon_threadsafe(cut)
         assert done.wait(5)
 
-    def _main(self) -> None:
-        self._loop.run_until_complete(self._serve())
-        self._loop.close()
-
-    async def _serve(self) -> None:
-        self._stop = self._loop.create_future()
+    @contextlib.asynccontextmanager
+    async def _listen(self) -> AsyncIterator[int]:
         server = await asyncio.start_server(self._client, "127.0.0.1", 0)
-        self.port = server.sockets[0].getsockname()[1]
-        self._ready.set()
         async with server:
-            await self._stop
+            yield server.sockets[0].getsockname()[1]
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1

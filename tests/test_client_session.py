@@ -9,10 +9,10 @@ The same tests against the real server are in test_client_e2e.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import threading
 import time
-from typing import Any
+from typing import Any, AsyncIterator
 
 import msgpack
 import numpy as np
@@ -30,6 +30,8 @@ from evssm.client import (
 )
 from evssm.client.errors import ConnectionLost, NothingInFlight
 from evssm.models.events import Recording, SensorSpec
+
+from conftest import LoopThread
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -63,10 +65,11 @@ class _State:
         self.last_t: int | None = None
 
 
-class FakeServer:
+class FakeServer(LoopThread):
     """A WebSocket server on 127.0.0.1 in its own thread, speaking the stream protocol."""
 
     def __init__(self, *, max_sessions: int = 1000, delay_s: float = 0.0):
+        super().__init__()
         self.max_sessions = max_sessions
         self.delay_s = delay_s
         self.sessions: dict[str, _State] = {}
@@ -76,36 +79,11 @@ class FakeServer:
         # packet number (server-wide, counted from 1) -> "before" | "after" processing
         self.drops: dict[int, str] = {}
         self.seen_seqs: list[int] = []
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._stop: asyncio.Future[None] | None = None
-        self._thread = threading.Thread(target=self._main, daemon=True)
-        self.port = 0
 
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> "FakeServer":
-        self._thread.start()
-        assert self._ready.wait(10)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._loop.call_soon_threadsafe(self._stop.set_result, None)  # type: ignore[union-attr]
-        self._thread.join(10)
-
-    def _main(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._serve())
-        self._loop.close()
-
-    async def _serve(self) -> None:
-        self._stop = self._loop.create_future()
+    @contextlib.asynccontextmanager
+    async def _listen(self) -> AsyncIterator[int]:
         async with serve(self._handler, "127.0.0.1", 0, compression=None) as server:
-            self.port = next(iter(server.sockets)).getsockname()[1]
-            self._ready.set()
-            await self._stop
+            yield next(iter(server.sockets)).getsockname()[1]
 
     async def _handler(self, ws: ServerConnection) -> None:
         state: _State | None = None
