@@ -38,12 +38,24 @@ RUN --mount=type=cache,target=/root/.cache/pip \
       *) echo "JAX_VARIANT must be cpu, cuda12 or cuda13, not '$JAX_VARIANT'" >&2; exit 1 ;; \
     esac
 
+# The native CPU streaming step is compiled here, for NATIVE_ARCH (a -march value; x86-64-v3 is
+# AVX2 + FMA), and shipped in /opt/evssm/native: the runtime image has no compiler. Where it does
+# not build (another architecture), the server falls back to XLA's step and says so in its log.
+ARG NATIVE_ARCH=x86-64-v3
+RUN apt-get update -qq \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends g++ >/dev/null \
+ && rm -rf /var/lib/apt/lists/*
+
 # Then the package (the .dockerignore lets only the package sources through).
 COPY . .
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install --no-deps . \
  && evssm --version \
- && python -c "import evssm.server.app"
+ && python -c "import evssm.server.app" \
+ && { [ "$JAX_VARIANT" != cpu ] \
+      || EVSSM_CACHE_DIR=/opt/evssm/native EVSSM_NATIVE_ARCH=$NATIVE_ARCH \
+         python -c "from evssm.models.native import build_library; print(build_library())" \
+      || echo "native streaming step not prebuilt: the server will use XLA's"; }
 
 # ---------------------------------------------------------------------------------------------
 # runtime: slim Python, the virtual environment, an unprivileged user. No compilers, no sources.
@@ -51,6 +63,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 FROM python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE} AS runtime
 
 ARG JAX_VARIANT=cpu
+ARG NATIVE_ARCH=x86-64-v3
 LABEL org.opencontainers.image.title="evssm" \
       org.opencontainers.image.description="Online inference server for event-based state-space models" \
       org.opencontainers.image.licenses="MIT" \
@@ -75,6 +88,8 @@ ENV PATH=/opt/evssm/bin:$PATH \
     EVSSM_HOST=0.0.0.0 \
     EVSSM_PORT=8000 \
     EVSSM_COMPILATION_CACHE=/home/evssm/.cache/evssm/xla \
+    EVSSM_CACHE_DIR=/opt/evssm/native \
+    EVSSM_NATIVE_ARCH=${NATIVE_ARCH} \
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 
 USER 10001:10001

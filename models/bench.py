@@ -56,14 +56,14 @@ def timed(fn: Callable[[], Any], seconds: float) -> tuple[int, float, list[float
 
 
 def bench_config(name: str, seconds: float, packet_sizes: list[int], sessions: int,
-                 offline_length: int, seed: int = 0) -> dict[str, Any]:
+                 offline_length: int, seed: int = 0, backend: str = "auto") -> dict[str, Any]:
     import jax
 
     from .config import load_model_config
     from .streaming import StreamingModel
 
     config = load_model_config(name)
-    model = StreamingModel.from_config(config, seed=seed)
+    model = StreamingModel.from_config(config, seed=seed, backend=backend)
     rng = np.random.default_rng(seed)
 
     def inputs(batch: int, length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -71,7 +71,8 @@ def bench_config(name: str, seconds: float, packet_sizes: list[int], sessions: i
         gaps = rng.integers(0, 20, (batch, length)).astype(np.int32)
         return tokens, gaps
 
-    result: dict[str, Any] = {"config": config.to_dict(), "state_bytes_per_session":
+    result: dict[str, Any] = {"config": config.to_dict(), "streaming_backend": model.backend,
+                              "state_bytes_per_session":
                               model.state_bytes, "offline": {}, "streaming_one_session": {},
                               "streaming_many_sessions": {}}
     for batch in (1, 32):
@@ -129,6 +130,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sessions stepped together for the aggregate figure")
     parser.add_argument("--offline-length", type=int, default=4096,
                         help="events per recording for the offline figure")
+    parser.add_argument("--backend", choices=["auto", "native", "xla"], default="auto",
+                        help="streaming step: native (C++ kernel, CPU), xla, or auto (native "
+                             "where it builds); the offline figures are always XLA's")
     parser.add_argument("--out", help="also write the JSON to this file")
 
 
@@ -138,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
     for name in args.configs:
         print(f"benchmarking {name} ...", file=sys.stderr)
         report["models"][name] = bench_config(name, args.seconds, args.packet_sizes,
-                                              args.sessions, args.offline_length)
+                                              args.sessions, args.offline_length,
+                                              backend=args.backend)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

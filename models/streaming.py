@@ -17,6 +17,8 @@ once per model (``EventSSM.token_tables``) and gathered per event.
 from __future__ import annotations
 
 import functools
+import logging
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,9 @@ import numpy as np
 
 from .config import ModelConfig, load_model_config
 from .model import EventSSM, State, init_state, is_spec_leaf, state_spec
+from .native import BACKENDS, NativeStep, NativeUnavailable, ensure_registered
+
+log = logging.getLogger(__name__)
 
 Array = jax.Array
 
@@ -51,6 +56,17 @@ class StateLayout:
                                for n, (_, dtype) in zip(sizes, self.leaves) if dtype != np.int32)
         self.words = self.float_words + sum(n for n, (_, dtype) in zip(sizes, self.leaves)
                                             if dtype == np.int32)
+        # Word offset of every leaf in a row (a complex leaf's real parts; n words later its
+        # imaginary parts), as a pytree shaped like the state.
+        offsets, f_at, i_at = [], 0, self.float_words
+        for n, (_, dtype) in zip(sizes, self.leaves):
+            if dtype == np.int32:
+                offsets.append(i_at)
+                i_at += n
+            else:
+                offsets.append(f_at)
+                f_at += n * (2 if dtype == np.complex64 else 1)
+        self.offsets = jax.tree.unflatten(self.treedef, offsets)
 
     def pack(self, state: State) -> Array:
         """Batched state pytree -> int32 [B, words]."""
@@ -92,7 +108,7 @@ class StreamingModel:
     functions. Executables are cached per input shape; ``compilations`` counts them."""
 
     def __init__(self, config: ModelConfig, variables: dict[str, Any], *,
-                 info: dict[str, Any] | None = None):
+                 info: dict[str, Any] | None = None, backend: str | None = None):
         self.config = config
         self.module = EventSSM(config)
         self.variables = {"params": variables["params"],
@@ -101,6 +117,8 @@ class StreamingModel:
             self.variables)
         self.layout = StateLayout(config)
         self.state_bytes = 4 * self.layout.words
+        self.native = self._resolve_backend(backend)
+        self.backend = "xla" if self.native is None else "native"
         self.info = {
             "name": config.name,
             "classes": list(config.labels),
@@ -108,6 +126,7 @@ class StreamingModel:
             "sensor": config.sensor.to_dict(),
             "downsampling": config.downsampling,
             "state_bytes": self.state_bytes,
+            "backend": self.backend,
             "trained": False,
             "source": "random-init",
             **(info or {}),
@@ -119,30 +138,57 @@ class StreamingModel:
         # and a call skips ~60 argument buffers. The tables stay arguments: they are large, and
         # a constant would be copied into every shape bucket's executable.
         variables = self.variables
+        if self.native is None:
+            step = functools.partial(self._step_impl, variables)
+            step_slots = functools.partial(self._step_slots_impl, variables)
+            self._step_data: Any = self.tables
+        else:
+            step, step_slots = self._native_step_impl, self._native_step_slots_impl
+            self._step_data = self.native.weights
         self._jitted = {
-            "step": jax.jit(functools.partial(self._step_impl, variables)),
-            "step_slots": jax.jit(functools.partial(self._step_slots_impl, variables),
-                                  donate_argnums=(1,)),
+            "step": jax.jit(step),
+            "step_slots": jax.jit(step_slots, donate_argnums=(1,)),
             "zero_slots": jax.jit(self._zero_slots_impl, donate_argnums=(0,)),
             "classify": jax.jit(functools.partial(self._classify_impl, variables)),
         }
 
+    def _resolve_backend(self, backend: str | None) -> NativeStep | None:
+        """The streaming step's backend: ``native`` (the C++ kernel, CPU only), ``xla``, or
+        ``auto`` (native where it builds, else xla). Default: ``$EVSSM_BACKEND``, else auto."""
+        backend = backend or os.environ.get("EVSSM_BACKEND") or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        if backend == "xla" or (backend == "auto" and jax.default_backend() != "cpu"):
+            return None
+        try:
+            ensure_registered()
+        except NativeUnavailable as exc:
+            if backend == "native":
+                raise
+            log.warning("native streaming step unavailable, using XLA's: %s", exc)
+            return None
+        return NativeStep(self.config, self.variables, self.tables, self.layout.offsets,
+                          self.layout.words)
+
     # --- constructors ------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, config: ModelConfig, seed: int = 0) -> "StreamingModel":
+    def from_config(cls, config: ModelConfig, seed: int = 0, *,
+                    backend: str | None = None) -> "StreamingModel":
         """A randomly initialised model (deterministic per ``seed``)."""
         return cls(config, init_variables(config, seed),
-                   info={"source": f"random-init(seed={seed})", "trained": False})
+                   info={"source": f"random-init(seed={seed})", "trained": False},
+                   backend=backend)
 
     @classmethod
-    def load(cls, directory: str | Path) -> "StreamingModel":
+    def load(cls, directory: str | Path, *, backend: str | None = None) -> "StreamingModel":
         """Load a checkpoint directory written by the trainer."""
         from .checkpoint import load_checkpoint
 
         config, variables, meta = load_checkpoint(directory)
         summary = meta.get("summary", {})
         return cls(config, variables, info={"source": str(directory), "trained": True,
-                                            "task": meta.get("task"), "summary": summary})
+                                            "task": meta.get("task"), "summary": summary},
+                   backend=backend)
 
     # --- pure implementations ----------------------------------------------------------------
     def _apply(self, variables: dict, tables: tuple, state: State, tokens: Array, gaps: Array,
@@ -160,6 +206,14 @@ class StreamingModel:
         logits, ready, state = self._apply(variables, tables, state, tokens, gaps, lengths)
         pool = pool.at[slots].set(self.layout.pack(state), mode="drop")
         return pool, logits, ready
+
+    def _native_step_impl(self, weights, packed, tokens, gaps, lengths):
+        return self.native(weights, packed, tokens, gaps, lengths)
+
+    def _native_step_slots_impl(self, weights, pool, slots, tokens, gaps, lengths):
+        rows = pool.at[slots].get(mode="clip")
+        rows, logits, ready = self.native(weights, rows, tokens, gaps, lengths)
+        return pool.at[slots].set(rows, mode="drop"), logits, ready
 
     @staticmethod
     def _zero_slots_impl(pool, slots):
@@ -205,7 +259,7 @@ class StreamingModel:
         0 for its first event and for padding), lengths int32 [B]
         -> ``(state', logits float32 [B, C], ready bool [B])``.
         """
-        return self._call("step", self.tables, state, _i32(tokens), _i32(gaps),
+        return self._call("step", self._step_data, state, _i32(tokens), _i32(gaps),
                           _i32(lengths))
 
     def step_slots(self, pool: Array, slots: Array, tokens: Array, gaps: Array, lengths: Array
@@ -213,7 +267,7 @@ class StreamingModel:
         """:meth:`step` on rows ``slots`` (int32 [B]) of a session pool (packed states
         [N, words]), in place (``pool`` is donated). A slot index equal to the pool size marks a
         padding row."""
-        return self._call("step_slots", self.tables, pool, _i32(slots),
+        return self._call("step_slots", self._step_data, pool, _i32(slots),
                           _i32(tokens), _i32(gaps), _i32(lengths))
 
     def zero_slots(self, pool: Array, slots: Array) -> Array:
@@ -263,19 +317,21 @@ def init_variables(config: ModelConfig, seed: int = 0) -> dict[str, Any]:
     return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 
-def load_model(spec: str | Path | None = None) -> StreamingModel:
+def load_model(spec: str | Path | None = None, *, backend: str | None = None) -> StreamingModel:
     """Load a model for serving.
 
     ``None``: the project's default model (the shipped trained checkpoint, or — if it is
     missing — a random-init model of ``configs/models/event-mnist.yaml``, marked untrained);
     ``"config:NAME"``: a random-init model of ``configs/models/NAME.yaml``; otherwise a
-    checkpoint directory.
+    checkpoint directory. ``backend``: the streaming step's (``auto``, ``native``, ``xla``).
     """
     if spec is None:
         if (DEFAULT_MODEL_DIR / "evssm.json").exists():
-            return StreamingModel.load(DEFAULT_MODEL_DIR)
-        return StreamingModel.from_config(load_model_config(DEFAULT_MODEL_CONFIG))
+            return StreamingModel.load(DEFAULT_MODEL_DIR, backend=backend)
+        return StreamingModel.from_config(load_model_config(DEFAULT_MODEL_CONFIG),
+                                          backend=backend)
     spec = str(spec)
     if spec.startswith("config:"):
-        return StreamingModel.from_config(load_model_config(spec[len("config:"):]))
-    return StreamingModel.load(spec)
+        return StreamingModel.from_config(load_model_config(spec[len("config:"):]),
+                                          backend=backend)
+    return StreamingModel.load(spec, backend=backend)

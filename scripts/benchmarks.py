@@ -2,7 +2,8 @@
 
     .venv/bin/python scripts/benchmarks.py --out docs/bench
 
-1. ``evssm bench model`` for the DVS, SHD and default (event-mnist) configurations;
+1. ``evssm bench model`` for the DVS, SHD and default (event-mnist) configurations, with the
+   native streaming step and with XLA's;
 2. a real ``evssm serve`` (default model + a random-init DVS model) on 127.0.0.1, then
    ``evssm bench serve``: one session and 64 sessions flat out with 256-event packets (both
    models), and 1/16/64/256 sessions at the event-mnist recordings' real-time rate;
@@ -67,8 +68,9 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    run_json(EVSSM + ["bench", "model", "--configs", "dvs", "shd", "event-mnist",
-                      "--seconds", "2"], out / "model.json", 1800)
+    for backend, name in (("native", "model.json"), ("xla", "model-xla.json")):
+        run_json(EVSSM + ["bench", "model", "--configs", "dvs", "shd", "event-mnist",
+                          "--seconds", "2", "--backend", backend], out / name, 1800)
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"

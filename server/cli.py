@@ -46,6 +46,8 @@ _OPTIONS: list[tuple[str, str, str]] = [
     ("--max-inflight", "max_inflight", "packets a connection may have awaiting results"),
     ("--slots-per-model", "slots_per_model", "device state rows per model (default: max sessions)"),
     ("--drain-timeout", "drain_timeout", "seconds a SIGTERM drain waits for in-flight packets"),
+    ("--backend", "backend", "streaming step: native (C++ kernel, CPU only; built on first use), "
+                             "xla, or auto (native where it builds)"),
 ]
 
 

@@ -72,7 +72,7 @@ class Engine:
             slots = s.slots_per_model or s.max_sessions
             kwargs = dict(num_slots=slots, batch_buckets=s.batch_buckets, length_buckets=s.length_buckets,
                           classify_length_buckets=s.classify_length_buckets,
-                          classify_batch_events=s.classify_batch_events,
+                          classify_batch_events=s.classify_batch_events, backend=s.backend,
                           on_compile=lambda name: self.metrics.compilations.labels(model=name).inc())
             if self._preloaded is not None:
                 jobs = [(name, None, model) for name, model in self._preloaded.items()]

@@ -255,9 +255,10 @@ class ModelRunner:
 
 
 def load_runner(name: str | None, source: str | None, *, model: StreamingModel | None = None,
-                **kwargs: Any) -> ModelRunner:
+                backend: str | None = None, **kwargs: Any) -> ModelRunner:
     """Load ``source`` (checkpoint dir, ``config:NAME``, None: default model) into a runner named
-    ``name`` (None: the model config's name). A ``model`` already loaded is used as is."""
+    ``name`` (None: the model config's name), its streaming step on ``backend`` (``auto``,
+    ``native``, ``xla``). A ``model`` already loaded is used as is."""
     if model is None:
-        model = load_model(source)
+        model = load_model(source, backend=backend)
     return ModelRunner(name or model.config.name, model, **kwargs)

@@ -73,6 +73,7 @@ class Settings:
     max_inflight: int = 64  # packets a connection may have awaiting results (then backpressure)
     default_top_k: int = 3
     drain_timeout: float = 30.0  # seconds a SIGTERM drain waits for in-flight packets
+    backend: str = "auto"  # streaming step: native (C++ kernel, CPU), xla, or auto
 
     def __post_init__(self) -> None:
         def check(ok: bool, msg: str) -> None:
@@ -88,6 +89,7 @@ class Settings:
         check(bool(self.length_buckets) and min(self.length_buckets) >= 1, "length_buckets must be >= 1")
         check(self.batch_wait_ms >= 0, "batch_wait_ms must be >= 0")
         check(self.max_inflight >= 1, "max_inflight must be >= 1")
+        check(self.backend in ("auto", "native", "xla"), f"backend must be auto, native or xla, not {self.backend!r}")
         check(self.classify_batch_events >= max(self.length_buckets),
               "classify_batch_events must be >= the largest length bucket")
         names = [m.name for m in self.models if m.name is not None]
@@ -122,7 +124,7 @@ class Settings:
 
 _FLOATS = {"session_idle_timeout", "batch_wait_ms", "drain_timeout"}
 _INT_TUPLES = {"batch_buckets", "length_buckets", "classify_length_buckets"}
-_STRINGS = {"host", "log_level"}
+_STRINGS = {"host", "log_level", "backend"}
 
 
 def _convert(name: str, raw: Any) -> Any:

@@ -1,0 +1,703 @@
+// Native CPU streaming step of EventSSM, called from JAX through the XLA FFI.
+//
+// Computes exactly what EventSSM.__call__ computes at inference (models/model.py, models/ssm.py,
+// models/pooling.py) for B sessions, one packet each, on the packed state rows of
+// models/streaming.py::StateLayout. The mathematics is documented there; this file only orders
+// the work for a CPU:
+//
+//   * every recurrence runs event by event, s_i = Lambda_bar_i s_{i-1} + gain_i B~u_i, over the
+//     P' complex states as separate real and imaginary vectors (the XLA path folds events into
+//     blocks instead, which is the same map);
+//   * the first layer's inputs are rows of per-token tables (B~u with the gain folded in, the
+//     pooling input [u, x], and the decays of integer microsecond gaps), read once per event;
+//   * rows of all sessions that reach a layer (events, or completed windows of a strided layer)
+//     are stacked, so each weight matrix is read once per layer and call, by register-tiled
+//     matrix products;
+//   * a layer that no session reaches is skipped: its state, and every deeper one, is unchanged.
+//
+// The weights (one float32 buffer) and the plan (int32 offsets into it and into a state row)
+// are built by models/native.py; PLAN_* below must match it.
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include <unistd.h>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// --- plan layout (mirrors models/native.py) -------------------------------------------------
+enum Header {
+  H_VERSION, H_LAYERS, H_WORDS, H_PRENORM, H_NORM, H_POOL, H_HEAD, H_CLASSES, H_WIDTH,
+  H_HEAD_W, H_HEAD_B, H_SUM_Z, H_SUM_W, H_LAST_Z, H_COUNT, H_ZOH, H_VOCAB, H_DECAY_SIZE,
+  H_TABLE_BU, H_TABLE_POOL, H_TABLE_DECAY, H_CONSTS, H_FIELDS = 32
+};
+enum Layer {
+  L_DIN, L_DOUT, L_P, L_STRIDE, L_S_LAST, L_S_FIRST, L_SUM_WX, L_SUM_W, L_SUM_DT, L_COUNT,
+  L_NORM_A, L_NORM_B, L_B, L_STEP, L_INV_LAMBDA, L_C, L_D, L_D_MATRIX, L_GATE_W, L_GATE_B,
+  L_SKIP_W, L_SKIP_B, L_DPOOL, L_FIELDS = 24
+};
+constexpr int kVersion = 1;
+enum PoolMode { POOL_FIRST = 0, POOL_AVG = 1, POOL_TIME = 2 };
+enum HeadMode { HEAD_POOL = 0, HEAD_TIME = 1, HEAD_LAST = 2 };
+
+// --- small dense kernels ------------------------------------------------------------------------
+typedef float v8 __attribute__((vector_size(32)));
+
+inline v8 load8(const float* p) { v8 v; std::memcpy(&v, p, sizeof v); return v; }
+inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
+inline v8 splat(float x) { return v8{x, x, x, x, x, x, x, x}; }
+
+// C[R rows, 8V cols] (+)= A[R, K] W[K, 8V cols] for one register tile.
+template <int R, int V>
+inline void tile(const float* a, int lda, int k_len, const float* w, int ldw, float* c, int ldc,
+                 const float* bias, bool accumulate) {
+  v8 acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v)
+      acc[r][v] = accumulate ? load8(c + r * ldc + 8 * v) : bias ? load8(bias + 8 * v) : splat(0.f);
+  for (int k = 0; k < k_len; ++k) {
+    v8 wv[V];
+    for (int v = 0; v < V; ++v) wv[v] = load8(w + (size_t)k * ldw + 8 * v);
+    for (int r = 0; r < R; ++r) {
+      const v8 x = splat(a[r * lda + k]);
+      for (int v = 0; v < V; ++v) acc[r][v] += x * wv[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) store8(c + r * ldc + 8 * v, acc[r][v]);
+}
+
+// C[M, N] = A[M, K] W[K, N] (+ bias[N]), or C += A W with accumulate. Row strides lda, ldw, ldc.
+void matmul_serial(const float* a, int lda, int m, int k, const float* w, int ldw, int n, float* c,
+                   int ldc, const float* bias, bool accumulate) {
+  int col = 0;
+  // Few rows (the deeper layers see one or two windows per packet): wide tiles, so the weight
+  // stream, not the FMA latency chain, bounds the product.
+  if (m < 4) {
+    for (; col + 64 <= n; col += 64)
+      for (int r = 0; r < m; ++r)
+        tile<1, 8>(a + r * lda, lda, k, w + col, ldw, c + r * ldc + col, ldc,
+                   bias ? bias + col : nullptr, accumulate);
+  }
+  for (; col + 16 <= n; col += 16) {
+    int r = 0;
+    for (; r + 6 <= m; r += 6)
+      tile<6, 2>(a + r * lda, lda, k, w + col, ldw, c + r * ldc + col, ldc,
+                 bias ? bias + col : nullptr, accumulate);
+    for (; r + 4 <= m; r += 4)
+      tile<4, 2>(a + r * lda, lda, k, w + col, ldw, c + r * ldc + col, ldc,
+                 bias ? bias + col : nullptr, accumulate);
+    for (; r < m; ++r)
+      tile<1, 2>(a + r * lda, lda, k, w + col, ldw, c + r * ldc + col, ldc,
+                 bias ? bias + col : nullptr, accumulate);
+  }
+  for (; col < n; ++col)
+    for (int r = 0; r < m; ++r) {
+      float s = accumulate ? c[r * ldc + col] : bias ? bias[col] : 0.f;
+      for (int j = 0; j < k; ++j) s += a[r * lda + j] * w[(size_t)j * ldw + col];
+      c[r * ldc + col] = s;
+    }
+}
+
+// A second core for the matrix products. One packet of one session is a chain of dependent
+// products of ~0.1-1 M multiply-adds each, too short for a sleeping thread pool (a futex wake
+// costs tens of microseconds): the helper spins for a while after each product and sleeps only
+// when idle.
+class Helpers {
+ public:
+  explicit Helpers(int count) {
+    for (int i = 0; i < count; ++i) threads_.emplace_back([this, i] { loop(i + 1); });
+  }
+  // Never destroyed (see helpers()): the threads end with the process.
+  ~Helpers() = delete;
+  int parts() const { return static_cast<int>(threads_.size()) + 1; }
+
+  // Runs fn(0) here and fn(1 .. parts-1) on the helpers; returns when all are done.
+  template <class F>
+  void run(F& fn) {
+    job_ = [](void* f, int part) { (*static_cast<F*>(f))(part); };
+    arg_ = &fn;
+    pending_.store(static_cast<int>(threads_.size()));
+    posted_.fetch_add(1);
+    if (sleeping_.load() > 0) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      wake_.notify_all();
+    }
+    fn(0);
+    while (pending_.load(std::memory_order_acquire) > 0) __builtin_ia32_pause();
+  }
+
+ private:
+  void loop(int part) {
+    uint64_t seen = 0;
+    using clock = std::chrono::steady_clock;
+    for (;;) {
+      auto idle_since = clock::now();
+      int spins = 0;
+      while (posted_.load(std::memory_order_acquire) == seen) {
+        __builtin_ia32_pause();
+        if (++spins % 256 == 0 && clock::now() - idle_since > std::chrono::microseconds(300)) {
+          std::unique_lock<std::mutex> lock(mutex_);
+          sleeping_.fetch_add(1);
+          wake_.wait(lock, [&] { return posted_.load() != seen; });
+          sleeping_.fetch_sub(1);
+        }
+      }
+      seen = posted_.load();
+      job_(arg_, part);
+      pending_.fetch_sub(1, std::memory_order_release);
+    }
+  }
+
+  std::vector<std::thread> threads_;
+  std::atomic<uint64_t> posted_{0};
+  std::atomic<int> pending_{0};
+  std::atomic<int> sleeping_{0};
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  void (*job_)(void*, int) = nullptr;
+  void* arg_ = nullptr;
+};
+
+// $EVSSM_NATIVE_THREADS threads (default: up to 2 of the machine's cores) share the products.
+// A forked child has none of its parent's threads: it starts its own.
+Helpers& helpers() {
+  static std::atomic<Helpers*> pool{nullptr};
+  static std::atomic<pid_t> owner{0};
+  static std::mutex create;
+  const pid_t pid = getpid();
+  if (owner.load() != pid) {
+    std::lock_guard<std::mutex> lock(create);
+    if (owner.load() != pid) {
+      const char* env = std::getenv("EVSSM_NATIVE_THREADS");
+      const int threads =
+          env ? std::atoi(env) : std::min(2, (int)std::thread::hardware_concurrency());
+      pool.store(new Helpers(std::max(1, threads) - 1));
+      owner.store(pid);
+    }
+  }
+  return *pool.load();
+}
+
+// matmul_serial with its columns shared among the threads when the product is large enough to
+// repay the hand-off.
+void matmul(const float* a, int lda, int m, int k, const float* w, int n, float* c, int ldc,
+            const float* bias, bool accumulate) {
+  Helpers& pool = helpers();
+  const int parts = pool.parts();
+  const int unit = m < 4 ? 64 : 16;
+  if (parts == 1 || (size_t)m * k * n < 32768 || n < 2 * unit) {
+    matmul_serial(a, lda, m, k, w, n, n, c, ldc, bias, accumulate);
+    return;
+  }
+  const int units = (n + unit - 1) / unit;
+  auto part = [&](int i) {
+    const int begin = std::min(n, units * i / parts * unit);
+    const int end = std::min(n, units * (i + 1) / parts * unit);
+    if (end > begin)
+      matmul_serial(a, lda, m, k, w + begin, n, end - begin, c + begin, ldc,
+                    bias ? bias + begin : nullptr, accumulate);
+  };
+  pool.run(part);
+}
+
+// exp(step * t) for states [lo, hi) of P' complex values: step [2P'] = (re..., im...),
+// out [2P']. Sine and cosine in separate loops: fused into sincos, GCC has no vector variant.
+void cexp_row(const float* step, float t, int p, int lo, int hi, float* out) {
+#pragma omp simd
+  for (int j = lo; j < hi; ++j) out[p + j] = std::exp(step[j] * t) * std::sin(step[p + j] * t);
+#pragma omp simd
+  for (int j = lo; j < hi; ++j) out[j] = std::exp(step[j] * t) * std::cos(step[p + j] * t);
+}
+
+// s = d s + gain B~u over states [lo, hi): s, d, bu [2P'] split complex. inv_lambda non-null
+// for zoh, where the gain is (d - 1) / Lambda per event (otherwise it is folded into bu).
+inline void advance(float* s, const float* d, const float* bu, const float* inv_lambda, int p,
+                    int lo, int hi) {
+  if (inv_lambda) {
+#pragma omp simd
+    for (int j = lo; j < hi; ++j) {
+      const float gr0 = d[j] - 1.f, gi0 = d[p + j];
+      const float gr = gr0 * inv_lambda[j] - gi0 * inv_lambda[p + j];
+      const float gi = gr0 * inv_lambda[p + j] + gi0 * inv_lambda[j];
+      const float br = gr * bu[j] - gi * bu[p + j];
+      const float bi = gr * bu[p + j] + gi * bu[j];
+      const float sr = s[j], si = s[p + j];
+      s[j] = d[j] * sr - d[p + j] * si + br;
+      s[p + j] = d[j] * si + d[p + j] * sr + bi;
+    }
+    return;
+  }
+#pragma omp simd
+  for (int j = lo; j < hi; ++j) {
+    const float sr = s[j], si = s[p + j];
+    s[j] = d[j] * sr - d[p + j] * si + bu[j];
+    s[p + j] = d[j] * si + d[p + j] * sr + bu[p + j];
+  }
+}
+
+// LayerNorm (a = scale, b = bias) or inference BatchNorm folded to x a + b, row by row.
+void normalize(const float* x, int ldx, int rows, int d, int kind, const float* a, const float* b,
+               float eps, float* out, int ldo) {
+  for (int r = 0; r < rows; ++r) {
+    const float* xr = x + (size_t)r * ldx;
+    float* o = out + (size_t)r * ldo;
+    if (kind == 0) {
+      float mean = 0.f;
+      for (int j = 0; j < d; ++j) mean += xr[j];
+      mean /= d;
+      float var = 0.f;
+      for (int j = 0; j < d; ++j) var += (xr[j] - mean) * (xr[j] - mean);
+      const float inv = 1.f / std::sqrt(var / d + eps);
+#pragma omp simd
+      for (int j = 0; j < d; ++j) o[j] = (xr[j] - mean) * inv * a[j] + b[j];
+    } else {
+#pragma omp simd
+      for (int j = 0; j < d; ++j) o[j] = xr[j] * a[j] + b[j];
+    }
+  }
+}
+
+// --- the step ------------------------------------------------------------------------------
+// One session's inputs to one layer's recurrence, event by event (or row by row).
+struct Events {
+  std::vector<const float*> bu;     // [2P'] gained B~u (B~u for zoh)
+  std::vector<const float*> pool;   // [d_pool] pooling input, or null
+  std::vector<const float*> decay;  // [2P'] tabulated decay, or null: computed from dt
+  std::vector<float> dt;            // time step (ms)
+  std::vector<float> weight;        // pooling weight
+  std::vector<float> divisor;       // sum of the window's weights, where a window completes
+  std::vector<int> emit;            // output row written after this event, or -1
+  std::vector<uint8_t> first;       // the event opens a window
+  void clear() {
+    bu.clear(); pool.clear(); decay.clear(); dt.clear(); weight.clear(); divisor.clear();
+    emit.clear(); first.clear();
+  }
+  void add(const float* b, const float* p, const float* d, float t) {
+    bu.push_back(b); pool.push_back(p); decay.push_back(d); dt.push_back(t);
+  }
+};
+
+struct Scratch {
+  std::vector<float> ws, pooled, dt, x, x_next, dt_next, y, g, u, bu, pool_in, tmp;
+  std::vector<int> rows, next_rows;
+  std::vector<Events> events;  // per session
+  std::vector<float*> outputs;  // per session: where its stride-1 states go, or null
+};
+
+struct Net {
+  const float* w;
+  const int32_t* plan;
+  const int32_t* layer(int i) const { return plan + H_FIELDS + i * L_FIELDS; }
+  const float* at(int32_t offset) const { return offset >= 0 ? w + offset : nullptr; }
+};
+
+// Pass 1 of a session's recurrence: the scalar bookkeeping of the pooling windows (weights,
+// completed windows, their divisors and time steps; the carried count, sum_w and sum_dt).
+// Output rows are numbered from `row`; returns the number of rows.
+int plan_windows(const int32_t* lay, int mode, float eps, float* row_f, int32_t* row_i, int row,
+                 Events& ev, std::vector<float>& out_dt) {
+  const int n = static_cast<int>(ev.dt.size()), stride = lay[L_STRIDE];
+  ev.weight.resize(n);
+  ev.divisor.resize(n);
+  ev.emit.resize(n);
+  ev.first.resize(n);
+  if (stride == 1) {
+    for (int i = 0; i < n; ++i) {
+      ev.emit[i] = row + i;
+      out_dt.push_back(ev.dt[i]);
+    }
+    return n;
+  }
+  int32_t& count = row_i[lay[L_COUNT]];
+  float& sum_w = row_f[lay[L_SUM_W]];
+  float& sum_dt = row_f[lay[L_SUM_DT]];
+  int rows = 0;
+  for (int i = 0; i < n; ++i) {
+    const float w = mode == POOL_AVG ? 1.f : mode == POOL_TIME ? ev.dt[i] + eps
+                                                               : (count == 0 ? 1.f : 0.f);
+    ev.weight[i] = w;
+    ev.first[i] = count == 0;
+    sum_w += w;
+    sum_dt += ev.dt[i];
+    if (++count == stride) {
+      ev.emit[i] = row + rows++;
+      ev.divisor[i] = sum_w > 0.f ? sum_w : 1.f;
+      out_dt.push_back(sum_dt);
+      sum_w = sum_dt = 0.f;
+      count = 0;
+    } else {
+      ev.emit[i] = -1;
+    }
+  }
+  return rows;
+}
+
+// Pass 2, over states [lo, hi) and pooling columns [qlo, qhi) only: the recurrence, the
+// window-start states and the pooled inputs. Threads share a session by splitting columns.
+void run_columns(const int32_t* lay, const float* step, const float* inv_lambda, float* row_f,
+                 const Events& ev, float* ws, float* pooled, float* tmp, int lo, int hi, int qlo,
+                 int qhi) {
+  const int p = lay[L_P], stride = lay[L_STRIDE], d_pool = lay[L_DPOOL];
+  const int n = static_cast<int>(ev.dt.size());
+  float* s = row_f + lay[L_S_LAST];
+  float* s_first = stride > 1 ? row_f + lay[L_S_FIRST] : nullptr;
+  float* sum_wx = stride > 1 ? row_f + lay[L_SUM_WX] : nullptr;
+  for (int i = 0; i < n; ++i) {
+    if (i + 12 < n) {  // a later event's table rows, while this one computes
+      for (int j = lo; j < hi; j += 16) {
+        __builtin_prefetch(ev.bu[i + 12] + j);
+        __builtin_prefetch(ev.bu[i + 12] + p + j);
+      }
+      if (ev.pool[i + 12])
+        for (int j = qlo; j < qhi; j += 16) __builtin_prefetch(ev.pool[i + 12] + j);
+    }
+    const float* d = ev.decay[i];
+    if (!d) {
+      cexp_row(step, ev.dt[i], p, lo, hi, tmp);
+      d = tmp;
+    }
+    advance(s, d, ev.bu[i], inv_lambda, p, lo, hi);
+    const int r = ev.emit[i];
+    if (stride == 1) {
+      float* out = ws + (size_t)r * 2 * p;
+      std::memcpy(out + lo, s + lo, sizeof(float) * (hi - lo));
+      std::memcpy(out + p + lo, s + p + lo, sizeof(float) * (hi - lo));
+      if (pooled && ev.pool[i])
+        std::memcpy(pooled + (size_t)r * d_pool + qlo, ev.pool[i] + qlo,
+                    sizeof(float) * (qhi - qlo));
+      continue;
+    }
+    if (ev.first[i]) {
+      std::memcpy(s_first + lo, s + lo, sizeof(float) * (hi - lo));
+      std::memcpy(s_first + p + lo, s + p + lo, sizeof(float) * (hi - lo));
+    }
+    const float w = ev.weight[i];
+    const float* in = ev.pool[i];
+#pragma omp simd
+    for (int j = qlo; j < qhi; ++j) sum_wx[j] += w * in[j];
+    if (r < 0) continue;
+    float* out = ws + (size_t)r * 2 * p;
+    std::memcpy(out + lo, s_first + lo, sizeof(float) * (hi - lo));
+    std::memcpy(out + p + lo, s_first + p + lo, sizeof(float) * (hi - lo));
+    const float div = ev.divisor[i];
+    float* pout = pooled + (size_t)r * d_pool;
+#pragma omp simd
+    for (int j = qlo; j < qhi; ++j) pout[j] = sum_wx[j] / div;
+    std::fill(sum_wx + qlo, sum_wx + qhi, 0.f);
+    // Between windows the carried window-start state is the latest state (as the XLA step
+    // leaves it), so the two backends' states stay interchangeable.
+    std::memcpy(s_first + lo, s + lo, sizeof(float) * (hi - lo));
+    std::memcpy(s_first + p + lo, s + p + lo, sizeof(float) * (hi - lo));
+  }
+}
+
+// Every session through one layer's recurrence (sc.events[b] holds session b's inputs).
+// Pass 1 for all sessions, then pass 2 shared among the threads: by sessions when there are
+// several, by columns for one session with enough arithmetic per event (the deeper layers'
+// exponentials; the first layer's table reads do not repay a split). Output rows of strided
+// layers are stacked in session order in sc.ws / sc.pooled; stride-1 states go to
+// sc.outputs[b]. Time steps of the output rows go to sc.dt, row counts to sc.next_rows.
+void recur(const Net& net, const int32_t* lay, int batch, float* state_f, int words, Scratch& sc,
+           bool first) {
+  const int32_t* plan = net.plan;
+  const int p = lay[L_P], d_pool = lay[L_DPOOL], stride = lay[L_STRIDE];
+  const float eps = net.at(plan[H_CONSTS])[1];
+  sc.dt.clear();
+  sc.next_rows.assign(batch, 0);
+  std::vector<int> row0(batch);
+  size_t events = 0;
+  for (int b = 0; b < batch; ++b) {
+    float* row_f = state_f + (size_t)b * words;
+    row0[b] = static_cast<int>(sc.dt.size());
+    sc.next_rows[b] = plan_windows(lay, plan[H_POOL], eps, row_f,
+                                   reinterpret_cast<int32_t*>(row_f),
+                                   stride == 1 && !first ? 0 : row0[b], sc.events[b], sc.dt);
+    events += sc.events[b].dt.size();
+  }
+  const size_t rows = sc.dt.size();
+  float* ws = nullptr;
+  float* pooled = nullptr;
+  if (stride > 1 || first) {
+    sc.ws.resize(rows * 2 * p);
+    sc.pooled.resize(rows * d_pool);
+    ws = sc.ws.data();
+    pooled = sc.pooled.data();
+  }
+  const float* step = net.at(lay[L_STEP]);
+  const float* inv_lambda = plan[H_ZOH] ? net.at(lay[L_INV_LAMBDA]) : nullptr;
+  Helpers& pool = helpers();
+  const int threads = pool.parts();
+  const bool by_sessions = threads > 1 && batch > 1 && events * (2 * p + d_pool) >= 16384;
+  const bool by_columns = threads > 1 && batch == 1 && !first && p >= 16 &&
+                          events * (2 * p + d_pool) >= 4096;
+  const int parts = by_sessions || by_columns ? threads : 1;
+  sc.tmp.resize((size_t)parts * 2 * p);
+  auto part = [&](int i) {
+    float* tmp = sc.tmp.data() + (size_t)i * 2 * p;
+    for (int b = by_sessions ? i : 0; b < batch; b += by_sessions ? parts : 1) {
+      if (sc.events[b].dt.empty()) continue;
+      float* out = stride == 1 && !first ? sc.outputs[b] : ws;
+      int lo = 0, hi = p, qlo = 0, qhi = d_pool;
+      if (by_columns) {
+        lo = p / 8 * i / parts * 8;
+        hi = i + 1 == parts ? p : p / 8 * (i + 1) / parts * 8;
+        qlo = d_pool / 8 * i / parts * 8;
+        qhi = i + 1 == parts ? d_pool : d_pool / 8 * (i + 1) / parts * 8;
+      }
+      run_columns(lay, step, inv_lambda, state_f + (size_t)b * words, sc.events[b], out, pooled,
+                  tmp, lo, hi, qlo, qhi);
+    }
+  };
+  if (parts > 1) {
+    pool.run(part);
+  } else {
+    part(0);
+  }
+}
+
+// Readout, gate and residual of layer `lay` on `rows` stacked rows -> sc.x_next [rows, d_out].
+// ws [rows, 2P'] states; u [rows, d_in] (ldu) the SSM input; skip [rows, d_in] (lds).
+void layer_output(const Net& net, const int32_t* lay, int rows, const float* ws, const float* u,
+                  int ldu, const float* skip, int lds, Scratch& sc) {
+  const int d_in = lay[L_DIN], d_out = lay[L_DOUT], p = lay[L_P];
+  const float* consts = net.at(net.plan[H_CONSTS]);
+  sc.y.resize((size_t)rows * d_out);
+  sc.g.resize((size_t)rows * d_out);
+  sc.x_next.resize((size_t)rows * d_out);
+  float* y = sc.y.data();
+  // y = c Re(C~ s) + D u
+  matmul(ws, 2 * p, rows, 2 * p, net.at(lay[L_C]), d_out, y, d_out, nullptr, false);
+  if (lay[L_D_MATRIX]) {
+    matmul(u, ldu, rows, d_in, net.at(lay[L_D]), d_out, y, d_out, nullptr, true);
+  } else {
+    const float* dv = net.at(lay[L_D]);
+    for (int r = 0; r < rows; ++r)
+#pragma omp simd
+      for (int j = 0; j < d_out; ++j) y[(size_t)r * d_out + j] += u[(size_t)r * ldu + j] * dv[j];
+  }
+  // g = Dense(GELU(y)), exact (erf) GELU
+  float* t = sc.x_next.data();
+  const size_t n = (size_t)rows * d_out;
+#pragma omp simd
+  for (size_t i = 0; i < n; ++i) t[i] = 0.5f * y[i] * (1.f + std::erf(y[i] * 0.70710678118654752f));
+  matmul(t, d_out, rows, d_out, net.at(lay[L_GATE_W]), d_out, sc.g.data(), d_out,
+         net.at(lay[L_GATE_B]), false);
+  float* x = sc.x_next.data();
+  const float* g = sc.g.data();
+#pragma omp simd
+  for (size_t i = 0; i < n; ++i) x[i] = y[i] / (1.f + std::exp(-g[i]));
+  // residual
+  if (lay[L_SKIP_W] >= 0) {
+    matmul(skip, lds, rows, d_in, net.at(lay[L_SKIP_W]), d_out, x, d_out, nullptr, true);
+    const float* sb = net.at(lay[L_SKIP_B]);
+    for (int r = 0; r < rows; ++r)
+#pragma omp simd
+      for (int j = 0; j < d_out; ++j) x[(size_t)r * d_out + j] += sb[j];
+  } else {
+    for (int r = 0; r < rows; ++r)
+#pragma omp simd
+      for (int j = 0; j < d_out; ++j) x[(size_t)r * d_out + j] += skip[(size_t)r * lds + j];
+  }
+  if (!net.plan[H_PRENORM]) {
+    normalize(x, d_out, rows, d_out, net.plan[H_NORM], net.at(lay[L_NORM_A]),
+              net.at(lay[L_NORM_B]), consts[0], x, d_out);
+  }
+}
+
+// The first layer: events of every session -> stacked output rows in sc.x / sc.dt_next, rows
+// per session in sc.rows.
+void first_layer(const Net& net, int batch, int length, const int32_t* tokens,
+                 const int32_t* gaps, const int32_t* lengths, float* state_f, int words,
+                 Scratch& sc) {
+  const int32_t* plan = net.plan;
+  const int32_t* lay = net.layer(0);
+  const int p = lay[L_P], d_in = lay[L_DIN], d_pool = lay[L_DPOOL];
+  const float* table_bu = net.at(plan[H_TABLE_BU]);
+  const float* table_pool = net.at(plan[H_TABLE_POOL]);
+  const float* table_decay = net.at(plan[H_TABLE_DECAY]);
+  const int decay_size = plan[H_DECAY_SIZE], vocab = plan[H_VOCAB];
+  if ((int)sc.events.size() < batch) sc.events.resize(batch);
+  for (int b = 0; b < batch; ++b) {
+    const int n = std::min(std::max(lengths[b], 0), length);
+    Events& ev = sc.events[b];
+    ev.clear();
+    for (int i = 0; i < n; ++i) {
+      // Out-of-range tokens index as in JAX: negative ones count from the end, then clamp.
+      int token = tokens[(size_t)b * length + i];
+      token = std::min(std::max(token < 0 ? token + vocab : token, 0), vocab - 1);
+      const int gap = gaps[(size_t)b * length + i];
+      ev.add(table_bu + (size_t)token * 2 * p, table_pool + (size_t)token * d_pool,
+             gap >= 0 && gap < decay_size ? table_decay + (size_t)gap * 2 * p : nullptr,
+             static_cast<float>(gap) * 1e-3f);
+    }
+  }
+  recur(net, lay, batch, state_f, words, sc, true);
+  sc.rows.swap(sc.next_rows);
+  const int rows = static_cast<int>(sc.dt.size());
+  sc.dt_next = sc.dt;
+  if (rows == 0) return;
+  const float* skip = plan[H_PRENORM] ? sc.pooled.data() + d_in : sc.pooled.data();
+  layer_output(net, lay, rows, sc.ws.data(), sc.pooled.data(), d_pool, skip, d_pool, sc);
+  sc.x.swap(sc.x_next);
+}
+
+// Layer `index` > 0 on the stacked rows of the layer below (sc.x [rows, d_in], sc.dt_next).
+void deeper_layer(const Net& net, int index, int batch, float* state_f, int words, Scratch& sc) {
+  const int32_t* plan = net.plan;
+  const int32_t* lay = net.layer(index);
+  const int p = lay[L_P], stride = lay[L_STRIDE], d_in = lay[L_DIN], d_pool = lay[L_DPOOL];
+  const float* consts = net.at(plan[H_CONSTS]);
+  const int rows_in = static_cast<int>(sc.dt_next.size());
+  const bool prenorm = plan[H_PRENORM];
+  // Features: u = Norm(x) (prenorm), B~u for every row; the pooling input is [u, x] or x.
+  const float* x = sc.x.data();
+  const float* u = x;
+  if (prenorm) {
+    sc.u.resize((size_t)rows_in * d_in);
+    normalize(x, d_in, rows_in, d_in, plan[H_NORM], net.at(lay[L_NORM_A]), net.at(lay[L_NORM_B]),
+              consts[0], sc.u.data(), d_in);
+    u = sc.u.data();
+  }
+  sc.bu.resize((size_t)rows_in * 2 * p);
+  matmul(u, d_in, rows_in, d_in, net.at(lay[L_B]), 2 * p, sc.bu.data(), 2 * p, nullptr, false);
+  const float* pin = x;
+  if (stride > 1 && prenorm) {
+    sc.pool_in.resize((size_t)rows_in * d_pool);
+    for (int r = 0; r < rows_in; ++r) {
+      std::memcpy(sc.pool_in.data() + (size_t)r * d_pool, u + (size_t)r * d_in,
+                  sizeof(float) * d_in);
+      std::memcpy(sc.pool_in.data() + (size_t)r * d_pool + d_in, x + (size_t)r * d_in,
+                  sizeof(float) * d_in);
+    }
+    pin = sc.pool_in.data();
+  }
+  std::vector<float> in_dt;
+  in_dt.swap(sc.dt_next);
+  sc.outputs.assign(batch, nullptr);
+  int at = 0;
+  for (int b = 0; b < batch; ++b) {
+    Events& ev = sc.events[b];
+    ev.clear();
+    for (int r = at; r < at + sc.rows[b]; ++r)
+      ev.add(sc.bu.data() + (size_t)r * 2 * p, stride > 1 ? pin + (size_t)r * d_pool : nullptr,
+             nullptr, in_dt[r]);
+    // Stride 1: every row is an output; its state replaces its B~u in place.
+    sc.outputs[b] = sc.bu.data() + (size_t)at * 2 * p;
+    at += sc.rows[b];
+  }
+  recur(net, lay, batch, state_f, words, sc, false);
+  sc.rows.swap(sc.next_rows);
+  const int rows = static_cast<int>(sc.dt.size());
+  sc.dt_next = sc.dt;
+  if (rows == 0) {
+    sc.x.clear();
+    return;
+  }
+  if (stride == 1) {
+    layer_output(net, lay, rows, sc.bu.data(), u, d_in, x, d_in, sc);
+  } else {
+    const float* skip = prenorm ? sc.pooled.data() + d_in : sc.pooled.data();
+    layer_output(net, lay, rows, sc.ws.data(), sc.pooled.data(), d_pool, skip, d_pool, sc);
+  }
+  sc.x.swap(sc.x_next);
+}
+
+// The head's running pool over the final-rate rows, then the logits of every session.
+void head(const Net& net, int batch, float* state_f, int words, float* logits, int32_t* ready,
+          Scratch& sc, bool have_rows) {
+  const int32_t* plan = net.plan;
+  const int width = plan[H_WIDTH], classes = plan[H_CLASSES], mode = plan[H_HEAD];
+  const float eps = net.at(plan[H_CONSTS])[1];
+  int at = 0;
+  std::vector<float> pooled((size_t)batch * width);
+  for (int b = 0; b < batch; ++b) {
+    float* row_f = state_f + (size_t)b * words;
+    int32_t* row_i = reinterpret_cast<int32_t*>(row_f);
+    float* sum_z = row_f + plan[H_SUM_Z];
+    float* sum_w = row_f + plan[H_SUM_W];
+    float* last_z = row_f + plan[H_LAST_Z];
+    int32_t* count = row_i + plan[H_COUNT];
+    const int rows = have_rows ? sc.rows[b] : 0;
+    for (int r = at; r < at + rows; ++r) {
+      const float* z = sc.x.data() + (size_t)r * width;
+      const float wgt = mode == HEAD_TIME ? sc.dt_next[r] + eps : 1.f;
+      for (int j = 0; j < width; ++j) sum_z[j] += wgt * z[j];
+      *sum_w += wgt;
+    }
+    if (rows > 0)
+      std::memcpy(last_z, sc.x.data() + (size_t)(at + rows - 1) * width, sizeof(float) * width);
+    *count += rows;
+    at += rows;
+    ready[b] = *count > 0;
+    float* out = pooled.data() + (size_t)b * width;
+    if (mode == HEAD_LAST) {
+      std::memcpy(out, last_z, sizeof(float) * width);
+    } else {
+      const float div = *sum_w > 0.f ? *sum_w : 1.f;
+      for (int j = 0; j < width; ++j) out[j] = sum_z[j] / div;
+    }
+  }
+  matmul(pooled.data(), width, batch, width, net.at(plan[H_HEAD_W]), classes, logits, classes,
+         net.at(plan[H_HEAD_B]), false);
+}
+
+ffi::Error Step(ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> plan_buf,
+                ffi::Buffer<ffi::S32> state, ffi::Buffer<ffi::S32> tokens,
+                ffi::Buffer<ffi::S32> gaps, ffi::Buffer<ffi::S32> lengths,
+                ffi::ResultBuffer<ffi::S32> state_out, ffi::ResultBuffer<ffi::F32> logits,
+                ffi::ResultBuffer<ffi::S32> ready) {
+  const int32_t* plan = plan_buf.typed_data();
+  if (plan_buf.element_count() < H_FIELDS || plan[H_VERSION] != kVersion)
+    return ffi::Error::InvalidArgument("evssm streaming step: plan version mismatch");
+  const auto sdims = state.dimensions();
+  const auto tdims = tokens.dimensions();
+  if (sdims.size() != 2 || tdims.size() != 2 || sdims[1] != plan[H_WORDS] ||
+      tdims[0] != sdims[0] || gaps.element_count() != tokens.element_count() ||
+      lengths.element_count() != static_cast<size_t>(sdims[0]))
+    return ffi::Error::InvalidArgument("evssm streaming step: inconsistent shapes");
+  const int batch = static_cast<int>(sdims[0]);
+  const int length = static_cast<int>(tdims[1]);
+  const int words = plan[H_WORDS];
+  std::memcpy(state_out->typed_data(), state.typed_data(), sizeof(int32_t) * batch * words);
+  float* state_f = reinterpret_cast<float*>(state_out->typed_data());
+  thread_local Scratch sc;
+  Net net{weights.typed_data(), plan};
+  first_layer(net, batch, length, tokens.typed_data(), gaps.typed_data(), lengths.typed_data(),
+              state_f, words, sc);
+  bool have_rows = !sc.dt_next.empty();
+  for (int i = 1; i < plan[H_LAYERS] && have_rows; ++i) {
+    deeper_layer(net, i, batch, state_f, words, sc);
+    have_rows = !sc.dt_next.empty();
+  }
+  head(net, batch, state_f, words, logits->typed_data(), ready->typed_data(), sc, have_rows);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EvssmStreamingStep, Step,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // weights
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // plan
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // state [B, words]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // tokens [B, L]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // gaps [B, L]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // lengths [B]
+                                  .Ret<ffi::Buffer<ffi::S32>>()   // state' [B, words]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // logits [B, C]
+                                  .Ret<ffi::Buffer<ffi::S32>>());  // ready [B]

@@ -1,0 +1,255 @@
+"""Native CPU streaming step: the inference step of :class:`~evssm.models.model.EventSSM` as one
+C++ kernel (``kernels/streaming_step.cc``) called through the XLA FFI.
+
+On a CPU, XLA runs a 256-event packet of the DVS model as ~150 small kernels, each a loop nest
+over a few rows, and gathers the first layer's table rows into fresh arrays before using them.
+The native step runs the same mathematics in one call: event by event through the first layer
+(reading each event's table rows in place), then layer by layer on the stacked rows of all
+sessions with register-tiled matrix products. It reads and writes the packed state rows of
+:class:`~evssm.models.streaming.StateLayout`, so the two backends are interchangeable mid-stream;
+``tests/test_native.py`` holds them equal (and the invariant tests hold it equal to the offline
+form) within float32 rounding.
+
+The kernel is compiled on first use with the machine's C++ compiler (``$CXX``, else ``g++``) for
+the machine's own instruction set and cached in ``$EVSSM_CACHE_DIR`` (default
+``~/.cache/evssm``). Without a compiler the XLA step serves (``backend="auto"``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ModelConfig
+from .model import EventSSM, InferenceTables
+from .pooling import TIMEPOOL_EPS
+from .ssm import input_gain
+
+Array = jax.Array
+
+KERNEL_SOURCE = Path(__file__).parent / "kernels" / "streaming_step.cc"
+FFI_TARGET = "evssm_streaming_step"
+BACKENDS = ("auto", "native", "xla")
+
+# Plan layout: must match the Header and Layer enums of kernels/streaming_step.cc.
+PLAN_VERSION = 1
+HEADER_FIELDS = 32
+LAYER_FIELDS = 24
+HEADER = ("version layers words prenorm norm pool head classes width head_w head_b sum_z sum_w "
+          "last_z count zoh vocab decay_size table_bu table_pool table_decay consts").split()
+LAYER = ("d_in d_out p stride s_last s_first sum_wx sum_w sum_dt count norm_a norm_b b step "
+         "inv_lambda c d d_matrix gate_w gate_b skip_w skip_b d_pool").split()
+POOL_MODES = {"first": 0, "avgpool": 1, "timepool": 2}
+HEAD_MODES = {"pool": 0, "timepool": 1, "last": 2}
+COMPILE_FLAGS = ["-std=c++17", "-O3", "-ffast-math", "-fopenmp-simd", "-fno-strict-aliasing",
+                 "-fPIC", "-w"]
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+
+
+class NativeUnavailable(RuntimeError):
+    """The native step cannot run here (no compiler, failed build, not a CPU backend)."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EVSSM_CACHE_DIR") or Path.home() / ".cache" / "evssm")
+
+
+def build_library() -> Path:
+    """Compile the kernel (once per source, JAX version and target) -> the shared library's path.
+
+    The target instruction set is ``$EVSSM_NATIVE_ARCH`` (a ``-march`` value; default
+    ``native``, this machine's own). A library already in the cache is used without a compiler,
+    so an image can ship one built for a named target (``x86-64-v3``: AVX2 and FMA).
+    Compiled with ``-ffast-math`` (so the exponentials, sines and erf of a row vectorise) but
+    linked without it: a library linked with it would switch the whole process's FPU to flush
+    denormals to zero.
+    """
+    arch = os.environ.get("EVSSM_NATIVE_ARCH") or "native"
+    flags = [*COMPILE_FLAGS, f"-march={arch}"]
+    include = jax.ffi.include_dir()
+    key = hashlib.sha256("\0".join([KERNEL_SOURCE.read_text(), include, jax.__version__,
+                                    *flags]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"streaming_step-{arch}-{key}.so"
+    if target.exists():
+        return target
+    cxx = os.environ.get("CXX") or "g++"
+    if shutil.which(cxx) is None:
+        raise NativeUnavailable(f"no C++ compiler {cxx!r} on PATH to build the native step "
+                                "(install g++ or set $CXX, or use the xla backend)")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            obj, lib = Path(tmp) / "step.o", Path(tmp) / "step.so"
+            _run([cxx, *flags, f"-I{include}", "-c", str(KERNEL_SOURCE), "-o", str(obj)])
+            try:  # glibc's vector maths (libmvec) where there is one
+                _run([cxx, "-shared", str(obj), "-o", str(lib), "-lmvec", "-lm"])
+            except NativeUnavailable:
+                _run([cxx, "-shared", str(obj), "-o", str(lib), "-lm"])
+            os.replace(lib, target)  # atomic: concurrent builders all end with a whole library
+    except OSError as exc:
+        raise NativeUnavailable(f"cannot build the native step in {target.parent}: {exc}") from exc
+    return target
+
+
+def _run(cmd: list[str]) -> None:
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise NativeUnavailable(f"building the native step failed: {' '.join(cmd)}\n"
+                                f"{done.stderr.strip()[-2000:]}")
+
+
+def ensure_registered() -> None:
+    """Build and load the kernel and register it with XLA (once per process)."""
+    global _library
+    with _lock:
+        if _library is not None:
+            return
+        if jax.default_backend() != "cpu":
+            raise NativeUnavailable(f"the native step runs on CPU; JAX's backend is "
+                                    f"{jax.default_backend()!r}")
+        path = build_library()
+        try:
+            library = ctypes.CDLL(str(path))
+        except OSError as exc:
+            raise NativeUnavailable(f"cannot load the native step {path}: {exc}") from exc
+        jax.ffi.register_ffi_target(FFI_TARGET, jax.ffi.pycapsule(library.EvssmStreamingStep),
+                                    platform="cpu")
+        _library = library
+
+
+class NativeStep:
+    """One model's weights and plan for the kernel, and the jit-able step that calls it.
+
+    ``weights`` is one float32 array: every parameter in the layout the kernel reads (weight
+    matrices ``[K, N]`` row-major, complex vectors as real parts then imaginary parts, the
+    gain folded into ``B~`` where it does not depend on the time step) and the first layer's
+    tables. ``plan`` holds the offsets of each piece in ``weights`` and in a packed state row.
+    """
+
+    def __init__(self, config: ModelConfig, variables: dict[str, Any], tables: InferenceTables,
+                 state_offsets: dict[str, Any], words: int):
+        self.config = config
+        bound = EventSSM(config).bind(variables)
+        params = variables["params"]
+        stats = variables.get("batch_stats", {})
+        pieces: list[np.ndarray] = []
+        size = 0
+
+        def put(array: Any) -> int:
+            nonlocal size
+            flat = np.asarray(array, np.float32).reshape(-1)
+            at = size
+            pad = -flat.size % 16  # keep every piece 64-byte aligned
+            pieces.append(flat)
+            if pad:
+                pieces.append(np.zeros(pad, np.float32))
+            size += flat.size + pad
+            return at
+
+        zoh = config.discretization == "zoh"
+        header = dict.fromkeys(HEADER, -1)
+        layers = []
+        for i, layer in enumerate(bound.layers):
+            ssm = layer.ssm
+            lam = ssm.lambda_()
+            delta = ssm.step_rescale * jnp.exp(ssm.log_step)
+            gain = None if zoh else input_gain(lam, delta, jnp.zeros(()), config.discretization)
+            b = ssm.b[..., 0] + 1j * ssm.b[..., 1]  # B~ [P', d_in]
+            if gain is not None:
+                b = gain[:, None] * b
+            name = f"layers_{i}"
+            rec = dict.fromkeys(LAYER, -1)
+            rec.update(d_in=layer.d_in, d_out=layer.d_out, p=int(lam.shape[0]),
+                       stride=layer.stride, d_pool=2 * layer.d_in if config.prenorm else layer.d_in,
+                       d_matrix=int(ssm.d.ndim == 2))
+            rec["step"] = put(_split(ssm.step_size()))
+            if zoh:
+                rec["inv_lambda"] = put(_split(1.0 / lam))
+            rec["b"] = put(np.concatenate([np.real(b), np.imag(b)], 0).T)  # [d_in, 2P']
+            c = ssm.readout_scale
+            rec["c"] = put(np.concatenate([c * ssm.c[..., 0].T, -c * ssm.c[..., 1].T], 0))
+            rec["d"] = put(ssm.d.T if ssm.d.ndim == 2 else ssm.d)
+            rec["gate_w"] = put(params[name]["gate"]["kernel"])
+            rec["gate_b"] = put(params[name]["gate"]["bias"])
+            if "skip_proj" in params[name]:
+                rec["skip_w"] = put(params[name]["skip_proj"]["kernel"])
+                rec["skip_b"] = put(params[name]["skip_proj"]["bias"])
+            if config.norm == "layer":
+                ln = params[name]["norm"]["LayerNorm_0"]
+                rec["norm_a"], rec["norm_b"] = put(ln["scale"]), put(ln["bias"])
+            else:
+                norm = params[name]["norm"]
+                mean, var = stats[name]["norm"]["mean"], stats[name]["norm"]["var"]
+                scale = jax.lax.rsqrt(var + layer.norm.eps) * norm["scale"]
+                rec["norm_a"], rec["norm_b"] = put(scale), put(norm["bias"] - mean * scale)
+            st = state_offsets["layers"][i]
+            rec["s_last"] = st["s_last"]
+            if layer.stride > 1:
+                for key in ("s_first", "sum_wx", "sum_w", "sum_dt", "count"):
+                    rec[key] = st[key]
+            layers.append(rec)
+
+        first = bound.layers[0]
+        bu = tables.bu
+        if not zoh:
+            lam0 = first.ssm.lambda_()
+            bu = bu * input_gain(lam0, first.ssm.step_rescale * jnp.exp(first.ssm.log_step),
+                                 jnp.zeros(()), config.discretization)
+        head_state = state_offsets["head"]
+        header.update(
+            version=PLAN_VERSION, layers=len(layers), words=words, prenorm=int(config.prenorm),
+            norm=0 if config.norm == "layer" else 1, pool=POOL_MODES[config.pooling_mode],
+            head=HEAD_MODES[config.head], classes=config.num_classes,
+            width=config.stage_width(config.num_stages - 1),
+            head_w=put(params["head"]["kernel"]), head_b=put(params["head"]["bias"]),
+            sum_z=head_state["sum_z"], sum_w=head_state["sum_w"], last_z=head_state["last_z"],
+            count=head_state["count"], zoh=int(zoh), vocab=config.num_embeddings,
+            decay_size=int(tables.decay.values.shape[0]),
+            table_bu=put(np.concatenate([np.real(bu), np.imag(bu)], 1)),
+            table_pool=put(tables.pool_in),
+            table_decay=put(np.concatenate([np.real(tables.decay.values),
+                                            np.imag(tables.decay.values)], 1)),
+            consts=put([first.norm.eps, TIMEPOOL_EPS]))
+        if size >= 2**31:
+            raise NativeUnavailable("model too large for the native step's 32-bit offsets")
+        plan = np.full(HEADER_FIELDS + LAYER_FIELDS * len(layers), -1, np.int32)
+        plan[:len(HEADER)] = [header[k] for k in HEADER]
+        for i, rec in enumerate(layers):
+            at = HEADER_FIELDS + LAYER_FIELDS * i
+            plan[at:at + len(LAYER)] = [rec[k] for k in LAYER]
+        self.plan = plan
+        self.weights = jnp.asarray(np.concatenate(pieces))
+        self.weight_bytes = 4 * int(self.weights.size)
+
+    def __call__(self, weights: Array, state: Array, tokens: Array, gaps: Array, lengths: Array
+                 ) -> tuple[Array, Array, Array]:
+        """``(weights, state int32 [B, words], tokens [B, L], gaps [B, L], lengths [B])`` ->
+        ``(state', logits [B, C], ready bool [B])``. Jit-able; ``weights`` is ``self.weights``
+        passed as an argument (not a constant folded into every executable)."""
+        batch = state.shape[0]
+        call = jax.ffi.ffi_call(FFI_TARGET, (
+            jax.ShapeDtypeStruct(state.shape, jnp.int32),
+            jax.ShapeDtypeStruct((batch, self.config.num_classes), jnp.float32),
+            jax.ShapeDtypeStruct((batch,), jnp.int32)))
+        new_state, logits, ready = call(weights, jnp.asarray(self.plan), state, tokens, gaps,
+                                        lengths)
+        return new_state, logits, ready > 0
+
+
+def _split(z: Array) -> np.ndarray:
+    """Complex [..., n] -> real [..., 2n]: real parts, then imaginary parts."""
+    z = np.asarray(z)
+    return np.concatenate([z.real, z.imag], -1)

@@ -1,0 +1,183 @@
+"""The native CPU streaming step equals the XLA step, and its build fails soft.
+
+The invariant tests (test_streaming_invariant.py) stream through the default backend, which on
+a CPU with a compiler is the native one, against the XLA offline form; these compare the two
+streaming backends directly: logits, readiness and the packed carried state, session by session,
+including sessions with empty packets, long gaps (decays outside the table), padding slots, and
+a stream that changes backend half way.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from evssm.models import native
+from evssm.models.config import load_model_config
+from evssm.models.streaming import StreamingModel, init_variables
+
+from test_streaming_invariant import SMALL, VARIANTS, perturbed_model
+
+try:
+    native.ensure_registered()
+except native.NativeUnavailable as exc:  # pragma: no cover - machines without g++
+    pytest.skip(f"native step unavailable: {exc}", allow_module_level=True)
+
+
+def both_backends(config, seed: int = 3) -> tuple[StreamingModel, StreamingModel]:
+    model = perturbed_model(config, seed)
+    xla = StreamingModel(config, model.variables, backend="xla")
+    assert model.backend == "native" and xla.backend == "xla"
+    return model, xla
+
+
+def random_packets(rng: np.random.Generator, config, batch: int, length: int
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    tokens = rng.integers(0, config.num_embeddings, (batch, length)).astype(np.int32)
+    gaps = np.where(rng.random((batch, length)) < 0.9, rng.integers(0, 80, (batch, length)),
+                    rng.integers(0, 300_000, (batch, length))).astype(np.int32)
+    lengths = rng.integers(0, length + 1, batch).astype(np.int32)
+    lengths[0] = length
+    if batch > 1:
+        lengths[1] = 0
+    for b in range(batch):
+        tokens[b, lengths[b]:] = -1
+        gaps[b, lengths[b]:] = 0
+    return tokens, gaps, lengths
+
+
+def assert_states_close(model: StreamingModel, a, b) -> None:
+    """Float words within float32 rounding of the values' scale; int words (counts) equal."""
+    words = model.layout.float_words
+    a, b = np.asarray(a), np.asarray(b)
+    np.testing.assert_array_equal(a[:, words:], b[:, words:])
+    fa, fb = a[:, :words].view(np.float32), b[:, :words].view(np.float32)
+    scale = max(1.0, float(np.abs(fb).max()))
+    np.testing.assert_allclose(fa, fb, rtol=1e-4, atol=1e-4 * scale)
+
+
+def assert_logits_close(a, b, ready) -> None:
+    a, b = np.asarray(a)[ready], np.asarray(b)[ready]
+    scale = max(1.0, float(np.abs(b).max())) if b.size else 1.0
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * scale)
+
+
+CASES = {**VARIANTS, "stride1-first-layer": dict(SMALL, pooling_stride=1, num_stages=1)}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_native_step_equals_xla_step(name: str) -> None:
+    config = load_model_config("tiny", CASES[name])
+    fast, ref = both_backends(config)
+    rng = np.random.default_rng(abs(hash(name)) % 2**32)
+    batch = 4
+    s_fast, s_ref = fast.init_state(batch), ref.init_state(batch)
+    for _ in range(6):
+        tokens, gaps, lengths = random_packets(rng, config, batch, int(rng.integers(1, 48)))
+        s_fast, l_fast, r_fast = fast.step(s_fast, tokens, gaps, lengths)
+        s_ref, l_ref, r_ref = ref.step(s_ref, tokens, gaps, lengths)
+        np.testing.assert_array_equal(np.asarray(r_fast), np.asarray(r_ref))
+        assert_logits_close(l_fast, l_ref, np.asarray(r_ref))
+        assert_states_close(fast, s_fast, s_ref)
+    assert np.asarray(r_ref).any()
+
+
+@pytest.mark.parametrize("name", ["dvs", "ssc"])
+def test_reference_configs_native_equals_xla(name: str) -> None:
+    """Full-size models: 64 sessions (the threads split the sessions) and one session with
+    long packets (the threads split the states)."""
+    config = load_model_config(name)
+    fast, ref = both_backends(config, seed=4)
+    rng = np.random.default_rng(5)
+    for batch, length in ((64, 256), (1, 1024)):
+        s_fast, s_ref = fast.init_state(batch), ref.init_state(batch)
+        for _ in range(2):
+            tokens, gaps, lengths = random_packets(rng, config, batch, length)
+            s_fast, l_fast, r_fast = fast.step(s_fast, tokens, gaps, lengths)
+            s_ref, l_ref, r_ref = ref.step(s_ref, tokens, gaps, lengths)
+            np.testing.assert_array_equal(np.asarray(r_fast), np.asarray(r_ref))
+            assert_logits_close(l_fast, l_ref, np.asarray(r_ref))
+        assert_states_close(fast, s_fast, s_ref)
+
+
+def test_slots_and_backend_switch_mid_stream() -> None:
+    """step_slots on a pool (with padding rows) matches XLA's, untouched rows stay bit for bit,
+    and a stream continued on the other backend gives the same logits."""
+    config = load_model_config("tiny", VARIANTS["async-timepool-timepool-conj"])
+    fast, ref = both_backends(config)
+    rng = np.random.default_rng(11)
+    pool_fast, pool_ref = fast.init_state(6), ref.init_state(6)
+    slots = np.array([4, 1, 6, 2], np.int32)  # 6 == pool size: a padding row
+    for _ in range(3):
+        tokens, gaps, lengths = random_packets(rng, config, 4, 40)
+        pool_fast, l_fast, _ = fast.step_slots(pool_fast, slots, tokens, gaps, lengths)
+        pool_ref, l_ref, r_ref = ref.step_slots(pool_ref, slots, tokens, gaps, lengths)
+        live = np.asarray(r_ref) & (slots < 6)
+        assert_logits_close(l_fast, l_ref, live)
+    assert_states_close(fast, pool_fast, pool_ref)
+    untouched = [0, 3, 5]
+    np.testing.assert_array_equal(np.asarray(pool_fast)[untouched], 0)
+    # Switch: continue the native pool's streams on XLA, and the XLA pool's on native.
+    tokens = rng.integers(0, config.num_embeddings, (4, 40)).astype(np.int32)
+    gaps = rng.integers(0, 80, (4, 40)).astype(np.int32)
+    lengths = np.full(4, 40, np.int32)
+    _, l_a, r_a = ref.step_slots(pool_fast, slots, tokens, gaps, lengths)
+    _, l_b, _ = fast.step_slots(pool_ref, slots, tokens, gaps, lengths)
+    assert_logits_close(l_a, l_b, np.asarray(r_a) & (slots < 6))
+
+
+def test_thread_count_does_not_change_results(tmp_path) -> None:
+    """One thread and two give the same logits bit for bit (threads split whole sessions or
+    whole columns, never a sum)."""
+    script = (
+        "import numpy as np, sys\n"
+        "from evssm.models.config import load_model_config\n"
+        "from evssm.models.streaming import StreamingModel, init_variables\n"
+        "c = load_model_config('shd')\n"
+        "m = StreamingModel(c, init_variables(c, 0), backend='native')\n"
+        "r = np.random.default_rng(0)\n"
+        "out = []\n"
+        "for b, n in ((1, 512), (8, 256)):\n"
+        "    t = r.integers(0, c.num_embeddings, (b, n)).astype(np.int32)\n"
+        "    g = r.integers(0, 50, (b, n)).astype(np.int32)\n"
+        "    s, l, _ = m.step(m.init_state(b), t, g, np.full(b, n, np.int32))\n"
+        "    out.append(np.asarray(l))\n"
+        "np.save(sys.argv[1], np.concatenate(out))\n")
+    results = []
+    for threads in ("1", "2"):
+        path = tmp_path / f"logits-{threads}.npy"
+        env = dict(os.environ, EVSSM_NATIVE_THREADS=threads, JAX_PLATFORMS="cpu")
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, env=env,
+                       timeout=300)
+        results.append(np.load(path))
+    assert np.isfinite(results[0]).all()
+    np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_build_without_compiler_fails_soft(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("EVSSM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(native.NativeUnavailable, match="no C\\+\\+ compiler"):
+        native.build_library()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_backend_is_rejected() -> None:
+    config = load_model_config("tiny", SMALL)
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        StreamingModel(config, init_variables(config, 0), backend="gpu")
+
+
+def test_cached_library_is_reused(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("EVSSM_CACHE_DIR", str(tmp_path))
+    first = native.build_library()
+    stamp = first.stat().st_mtime_ns
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))  # not needed any more
+    assert native.build_library() == first
+    assert first.stat().st_mtime_ns == stamp
+    assert jax.default_backend() == "cpu"
