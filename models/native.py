@@ -1,14 +1,15 @@
 """Native CPU streaming step: the inference step of :class:`~evssm.models.model.EventSSM` as one
-C++ kernel (``kernels/streaming_step.cc``) called through the XLA FFI.
+C++ function (``kernels/streaming_step.cc``), built as a small Python extension.
 
 On a CPU, XLA runs a 256-event packet of the DVS model as ~150 small kernels, each a loop nest
-over a few rows, and gathers the first layer's table rows into fresh arrays before using them.
-The native step runs the same mathematics in one call: event by event through the first layer
-(reading each event's table rows in place), then layer by layer on the stacked rows of all
-sessions with register-tiled matrix products. It reads and writes the packed state rows of
-:class:`~evssm.models.streaming.StateLayout`, so the two backends are interchangeable mid-stream;
-``tests/test_native.py`` holds them equal (and the invariant tests hold it equal to the offline
-form) within float32 rounding.
+over a few rows, and gathers the first layer's table rows into fresh arrays before using them;
+a jitted call alone costs ~25 us. The native step runs the same mathematics in one plain call
+(without the GIL): event by event through the first layer (reading each event's table
+rows in place), then layer by layer on the stacked rows of all sessions with register-tiled
+matrix products. It reads and writes the packed state rows of
+:class:`~evssm.models.streaming.StateLayout` (NumPy arrays, updated in place), so the two
+backends are interchangeable mid-stream; ``tests/test_native.py`` holds them equal (and the
+invariant tests hold it equal to the offline form) within float32 rounding.
 
 The kernel is compiled on first use with the machine's C++ compiler (``$CXX``, else ``g++``) for
 the machine's own instruction set and cached in ``$EVSSM_CACHE_DIR`` (default
@@ -17,14 +18,18 @@ the machine's own instruction set and cached in ``$EVSSM_CACHE_DIR`` (default
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
+import importlib.machinery
+import importlib.util
 import os
 import shutil
 import subprocess
+import sys
+import sysconfig
 import tempfile
 import threading
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import jax
@@ -39,7 +44,7 @@ from .ssm import input_gain
 Array = jax.Array
 
 KERNEL_SOURCE = Path(__file__).parent / "kernels" / "streaming_step.cc"
-FFI_TARGET = "evssm_streaming_step"
+MODULE_NAME = "evssm_native_step"  # PyInit_evssm_native_step in the source
 BACKENDS = ("auto", "native", "xla")
 
 # Plan layout: must match the Header and Layer enums of kernels/streaming_step.cc.
@@ -56,7 +61,7 @@ COMPILE_FLAGS = ["-std=c++17", "-O3", "-ffast-math", "-fopenmp-simd", "-fno-stri
                  "-fPIC", "-w"]
 
 _lock = threading.Lock()
-_library: ctypes.CDLL | None = None
+_library: ModuleType | None = None
 
 
 class NativeUnavailable(RuntimeError):
@@ -68,7 +73,7 @@ def cache_dir() -> Path:
 
 
 def build_library() -> Path:
-    """Compile the kernel (once per source, JAX version and target) -> the shared library's path.
+    """Compile the kernel (once per source and target) -> the shared library's path.
 
     The target instruction set is ``$EVSSM_NATIVE_ARCH`` (a ``-march`` value; default
     ``native``, this machine's own). A library already in the cache is used without a compiler,
@@ -78,14 +83,18 @@ def build_library() -> Path:
     denormals to zero.
     """
     arch = os.environ.get("EVSSM_NATIVE_ARCH") or "native"
-    flags = [*COMPILE_FLAGS, f"-march={arch}"]
-    include = jax.ffi.include_dir()
-    key = hashlib.sha256("\0".join([KERNEL_SOURCE.read_text(), include, jax.__version__,
-                                    *flags]).encode()).hexdigest()[:16]
+    include = sysconfig.get_paths()["include"]
+    flags = [*COMPILE_FLAGS, f"-march={arch}", f"-I{include}"]
+    abi = sysconfig.get_config_var("EXT_SUFFIX") or sys.version
+    key = hashlib.sha256("\0".join([KERNEL_SOURCE.read_text(), abi, *flags]).encode()
+                         ).hexdigest()[:16]
     target = cache_dir() / f"streaming_step-{arch}-{key}.so"
     if target.exists():
         return target
     cxx = os.environ.get("CXX") or "g++"
+    if not (Path(include) / "Python.h").exists():
+        raise NativeUnavailable(f"no Python headers in {include} to build the native step "
+                                "(install python3-dev)")
     if shutil.which(cxx) is None:
         raise NativeUnavailable(f"no C++ compiler {cxx!r} on PATH to build the native step "
                                 "(install g++ or set $CXX, or use the xla backend)")
@@ -93,7 +102,7 @@ def build_library() -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             obj, lib = Path(tmp) / "step.o", Path(tmp) / "step.so"
-            _run([cxx, *flags, f"-I{include}", "-c", str(KERNEL_SOURCE), "-o", str(obj)])
+            _run([cxx, *flags, "-c", str(KERNEL_SOURCE), "-o", str(obj)])
             try:  # glibc's vector maths (libmvec) where there is one
                 _run([cxx, "-shared", str(obj), "-o", str(lib), "-lmvec", "-lm"])
             except NativeUnavailable:
@@ -111,27 +120,26 @@ def _run(cmd: list[str]) -> None:
                                 f"{done.stderr.strip()[-2000:]}")
 
 
-def ensure_registered() -> None:
-    """Build and load the kernel and register it with XLA (once per process)."""
+def load_library() -> ModuleType:
+    """Build (if needed) and import the kernel's extension module, once per process."""
     global _library
     with _lock:
         if _library is not None:
-            return
-        if jax.default_backend() != "cpu":
-            raise NativeUnavailable(f"the native step runs on CPU; JAX's backend is "
-                                    f"{jax.default_backend()!r}")
+            return _library
         path = build_library()
         try:
-            library = ctypes.CDLL(str(path))
-        except OSError as exc:
+            loader = importlib.machinery.ExtensionFileLoader(MODULE_NAME, str(path))
+            spec = importlib.util.spec_from_file_location(MODULE_NAME, path, loader=loader)
+            module = importlib.util.module_from_spec(spec)
+            loader.exec_module(module)
+        except (ImportError, OSError) as exc:
             raise NativeUnavailable(f"cannot load the native step {path}: {exc}") from exc
-        jax.ffi.register_ffi_target(FFI_TARGET, jax.ffi.pycapsule(library.EvssmStreamingStep),
-                                    platform="cpu")
-        _library = library
+        _library = module
+        return module
 
 
 class NativeStep:
-    """One model's weights and plan for the kernel, and the jit-able step that calls it.
+    """One model's weights and plan for the kernel, and the calls into it.
 
     ``weights`` is one float32 array: every parameter in the layout the kernel reads (weight
     matrices ``[K, N]`` row-major, complex vectors as real parts then imaginary parts, the
@@ -231,22 +239,32 @@ class NativeStep:
             at = HEADER_FIELDS + LAYER_FIELDS * i
             plan[at:at + len(LAYER)] = [rec[k] for k in LAYER]
         self.plan = plan
-        self.weights = jnp.asarray(np.concatenate(pieces))
-        self.weight_bytes = 4 * int(self.weights.size)
+        self.words = words
+        self.weights = np.concatenate(pieces)
+        self.weight_bytes = self.weights.nbytes
+        self._step = load_library().step
 
-    def __call__(self, weights: Array, state: Array, tokens: Array, gaps: Array, lengths: Array
-                 ) -> tuple[Array, Array, Array]:
-        """``(weights, state int32 [B, words], tokens [B, L], gaps [B, L], lengths [B])`` ->
-        ``(state', logits [B, C], ready bool [B])``. Jit-able; ``weights`` is ``self.weights``
-        passed as an argument (not a constant folded into every executable)."""
-        batch = state.shape[0]
-        call = jax.ffi.ffi_call(FFI_TARGET, (
-            jax.ShapeDtypeStruct(state.shape, jnp.int32),
-            jax.ShapeDtypeStruct((batch, self.config.num_classes), jnp.float32),
-            jax.ShapeDtypeStruct((batch,), jnp.int32)))
-        new_state, logits, ready = call(weights, jnp.asarray(self.plan), state, tokens, gaps,
-                                        lengths)
-        return new_state, logits, ready > 0
+    def step_rows(self, pool: np.ndarray, slots: np.ndarray | None, tokens: Any, gaps: Any,
+                  lengths: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Advance sessions in place on ``pool`` (int32 [N, words], C-contiguous, writable):
+        session ``b`` is row ``slots[b]`` (``b`` when ``slots`` is None; a slot outside the pool
+        is a padding row, not written). tokens, gaps int32 [B, L]; lengths [B]
+        -> ``(logits float32 [B, C], ready bool [B])``."""
+        tokens = _i32(tokens)
+        batch = tokens.shape[0]
+        if slots is None and pool.shape[0] < batch:
+            raise ValueError(f"{batch} sessions but {pool.shape[0]} state rows")
+        logits = np.empty((batch, self.config.num_classes), np.float32)
+        ready = np.empty(batch, np.int32)
+        # The extension checks dtypes, contiguity and shapes, and raises ValueError.
+        self._step(self.weights, self.plan, pool, None if slots is None else _i32(slots), tokens,
+                   _i32(gaps), _i32(lengths), logits, ready)
+        return logits, ready > 0
+
+
+def _i32(a: Any) -> np.ndarray:
+    """C-contiguous int32 NumPy array, without a copy when it already is one."""
+    return np.ascontiguousarray(a, np.int32)
 
 
 def _split(z: Array) -> np.ndarray:

@@ -29,7 +29,7 @@ import numpy as np
 
 from .config import ModelConfig, load_model_config
 from .model import EventSSM, State, init_state, is_spec_leaf, state_spec
-from .native import BACKENDS, NativeStep, NativeUnavailable, ensure_registered
+from .native import BACKENDS, NativeStep, NativeUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -138,16 +138,10 @@ class StreamingModel:
         # and a call skips ~60 argument buffers. The tables stay arguments: they are large, and
         # a constant would be copied into every shape bucket's executable.
         variables = self.variables
-        if self.native is None:
-            step = functools.partial(self._step_impl, variables)
-            step_slots = functools.partial(self._step_slots_impl, variables)
-            self._step_data: Any = self.tables
-        else:
-            step, step_slots = self._native_step_impl, self._native_step_slots_impl
-            self._step_data = self.native.weights
         self._jitted = {
-            "step": jax.jit(step),
-            "step_slots": jax.jit(step_slots, donate_argnums=(1,)),
+            "step": jax.jit(functools.partial(self._step_impl, variables)),
+            "step_slots": jax.jit(functools.partial(self._step_slots_impl, variables),
+                                  donate_argnums=(1,)),
             "zero_slots": jax.jit(self._zero_slots_impl, donate_argnums=(0,)),
             "classify": jax.jit(functools.partial(self._classify_impl, variables)),
         }
@@ -160,15 +154,17 @@ class StreamingModel:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         if backend == "xla" or (backend == "auto" and jax.default_backend() != "cpu"):
             return None
+        if jax.default_backend() != "cpu":
+            raise NativeUnavailable(f"the native step runs on CPU; JAX's backend is "
+                                    f"{jax.default_backend()!r}")
         try:
-            ensure_registered()
+            return NativeStep(self.config, self.variables, self.tables, self.layout.offsets,
+                              self.layout.words)
         except NativeUnavailable as exc:
             if backend == "native":
                 raise
             log.warning("native streaming step unavailable, using XLA's: %s", exc)
             return None
-        return NativeStep(self.config, self.variables, self.tables, self.layout.offsets,
-                          self.layout.words)
 
     # --- constructors ------------------------------------------------------------------------
     @classmethod
@@ -207,14 +203,6 @@ class StreamingModel:
         pool = pool.at[slots].set(self.layout.pack(state), mode="drop")
         return pool, logits, ready
 
-    def _native_step_impl(self, weights, packed, tokens, gaps, lengths):
-        return self.native(weights, packed, tokens, gaps, lengths)
-
-    def _native_step_slots_impl(self, weights, pool, slots, tokens, gaps, lengths):
-        rows = pool.at[slots].get(mode="clip")
-        rows, logits, ready = self.native(weights, rows, tokens, gaps, lengths)
-        return pool.at[slots].set(rows, mode="drop"), logits, ready
-
     @staticmethod
     def _zero_slots_impl(pool, slots):
         return pool.at[slots].set(0, mode="drop")
@@ -239,7 +227,10 @@ class StreamingModel:
 
     # --- public API --------------------------------------------------------------------------
     def init_state(self, batch: int) -> Array:
-        """Packed zero state (fresh sessions) for ``batch`` sessions: int32 [B, words]."""
+        """Packed zero state (fresh sessions) for ``batch`` sessions: int32 [B, words] (a NumPy
+        array with the native backend, a JAX array with XLA's)."""
+        if self.native is not None:
+            return np.zeros((batch, self.layout.words), np.int32)
         return jnp.zeros((batch, self.layout.words), jnp.int32)
 
     def unpack_state(self, packed: Array) -> State:
@@ -257,21 +248,33 @@ class StreamingModel:
         state int32 [B, words] (packed, from :meth:`init_state` or an earlier step), tokens int32
         [B, L] (-1 padding), gaps int32 [B, L] (microseconds since the session's previous event;
         0 for its first event and for padding), lengths int32 [B]
-        -> ``(state', logits float32 [B, C], ready bool [B])``.
+        -> ``(state', logits float32 [B, C], ready bool [B])``. ``state`` itself is unchanged.
         """
-        return self._call("step", self._step_data, state, _i32(tokens), _i32(gaps),
-                          _i32(lengths))
+        if self.native is not None:
+            state = np.array(state, np.int32, order="C")  # a copy: step returns a new state
+            logits, ready = self.native.step_rows(state, None, tokens, gaps, lengths)
+            return state, logits, ready
+        return self._call("step", self.tables, state, _i32(tokens), _i32(gaps), _i32(lengths))
 
     def step_slots(self, pool: Array, slots: Array, tokens: Array, gaps: Array, lengths: Array
                    ) -> tuple[Array, Array, Array]:
         """:meth:`step` on rows ``slots`` (int32 [B]) of a session pool (packed states
-        [N, words]), in place (``pool`` is donated). A slot index equal to the pool size marks a
-        padding row."""
-        return self._call("step_slots", self._step_data, pool, _i32(slots),
+        [N, words]), in place (``pool`` is donated; use the pool returned). A slot index equal to
+        the pool size marks a padding row."""
+        if self.native is not None:
+            pool = _writable_rows(pool)
+            logits, ready = self.native.step_rows(pool, slots, tokens, gaps, lengths)
+            return pool, logits, ready
+        return self._call("step_slots", self.tables, pool, _i32(slots),
                           _i32(tokens), _i32(gaps), _i32(lengths))
 
     def zero_slots(self, pool: Array, slots: Array) -> Array:
         """Zero rows ``slots`` (int32 [K]; the pool size marks padding) of a pool (donated)."""
+        if self.native is not None:
+            pool = _writable_rows(pool)
+            slots = np.asarray(slots)
+            pool[slots[(slots >= 0) & (slots < pool.shape[0])]] = 0
+            return pool
         return self._call("zero_slots", pool, _i32(slots))
 
     def classify(self, tokens: Array, gaps: Array, lengths: Array) -> tuple[Array, Array]:
@@ -301,6 +304,14 @@ class StreamingModel:
                 if classify:
                     jax.block_until_ready(self.classify(ints, ints, vec))
         return self.compilations - before
+
+
+def _writable_rows(pool: Any) -> np.ndarray:
+    """The pool as a writable C-contiguous int32 NumPy array (itself when it already is one)."""
+    if (isinstance(pool, np.ndarray) and pool.dtype == np.int32 and pool.flags.c_contiguous
+            and pool.flags.writeable):
+        return pool
+    return np.array(pool, np.int32, order="C")
 
 
 def _i32(a: Any) -> Any:

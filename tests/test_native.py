@@ -24,7 +24,7 @@ from evssm.models.streaming import StreamingModel, init_variables
 from test_streaming_invariant import SMALL, VARIANTS, perturbed_model
 
 try:
-    native.ensure_registered()
+    native.load_library()
 except native.NativeUnavailable as exc:  # pragma: no cover - machines without g++
     pytest.skip(f"native step unavailable: {exc}", allow_module_level=True)
 
@@ -181,3 +181,23 @@ def test_cached_library_is_reused(tmp_path, monkeypatch) -> None:
     assert native.build_library() == first
     assert first.stat().st_mtime_ns == stamp
     assert jax.default_backend() == "cpu"
+
+
+def test_bad_shapes_are_rejected_and_leave_the_pool_alone() -> None:
+    config = load_model_config("tiny", SMALL)
+    model = StreamingModel(config, init_variables(config, 0), backend="native")
+    rng = np.random.default_rng(2)
+    pool = model.init_state(3)
+    tokens = rng.integers(0, config.num_embeddings, (2, 16)).astype(np.int32)
+    gaps = np.zeros((2, 16), np.int32)
+    pool, _, _ = model.step_slots(pool, np.array([0, 2], np.int32), tokens, gaps,
+                                  np.array([16, 9], np.int32))
+    before = pool.copy()
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        model.step_slots(pool, np.array([0, 2], np.int32), tokens, gaps[:, :8],
+                         np.array([16, 9], np.int32))
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        model.step_slots(pool, np.array([0, 1, 2], np.int32), tokens, gaps,
+                         np.array([16, 9], np.int32))
+    np.testing.assert_array_equal(pool, before)
+    assert before[[0, 2]].any() and not before[1].any()

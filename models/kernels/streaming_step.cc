@@ -1,4 +1,4 @@
-// Native CPU streaming step of EventSSM, called from JAX through the XLA FFI.
+// Native CPU streaming step of EventSSM, called from Python through ctypes (models/native.py).
 //
 // Computes exactly what EventSSM.__call__ computes at inference (models/model.py, models/ssm.py,
 // models/pooling.py) for B sessions, one packet each, on the packed state rows of
@@ -24,6 +24,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -32,10 +33,6 @@
 #include <vector>
 
 #include <unistd.h>
-
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
 
 namespace {
 
@@ -295,6 +292,7 @@ struct Events {
 struct Scratch {
   std::vector<float> ws, pooled, dt, x, x_next, dt_next, y, g, u, bu, pool_in, tmp;
   std::vector<int> rows, next_rows;
+  std::vector<float*> row_ptrs;  // per session: its state row
   std::vector<Events> events;  // per session
   std::vector<float*> outputs;  // per session: where its stride-1 states go, or null
 };
@@ -412,7 +410,7 @@ void run_columns(const int32_t* lay, const float* step, const float* inv_lambda,
 // exponentials; the first layer's table reads do not repay a split). Output rows of strided
 // layers are stacked in session order in sc.ws / sc.pooled; stride-1 states go to
 // sc.outputs[b]. Time steps of the output rows go to sc.dt, row counts to sc.next_rows.
-void recur(const Net& net, const int32_t* lay, int batch, float* state_f, int words, Scratch& sc,
+void recur(const Net& net, const int32_t* lay, int batch, float* const* state, Scratch& sc,
            bool first) {
   const int32_t* plan = net.plan;
   const int p = lay[L_P], d_pool = lay[L_DPOOL], stride = lay[L_STRIDE];
@@ -422,7 +420,7 @@ void recur(const Net& net, const int32_t* lay, int batch, float* state_f, int wo
   std::vector<int> row0(batch);
   size_t events = 0;
   for (int b = 0; b < batch; ++b) {
-    float* row_f = state_f + (size_t)b * words;
+    float* row_f = state[b];
     row0[b] = static_cast<int>(sc.dt.size());
     sc.next_rows[b] = plan_windows(lay, plan[H_POOL], eps, row_f,
                                    reinterpret_cast<int32_t*>(row_f),
@@ -459,7 +457,7 @@ void recur(const Net& net, const int32_t* lay, int batch, float* state_f, int wo
         qlo = d_pool / 8 * i / parts * 8;
         qhi = i + 1 == parts ? d_pool : d_pool / 8 * (i + 1) / parts * 8;
       }
-      run_columns(lay, step, inv_lambda, state_f + (size_t)b * words, sc.events[b], out, pooled,
+      run_columns(lay, step, inv_lambda, state[b], sc.events[b], out, pooled,
                   tmp, lo, hi, qlo, qhi);
     }
   };
@@ -522,7 +520,7 @@ void layer_output(const Net& net, const int32_t* lay, int rows, const float* ws,
 // The first layer: events of every session -> stacked output rows in sc.x / sc.dt_next, rows
 // per session in sc.rows.
 void first_layer(const Net& net, int batch, int length, const int32_t* tokens,
-                 const int32_t* gaps, const int32_t* lengths, float* state_f, int words,
+                 const int32_t* gaps, const int32_t* lengths, float* const* state,
                  Scratch& sc) {
   const int32_t* plan = net.plan;
   const int32_t* lay = net.layer(0);
@@ -546,7 +544,7 @@ void first_layer(const Net& net, int batch, int length, const int32_t* tokens,
              static_cast<float>(gap) * 1e-3f);
     }
   }
-  recur(net, lay, batch, state_f, words, sc, true);
+  recur(net, lay, batch, state, sc, true);
   sc.rows.swap(sc.next_rows);
   const int rows = static_cast<int>(sc.dt.size());
   sc.dt_next = sc.dt;
@@ -557,7 +555,7 @@ void first_layer(const Net& net, int batch, int length, const int32_t* tokens,
 }
 
 // Layer `index` > 0 on the stacked rows of the layer below (sc.x [rows, d_in], sc.dt_next).
-void deeper_layer(const Net& net, int index, int batch, float* state_f, int words, Scratch& sc) {
+void deeper_layer(const Net& net, int index, int batch, float* const* state, Scratch& sc) {
   const int32_t* plan = net.plan;
   const int32_t* lay = net.layer(index);
   const int p = lay[L_P], stride = lay[L_STRIDE], d_in = lay[L_DIN], d_pool = lay[L_DPOOL];
@@ -600,7 +598,7 @@ void deeper_layer(const Net& net, int index, int batch, float* state_f, int word
     sc.outputs[b] = sc.bu.data() + (size_t)at * 2 * p;
     at += sc.rows[b];
   }
-  recur(net, lay, batch, state_f, words, sc, false);
+  recur(net, lay, batch, state, sc, false);
   sc.rows.swap(sc.next_rows);
   const int rows = static_cast<int>(sc.dt.size());
   sc.dt_next = sc.dt;
@@ -618,7 +616,7 @@ void deeper_layer(const Net& net, int index, int batch, float* state_f, int word
 }
 
 // The head's running pool over the final-rate rows, then the logits of every session.
-void head(const Net& net, int batch, float* state_f, int words, float* logits, int32_t* ready,
+void head(const Net& net, int batch, float* const* state, float* logits, int32_t* ready,
           Scratch& sc, bool have_rows) {
   const int32_t* plan = net.plan;
   const int width = plan[H_WIDTH], classes = plan[H_CLASSES], mode = plan[H_HEAD];
@@ -626,7 +624,7 @@ void head(const Net& net, int batch, float* state_f, int words, float* logits, i
   int at = 0;
   std::vector<float> pooled((size_t)batch * width);
   for (int b = 0; b < batch; ++b) {
-    float* row_f = state_f + (size_t)b * words;
+    float* row_f = state[b];
     int32_t* row_i = reinterpret_cast<int32_t*>(row_f);
     float* sum_z = row_f + plan[H_SUM_Z];
     float* sum_w = row_f + plan[H_SUM_W];
@@ -656,48 +654,147 @@ void head(const Net& net, int batch, float* state_f, int words, float* logits, i
          net.at(plan[H_HEAD_B]), false);
 }
 
-ffi::Error Step(ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> plan_buf,
-                ffi::Buffer<ffi::S32> state, ffi::Buffer<ffi::S32> tokens,
-                ffi::Buffer<ffi::S32> gaps, ffi::Buffer<ffi::S32> lengths,
-                ffi::ResultBuffer<ffi::S32> state_out, ffi::ResultBuffer<ffi::F32> logits,
-                ffi::ResultBuffer<ffi::S32> ready) {
-  const int32_t* plan = plan_buf.typed_data();
-  if (plan_buf.element_count() < H_FIELDS || plan[H_VERSION] != kVersion)
-    return ffi::Error::InvalidArgument("evssm streaming step: plan version mismatch");
-  const auto sdims = state.dimensions();
-  const auto tdims = tokens.dimensions();
-  if (sdims.size() != 2 || tdims.size() != 2 || sdims[1] != plan[H_WORDS] ||
-      tdims[0] != sdims[0] || gaps.element_count() != tokens.element_count() ||
-      lengths.element_count() != static_cast<size_t>(sdims[0]))
-    return ffi::Error::InvalidArgument("evssm streaming step: inconsistent shapes");
-  const int batch = static_cast<int>(sdims[0]);
-  const int length = static_cast<int>(tdims[1]);
+}  // namespace
+
+// Advances `batch` sessions by one packet each, in place on their packed state rows: session b's
+// row is pool[slots[b]] (pool[b] when slots is null); a slot outside the pool marks a padding
+// row, stepped from a zero state and not written. tokens, gaps [batch, length]; lengths [batch];
+// logits [batch, classes] and ready [batch] are written. Returns 0, or -1 with a message in
+// error (the pool untouched). Python calls this through ctypes, without the GIL.
+extern "C" int evssm_streaming_step(const float* weights, const int32_t* plan, int plan_len,
+                                    int32_t* pool, int pool_rows, const int32_t* slots,
+                                    int batch, int length, const int32_t* tokens,
+                                    const int32_t* gaps, const int32_t* lengths, float* logits,
+                                    int32_t* ready, char* error, int error_len) {
+  auto fail = [&](const char* message) {
+    std::snprintf(error, error_len, "%s", message);
+    return -1;
+  };
+  if (plan_len < H_FIELDS || plan[H_VERSION] != kVersion ||
+      plan_len < H_FIELDS + L_FIELDS * plan[H_LAYERS])
+    return fail("plan version or size mismatch (rebuild the native step)");
+  if (batch < 0 || length < 0 || pool_rows < 0) return fail("negative dimension");
   const int words = plan[H_WORDS];
-  std::memcpy(state_out->typed_data(), state.typed_data(), sizeof(int32_t) * batch * words);
-  float* state_f = reinterpret_cast<float*>(state_out->typed_data());
   thread_local Scratch sc;
-  Net net{weights.typed_data(), plan};
-  first_layer(net, batch, length, tokens.typed_data(), gaps.typed_data(), lengths.typed_data(),
-              state_f, words, sc);
+  thread_local std::vector<int32_t> padding;
+  sc.row_ptrs.resize(batch);
+  int padding_rows = 0;
+  for (int b = 0; b < batch; ++b) padding_rows += slots && (slots[b] < 0 || slots[b] >= pool_rows);
+  padding.assign((size_t)padding_rows * words, 0);
+  int next_padding = 0;
+  for (int b = 0; b < batch; ++b) {
+    const int row = slots ? slots[b] : b;
+    if (row >= 0 && row < pool_rows) {
+      sc.row_ptrs[b] = reinterpret_cast<float*>(pool + (size_t)row * words);
+    } else if (slots) {
+      sc.row_ptrs[b] = reinterpret_cast<float*>(padding.data() + (size_t)next_padding++ * words);
+    } else {
+      return fail("pool has fewer rows than sessions");
+    }
+  }
+  Net net{weights, plan};
+  float* const* state = sc.row_ptrs.data();
+  first_layer(net, batch, length, tokens, gaps, lengths, state, sc);
   bool have_rows = !sc.dt_next.empty();
   for (int i = 1; i < plan[H_LAYERS] && have_rows; ++i) {
-    deeper_layer(net, i, batch, state_f, words, sc);
+    deeper_layer(net, i, batch, state, sc);
     have_rows = !sc.dt_next.empty();
   }
-  head(net, batch, state_f, words, logits->typed_data(), ready->typed_data(), sc, have_rows);
-  return ffi::Error::Success();
+  head(net, batch, state, logits, ready, sc, have_rows);
+  return 0;
 }
+
+// --- Python binding -------------------------------------------------------------------------------
+// step(weights, plan, pool, slots, tokens, gaps, lengths, logits, ready): buffers of C-contiguous
+// 4-byte items (NumPy arrays); slots may be None. The kernel runs without the GIL. A plain
+// extension function, not ctypes: ctypes spends ~2 us converting each array argument.
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+namespace {
+
+struct View {
+  Py_buffer buf{};
+  bool held = false;
+  ~View() {
+    if (held) PyBuffer_Release(&buf);
+  }
+  // A C-contiguous buffer of 4-byte items of `kind` ('i' int32, 'f' float32), `ndim` dims.
+  bool get(PyObject* obj, const char* name, char kind, int ndim, bool writable) {
+    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(obj, &buf, flags) != 0) {
+      PyErr_Format(PyExc_ValueError, "%s: expected a C-contiguous%s array", name,
+                   writable ? " writable" : "");
+      return false;
+    }
+    held = true;
+    const char* fmt = buf.format ? buf.format : "B";
+    const char last = fmt[std::strlen(fmt) - 1];
+    const bool ok_kind = kind == 'f' ? last == 'f' : (last == 'i' || last == 'l');
+    if (buf.itemsize != 4 || !ok_kind || buf.ndim != ndim) {
+      PyErr_Format(PyExc_ValueError, "%s: expected a %d-d %s array", name, ndim,
+                   kind == 'f' ? "float32" : "int32");
+      return false;
+    }
+    return true;
+  }
+  Py_ssize_t dim(int i) const { return buf.shape[i]; }
+  template <class T>
+  T* data() const { return static_cast<T*>(buf.buf); }
+};
+
+PyObject* py_step(PyObject*, PyObject* args) {
+  PyObject *weights_o, *plan_o, *pool_o, *slots_o, *tokens_o, *gaps_o, *lengths_o, *logits_o,
+      *ready_o;
+  if (!PyArg_ParseTuple(args, "OOOOOOOOO", &weights_o, &plan_o, &pool_o, &slots_o, &tokens_o,
+                        &gaps_o, &lengths_o, &logits_o, &ready_o))
+    return nullptr;
+  View weights, plan, pool, slots, tokens, gaps, lengths, logits, ready;
+  if (!weights.get(weights_o, "weights", 'f', 1, false) ||
+      !plan.get(plan_o, "plan", 'i', 1, false) || !pool.get(pool_o, "pool", 'i', 2, true) ||
+      !tokens.get(tokens_o, "tokens", 'i', 2, false) ||
+      !gaps.get(gaps_o, "gaps", 'i', 2, false) ||
+      !lengths.get(lengths_o, "lengths", 'i', 1, false) ||
+      !logits.get(logits_o, "logits", 'f', 2, true) || !ready.get(ready_o, "ready", 'i', 1, true))
+    return nullptr;
+  const bool have_slots = slots_o != Py_None;
+  if (have_slots && !slots.get(slots_o, "slots", 'i', 1, false)) return nullptr;
+  const Py_ssize_t batch = tokens.dim(0), length = tokens.dim(1);
+  const int32_t* p = plan.data<int32_t>();
+  if (plan.dim(0) < H_FIELDS || pool.dim(1) != p[H_WORDS] || gaps.dim(0) != batch ||
+      gaps.dim(1) != length || lengths.dim(0) != batch || logits.dim(0) != batch ||
+      logits.dim(1) != p[H_CLASSES] || ready.dim(0) != batch ||
+      (have_slots && slots.dim(0) != batch) || batch > INT32_MAX || length > INT32_MAX) {
+    PyErr_SetString(PyExc_ValueError, "inconsistent shapes for the native streaming step");
+    return nullptr;
+  }
+  char error[256] = "";
+  int status;
+  Py_BEGIN_ALLOW_THREADS
+  status = evssm_streaming_step(weights.data<float>(), p, static_cast<int>(plan.dim(0)),
+                                pool.data<int32_t>(), static_cast<int>(pool.dim(0)),
+                                have_slots ? slots.data<int32_t>() : nullptr,
+                                static_cast<int>(batch), static_cast<int>(length),
+                                tokens.data<int32_t>(), gaps.data<int32_t>(),
+                                lengths.data<int32_t>(), logits.data<float>(),
+                                ready.data<int32_t>(), error, sizeof error);
+  Py_END_ALLOW_THREADS
+  if (status != 0) {
+    PyErr_SetString(PyExc_RuntimeError, error);
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyMethodDef methods[] = {
+    {"step", py_step, METH_VARARGS,
+     "step(weights, plan, pool, slots, tokens, gaps, lengths, logits, ready): advance sessions "
+     "in place on their packed state rows"},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "evssm_native_step", nullptr, -1, methods};
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(EvssmStreamingStep, Step,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // weights
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // plan
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // state [B, words]
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // tokens [B, L]
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // gaps [B, L]
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // lengths [B]
-                                  .Ret<ffi::Buffer<ffi::S32>>()   // state' [B, words]
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // logits [B, C]
-                                  .Ret<ffi::Buffer<ffi::S32>>());  // ready [B]
+PyMODINIT_FUNC PyInit_evssm_native_step() { return PyModule_Create(&module); }
