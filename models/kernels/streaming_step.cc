@@ -406,10 +406,10 @@ void run_columns(const int32_t* lay, const float* step, const float* inv_lambda,
 
 // Every session through one layer's recurrence (sc.events[b] holds session b's inputs).
 // Pass 1 for all sessions, then pass 2 shared among the threads: by sessions when there are
-// several, by columns for one session with enough arithmetic per event (the deeper layers'
-// exponentials; the first layer's table reads do not repay a split). Output rows of strided
-// layers are stacked in session order in sc.ws / sc.pooled; stride-1 states go to
-// sc.outputs[b]. Time steps of the output rows go to sc.dt, row counts to sc.next_rows.
+// several; for one session, by columns in the deeper layers (their exponentials) and by role
+// in the first. Output rows of strided layers are stacked in session order in sc.ws /
+// sc.pooled; stride-1 states go to sc.outputs[b]. Time steps of the output rows go to sc.dt,
+// row counts to sc.next_rows.
 void recur(const Net& net, const int32_t* lay, int batch, float* const* state, Scratch& sc,
            bool first) {
   const int32_t* plan = net.plan;
@@ -443,7 +443,10 @@ void recur(const Net& net, const int32_t* lay, int batch, float* const* state, S
   const bool by_sessions = threads > 1 && batch > 1 && events * (2 * p + d_pool) >= 16384;
   const bool by_columns = threads > 1 && batch == 1 && !first && p >= 16 &&
                           events * (2 * p + d_pool) >= 4096;
-  const int parts = by_sessions || by_columns ? threads : 1;
+  // One session's first layer: one thread runs the recurrence (the B~u rows), the other the
+  // pooling sums (the pooling rows); splitting both by columns measured slower.
+  const bool by_roles = threads == 2 && batch == 1 && first && stride > 1 && events >= 32;
+  const int parts = by_sessions || by_columns || by_roles ? threads : 1;
   sc.tmp.resize((size_t)parts * 2 * p);
   auto part = [&](int i) {
     float* tmp = sc.tmp.data() + (size_t)i * 2 * p;
@@ -456,6 +459,13 @@ void recur(const Net& net, const int32_t* lay, int batch, float* const* state, S
         hi = i + 1 == parts ? p : p / 8 * (i + 1) / parts * 8;
         qlo = d_pool / 8 * i / parts * 8;
         qhi = i + 1 == parts ? d_pool : d_pool / 8 * (i + 1) / parts * 8;
+      }
+      if (by_roles) {
+        if (i == 0) {
+          qlo = qhi = 0;
+        } else {
+          lo = hi = 0;
+        }
       }
       run_columns(lay, step, inv_lambda, state[b], sc.events[b], out, pooled,
                   tmp, lo, hi, qlo, qhi);
