@@ -32,7 +32,7 @@
 #include <thread>
 #include <vector>
 
-#include <unistd.h>
+#include <pthread.h>
 
 namespace {
 
@@ -112,8 +112,11 @@ void matmul_serial(const float* a, int lda, int m, int k, const float* w, int ld
 
 // A second core for the matrix products. One packet of one session is a chain of dependent
 // products of ~0.1-1 M multiply-adds each, too short for a sleeping thread pool (a futex wake
-// costs tens of microseconds): the helper spins for a while after each product and sleeps only
-// when idle.
+// costs tens of microseconds): the helper spins for kSpin after each job and then sleeps. kSpin
+// covers the gaps inside a step and between back-to-back steps, and is short enough not to rob
+// a busy server's other threads.
+constexpr auto kSpin = std::chrono::microseconds(60);
+
 class Helpers {
  public:
   explicit Helpers(int count) {
@@ -147,7 +150,7 @@ class Helpers {
       int spins = 0;
       while (posted_.load(std::memory_order_acquire) == seen) {
         __builtin_ia32_pause();
-        if (++spins % 256 == 0 && clock::now() - idle_since > std::chrono::microseconds(300)) {
+        if (++spins % 256 == 0 && clock::now() - idle_since > kSpin) {
           std::unique_lock<std::mutex> lock(mutex_);
           sleeping_.fetch_add(1);
           wake_.wait(lock, [&] { return posted_.load() != seen; });
@@ -172,22 +175,23 @@ class Helpers {
 
 // $EVSSM_NATIVE_THREADS threads (default: up to 2 of the machine's cores) share the products.
 // A forked child has none of its parent's threads: it starts its own.
+std::atomic<Helpers*> the_helpers{nullptr};
+
 Helpers& helpers() {
-  static std::atomic<Helpers*> pool{nullptr};
-  static std::atomic<pid_t> owner{0};
+  Helpers* pool = the_helpers.load(std::memory_order_acquire);
+  if (pool) return *pool;
   static std::mutex create;
-  const pid_t pid = getpid();
-  if (owner.load() != pid) {
-    std::lock_guard<std::mutex> lock(create);
-    if (owner.load() != pid) {
-      const char* env = std::getenv("EVSSM_NATIVE_THREADS");
-      const int threads =
-          env ? std::atoi(env) : std::min(2, (int)std::thread::hardware_concurrency());
-      pool.store(new Helpers(std::max(1, threads) - 1));
-      owner.store(pid);
-    }
+  std::lock_guard<std::mutex> lock(create);
+  if (!the_helpers.load()) {
+    static const bool registered =
+        pthread_atfork(nullptr, nullptr, [] { the_helpers.store(nullptr); }) == 0;
+    (void)registered;
+    const char* env = std::getenv("EVSSM_NATIVE_THREADS");
+    const int threads =
+        env ? std::atoi(env) : std::min(2, (int)std::thread::hardware_concurrency());
+    the_helpers.store(new Helpers(std::max(1, threads) - 1));
   }
-  return *pool.load();
+  return *the_helpers.load();
 }
 
 // matmul_serial with its columns shared among the threads when the product is large enough to
