@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import importlib.machinery
 import importlib.util
+import logging
 import os
 import shutil
 import subprocess
@@ -60,6 +61,7 @@ HEAD_MODES = {"pool": 0, "timepool": 1, "last": 2}
 COMPILE_FLAGS = ["-std=c++17", "-O3", "-ffast-math", "-fopenmp-simd", "-fno-strict-aliasing",
                  "-fPIC", "-w"]
 
+log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _library: ModuleType | None = None
 
@@ -98,6 +100,7 @@ def build_library() -> Path:
     if shutil.which(cxx) is None:
         raise NativeUnavailable(f"no C++ compiler {cxx!r} on PATH to build the native step "
                                 "(install g++ or set $CXX, or use the xla backend)")
+    log.info("building the native streaming step for -march=%s into %s (once)", arch, target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:

@@ -139,6 +139,10 @@ def test_settings_from_env_and_overrides():
         Settings(max_sessions=0)
     with pytest.raises(ValueError):
         Settings(models=(ModelSpec("a", "x"), ModelSpec("a", "y")))
+    assert Settings.from_env({"EVSSM_BACKEND": "xla"}).backend == "xla"
+    assert Settings().backend == "auto"
+    with pytest.raises(ValueError, match="backend must be auto, native or xla"):
+        Settings.from_env({"EVSSM_BACKEND": "cuda"})
 
 
 def test_serve_help_lists_every_option_and_env_var():

@@ -1,4 +1,5 @@
-// Native CPU streaming step of EventSSM, called from Python through ctypes (models/native.py).
+// Native CPU streaming step of EventSSM: a Python extension module built and loaded by
+// models/native.py.
 //
 // Computes exactly what EventSSM.__call__ computes at inference (models/model.py, models/ssm.py,
 // models/pooling.py) for B sessions, one packet each, on the packed state rows of
@@ -13,10 +14,13 @@
 //   * rows of all sessions that reach a layer (events, or completed windows of a strided layer)
 //     are stacked, so each weight matrix is read once per layer and call, by register-tiled
 //     matrix products;
-//   * a layer that no session reaches is skipped: its state, and every deeper one, is unchanged.
+//   * a layer that no session reaches is skipped: its state, and every deeper one, is unchanged;
+//   * a second thread takes half of each product, and of the recurrences (by session, by state
+//     columns, or for one session's first layer, by role).
 //
 // The weights (one float32 buffer) and the plan (int32 offsets into it and into a state row)
-// are built by models/native.py; PLAN_* below must match it.
+// are built by models/native.py; the Header and Layer enums below must match its HEADER and
+// LAYER lists.
 
 #include <algorithm>
 #include <atomic>
@@ -27,7 +31,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
