@@ -12,6 +12,10 @@ passes the twenty-leaf DVS state through takes ~99 us, one packed array ~25 us).
 
 At inference the first layer's per-event inputs depend on the token alone; they are tabulated
 once per model (``EventSSM.token_tables``) and gathered per event.
+
+The streaming step has two backends with the same packed rows: on a CPU the native step
+(:mod:`evssm.models.native`, one C++ call; rows are NumPy arrays updated in place), elsewhere, or
+on request, the Flax model jitted through XLA. The offline form is always XLA's.
 """
 
 from __future__ import annotations
@@ -104,8 +108,9 @@ class StateLayout:
 
 
 class StreamingModel:
-    """A loaded model with jitted streaming (``step``, ``step_slots``) and offline (``classify``)
-    functions. Executables are cached per input shape; ``compilations`` counts them."""
+    """A loaded model with streaming (``step``, ``step_slots``) and offline (``classify``)
+    functions. ``backend`` says which streaming step runs (``native`` or ``xla``); XLA's
+    executables are cached per input shape and ``compilations`` counts them."""
 
     def __init__(self, config: ModelConfig, variables: dict[str, Any], *,
                  info: dict[str, Any] | None = None, backend: str | None = None):

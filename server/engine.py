@@ -89,9 +89,10 @@ class Engine:
                 self.default_model = self.default_model or runner.name
                 compile_s = await loop.run_in_executor(runner.executor, runner.warmup)
                 log.info("model %s from %s: loaded and compiled in %.1f s (compiling %.1f s, %d "
-                         "compilations); %d B of state per session, %d slots", runner.name,
-                         runner.model.info.get("source"), time.perf_counter() - t0, compile_s,
-                         runner.compilations, runner.state_bytes, slots)
+                         "compilations); %s streaming step; %d B of state per session, %d slots",
+                         runner.name, runner.model.info.get("source"), time.perf_counter() - t0,
+                         compile_s, runner.compilations, runner.model.backend, runner.state_bytes,
+                         slots)
             self.table = SessionTable(s.max_sessions, {n: r.num_slots for n, r in self.runners.items()})
             for name, runner in self.runners.items():
                 sched = Scheduler(runner, self.table, self.metrics, s.batch_wait_ms / 1000.0, self._released)
