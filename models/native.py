@@ -172,12 +172,14 @@ class NativeStep:
 
         zoh = config.discretization == "zoh"
         header = dict.fromkeys(HEADER, -1)
-        layers = []
+        layers, gains = [], []
         for i, layer in enumerate(bound.layers):
             ssm = layer.ssm
             lam = ssm.lambda_()
-            delta = ssm.step_rescale * jnp.exp(ssm.log_step)
-            gain = None if zoh else input_gain(lam, delta, jnp.zeros(()), config.discretization)
+            # The gain does not depend on the time step except with zoh: fold it into B~.
+            gain = None if zoh else input_gain(lam, ssm.delta(), jnp.zeros(()),
+                                               config.discretization)
+            gains.append(gain)
             b = ssm.b[..., 0] + 1j * ssm.b[..., 1]  # B~ [P', d_in]
             if gain is not None:
                 b = gain[:, None] * b
@@ -214,11 +216,7 @@ class NativeStep:
             layers.append(rec)
 
         first = bound.layers[0]
-        bu = tables.bu
-        if not zoh:
-            lam0 = first.ssm.lambda_()
-            bu = bu * input_gain(lam0, first.ssm.step_rescale * jnp.exp(first.ssm.log_step),
-                                 jnp.zeros(()), config.discretization)
+        bu = tables.bu if zoh else tables.bu * gains[0]
         head_state = state_offsets["head"]
         header.update(
             version=PLAN_VERSION, layers=len(layers), words=words, prenorm=int(config.prenorm),

@@ -287,9 +287,13 @@ class S5SSM(nn.Module):
         y = jnp.concatenate(parts, -1) @ jnp.concatenate(weights, 0)
         return y + u * self.d if self.d.ndim == 1 else y
 
+    def delta(self) -> Array:
+        """``Delta = step_rescale * exp(log_step)`` [P']."""
+        return self.step_rescale * jnp.exp(self.log_step)
+
     def step_size(self) -> Array:
         """``Lambda * Delta`` [P'] complex."""
-        return self.lambda_() * (self.step_rescale * jnp.exp(self.log_step))
+        return self.lambda_() * self.delta()
 
     def decay_table(self, size: int) -> DecayTable:
         """Decays of integer microsecond times below ``size`` (first layer, inference)."""
@@ -304,7 +308,7 @@ class S5SSM(nn.Module):
         lengths [B], offsets [B] (events of the current window already seen)
         -> ``(S [B, W, P'], new state)``.
         """
-        lambda_, delta = self.lambda_(), self.step_rescale * jnp.exp(self.log_step)
+        lambda_, delta = self.lambda_(), self.delta()
         gain = input_gain(lambda_, delta, times * scale, self.discretization)
         states, s_last, s_first = window_states(lambda_ * delta, gain * bu, times, scale, lengths,
                                                 offsets, state["s_last"], state["s_first"], stride,

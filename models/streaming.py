@@ -61,16 +61,17 @@ class StateLayout:
         self.words = self.float_words + sum(n for n, (_, dtype) in zip(sizes, self.leaves)
                                             if dtype == np.int32)
         # Word offset of every leaf in a row (a complex leaf's real parts; n words later its
-        # imaginary parts), as a pytree shaped like the state.
-        offsets, f_at, i_at = [], 0, self.float_words
+        # imaginary parts), in leaf order and as a pytree shaped like the state.
+        self.sizes = sizes
+        self.flat_offsets, f_at, i_at = [], 0, self.float_words
         for n, (_, dtype) in zip(sizes, self.leaves):
             if dtype == np.int32:
-                offsets.append(i_at)
+                self.flat_offsets.append(i_at)
                 i_at += n
             else:
-                offsets.append(f_at)
+                self.flat_offsets.append(f_at)
                 f_at += n * (2 if dtype == np.complex64 else 1)
-        self.offsets = jax.tree.unflatten(self.treedef, offsets)
+        self.offsets = jax.tree.unflatten(self.treedef, self.flat_offsets)
 
     def pack(self, state: State) -> Array:
         """Batched state pytree -> int32 [B, words]."""
@@ -91,18 +92,13 @@ class StateLayout:
         batch = packed.shape[0]
         floats = jax.lax.bitcast_convert_type(packed[:, :self.float_words], jnp.float32)
         leaves = []
-        f_at, i_at = 0, self.float_words
-        for shape, dtype in self.leaves:
-            n = int(np.prod(shape, dtype=np.int64))
+        for (shape, dtype), n, at in zip(self.leaves, self.sizes, self.flat_offsets):
             if dtype == np.complex64:
-                flat = jax.lax.complex(floats[:, f_at:f_at + n], floats[:, f_at + n:f_at + 2 * n])
-                f_at += 2 * n
+                flat = jax.lax.complex(floats[:, at:at + n], floats[:, at + n:at + 2 * n])
             elif dtype == np.int32:
-                flat = packed[:, i_at:i_at + n]
-                i_at += n
+                flat = packed[:, at:at + n]
             else:
-                flat = floats[:, f_at:f_at + n]
-                f_at += n
+                flat = floats[:, at:at + n]
             leaves.append(flat.reshape(batch, *shape))
         return jax.tree.unflatten(self.treedef, leaves)
 
