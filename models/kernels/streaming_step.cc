@@ -297,7 +297,8 @@ struct Events {
 };
 
 struct Scratch {
-  std::vector<float> ws, pooled, dt, x, x_next, dt_next, y, g, u, bu, pool_in, tmp;
+  std::vector<float> ws, pooled, dt, x, x_next, dt_in, dt_next, y, g, u, bu, pool_in, tmp;
+  std::vector<float> head_in;  // the head's pooled rows
   std::vector<int> rows, next_rows;
   std::vector<float*> row_ptrs;  // per session: its state row
   std::vector<Events> events;  // per session
@@ -352,6 +353,15 @@ int plan_windows(const int32_t* lay, int mode, float eps, float* row_f, int32_t*
   return rows;
 }
 
+// dst = src over states [lo, hi) of P' complex values (real parts, then imaginary parts).
+inline void copy_states(float* dst, const float* src, int p, int lo, int hi) {
+  std::memcpy(dst + lo, src + lo, sizeof(float) * (hi - lo));
+  std::memcpy(dst + p + lo, src + p + lo, sizeof(float) * (hi - lo));
+}
+
+// Events ahead whose table rows are prefetched while one computes.
+constexpr int kPrefetchAhead = 12;
+
 // Pass 2, over states [lo, hi) and pooling columns [qlo, qhi) only: the recurrence, the
 // window-start states and the pooled inputs. Threads share a session by splitting columns.
 void run_columns(const int32_t* lay, const float* step, const float* inv_lambda, float* row_f,
@@ -363,13 +373,15 @@ void run_columns(const int32_t* lay, const float* step, const float* inv_lambda,
   float* s_first = stride > 1 ? row_f + lay[L_S_FIRST] : nullptr;
   float* sum_wx = stride > 1 ? row_f + lay[L_SUM_WX] : nullptr;
   for (int i = 0; i < n; ++i) {
-    if (i + 12 < n) {  // a later event's table rows, while this one computes
+    if (i + kPrefetchAhead < n) {
+      const float* bu = ev.bu[i + kPrefetchAhead];
+      const float* in = ev.pool[i + kPrefetchAhead];
       for (int j = lo; j < hi; j += 16) {
-        __builtin_prefetch(ev.bu[i + 12] + j);
-        __builtin_prefetch(ev.bu[i + 12] + p + j);
+        __builtin_prefetch(bu + j);
+        __builtin_prefetch(bu + p + j);
       }
-      if (ev.pool[i + 12])
-        for (int j = qlo; j < qhi; j += 16) __builtin_prefetch(ev.pool[i + 12] + j);
+      if (in)
+        for (int j = qlo; j < qhi; j += 16) __builtin_prefetch(in + j);
     }
     const float* d = ev.decay[i];
     if (!d) {
@@ -379,26 +391,19 @@ void run_columns(const int32_t* lay, const float* step, const float* inv_lambda,
     advance(s, d, ev.bu[i], inv_lambda, p, lo, hi);
     const int r = ev.emit[i];
     if (stride == 1) {
-      float* out = ws + (size_t)r * 2 * p;
-      std::memcpy(out + lo, s + lo, sizeof(float) * (hi - lo));
-      std::memcpy(out + p + lo, s + p + lo, sizeof(float) * (hi - lo));
+      copy_states(ws + (size_t)r * 2 * p, s, p, lo, hi);
       if (pooled && ev.pool[i])
         std::memcpy(pooled + (size_t)r * d_pool + qlo, ev.pool[i] + qlo,
                     sizeof(float) * (qhi - qlo));
       continue;
     }
-    if (ev.first[i]) {
-      std::memcpy(s_first + lo, s + lo, sizeof(float) * (hi - lo));
-      std::memcpy(s_first + p + lo, s + p + lo, sizeof(float) * (hi - lo));
-    }
+    if (ev.first[i]) copy_states(s_first, s, p, lo, hi);
     const float w = ev.weight[i];
     const float* in = ev.pool[i];
 #pragma omp simd
     for (int j = qlo; j < qhi; ++j) sum_wx[j] += w * in[j];
     if (r < 0) continue;
-    float* out = ws + (size_t)r * 2 * p;
-    std::memcpy(out + lo, s_first + lo, sizeof(float) * (hi - lo));
-    std::memcpy(out + p + lo, s_first + p + lo, sizeof(float) * (hi - lo));
+    copy_states(ws + (size_t)r * 2 * p, s_first, p, lo, hi);
     const float div = ev.divisor[i];
     float* pout = pooled + (size_t)r * d_pool;
 #pragma omp simd
@@ -406,8 +411,7 @@ void run_columns(const int32_t* lay, const float* step, const float* inv_lambda,
     std::fill(sum_wx + qlo, sum_wx + qhi, 0.f);
     // Between windows the carried window-start state is the latest state (as the XLA step
     // leaves it), so the two backends' states stay interchangeable.
-    std::memcpy(s_first + lo, s + lo, sizeof(float) * (hi - lo));
-    std::memcpy(s_first + p + lo, s + p + lo, sizeof(float) * (hi - lo));
+    copy_states(s_first, s, p, lo, hi);
   }
 }
 
@@ -424,14 +428,13 @@ void recur(const Net& net, const int32_t* lay, int batch, float* const* state, S
   const float eps = net.at(plan[H_CONSTS])[1];
   sc.dt.clear();
   sc.next_rows.assign(batch, 0);
-  std::vector<int> row0(batch);
   size_t events = 0;
   for (int b = 0; b < batch; ++b) {
     float* row_f = state[b];
-    row0[b] = static_cast<int>(sc.dt.size());
+    // Strided and first-layer rows are stacked; a deeper stride-1 layer's go to sc.outputs[b].
+    const int row0 = stride == 1 && !first ? 0 : static_cast<int>(sc.dt.size());
     sc.next_rows[b] = plan_windows(lay, plan[H_POOL], eps, row_f,
-                                   reinterpret_cast<int32_t*>(row_f),
-                                   stride == 1 && !first ? 0 : row0[b], sc.events[b], sc.dt);
+                                   reinterpret_cast<int32_t*>(row_f), row0, sc.events[b], sc.dt);
     events += sc.events[b].dt.size();
   }
   const size_t rows = sc.dt.size();
@@ -563,8 +566,8 @@ void first_layer(const Net& net, int batch, int length, const int32_t* tokens,
   }
   recur(net, lay, batch, state, sc, true);
   sc.rows.swap(sc.next_rows);
-  const int rows = static_cast<int>(sc.dt.size());
-  sc.dt_next = sc.dt;
+  sc.dt_next.swap(sc.dt);
+  const int rows = static_cast<int>(sc.dt_next.size());
   if (rows == 0) return;
   const float* skip = plan[H_PRENORM] ? sc.pooled.data() + d_in : sc.pooled.data();
   layer_output(net, lay, rows, sc.ws.data(), sc.pooled.data(), d_pool, skip, d_pool, sc);
@@ -601,7 +604,7 @@ void deeper_layer(const Net& net, int index, int batch, float* const* state, Scr
     }
     pin = sc.pool_in.data();
   }
-  std::vector<float> in_dt;
+  std::vector<float>& in_dt = sc.dt_in;
   in_dt.swap(sc.dt_next);
   sc.outputs.assign(batch, nullptr);
   int at = 0;
@@ -617,8 +620,8 @@ void deeper_layer(const Net& net, int index, int batch, float* const* state, Scr
   }
   recur(net, lay, batch, state, sc, false);
   sc.rows.swap(sc.next_rows);
-  const int rows = static_cast<int>(sc.dt.size());
-  sc.dt_next = sc.dt;
+  sc.dt_next.swap(sc.dt);
+  const int rows = static_cast<int>(sc.dt_next.size());
   if (rows == 0) {
     sc.x.clear();
     return;
@@ -639,7 +642,8 @@ void head(const Net& net, int batch, float* const* state, float* logits, int32_t
   const int width = plan[H_WIDTH], classes = plan[H_CLASSES], mode = plan[H_HEAD];
   const float eps = net.at(plan[H_CONSTS])[1];
   int at = 0;
-  std::vector<float> pooled((size_t)batch * width);
+  std::vector<float>& pooled = sc.head_in;
+  pooled.resize((size_t)batch * width);
   for (int b = 0; b < batch; ++b) {
     float* row_f = state[b];
     int32_t* row_i = reinterpret_cast<int32_t*>(row_f);
@@ -721,7 +725,7 @@ extern "C" int evssm_streaming_step(const float* weights, const int32_t* plan, i
   return 0;
 }
 
-// --- Python binding -------------------------------------------------------------------------------
+// --- Python binding ----------------------------------------------------------------------
 // step(weights, plan, pool, slots, tokens, gaps, lengths, logits, ready): buffers of C-contiguous
 // 4-byte items (NumPy arrays); slots may be None. The kernel runs without the GIL. A plain
 // extension function, not ctypes: ctypes spends ~2 us converting each array argument.
