@@ -18,6 +18,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .config import STREAMING_BACKENDS
+
 
 def machine_info() -> dict[str, Any]:
     import jax
@@ -130,7 +132,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sessions stepped together for the aggregate figure")
     parser.add_argument("--offline-length", type=int, default=4096,
                         help="events per recording for the offline figure")
-    parser.add_argument("--backend", choices=["auto", "native", "xla"], default="auto",
+    parser.add_argument("--backend", choices=STREAMING_BACKENDS, default="auto",
                         help="streaming step: native (C++ kernel, CPU), xla, or auto (native "
                              "where it builds); the offline figures are always XLA's")
     parser.add_argument("--out", help="also write the JSON to this file")

@@ -19,6 +19,8 @@ DISCRETIZATIONS = ("zoh", "dirac", "async")
 POOLING_MODES = ("first", "avgpool", "timepool")
 HEADS = ("pool", "timepool", "last")
 NORMS = ("layer", "batch")
+# Streaming step: the C++ kernel (CPU), the Flax model through XLA, or native where it builds.
+STREAMING_BACKENDS = ("auto", "native", "xla")
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,6 @@ Array = jax.Array
 
 KERNEL_SOURCE = Path(__file__).parent / "kernels" / "streaming_step.cc"
 MODULE_NAME = "evssm_native_step"  # PyInit_evssm_native_step in the source
-BACKENDS = ("auto", "native", "xla")
 
 # Plan layout: must match the Header and Layer enums of kernels/streaming_step.cc.
 PLAN_VERSION = 1

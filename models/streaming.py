@@ -31,9 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import ModelConfig, load_model_config
+from .config import STREAMING_BACKENDS, ModelConfig, load_model_config
 from .model import EventSSM, State, init_state, is_spec_leaf, state_spec
-from .native import BACKENDS, NativeStep, NativeUnavailable
+from .native import NativeStep, NativeUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +151,9 @@ class StreamingModel:
         """The streaming step's backend: ``native`` (the C++ kernel, CPU only), ``xla``, or
         ``auto`` (native where it builds, else xla). Default: ``$EVSSM_BACKEND``, else auto."""
         backend = backend or os.environ.get("EVSSM_BACKEND") or "auto"
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        if backend not in STREAMING_BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of "
+                             f"{', '.join(STREAMING_BACKENDS)}")
         if backend == "xla" or (backend == "auto" and jax.default_backend() != "cpu"):
             return None
         if jax.default_backend() != "cpu":

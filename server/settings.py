@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from evssm.models.config import STREAMING_BACKENDS
+
 ENV_PREFIX = "EVSSM_"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -89,7 +91,9 @@ class Settings:
         check(bool(self.length_buckets) and min(self.length_buckets) >= 1, "length_buckets must be >= 1")
         check(self.batch_wait_ms >= 0, "batch_wait_ms must be >= 0")
         check(self.max_inflight >= 1, "max_inflight must be >= 1")
-        check(self.backend in ("auto", "native", "xla"), f"backend must be auto, native or xla, not {self.backend!r}")
+        check(self.backend in STREAMING_BACKENDS,
+              f"backend must be {', '.join(STREAMING_BACKENDS[:-1])} or {STREAMING_BACKENDS[-1]}, "
+              f"not {self.backend!r}")
         check(self.classify_batch_events >= max(self.length_buckets),
               "classify_batch_events must be >= the largest length bucket")
         names = [m.name for m in self.models if m.name is not None]
