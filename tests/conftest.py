@@ -3,7 +3,9 @@
 ``serve_app(app)`` runs any ASGI app under uvicorn on a background thread and yields a
 :class:`RunningServer` (``http`` and ``ws`` base URLs, the server's event loop); it stops the
 server on exit. ``free_port()`` finds an unused port for servers started as subprocesses and
-``wait_process_ready()`` waits for one; ``require_tool()`` finds a system tool a test drives.
+``wait_process_ready()`` waits for one; ``require_tool()`` finds a system tool a test drives;
+``shared_path()`` finds a file of the workplace's shared folder (``../shared`` beside the
+repository, or ``$EVSSM_SHARED_DIR``) and skips the test where it is absent.
 :class:`LoopThread` is the base of the small loopback servers tests write themselves.
 """
 
@@ -60,6 +62,19 @@ def require_tool(name: str, package: str) -> str:
     if os.environ.get("CI") and not os.environ.get("EVSSM_DEPLOY_TESTS_ALLOW_SKIP"):
         pytest.fail(message + " (CI must install it)")
     pytest.skip(message)
+
+
+SHARED_DIR = Path(os.environ.get("EVSSM_SHARED_DIR")
+                  or Path(__file__).resolve().parents[1].parent / "shared")
+
+
+def shared_path(*parts: str) -> Path:
+    """``SHARED_DIR/parts...``; skips the test when it is absent. Those files belong to other
+    projects: tests read them in place and never copy them into this repository."""
+    path = SHARED_DIR.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent (set EVSSM_SHARED_DIR to the shared folder)")
+    return path
 
 
 class LoopThread:
