@@ -275,19 +275,33 @@ class NativeStep:
 
     def step_rows(self, pool: np.ndarray, slots: np.ndarray | None, tokens: Any, gaps: Any,
                   lengths: Any) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`step_ragged` on padded packets: tokens, gaps int32 [B, L]; session ``b``'s
+        events are the first ``lengths[b]`` of row ``b`` (clipped to 0..L)."""
+        tokens = _i32(tokens)
+        batch, length = tokens.shape
+        starts = np.arange(batch, dtype=np.int64) * length
+        lengths = np.clip(_i32(lengths), 0, length).astype(np.int32)
+        return self.step_ragged(pool, slots, tokens.reshape(-1), _i32(gaps).reshape(-1), starts,
+                                lengths)
+
+    def step_ragged(self, pool: np.ndarray, slots: np.ndarray | None, tokens: np.ndarray,
+                    gaps: np.ndarray, starts: np.ndarray, lengths: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
         """Advance sessions in place on ``pool`` (int32 [N, words], C-contiguous, writable):
         session ``b`` is row ``slots[b]`` (``b`` when ``slots`` is None; a slot outside the pool
-        is a padding row, not written). tokens, gaps int32 [B, L]; lengths [B]
+        is a padding row, not written) and reads the ragged row
+        ``tokens/gaps[starts[b] : starts[b] + lengths[b]]`` of the flat int32 buffers [E]
+        (starts int64 [B], lengths int32 [B]; no copy of the buffers is made)
         -> ``(logits float32 [B, C], ready bool [B])``."""
-        tokens = _i32(tokens)
-        batch = tokens.shape[0]
+        batch = lengths.shape[0]
         if slots is None and pool.shape[0] < batch:
             raise ValueError(f"{batch} sessions but {pool.shape[0]} state rows")
         logits = np.empty((batch, self.config.num_classes), np.float32)
         ready = np.empty(batch, np.int32)
-        # The extension checks dtypes, contiguity and shapes, and raises ValueError.
-        self._step(self.weights, self.plan, pool, None if slots is None else _i32(slots), tokens,
-                   _i32(gaps), _i32(lengths), logits, ready)
+        # The extension checks dtypes, contiguity, shapes and row bounds, and raises ValueError.
+        self._step(self.weights, self.plan, pool, None if slots is None else _i32(slots),
+                   _i32(tokens), _i32(gaps), np.ascontiguousarray(starts, np.int64),
+                   _i32(lengths), logits, ready)
         return logits, ready > 0
 
 

@@ -547,9 +547,9 @@ void layer_output(const Net& net, const int32_t* lay, int rows, const float* ws,
 }
 
 // The first layer: events of every session -> stacked output rows in sc.x / sc.dt_next, rows
-// per session in sc.rows.
-void first_layer(const Net& net, int batch, int length, const int32_t* tokens,
-                 const int32_t* gaps, const int32_t* lengths, float* const* state,
+// per session in sc.rows. Session b's events are tokens/gaps[starts[b] .. + lengths[b]).
+void first_layer(const Net& net, int batch, const int32_t* tokens, const int32_t* gaps,
+                 const int64_t* starts, const int32_t* lengths, float* const* state,
                  Scratch& sc) {
   const int32_t* plan = net.plan;
   const int32_t* lay = net.layer(0);
@@ -560,14 +560,16 @@ void first_layer(const Net& net, int batch, int length, const int32_t* tokens,
   const int decay_size = plan[H_DECAY_SIZE], vocab = plan[H_VOCAB];
   if ((int)sc.events.size() < batch) sc.events.resize(batch);
   for (int b = 0; b < batch; ++b) {
-    const int n = std::min(std::max(lengths[b], 0), length);
+    const int n = std::max(lengths[b], 0);
+    const int32_t* row_tokens = tokens + starts[b];
+    const int32_t* row_gaps = gaps + starts[b];
     Events& ev = sc.events[b];
     ev.clear();
     for (int i = 0; i < n; ++i) {
       // Out-of-range tokens index as in JAX: negative ones count from the end, then clamp.
-      int token = tokens[(size_t)b * length + i];
+      int token = row_tokens[i];
       token = std::min(std::max(token < 0 ? token + vocab : token, 0), vocab - 1);
-      const int gap = gaps[(size_t)b * length + i];
+      const int gap = row_gaps[i];
       ev.add(table_bu + (size_t)token * 2 * p, table_pool + (size_t)token * d_pool,
              gap >= 0 && gap < decay_size ? table_decay + (size_t)gap * 2 * p : nullptr,
              static_cast<float>(gap) * 1e-3f);
@@ -688,13 +690,15 @@ void head(const Net& net, int batch, float* const* state, float* logits, int32_t
 
 // Advances `batch` sessions by one packet each, in place on their packed state rows: session b's
 // row is pool[slots[b]] (pool[b] when slots is null); a slot outside the pool marks a padding
-// row, stepped from a zero state and not written. tokens, gaps [batch, length]; lengths [batch];
-// logits [batch, classes] and ready [batch] are written. Returns 0, or -1 with a message in
-// error (the pool untouched). Python calls this through ctypes, without the GIL.
+// row, stepped from a zero state and not written. The packets are ragged rows of one flat
+// buffer: session b's events are tokens/gaps[starts[b] .. starts[b] + lengths[b]) (the caller
+// has checked that every row lies inside the buffer); logits [batch, classes] and ready [batch]
+// are written. Returns 0, or -1 with a message in error (the pool untouched). Python calls this
+// through the extension function below, without the GIL.
 extern "C" int evssm_streaming_step(const float* weights, const int32_t* plan, int plan_len,
                                     int32_t* pool, int pool_rows, const int32_t* slots,
-                                    int batch, int length, const int32_t* tokens,
-                                    const int32_t* gaps, const int32_t* lengths, float* logits,
+                                    int batch, const int32_t* tokens, const int32_t* gaps,
+                                    const int64_t* starts, const int32_t* lengths, float* logits,
                                     int32_t* ready, char* error, int error_len) {
   auto fail = [&](const char* message) {
     std::snprintf(error, error_len, "%s", message);
@@ -703,7 +707,7 @@ extern "C" int evssm_streaming_step(const float* weights, const int32_t* plan, i
   if (plan_len < H_FIELDS || plan[H_VERSION] != kVersion ||
       plan_len < H_FIELDS + L_FIELDS * plan[H_LAYERS])
     return fail("plan version or size mismatch (rebuild the native step)");
-  if (batch < 0 || length < 0 || pool_rows < 0) return fail("negative dimension");
+  if (batch < 0 || pool_rows < 0) return fail("negative dimension");
   const int words = plan[H_WORDS];
   thread_local Scratch sc;
   thread_local std::vector<int32_t> padding;
@@ -724,7 +728,7 @@ extern "C" int evssm_streaming_step(const float* weights, const int32_t* plan, i
   }
   Net net{weights, plan};
   float* const* state = sc.row_ptrs.data();
-  first_layer(net, batch, length, tokens, gaps, lengths, state, sc);
+  first_layer(net, batch, tokens, gaps, starts, lengths, state, sc);
   bool have_rows = !sc.dt_next.empty();
   for (int i = 1; i < plan[H_LAYERS] && have_rows; ++i) {
     deeper_layer(net, i, batch, state, sc);
@@ -735,9 +739,10 @@ extern "C" int evssm_streaming_step(const float* weights, const int32_t* plan, i
 }
 
 // --- Python binding ----------------------------------------------------------------------
-// step(weights, plan, pool, slots, tokens, gaps, lengths, logits, ready): buffers of C-contiguous
-// 4-byte items (NumPy arrays); slots may be None. The kernel runs without the GIL. A plain
-// extension function, not ctypes: ctypes spends ~2 us converting each array argument.
+// step(weights, plan, pool, slots, tokens, gaps, starts, lengths, logits, ready): buffers of
+// C-contiguous NumPy arrays (int64 starts, the rest of 4-byte items); slots may be None. The
+// kernel runs without the GIL. A plain extension function, not ctypes: ctypes spends ~2 us
+// converting each array argument.
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -750,7 +755,7 @@ struct View {
   ~View() {
     if (held) PyBuffer_Release(&buf);
   }
-  // A C-contiguous buffer of 4-byte items of `kind` ('i' int32, 'f' float32), `ndim` dims.
+  // A C-contiguous buffer of `kind` items ('i' int32, 'q' int64, 'f' float32), `ndim` dims.
   bool get(PyObject* obj, const char* name, char kind, int ndim, bool writable) {
     int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
     if (PyObject_GetBuffer(obj, &buf, flags) != 0) {
@@ -761,10 +766,11 @@ struct View {
     held = true;
     const char* fmt = buf.format ? buf.format : "B";
     const char last = fmt[std::strlen(fmt) - 1];
-    const bool ok_kind = kind == 'f' ? last == 'f' : (last == 'i' || last == 'l');
-    if (buf.itemsize != 4 || !ok_kind || buf.ndim != ndim) {
+    const Py_ssize_t size = kind == 'q' ? 8 : 4;
+    const bool ok_kind = kind == 'f' ? last == 'f' : (last == 'i' || last == 'l' || last == 'q');
+    if (buf.itemsize != size || !ok_kind || buf.ndim != ndim) {
       PyErr_Format(PyExc_ValueError, "%s: expected a %d-d %s array", name, ndim,
-                   kind == 'f' ? "float32" : "int32");
+                   kind == 'f' ? "float32" : kind == 'q' ? "int64" : "int32");
       return false;
     }
     return true;
@@ -775,29 +781,38 @@ struct View {
 };
 
 PyObject* py_step(PyObject*, PyObject* args) {
-  PyObject *weights_o, *plan_o, *pool_o, *slots_o, *tokens_o, *gaps_o, *lengths_o, *logits_o,
-      *ready_o;
-  if (!PyArg_ParseTuple(args, "OOOOOOOOO", &weights_o, &plan_o, &pool_o, &slots_o, &tokens_o,
-                        &gaps_o, &lengths_o, &logits_o, &ready_o))
+  PyObject *weights_o, *plan_o, *pool_o, *slots_o, *tokens_o, *gaps_o, *starts_o, *lengths_o,
+      *logits_o, *ready_o;
+  if (!PyArg_ParseTuple(args, "OOOOOOOOOO", &weights_o, &plan_o, &pool_o, &slots_o, &tokens_o,
+                        &gaps_o, &starts_o, &lengths_o, &logits_o, &ready_o))
     return nullptr;
-  View weights, plan, pool, slots, tokens, gaps, lengths, logits, ready;
+  View weights, plan, pool, slots, tokens, gaps, starts, lengths, logits, ready;
   if (!weights.get(weights_o, "weights", 'f', 1, false) ||
       !plan.get(plan_o, "plan", 'i', 1, false) || !pool.get(pool_o, "pool", 'i', 2, true) ||
-      !tokens.get(tokens_o, "tokens", 'i', 2, false) ||
-      !gaps.get(gaps_o, "gaps", 'i', 2, false) ||
+      !tokens.get(tokens_o, "tokens", 'i', 1, false) ||
+      !gaps.get(gaps_o, "gaps", 'i', 1, false) ||
+      !starts.get(starts_o, "starts", 'q', 1, false) ||
       !lengths.get(lengths_o, "lengths", 'i', 1, false) ||
       !logits.get(logits_o, "logits", 'f', 2, true) || !ready.get(ready_o, "ready", 'i', 1, true))
     return nullptr;
   const bool have_slots = slots_o != Py_None;
   if (have_slots && !slots.get(slots_o, "slots", 'i', 1, false)) return nullptr;
-  const Py_ssize_t batch = tokens.dim(0), length = tokens.dim(1);
+  const Py_ssize_t batch = lengths.dim(0), events = tokens.dim(0);
   const int32_t* p = plan.data<int32_t>();
-  if (plan.dim(0) < H_FIELDS || pool.dim(1) != p[H_WORDS] || gaps.dim(0) != batch ||
-      gaps.dim(1) != length || lengths.dim(0) != batch || logits.dim(0) != batch ||
-      logits.dim(1) != p[H_CLASSES] || ready.dim(0) != batch ||
-      (have_slots && slots.dim(0) != batch) || batch > INT32_MAX || length > INT32_MAX) {
+  if (plan.dim(0) < H_FIELDS || pool.dim(1) != p[H_WORDS] || gaps.dim(0) != events ||
+      starts.dim(0) != batch || logits.dim(0) != batch || logits.dim(1) != p[H_CLASSES] ||
+      ready.dim(0) != batch || (have_slots && slots.dim(0) != batch) || batch > INT32_MAX) {
     PyErr_SetString(PyExc_ValueError, "inconsistent shapes for the native streaming step");
     return nullptr;
+  }
+  const int64_t* row_starts = starts.data<int64_t>();
+  const int32_t* row_lengths = lengths.data<int32_t>();
+  for (Py_ssize_t b = 0; b < batch; ++b) {
+    if (row_starts[b] < 0 || row_lengths[b] < 0 || row_starts[b] + row_lengths[b] > events) {
+      PyErr_Format(PyExc_ValueError, "row %zd (start %lld, length %d) is outside the %zd events",
+                   b, (long long)row_starts[b], row_lengths[b], events);
+      return nullptr;
+    }
   }
   char error[256] = "";
   int status;
@@ -805,10 +820,9 @@ PyObject* py_step(PyObject*, PyObject* args) {
   status = evssm_streaming_step(weights.data<float>(), p, static_cast<int>(plan.dim(0)),
                                 pool.data<int32_t>(), static_cast<int>(pool.dim(0)),
                                 have_slots ? slots.data<int32_t>() : nullptr,
-                                static_cast<int>(batch), static_cast<int>(length),
-                                tokens.data<int32_t>(), gaps.data<int32_t>(),
-                                lengths.data<int32_t>(), logits.data<float>(),
-                                ready.data<int32_t>(), error, sizeof error);
+                                static_cast<int>(batch), tokens.data<int32_t>(),
+                                gaps.data<int32_t>(), row_starts, row_lengths,
+                                logits.data<float>(), ready.data<int32_t>(), error, sizeof error);
   Py_END_ALLOW_THREADS
   if (status != 0) {
     PyErr_SetString(PyExc_RuntimeError, error);
@@ -819,8 +833,9 @@ PyObject* py_step(PyObject*, PyObject* args) {
 
 PyMethodDef methods[] = {
     {"step", py_step, METH_VARARGS,
-     "step(weights, plan, pool, slots, tokens, gaps, lengths, logits, ready): advance sessions "
-     "in place on their packed state rows"},
+     "step(weights, plan, pool, slots, tokens, gaps, starts, lengths, logits, ready): advance "
+     "sessions in place on their packed state rows, session b by tokens/gaps[starts[b] :"
+     " starts[b] + lengths[b]]"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "evssm_native_step", nullptr, -1, methods};
