@@ -216,9 +216,10 @@ def _records(value: Any, max_events: int | None) -> Events:
     n = len(value) // RECORD_DTYPE.itemsize
     _check_size(n, max_events)
     rec = np.frombuffer(value, dtype=RECORD_DTYPE)
-    if n and rec["t"].max() > np.iinfo(np.int64).max:
+    t = rec["t"]
+    if n and t.max() > np.iinfo(np.int64).max:
         raise ProtocolError(Code.INVALID_COLUMN, "records: t beyond int64")
-    return Events(t=rec["t"].astype(np.int64), x=rec["x"], y=rec["y"], p=rec["on"])
+    return Events(t=t.view(np.int64), x=rec["x"], y=rec["y"], p=rec["on"])  # views, no copies
 
 
 def _check_size(n: int, max_events: int | None) -> None:
@@ -259,14 +260,20 @@ def decode_events(msg: dict[str, Any], sensor: SensorSpec, max_events: int | Non
     return Events(t=cols["t"], x=cols["x"], y=cols.get("y"), p=cols.get("p"))
 
 
-def prepare(events: Events, sensor: SensorSpec, last_t: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Validate addresses and timestamps; return ``(tokens int32 [N], gaps int32 [N])``.
+def prepare(events: Events, sensor: SensorSpec, last_t: int | None,
+            tokens: np.ndarray | None = None, gaps: np.ndarray | None = None
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Validate addresses and timestamps and tokenise, in one pass over each column; return
+    ``(tokens int32 [N], gaps int32 [N])``, written into ``tokens``/``gaps`` when given (a
+    staging buffer's region: the packet goes there with no copy in between).
 
     ``last_t`` is the session's last accepted timestamp (None at a stream's start or after reset).
+    A rejected packet raises before its ``tokens``/``gaps`` are of any use (the caller drops
+    them); nothing else is written.
     """
     try:
-        tokens = tokenize(sensor, events.x, events.y, events.p)
-        gaps = time_gaps(events.t, last_t)
+        tokens = tokenize(sensor, events.x, events.y, events.p, out=tokens)
+        gaps = time_gaps(events.t, last_t, out=gaps)
     except EventError as e:
         try:
             code = Code(e.code)
