@@ -11,9 +11,10 @@ import asyncio
 import json
 import logging
 import time
+from collections import deque
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Coroutine, Generator
 
 import msgpack
 import numpy as np
@@ -29,8 +30,9 @@ from .metrics import Metrics
 from .protocol import (CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER, MSGPACK, MSGPACK_TYPES, Code,
                        ProtocolError, decode_events, decode_frame, encode_frame, error_frame, frame_type,
                        parse_open, parse_seq, prepare)
-from .sessions import Close, Packet, Reset, ServerFull, Session
+from .sessions import Close, Item, Packet, Reset, ServerFull, Session
 from .settings import Settings
+from .staging import Region
 
 if TYPE_CHECKING:
     from evssm.models.streaming import StreamingModel
@@ -51,53 +53,109 @@ def http_error(code: Code, message: str, status: int | None = None) -> JSONRespo
 
 
 # --- WebSocket connections -------------------------------------------------------------------
-class _CloseMarker:
-    def __init__(self, code: int, reason: str):
-        self.code, self.reason = code, reason
+class _Resume:
+    """Awaitable that finishes a coroutine which has already yielded ``pending`` to its caller
+    (see :func:`_send_eagerly`): it hands ``pending`` on to the task awaiting it, and forwards
+    what the task sends back, as ``await coro`` would have from the start."""
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], pending: Any):
+        self.coro, self.pending = coro, pending
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        pending = self.pending
+        while True:
+            try:
+                value = yield pending
+            except BaseException as exc:  # the task was cancelled, or the future failed
+                try:
+                    pending = self.coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    pending = self.coro.send(value)
+                except StopIteration as stop:
+                    return stop.value
+
+
+async def _finish(resume: _Resume) -> None:
+    await resume
+
+
+def _send_eagerly(coro: Coroutine[Any, Any, Any]) -> asyncio.Task | None:
+    """Run an ASGI send now, in the caller: None when it completed (the usual case: the server
+    writes the message to the socket's buffer without waiting), else a task that finishes it
+    (the socket's buffer is full: the client is not reading). Raises what the send raises.
+    Eager start as asyncio's eager task factory does, without a task per message."""
+    try:
+        pending = coro.send(None)
+    except StopIteration:
+        return None
+    return asyncio.ensure_future(_finish(_Resume(coro, pending)))
+
+
+class _Reply:
+    """A place in a connection's outbox: ``data`` is the encoded frame once known (a result's
+    after its step); ``close`` = (code, reason) for the closing handshake."""
+
+    __slots__ = ("conn", "binary", "data", "close")
+
+    def __init__(self, conn: "Connection", binary: bool):
+        self.conn, self.binary = conn, binary
+        self.data: bytes | str | None = None
+        self.close: tuple[int, str] | None = None
 
 
 class Connection:
     """One WebSocket connection: the session attached to it and an ordered outbox.
 
-    Every reply (result, error, ack) is queued in the order its request arrived, as a future the
-    scheduler resolves or a ready frame; one sender task sends them in that order. A bounded number
-    of packets may await results (``max_inflight``); beyond that the receive loop stops reading,
-    which pushes back on the client through TCP.
+    Every reply (result, error, ack, notice, the final close) takes its place in the outbox in
+    the order its request arrived; a result is filled in after its step. Ready replies at the
+    head leave at once, sent by whoever filled them (no task per reply); a send that has to wait
+    for the socket continues in a task and the replies behind it wait. Every queued reply counts
+    against the connection's bound (``max_inflight``): past it the receive loop stops reading,
+    which pushes back on the client through TCP, whatever the client sends.
     """
 
-    def __init__(self, ws: WebSocket, metrics: Metrics, max_inflight: int):
+    def __init__(self, ws: WebSocket, bound: int):
         self.ws = ws
-        self.metrics = metrics
         self.session: Session | None = None
         self.binary = True  # encoding of server-initiated frames: the client's last frame's
         self.closing = False  # a close is queued: ignore further frames
-        self._outbox: asyncio.Queue[Any] = asyncio.Queue()
-        self._inflight = asyncio.Semaphore(max_inflight)
-        self._sender: asyncio.Task | None = None
+        self.bound = bound
+        self._outbox: deque[_Reply] = deque()
+        self._sending: asyncio.Task | None = None  # a send waiting for the socket
+        self._dead = False  # a send failed or the client is gone: replies are dropped
+        self._room: asyncio.Future[None] | None = None  # the receive loop waits for room
+        self._flushed: asyncio.Future[None] | None = None  # stop() waits for the close to go
 
-    def start(self) -> None:
-        self._sender = asyncio.create_task(self._send_loop())
+    @property
+    def queued(self) -> int:
+        """Replies queued and not yet handed to the socket (the bound counts these)."""
+        return len(self._outbox) + (self._sending is not None)
 
-    async def stop(self) -> None:
-        """Wait for a queued close to go out, else stop sending (the client is gone)."""
-        if self._sender is None:
-            return
-        if not self.closing:
-            self._sender.cancel()
-        try:
-            await asyncio.wait_for(self._sender, timeout=5.0)
-        except (asyncio.CancelledError, asyncio.TimeoutError, Exception):
-            pass
+    def reply(self, binary: bool | None = None) -> _Reply:
+        """Reserve the next place in the outbox (filled later with :meth:`fill`)."""
+        reply = _Reply(self, self.binary if binary is None else binary)
+        self._outbox.append(reply)
+        return reply
 
-    def send(self, frame: dict[str, Any] | asyncio.Future, binary: bool | None = None,
-             packet: tuple[str, int, float] | None = None) -> None:
-        """Queue a reply. ``packet`` = (model, events, received) for a result's latency metric."""
-        self._outbox.put_nowait((frame, self.binary if binary is None else binary, packet))
+    def send(self, frame: dict[str, Any], binary: bool | None = None) -> None:
+        """Queue a ready reply behind the earlier ones."""
+        reply = self.reply(binary)
+        self.fill(reply, encode_frame(frame, reply.binary))
+
+    def fill(self, reply: _Reply, data: bytes | str) -> None:
+        reply.data = data
+        if self._outbox and self._outbox[0] is reply:
+            self._flush()
 
     def close_after_flush(self, code: int, reason: str) -> None:
         if not self.closing:
             self.closing = True
-            self._outbox.put_nowait(_CloseMarker(code, reason))
+            reply = self.reply()
+            reply.close = (code, reason)
+            self.fill(reply, b"")
 
     def detach(self, session: Session, frame: dict[str, Any] | None) -> None:
         """The engine took ``session`` away (evicted, resumed elsewhere, failed)."""
@@ -106,43 +164,118 @@ class Connection:
         if frame is not None and not self.closing:
             self.send(frame)
 
-    async def acquire_inflight(self) -> None:
-        await self._inflight.acquire()
+    async def wait_room(self) -> None:
+        """Wait until one more reply fits the bound."""
+        while self.queued >= self.bound and not self._dead:
+            self._room = asyncio.get_running_loop().create_future()
+            await self._room
 
-    def release_inflight(self) -> None:
-        self._inflight.release()
-
-    async def _send_loop(self) -> None:
-        dead = False  # after a failed send, keep consuming (and releasing permits) without sending
-        while True:
-            entry = await self._outbox.get()
-            if isinstance(entry, _CloseMarker):
-                if not dead:
-                    try:
-                        await self.ws.close(code=entry.code, reason=entry.reason)
-                    except Exception:
-                        pass
-                return
-            frame, binary, packet = entry
+    def _flush(self) -> None:
+        """Hand the ready replies at the head of the outbox to the socket, in order."""
+        outbox = self._outbox
+        while self._sending is None and outbox and outbox[0].data is not None:
+            reply = outbox.popleft()
+            if self._dead:
+                continue
+            if reply.close is not None:
+                self._dead = True  # nothing goes after the close
+                coro = self.ws.close(code=reply.close[0], reason=reply.close[1])
+            elif reply.binary:
+                coro = self.ws.send_bytes(reply.data)  # type: ignore[arg-type]
+            else:
+                coro = self.ws.send_text(reply.data)  # type: ignore[arg-type]
             try:
-                if isinstance(frame, asyncio.Future):
-                    frame = await frame
-                if not dead:
-                    try:
-                        data = encode_frame(frame, binary)
-                        if binary:
-                            await self.ws.send_bytes(data)
-                        else:
-                            await self.ws.send_text(data)
-                    except Exception:
-                        dead = True
-                    else:
-                        if packet is not None and frame.get("type") == "result":
-                            model, events, received = packet
-                            self.metrics.packet_done(model, events, time.perf_counter() - received)
-            finally:
-                if packet is not None:
-                    self.release_inflight()
+                self._sending = _send_eagerly(coro)
+            except Exception:
+                self._dead = True
+            if self._sending is not None:
+                self._sending.add_done_callback(self._sent)
+        if self._room is not None and not self._room.done() and (self.queued < self.bound or self._dead):
+            self._room.set_result(None)
+        if self._flushed is not None and not self._flushed.done() and self._sending is None and (
+                self._dead or not outbox):
+            self._flushed.set_result(None)
+
+    def _sent(self, task: asyncio.Task) -> None:
+        self._sending = None
+        if task.cancelled() or task.exception() is not None:
+            self._dead = True
+        self._flush()
+
+    async def stop(self) -> None:
+        """The client is gone: wait (5 s at most) for a queued close to go out, then drop the rest."""
+        if self.closing and (self._outbox or self._sending is not None):
+            self._flushed = asyncio.get_running_loop().create_future()
+            self._flush()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._flushed), timeout=5.0)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                pass
+        self._dead = True
+        if self._sending is not None:
+            self._sending.cancel()
+        self._flush()
+
+
+class OutputProcessor:
+    """Builds and sends the frames of the scheduler's answers: the API layer's half of a step.
+
+    A step's finished packets arrive together with their probabilities, readiness and class
+    order as arrays; the rows are turned into Python lists once per step, each packet's frame
+    is encoded in its connection's encoding and put in its place in that connection's outbox,
+    and the step's packet metrics are recorded once.
+    """
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+        self.labels: dict[str, tuple[str, ...]] = {}
+
+    def model_loaded(self, model: str, labels: tuple[str, ...]) -> None:
+        self.labels[model] = labels
+
+    def results(self, model: str, sessions: list[Session], packets: list[Packet], probs: np.ndarray,
+                ready: np.ndarray, order: np.ndarray) -> None:
+        now = time.perf_counter()
+        labels = self.labels[model]
+        probs_rows, order_rows, ready_rows = probs.tolist(), order.tolist(), ready.tolist()
+        latencies = np.empty(len(packets), np.float64)
+        events = 0
+        for i, (session, packet) in enumerate(zip(sessions, packets)):
+            if ready_rows[i]:
+                row = probs_rows[i]
+                top = [[labels[j], row[j]] for j in order_rows[i][:session.top_k]]
+                frame = {"type": "result", "seq": packet.seq, "events": packet.events_after,
+                         "t": packet.last_t, "probs": row, "top": top}
+            else:
+                frame = {"type": "result", "seq": packet.seq, "events": packet.events_after,
+                         "t": packet.last_t, "probs": None, "top": []}
+            reply: _Reply = packet.reply
+            reply.conn.fill(reply, encode_frame(frame, reply.binary))
+            latencies[i] = now - packet.received
+            events += packet.size
+        self.metrics.model(model).packets_done(events, latencies)
+
+    def reset_done(self, session: Session, item: Reset) -> None:
+        reply: _Reply = item.reply
+        reply.conn.fill(reply, encode_frame({"type": "reset_done", "session": session.id, "events": 0},
+                                            reply.binary))
+
+    def closed(self, session: Session, item: Close) -> None:
+        reply: _Reply = item.reply
+        reply.conn.fill(reply, encode_frame({"type": "closed", "session": session.id,
+                                             "events": item.events}, reply.binary))
+
+    def failed(self, session: Session, items: list[Item], reason: str) -> None:
+        session.closing = True
+        frame = error_frame(Code.INTERNAL_ERROR, reason)
+        for item in items:
+            reply: _Reply | None = item.reply
+            if reply is not None:
+                answer = {**frame, "seq": item.seq if isinstance(item, Packet) else None}
+                reply.conn.fill(reply, encode_frame(answer, reply.binary))
+        if session.attachment is not None:
+            session.attachment.detach(session, error_frame(Code.INTERNAL_ERROR,
+                                                           "session ended by an engine failure"))
 
 
 class StreamHandler:
@@ -163,13 +296,13 @@ class StreamHandler:
             kind = frame_type(msg)
             seq = parse_seq(msg)
             if kind == "events":
-                await self._events(msg, seq, binary, received)
+                await self._events(msg, seq, received)
             elif kind == "open":
                 self._open(msg, binary)
             elif kind == "reset":
-                self._reset(binary)
+                self._reset()
             else:
-                self._close(binary)
+                self._close()
         except ProtocolError as e:
             self.reject(e.code, e.message, e.seq if e.seq is not None else seq, binary)
 
@@ -181,8 +314,9 @@ class StreamHandler:
         session = self.conn.session
         if session is None or session.closing:
             raise ProtocolError(Code.NO_SESSION, "no open session on this connection: send open first")
+        if self.engine.draining:
+            raise ProtocolError(Code.DRAINING, "the server is shutting down; not processed")
         return session
-
     def _open(self, msg: dict[str, Any], binary: bool) -> None:
         engine, conn = self.engine, self.conn
         req = parse_open(msg, self.settings.default_top_k)
@@ -232,60 +366,60 @@ class StreamHandler:
                    "resumed": resumed, "events": session.events, "t": session.last_t,
                    "top_k": session.top_k, "model": engine.runners[session.model].info}, binary)
 
-    async def _events(self, msg: dict[str, Any], seq: int | None, binary: bool, received: float) -> None:
-        conn = self.conn
-        await conn.acquire_inflight()  # backpressure: at most max_inflight packets awaiting results
-        try:
-            session = self._session()
-            if self.engine.draining:
-                raise ProtocolError(Code.DRAINING, "the server is shutting down; packet not processed")
-            runner = self.engine.runners[session.model]
-            events = decode_events(msg, runner.sensor, self.settings.max_packet_events)
-            tokens, gaps = prepare(events, runner.sensor, session.last_t)
-        except BaseException:
-            conn.release_inflight()
-            raise
-        # Accepted: from here to submit there is no await, so no other frame can interleave.
+    async def _events(self, msg: dict[str, Any], seq: int | None, received: float) -> None:
+        """Ingest: decode the columns, validate and tokenise them straight into the model's
+        staging buffer, queue the packet. A rejected packet leaves nothing behind."""
+        session = self._session()
+        sensor = self.engine.runners[session.model].sensor
+        events = decode_events(msg, sensor, self.settings.max_packet_events)
+        # (A per-session transform of the decoded columns goes here, before tokenising.)
         n = len(events)
+        region: Region | None = None
         if n:
+            staging = self.engine.staging[session.model]
+            region = staging.reserve(n) or await staging.reserve_wait(n)
+            try:
+                if self._session() is not session:  # taken away while waiting for room
+                    raise ProtocolError(Code.NO_SESSION, "the session ended while this packet waited")
+                at = slice(region.start, region.start + n)
+                prepare(events, sensor, session.last_t, staging.tokens[at], staging.gaps[at])
+            except BaseException:
+                staging.release(region)
+                raise
             session.last_t = int(events.t[-1])
+        # Accepted: from here to submit there is no await, so no other frame can interleave.
         session.events += n
         session.last_active = time.monotonic()
-        reply = asyncio.get_running_loop().create_future()
-        self.engine.submit(session, Packet(seq=seq, tokens=tokens, gaps=gaps, events_after=session.events,
-                                           last_t=session.last_t, received=received, reply=reply))
-        conn.send(reply, binary, packet=(session.model, n, received))
+        self.engine.submit(session, Packet(seq=seq, region=region, start=region.start if region else 0,
+                                           size=n, events_after=session.events, last_t=session.last_t,
+                                           received=received, reply=self.conn.reply()))
 
-    def _reset(self, binary: bool) -> None:
+    def _reset(self) -> None:
         session = self._session()
-        if self.engine.draining:
-            raise ProtocolError(Code.DRAINING, "the server is shutting down")
         session.events, session.last_t = 0, None
         session.last_active = time.monotonic()
-        reply = asyncio.get_running_loop().create_future()
-        self.engine.submit(session, Reset(reply=reply))
-        self.conn.send(reply, binary)
+        self.engine.submit(session, Reset(reply=self.conn.reply()))
 
-    def _close(self, binary: bool) -> None:
-        session = self._session()
-        reply = asyncio.get_running_loop().create_future()
-        self.engine.submit(session, Close(reply=reply))
+    def _close(self) -> None:
+        session = self.conn.session
+        if session is None or session.closing:
+            raise ProtocolError(Code.NO_SESSION, "no open session on this connection: send open first")
         session.closing = True  # no more work, no resume; freed once everything before is answered
         self.conn.session = None
-        self.conn.send(reply, binary)
+        self.engine.submit(session, Close(reply=self.conn.reply(), events=session.events))
 
 
 async def _serve_stream(ws: WebSocket, engine: Engine, settings: Settings, metrics: Metrics) -> None:
     await ws.accept()
-    conn = Connection(ws, metrics, settings.max_inflight)
+    conn = Connection(ws, settings.max_inflight)
     handler = StreamHandler(engine, settings, metrics, conn)
     engine.connections.add(conn)
-    conn.start()
     try:
         if engine.draining:
             handler.reject(Code.DRAINING, "the server is shutting down; reconnect later", None, True)
             conn.close_after_flush(CLOSE_SERVICE_RESTART, "draining")
         while True:
+            await conn.wait_room()  # backpressure: every queued reply counts
             message = await ws.receive()
             if message["type"] == "websocket.disconnect":
                 break
@@ -426,7 +560,7 @@ def create_app(settings: Settings | None = None, *,
     (tests and embedding: reuse a loaded model's compiled executables)."""
     settings = settings or Settings.from_env()
     metrics = Metrics()
-    engine = Engine(settings, metrics, models)
+    engine = Engine(settings, metrics, OutputProcessor(metrics), models)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -43,7 +43,10 @@ _OPTIONS: list[tuple[str, str, str]] = [
     ("--max-classify-events", "max_classify_events", "events per classify request"),
     ("--max-classify-streams", "max_classify_streams", "recordings per classify request"),
     ("--batch-wait-ms", "batch_wait_ms", "how long a lone packet waits for other sessions' packets"),
-    ("--max-inflight", "max_inflight", "packets a connection may have awaiting results"),
+    ("--max-inflight", "max_inflight", "replies a connection may have queued (results, errors, "
+                                       "acks); then the server stops reading from it"),
+    ("--staging-events", "staging_events", "accepted, not yet stepped events per model; then "
+                                           "packets wait for room"),
     ("--slots-per-model", "slots_per_model", "device state rows per model (default: max sessions)"),
     ("--drain-timeout", "drain_timeout", "seconds a SIGTERM drain waits for in-flight packets"),
     ("--backend", "backend", "streaming step: native (C++ kernel, CPU only; built on first use), "

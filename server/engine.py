@@ -1,8 +1,10 @@
 """The engine: models, the session table and one scheduler per model (no JAX at import).
 
-The API layer talks to the engine only: open/resume sessions, submit work, classify, drain. The
-engine loads models (importing the JAX runner lazily, in a background thread, so ``/healthz``
-answers while models compile), evicts idle sessions, and keeps the session metrics.
+The API layer talks to the engine only: open/resume sessions, the staging buffer a packet is
+written into, submit work, classify, drain. The engine loads models (importing the JAX runner
+lazily, in a background thread, so ``/healthz`` answers while models compile), evicts idle
+sessions, and keeps the session metrics. Answers leave through the :class:`~.scheduler.Outputs`
+the API layer gives it.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import numpy as np
 
 from .metrics import Metrics
 from .protocol import CLOSE_GOING_AWAY, Code, error_frame
-from .scheduler import Scheduler
+from .scheduler import Outputs, Scheduler
 from .sessions import Item, Session, SessionTable
 from .settings import ModelSpec, Settings
+from .staging import StagingBuffer
 
 if TYPE_CHECKING:  # the runner imports JAX; the API layer must not
     from evssm.models.streaming import StreamingModel
@@ -40,13 +43,15 @@ class Connection(Protocol):
 class Engine:
     """Everything behind the API of one server instance."""
 
-    def __init__(self, settings: Settings, metrics: Metrics,
+    def __init__(self, settings: Settings, metrics: Metrics, outputs: Outputs,
                  models: dict[str, "StreamingModel"] | None = None):
         self.settings = settings
         self.metrics = metrics
+        self.outputs = outputs
         self._preloaded = models
         self.runners: dict[str, ModelRunner] = {}
         self.schedulers: dict[str, Scheduler] = {}
+        self.staging: dict[str, StagingBuffer] = {}
         self.table: SessionTable | None = None
         self.default_model: str | None = None
         self.ready = False
@@ -85,17 +90,23 @@ class Engine:
                 if runner.name in self.runners:
                     raise ValueError(f"two models are named {runner.name!r}; name them with NAME=SOURCE")
                 self.metrics.init_model(runner.name, runner.state_bytes, runner.num_slots)
+                self.outputs.model_loaded(runner.name, runner.labels)
                 self.runners[runner.name] = runner
                 self.default_model = self.default_model or runner.name
-                compile_s = await loop.run_in_executor(runner.executor, runner.warmup)
+                compile_s = await loop.run_in_executor(None, runner.warmup)  # no steps run yet
                 log.info("model %s from %s: loaded and compiled in %.1f s (compiling %.1f s, %d "
                          "compilations); %s streaming step; %d B of state per session, %d slots",
                          runner.name, runner.model.info.get("source"), time.perf_counter() - t0,
                          compile_s, runner.compilations, runner.model.backend, runner.state_bytes,
                          slots)
             self.table = SessionTable(s.max_sessions, {n: r.num_slots for n, r in self.runners.items()})
+            capacity = max(s.staging_events, 2 * s.max_packet_events + 1)
             for name, runner in self.runners.items():
-                sched = Scheduler(runner, self.table, self.metrics, s.batch_wait_ms / 1000.0, self._released)
+                self.staging[name] = StagingBuffer(capacity)
+                sched = Scheduler(runner, self.table, self.staging[name], self.outputs,
+                                  self.metrics.model(name), s.batch_wait_ms / 1000.0, self._released)
+                self.metrics.queue_depth.labels(model=name).set_function(
+                    lambda sched=sched: sched.queued_packets)
                 sched.start()
                 self.schedulers[name] = sched
             self._tasks.append(asyncio.create_task(self._janitor(), name="evssm-janitor"))
@@ -130,7 +141,7 @@ class Engine:
         assert self.table is not None
         session = self.table.open(model, top_k)
         self.schedulers[model].add(session)
-        self.metrics.sessions_active.labels(model=model).inc()
+        self.metrics.model(model).sessions_active.inc()
         self.metrics.sessions_opened.labels(model=model).inc()
         return session
 
@@ -140,8 +151,12 @@ class Engine:
     def submit(self, session: Session, item: Item) -> None:
         self.schedulers[session.model].submit(session, item)
 
+    def idle(self, session: Session) -> bool:
+        """No work of ``session`` queued or running."""
+        return self.schedulers[session.model].idle(session)
+
     def _released(self, session: Session) -> None:
-        self.metrics.sessions_active.labels(model=session.model).dec()
+        self.metrics.model(session.model).sessions_active.dec()
 
     def sessions_by_model(self) -> dict[str, int]:
         if self.table is None:
@@ -161,7 +176,7 @@ class Engine:
         assert self.table is not None
         evicted = 0
         for session in list(self.table.sessions.values()):
-            if session.closing or not session.idle or session.last_active >= before:
+            if session.closing or not self.idle(session) or session.last_active >= before:
                 continue
             session.closing = True
             if session.attachment is not None:

@@ -6,8 +6,11 @@ buckets (every call is padded to a compiled ``(batch, length)`` shape, so steady
 compiles), the offline classify path, softmax, and a count of XLA compilations attributed to the
 model. Inputs and outputs are NumPy; nothing here knows about sessions or sockets.
 
-Threads: each runner owns one *step* thread (the only one that touches the state pool) and one
-*classify* thread, so a large HTTP classification never holds up streaming steps.
+Steps come as plain :class:`~evssm.server.plan.StepPlan` data and go back as one
+:class:`~evssm.server.plan.StepResult` per step (probabilities, readiness and class order for the
+whole batch, computed once). Threads: the scheduler's step thread is the only one that calls
+:meth:`ModelRunner.run` (and so touches the state pool); one *classify* thread runs
+:meth:`ModelRunner.classify`, so a large HTTP classification never holds up streaming steps.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import numpy as np
 from evssm.models.evaluate import softmax
 from evssm.models.events import PAD_TOKEN, SensorSpec
 from evssm.models.streaming import StreamingModel, load_model
+
+from .plan import StepPlan, StepResult
 
 log = logging.getLogger("evssm.server.runner")
 
@@ -61,8 +66,8 @@ def bucket(value: int, buckets: tuple[int, ...]) -> int:
 
 class ModelRunner:
     """One served model: state pool, buckets, steps, classification (all blocking calls; run
-    ``step``/``zero``/``warmup`` on :attr:`executor` and ``classify`` on
-    :attr:`classify_executor`)."""
+    ``run`` on one thread at a time (the scheduler's step thread; ``warmup`` before it starts)
+    and ``classify`` on :attr:`classify_executor`)."""
 
     def __init__(self, name: str, model: StreamingModel, *, num_slots: int,
                  batch_buckets: tuple[int, ...], length_buckets: tuple[int, ...],
@@ -91,7 +96,6 @@ class ModelRunner:
         self.classify_max_length = lengths[-1]
         self.on_compile = on_compile
         self.compilations = 0
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"evssm-step-{name}")
         self.classify_executor = ThreadPoolExecutor(1, thread_name_prefix=f"evssm-classify-{name}")
         with self._attributed():
             self.pool = model.init_state(num_slots)  # the sessions' states: row = slot
@@ -150,21 +154,29 @@ class ModelRunner:
             lengths[i] = n
         return tok, gap, lengths
 
-    def step(self, slots: np.ndarray, tokens: list[np.ndarray], gaps: list[np.ndarray]
-             ) -> tuple[np.ndarray, np.ndarray]:
-        """Advance rows ``slots`` int32 [B] by one chunk each (``tokens[i]``, ``gaps[i]`` int32,
-        at most :attr:`max_length` events). Returns probs float32 [B, C], ready bool [B]."""
-        B = len(slots)
-        Bb = bucket(B, self.batch_buckets)
-        L = bucket(max(1, max(t.shape[0] for t in tokens)), self.length_buckets)
-        slot_arr = np.full(Bb, self.num_slots, np.int32)  # padding rows: out of range
-        slot_arr[:B] = slots
-        tok, gap, lengths = self._pad(tokens, gaps, Bb, L)
+    def run(self, plan: StepPlan) -> StepResult:
+        """Zero ``plan.zero``, then advance ``plan.slots`` by their ragged rows of the staging
+        buffers. The native step reads the rows in place; XLA's pads them once into the smallest
+        compiled (batch, length) bucket. Softmax and the class order run once for the batch."""
+        if plan.zero.size:
+            self.zero(plan.zero)
+        batch = len(plan.slots)
+        started = time.perf_counter()
+        if batch == 0:
+            empty = np.zeros((0, self.num_classes), np.float32)
+            return StepResult(empty, np.zeros(0, bool), empty.astype(np.int32), started, 0.0)
+        shape = None
+        if self.model.native is None:
+            longest = max(1, int(plan.lengths.max()))
+            shape = (bucket(batch, self.batch_buckets), bucket(longest, self.length_buckets))
         with self._attributed():
-            self.pool, logits, ready = self.model.step_slots(self.pool, slot_arr, tok, gap, lengths)
-            logits = np.asarray(logits)[:B]
-            ready = np.asarray(ready)[:B]
-        return softmax(logits), ready
+            self.pool, logits, ready = self.model.step_slots_ragged(
+                self.pool, plan.slots, plan.tokens, plan.gaps, plan.starts, plan.lengths, shape)
+            logits = np.asarray(logits)[:batch]
+            ready = np.asarray(ready)[:batch]
+        probs = softmax(logits)
+        order = np.argsort(-probs, axis=1, kind="stable").astype(np.int32)
+        return StepResult(probs, ready, order, started, time.perf_counter() - started)
 
     def zero(self, slots: np.ndarray) -> None:
         """Zero rows ``slots`` int32 [K] (in groups of at most the largest batch bucket)."""
@@ -250,7 +262,6 @@ class ModelRunner:
         return softmax(logits_out), ready_out
 
     def close(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
         self.classify_executor.shutdown(wait=False, cancel_futures=True)
 
 

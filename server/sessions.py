@@ -1,8 +1,8 @@
 """Sessions and their device slots (no JAX).
 
 A session is one client's stream: a row (*slot*) of its model's state pool on the device, host-side
-metadata (last accepted timestamp, events accepted, last probabilities) and a queue of work items
-that the scheduler runs strictly in order.
+metadata (last accepted timestamp, events accepted) and a queue of work items (kept by the
+scheduler) that runs strictly in order.
 
 Slot lifecycle, the invariants the engine relies on:
 
@@ -11,7 +11,7 @@ Slot lifecycle, the invariants the engine relies on:
 - a slot is freed exactly once, by its owner, and only when the owner has no queued or running
   work (``SlotPool.free`` raises on a double or foreign free);
 - a freed slot is *dirty* until zeroed: a session that receives a dirty slot starts with a
-  ``Zero`` item, so the device zeroes the row before the session's first step.
+  ``Reset`` item, so the device zeroes the row before the session's first step.
 """
 
 from __future__ import annotations
@@ -72,40 +72,36 @@ class SlotPool:
 
 
 # --- work items ----------------------------------------------------------------------------------
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Packet:
-    """A validated events packet. ``tokens``/``gaps`` int32 [N]; stepped in chunks of at most
-    the largest length bucket (``offset`` events done)."""
+    """An accepted events packet: its tokens and gaps lie in the model's staging buffer at
+    ``start .. start + size`` (``region`` holds them there until the packet is stepped; None for an
+    empty packet). Written by the API layer when accepted; the scheduler only reads it.
+    ``reply`` is the API layer's handle for the answer (opaque to the scheduler)."""
 
     seq: int | None
-    tokens: np.ndarray
-    gaps: np.ndarray
+    region: Any  # staging.Region | None
+    start: int
+    size: int
     events_after: int  # the session's event count once this packet is in
     last_t: int | None  # the session's last timestamp once this packet is in
     received: float  # perf_counter() when its frame arrived
-    reply: asyncio.Future | None
-    enqueued: float = 0.0
-    offset: int = 0
-    started: bool = False
-
-    @property
-    def size(self) -> int:
-        return int(self.tokens.shape[0])
+    reply: Any
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Reset:
     """Zero the session's state (``reply`` None: the internal zeroing of a dirty slot)."""
 
-    reply: asyncio.Future | None
-    received: float = 0.0
+    reply: Any
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Close:
-    """End the session once everything before it is answered."""
+    """End the session once everything before it is answered (``events``: the count it ends on)."""
 
-    reply: asyncio.Future | None
+    reply: Any
+    events: int
 
 
 Item = Packet | Reset | Close
@@ -121,28 +117,22 @@ class Attachment(Protocol):
 
 @dataclass(eq=False)
 class Session:
+    """One client's stream, as the API layer sees it. Every field here is written by the API
+    layer (and the engine's eviction) only; the scheduler keeps the session's work queue and its
+    model's per-slot arrays (probabilities, readiness) itself, keyed by ``slot``."""
+
     id: str
     token: str  # the resume secret; never shown to anyone but the session's client
     model: str
     slot: int
     top_k: int
-    queue: deque[Item] = field(default_factory=deque)
-    in_step: bool = False  # a chunk of the head packet is in the running step
-    queued: bool = False  # in the scheduler's ready queue
+    dirty: bool = False  # its slot must be zeroed before its first step (the scheduler does)
     events: int = 0  # events accepted (validated, queued or done)
     last_t: int | None = None  # timestamp of the last accepted event
-    probs: np.ndarray | None = None  # after the last *processed* packet (None: no prediction yet)
-    done_events: int = 0  # events processed
-    done_t: int | None = None
     attachment: Attachment | None = None
     last_active: float = field(default_factory=time.monotonic)
-    closing: bool = False  # close requested or evicted: no new items
-    released: bool = False
-
-    @property
-    def idle(self) -> bool:
-        """No queued or running work."""
-        return not self.queue and not self.in_step
+    closing: bool = False  # close requested, evicted or failed: no new items
+    released: bool = False  # written by SessionTable.release only
 
 
 class ServerFull(Exception):
@@ -173,7 +163,8 @@ class SessionTable:
     def open(self, model: str, top_k: int) -> Session:
         """A new session with a slot; raises :class:`ServerFull` at ``max_sessions``.
 
-        When the slot is dirty, the session's first item zeroes it.
+        When the slot is dirty (``session.dirty``), the scheduler zeroes it before the session's
+        first step.
         """
         pool = self.pools[model]
         if len(self.sessions) >= self.max_sessions or not pool._free:
@@ -182,9 +173,8 @@ class SessionTable:
         while sid in self.sessions:
             sid = secrets.token_hex(8)
         slot, dirty = pool.allocate(sid)
-        session = Session(id=sid, token=secrets.token_urlsafe(24), model=model, slot=slot, top_k=top_k)
-        if dirty:
-            session.queue.append(Reset(reply=None))
+        session = Session(id=sid, token=secrets.token_urlsafe(24), model=model, slot=slot,
+                          top_k=top_k, dirty=dirty)
         self.sessions[sid] = session
         self._by_token[session.token] = session
         return session
@@ -196,11 +186,12 @@ class SessionTable:
         # Constant-time compare: the dict lookup found it, the compare guards against misuse.
         return session if secrets.compare_digest(session.token, token) else None
 
-    def release(self, session: Session) -> None:
-        """Free the session's slot and forget it. Exactly once; only when it has no work."""
+    def release(self, session: Session, idle: bool) -> None:
+        """Free the session's slot and forget it. Exactly once; only when it has no work
+        (``idle``: the scheduler says none is queued or running)."""
         if session.released:
             raise SlotError(f"session {session.id} released twice")
-        if not session.idle:
+        if not idle:
             raise SlotError(f"session {session.id} released with work queued or running")
         self.pools[session.model].free(session.slot, session.id)
         session.released = True

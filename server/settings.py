@@ -72,7 +72,10 @@ class Settings:
     max_classify_events: int = 1 << 22  # per request, over all streams
     max_classify_streams: int = 1024
     batch_wait_ms: float = 2.0  # how long a lone packet waits for company
-    max_inflight: int = 64  # packets a connection may have awaiting results (then backpressure)
+    max_inflight: int = 64  # replies a connection may have queued (then backpressure)
+    # Accepted, not yet stepped events per model (tokens and gaps, 8 bytes each): past it new
+    # packets wait for room (backpressure). At least twice max_packet_events is used.
+    staging_events: int = 1 << 21
     default_top_k: int = 3
     drain_timeout: float = 30.0  # seconds a SIGTERM drain waits for in-flight packets
     backend: str = "auto"  # streaming step: native (C++ kernel, CPU), xla, or auto
@@ -91,6 +94,7 @@ class Settings:
         check(bool(self.length_buckets) and min(self.length_buckets) >= 1, "length_buckets must be >= 1")
         check(self.batch_wait_ms >= 0, "batch_wait_ms must be >= 0")
         check(self.max_inflight >= 1, "max_inflight must be >= 1")
+        check(self.staging_events >= 2, "staging_events must be >= 2")
         check(self.backend in STREAMING_BACKENDS,
               f"backend must be {', '.join(STREAMING_BACKENDS[:-1])} or {STREAMING_BACKENDS[-1]}, "
               f"not {self.backend!r}")

@@ -163,6 +163,38 @@ def test_random_packets_match_classify_of_every_prefix(server):
     assert results[-1]["probs"] is not None
 
 
+def test_xla_step_pads_the_staged_rows_into_its_buckets(serve, tiny_model):
+    """The same streams on a model whose streaming step is XLA's: the staged ragged rows are
+    padded once per step into the compiled buckets; every answer equals classify, and steady
+    traffic compiles nothing."""
+    from evssm.models.streaming import StreamingModel
+
+    xla = StreamingModel(tiny_model.config, tiny_model.variables, backend="xla")
+    app = create_app(BASE.replace(max_sessions=8), models={"tiny": xla})
+    server = serve(app)
+    before = wait_ready(server.http)["compilations"]["tiny"]
+    rng = np.random.default_rng(11)
+    recs = [recording(rng, int(rng.integers(100, 400))) for _ in range(5)]
+
+    async def session(t: np.ndarray, x: np.ndarray) -> list[dict]:
+        async with connect(f"{server.ws}/v1/stream") as ws:
+            c = Client(ws)
+            await c.open()
+            cuts = random_cuts(rng, len(t), 300)
+            for k, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+                await c.send({"type": "events", "seq": k, **columns(t[a:b], x[a:b], "bin")})
+            return [await c.recv() for _ in cuts[1:]]
+
+    async def run() -> list[list[dict]]:
+        return await asyncio.gather(*(session(t, x) for t, x in recs))
+
+    finals = [replies[-1] for replies in asyncio.run(run())]
+    for got, want, (t, _) in zip(finals, classify(server.http, recs), recs):
+        assert got["events"] == len(t)
+        assert_probs_equal(got["probs"], want["probs"])
+    assert httpx.get(f"{server.http}/readyz").json()["compilations"]["tiny"] == before
+
+
 def test_classify_msgpack_long_recordings_and_order(server):
     """Recordings beyond every classify bucket are chunked; results keep the request's order."""
     rng = np.random.default_rng(2)
@@ -351,6 +383,47 @@ def test_server_full_closes_with_1013(start):
         await b.close()
 
     asyncio.run(run())
+
+
+def test_a_failed_step_ends_its_session_and_the_server_goes_on(server):
+    """A device call that fails (injected once into the real runner): the packet is answered
+    with internal_error, its session ends (its slot is freed), and a new session streams
+    exactly."""
+    engine = server.app.state.engine
+    runner = engine.runners["tiny"]
+    real, failures = runner.run, []
+
+    def fail_once(plan):
+        if len(plan.slots) and not failures:
+            failures.append(len(plan.slots))
+            raise RuntimeError("injected device failure")
+        return real(plan)
+
+    runner.run = fail_once
+    rng = np.random.default_rng(12)
+    t, x = recording(rng, 300)
+    (want,) = classify(server.http, [(t, x)])
+
+    async def run() -> None:
+        async with connect(f"{server.ws}/v1/stream") as ws:
+            c = Client(ws)
+            await c.open()
+            err = await c.request({"type": "events", "seq": 0, **columns(t[:100], x[:100], "bin")})
+            assert err["type"] == "error" and err["code"] == "internal_error" and err["seq"] == 0
+            note = await c.recv()
+            assert note["code"] == "internal_error" and note["seq"] is None
+            assert (await c.request({"type": "events", "seq": 1, "t": [int(t[0])], "x": [1]}))["code"] == "no_session"
+            await c.open()
+            r = await c.request({"type": "events", "seq": 2, **columns(t, x, "bin")})
+            assert_probs_equal(r["probs"], want["probs"])
+
+    try:
+        asyncio.run(run())
+    finally:
+        runner.run = real
+    assert failures == [1]
+    metrics = httpx.get(f"{server.http}/metrics").text
+    assert metric_value(metrics, "evssm_sessions_active") == 1
 
 
 # --- bad input -----------------------------------------------------------------------------------

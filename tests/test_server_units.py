@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from evssm.server.metrics import Metrics
 from evssm.server.protocol import (RECORD_DTYPE, Code, ProtocolError, decode_events, decode_frame,
                                    frame_type, parse_open, parse_seq, prepare)
 from evssm.server.sessions import SessionTable, SlotError, SlotPool
+from evssm.server.staging import StagingBuffer
 from evssm.server.settings import ModelSpec, Settings, parse_ints
 
 D1 = SensorSpec.one_d(700)
@@ -185,19 +187,70 @@ def test_session_table_capacity_and_dirty_reuse():
     table = SessionTable(max_sessions=2, slots_per_model={"m": 2})
     s1 = table.open("m", 3)
     s2 = table.open("m", 3)
-    assert not s1.queue and s1.slot != s2.slot and s1.token != s2.token
+    assert not s1.dirty and s1.slot != s2.slot and s1.token != s2.token
     with pytest.raises(Exception):
         table.open("m", 3)
     assert table.by_token(s1.token) is s1 and table.by_token(s1.id) is None
-    table.release(s1)
+    table.release(s1, idle=True)
     with pytest.raises(SlotError):
-        table.release(s1)
+        table.release(s1, idle=True)
     assert table.by_token(s1.token) is None
     s3 = table.open("m", 3)
-    assert s3.slot == s1.slot and len(s3.queue) == 1  # a Reset zeroes the reused row first
-    s3.queue.append(object())
+    assert s3.slot == s1.slot and s3.dirty  # the scheduler zeroes the reused row first
     with pytest.raises(SlotError):
-        table.release(s3)  # never while work is queued
+        table.release(s3, idle=False)  # never while work is queued
+
+
+# --- staging buffers -----------------------------------------------------------------------------
+@pytest.mark.parametrize("capacity", [2, 3, 10, 257])
+def test_staging_regions_never_overlap_and_the_ring_is_reused(capacity):
+    """Random reserve/release in any order: held regions never overlap and stay inside the
+    buffer; an empty ring always has room; the whole ring is used over time."""
+    rng = np.random.default_rng(capacity)
+    buf = StagingBuffer(capacity)
+    held: list = []
+    ends = set()
+    for _ in range(4000):
+        if held and rng.random() < 0.5:
+            buf.release(held.pop(int(rng.integers(len(held)))))
+            continue
+        n = int(rng.integers(1, capacity))
+        region = buf.reserve(n)
+        if region is None:
+            assert held, "an empty ring refused a region that fits"
+            continue
+        assert 0 <= region.start and region.start + region.size <= capacity
+        for other in held:
+            assert region.start + region.size <= other.start or other.start + other.size <= region.start
+        held.append(region)
+        ends.add(region.start + region.size)
+    assert capacity in ends or capacity - 1 in ends  # it wrapped
+    for region in held:
+        buf.release(region)
+    assert buf.held == 0 and buf.reserve(capacity - 1) is not None
+    with pytest.raises(ValueError):
+        buf.reserve(capacity)
+
+
+def test_staging_waiters_get_room_first_come_first_served():
+    async def run() -> list[int]:
+        buf = StagingBuffer(10)
+        first = buf.reserve(8)
+        order: list[int] = []
+
+        async def want(n: int, tag: int) -> None:
+            region = await buf.reserve_wait(n)
+            order.append(tag)
+            buf.release(region)
+
+        tasks = [asyncio.create_task(want(6, 1)), asyncio.create_task(want(1, 2))]
+        await asyncio.sleep(0.01)
+        assert order == [] and buf.reserve(1) is None  # a later small packet does not overtake
+        buf.release(first)
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        return order
+
+    assert asyncio.run(run()) == [1, 2]
 
 
 # --- buckets, softmax, metrics -------------------------------------------------------------------
@@ -231,3 +284,57 @@ def test_metrics_names_and_fresh_registries():
     assert stats["events_total"] == 256 and stats["sessions_active"] == 1
     assert stats["models"]["a"]["latency_p50_ms"] == pytest.approx(4.0)
     assert stats["events_per_s"] > 0
+
+
+# --- the connection's outbox -----------------------------------------------------------------------
+class _SlowSocket:
+    """A WebSocket whose sends wait while ``blocked`` is clear (a client that does not read)."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+        self.open = asyncio.Event()
+        self.open.set()
+
+    async def send_bytes(self, data: bytes) -> None:
+        await self.open.wait()
+        self.sent.append(data)
+
+    async def send_text(self, data: str) -> None:
+        await self.send_bytes(data.encode())
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        await self.send_bytes(f"close {code}".encode())
+
+
+def test_every_queued_reply_counts_against_the_bound_and_order_holds():
+    """Results wait for their steps, errors are ready at once: they leave in request order; a
+    send that must wait holds the rest; past the bound the receive loop waits for room."""
+    import msgpack
+
+    from evssm.server.app import Connection
+
+    async def run() -> None:
+        ws = _SlowSocket()
+        conn = Connection(ws, bound=3)  # type: ignore[arg-type]
+        result = conn.reply()  # a result: filled after its step
+        conn.send({"type": "error", "seq": 1})
+        assert ws.sent == [] and conn.queued == 2  # the error waits behind the result
+        conn.fill(result, msgpack.packb({"type": "result", "seq": 0}))
+        assert [msgpack.unpackb(m)["seq"] for m in ws.sent] == [0, 1] and conn.queued == 0
+        ws.open.clear()  # the client stops reading
+        for seq in range(2, 6):
+            conn.send({"type": "error", "seq": seq})
+        assert conn.queued == 4  # one waiting on the socket, three behind it
+        room = asyncio.create_task(conn.wait_room())
+        await asyncio.sleep(0.01)
+        assert not room.done()  # the receive loop would stop reading here
+        ws.open.set()
+        await asyncio.wait_for(room, 5)
+        await asyncio.sleep(0.01)
+        assert [msgpack.unpackb(m)["seq"] for m in ws.sent] == [0, 1, 2, 3, 4, 5]
+        conn.close_after_flush(1001, "bye")
+        conn.send({"type": "error", "seq": 6})  # after the close: never sent
+        await conn.stop()
+        assert ws.sent[-1] == b"close 1001" and len(ws.sent) == 7
+
+    asyncio.run(run())
