@@ -24,6 +24,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from evssm.models import native_build
 from evssm.models.events import EventError, SensorSpec, time_gaps, tokenize
 
 
@@ -168,7 +169,8 @@ def parse_open(msg: dict[str, Any], default_top_k: int = 3, max_top_k: int = 100
 # --- event columns -------------------------------------------------------------------------------
 @dataclass
 class Events:
-    """Decoded, not yet validated event columns: ``t`` int64 [N]; ``x``, ``y``, ``p`` [N] or None."""
+    """Decoded, not yet validated event columns (views of the frame where it can): ``t`` int64
+    or uint64 [N]; ``x``, ``y``, ``p`` [N] or None."""
 
     t: np.ndarray
     x: np.ndarray
@@ -216,10 +218,8 @@ def _records(value: Any, max_events: int | None) -> Events:
     n = len(value) // RECORD_DTYPE.itemsize
     _check_size(n, max_events)
     rec = np.frombuffer(value, dtype=RECORD_DTYPE)
-    t = rec["t"]
-    if n and t.max() > np.iinfo(np.int64).max:
-        raise ProtocolError(Code.INVALID_COLUMN, "records: t beyond int64")
-    return Events(t=t.view(np.int64), x=rec["x"], y=rec["y"], p=rec["on"])  # views, no copies
+    # Views, no copies; t is uint64 here (prepare rejects values beyond int64).
+    return Events(t=rec["t"], x=rec["x"], y=rec["y"], p=rec["on"])
 
 
 def _check_size(n: int, max_events: int | None) -> None:
@@ -263,17 +263,33 @@ def decode_events(msg: dict[str, Any], sensor: SensorSpec, max_events: int | Non
 def prepare(events: Events, sensor: SensorSpec, last_t: int | None,
             tokens: np.ndarray | None = None, gaps: np.ndarray | None = None
             ) -> tuple[np.ndarray, np.ndarray]:
-    """Validate addresses and timestamps and tokenise, in one pass over each column; return
-    ``(tokens int32 [N], gaps int32 [N])``, written into ``tokens``/``gaps`` when given (a
-    staging buffer's region: the packet goes there with no copy in between).
+    """Validate addresses and timestamps and tokenise; return ``(tokens int32 [N], gaps int32
+    [N])``, written into ``tokens``/``gaps`` when given (a staging buffer's region: the packet
+    goes there with no copy in between). With output buffers, and the native kernels' module
+    loaded, one pass over the columns in C does it all (``ingest`` in
+    ``models/kernels/streaming_step.cc``); it refuses what it does not take, and the NumPy
+    reference below (a few whole-column operations) then validates, names the fault, or does
+    the work. ``tests/test_native.py`` holds the two equal.
 
     ``last_t`` is the session's last accepted timestamp (None at a stream's start or after reset).
     A rejected packet raises before its ``tokens``/``gaps`` are of any use (the caller drops
     them); nothing else is written.
     """
+    if tokens is not None and gaps is not None:
+        fast = native_build.loaded()  # the native kernels' module, once a model has loaded it
+        if fast is not None:
+            two_d = sensor.kind == "2d"
+            if fast.ingest(events.t, events.x, events.y if two_d else None,
+                           events.p if two_d else None, sensor.width if two_d else sensor.channels,
+                           sensor.height, last_t, tokens, gaps):
+                return tokens, gaps
+            # Invalid, or a column type it does not take: the reference below decides.
+    t = events.t
+    if t.dtype == np.uint64 and t.size and t.max() > np.iinfo(np.int64).max:
+        raise ProtocolError(Code.INVALID_COLUMN, "records: t beyond int64")
     try:
         tokens = tokenize(sensor, events.x, events.y, events.p, out=tokens)
-        gaps = time_gaps(events.t, last_t, out=gaps)
+        gaps = time_gaps(t, last_t, out=gaps)
     except EventError as e:
         try:
             code = Code(e.code)

@@ -338,3 +338,61 @@ def test_every_queued_reply_counts_against_the_bound_and_order_holds():
         assert ws.sent[-1] == b"close 1001" and len(ws.sent) == 7
 
     asyncio.run(run())
+
+
+# --- the native one-pass ingest against the NumPy reference ------------------------------------------
+@pytest.mark.parametrize("sensor", [D1, D2], ids=["1d", "2d"])
+def test_native_ingest_equals_the_reference(sensor):
+    """prepare() into staging buffers takes the C pass once the native module is loaded; it must
+    give the reference's tokens and gaps, and for a bad packet the reference's error."""
+    from evssm.models import native_build
+
+    try:
+        native_build.load_library()
+    except native_build.NativeUnavailable as exc:  # pragma: no cover - no compiler here
+        pytest.skip(f"native module unavailable: {exc}")
+    rng = np.random.default_rng(7)
+    hi = (sensor.channels, 1, 1) if sensor.kind == "1d" else (sensor.width, sensor.height, 2)
+    for trial in range(300):
+        n = int(rng.integers(0, 40))
+        t = np.cumsum(rng.integers(0, 3000, n)).astype(np.int64) + 10**6
+        cols = {"x": rng.integers(0, hi[0], n), "y": rng.integers(0, hi[1], n),
+                "p": rng.integers(0, hi[2], n)}
+        fault = rng.integers(0, 6) if n else 0
+        if fault == 1:
+            cols["xyp"[int(rng.integers(0, 1 if sensor.kind == "1d" else 3))]][int(rng.integers(n))] = 70
+        elif fault == 2 and n > 1:
+            t[int(rng.integers(1, n))] -= 10**5
+        elif fault == 3:
+            cols["x"][int(rng.integers(n))] = -1
+        last_t = None if rng.random() < 0.3 else int(10**6 + rng.integers(-5000, 5000))
+        form = ("lists", "bins", "records")[trial % 3]
+        if form == "records":
+            rec = np.zeros(n, RECORD_DTYPE)
+            rec["t"], rec["x"], rec["y"], rec["on"] = t, cols["x"], cols["y"], cols["p"]
+            if fault == 3:
+                continue  # a record cannot hold a negative address
+            msg = {"records": rec.tobytes()}
+        elif form == "bins":
+            if fault == 3:
+                continue
+            msg = {"t": t.astype("<i8").tobytes(), **{k: v.astype("<u2" if k != "p" else "u1").tobytes()
+                                                       for k, v in cols.items()}}
+        else:
+            msg = {"t": t.tolist(), **{k: v.tolist() for k, v in cols.items()}}
+        events = decode_events(msg, sensor)
+        tokens, gaps = np.full(n, -7, np.int32), np.full(n, -7, np.int32)
+        try:
+            want = prepare(events, sensor, last_t)
+        except ProtocolError as e:
+            with pytest.raises(ProtocolError) as got:
+                prepare(events, sensor, last_t, tokens, gaps)
+            assert (got.value.code, got.value.message) == (e.code, e.message)
+            continue
+        prepare(events, sensor, last_t, tokens, gaps)
+        np.testing.assert_array_equal(tokens, want[0])
+        np.testing.assert_array_equal(gaps, want[1])
+        two_d = sensor.kind == "2d"  # and it was the C pass that did it
+        assert native_build.loaded().ingest(
+            events.t, events.x, events.y if two_d else None, events.p if two_d else None,
+            sensor.width if two_d else sensor.channels, sensor.height, last_t, tokens, gaps)

@@ -36,6 +36,7 @@
 #include <vector>
 
 #include <pthread.h>
+#include <type_traits>
 
 namespace {
 
@@ -831,11 +832,137 @@ PyObject* py_step(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+// --- packet ingest ------------------------------------------------------------------------------
+// ingest(t, x, y, p, width, height, last_t, tokens, gaps) -> bool: one pass over an events
+// packet's columns (NumPy arrays of any stride: t int64 or uint64, x and y uint16 or int64, p
+// uint8 or int64; y and p None for a 1-D sensor of `width` channels). Checks every address
+// against the sensor and that no timestamp goes back (from last_t, None at a stream's start),
+// and writes tokens (x + W y + W H p) and gaps (microseconds, clamped to int32) into the int32
+// arrays `tokens`, `gaps`. False when the packet is invalid or a column's type is not one of
+// these: the caller then runs the reference (server/protocol.py), which names the fault; what
+// was written is not used.
+
+enum ColumnKind { COL_I64, COL_U64, COL_U16, COL_U8, COL_BAD };
+
+struct Column {
+  Py_buffer buf{};
+  bool held = false;
+  ColumnKind kind = COL_BAD;
+  ~Column() {
+    if (held) PyBuffer_Release(&buf);
+  }
+  bool get(PyObject* obj) {
+    if (PyObject_GetBuffer(obj, &buf, PyBUF_STRIDES | PyBUF_FORMAT) != 0) {
+      PyErr_Clear();
+      return false;
+    }
+    held = true;
+    const char* fmt = buf.format ? buf.format : "B";
+    if (buf.ndim != 1 || fmt[0] == '>' || fmt[0] == '!') return false;
+    const char c = fmt[std::strlen(fmt) - 1];
+    if (buf.itemsize == 8 && (c == 'q' || c == 'l')) kind = COL_I64;
+    else if (buf.itemsize == 8 && (c == 'Q' || c == 'L')) kind = COL_U64;
+    else if (buf.itemsize == 2 && c == 'H') kind = COL_U16;
+    else if (buf.itemsize == 1 && c == 'B') kind = COL_U8;
+    return kind != COL_BAD;
+  }
+  Py_ssize_t size() const { return buf.shape[0]; }
+  const char* base() const { return static_cast<const char*>(buf.buf); }
+  Py_ssize_t stride() const { return buf.strides[0]; }
+};
+
+template <class T>
+inline int64_t load(const char* item) {
+  T v;
+  std::memcpy(&v, item, sizeof v);
+  return static_cast<int64_t>(v);
+}
+
+// The pass itself, for one combination of column types (T: t's, A: x's and y's, P: p's).
+template <class T, class A, class P>
+bool ingest_rows(const Column& t, const Column& x, const Column& y, const Column& p, bool two_d,
+                 int64_t width, int64_t height, bool have_last, int64_t prev, int32_t* tok,
+                 int32_t* gap) {
+  const Py_ssize_t n = t.size();
+  const char *tp = t.base(), *xp = x.base(), *yp = two_d ? y.base() : nullptr;
+  const char* pp = two_d ? p.base() : nullptr;
+  const Py_ssize_t ts = t.stride(), xs = x.stride(), ys = two_d ? y.stride() : 0;
+  const Py_ssize_t ps = two_d ? p.stride() : 0;
+  bool ok = true;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const int64_t ti = load<T>(tp + i * ts), xi = load<A>(xp + i * xs);
+    if (std::is_same<T, uint64_t>::value && ti < 0) return false;  // beyond int64
+    if (i == 0 && !have_last) prev = ti;
+    int64_t dt;
+    ok &= !__builtin_sub_overflow(ti, prev, &dt) & (dt >= 0) & (xi >= 0) & (xi < width);
+    int64_t token = xi;
+    if (two_d) {
+      const int64_t yi = load<A>(yp + i * ys), pi = load<P>(pp + i * ps);
+      ok &= (yi >= 0) & (yi < height) & (pi >= 0) & (pi < 2);
+      token += width * (yi + height * pi);
+    }
+    tok[i] = static_cast<int32_t>(token);
+    gap[i] = static_cast<int32_t>(std::min<int64_t>(dt, INT32_MAX));
+    prev = ti;
+  }
+  return ok;
+}
+
+PyObject* py_ingest(PyObject*, PyObject* args) {
+  PyObject *t_o, *x_o, *y_o, *p_o, *last_o, *tokens_o, *gaps_o;
+  long long width, height;
+  if (!PyArg_ParseTuple(args, "OOOOLLOOO", &t_o, &x_o, &y_o, &p_o, &width, &height, &last_o,
+                        &tokens_o, &gaps_o))
+    return nullptr;
+  const bool two_d = y_o != Py_None;
+  Column t, x, y, p;
+  View tokens, gaps;
+  if (!t.get(t_o) || !x.get(x_o) || (two_d && (!y.get(y_o) || p_o == Py_None || !p.get(p_o))))
+    Py_RETURN_FALSE;
+  if (!tokens.get(tokens_o, "tokens", 'i', 1, true) || !gaps.get(gaps_o, "gaps", 'i', 1, true))
+    return nullptr;
+  const Py_ssize_t n = t.size();
+  if (x.size() != n || (two_d && (y.size() != n || p.size() != n)) || tokens.dim(0) != n ||
+      gaps.dim(0) != n)
+    Py_RETURN_FALSE;
+  const bool have_last = last_o != Py_None;
+  int64_t prev = have_last ? PyLong_AsLongLong(last_o) : 0;
+  if (have_last && PyErr_Occurred()) {
+    PyErr_Clear();
+    Py_RETURN_FALSE;
+  }
+  int32_t* tok = tokens.data<int32_t>();
+  int32_t* gap = gaps.data<int32_t>();
+  const ColumnKind tk = t.kind, ak = x.kind;
+  const ColumnKind pk = two_d ? p.kind : COL_U8;
+  if (two_d && y.kind != ak) Py_RETURN_FALSE;
+  bool ok = false;
+  // A packet of a few thousand events takes microseconds: keep the GIL (giving it up costs
+  // more, and taking it back may wait for another thread); let go of it for long ones.
+  PyThreadState* released = n > 16384 ? PyEval_SaveThread() : nullptr;
+  // The wire's forms: packed records (t uint64), bins (t int64), arrays of integers (all int64).
+  if (tk == COL_U64 && ak == COL_U16 && pk == COL_U8)
+    ok = ingest_rows<uint64_t, uint16_t, uint8_t>(t, x, y, p, two_d, width, height, have_last,
+                                                   prev, tok, gap);
+  else if (tk == COL_I64 && ak == COL_U16 && pk == COL_U8)
+    ok = ingest_rows<int64_t, uint16_t, uint8_t>(t, x, y, p, two_d, width, height, have_last,
+                                                  prev, tok, gap);
+  else if (tk == COL_I64 && ak == COL_I64 && (pk == COL_I64 || !two_d))
+    ok = ingest_rows<int64_t, int64_t, int64_t>(t, x, y, p, two_d, width, height, have_last,
+                                                 prev, tok, gap);
+  if (released) PyEval_RestoreThread(released);
+  if (ok) Py_RETURN_TRUE;
+  Py_RETURN_FALSE;
+}
+
 PyMethodDef methods[] = {
     {"step", py_step, METH_VARARGS,
      "step(weights, plan, pool, slots, tokens, gaps, starts, lengths, logits, ready): advance "
      "sessions in place on their packed state rows, session b by tokens/gaps[starts[b] :"
      " starts[b] + lengths[b]]"},
+    {"ingest", py_ingest, METH_VARARGS,
+     "ingest(t, x, y, p, width, height, last_t, tokens, gaps) -> bool: validate and tokenise a "
+     "packet's columns in one pass (False: invalid or unsupported; use the reference)"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "evssm_native_step", nullptr, -1, methods};
