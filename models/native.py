@@ -174,7 +174,9 @@ class NativeStep:
         self.words = words
         self.weights = np.concatenate(pieces)
         self.weight_bytes = self.weights.nbytes
-        self._step = load_library().step
+        library = load_library()
+        self._step = library.step
+        self.prime = library.prime  # () -> None: wake the helper threads ahead of a step
 
     def step_rows(self, pool: np.ndarray, slots: np.ndarray | None, tokens: Any, gaps: Any,
                   lengths: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -370,6 +370,7 @@ class StreamHandler:
         """Ingest: decode the columns, validate and tokenise them straight into the model's
         staging buffer, queue the packet. A rejected packet leaves nothing behind."""
         session = self._session()
+        self.engine.expect(session.model)
         sensor = self.engine.runners[session.model].sensor
         events = decode_events(msg, sensor, self.settings.max_packet_events)
         # (A per-session transform of the decoded columns goes here, before tokenising.)

@@ -148,6 +148,10 @@ class Engine:
     def resume(self, token: str) -> Session | None:
         return None if self.table is None else self.table.by_token(token)
 
+    def expect(self, model: str) -> None:
+        """A packet for ``model`` is being read (see ``Scheduler.expect``)."""
+        self.schedulers[model].expect()
+
     def submit(self, session: Session, item: Item) -> None:
         self.schedulers[session.model].submit(session, item)
 

@@ -178,6 +178,13 @@ class ModelRunner:
         order = np.argsort(-probs, axis=1, kind="stable").astype(np.int32)
         return StepResult(probs, ready, order, started, time.perf_counter() - started)
 
+    def prime(self) -> None:
+        """A step is coming: wake the native step's helper threads now (no-op for XLA), so that
+        their wake-up overlaps the packet's ingest instead of delaying the step. Cheap; safe from
+        any thread."""
+        if self.model.native is not None:
+            self.model.native.prime()
+
     def zero(self, slots: np.ndarray) -> None:
         """Zero rows ``slots`` int32 [K] (in groups of at most the largest batch bucket)."""
         with self._attributed():

@@ -153,9 +153,20 @@ class Helpers {
     while (pending_.load(std::memory_order_acquire) > 0) __builtin_ia32_pause();
   }
 
+  // Wakes sleeping helpers to spin for kSpin: a caller about to run a step calls this a little
+  // ahead (while its packet is being read), so that the wake-up, not the step, waits for the
+  // scheduler. Costs an atomic load when the helpers are awake.
+  void prime() {
+    if (sleeping_.load() > 0) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      primes_.fetch_add(1);
+      wake_.notify_all();
+    }
+  }
+
  private:
   void loop(int part) {
-    uint64_t seen = 0;
+    uint64_t seen = 0, seen_prime = 0;
     using clock = std::chrono::steady_clock;
     for (;;) {
       auto idle_since = clock::now();
@@ -165,8 +176,10 @@ class Helpers {
         if (++spins % 256 == 0 && clock::now() - idle_since > kSpin) {
           std::unique_lock<std::mutex> lock(mutex_);
           sleeping_.fetch_add(1);
-          wake_.wait(lock, [&] { return posted_.load() != seen; });
+          wake_.wait(lock, [&] { return posted_.load() != seen || primes_.load() != seen_prime; });
           sleeping_.fetch_sub(1);
+          seen_prime = primes_.load();
+          idle_since = clock::now();  // primed or posted: spin again
         }
       }
       seen = posted_.load();
@@ -179,6 +192,7 @@ class Helpers {
   std::atomic<uint64_t> posted_{0};
   std::atomic<int> pending_{0};
   std::atomic<int> sleeping_{0};
+  std::atomic<uint64_t> primes_{0};
   std::mutex mutex_;
   std::mutex run_mutex_;  // held by the one caller whose job the helpers run
   std::condition_variable wake_;
@@ -955,11 +969,18 @@ PyObject* py_ingest(PyObject*, PyObject* args) {
   Py_RETURN_FALSE;
 }
 
+PyObject* py_prime(PyObject*, PyObject*) {
+  helpers().prime();
+  Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
     {"step", py_step, METH_VARARGS,
      "step(weights, plan, pool, slots, tokens, gaps, starts, lengths, logits, ready): advance "
      "sessions in place on their packed state rows, session b by tokens/gaps[starts[b] :"
      " starts[b] + lengths[b]]"},
+    {"prime", py_prime, METH_NOARGS,
+     "prime(): wake the step's helper threads ahead of a step (they spin briefly, then sleep)"},
     {"ingest", py_ingest, METH_VARARGS,
      "ingest(t, x, y, p, width, height, last_t, tokens, gaps) -> bool: validate and tokenise a "
      "packet's columns in one pass (False: invalid or unsupported; use the reference)"},
