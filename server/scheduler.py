@@ -29,7 +29,7 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -103,6 +103,12 @@ class _Lane:
     @property
     def idle(self) -> bool:
         return not self.queue and not self.inflight
+
+
+def _plannable(lane: _Lane) -> bool:
+    """The lane's head needs the device: a zeroing or a packet with events."""
+    head = lane.queue[0] if lane.queue else None
+    return isinstance(head, Reset) or (isinstance(head, Packet) and head.size > 0)
 
 
 class _Builder:
@@ -297,7 +303,7 @@ class Scheduler:
                 self.outputs.closed(lane.session, head)
             else:
                 break
-        if queue and (isinstance(queue[0], Reset) or queue[0].size):
+        if _plannable(lane):
             self._mark_ready(lane)
         elif lane.idle:
             self.release_if_done(lane.session)
@@ -315,7 +321,7 @@ class Scheduler:
             while self._ready and len(builder.slots) < max_batch:
                 lane = self._ready.popleft()
                 lane.ready = False
-                if lane.failed or not lane.queue:
+                if lane.failed or not _plannable(lane):
                     continue
                 if lane.builder is builder:  # one chunk per session and plan: the next plan
                     later.append(lane)
@@ -342,9 +348,7 @@ class Scheduler:
             builder.zero.append(lane.slot)
             builder.zeros.append((lane, head))
             self.pool.zeroed(lane.slot)  # everything planned after it runs after it
-            if not lane.queue or not isinstance(lane.queue[0], Packet) or not lane.queue[0].size:
-                if lane.queue:
-                    self._mark_ready(lane)  # an empty packet or close: answered after the zeroing
+            if not _plannable(lane):  # nothing, or an empty packet or close: answered after it
                 return
             head = lane.queue[0]
         assert isinstance(head, Packet)
@@ -363,7 +367,7 @@ class Scheduler:
         if last:
             lane.queue.popleft()
             lane.offset = 0
-        if lane.queue and (isinstance(lane.queue[0], Reset) or lane.queue[0].size):
+        if _plannable(lane):
             self._mark_ready(lane)  # its next chunk goes into a later plan
 
     def _should_publish(self, builder: _Builder) -> bool:

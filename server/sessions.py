@@ -16,14 +16,11 @@ Slot lifecycle, the invariants the engine relies on:
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-
-import numpy as np
 
 
 class SlotError(RuntimeError):

@@ -303,6 +303,47 @@ def test_reset_and_close_and_slot_reuse(start):
     asyncio.run(run())
 
 
+def test_pipelined_control_frames_keep_their_order(start):
+    """reset, empty packets, long packets (several steps each) and close sent back to back,
+    none awaited: every answer comes in order and says the right thing; the slot is reused by
+    a session whose first frames are an empty packet and a packet (its zeroing comes first)."""
+    server = start(max_sessions=1)
+    rng = np.random.default_rng(13)
+    t, x = recording(rng, 700)
+    want_all, want_tail = classify(server.http, [(t, x), (t[300:], x[300:])])
+
+    async def run() -> None:
+        async with connect(f"{server.ws}/v1/stream") as ws:
+            c = Client(ws)
+            opened = await c.open()
+            frames = [{"type": "events", "seq": 0, **columns(t[:300], x[:300], "bin")},
+                      {"type": "reset"},
+                      {"type": "events", "seq": 1, "t": [], "x": []},
+                      {"type": "events", "seq": 2, **columns(t[300:], x[300:], "bin")},
+                      {"type": "events", "seq": 3, "t": [], "x": []},
+                      {"type": "close"}]
+            for frame in frames:
+                await c.send(frame)
+            replies = [await c.recv() for _ in frames]
+            assert [r["type"] for r in replies] == ["result", "reset_done", "result", "result",
+                                                   "result", "closed"]
+            assert replies[2]["probs"] is None and replies[2]["events"] == 0
+            assert replies[3]["events"] == replies[4]["events"] == 400
+            assert_probs_equal(replies[3]["probs"], want_tail["probs"])
+            assert_probs_equal(replies[4]["probs"], want_tail["probs"])
+            assert replies[5] == {"type": "closed", "session": opened["session"], "events": 400}
+            again = await c.open()  # the same (dirty) slot
+            for frame in ({"type": "events", "seq": 4, "t": [], "x": []},
+                          {"type": "events", "seq": 5, **columns(t, x, "bin")}):
+                await c.send(frame)
+            first, second = await c.recv(), await c.recv()
+            assert first["probs"] is None and first["events"] == 0 and again["events"] == 0
+            assert second["events"] == 700
+            assert_probs_equal(second["probs"], want_all["probs"])
+
+    asyncio.run(run())
+
+
 def test_resume_continues_the_same_state(server):
     rng = np.random.default_rng(6)
     t, x = recording(rng, 600)
