@@ -42,7 +42,8 @@ _OPTIONS: list[tuple[str, str, str]] = [
     ("--classify-batch-events", "classify_batch_events", "largest padded batch (B*L) of one classify call"),
     ("--max-classify-events", "max_classify_events", "events per classify request"),
     ("--max-classify-streams", "max_classify_streams", "recordings per classify request"),
-    ("--batch-wait-ms", "batch_wait_ms", "how long a lone packet waits for other sessions' packets"),
+    ("--batch-wait-ms", "batch_wait_ms", "how long a packet may wait for other sessions' packets "
+                                         "when no step is running (a lone session never waits)"),
     ("--max-inflight", "max_inflight", "replies a connection may have queued (results, errors, "
                                        "acks); then the server stops reading from it"),
     ("--staging-events", "staging_events", "accepted, not yet stepped events per model; then "

@@ -71,7 +71,9 @@ class Settings:
     classify_batch_events: int = 262144
     max_classify_events: int = 1 << 22  # per request, over all streams
     max_classify_streams: int = 1024
-    batch_wait_ms: float = 2.0  # how long a lone packet waits for company
+    # How long a packet may wait for company when no step is running (under load steps batch by
+    # themselves: the next step gathers what arrives while one runs).
+    batch_wait_ms: float = 0.0
     max_inflight: int = 64  # replies a connection may have queued (then backpressure)
     # Accepted, not yet stepped events per model (tokens and gaps, 8 bytes each): past it new
     # packets wait for room (backpressure). At least twice max_packet_events is used.
