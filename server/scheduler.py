@@ -11,8 +11,7 @@ while its current one runs (plans run in order, so its state is advanced in orde
 
 When the step thread is idle a plan goes at once, except that it may wait up to ``batch_wait_s``
 (from its oldest packet) for company while other attached sessions could still send; a lone
-session never waits. A short plan with nothing queued behind it (a lone packet) runs on the event
-loop itself, without the two thread hand-offs. After each step the scheduler updates its per-slot arrays (probabilities,
+session never waits. After each step the scheduler updates its per-slot arrays (probabilities,
 readiness, class order) for the whole batch at once and hands the finished packets to the
 :class:`Outputs` (the API layer's output processor, which builds and sends the frames: this
 module knows neither frames nor labels). Resets are zeroings at the start of a plan; empty
@@ -135,19 +134,6 @@ class _Builder:
                         staging.tokens, staging.gaps)
 
 
-def run_plan(runner: StepRunner, builder: _Builder, staging: StagingBuffer
-             ) -> tuple[StepResult | BaseException, bool]:
-    """Run a taken plan: (result or the exception, whether the runner re-created its pool)."""
-    try:
-        return runner.run(builder.plan(staging)), False
-    except Exception as exc:
-        try:
-            return exc, runner.recover()
-        except Exception:
-            log.exception("runner %s: recovery failed", runner.name)
-            return exc, False
-
-
 class StepThread:
     """Runs published plans one after another and reports each to the event loop."""
 
@@ -186,7 +172,15 @@ class StepThread:
                     return
                 builder, self.next = self.next, None
                 builder.taken = True
-            result, recovered = run_plan(self.runner, builder, self.staging)
+            recovered = False
+            try:
+                result: StepResult | BaseException = self.runner.run(builder.plan(self.staging))
+            except Exception as exc:
+                result = exc
+                try:
+                    recovered = self.runner.recover()
+                except Exception:
+                    log.exception("runner %s: recovery failed", self.runner.name)
             try:
                 self.loop.call_soon_threadsafe(self.done, builder, result, recovered)
             except RuntimeError:  # the event loop is closed: the server is gone
@@ -386,30 +380,7 @@ class Scheduler:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._busy == 1 and self._lone(builder):
-            builder.published = True
-            asyncio.get_running_loop().call_soon(self._run_here, builder)
-        else:
-            self._thread.offer(builder)
-
-    def _lone(self, builder: _Builder) -> bool:
-        """A short plan with nothing queued behind it: run it on the event loop itself, which
-        spares two thread hand-offs (tens of microseconds each, milliseconds on a busy machine)
-        and blocks the loop for one short step at most. Work queued behind it goes to the step
-        thread instead, so that steps overlap the loop's own work."""
-        return (sum(builder.lengths) <= self.runner.max_length and not self._ready
-                and all(not lane.queue for lane, *_ in builder.rows))
-
-    def _run_here(self, builder: _Builder) -> None:
-        if self._thread is None:  # stopped meanwhile
-            return
-        with self._thread.lock:
-            if not self._lone(builder):  # it grew while waiting for its turn: the step thread
-                self._thread.offer(builder)
-                return
-            builder.taken = True
-        result, recovered = run_plan(self.runner, builder, self.staging)
-        self._done(builder, result, recovered)
+        self._thread.offer(builder)
 
     def _on_timer(self) -> None:
         self._timer = None
