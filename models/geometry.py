@@ -129,10 +129,11 @@ def sensor_from_dict(d: Any) -> SensorSpec:
     if not isinstance(d, Mapping):
         raise GeometryError(f"sensor must be a map like {{\"width\": W, \"height\": H}}, got "
                             f"{type(d).__name__}")
-    values = {k: d[k] for k in ("channels", "width", "height") if k in d}
+    kind = d.get("kind") or ("1d" if "channels" in d and "width" not in d else "2d")
+    keys = ("channels",) if kind == "1d" else ("width", "height")
+    values = {k: d.get(k) for k in keys}
     if not all(_is_int(v) and 0 < v <= 0xFFFF for v in values.values()):
         raise GeometryError(f"sensor sizes must be integers in 1..65535, got {values}")
-    kind = d.get("kind") or ("1d" if "channels" in values and "width" not in values else "2d")
     try:
         if kind == "1d":
             return SensorSpec.one_d(int(values.get("channels", 0)))
