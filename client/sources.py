@@ -312,9 +312,10 @@ def _faery_recording(chunks: Iterable[np.ndarray], where: str, on: str = "on") -
     if not parts:
         return Recording(np.zeros(0, np.int64), np.zeros(0, np.uint16), np.zeros(0, np.uint16),
                          np.zeros(0, np.uint8))
-    ev = np.concatenate(parts)
-    p = ev[on] if ev.dtype[on] == np.bool_ else ev[on] > 0  # a DAT payload: > 0 is ON
-    return _recording(ev["t"], ev["x"], ev["y"], p, where=where)
+    # Column by column: numpy concatenates plain columns far faster than structured records.
+    t, x, y, p = (np.concatenate([c[name] for c in parts]) for name in ("t", "x", "y", on))
+    return _recording(t, x, y, p if p.dtype == np.bool_ else p > 0,  # a DAT payload: > 0 is ON
+                      where=where)
 
 
 def _guess_sensor(rec: Recording, fmt: str) -> tuple[SensorSpec | None, str]:
