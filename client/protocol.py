@@ -1,4 +1,4 @@
-"""Wire format of the external contract (DESIGN section 4): msgpack frames, event columns, replies.
+"""The client's side of the wire contract (``evssm.models.wire``): msgpack frames, event columns, replies.
 
 Event columns go out as msgpack ``bin`` of little-endian ``int64`` (t, microseconds), ``uint16``
 (x, y) and ``uint8`` (p) by default: one memory copy per column, no per-integer encoding, which is
@@ -17,25 +17,17 @@ import msgpack
 import numpy as np
 
 from evssm.models.events import Recording, SensorSpec
+from evssm.models.wire import CLASSIFY_PATH, COLUMN_DTYPES, MODELS_PATH, STREAM_PATH
 
 from .errors import ProtocolError
 
-STREAM_PATH = "/v1/stream"
-CLASSIFY_PATH = "/v1/classify"
-MODELS_PATH = "/v1/models"
 
-# (column, wire dtype, largest value the dtype holds)
-_COLUMNS: tuple[tuple[str, str, int], ...] = (
-    ("x", "<u2", 0xFFFF),
-    ("y", "<u2", 0xFFFF),
-    ("p", "<u1", 0xFF),
-)
-
-
-def _column_bytes(name: str, values: np.ndarray, dtype: str, hi: int) -> np.ndarray:
-    """``values`` as ``dtype``; refuses values the wire type cannot hold (a cast would wrap)."""
+def _column_bytes(name: str, values: np.ndarray) -> np.ndarray:
+    """``values`` as the column's wire type; refuses values it cannot hold (a cast would wrap)."""
+    dtype = COLUMN_DTYPES[name]
+    hi = int(np.iinfo(dtype).max)
     arr = np.asarray(values)
-    if arr.dtype != np.dtype(dtype) and arr.size:
+    if arr.dtype != dtype and arr.size:
         lo_v, hi_v = arr.min(), arr.max()
         if lo_v < 0 or hi_v > hi:
             bad = lo_v if lo_v < 0 else hi_v
@@ -49,15 +41,15 @@ def event_columns(rec: Recording, *, binary: bool = True) -> dict[str, Any]:
     Raises ``ValueError`` if the columns differ in length or hold values the wire types cannot.
     """
     n = len(rec)
-    t = np.ascontiguousarray(rec.t, dtype="<i8")
+    t = np.ascontiguousarray(rec.t, dtype=COLUMN_DTYPES["t"])
     cols: dict[str, np.ndarray] = {"t": t}
-    for name, dtype, hi in _COLUMNS:
+    for name in ("x", "y", "p"):
         values = getattr(rec, name)
         if values is None:
             continue
         if len(values) != n:
             raise ValueError(f"column {name} has {len(values)} events, t has {n}")
-        cols[name] = _column_bytes(name, values, dtype, hi)
+        cols[name] = _column_bytes(name, values)
     if binary:
         return {k: v.tobytes() for k, v in cols.items()}
     return {k: v.tolist() for k, v in cols.items()}

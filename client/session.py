@@ -34,6 +34,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from evssm.models.events import Recording, SensorSpec
+from evssm.models.wire import CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER, Code
 
 from .errors import (
     ClientError,
@@ -53,8 +54,6 @@ from .protocol import (Result, SessionInfo, decode_frame, encode_message, endpoi
 
 T = TypeVar("T")
 
-CLOSE_SERVICE_RESTART = 1012  # the server is shutting down: reconnect later
-CLOSE_TRY_AGAIN_LATER = 1013  # the server is full or not ready: retry later
 _EMPTY_COLUMNS = {"t": b"", "x": b""}
 
 
@@ -430,9 +429,9 @@ class AsyncStreamSession:
         except ConnectionClosed as exc:
             code, reason = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else (None, "")
             if code == CLOSE_TRY_AGAIN_LATER:  # the contract's "server full, retry later"
-                raise ServerFull("server_full", reason or "server full, retry later") from exc
+                raise ServerFull(Code.SERVER_FULL, reason or "server full, retry later") from exc
             if code == CLOSE_SERVICE_RESTART:
-                raise ServerUnavailable("draining", reason or "server restarting") from exc
+                raise ServerUnavailable(Code.DRAINING, reason or "server restarting") from exc
             raise ConnectFailed(f"the server closed the connection while opening: {exc}") from exc
         except TimeoutError as exc:
             raise ConnectFailed(f"no 'opened' reply within {self.open_timeout} s") from exc

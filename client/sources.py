@@ -41,16 +41,11 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from evssm.models.events import Recording, SensorSpec
+from evssm.models.wire import DVS_GESTURE_CLASSES, DVS_GESTURE_SIZE, SHD_CHANNELS
 
 from .errors import SourceError
 
-DVS_GESTURE_SENSOR = SensorSpec.two_d(128, 128)
-DVS_GESTURE_CLASSES = (
-    "hand_clapping", "right_hand_wave", "left_hand_wave", "right_arm_clockwise",
-    "right_arm_counter_clockwise", "left_arm_clockwise", "left_arm_counter_clockwise",
-    "arm_roll", "air_drums", "air_guitar", "other_gestures",
-)
-SHD_CHANNELS = 700  # SHD and SSC cochlea model outputs
+DVS_GESTURE_SENSOR = SensorSpec.two_d(*DVS_GESTURE_SIZE)
 
 FORMATS = ("npy", "npz", "dvs-npy", "hdf5", "aedat4", "evt", "dat", "es", "csv", "nmnist")
 _SUFFIX_FORMATS = {".npy": "npy", ".npz": "npz", ".h5": "hdf5", ".hdf5": "hdf5",

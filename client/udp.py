@@ -33,12 +33,13 @@ from typing import AsyncIterator
 import numpy as np
 
 from evssm.models.events import Recording
+from evssm.models.wire import RECORD_DTYPE
 
 from .errors import SourceError
 from .packets import Packet, packetize
 
 UDP_FORMATS: dict[str, np.dtype] = {
-    "t64_x16_y16_on8": np.dtype([("t", "<u8"), ("x", "<u2"), ("y", "<u2"), ("on", "u1")]),
+    "t64_x16_y16_on8": RECORD_DTYPE,  # the server's ``records`` layout
     "t32_x16_y15_on1": np.dtype([("t", "<u4"), ("x", "<u2"), ("y_on", "<u2")]),
 }
 WRAP_US = 1 << 32
