@@ -363,3 +363,14 @@ def test_label_checks() -> None:
     named = Sample(rec_1d(5), label="yes")
     assert named.is_correct("yes") and not named.is_correct("no")
     assert Sample(rec_1d(5)).is_correct("a") is None
+
+
+def test_stream_command_sensor_checks() -> None:
+    from evssm.client.stream_command import check_sensor
+
+    rec = rec_2d(50, w=640, h=480)
+    model = SensorSpec.two_d(34, 34)
+    assert "--sensor WxH" in (check_sensor(rec, model) or "")  # undeclared misfit: say the fix
+    assert check_sensor(rec, model, SensorSpec.two_d(640, 480)) is None  # the server maps it
+    assert "cannot be mapped" in (check_sensor(rec, SensorSpec.one_d(700),
+                                               SensorSpec.two_d(640, 480)) or "")

@@ -249,6 +249,22 @@ def test_cli_classify_and_stream_real_files(server, name: str) -> None:
     probs_close(streamed["probs"], row["probs"])
 
 
+@pytest.mark.slow
+def test_cli_classify_every_real_format_in_one_call(server) -> None:
+    """All five recordings, whole, declared with their geometry: one row each, every event read
+    and sent, none cropped."""
+    names = [r[0] for r in REAL]
+    out = evssm("classify", *(str(real(n)) for n in names), "--url", server.http, "--model",
+                "mnist", "--json", "--batch", "1")
+    rows = out["results"]
+    assert [r["source"] for r in rows] == names
+    assert [r["events"] for r in rows] == [r[1] for r in REAL]
+    assert all(r["events_processed"] == r["events"] and r["cropped"] == 0 for r in rows)
+    assert [tuple(r["sensor"][k] for k in ("width", "height")) for r in rows] == \
+        [r[4] for r in REAL]
+    assert all(r["probability"] is not None for r in rows)
+
+
 def test_cli_sensor_option_and_crop(server) -> None:
     name = "prophesee-gen3-evt2.raw"
     out = evssm("classify", str(real(name)), "--url", server.http, "--model", "dvs", "--json",
