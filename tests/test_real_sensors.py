@@ -44,7 +44,7 @@ REAL = [
     ("ncars-sample.dat", 2009, 0, 99952, (304, 240), "guess"),
 ]
 PREFIX = 6000
-SETTINGS = Settings(batch_buckets=(1, 4), length_buckets=(256,), classify_length_buckets=(2048,),
+SETTINGS = Settings(batch_buckets=(1,), length_buckets=(256,), classify_length_buckets=(2048,),
                     slots_per_model=8, max_sessions=8, max_packet_events=4096, batch_wait_ms=1.0)
 DVS_SMALL = {"d_model": 16, "d_state": 16, "block_size": 8, "num_stages": 1,
              "layers_per_stage": 2, "pooling_stride": 16}
@@ -134,6 +134,28 @@ def test_real_recording_streams_through_the_adapter_like_classify(server, name: 
     probs_close(results[-1].probs, whole.probs)
     probs_close(results[mid].probs, half.probs)
     assert whole.events == len(rec)
+
+
+def test_concurrent_sessions_with_different_geometries_get_their_own_answers(server) -> None:
+    """Four cameras at once on one model, each session with its own declaration."""
+    from evssm.client import AsyncStreamSession
+
+    samples = [load(r[0]) for r in REAL[:4]]
+    recs = [s.recording.slice(0, 3000) for s in samples]
+
+    async def one(rec: Recording, sensor: SensorSpec) -> list:
+        async with AsyncStreamSession(server.ws, model="dvs", sensor=sensor) as session:
+            return [r async for r in session.stream(packetize(rec, events=300))]
+
+    async def run() -> list:
+        return await asyncio.gather(*(one(r, s.sensor) for r, s in zip(recs, samples)))
+
+    streamed = asyncio.run(run())
+    want = classify(server.http, recs, model="dvs", sensors=[s.sensor for s in samples])
+    for results, expected, rec in zip(streamed, want, recs):
+        assert results[-1].events == len(rec)
+        probs_close(results[-1].probs, expected.probs)
+    assert len({tuple(np.round(w.probs, 6)) for w in want}) == 4  # four different answers
 
 
 def test_crop_and_flip_on_gen4_stream_like_classify_and_count_cropped(server) -> None:
