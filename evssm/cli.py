@@ -19,6 +19,8 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("serve",), "evssm.server.cli", "run the inference server"),
     (("train",), "evssm.models.train", "train a model: evssm train task=NAME [key=value ...]"),
     (("eval",), "evssm.models.evaluate", "evaluate a checkpoint offline and streaming"),
+    (("import", "seed"), "evssm.models.seed_import",
+     "import a checkpoint of the paper's reference code"),
     (("data",), "evssm.models.data.build", "build or inspect the offline data sets"),
     (("stream",), "evssm.client.stream_command", "stream a recording to a server, live view"),
     (("classify",), "evssm.client.classify_command", "classify recordings over HTTP"),

@@ -184,9 +184,11 @@ class StreamingModel:
 
         config, variables, meta = load_checkpoint(directory)
         summary = meta.get("summary", {})
-        return cls(config, variables, info={"source": str(directory), "trained": True,
-                                            "task": meta.get("task"), "summary": summary},
-                   backend=backend)
+        info = {"source": str(directory), "trained": True, "task": meta.get("task"),
+                "summary": summary}
+        if "origin" in meta:
+            info["origin"] = meta["origin"]
+        return cls(config, variables, info=info, backend=backend)
 
     # --- pure implementations ----------------------------------------------------------------
     def _apply(self, variables: dict, tables: tuple, state: State, tokens: Array, gaps: Array,
