@@ -8,9 +8,9 @@ model YAML (hydra format: ``model.ssm_init`` and ``model.ssm``), the classes and
 the task. The import
 
 1. reads the checkpoint (``flax.training.checkpoints.restore_checkpoint``) and the YAML;
-2. builds the evssm :class:`~evssm.models.config.ModelConfig`, with the four options that make
-   evssm compute what the reference code computes (``time_lookahead``, ``layer_norm_eps=1e-6``,
-   ``gelu="tanh"``, and for a timepool head ``head_divisor="total_time"``);
+2. builds the evssm :class:`~evssm.models.config.ModelConfig`, with the options that make
+   evssm compute what the reference code computes (``time_lookahead``, ``gelu="tanh"``, with
+   LayerNorm ``layer_norm_eps=1e-6``, with a timepool head ``head_divisor="total_time"``);
 3. maps every variable to evssm's (:func:`convert_variables`): names and layer indices,
    BatchNorm running statistics, ``log_step [P', 1] -> [P']``, and for a 2-D sensor the token
    table rebuilt one-to-one (:func:`token_table`); every shape is checked against the config and
@@ -33,7 +33,8 @@ import numpy as np
 import yaml
 
 from .config import ModelConfig
-from .events import SensorSpec
+from .data.base import make_recording
+from .events import Recording, SensorSpec
 
 # Per task: the sensor, the classes and the data set ``evssm eval`` reads.
 @dataclass(frozen=True)
@@ -57,9 +58,10 @@ TASKS: dict[str, Callable[[], TaskSpec]] = {
                                     _gesture_names()),
 }
 
-# The reference code's behaviours, as evssm model options (docs/paper-models.md).
-REFERENCE_OPTIONS: dict[str, Any] = {"time_lookahead": True, "layer_norm_eps": 1e-6,
-                                     "gelu": "tanh"}
+# The reference code's behaviours, as evssm model options (docs/paper-models.md); the
+# LayerNorm epsilon only with LayerNorm, the divisor only with the timepool head.
+REFERENCE_OPTIONS: dict[str, Any] = {"time_lookahead": True, "gelu": "tanh"}
+REFERENCE_LAYER_NORM_EPS = 1e-6
 
 # model.ssm keys of the reference YAML -> (ModelConfig field, value map or type).
 SSM_KEYS: dict[str, tuple[str, Any]] = {
@@ -181,6 +183,8 @@ def config_from_seed(model_yaml: dict[str, dict[str, Any]], task: str, *,
         raise SeedImportError("the reference code's stage widths for more than two stages with "
                               "state_expansion_factor > 1 are not evssm's (H e^k); not importable")
     fields.update(REFERENCE_OPTIONS)
+    if fields.get("norm", "layer") == "layer":
+        fields["layer_norm_eps"] = REFERENCE_LAYER_NORM_EPS
     if fields.get("head", "pool") == "timepool":
         fields["head_divisor"] = "total_time"
     try:
@@ -264,6 +268,7 @@ def convert_variables(config: ModelConfig, ckpt: SeedCheckpoint) -> dict[str, An
     from .checkpoint import abstract_variables
 
     source = {"params": _flatten(ckpt.params), "batch_stats": _flatten(ckpt.batch_stats)}
+    _check_task(source["params"], config)
     want = {tuple(_key(k) for k in path): leaf.shape for path, leaf in
             jax.tree.leaves_with_path(abstract_variables(config))}
     out: dict[tuple[str, ...], np.ndarray] = {}
@@ -279,7 +284,6 @@ def convert_variables(config: ModelConfig, ckpt: SeedCheckpoint) -> dict[str, An
             value = value.reshape(value.shape[:1]) if value.ndim == 2 and value.shape[1] == 1 \
                 else value
         if ours[-1] == "embedding":
-            value = _check_tokens(value, config)
             value = token_table(value, config.sensor)
         if ours not in want:
             raise SeedImportError(f"internal: evssm has no variable {'/'.join(ours)}")
@@ -307,14 +311,19 @@ def convert_variables(config: ModelConfig, ckpt: SeedCheckpoint) -> dict[str, An
     return variables
 
 
-def _check_tokens(table: np.ndarray, config: ModelConfig) -> np.ndarray:
-    if table.ndim != 2 or table.shape[0] != config.num_embeddings:
+def _check_task(params: dict[tuple[str, ...], np.ndarray], config: ModelConfig) -> None:
+    """The checkpoint's token table and classes against the task's sensor and classes."""
+    table = params.get(("encoder", "encoder", "embedding"))
+    if table is not None and (table.ndim != 2 or table.shape[0] != config.num_embeddings):
         sensor = config.sensor
         what = (f"{sensor.channels} channels" if sensor.kind == "1d"
                 else f"a {sensor.width}x{sensor.height} sensor with 2 polarities")
         raise SeedImportError(f"the checkpoint's token table has shape {tuple(table.shape)}; the "
                               f"task's {what} needs {config.num_embeddings} rows: wrong --task?")
-    return table
+    bias = params.get(("decoder", "bias"))
+    if bias is not None and bias.shape != (config.num_classes,):
+        raise SeedImportError(f"the checkpoint's decoder has {bias.shape[0]} classes; the task "
+                              f"has {config.num_classes}: wrong --task?")
 
 
 def _describe(config: ModelConfig) -> str:
@@ -339,6 +348,21 @@ def _flatten(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], n
 
 def _map_leaves(tree: Any, fn: Callable[[Any], Any]) -> Any:
     return {k: _map_leaves(v, fn) for k, v in tree.items()} if isinstance(tree, dict) else fn(tree)
+
+
+def load_reference_outputs(path: str | Path, sensor: SensorSpec
+                           ) -> tuple[list[Recording], np.ndarray]:
+    """Recordings and the reference code's logits on them, from an ``.npz`` holding
+    ``rec{i}_t`` (microseconds), ``rec{i}_x`` (and ``rec{i}_y``, ``rec{i}_p`` for a 2-D sensor)
+    and ``logits`` [N, C]: what a check of an import compares against."""
+    data = np.load(path)
+    logits = np.asarray(data["logits"], np.float32)
+    recordings = []
+    for i in range(logits.shape[0]):
+        cols = [data[f"rec{i}_{c}"] for c in ("x", "y", "p")] if sensor.kind == "2d" \
+            else [data[f"rec{i}_x"], None, None]
+        recordings.append(make_recording(sensor, data[f"rec{i}_t"], *cols))
+    return recordings, logits
 
 
 # --- the import -----------------------------------------------------------------------------------
