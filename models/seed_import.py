@@ -255,7 +255,8 @@ def variable_map(config: ModelConfig) -> Iterator[tuple[tuple[str, ...], tuple[s
             for leaf in ("scale", "bias"):
                 yield ("params", ours, "norm", leaf), ("params", *ref, "BatchNorm_0", leaf)
             for leaf in ("mean", "var"):
-                yield ("batch_stats", ours, "norm", leaf), ("batch_stats", *ref, "BatchNorm_0", leaf)
+                yield (("batch_stats", ours, "norm", leaf),
+                       ("batch_stats", *ref, "BatchNorm_0", leaf))
     for leaf in ("kernel", "bias"):
         yield ("params", "head", leaf), ("params", "decoder", leaf)
 
