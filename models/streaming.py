@@ -126,6 +126,8 @@ class StreamingModel:
             "num_classes": config.num_classes,
             "sensor": config.sensor.to_dict(),
             "downsampling": config.downsampling,
+            # Events a session's answer lags behind (1 with the reference's time look-ahead).
+            "lookahead_events": int(config.time_lookahead),
             "state_bytes": self.state_bytes,
             "backend": self.backend,
             "trained": False,

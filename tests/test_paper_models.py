@@ -234,6 +234,7 @@ def test_server_classify_and_stream_match_the_reference(name: str, models, serve
         info = listed[model_name]
         assert info["backend"] == model.backend and info["trained"]
         assert info["origin"]["step"] == 0 and info["config_name"] == config.name
+        assert info["lookahead_events"] == 1
         for i, result in enumerate(classify(server.http, recordings, model=model_name)):
             assert result.events == len(recordings[i])
             check(result.probs, i, f"{model_name} /v1/classify recording {i}")
