@@ -3,7 +3,8 @@
 A session's carried state is a pytree of fixed-shape arrays (``state_spec``): for every layer the
 SSM state after the last event and at the current window's first event, the partial pooling
 window (weighted sums, weight, dt) and the event count modulo the stride; for the head the running
-pool. Streaming a recording packet by packet gives the same logits, after every packet, as the
+pool; with the time look-ahead (``ModelConfig.time_lookahead``), the token that waits for the
+next event's time. Streaming a recording packet by packet gives the same logits, after every packet, as the
 offline form on the prefix seen so far (``tests/test_streaming_invariant.py``).
 
 Between calls the state travels packed, one int32 row per session (:class:`StateLayout`): a jitted
