@@ -36,9 +36,11 @@ from .config import ModelConfig
 from .data.base import make_recording
 from .events import Recording, SensorSpec
 
-# Per task: the sensor, the classes and the data set ``evssm eval`` reads.
+
 @dataclass(frozen=True)
 class TaskSpec:
+    """What ``--task`` fixes: the sensor, the classes and the data set ``evssm eval`` reads."""
+
     sensor: SensorSpec
     num_classes: int
     dataset: str
