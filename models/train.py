@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -204,12 +203,17 @@ def train(cfg: dict[str, Any], out: Path, *, resume: bool = False, limit_train: 
     train_state = {"params": variables["params"], "batch_stats": variables["batch_stats"],
                    "opt_state": tx.init(variables["params"]), "step": jnp.zeros((), jnp.int32),
                    "epoch": jnp.zeros((), jnp.int32), "best_accuracy": jnp.zeros((), jnp.float32)}
-    checkpointer = ocp.StandardCheckpointer()
+    # The training state after each epoch (step = epoch); orbax keeps the latest, writes each one
+    # beside it and removes the older only once the new one is complete.
+    states = ocp.CheckpointManager(
+        (out / "train_state").absolute(),
+        options=ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.LatestN(1), enable_async_checkpointing=False))
     start_epoch = 0
     if resume:
-        if not (out / "train_state").exists():
-            raise SystemExit(f"evssm train: --resume but {out}/train_state does not exist")
-        train_state = checkpointer.restore((out / "train_state").absolute(), train_state)
+        if states.latest_step() is None:
+            raise SystemExit(f"evssm train: --resume but {out}/train_state holds no saved epoch")
+        train_state = states.restore(states.latest_step(), args=ocp.args.StandardRestore(train_state))
         start_epoch = int(train_state["epoch"])
         print(f"resuming {out} at epoch {start_epoch}", file=sys.stderr)
     train_state = jax.device_put(train_state, replicated)
@@ -307,15 +311,8 @@ def train(cfg: dict[str, Any], out: Path, *, resume: bool = False, limit_train: 
                 save_checkpoint(out / "best", model_cfg, jax.device_get(train_state),
                                 task=cfg["task"], summary={**record, "dataset": cfg["dataset"],
                                                            "valid_split": t["valid_split"]})
-        # Written beside the previous one, then swapped in: a crash never leaves no state.
-        tmp = (out / "train_state.saving").absolute()
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        checkpointer.save(tmp, jax.device_get(train_state))
-        checkpointer.wait_until_finished()
-        if (out / "train_state").exists():
-            shutil.rmtree(out / "train_state")
-        tmp.rename(out / "train_state")
+        states.save(epoch + 1, args=ocp.args.StandardSave(jax.device_get(train_state)))
+    states.close()
     writer.close()
     metrics_file.close()
     print(f"best {t['valid_split']} accuracy {float(train_state['best_accuracy']):.4f}; "

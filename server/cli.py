@@ -1,4 +1,4 @@
-"""Run the inference server: ``evssm serve [--model NAME=CHECKPOINT_DIR]... [options]``.
+"""Run the inference server: ``evssm serve [--model NAME=DIR]... [options]``.
 
 Every option can also be set with an ``EVSSM_*`` environment variable (``--max-sessions`` ->
 ``EVSSM_MAX_SESSIONS``; ``--model`` -> ``EVSSM_MODEL``, a comma-separated list). The command line
@@ -23,57 +23,37 @@ from typing import Any
 import uvicorn
 
 from .engine import Engine
-from .settings import ENV_PREFIX, Settings
+from .settings import Settings, env_name
 
 log = logging.getLogger("evssm.server")
 
-# (option, Settings field, type for --help, help)
-_OPTIONS: list[tuple[str, str, str]] = [
-    ("--host", "host", "interface to listen on"),
-    ("--port", "port", "TCP port"),
-    ("--max-sessions", "max_sessions", "live sessions over all models; then open gets server_full"),
-    ("--max-packet-events", "max_packet_events", "events per packet; more gets packet_too_large"),
-    ("--session-idle-timeout", "session_idle_timeout", "seconds without a packet before a session is evicted"),
-    ("--log-level", "log_level", "debug, info, warning, error"),
-    ("--batch-buckets", "batch_buckets", "sessions per step, comma-separated shape buckets"),
-    ("--length-buckets", "length_buckets", "events per session per step, comma-separated shape buckets"),
-    ("--classify-length-buckets", "classify_length_buckets",
-     "extra recording lengths for POST /v1/classify's offline form"),
-    ("--classify-batch-events", "classify_batch_events", "largest padded batch (B*L) of one classify call"),
-    ("--max-classify-events", "max_classify_events", "events per classify request"),
-    ("--max-classify-streams", "max_classify_streams", "recordings per classify request"),
-    ("--batch-wait-ms", "batch_wait_ms", "how long a lone packet waits for other sessions' packets"),
-    ("--max-inflight", "max_inflight", "packets a connection may have awaiting results"),
-    ("--slots-per-model", "slots_per_model", "device state rows per model (default: max sessions)"),
-    ("--drain-timeout", "drain_timeout", "seconds a SIGTERM drain waits for in-flight packets"),
-    ("--backend", "backend", "streaming step: native (C++ kernel, CPU only; built on first use), "
-                             "xla, or auto (native where it builds)"),
-]
 
-
-def _env_name(field: str) -> str:
-    return ENV_PREFIX + ("MODEL" if field == "models" else field.upper())
+def _options() -> list[tuple[str, str]]:
+    """(option, field) of every described setting, in the order Settings declares them."""
+    return [("--" + name.replace("_", "-"), name)
+            for name, info in Settings.model_fields.items() if info.description]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = Settings()
-    parser.add_argument("--model", action="append", metavar="NAME=CHECKPOINT_DIR", default=argparse.SUPPRESS,
-                        help="a model to serve (repeatable); SOURCE is a checkpoint directory or "
-                             "config:NAME (random init); NAME= is optional. Default: the project's "
-                             f"default model. Env: {_env_name('models')}")
-    for option, field, help_text in _OPTIONS:
-        default = getattr(defaults, field)
+    parser.add_argument("--model", action="append", metavar="NAME=DIR", default=argparse.SUPPRESS,
+                        help="a model to serve (repeatable): DIR is a checkpoint folder (a run's "
+                             "best/) or config:NAME (random init); NAME= is optional. Default: the "
+                             f"project's default model. Env: {env_name('models')}")
+    for option, field in _options():
+        info = Settings.model_fields[field]
+        default = info.default
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        # A None default is explained by the description itself ("default: max sessions").
+        origin = f"env: {env_name(field)}" if default is None else \
+            f"default: {shown}; env: {env_name(field)}"
         parser.add_argument(option, dest=field, default=argparse.SUPPRESS, metavar=field.upper(),
-                            help=f"{help_text} (default: {shown}; env: {_env_name(field)})")
-    parser.add_argument("--compilation-cache", default=argparse.SUPPRESS, metavar="DIR", help="persistent XLA compilation cache: faster restarts "
-                                            f"(env: {ENV_PREFIX}COMPILATION_CACHE)")
+                            help=f"{info.description} ({origin})")
 
 
 def settings_from_args(args: argparse.Namespace, env: dict[str, str] | None = None) -> Settings:
-    overrides: dict[str, Any] = {field: getattr(args, field, None) for _, field, _ in _OPTIONS}
-    if getattr(args, "model", None):
-        overrides["models"] = args.model
+    """Options given on the command line, then ``EVSSM_*`` variables, then defaults."""
+    overrides: dict[str, Any] = {field: getattr(args, field, None) for _, field in _options()}
+    overrides["models"] = getattr(args, "model", None)
     return Settings.from_env(env, **overrides)
 
 
@@ -88,9 +68,8 @@ def run(args: argparse.Namespace) -> int:
     # orbax logs every checkpoint step through absl at INFO; keep it to warnings unless debugging.
     if settings.log_level.lower() != "debug":
         logging.getLogger("absl").setLevel(logging.WARNING)
-    cache = getattr(args, "compilation_cache", None) or os.environ.get(ENV_PREFIX + "COMPILATION_CACHE")
-    if cache:  # read by JAX when it is first imported (by the runner)
-        os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", cache)
+    if settings.compilation_cache:  # read by JAX when it is first imported (by the runner)
+        os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", settings.compilation_cache)
 
     from .app import create_app
 
