@@ -10,7 +10,7 @@ source knows them. Formats:
 - DVS128 Gesture ``.npy`` as the common tools lay it out: an ``N x 4`` array of columns
   ``x, y, p, t`` with ``t`` in milliseconds, the file name (``3.npy``) being the class index.
 - SHD/SSC HDF5 (``spikes/times`` in seconds, ``spikes/units``, ``labels``): one sample by index.
-  Needs ``h5py`` (installed with ``evssm[model]``).
+  Needs ``h5py`` (installed with ``evssm[train]``).
 - AEDAT4 through the optional ``aedat`` package (``pip install evssm[aedat]``).
 - ``dataset:NAME`` — the project's offline data sets (needs the model extra).
 - ``sim:rate=R,duration=S,label=K,...`` — a simulated sensor (:class:`SimulatedSensor`).
@@ -225,7 +225,7 @@ def _h5py() -> Any:
         import h5py
     except ImportError as exc:
         raise SourceError("reading SHD/SSC HDF5 files needs h5py: pip install h5py "
-                          "(or evssm[model])") from exc
+                          "(or evssm[train])") from exc
     return h5py
 
 
@@ -327,7 +327,7 @@ def load_dataset_sample(name: str, split: str = "test", index: int = 0,
         from evssm.models.data import load_dataset
     except ImportError as exc:
         raise SourceError(f"data set {name!r} needs the project's data sets "
-                          f"(evssm.models.data, installed with evssm[model]): {exc}") from exc
+                          f"(evssm.models.data, installed with evssm[train]): {exc}") from exc
     try:
         samples: Sequence[Any] = load_dataset(name, split, data_dir)
     except (KeyError, ValueError, FileNotFoundError) as exc:
