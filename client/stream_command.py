@@ -3,7 +3,8 @@
 SOURCE is an event file (.npy/.npz structured arrays, DVS Gesture .npy, SHD/SSC .h5 with
 --index, .aedat4 with the aedat extra), a project data set as dataset:NAME (with --split and
 --index), or a simulated sensor as sim[:rate=EVENTS_PER_S,duration=S,label=K,classes=C,seed=N]
-(it emits for the served model's sensor). The recording plays in real time (--speed scales it,
+(it emits for the served model's sensor; label=K picks one of C movement patterns, not a class
+of the model, so no correctness is shown for it). The recording plays in real time (--speed scales it,
 --fast sends as fast as the server answers) in packets of --packet-events events or --packet-ms
 milliseconds. The terminal shows the top classes, events/s and packet latency while it plays,
 then the final answer; --json prints one JSON object for scripts instead.
@@ -31,13 +32,9 @@ from .stats import RateMeter, percentiles_ms
 DEFAULT_URL = os.environ.get("EVSSM_URL", "ws://127.0.0.1:8000")
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the epilog's paragraphs and lines, and shows defaults."""
-
-
 def explain(parser: argparse.ArgumentParser, doc: str | None) -> None:
-    """Show a command module's docstring (after its first line) below the options in --help."""
-    parser.formatter_class = _HelpFormatter
+    """Show a command module's docstring (after its first line) below the options in --help
+    (``evssm``'s help formatter keeps its paragraphs and lines)."""
     parser.epilog = "\n".join((doc or "").strip().splitlines()[1:]).strip() or None
 
 

@@ -97,7 +97,11 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"no checkpoint directory at {directory}")
     meta_path = directory / METADATA_FILE
     if not meta_path.exists():
-        raise CheckpointError(f"{directory} is not an evssm checkpoint: {METADATA_FILE} is missing")
+        hint = ""
+        if (directory / "best" / METADATA_FILE).exists():  # `evssm train --out` writes best/ there
+            hint = f"; it is a training run folder: its checkpoint is {directory / 'best'}"
+        raise CheckpointError(f"{directory} is not an evssm checkpoint: {METADATA_FILE} is "
+                              f"missing{hint}")
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:

@@ -82,10 +82,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", help="data set (default: the checkpoint's task data set)")
     parser.add_argument("--data-dir", help="where data sets live (or EVSSM_DATA_DIR)")
     parser.add_argument("--limit", type=int, help="only the first N samples")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32, help="recordings per offline batch")
     parser.add_argument("--packet-events", type=int, default=256,
                         help="packet size for the streaming pass")
-    parser.add_argument("--json", action="store_true", help="print JSON only")
+    parser.add_argument("--json", action="store_true", help="print JSON only (no progress bar)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     dataset = load_dataset(name, args.split, args.data_dir, limit=args.limit)
     result = evaluate(model, dataset, batch_size=args.batch_size,
-                      packet_events=args.packet_events, progress=not args.json)
+                      packet_events=args.packet_events, progress=not (args.json or args.no_progress))
     result.update(checkpoint=str(args.checkpoint), dataset=name, split=args.split)
     agree = result["max_prob_difference"] <= PROB_TOLERANCE
     result["forms_agree"] = agree

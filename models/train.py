@@ -120,10 +120,47 @@ def cross_entropy(logits, targets):
 
 
 # --- the run -------------------------------------------------------------------------------
+# The keys most runs change, with what they mean; every key is in the task and model YAML files.
+MAIN_KEYS = {
+    "train.epochs": "passes over the training set",
+    "train.batch_size": "recordings per step",
+    "train.ssm_base_lr": "SSM learning rate per recording (x batch_size x accumulation)",
+    "train.lr_factor": "learning rate of the other parameters, relative to the SSM's",
+    "train.weight_decay": "AdamW weight decay of the other parameters",
+    "train.warmup_epochs": "linear warm-up before the schedule",
+    "train.schedule": "cosine or constant",
+    "train.max_events": "longer recordings are cut to this many events",
+    "train.seed": "initialisation, shuffling and augmentation",
+    "model.d_model": "features per event (H)",
+    "model.d_state": "complex SSM states per layer (P)",
+    "model.num_stages": "stages; each pools events by pooling_stride",
+    "model.layers_per_stage": "SSM layers per stage",
+    "model.pooling_stride": "events pooled into one by a stage's first layer",
+    "model.dropout": "dropout rate",
+}
+
+
+def _keys_help(task: str = "event-mnist") -> str:
+    """``--help``'s list of the main keys, with the values of ``task`` (NumPy/YAML only)."""
+    cfg = yaml.safe_load((configs_dir() / "tasks" / f"{task}.yaml").read_text())
+    model = yaml.safe_load((configs_dir() / "models" / f"{cfg['model']}.yaml").read_text())
+    values = {**{f"train.{k}": v for k, v in cfg["train"].items()},
+              **{f"model.{k}": v for k, v in model.items()}}
+    tasks = ", ".join(sorted(p.stem for p in (configs_dir() / "tasks").glob("*.yaml")))
+    lines = [f"main keys (value in task={task}):"]
+    lines += [f"  {key + '=' + str(values.get(key)):<26} {meaning}" for key, meaning in MAIN_KEYS.items()]
+    lines += ["", f"tasks: {tasks}.",
+              "Every key: configs/tasks/TASK.yaml (train.*, augment.*), configs/models/MODEL.yaml (model.*).",
+              "A quick run (minutes on a CPU; README, \"A model of your own\"):",
+              "  evssm train task=event-mnist model.d_model=32 model.d_state=32 train.epochs=3"]
+    return "\n".join(lines)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = _keys_help()
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="task=NAME, model=NAME, dataset=NAME, data_dir=DIR, model.KEY=V, "
-                             "train.KEY=V, augment.KEY=V")
+                             "train.KEY=V, augment.KEY=V (see below)")
     parser.add_argument("--out", help="run directory (default: runs/TASK-TIMESTAMP)")
     parser.add_argument("--data-dir", help="where data sets live (or EVSSM_DATA_DIR)")
     parser.add_argument("--resume", action="store_true",

@@ -66,8 +66,10 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # orbax logs every checkpoint step through absl at INFO; keep it to warnings unless debugging.
+    # JAX says at INFO that it found no TPU; keep both to warnings unless debugging.
     if settings.log_level.lower() != "debug":
         logging.getLogger("absl").setLevel(logging.WARNING)
+        logging.getLogger("jax").setLevel(logging.WARNING)
     if settings.compilation_cache:  # read by JAX when it is first imported (by the runner)
         os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", settings.compilation_cache)
 
@@ -78,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
         lifespan="on", ws_max_size=max(16 << 20, settings.max_packet_events * 128),
         timeout_graceful_shutdown=max(1, int(settings.drain_timeout)))
-    server = DrainingServer(config, app.state.engine)
+    server = DrainingServer(config, app.state.engine, settings.host)
     server.run()
     return server.exit_code
 
@@ -87,10 +89,12 @@ class DrainingServer(uvicorn.Server):
     """A ``uvicorn.Server`` whose first SIGTERM/SIGINT drains the engine before shutting down
     (uvicorn alone would cut open WebSockets with 1012 and drop in-flight packets)."""
 
-    def __init__(self, config: uvicorn.Config, engine: Engine):
+    def __init__(self, config: uvicorn.Config, engine: Engine, host: str):
         super().__init__(config)
         self.engine = engine
+        self.host = host
         self.exit_code = 0
+        self._announced = False
         self._drain_started = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -115,9 +119,22 @@ class DrainingServer(uvicorn.Server):
         finally:
             self.should_exit = True
 
+    def _announce_ready(self) -> None:
+        """One line when every model is compiled: where the server is and a command to try."""
+        port = next((sock.getsockname()[1] for server in self.servers for sock in server.sockets),
+                    self.config.port)
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        host = f"[{host}]" if ":" in host else host
+        log.info("ready after %.0f s: serving %s on http://%s:%d (live page /dashboard); try: "
+                 "evssm stream sim --url ws://%s:%d", self.engine.ready_after_s or 0,
+                 ", ".join(self.engine.runners), host, port, host, port)
+
     async def on_tick(self, counter: int) -> bool:
+        if self.engine.ready and not self._announced:
+            self._announced = True
+            self._announce_ready()
         if self.engine.load_error and not self.should_exit:
-            log.error("exiting: %s", self.engine.load_error)
+            log.error("exiting: the models did not load (--log-level debug shows the traceback)")
             self.exit_code = 1
             self.should_exit = True
         return await super().on_tick(counter)

@@ -57,7 +57,12 @@ def test_checkpoint_errors_say_what_is_wrong(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no checkpoint directory"):
         load_checkpoint(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="evssm.json is missing"):
+    with pytest.raises(CheckpointError, match="evssm.json is missing$"):
+        load_checkpoint(tmp_path / "empty")
+    # A training run folder instead of its best/ checkpoint: the error names the checkpoint.
+    subprocess.run(["cp", "-r", str(good), str(tmp_path / "empty" / "best")], check=True)
+    with pytest.raises(CheckpointError, match=f"training run folder: its checkpoint is "
+                                              f"{tmp_path / 'empty' / 'best'}"):
         load_checkpoint(tmp_path / "empty")
     meta = json.loads((good / "evssm.json").read_text())
 
