@@ -8,17 +8,18 @@ streams, so one call can classify a whole data set without one huge request.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import httpx
 import msgpack
 
 from evssm.models.events import Recording
+from evssm.models.wire import MSGPACK, MSGPACK_TYPES
 
 from .errors import ClientError, ConnectionLost, ProtocolError, ServerUnavailable, server_error
 from .protocol import ModelInfo, endpoint_url, event_columns
 
-MSGPACK = "application/msgpack"
+_HEADERS = {"content-type": MSGPACK, "accept": MSGPACK}
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class Classification:
 
 def _decode_body(response: httpx.Response) -> Any:
     kind = response.headers.get("content-type", "").split(";")[0].strip()
-    if kind in (MSGPACK, "application/x-msgpack"):
+    if kind in MSGPACK_TYPES:
         return msgpack.unpackb(response.content, raw=False)
     return response.json()
 
@@ -82,6 +83,21 @@ def _parse(body: Any, expected: int) -> list[Classification]:
     return out
 
 
+def _requests(recordings: Sequence[Recording], model: str | None, batch_size: int,
+              binary: bool) -> Iterator[tuple[int, bytes]]:
+    """(streams, msgpack body) of each request of at most ``batch_size`` recordings, made as
+    they are sent (a whole data set is never encoded at once)."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    return ((len(batch), _request_body(batch, model, binary))
+            for batch in (recordings[i:i + batch_size] for i in range(0, len(recordings), batch_size)))
+
+
+def _answer(response: httpx.Response, streams: int) -> list[Classification]:
+    _raise_for(response)
+    return _parse(_decode_body(response), streams)
+
+
 def classify(url: str, recordings: Sequence[Recording], *, model: str | None = None,
              batch_size: int = 16, timeout: float = 300.0, binary: bool = True,
              transport: httpx.BaseTransport | None = None) -> list[Classification]:
@@ -92,18 +108,13 @@ def classify(url: str, recordings: Sequence[Recording], *, model: str | None = N
     :class:`~evssm.client.errors.ConnectionLost` when it cannot be reached. ``transport``
     replaces the network (tests).
     """
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
     target = endpoint_url(url, "classify")
+    requests = _requests(recordings, model, batch_size, binary)
     out: list[Classification] = []
     try:
         with httpx.Client(timeout=timeout, transport=transport) as client:
-            for start in range(0, len(recordings), batch_size):
-                batch = recordings[start:start + batch_size]
-                response = client.post(target, content=_request_body(batch, model, binary),
-                                       headers={"content-type": MSGPACK, "accept": MSGPACK})
-                _raise_for(response)
-                out += _parse(_decode_body(response), len(batch))
+            for streams, body in requests:
+                out += _answer(client.post(target, content=body, headers=_HEADERS), streams)
     except httpx.TransportError as exc:
         raise ConnectionLost(f"cannot reach {target}: {exc}") from exc
     return out
@@ -113,18 +124,13 @@ async def aclassify(url: str, recordings: Sequence[Recording], *, model: str | N
                     batch_size: int = 16, timeout: float = 300.0, binary: bool = True,
                     transport: httpx.AsyncBaseTransport | None = None) -> list[Classification]:
     """Asyncio twin of :func:`classify`."""
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
     target = endpoint_url(url, "classify")
+    requests = _requests(recordings, model, batch_size, binary)
     out: list[Classification] = []
     try:
         async with httpx.AsyncClient(timeout=timeout, transport=transport) as client:
-            for start in range(0, len(recordings), batch_size):
-                batch = recordings[start:start + batch_size]
-                response = await client.post(target, content=_request_body(batch, model, binary),
-                                             headers={"content-type": MSGPACK, "accept": MSGPACK})
-                _raise_for(response)
-                out += _parse(_decode_body(response), len(batch))
+            for streams, body in requests:
+                out += _answer(await client.post(target, content=body, headers=_HEADERS), streams)
     except httpx.TransportError as exc:
         raise ConnectionLost(f"cannot reach {target}: {exc}") from exc
     return out

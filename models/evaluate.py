@@ -2,7 +2,8 @@
 
 Accuracy and loss on a split, computed twice: with the offline form (whole recordings, batched)
 and by streaming every recording through the streaming form in packets of ``--packet-events``
-with the state carried. The two must agree (DESIGN section 3); the command fails if they do not.
+with the state carried. The two must agree (docs/architecture.md, "The invariant"); the command
+fails if they do not.
 """
 
 from __future__ import annotations
@@ -28,14 +29,6 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, weights: np.n
             "loss": float((nll * weights).sum() / total), "count": float(weights.sum())}
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax, float32 [B, C] (computed in float64; one function for every path)."""
-    z = logits.astype(np.float64)
-    z -= z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
-
-
 def evaluate(model: Any, dataset: Any, *, batch_size: int = 32, packet_events: int = 256,
              pad_unit: int = 512, progress: bool = True) -> dict[str, Any]:
     """Offline and streaming logits of every sample of ``dataset`` under ``model``
@@ -43,6 +36,7 @@ def evaluate(model: Any, dataset: Any, *, batch_size: int = 32, packet_events: i
     from tqdm import tqdm
 
     from .input_pipeline import eval_batches
+    from .streaming import softmax
 
     num_classes = model.config.num_classes
     offline, streamed, labels, weights = [], [], [], []

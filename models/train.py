@@ -5,7 +5,7 @@ Configuration: a task (``configs/tasks/NAME.yaml``) names its data set, its defa
 the command line: ``model.d_model=32``, ``train.epochs=3``, ``augment.cut_mix_p=0``,
 ``dataset=...``, ``data_dir=...``. The resolved configuration is saved with the run.
 
-Optimisation (DESIGN section 2): softmax cross-entropy on soft targets; AdamW in two groups —
+Optimisation (docs/architecture.md, "Training"): softmax cross-entropy on soft targets; AdamW in two groups —
 ``B``, ``Lambda_re``, ``Lambda_im`` at ``ssm_lr = ssm_base_lr * batch_size * accumulation`` with
 ``ssm_weight_decay``, everything else at ``ssm_lr * lr_factor`` with ``weight_decay`` — warm-up then
 cosine decay (or constant), gradient accumulation. Data-parallel over all local devices (batch
