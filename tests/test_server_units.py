@@ -254,3 +254,20 @@ def test_metrics_names_and_fresh_registries():
     assert stats["events_total"] == 256 and stats["sessions_active"] == 1
     assert stats["models"]["a"]["latency_p50_ms"] == pytest.approx(4.0)
     assert stats["events_per_s"] > 0
+
+
+def test_stats_history_keeps_the_last_fifteen_minutes_of_samples():
+    from evssm.server.metrics import HISTORY_INTERVAL_S, HISTORY_S
+
+    m = Metrics()
+    m.init_model("a", 100, 4)
+    assert m.history()["samples"] == []
+    n = int(HISTORY_S / HISTORY_INTERVAL_S)
+    for k in range(n + 5):
+        if k == 3:
+            m.packet_done("a", 256, 0.004)
+        m.record_history({"a": k % 2})
+    samples = m.history()["samples"]
+    assert len(samples) == n  # bounded: the oldest samples left
+    assert [s["sessions_active"] for s in samples[:2]] == [5 % 2, 6 % 2]  # samples 0..4 are gone
+    assert samples[-1]["events_total"] == 256 and samples[-1]["models"]["a"]["packets_total"] == 1
