@@ -8,16 +8,16 @@ streams, so one call can classify a whole data set without one huge request.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import httpx
 import msgpack
 
-from evssm.models.events import Recording
+from evssm.models.events import Recording, SensorSpec
 from evssm.models.wire import MSGPACK, MSGPACK_TYPES
 
 from .errors import ClientError, ConnectionLost, ProtocolError, ServerUnavailable, server_error
-from .protocol import ModelInfo, endpoint_url, event_columns
+from .protocol import ModelInfo, endpoint_url, event_columns, sensor_declaration
 
 _HEADERS = {"content-type": MSGPACK, "accept": MSGPACK}
 
@@ -26,16 +26,18 @@ _HEADERS = {"content-type": MSGPACK, "accept": MSGPACK}
 class Classification:
     """The server's answer for one recording: class probabilities, the predicted label (as the
     server names it) and the number of events it read. ``probs`` and ``label`` are None for a
-    recording too short for one complete output window."""
+    recording too short for one complete output window. ``cropped``: events a declared crop
+    removed (not in ``events``)."""
 
     probs: list[float] | None
     label: Any
     events: int
     model: str
+    cropped: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"probs": self.probs, "label": self.label, "events": self.events,
-                "model": self.model}
+                "model": self.model, "cropped": self.cropped}
 
 
 def _decode_body(response: httpx.Response) -> Any:
@@ -62,10 +64,18 @@ def _raise_for(response: httpx.Response) -> None:
                        status=response.status_code)
 
 
-def _request_body(recordings: Sequence[Recording], model: str | None, binary: bool) -> bytes:
-    body: dict[str, Any] = {"streams": [event_columns(r, binary=binary) for r in recordings]}
+def _request_body(recordings: Sequence[Recording], model: str | None, binary: bool,
+                  sensors: Sequence[SensorSpec | None] | None = None,
+                  transform: Mapping[str, Any] | None = None) -> bytes:
+    streams = [event_columns(r, binary=binary) for r in recordings]
+    for stream, sensor in zip(streams, sensors or ()):
+        if sensor is not None:
+            stream["sensor"] = sensor_declaration(sensor)
+    body: dict[str, Any] = {"streams": streams}
     if model is not None:
         body["model"] = model
+    if transform is not None:
+        body["transform"] = dict(transform)
     return msgpack.packb(body)
 
 
@@ -75,7 +85,8 @@ def _parse(body: Any, expected: int) -> list[Classification]:
         results = body["results"]
         out = [Classification(probs=None if r.get("probs") is None
                               else [float(v) for v in r["probs"]], label=r.get("label"),
-                              events=int(r.get("events", 0)), model=model) for r in results]
+                              events=int(r.get("events", 0)), model=model,
+                              cropped=int(r.get("cropped") or 0)) for r in results]
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise ProtocolError(f"malformed classify response: {exc}") from exc
     if len(out) != expected:
@@ -83,14 +94,18 @@ def _parse(body: Any, expected: int) -> list[Classification]:
     return out
 
 
-def _requests(recordings: Sequence[Recording], model: str | None, batch_size: int,
-              binary: bool) -> Iterator[tuple[int, bytes]]:
+def _requests(recordings: Sequence[Recording], model: str | None, batch_size: int, binary: bool,
+              sensors: Sequence[SensorSpec | None] | None,
+              transform: Mapping[str, Any] | None) -> Iterator[tuple[int, bytes]]:
     """(streams, msgpack body) of each request of at most ``batch_size`` recordings, made as
     they are sent (a whole data set is never encoded at once)."""
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-    return ((len(batch), _request_body(batch, model, binary))
-            for batch in (recordings[i:i + batch_size] for i in range(0, len(recordings), batch_size)))
+    starts = range(0, len(recordings), batch_size)
+    return ((len(recordings[i:i + batch_size]),
+             _request_body(recordings[i:i + batch_size], model, binary,
+                           None if sensors is None else sensors[i:i + batch_size], transform))
+            for i in starts)
 
 
 def _answer(response: httpx.Response, streams: int) -> list[Classification]:
@@ -100,16 +115,19 @@ def _answer(response: httpx.Response, streams: int) -> list[Classification]:
 
 def classify(url: str, recordings: Sequence[Recording], *, model: str | None = None,
              batch_size: int = 16, timeout: float = 300.0, binary: bool = True,
-             transport: httpx.BaseTransport | None = None) -> list[Classification]:
+             transport: httpx.BaseTransport | None = None,
+             sensors: Sequence[SensorSpec | None] | None = None,
+             transform: Mapping[str, Any] | None = None) -> list[Classification]:
     """Classify whole recordings with the offline model, ``batch_size`` per request.
 
     ``url`` is the server (``http://HOST:PORT``; a ``ws://`` URL works too). Raises typed
     :class:`~evssm.client.errors.ServerError` subclasses for the server's error codes and
     :class:`~evssm.client.errors.ConnectionLost` when it cannot be reached. ``transport``
-    replaces the network (tests).
+    replaces the network (tests). ``sensors`` declares each recording's source sensor (None
+    entries: the model's) and ``transform`` how the server maps them (see the protocol).
     """
     target = endpoint_url(url, "classify")
-    requests = _requests(recordings, model, batch_size, binary)
+    requests = _requests(recordings, model, batch_size, binary, sensors, transform)
     out: list[Classification] = []
     try:
         with httpx.Client(timeout=timeout, transport=transport) as client:
@@ -122,10 +140,12 @@ def classify(url: str, recordings: Sequence[Recording], *, model: str | None = N
 
 async def aclassify(url: str, recordings: Sequence[Recording], *, model: str | None = None,
                     batch_size: int = 16, timeout: float = 300.0, binary: bool = True,
-                    transport: httpx.AsyncBaseTransport | None = None) -> list[Classification]:
+                    transport: httpx.AsyncBaseTransport | None = None,
+                    sensors: Sequence[SensorSpec | None] | None = None,
+                    transform: Mapping[str, Any] | None = None) -> list[Classification]:
     """Asyncio twin of :func:`classify`."""
     target = endpoint_url(url, "classify")
-    requests = _requests(recordings, model, batch_size, binary)
+    requests = _requests(recordings, model, batch_size, binary, sensors, transform)
     out: list[Classification] = []
     try:
         async with httpx.AsyncClient(timeout=timeout, transport=transport) as client:

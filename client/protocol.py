@@ -65,6 +65,14 @@ def encode_message(msg_type: str, **fields: Any) -> bytes:
     return msgpack.packb({"type": msg_type, **{k: v for k, v in fields.items() if v is not None}})
 
 
+def sensor_declaration(sensor: SensorSpec) -> dict[str, int]:
+    """The ``sensor`` a client declares for its source: ``{"width", "height"}`` or
+    ``{"channels"}``."""
+    if sensor.kind == "1d":
+        return {"channels": sensor.channels}
+    return {"width": sensor.width, "height": sensor.height}
+
+
 def decode_frame(frame: bytes | str) -> dict[str, Any]:
     """Decode a server frame (msgpack binary, or JSON text) into a dict."""
     try:
@@ -110,12 +118,15 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class SessionInfo:
-    """The server's ``opened`` reply: session id, resume token, events so far, model."""
+    """The server's ``opened`` reply: session id, resume token, events so far, model, and — when
+    the session declared a source sensor — the resolved ``geometry`` and events ``cropped``."""
 
     session: str
     resume: str | None
     events: int
     model: ModelInfo
+    cropped: int = 0
+    geometry: dict[str, Any] | None = None
 
     @classmethod
     def from_message(cls, msg: Mapping[str, Any]) -> "SessionInfo":
@@ -124,14 +135,16 @@ class SessionInfo:
         return cls(session=str(msg.get("session", "")),
                    resume=None if msg.get("resume") is None else str(msg["resume"]),
                    events=int(msg.get("events") or 0),
-                   model=ModelInfo.from_dict(msg.get("model")))
+                   model=ModelInfo.from_dict(msg.get("model")),
+                   cropped=int(msg.get("cropped") or 0), geometry=msg.get("geometry"))
 
 
 @dataclass(frozen=True)
 class Result:
     """The server's answer to one packet.
 
-    ``events`` is the session's total event count after the packet, ``t`` its last timestamp.
+    ``events`` is the session's total event count after the packet, ``t`` its last timestamp;
+    ``cropped`` counts the events a declared crop removed (they are not in ``events``).
     ``probs`` is None while the network has no complete output window yet. ``latency_s`` is
     measured by the client from the packet's first send to the answer's arrival. ``lost`` marks a
     packet the server processed but whose answer was lost with a dropped connection (its
@@ -145,6 +158,7 @@ class Result:
     top: list[tuple[Any, float]]
     latency_s: float = 0.0
     lost: bool = False
+    cropped: int = 0
 
     @property
     def label(self) -> Any:
@@ -158,14 +172,14 @@ class Result:
             t = msg.get("t")
             return cls(seq=int(msg["seq"]), events=int(msg.get("events") or 0),
                        t=None if t is None else int(t), probs=_probs(msg.get("probs")),
-                       top=top, latency_s=latency_s)
+                       top=top, latency_s=latency_s, cropped=int(msg.get("cropped") or 0))
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise ProtocolError(f"malformed result frame: {exc}") from exc
 
     def to_dict(self) -> dict[str, Any]:
         return {"seq": self.seq, "events": self.events, "t": self.t, "probs": self.probs,
                 "top": [[label, p] for label, p in self.top], "latency_ms": self.latency_s * 1e3,
-                "lost": self.lost}
+                "lost": self.lost, "cropped": self.cropped}
 
 
 def endpoint_url(url: str, kind: str) -> str:

@@ -26,13 +26,14 @@ import collections
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterable, AsyncIterator, Coroutine, Iterable, Iterator, TypeVar
+from typing import (Any, AsyncIterable, AsyncIterator, Coroutine, Iterable, Iterator, Mapping,
+                    TypeVar)
 
 import msgpack
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
-from evssm.models.events import Recording
+from evssm.models.events import Recording, SensorSpec
 from evssm.models.wire import CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER, Code
 
 from .errors import (
@@ -48,7 +49,8 @@ from .errors import (
     server_error,
 )
 from .packets import Packet
-from .protocol import Result, SessionInfo, decode_frame, encode_message, endpoint_url, event_columns
+from .protocol import (Result, SessionInfo, decode_frame, encode_message, endpoint_url, event_columns,
+                       sensor_declaration)
 
 T = TypeVar("T")
 
@@ -92,6 +94,10 @@ class AsyncStreamSession:
         backoff: (first, largest) delay in seconds between reconnect attempts, doubling.
         open_timeout: seconds to wait for the connection and the ``opened`` reply.
         binary: send columns as little-endian ``bin`` (fast) rather than integer arrays.
+        sensor: the source's sensor, declared in ``open`` so that the server maps it onto the
+            model's (None: the source is the model's sensor).
+        transform: how the server maps it (``{"crop", "scale", "flip_x", "flip_y"}``; see the
+            protocol); None for the default (fit, centred).
 
     Results and errors come back through :meth:`recv` (and :meth:`poll`, :meth:`drain`,
     :meth:`results`, :meth:`stream`) in packet order; a packet the server rejected raises its
@@ -103,7 +109,8 @@ class AsyncStreamSession:
     def __init__(self, url: str, *, model: str | None = None, resume: str | None = None,
                  top_k: int | None = None, max_in_flight: int = 8, reconnect: bool = True,
                  max_reconnect_attempts: int = 8, backoff: tuple[float, float] = (0.05, 2.0),
-                 open_timeout: float = 10.0, binary: bool = True):
+                 open_timeout: float = 10.0, binary: bool = True,
+                 sensor: SensorSpec | None = None, transform: Mapping[str, Any] | None = None):
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be >= 1")
         self.url = endpoint_url(url, "stream")
@@ -115,6 +122,8 @@ class AsyncStreamSession:
         self.backoff = backoff
         self.open_timeout = open_timeout
         self.binary = binary
+        self.sensor = sensor
+        self.transform = None if transform is None else dict(transform)
         self.info: SessionInfo | None = None
         self.reconnects = 0  # successful re-attachments so far
         self._resume = resume
@@ -162,7 +171,7 @@ class AsyncStreamSession:
             await ws.close()
             raise
         self._ws, self.info, self._connected = ws, info, True
-        self._acked_events = info.events
+        self._acked_events = info.events + info.cropped  # events sent: kept + cropped
         self._reader = asyncio.create_task(self._read_loop(), name=f"evssm-reader-{info.session}")
         return info
 
@@ -404,8 +413,10 @@ class AsyncStreamSession:
     async def _handshake(self, ws: ClientConnection, resume: str | None) -> SessionInfo:
         """Send ``open`` and wait for ``opened`` (or a typed error)."""
         try:
+            sensor = None if self.sensor is None else sensor_declaration(self.sensor)
             await ws.send(encode_message("open", model=self.model, resume=resume,
-                                         top_k=self.top_k))
+                                         top_k=self.top_k, sensor=sensor,
+                                         transform=self.transform))
             async with asyncio.timeout(self.open_timeout):
                 while True:
                     msg = decode_frame(await ws.recv())
@@ -459,7 +470,7 @@ class AsyncStreamSession:
                                     f"{entry.seq if entry else 'none'}")
             self._pending.popleft()
             result = Result.from_message(msg, time.perf_counter() - entry.sent_at)
-            self._acked_events = result.events
+            self._acked_events = result.events + result.cropped
             self._unconfirmed_reset = None  # a result after a reset proves it was applied
             self._results.append(result)
         elif kind == "error":
@@ -531,7 +542,7 @@ class AsyncStreamSession:
         processed: resending it would apply it twice. Its answers are lost, except the last one,
         which is the session's current state: an empty packet with the same ``seq`` asks for it.
         """
-        served = info.events
+        served = info.events + info.cropped  # every event sent, kept or cropped
         assert self._ws is not None
         if self._unconfirmed_reset and served == self._unconfirmed_reset:
             # The reset sent just before the drop never arrived (the count is still the old one).

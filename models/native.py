@@ -18,6 +18,7 @@ the machine's own instruction set and cached in ``$EVSSM_CACHE_DIR`` (default
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -37,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import ModelConfig
+from .config import DISCRETIZATIONS, NORMS, ModelConfig
 from .model import EventSSM, InferenceTables
 from .pooling import TIMEPOOL_EPS
 from .ssm import input_gain
@@ -60,8 +61,33 @@ HEAD_MODES = {"pool": 0, "timepool": 1, "last": 2}
 COMPILE_FLAGS = ["-std=c++17", "-O3", "-ffast-math", "-fopenmp-simd", "-fno-strict-aliasing",
                  "-fPIC", "-w"]
 
+# What the kernel implements: every ModelConfig field, with the values it implements (None: any
+# value). A field that is not listed (a model option added later) must keep its default, else
+# the native step refuses the model and XLA serves it: the kernel never computes another network.
+IMPLEMENTED: dict[str, tuple[Any, ...] | None] = {
+    "sensor": None, "num_classes": None, "d_model": None, "d_state": None, "block_size": None,
+    "num_stages": None, "layers_per_stage": None, "pooling_stride": None,
+    "pooling_mode": tuple(POOL_MODES), "state_expansion_factor": None,
+    "discretization": DISCRETIZATIONS, "conj_sym": None, "clip_eigs": None, "prenorm": None,
+    "norm": NORMS, "dropout": None, "dt_min": None, "dt_max": None, "step_rescale": None,
+    "head": tuple(HEAD_MODES), "bn_momentum": None, "class_names": None, "name": None,
+}
+
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
+
+
+def unsupported(config: ModelConfig) -> str | None:
+    """Why the native step cannot compute ``config``'s network, or None if it can."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name not in IMPLEMENTED:
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+            if value != default:
+                return f"the native step does not implement the model option {f.name}={value!r}"
+        elif IMPLEMENTED[f.name] is not None and value not in IMPLEMENTED[f.name]:  # type: ignore[operator]
+            return f"the native step does not implement {f.name}={value!r}"
+    return None
 _library: ModuleType | None = None
 
 
@@ -151,6 +177,9 @@ class NativeStep:
 
     def __init__(self, config: ModelConfig, variables: dict[str, Any], tables: InferenceTables,
                  state_offsets: dict[str, Any], words: int):
+        reason = unsupported(config)
+        if reason is not None:
+            raise NativeUnavailable(reason)
         self.config = config
         bound = EventSSM(config).bind(variables)
         params = variables["params"]

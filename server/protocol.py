@@ -13,6 +13,11 @@ Event columns come in three encodings:
 - one ``bin`` of packed 13-byte records ``t64 x16 y16 on8`` (key ``records``), the layout
   event-camera tools (faery, AEStream) stream over UDP. For a 1-D sensor ``x`` is the channel and
   ``y``/``on`` are ignored.
+
+A client may declare its source sensor and a transform (``sensor``/``transform`` of ``open`` or of
+a classify request); :func:`parse_geometry` turns them into an adapter and :func:`adapt` maps a
+packet's decoded events onto the model's sensor before :func:`prepare` tokenises them (the
+mathematics is in ``evssm.models.geometry``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import msgpack
 import numpy as np
 
 from evssm.models.events import EventError, SensorSpec, time_gaps, tokenize
+from evssm.models.geometry import Adapter, GeometryError, adapter_for
 # The contract's names, re-exported for the API layer (app, engine, scheduler).
 from evssm.models.wire import (CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_SERVICE_RESTART,  # noqa: F401
                                CLOSE_TRY_AGAIN_LATER, COLUMN_DTYPES, FRAME_TYPES, MSGPACK,
@@ -208,6 +214,37 @@ def decode_events(msg: dict[str, Any], sensor: SensorSpec, max_events: int | Non
     if len(set(lengths.values())) > 1:
         raise ProtocolError(Code.LENGTH_MISMATCH, f"columns differ in length: {lengths}")
     return Events(t=cols["t"], x=cols["x"], y=cols.get("y"), p=cols.get("p"))
+
+
+# --- source geometry ------------------------------------------------------------------------------
+def parse_geometry(msg: dict[str, Any], model_sensor: SensorSpec, where: str = "") -> Adapter | None:
+    """The adapter a frame's ``sensor``/``transform`` declare for a model (None: nothing to map).
+    Raises ``invalid_field`` for a declaration that cannot be used."""
+    try:
+        return adapter_for(model_sensor, msg.get("sensor"), msg.get("transform"))
+    except GeometryError as e:
+        raise ProtocolError(Code.INVALID_FIELD, f"{where}{e}") from None
+
+
+def adapt(events: Events, adapter: Adapter | None) -> tuple[Events, int]:
+    """``events`` on the model's sensor, and how many the crop removed.
+
+    Addresses are checked against the declared source sensor (``address_out_of_range``). When a
+    crop may remove events, the packet's timestamps are checked whole first, so a decreasing
+    timestamp is reported even on an event the crop removes; removed events then never reach the
+    session (its state, event count or last timestamp).
+    """
+    if adapter is None:
+        return events, 0
+    try:
+        adapter.check_source(events.x, events.y, events.p)
+        if adapter.crops:
+            time_gaps(events.t)
+    except EventError as e:
+        raise ProtocolError(Code(e.code), e.message) from None
+    x, y, p, keep = adapter.apply(events.x, events.y, events.p)
+    t = events.t if keep is None else events.t[keep]
+    return Events(t=t, x=x, y=y, p=p), len(events) - int(t.shape[0])
 
 
 def prepare(events: Events, sensor: SensorSpec, last_t: int | None) -> tuple[np.ndarray, np.ndarray]:

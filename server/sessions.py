@@ -131,6 +131,8 @@ class Session:
     last_active: float = field(default_factory=time.monotonic)
     closing: bool = False  # close requested or evicted: no new items
     released: bool = False
+    geometry: Any = None  # the declared source's adapter (evssm.models.geometry.Adapter) or None
+    cropped: int = 0  # events the declared crop removed since the session's start or last reset
 
     @property
     def idle(self) -> bool:

@@ -9,6 +9,8 @@ a stream that changes backend half way.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import subprocess
 import sys
@@ -18,7 +20,7 @@ import numpy as np
 import pytest
 
 from evssm.models import native
-from evssm.models.config import load_model_config
+from evssm.models.config import ModelConfig, load_model_config
 from evssm.models.streaming import StreamingModel, init_variables
 
 from test_streaming_invariant import SMALL, VARIANTS, perturbed_model
@@ -201,3 +203,79 @@ def test_bad_shapes_are_rejected_and_leave_the_pool_alone() -> None:
                          np.array([16, 9], np.int32))
     np.testing.assert_array_equal(pool, before)
     assert before[[0, 2]].any() and not before[1].any()
+
+
+def test_unimplemented_model_option_falls_back_to_xla(caplog) -> None:
+    """A config option the kernel does not implement: ``auto`` serves the model through XLA
+    with a log line naming the option; ``native`` refuses it. Never another network."""
+
+    @dataclasses.dataclass(frozen=True)
+    class WithOption(ModelConfig):
+        future_option: bool = False
+
+    base = load_model_config("tiny", SMALL)
+    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+    variables = init_variables(base, 0)
+    assert native.unsupported(WithOption(**fields)) is None  # at its default: implemented
+    config = WithOption(**fields, future_option=True)
+    with caplog.at_level(logging.WARNING, logger="evssm.models.streaming"):
+        model = StreamingModel(config, variables, backend="auto")
+    assert model.backend == "xla" and model.info["backend"] == "xla"
+    assert "future_option=True" in caplog.text
+    with pytest.raises(native.NativeUnavailable, match="future_option=True"):
+        StreamingModel(config, variables, backend="native")
+    # A value of a listed field that the kernel does not know (past ModelConfig's own checks).
+    unknown = object.__new__(ModelConfig)
+    for name, value in {**fields, "pooling_mode": "max"}.items():
+        object.__setattr__(unknown, name, value)
+    assert native.unsupported(unknown) == "the native step does not implement pooling_mode='max'"
+
+
+CONCURRENT_SCRIPT = """
+import sys, threading
+import numpy as np
+from evssm.models.config import ModelConfig, load_model_config
+from evssm.models.streaming import StreamingModel, init_variables
+
+config = load_model_config("shd")
+models = [StreamingModel(config, init_variables(config, seed), backend="native") for seed in (0, 1)]
+rng = np.random.default_rng(0)
+jobs = []  # (model, batch, length): two models' step threads and a classify-like scratch stream
+for model, batch, length in ((models[0], 8, 256), (models[1], 1, 1024), (models[0], 1, 512)):
+    tokens = rng.integers(0, config.num_embeddings, (batch, length)).astype(np.int32)
+    gaps = rng.integers(0, 60, (batch, length)).astype(np.int32)
+    jobs.append((model, tokens, gaps, np.full(batch, length, np.int32)))
+
+def run(job, steps):
+    model, tokens, gaps, lengths = job
+    state, out = model.init_state(tokens.shape[0]), []
+    for _ in range(steps):
+        state, logits, _ = model.step(state, tokens, gaps, lengths)
+        out.append(np.asarray(logits).copy())
+    return out
+
+steps = int(sys.argv[1])
+expected = [run(job, steps) for job in jobs]  # one at a time
+got = [None] * len(jobs)
+def worker(i):
+    got[i] = run(jobs[i], steps)
+for _ in range(int(sys.argv[2])):
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(jobs))]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    for i in range(len(jobs)):
+        for a, b in zip(got[i], expected[i]):
+            np.testing.assert_array_equal(a, b)
+print("concurrent results equal")
+"""
+
+
+def test_calls_from_several_threads_are_exact() -> None:
+    """Two models' step threads and a third stream (as a long classify runs one) call the kernel
+    at once: every result equals the one computed alone, bit for bit, and nothing crashes. Run in
+    a subprocess so a crash is a failure, not the end of the test session."""
+    env = dict(os.environ, EVSSM_NATIVE_THREADS="2", JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", CONCURRENT_SCRIPT, "12", "4"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"exit {done.returncode}:\n{done.stderr[-3000:]}"
+    assert "concurrent results equal" in done.stdout

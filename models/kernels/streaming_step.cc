@@ -129,9 +129,17 @@ class Helpers {
   ~Helpers() = delete;
   int parts() const { return static_cast<int>(threads_.size()) + 1; }
 
-  // Runs fn(0) here and fn(1 .. parts-1) on the helpers; returns when all are done.
+  // Runs fn(0) here and fn(1 .. parts-1) on the helpers; returns when all are done. The
+  // helpers serve one caller at a time: a second thread (another model's step, a classify)
+  // that finds them busy runs every part itself rather than wait. The parts are independent,
+  // so the result is the same either way.
   template <class F>
   void run(F& fn) {
+    std::unique_lock<std::mutex> owner(run_mutex_, std::try_to_lock);
+    if (!owner.owns_lock()) {
+      for (int part = 0; part < parts(); ++part) fn(part);
+      return;
+    }
     job_ = [](void* f, int part) { (*static_cast<F*>(f))(part); };
     arg_ = &fn;
     pending_.store(static_cast<int>(threads_.size()));
@@ -171,6 +179,7 @@ class Helpers {
   std::atomic<int> pending_{0};
   std::atomic<int> sleeping_{0};
   std::mutex mutex_;
+  std::mutex run_mutex_;  // held by the one caller whose job the helpers run
   std::condition_variable wake_;
   void (*job_)(void*, int) = nullptr;
   void* arg_ = nullptr;
