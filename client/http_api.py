@@ -8,17 +8,18 @@ streams, so one call can classify a whole data set without one huge request.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import httpx
 import msgpack
 
 from evssm.models.events import Recording, SensorSpec
+from evssm.models.wire import MSGPACK, MSGPACK_TYPES
 
 from .errors import ClientError, ConnectionLost, ProtocolError, ServerUnavailable, server_error
 from .protocol import ModelInfo, endpoint_url, event_columns, sensor_declaration
 
-MSGPACK = "application/msgpack"
+_HEADERS = {"content-type": MSGPACK, "accept": MSGPACK}
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class Classification:
 
 def _decode_body(response: httpx.Response) -> Any:
     kind = response.headers.get("content-type", "").split(";")[0].strip()
-    if kind in (MSGPACK, "application/x-msgpack"):
+    if kind in MSGPACK_TYPES:
         return msgpack.unpackb(response.content, raw=False)
     return response.json()
 
@@ -93,6 +94,25 @@ def _parse(body: Any, expected: int) -> list[Classification]:
     return out
 
 
+def _requests(recordings: Sequence[Recording], model: str | None, batch_size: int, binary: bool,
+              sensors: Sequence[SensorSpec | None] | None,
+              transform: Mapping[str, Any] | None) -> Iterator[tuple[int, bytes]]:
+    """(streams, msgpack body) of each request of at most ``batch_size`` recordings, made as
+    they are sent (a whole data set is never encoded at once)."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    starts = range(0, len(recordings), batch_size)
+    return ((len(recordings[i:i + batch_size]),
+             _request_body(recordings[i:i + batch_size], model, binary,
+                           None if sensors is None else sensors[i:i + batch_size], transform))
+            for i in starts)
+
+
+def _answer(response: httpx.Response, streams: int) -> list[Classification]:
+    _raise_for(response)
+    return _parse(_decode_body(response), streams)
+
+
 def classify(url: str, recordings: Sequence[Recording], *, model: str | None = None,
              batch_size: int = 16, timeout: float = 300.0, binary: bool = True,
              transport: httpx.BaseTransport | None = None,
@@ -106,20 +126,13 @@ def classify(url: str, recordings: Sequence[Recording], *, model: str | None = N
     replaces the network (tests). ``sensors`` declares each recording's source sensor (None
     entries: the model's) and ``transform`` how the server maps them (see the protocol).
     """
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
     target = endpoint_url(url, "classify")
+    requests = _requests(recordings, model, batch_size, binary, sensors, transform)
     out: list[Classification] = []
     try:
         with httpx.Client(timeout=timeout, transport=transport) as client:
-            for start in range(0, len(recordings), batch_size):
-                batch = recordings[start:start + batch_size]
-                declared = None if sensors is None else sensors[start:start + batch_size]
-                body = _request_body(batch, model, binary, declared, transform)
-                response = client.post(target, content=body,
-                                       headers={"content-type": MSGPACK, "accept": MSGPACK})
-                _raise_for(response)
-                out += _parse(_decode_body(response), len(batch))
+            for streams, body in requests:
+                out += _answer(client.post(target, content=body, headers=_HEADERS), streams)
     except httpx.TransportError as exc:
         raise ConnectionLost(f"cannot reach {target}: {exc}") from exc
     return out
@@ -131,20 +144,13 @@ async def aclassify(url: str, recordings: Sequence[Recording], *, model: str | N
                     sensors: Sequence[SensorSpec | None] | None = None,
                     transform: Mapping[str, Any] | None = None) -> list[Classification]:
     """Asyncio twin of :func:`classify`."""
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
     target = endpoint_url(url, "classify")
+    requests = _requests(recordings, model, batch_size, binary, sensors, transform)
     out: list[Classification] = []
     try:
         async with httpx.AsyncClient(timeout=timeout, transport=transport) as client:
-            for start in range(0, len(recordings), batch_size):
-                batch = recordings[start:start + batch_size]
-                declared = None if sensors is None else sensors[start:start + batch_size]
-                body = _request_body(batch, model, binary, declared, transform)
-                response = await client.post(target, content=body,
-                                             headers={"content-type": MSGPACK, "accept": MSGPACK})
-                _raise_for(response)
-                out += _parse(_decode_body(response), len(batch))
+            for streams, body in requests:
+                out += _answer(await client.post(target, content=body, headers=_HEADERS), streams)
     except httpx.TransportError as exc:
         raise ConnectionLost(f"cannot reach {target}: {exc}") from exc
     return out

@@ -321,4 +321,12 @@ def run(args: argparse.Namespace) -> int:
         print("evssm bench serve: interrupted", file=sys.stderr)
         return 130
     print(json.dumps(report, indent=2))
-    return 0 if report["sessions"]["opened"] else 1
+    if not report["sessions"]["opened"]:
+        errors = ", ".join(f"{code} x{n}" for code, n in report["errors"].items()) or "none"
+        print(f"evssm bench serve: no session opened at {report['url']} (errors: {errors}); "
+              "is a server running there? Start one with 'evssm serve' or pass --url",
+              file=sys.stderr)
+        return 1
+    for warning in report["warnings"]:
+        print(f"evssm bench serve: warning: {warning}", file=sys.stderr)
+    return 0

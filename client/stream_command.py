@@ -4,7 +4,8 @@ SOURCE is an event file (.npy/.npz structured arrays, DVS Gesture .npy, SHD/SSC 
 --index; camera files .aedat4, Prophesee .raw (EVT 2/3) and .dat, .es, .csv with the formats
 extra; N-MNIST .bin), a project data set as dataset:NAME (with --split and --index), a simulated
 sensor as sim[:rate=EVENTS_PER_S,duration=S,label=K,classes=C,seed=N] (it emits for the served
-model's sensor), or a live camera as udp://HOST:PORT. The recording plays in real time (--speed
+model's sensor; label=K picks one of C movement patterns, not a class of the model, so no
+correctness is shown for it), or a live camera as udp://HOST:PORT. The recording plays in real time (--speed
 scales it, --fast sends as fast as the server answers) in packets of --packet-events events or
 --packet-ms milliseconds. The terminal shows the top classes, events/s and packet latency while
 it plays, then the final answer; --json prints one JSON object for scripts instead.
@@ -47,13 +48,9 @@ from .udp import UDP_FORMATS, UdpReceiver, UdpStats, live_packets, parse_udp_url
 DEFAULT_URL = os.environ.get("EVSSM_URL", "ws://127.0.0.1:8000")
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the epilog's paragraphs and lines, and shows defaults."""
-
-
 def explain(parser: argparse.ArgumentParser, doc: str | None) -> None:
-    """Show a command module's docstring (after its first line) below the options in --help."""
-    parser.formatter_class = _HelpFormatter
+    """Show a command module's docstring (after its first line) below the options in --help
+    (``evssm``'s help formatter keeps its paragraphs and lines)."""
     parser.epilog = "\n".join((doc or "").strip().splitlines()[1:]).strip() or None
 
 

@@ -313,6 +313,15 @@ class StreamingModel:
         return self.compilations - before
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """The served probabilities of logits [B, C]: row-wise ``exp(z - max z) / sum exp(z - max z)``,
+    computed in float64, returned float32 [B, C] (one function for every path that answers)."""
+    z = np.asarray(logits).astype(np.float64)
+    z -= z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
 def _writable_rows(pool: Any) -> np.ndarray:
     """The pool as a writable C-contiguous int32 NumPy array (itself when it already is one)."""
     if (isinstance(pool, np.ndarray) and pool.dtype == np.int32 and pool.flags.c_contiguous

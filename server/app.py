@@ -8,6 +8,7 @@ the engine and never lets bad input reach it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -25,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .engine import Engine
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .metrics import Metrics
+from .metrics import HISTORY_INTERVAL_S, Metrics
 from .protocol import (CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER, MSGPACK, MSGPACK_TYPES, Code,
                        ProtocolError, adapt, decode_events, decode_frame, encode_frame, error_frame,
                        frame_type, parse_geometry, parse_open, parse_seq, prepare)
@@ -472,12 +473,25 @@ def create_app(settings: Settings | None = None, *,
     metrics = Metrics()
     engine = Engine(settings, metrics, models)
 
+    async def record_history() -> None:
+        """The one writer of the stats history: a sample per interval, on the loop's clock."""
+        loop = asyncio.get_running_loop()
+        due = loop.time()
+        while True:
+            due += HISTORY_INTERVAL_S
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            metrics.record_history(engine.sessions_by_model())
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
+        recorder = asyncio.create_task(record_history(), name="evssm-stats-history")
         try:
             yield
         finally:
+            recorder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await recorder
             await engine.stop()
 
     app = FastAPI(title="evssm", summary="Streaming inference for event-based state-space models",
@@ -534,6 +548,10 @@ def create_app(settings: Settings | None = None, *,
     @app.get("/v1/stats")
     async def stats() -> dict[str, Any]:
         return metrics.stats(engine.sessions_by_model())
+
+    @app.get("/v1/stats/history")
+    async def stats_history() -> dict[str, Any]:
+        return metrics.history()
 
     @app.get("/dashboard")
     async def dashboard() -> Response:

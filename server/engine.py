@@ -87,6 +87,9 @@ class Engine:
                 self.metrics.init_model(runner.name, runner.state_bytes, runner.num_slots)
                 self.runners[runner.name] = runner
                 self.default_model = self.default_model or runner.name
+                log.info("model %s: compiling its shape buckets before serving (usually 1-3 minutes "
+                         "on a CPU for the default buckets; /readyz answers 503 until then; fewer "
+                         "--length-buckets or a --compilation-cache folder shorten it)", runner.name)
                 compile_s = await loop.run_in_executor(runner.executor, runner.warmup)
                 log.info("model %s from %s: loaded and compiled in %.1f s (compiling %.1f s, %d "
                          "compilations); %s streaming step; %d B of state per session, %d slots",
@@ -102,12 +105,16 @@ class Engine:
             self.ready_after_s = time.monotonic() - self.started_at
             self.ready = True
             self.metrics.ready.set(1)
-            log.info("ready after %.1f s: models %s", self.ready_after_s, list(self.runners))
+            # The ready line a person reads is the command line's (it knows the URL).
+            log.debug("ready after %.1f s: models %s", self.ready_after_s, list(self.runners))
         except asyncio.CancelledError:
             raise
         except Exception as e:
             self.load_error = f"{type(e).__name__}: {e}"
-            log.exception("loading models failed")
+            # The message says what is wrong (a folder that is not a checkpoint, an unknown
+            # config); the traceback is for debugging.
+            log.error("loading models failed: %s", self.load_error)
+            log.debug("loading models failed", exc_info=True)
 
     async def stop(self) -> None:
         """Stop schedulers and background tasks (after a drain, or abruptly)."""

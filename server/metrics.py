@@ -1,4 +1,5 @@
-"""Prometheus metrics and the small rolling statistics behind ``GET /v1/stats`` (no JAX).
+"""Prometheus metrics and the small rolling statistics behind ``GET /v1/stats`` and
+``GET /v1/stats/history`` (no JAX).
 
 Each app instance owns a fresh ``CollectorRegistry`` so several apps can live in one process
 (tests). Names and labels are a contract with the dashboard; ``docs/metrics.md`` documents them.
@@ -19,6 +20,9 @@ LATENCY_BUCKETS = (0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.
                    0.256, 0.512, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 STATS_WINDOW_S = 10.0
+# The live page's recent past: one /v1/stats summary per HISTORY_INTERVAL_S over HISTORY_S.
+HISTORY_INTERVAL_S = 1.0
+HISTORY_S = 15 * 60
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -95,6 +99,7 @@ class Metrics:
         self._windows: dict[str, _Window] = {}
         self._events_by_model: dict[str, int] = {}
         self._packets_by_model: dict[str, int] = {}
+        self._history: deque[dict] = deque(maxlen=int(HISTORY_S / HISTORY_INTERVAL_S))
 
     def init_model(self, model: str, state_bytes: int, slots: int) -> None:
         """Create the labelled series of a model so they show as 0 before traffic."""
@@ -155,6 +160,19 @@ class Metrics:
             "latency_p99_ms": p99,
             "models": per_model,
         }
+
+    def record_history(self, sessions_active: dict[str, int]) -> None:
+        """Keep the current :meth:`stats` as the newest sample of the history (the oldest one
+        leaves once ``HISTORY_S`` is covered). Called once per ``HISTORY_INTERVAL_S``."""
+        sample = self.stats(sessions_active)
+        with self._lock:
+            self._history.append(sample)
+
+    def history(self) -> dict:
+        """The ``/v1/stats/history`` body: the recorded samples, oldest first."""
+        with self._lock:
+            samples = list(self._history)
+        return {"interval_s": HISTORY_INTERVAL_S, "window_s": HISTORY_S, "samples": samples}
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

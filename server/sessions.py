@@ -11,7 +11,7 @@ Slot lifecycle, the invariants the engine relies on:
 - a slot is freed exactly once, by its owner, and only when the owner has no queued or running
   work (``SlotPool.free`` raises on a double or foreign free);
 - a freed slot is *dirty* until zeroed: a session that receives a dirty slot starts with a
-  ``Zero`` item, so the device zeroes the row before the session's first step.
+  ``Reset`` item, so the device zeroes the row before the session's first step.
 """
 
 from __future__ import annotations
@@ -39,10 +39,6 @@ class SlotPool:
         self._owner: dict[int, str] = {}
         self._dirty: set[int] = set()
 
-    @property
-    def used(self) -> int:
-        return len(self._owner)
-
     def allocate(self, owner: str) -> tuple[int, bool]:
         """A free slot for ``owner`` and whether it must be zeroed before use."""
         if not self._free:
@@ -66,9 +62,6 @@ class SlotPool:
 
     def is_dirty(self, slot: int) -> bool:
         return slot in self._dirty
-
-    def owner(self, slot: int) -> str | None:
-        return self._owner.get(slot)
 
 
 # --- work items ----------------------------------------------------------------------------------
@@ -162,9 +155,6 @@ class SessionTable:
 
     def __len__(self) -> int:
         return len(self.sessions)
-
-    def count(self, model: str) -> int:
-        return sum(1 for s in self.sessions.values() if s.model == model)
 
     def counts(self) -> dict[str, int]:
         out = {name: 0 for name in self.pools}

@@ -145,6 +145,29 @@ def test_settings_from_env_and_overrides():
         Settings.from_env({"EVSSM_BACKEND": "cuda"})
 
 
+def test_serve_options_beat_variables_beat_defaults_and_errors_say_where():
+    import argparse
+
+    from evssm.server.cli import add_arguments, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    env = {"EVSSM_PORT": "9001", "EVSSM_MAX_SESSIONS": "7", "EVSSM_MODEL": "a=config:tiny"}
+    s = settings_from_args(parser.parse_args(["--port", "9002", "--model", "b=config:shd"]), env)
+    assert (s.port, s.max_sessions, s.host) == (9002, 7, "127.0.0.1")  # option > env > default
+    assert s.models == (ModelSpec("b", "config:shd"),)
+    assert settings_from_args(parser.parse_args([]), env).models == (ModelSpec("a", "config:tiny"),)
+    with pytest.raises(ValueError, match=r"max_sessions='0' \(EVSSM_MAX_SESSIONS\)"):
+        settings_from_args(parser.parse_args([]), {"EVSSM_MAX_SESSIONS": "0"})
+    with pytest.raises(ValueError, match=r"port='x' \(--port\)"):
+        settings_from_args(parser.parse_args(["--port", "x"]), {})
+    with pytest.raises(ValueError, match="model names must be unique"):
+        settings_from_args(parser.parse_args(["--model", "a=x", "--model", "a=y"]), {})
+    # replace() validates; a Settings never holds a value the server would refuse.
+    with pytest.raises(ValueError):
+        s.replace(batch_buckets=())
+
+
 def test_serve_help_lists_every_option_and_env_var():
     out = subprocess.run([sys.executable, "-m", "evssm.cli", "serve", "--help"], capture_output=True,
                          text=True, timeout=60, check=True).stdout
@@ -231,3 +254,20 @@ def test_metrics_names_and_fresh_registries():
     assert stats["events_total"] == 256 and stats["sessions_active"] == 1
     assert stats["models"]["a"]["latency_p50_ms"] == pytest.approx(4.0)
     assert stats["events_per_s"] > 0
+
+
+def test_stats_history_keeps_the_last_fifteen_minutes_of_samples():
+    from evssm.server.metrics import HISTORY_INTERVAL_S, HISTORY_S
+
+    m = Metrics()
+    m.init_model("a", 100, 4)
+    assert m.history()["samples"] == []
+    n = int(HISTORY_S / HISTORY_INTERVAL_S)
+    for k in range(n + 5):
+        if k == 3:
+            m.packet_done("a", 256, 0.004)
+        m.record_history({"a": k % 2})
+    samples = m.history()["samples"]
+    assert len(samples) == n  # bounded: the oldest samples left
+    assert [s["sessions_active"] for s in samples[:2]] == [5 % 2, 6 % 2]  # samples 0..4 are gone
+    assert samples[-1]["events_total"] == 256 and samples[-1]["models"]["a"]["packets_total"] == 1

@@ -718,7 +718,7 @@ void head(const Net& net, int batch, float* const* state, float* logits, int32_t
 // row is pool[slots[b]] (pool[b] when slots is null); a slot outside the pool marks a padding
 // row, stepped from a zero state and not written. tokens, gaps [batch, length]; lengths [batch];
 // logits [batch, classes] and ready [batch] are written. Returns 0, or -1 with a message in
-// error (the pool untouched). Python calls this through ctypes, without the GIL.
+// error (the pool untouched). The extension function step() below calls it without the GIL.
 extern "C" int evssm_streaming_step(const float* weights, const int32_t* plan, int plan_len,
                                     int32_t* pool, int pool_rows, const int32_t* slots,
                                     int batch, int length, const int32_t* tokens,
