@@ -48,6 +48,21 @@ _OPTIONS: list[tuple[str, str, str]] = [
     ("--drain-timeout", "drain_timeout", "seconds a SIGTERM drain waits for in-flight packets"),
     ("--backend", "backend", "streaming step: native (C++ kernel, CPU only; built on first use), "
                              "xla, or auto (native where it builds)"),
+    ("--api-keys", "api_keys", "FILE of API keys, one per line ('#' comments): every request then needs "
+                               "'Authorization: Bearer KEY' (WebSocket: or ?access_token=KEY); the "
+                               "variable holds the file's path, not keys"),
+    ("--public-metrics", "public_metrics", "true: /metrics, /v1/stats and /dashboard answer without a key; "
+                                           "false: they need one too"),
+    ("--allowed-origins", "allowed_origins", "comma-separated browser origins (https://app.example) that may "
+                                             "open WebSockets besides the server's own pages; '*': any"),
+    ("--max-sessions-per-client", "max_sessions_per_client",
+     "live sessions per API key, or per client address without keys; None: a quarter of --max-sessions"),
+    ("--max-connections", "max_connections", "open HTTP and WebSocket connections; then HTTP 503 / WebSocket close 1013"),
+    ("--header-timeout", "header_timeout", "seconds a connection may take to send a request's headers"),
+    ("--keep-alive-timeout", "keep_alive_timeout", "seconds an idle HTTP keep-alive connection is kept"),
+    ("--max-classify-requests", "max_classify_requests", "classify requests served at once; more get 503 "
+                                                         "with Retry-After"),
+    ("--body-timeout", "body_timeout", "seconds a client may take to send a classify request's body (then 408)"),
 ]
 
 
@@ -63,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"default model. Env: {_env_name('models')}")
     for option, field, help_text in _OPTIONS:
         default = getattr(defaults, field)
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        shown = (",".join(map(str, default)) or "none") if isinstance(default, tuple) else default
         parser.add_argument(option, dest=field, default=argparse.SUPPRESS, metavar=field.upper(),
                             help=f"{help_text} (default: {shown}; env: {_env_name(field)})")
     parser.add_argument("--compilation-cache", default=argparse.SUPPRESS, metavar="DIR", help="persistent XLA compilation cache: faster restarts "
@@ -93,15 +108,35 @@ def run(args: argparse.Namespace) -> int:
         os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", cache)
 
     from .app import create_app
+    from .security import KeyFileError, install_log_redaction
 
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-        lifespan="on", ws_max_size=max(16 << 20, settings.max_packet_events * 128),
-        timeout_graceful_shutdown=max(1, int(settings.drain_timeout)))
+    try:
+        app = create_app(settings)
+    except KeyFileError as e:
+        print(f"evssm serve: {e}", file=sys.stderr)
+        return 2
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                            lifespan="on", **uvicorn_options(settings))
+    install_log_redaction()  # after uvicorn.Config configured its loggers
     server = DrainingServer(config, app.state.engine)
     server.run()
     return server.exit_code
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's limits for ``settings``: h11 (its request head is capped, 16 KiB by default,
+    where httptools takes headers without limit) with a deadline for the head, the keep-alive
+    timeout, the connection limit and the largest WebSocket frame."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    from .limits import header_timeout_protocol
+
+    return dict(http=header_timeout_protocol(H11Protocol, settings.header_timeout),
+                h11_max_incomplete_event_size=16 << 10,
+                timeout_keep_alive=settings.keep_alive_timeout,
+                limit_concurrency=settings.max_connections,
+                ws_max_size=max(16 << 20, settings.max_packet_events * 128),
+                timeout_graceful_shutdown=max(1, int(settings.drain_timeout)))
 
 
 class DrainingServer(uvicorn.Server):

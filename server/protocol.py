@@ -41,6 +41,7 @@ class Code(StrEnum):
     PACKET_TOO_LARGE = "packet_too_large"  # more events than --max-packet-events
     UNKNOWN_MODEL = "unknown_model"
     SERVER_FULL = "server_full"  # --max-sessions reached; WebSocket closed with 1013
+    TOO_MANY_SESSIONS = "too_many_sessions"  # --max-sessions-per-client reached; closed with 1013
     NO_SESSION = "no_session"  # events/reset/close before open
     SESSION_ALREADY_OPEN = "session_already_open"  # open twice on one connection
     UNKNOWN_SESSION = "unknown_session"  # resume token unknown or its session expired
@@ -54,11 +55,15 @@ class Code(StrEnum):
     REQUEST_TOO_LARGE = "request_too_large"
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
+    UNAUTHORIZED = "unauthorized"  # no or a wrong API key (HTTP 401; WebSocket closed with 1008)
+    BUSY = "busy"  # --max-classify-requests at work: 503 with Retry-After
+    REQUEST_TIMEOUT = "request_timeout"  # the body took longer than --body-timeout: 408
 
 
 # WebSocket close codes (RFC 6455 section 7.4 and the IANA registry).
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001  # end of a drain
+CLOSE_POLICY_VIOLATION = 1008  # no or a wrong API key, or a browser origin that is not allowed
 CLOSE_SERVICE_RESTART = 1012  # refused while draining: reconnect (elsewhere) later
 CLOSE_TRY_AGAIN_LATER = 1013  # server_full / not_ready: retry later
 
@@ -112,7 +117,7 @@ def frame_type(msg: dict[str, Any]) -> str:
     kind = msg.get("type")
     if kind not in FRAME_TYPES:
         raise ProtocolError(Code.UNKNOWN_TYPE,
-                            f"type must be one of {list(FRAME_TYPES)}, got {kind!r}", _seq_or_none(msg))
+                            f"type must be one of {list(FRAME_TYPES)}, got {shorten(kind)}", _seq_or_none(msg))
     return kind
 
 
@@ -123,8 +128,26 @@ def encode_frame(frame: dict[str, Any], binary: bool) -> bytes | str:
     return json.dumps(frame, separators=(",", ":"))
 
 
+MAX_MESSAGE = 400  # characters of an error message: a reply never grows with the bad input
+MAX_ECHO = 60  # characters of a client's value quoted in a message
+
+
+def shorten(value: Any, limit: int = MAX_ECHO) -> str:
+    """``repr(value)`` cut to ``limit`` characters: how an error message quotes a client's value."""
+    if isinstance(value, (str, bytes, bytearray)) and len(value) > 4 * limit:
+        value = value[:4 * limit]  # repr of a huge value is never built
+    elif isinstance(value, (list, tuple, dict)) and len(value) > limit:
+        return f"<{type(value).__name__} of {len(value)} items>"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def cap_message(message: str) -> str:
+    return message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE - 3] + "..."
+
+
 def error_frame(code: Code | str, message: str, seq: int | None = None) -> dict[str, Any]:
-    return {"type": "error", "seq": seq, "code": str(code), "message": message}
+    return {"type": "error", "seq": seq, "code": str(code), "message": cap_message(message)}
 
 
 def _seq_or_none(msg: dict[str, Any]) -> int | None:
@@ -194,15 +217,15 @@ def _column(name: str, value: Any) -> np.ndarray:
                             f"got {type(value).__name__}")
     if not value:
         return np.zeros(0, np.int64)
+    # Exactly int: numpy would read True as 1 and 2.0 as an integer column; bool is an int subclass.
+    kinds = set(map(type, value))
+    if kinds != {int}:
+        names = sorted(k.__name__ for k in kinds - {int})
+        raise ProtocolError(Code.INVALID_COLUMN, f"column {name} must hold integers only, found {names}")
     try:
-        arr = np.asarray(value)
-    except (OverflowError, ValueError) as e:  # ragged nesting or ints beyond int64
-        raise ProtocolError(Code.INVALID_COLUMN, f"column {name} is not a flat array of integers: {e}")
-    if arr.ndim != 1 or arr.dtype.kind not in "iu":  # floats, strings, bools, nested, None
-        raise ProtocolError(Code.INVALID_COLUMN, f"column {name} must hold integers only")
-    if arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and arr.size and arr.max() > np.iinfo(np.int64).max:
-        raise ProtocolError(Code.INVALID_COLUMN, f"column {name} has values beyond int64")
-    return arr.astype(np.int64, copy=False)
+        return np.asarray(value, dtype=np.int64)
+    except OverflowError:
+        raise ProtocolError(Code.INVALID_COLUMN, f"column {name} has values beyond int64") from None
 
 
 def _records(value: Any, max_events: int | None) -> Events:

@@ -76,6 +76,16 @@ class Settings:
     default_top_k: int = 3
     drain_timeout: float = 30.0  # seconds a SIGTERM drain waits for in-flight packets
     backend: str = "auto"  # streaming step: native (C++ kernel, CPU), xla, or auto
+    # Who may connect and how much one client may hold (docs/deployment.md, "Security").
+    api_keys: str | None = None  # file of API keys, one per line (None: no authentication)
+    public_metrics: bool = True  # /metrics, /v1/stats and /dashboard answer without a key
+    allowed_origins: tuple[str, ...] = ()  # browser origins allowed besides the server's own ("*": any)
+    max_sessions_per_client: int | None = None  # per API key, or per address without keys (None: 1/4)
+    max_connections: int = 1000  # open HTTP + WebSocket connections; then 503 / close 1013
+    header_timeout: float = 10.0  # seconds to send a request's headers, from connect or last response
+    keep_alive_timeout: int = 5  # seconds an idle HTTP keep-alive connection is kept
+    max_classify_requests: int = 2  # classify requests at once; then 503 with Retry-After
+    body_timeout: float = 60.0  # seconds to send a classify request's body; then 408
 
     def __post_init__(self) -> None:
         def check(ok: bool, msg: str) -> None:
@@ -94,10 +104,28 @@ class Settings:
         check(self.backend in STREAMING_BACKENDS,
               f"backend must be {', '.join(STREAMING_BACKENDS[:-1])} or {STREAMING_BACKENDS[-1]}, "
               f"not {self.backend!r}")
+        check(self.max_sessions_per_client is None or self.max_sessions_per_client >= 1,
+              "max_sessions_per_client must be >= 1")
+        check(self.max_connections >= 1, "max_connections must be >= 1")
+        check(self.header_timeout > 0 and self.body_timeout > 0, "header_timeout and body_timeout must be > 0")
+        check(self.keep_alive_timeout >= 1, "keep_alive_timeout must be >= 1")
+        check(self.max_classify_requests >= 1, "max_classify_requests must be >= 1")
         check(self.classify_batch_events >= max(self.length_buckets),
               "classify_batch_events must be >= the largest length bucket")
         names = [m.name for m in self.models if m.name is not None]
         check(len(names) == len(set(names)), f"model names must be unique, got {names}")
+
+    @property
+    def sessions_per_client(self) -> int:
+        """Live sessions one API key (or, without keys, one client address) may hold."""
+        if self.max_sessions_per_client is not None:
+            return min(self.max_sessions_per_client, self.max_sessions)
+        return max(1, self.max_sessions // 4)
+
+    @property
+    def max_body_bytes(self) -> int:
+        """Largest classify request body: room for ``max_classify_events`` events as JSON."""
+        return self.max_classify_events * 96 + (1 << 20)
 
     @property
     def max_length(self) -> int:
@@ -126,9 +154,12 @@ class Settings:
         return cls(**values)
 
 
-_FLOATS = {"session_idle_timeout", "batch_wait_ms", "drain_timeout"}
+_FLOATS = {"session_idle_timeout", "batch_wait_ms", "drain_timeout", "header_timeout", "body_timeout"}
 _INT_TUPLES = {"batch_buckets", "length_buckets", "classify_length_buckets"}
-_STRINGS = {"host", "log_level", "backend"}
+_STR_TUPLES = {"allowed_origins"}
+_STRINGS = {"host", "log_level", "backend", "api_keys"}
+_BOOLS = {"public_metrics"}
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
 def _convert(name: str, raw: Any) -> Any:
@@ -140,6 +171,15 @@ def _convert(name: str, raw: Any) -> Any:
             return tuple(ModelSpec.parse(s) for s in specs)
         if name in _INT_TUPLES:
             return parse_ints(raw)
+        if name in _STR_TUPLES:
+            items = [raw] if isinstance(raw, str) else list(raw)
+            return tuple(s.strip() for item in items for s in re.split(r"[,\s]+", item) if s.strip())
+        if name in _BOOLS:
+            if isinstance(raw, bool):
+                return raw
+            if str(raw).strip().lower() not in _TRUE | _FALSE:
+                raise ValueError("expected true or false")
+            return str(raw).strip().lower() in _TRUE
         if name in _FLOATS:
             return float(raw)
         if name in _STRINGS:
