@@ -8,14 +8,11 @@ the engine and never lets bad input reach it.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import msgpack
 import numpy as np
@@ -28,11 +25,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .engine import Engine
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
-from evssm.models.events import SensorSpec
-
+from .decoding import Decoders
 from .limits import BodyTimeout, BodyTooLarge, ClientDisconnect, Gate, read_body
 from .protocol import (CLOSE_POLICY_VIOLATION, CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER, MSGPACK,
-                       MSGPACK_TYPES, Code, ProtocolError, cap_message, decode_events, decode_frame,
+                       MSGPACK_TYPES, ClassifyLimits, Code, ProtocolError, cap_message, decode_events, decode_frame,
                        encode_frame, error_frame, frame_type, parse_open, parse_seq, prepare, shorten)
 from .security import Access, AuthMiddleware
 from .sessions import ClientFull, Close, Packet, Reset, ServerFull, Session
@@ -50,8 +46,6 @@ HTTP_STATUS = {  # HTTP status of each error code that HTTP endpoints return
     Code.NOT_READY: 503, Code.DRAINING: 503, Code.INTERNAL_ERROR: 500, Code.UNAUTHORIZED: 401,
     Code.BUSY: 503, Code.REQUEST_TIMEOUT: 408,
 }
-INLINE_DECODE_BYTES = 64 << 10  # frames and bodies larger than this are decoded on the decode pool
-DECODE_THREADS = 2  # the decode pool: big frames and bodies of all connections share it
 
 
 def http_error(code: Code, message: str, status: int | None = None,
@@ -185,35 +179,29 @@ class Connection:
 class StreamHandler:
     """Dispatches the frames of one connection (``open``, ``events``, ``reset``, ``close``).
 
-    Frames over :data:`INLINE_DECODE_BYTES` are decoded on the decode pool, not on the event loop
-    (a 14 MiB frame would stall every other connection); the connection's next frame is read only
-    after this one is handled, so its frames stay in order.
+    Big frames are decoded off the event loop (``decoding.Decoders``); the connection's next frame
+    is read only after this one is handled, so its frames stay in order.
     """
 
     def __init__(self, engine: Engine, settings: Settings, metrics: Metrics, conn: Connection,
-                 decoder: Executor):
+                 decoders: Decoders):
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
         self.conn = conn
-        self.decoder = decoder
-
-    async def _run(self, big: bool, fn: Callable[..., Any], *args: Any) -> Any:
-        if not big:
-            return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(self.decoder, fn, *args)
+        self.decoders = decoders
 
     async def handle(self, data: bytes | str, received: float) -> None:
         binary = not isinstance(data, str)
         self.conn.binary = binary
-        big = len(data) > INLINE_DECODE_BYTES
+        size = len(data)
         seq: int | None = None
         try:
-            msg = await self._run(big, decode_frame, data)
+            msg = await self.decoders.frame(size, decode_frame, data)
             kind = frame_type(msg)
             seq = parse_seq(msg)
             if kind == "events":
-                await self._events(msg, seq, binary, received, big)
+                await self._events(msg, seq, binary, received, size)
             elif kind == "open":
                 self._open(msg, binary)
             elif kind == "reset":
@@ -288,13 +276,14 @@ class StreamHandler:
                     "top_k": session.top_k, "model": public_info(engine.runners[session.model].info)}, binary)
 
     async def _events(self, msg: dict[str, Any], seq: int | None, binary: bool, received: float,
-                      big: bool) -> None:
+                      size: int) -> None:
         conn = self.conn
         session = self._session()
         if self.engine.draining:
             raise ProtocolError(Code.DRAINING, "the server is shutting down; packet not processed")
         runner = self.engine.runners[session.model]
-        events = await self._run(big, decode_events, msg, runner.sensor, self.settings.max_packet_events)
+        events = await self.decoders.frame(size, decode_events, msg, runner.sensor,
+                                           self.settings.max_packet_events)
         if conn.session is not session or session.closing:  # taken away while decoding
             raise ProtocolError(Code.NO_SESSION, "the session left this connection while the packet was decoded")
         if self.engine.draining:
@@ -337,7 +326,7 @@ async def _refuse(ws: WebSocket, code: int, reason: str) -> None:
 
 
 async def _serve_stream(ws: WebSocket, engine: Engine, settings: Settings, metrics: Metrics,
-                        access: Access, decoder: Executor) -> None:
+                        access: Access, decoders: Decoders) -> None:
     allowed, key_id = access.authenticate(ws.scope)
     if not allowed:
         metrics.rejected.labels(code=str(Code.UNAUTHORIZED)).inc()
@@ -353,7 +342,7 @@ async def _serve_stream(ws: WebSocket, engine: Engine, settings: Settings, metri
     await ws.accept()
     conn = Connection(ws, metrics, settings.max_inflight)
     conn.key_id, conn.principal = key_id, access.principal(ws.scope, key_id)
-    handler = StreamHandler(engine, settings, metrics, conn, decoder)
+    handler = StreamHandler(engine, settings, metrics, conn, decoders)
     engine.connections.add(conn)
     conn.start()
     try:
@@ -431,67 +420,8 @@ def _reply(body: dict[str, Any], msgpack_out: bool, status: int = 200) -> Respon
     return JSONResponse(body, status_code=status)
 
 
-@dataclass
-class ClassifyRequest:
-    """A decoded, validated classify body: ``tokens``/``gaps`` int32 [n_i] per stream."""
-
-    model: str
-    top_k: int
-    tokens: list[np.ndarray]
-    gaps: list[np.ndarray]
-    last_t: list[int | None]
-    events: int
-
-
-def parse_classify(body: bytes, is_msgpack: bool, sensors: dict[str, SensorSpec], default_model: str | None,
-                   settings: Settings) -> ClassifyRequest:
-    """Decode and validate a ``POST /v1/classify`` body (runs on the decode pool for big bodies).
-    Raises :class:`ProtocolError`; its message names the stream at fault."""
-    try:
-        data = msgpack.unpackb(body, raw=False) if is_msgpack else json.loads(body)
-    except Exception as e:
-        raise ProtocolError(Code.MALFORMED_FRAME,
-                            f"body is not valid {'msgpack' if is_msgpack else 'JSON'}: {e}") from None
-    if not isinstance(data, dict):
-        raise ProtocolError(Code.MALFORMED_FRAME, "body must be a map with a 'streams' array")
-    model = data.get("model", None)
-    if model is None:
-        model = default_model
-    elif not isinstance(model, str):
-        raise ProtocolError(Code.INVALID_FIELD, f"model must be a string, got {type(model).__name__}")
-    if model not in sensors:
-        raise ProtocolError(Code.UNKNOWN_MODEL, f"unknown model {shorten(model)}; served: {sorted(sensors)}")
-    streams = data.get("streams")
-    if not isinstance(streams, list):
-        raise ProtocolError(Code.INVALID_FIELD, "streams must be an array of {t, x, y?, p?} maps")
-    if len(streams) > settings.max_classify_streams:
-        raise ProtocolError(Code.REQUEST_TOO_LARGE,
-                            f"{len(streams)} streams, more than the limit of {settings.max_classify_streams}")
-    top_k = data.get("top_k", settings.default_top_k)
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 0 <= top_k <= 1000:
-        raise ProtocolError(Code.INVALID_FIELD, "top_k must be an integer in 0..1000")
-    sensor = sensors[model]
-    req = ClassifyRequest(model=model, top_k=top_k, tokens=[], gaps=[], last_t=[], events=0)
-    for i, stream in enumerate(streams):
-        try:
-            if not isinstance(stream, dict):
-                raise ProtocolError(Code.INVALID_FIELD, "a stream must be a map of columns")
-            events = decode_events(stream, sensor, settings.max_classify_events)
-            req.events += len(events)
-            if req.events > settings.max_classify_events:
-                raise ProtocolError(Code.REQUEST_TOO_LARGE,
-                                    f"more than {settings.max_classify_events} events in one request")
-            tok, gap = prepare(events, sensor, None)
-        except ProtocolError as e:
-            raise ProtocolError(e.code, f"streams[{i}]: {e.message}") from None
-        req.tokens.append(tok)
-        req.gaps.append(gap)
-        req.last_t.append(int(events.t[-1]) if len(events) else None)
-    return req
-
-
 async def _classify(request: Request, engine: Engine, settings: Settings, metrics: Metrics, gate: Gate,
-                    decoder: Executor) -> Response:
+                    decoders: Decoders) -> Response:
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if content_type not in MSGPACK_TYPES and content_type not in ("application/json", ""):
         return http_error(Code.UNSUPPORTED_MEDIA_TYPE,
@@ -515,14 +445,12 @@ async def _classify(request: Request, engine: Engine, settings: Settings, metric
                               headers={"Connection": "close"})
         except ClientDisconnect:
             return Response(status_code=400)  # nobody is listening
-        is_msgpack = content_type in MSGPACK_TYPES
-        sensors = {name: r.sensor for name, r in engine.runners.items()}
-        args = (body, is_msgpack, sensors, engine.default_model, settings)
+        limits = ClassifyLimits(max_streams=settings.max_classify_streams,
+                                max_events=settings.max_classify_events, default_top_k=settings.default_top_k)
         try:
-            if len(body) > INLINE_DECODE_BYTES:
-                req = await asyncio.get_running_loop().run_in_executor(decoder, parse_classify, *args)
-            else:
-                req = parse_classify(*args)
+            req = await decoders.classify_body(body, content_type in MSGPACK_TYPES,
+                                               {name: r.sensor for name, r in engine.runners.items()},
+                                               engine.default_model, limits)
         except ProtocolError as e:
             return http_error(e.code, e.message)
         del body
@@ -555,7 +483,7 @@ def create_app(settings: Settings | None = None, *,
     metrics = Metrics()
     engine = Engine(settings, metrics, models)
     gate = Gate(settings.max_classify_requests)
-    decoder = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="evssm-decode")
+    decoders = Decoders()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -564,7 +492,7 @@ def create_app(settings: Settings | None = None, *,
             yield
         finally:
             await engine.stop()
-            decoder.shutdown(wait=False, cancel_futures=True)
+            decoders.shutdown()
 
     app = FastAPI(title="evssm", summary="Streaming inference for event-based state-space models",
                   lifespan=lifespan)
@@ -589,11 +517,11 @@ def create_app(settings: Settings | None = None, *,
 
     @app.websocket("/v1/stream")
     async def stream(ws: WebSocket) -> None:
-        await _serve_stream(ws, engine, settings, metrics, access, decoder)
+        await _serve_stream(ws, engine, settings, metrics, access, decoders)
 
     @app.post("/v1/classify")
     async def classify(request: Request) -> Response:
-        return await _classify(request, engine, settings, metrics, gate, decoder)
+        return await _classify(request, engine, settings, metrics, gate, decoders)
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:

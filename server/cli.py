@@ -123,10 +123,17 @@ def run(args: argparse.Namespace) -> int:
     return server.exit_code
 
 
+def max_frame_bytes(max_packet_events: int) -> int:
+    """The largest WebSocket frame: the largest valid packet in its widest form (JSON integer
+    arrays, at most 48 bytes per 2-D event) plus room for the other fields. A bigger frame is
+    closed with 1009 before it is buffered or decoded."""
+    return max_packet_events * 48 + (64 << 10)
+
+
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
     """uvicorn's limits for ``settings``: h11 (its request head is capped, 16 KiB by default,
     where httptools takes headers without limit) with a deadline for the head, the keep-alive
-    timeout, the connection limit and the largest WebSocket frame."""
+    timeout, the connection limit and the largest WebSocket frame (:func:`max_frame_bytes`)."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     from .limits import header_timeout_protocol
@@ -135,7 +142,7 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
                 h11_max_incomplete_event_size=16 << 10,
                 timeout_keep_alive=settings.keep_alive_timeout,
                 limit_concurrency=settings.max_connections,
-                ws_max_size=max(16 << 20, settings.max_packet_events * 128),
+                ws_max_size=max_frame_bytes(settings.max_packet_events),
                 timeout_graceful_shutdown=max(1, int(settings.drain_timeout)))
 
 

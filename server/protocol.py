@@ -94,6 +94,9 @@ class ProtocolError(Exception):
         self.message = message
         self.seq = seq
 
+    def __reduce__(self) -> tuple[Any, ...]:  # raised in a decode worker process, re-raised here
+        return (ProtocolError, (self.code, self.message, self.seq))
+
 
 # --- frames --------------------------------------------------------------------------------------
 def decode_frame(data: bytes | str) -> dict[str, Any]:
@@ -297,3 +300,70 @@ def prepare(events: Events, sensor: SensorSpec, last_t: int | None) -> tuple[np.
             code = Code.INVALID_COLUMN
         raise ProtocolError(code, e.message) from None
     return tokens, gaps
+
+
+# --- classify bodies -------------------------------------------------------------------------------
+@dataclass
+class ClassifyRequest:
+    """A decoded, validated classify body: ``tokens``/``gaps`` int32 [n_i] per stream."""
+
+    model: str
+    top_k: int
+    tokens: list[np.ndarray]
+    gaps: list[np.ndarray]
+    last_t: list[int | None]
+    events: int
+
+
+@dataclass(frozen=True)
+class ClassifyLimits:
+    max_streams: int
+    max_events: int
+    default_top_k: int
+
+
+def parse_classify(body: bytes, is_msgpack: bool, sensors: dict[str, SensorSpec], default_model: str | None,
+                   limits: ClassifyLimits) -> ClassifyRequest:
+    """Decode and validate a ``POST /v1/classify`` body. Raises :class:`ProtocolError`, whose
+    message names the stream at fault. Pure (big bodies are parsed in a worker process)."""
+    try:
+        data = msgpack.unpackb(body, raw=False) if is_msgpack else json.loads(body)
+    except Exception as e:
+        raise ProtocolError(Code.MALFORMED_FRAME,
+                            f"body is not valid {'msgpack' if is_msgpack else 'JSON'}: {e}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(Code.MALFORMED_FRAME, "body must be a map with a 'streams' array")
+    model = data.get("model", None)
+    if model is None:
+        model = default_model
+    elif not isinstance(model, str):
+        raise ProtocolError(Code.INVALID_FIELD, f"model must be a string, got {type(model).__name__}")
+    if model not in sensors:
+        raise ProtocolError(Code.UNKNOWN_MODEL, f"unknown model {shorten(model)}; served: {sorted(sensors)}")
+    streams = data.get("streams")
+    if not isinstance(streams, list):
+        raise ProtocolError(Code.INVALID_FIELD, "streams must be an array of {t, x, y?, p?} maps")
+    if len(streams) > limits.max_streams:
+        raise ProtocolError(Code.REQUEST_TOO_LARGE,
+                            f"{len(streams)} streams, more than the limit of {limits.max_streams}")
+    top_k = data.get("top_k", limits.default_top_k)
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 0 <= top_k <= 1000:
+        raise ProtocolError(Code.INVALID_FIELD, "top_k must be an integer in 0..1000")
+    sensor = sensors[model]
+    req = ClassifyRequest(model=model, top_k=top_k, tokens=[], gaps=[], last_t=[], events=0)
+    for i, stream in enumerate(streams):
+        try:
+            if not isinstance(stream, dict):
+                raise ProtocolError(Code.INVALID_FIELD, "a stream must be a map of columns")
+            events = decode_events(stream, sensor, limits.max_events)
+            req.events += len(events)
+            if req.events > limits.max_events:
+                raise ProtocolError(Code.REQUEST_TOO_LARGE,
+                                    f"more than {limits.max_events} events in one request")
+            tok, gap = prepare(events, sensor, None)
+        except ProtocolError as e:
+            raise ProtocolError(e.code, f"streams[{i}]: {e.message}") from None
+        req.tokens.append(tok)
+        req.gaps.append(gap)
+        req.last_t.append(int(events.t[-1]) if len(events) else None)
+    return req
