@@ -46,6 +46,10 @@ class ServerFull(ServerUnavailable):
     """The server has no room for another session; retry later."""
 
 
+class Unauthorized(ServerError):
+    """The server wants an API key and got none or a wrong one (``--api-key`` / ``EVSSM_API_KEY``)."""
+
+
 class SessionExpired(ServerError):
     """A resume token no longer names a live session (the server dropped or forgot it)."""
 
@@ -59,8 +63,9 @@ _CODE_CLASSES: dict[str, type[ServerError]] = {
          "request_too_large", "unsupported_media_type"),
         InvalidEvents),
     "unknown_model": UnknownModel,
-    "server_full": ServerFull,
-    **dict.fromkeys(("not_ready", "draining"), ServerUnavailable),
+    **dict.fromkeys(("server_full", "too_many_sessions"), ServerFull),
+    **dict.fromkeys(("not_ready", "draining", "busy"), ServerUnavailable),
+    "unauthorized": Unauthorized,
     **dict.fromkeys(("unknown_session", "session_expired", "session_resumed_elsewhere",
                      "resume_mismatch"), SessionExpired),
 }

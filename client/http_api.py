@@ -16,7 +16,7 @@ import msgpack
 from evssm.models.events import Recording
 
 from .errors import ClientError, ConnectionLost, ProtocolError, ServerUnavailable, server_error
-from .protocol import ModelInfo, endpoint_url, event_columns
+from .protocol import ModelInfo, auth_headers, endpoint_url, event_columns
 
 MSGPACK = "application/msgpack"
 
@@ -84,13 +84,14 @@ def _parse(body: Any, expected: int) -> list[Classification]:
 
 def classify(url: str, recordings: Sequence[Recording], *, model: str | None = None,
              batch_size: int = 16, timeout: float = 300.0, binary: bool = True,
-             transport: httpx.BaseTransport | None = None) -> list[Classification]:
+             transport: httpx.BaseTransport | None = None, api_key: str | None = None) -> list[Classification]:
     """Classify whole recordings with the offline model, ``batch_size`` per request.
 
     ``url`` is the server (``http://HOST:PORT``; a ``ws://`` URL works too). Raises typed
     :class:`~evssm.client.errors.ServerError` subclasses for the server's error codes and
-    :class:`~evssm.client.errors.ConnectionLost` when it cannot be reached. ``transport``
-    replaces the network (tests).
+    :class:`~evssm.client.errors.ConnectionLost` when it cannot be reached. ``api_key`` is sent
+    as ``Authorization: Bearer`` (None: ``EVSSM_API_KEY``). ``transport`` replaces the network
+    (tests).
     """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
@@ -101,7 +102,8 @@ def classify(url: str, recordings: Sequence[Recording], *, model: str | None = N
             for start in range(0, len(recordings), batch_size):
                 batch = recordings[start:start + batch_size]
                 response = client.post(target, content=_request_body(batch, model, binary),
-                                       headers={"content-type": MSGPACK, "accept": MSGPACK})
+                                       headers={"content-type": MSGPACK, "accept": MSGPACK,
+                                                      **auth_headers(api_key)})
                 _raise_for(response)
                 out += _parse(_decode_body(response), len(batch))
     except httpx.TransportError as exc:
@@ -111,7 +113,8 @@ def classify(url: str, recordings: Sequence[Recording], *, model: str | None = N
 
 async def aclassify(url: str, recordings: Sequence[Recording], *, model: str | None = None,
                     batch_size: int = 16, timeout: float = 300.0, binary: bool = True,
-                    transport: httpx.AsyncBaseTransport | None = None) -> list[Classification]:
+                    transport: httpx.AsyncBaseTransport | None = None,
+                    api_key: str | None = None) -> list[Classification]:
     """Asyncio twin of :func:`classify`."""
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
@@ -122,7 +125,8 @@ async def aclassify(url: str, recordings: Sequence[Recording], *, model: str | N
             for start in range(0, len(recordings), batch_size):
                 batch = recordings[start:start + batch_size]
                 response = await client.post(target, content=_request_body(batch, model, binary),
-                                             headers={"content-type": MSGPACK, "accept": MSGPACK})
+                                             headers={"content-type": MSGPACK, "accept": MSGPACK,
+                                                      **auth_headers(api_key)})
                 _raise_for(response)
                 out += _parse(_decode_body(response), len(batch))
     except httpx.TransportError as exc:
@@ -130,13 +134,13 @@ async def aclassify(url: str, recordings: Sequence[Recording], *, model: str | N
     return out
 
 
-def list_models(url: str, *, timeout: float = 30.0,
-                transport: httpx.BaseTransport | None = None) -> list[ModelInfo]:
+def list_models(url: str, *, timeout: float = 30.0, transport: httpx.BaseTransport | None = None,
+                api_key: str | None = None) -> list[ModelInfo]:
     """The models the server serves (``GET /v1/models``), its default model first."""
     target = endpoint_url(url, "models")
     try:
         with httpx.Client(timeout=timeout, transport=transport) as client:
-            response = client.get(target, headers={"accept": "application/json"})
+            response = client.get(target, headers={"accept": "application/json", **auth_headers(api_key)})
     except httpx.TransportError as exc:
         raise ConnectionLost(f"cannot reach {target}: {exc}") from exc
     _raise_for(response)

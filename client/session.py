@@ -44,15 +44,18 @@ from .errors import (
     ServerUnavailable,
     SessionClosed,
     SessionExpired,
+    Unauthorized,
     server_error,
 )
 from .packets import Packet
-from .protocol import Result, SessionInfo, decode_frame, encode_message, endpoint_url, event_columns
+from .protocol import (Result, SessionInfo, auth_headers, decode_frame, encode_message, endpoint_url,
+                       event_columns)
 
 T = TypeVar("T")
 
 CLOSE_SERVICE_RESTART = 1012  # the server is shutting down: reconnect later
 CLOSE_TRY_AGAIN_LATER = 1013  # the server is full or not ready: retry later
+CLOSE_POLICY_VIOLATION = 1008  # no or a wrong API key, or a browser origin the server refuses
 _EMPTY_COLUMNS = {"t": b"", "x": b""}
 
 
@@ -93,6 +96,8 @@ class AsyncStreamSession:
         backoff: (first, largest) delay in seconds between reconnect attempts, doubling.
         open_timeout: seconds to wait for the connection and the ``opened`` reply.
         binary: send columns as little-endian ``bin`` (fast) rather than integer arrays.
+        api_key: the server's API key, sent as ``Authorization: Bearer KEY`` (None: the
+            ``EVSSM_API_KEY`` variable, or no key).
 
     Results and errors come back through :meth:`recv` (and :meth:`poll`, :meth:`drain`,
     :meth:`results`, :meth:`stream`) in packet order; a packet the server rejected raises its
@@ -104,7 +109,7 @@ class AsyncStreamSession:
     def __init__(self, url: str, *, model: str | None = None, resume: str | None = None,
                  top_k: int | None = None, max_in_flight: int = 8, reconnect: bool = True,
                  max_reconnect_attempts: int = 8, backoff: tuple[float, float] = (0.05, 2.0),
-                 open_timeout: float = 10.0, binary: bool = True):
+                 open_timeout: float = 10.0, binary: bool = True, api_key: str | None = None):
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be >= 1")
         self.url = endpoint_url(url, "stream")
@@ -116,6 +121,7 @@ class AsyncStreamSession:
         self.backoff = backoff
         self.open_timeout = open_timeout
         self.binary = binary
+        self._headers = auth_headers(api_key)
         self.info: SessionInfo | None = None
         self.reconnects = 0  # successful re-attachments so far
         self._resume = resume
@@ -389,7 +395,7 @@ class AsyncStreamSession:
         try:
             return await connect(self.url, open_timeout=self.open_timeout, compression=None,
                                  max_size=16 * 2**20, ping_interval=20, ping_timeout=60,
-                                 close_timeout=2)
+                                 close_timeout=2, additional_headers=self._headers)
         except InvalidStatus as exc:
             status = exc.response.status_code
             if status == 503:
@@ -422,6 +428,8 @@ class AsyncStreamSession:
                 raise ServerFull("server_full", reason or "server full, retry later") from exc
             if code == CLOSE_SERVICE_RESTART:
                 raise ServerUnavailable("draining", reason or "server restarting") from exc
+            if code == CLOSE_POLICY_VIOLATION:
+                raise Unauthorized("unauthorized", reason or "the server refused this client") from exc
             raise ConnectFailed(f"the server closed the connection while opening: {exc}") from exc
         except TimeoutError as exc:
             raise ConnectFailed(f"no 'opened' reply within {self.open_timeout} s") from exc

@@ -297,3 +297,30 @@ def test_connection_limit(keyed):
                 await ws.close()
 
     asyncio.run(run())
+
+
+def test_the_client_library_sends_the_key(keyed, monkeypatch):
+    from evssm.client import AsyncStreamSession, Unauthorized, classify, list_models
+    from evssm.models.events import Recording
+
+    import numpy as np
+
+    url = f"ws://127.0.0.1:{keyed.port}"
+    rec = Recording(t=np.arange(0, 6400, 100, dtype=np.int64), x=np.arange(64, dtype=np.int64) % 700)
+    monkeypatch.delenv("EVSSM_API_KEY", raising=False)
+    with pytest.raises(Unauthorized):
+        list_models(keyed.http)
+    (offline,) = classify(keyed.http, [rec], model="tiny", api_key=KEY_A)
+
+    async def run(**kwargs: Any) -> Any:
+        async with AsyncStreamSession(url, model="tiny", reconnect=False, **kwargs) as s:
+            await s.send(rec)
+            return await s.recv()
+
+    with pytest.raises(Unauthorized):
+        asyncio.run(run())
+    streamed = asyncio.run(run(api_key=KEY_B))
+    np.testing.assert_allclose(streamed.probs, offline.probs, rtol=1e-4, atol=1e-6)
+    monkeypatch.setenv("EVSSM_API_KEY", KEY_A)  # the variable is the default
+    assert [m.name for m in list_models(keyed.http)] == ["tiny", "mnist"]
+    assert asyncio.run(run()).events == 64
