@@ -324,3 +324,41 @@ def test_the_client_library_sends_the_key(keyed, monkeypatch):
     monkeypatch.setenv("EVSSM_API_KEY", KEY_A)  # the variable is the default
     assert [m.name for m in list_models(keyed.http)] == ["tiny", "mnist"]
     assert asyncio.run(run()).events == 64
+
+
+def test_smaller_holes_over_the_wire(keyed):
+    """``t = [2**63 - 1, -2]`` (the int64 gap wrapped: the clock went back), ``x = [1, true]``
+    (read as 1) and ``"model": []`` / ``""`` (read as the default model) were all accepted."""
+    big = 2 ** 63 - 1
+    h, headers = keyed.http, auth(KEY_A)
+    ok = {"t": [5, 6], "x": [1, 2]}
+    for body, status, code in (({"model": [], "streams": [ok]}, 400, "invalid_field"),
+                               ({"model": "", "streams": [ok]}, 404, "unknown_model"),
+                               ({"model": "tiny", "streams": [{"t": [big, -2], "x": [1, 1]}]}, 400,
+                                "timestamps_decreasing"),
+                               ({"model": "tiny", "streams": [{"t": [1, 2], "x": [1, True]}]}, 400,
+                                "invalid_column")):
+        r = httpx.post(f"{h}/v1/classify", json=body, headers=headers)
+        assert r.status_code == status and r.json()["error"] == code, (body, r.text)
+
+    async def run() -> dict:
+        async with connect(f"ws://127.0.0.1:{keyed.port}/v1/stream", additional_headers=headers) as ws:
+            assert (await request(ws, {"type": "open", "model": ""}))["code"] == "unknown_model"
+            assert (await request(ws, {"type": "open", "model": "tiny"}))["type"] == "opened"
+            for seq, t, x, code in ((1, [big, -2], [1, 1], "timestamps_decreasing"),
+                                    (2, [1, 2], [1, True], "invalid_column")):
+                err = await request(ws, {"type": "events", "seq": seq, "t": t, "x": x})
+                assert err["type"] == "error" and err["code"] == code and err["seq"] == seq, err
+            assert (await request(ws, {"type": "events", "seq": 3, "t": [big - 1, big], "x": [7, 8]}))["events"] == 2
+            err = await request(ws, {"type": "events", "seq": 4, "t": [-2], "x": [1]})  # across packets
+            assert err["code"] == "timestamps_decreasing"
+            last = await request(ws, {"type": "events", "seq": 5, "t": [big] * 62, "x": [9] * 62})
+            await request(ws, {"type": "close"})
+            return last
+
+    last = asyncio.run(run())
+    assert last["events"] == 64 and last["t"] == big
+    (want,) = httpx.post(f"{h}/v1/classify", headers=headers, json={
+        "model": "tiny", "streams": [{"t": [big - 1] + [big] * 63, "x": [7, 8] + [9] * 62}]}).json()["results"]
+    assert last["probs"] is not None
+    assert max(abs(a - b) for a, b in zip(last["probs"], want["probs"])) < 1e-5
