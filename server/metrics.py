@@ -11,7 +11,7 @@ import time
 from collections import deque
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 # Latency buckets: 0.25 ms .. 10 s, roughly x2 apart.
@@ -88,6 +88,9 @@ class Metrics:
                                  registry=r)
         self.slots = Gauge("evssm_slots", "Session slots allocated on the device.", m, registry=r)
         self.ready = Gauge("evssm_ready", "1 when every model is loaded and every bucket compiled.", registry=r)
+        # evssm_process_resident_memory_bytes, _cpu_seconds_total, _open_fds, ... (Linux): what a
+        # soak or an alert watches for growth.
+        ProcessCollector(namespace="evssm", registry=r)
         self._lock = threading.Lock()
         self._windows: dict[str, _Window] = {}
         self._events_by_model: dict[str, int] = {}
