@@ -31,10 +31,14 @@ class _Window:
 
     def add(self, now: float, events: int, latency: float) -> None:
         self.samples.append((now, events, latency))
+        self._prune(now)  # here too: without /v1/stats polls the window would fill to maxlen
 
-    def summary(self, now: float) -> dict[str, float | None]:
+    def _prune(self, now: float) -> None:
         while self.samples and self.samples[0][0] < now - STATS_WINDOW_S:
             self.samples.popleft()
+
+    def summary(self, now: float) -> dict[str, float | None]:
+        self._prune(now)
         if not self.samples:
             return {"events_per_s": 0.0, "packets_per_s": 0.0, "latency_p50_ms": None, "latency_p99_ms": None}
         lat = np.fromiter((s[2] for s in self.samples), dtype=np.float64, count=len(self.samples))

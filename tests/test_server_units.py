@@ -223,6 +223,17 @@ def test_session_table_caps_each_owner():
     table.open("m", 3, owner="addr:1", owner_limit=2)  # room again once one is released
 
 
+def test_stats_window_holds_only_its_last_seconds_without_being_read():
+    """The soak's creep: packets were kept until /v1/stats was polled (up to 200,000 per model)."""
+    from evssm.server.metrics import STATS_WINDOW_S, _Window
+
+    w = _Window()
+    for i in range(50_000):
+        w.add(i * 0.001, 1, 0.001)  # 50 s of 1,000 packets/s, never summarised
+    assert len(w.samples) <= STATS_WINDOW_S * 1000 + 1
+    assert w.summary(50.0)["packets_per_s"] == pytest.approx(1000, rel=0.01)
+
+
 def test_every_error_code_is_stable():
     # The contract's codes (docs/protocol.md); renaming one breaks clients.
     assert {c.value for c in Code} >= {
