@@ -80,7 +80,7 @@ class Settings:
     api_keys: str | None = None  # file of API keys, one per line (None: no authentication)
     public_metrics: bool = True  # /metrics, /v1/stats and /dashboard answer without a key
     allowed_origins: tuple[str, ...] = ()  # browser origins allowed besides the server's own ("*": any)
-    max_sessions_per_client: int | None = None  # per API key, or per address without keys (None: 1/4)
+    max_sessions_per_client: int | None = None  # per key, or per address without keys (None: 1/4, >= 8)
     max_connections: int = 1000  # open HTTP + WebSocket connections; then 503 / close 1013
     header_timeout: float = 10.0  # seconds to send a request's headers, from connect or last response
     keep_alive_timeout: int = 5  # seconds an idle HTTP keep-alive connection is kept
@@ -117,10 +117,11 @@ class Settings:
 
     @property
     def sessions_per_client(self) -> int:
-        """Live sessions one API key (or, without keys, one client address) may hold."""
+        """Live sessions one API key (or, without keys, one client address) may hold. Default: a
+        quarter of ``max_sessions``, but never fewer than 8 (small servers are not split)."""
         if self.max_sessions_per_client is not None:
             return min(self.max_sessions_per_client, self.max_sessions)
-        return max(1, self.max_sessions // 4)
+        return max(self.max_sessions // 4, min(self.max_sessions, 8))
 
     @property
     def max_body_bytes(self) -> int:

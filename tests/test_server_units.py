@@ -205,6 +205,7 @@ def test_security_settings_from_env():
     s = Settings.from_env({"EVSSM_API_KEYS": "/run/secrets/keys", "EVSSM_PUBLIC_METRICS": "false",
                            "EVSSM_ALLOWED_ORIGINS": "https://a.example, https://b.example",
                            "EVSSM_MAX_SESSIONS": "40", "EVSSM_HEADER_TIMEOUT": "3"})
+    assert [Settings(max_sessions=n).sessions_per_client for n in (3, 8, 16, 40, 256)] == [3, 8, 8, 10, 64]
     assert s.api_keys == "/run/secrets/keys" and s.public_metrics is False and s.header_timeout == 3.0
     assert s.allowed_origins == ("https://a.example", "https://b.example")
     assert s.sessions_per_client == 10 and Settings(max_sessions=40, max_sessions_per_client=99).sessions_per_client == 40
