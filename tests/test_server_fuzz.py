@@ -45,7 +45,8 @@ settings.register_profile("ci", max_examples=20, stateful_step_count=30, deadlin
 settings.register_profile("long", max_examples=int(os.environ.get("EVSSM_FUZZ_EXAMPLES", "400")),
                           stateful_step_count=50, deadline=None, database=None,
                           suppress_health_check=list(HealthCheck))
-FRAMES = {"sent": 0}
+FRAMES = {"ws": 0, "http": 0}
+LIMIT = pytest.mark.timeout(600 if PROFILE == "ci" else 4 * 3600)
 CODES = {c.value for c in Code} - {Code.INTERNAL_ERROR.value}
 
 
@@ -70,7 +71,8 @@ def fuzz_server(tmp_path_factory):
             assert time.monotonic() < deadline
             time.sleep(0.1)
         yield server
-    print(f"\nfuzz profile {PROFILE}: {FRAMES['sent']} WebSocket frames and HTTP bodies sent")
+    print(f"\nfuzz profile {PROFILE}: {FRAMES['ws']} WebSocket frames (and connection attempts), "
+          f"{FRAMES['http']} HTTP requests")
 
 
 # --- strategies --------------------------------------------------------------------------------
@@ -228,7 +230,7 @@ class StreamMachine(RuleBasedStateMachine):
         self.ws = client.__enter__()
 
     def send(self, data: bytes | str) -> None:
-        FRAMES["sent"] += 1
+        FRAMES["ws"] += 1
         self.ws.send(data)
 
     def recv(self) -> dict[str, Any]:
@@ -387,7 +389,7 @@ class StreamMachine(RuleBasedStateMachine):
             headers["Authorization"] = f"Bearer {key}"
         else:
             headers["Authorization"] = f"Bearer {KEY}"
-        FRAMES["sent"] += 1
+        FRAMES["ws"] += 1
         with connect(url, additional_headers=headers, origin=origin, open_timeout=30) as ws:
             try:
                 ws.send(msgpack.packb({"type": "open", "model": "tiny"}))
@@ -401,7 +403,7 @@ class StreamMachine(RuleBasedStateMachine):
             return
         r = httpx.post(f"{self.server.http}/v1/classify", timeout=60, headers={"Authorization": f"Bearer {KEY}"},
                        json={"model": "tiny", "streams": [{"t": self.t, "x": self.x}]})
-        FRAMES["sent"] += 1
+        FRAMES["http"] += 1
         assert r.status_code == 200, r.text
         want = r.json()["results"][0]["probs"]
         assert (want is None) == (self.last_probs is None)
@@ -418,6 +420,7 @@ class StreamMachine(RuleBasedStateMachine):
                 self.ws.close()
 
 
+@LIMIT
 def test_websocket_protocol_fuzz(fuzz_server):
     StreamMachine.server = fuzz_server
     StreamMachine.TestCase.settings = settings.get_profile(PROFILE)
@@ -469,14 +472,15 @@ def classify_bodies(draw: st.DrawFn) -> tuple[bytes, str, int, str | None]:
     return json.dumps(body).encode(), "application/json", status, code
 
 
+@LIMIT
 def test_http_classify_fuzz(fuzz_server):
     from hypothesis import given
 
-    @settings(settings.get_profile(PROFILE), max_examples=40 if PROFILE == "ci" else 5000)
+    @settings(settings.get_profile(PROFILE), max_examples=40 if PROFILE == "ci" else 3000)
     @given(case=classify_bodies())
     def check(case: tuple[bytes, str, int, str | None]) -> None:
         body, ctype, status, code = case
-        FRAMES["sent"] += 1
+        FRAMES["http"] += 1
         r = httpx.post(f"{fuzz_server.http}/v1/classify", content=body, timeout=60,
                        headers={"content-type": ctype, "Authorization": f"Bearer {KEY}"})
         assert r.status_code < 500, r.text
