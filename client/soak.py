@@ -4,9 +4,10 @@
 recording of --packets packets of --packet-events events, close. Every --check-every-th session's
 last answer is compared with POST /v1/classify of the same recording (the streaming invariant: a
 wrong answer under load is counted as a mismatch). A classify worker posts --classify-streams
-recordings to each model in turn, back to back (every --long-every-th request one long recording). The server's resident memory is read from
-/metrics (evssm_process_resident_memory_bytes) every --sample-s seconds; the report gives its
-trend in MB/min, a least-squares line over the samples after --warmup-min minutes.
+recordings to each model in turn, back to back (every --long-every-th request one long
+recording). The server's resident memory is read from /metrics
+(evssm_process_resident_memory_bytes) every --sample-s seconds; the report gives its trend in
+MB/min, a least-squares line over the samples after --warmup-min minutes.
 
 --serve "ARGS" starts `evssm serve ARGS` on a free port for the run (and stops it after), e.g.
 --serve "--model a=default --model b=config:tiny"; otherwise --url names a running server.
@@ -218,9 +219,9 @@ async def soak(url: str, args: argparse.Namespace) -> dict[str, Any]:
         "rss_trend_after_warmup_mb_per_min": trend_mb_per_min(tally.samples, args.warmup_min),
         "warmup_min": args.warmup_min,
         "samples": [[round(t, 3), round(m, 1)] for t, m in tally.samples],
-        "config": {k: getattr(args, k) for k in ("sessions", "packets", "packet_events", "check_every",
-                                                 "classify_streams", "classify_events", "long_every", "long_events",
-                                                 "sample_s", "serve")},
+        "config": {k: getattr(args, k) for k in (
+            "sessions", "packets", "packet_events", "check_every", "classify_streams", "classify_events",
+            "long_every", "long_events", "sample_s", "serve")},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "evssm": __version__,
     }
 

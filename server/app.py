@@ -28,8 +28,9 @@ from .metrics import Metrics
 from .decoding import Decoders
 from .limits import BodyTimeout, BodyTooLarge, ClientDisconnect, Gate, read_body
 from .protocol import (CLOSE_POLICY_VIOLATION, CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER, MSGPACK,
-                       MSGPACK_TYPES, ClassifyLimits, Code, ProtocolError, cap_message, decode_events, decode_frame,
-                       encode_frame, error_frame, frame_type, parse_open, parse_seq, prepare, shorten)
+                       MSGPACK_TYPES, ClassifyLimits, Code, ProtocolError, cap_message, decode_events,
+                       decode_frame, encode_frame, error_frame, frame_type, parse_open, parse_seq, prepare,
+                       shorten)
 from .security import Access, AuthMiddleware
 from .sessions import ClientFull, Close, Packet, Reset, ServerFull, Session
 from .settings import Settings

@@ -58,7 +58,8 @@ _OPTIONS: list[tuple[str, str, str]] = [
     ("--max-sessions-per-client", "max_sessions_per_client",
      "live sessions per API key, or per client address without keys; None: a quarter of --max-sessions, "
      "at least 8"),
-    ("--max-connections", "max_connections", "open HTTP and WebSocket connections; then HTTP 503 / WebSocket close 1013"),
+    ("--max-connections", "max_connections",
+     "open HTTP and WebSocket connections; then HTTP 503 / WebSocket close 1013"),
     ("--header-timeout", "header_timeout", "seconds a connection may take to send a request's headers"),
     ("--keep-alive-timeout", "keep_alive_timeout", "seconds an idle HTTP keep-alive connection is kept"),
     ("--max-classify-requests", "max_classify_requests", "classify requests served at once; more get 503 "

@@ -438,8 +438,9 @@ def classify_bodies(draw: st.DrawFn) -> tuple[bytes, str, int, str | None]:
     status, code = 200, None
     defect = draw(st.sampled_from(["none", "model", "top_k", "stream", "streams", "body", "column"]))
     if defect == "model":
-        body["model"], status, code = draw(st.sampled_from([([], 400, "invalid_field"), ("", 404, "unknown_model"),
-                                                            (5, 400, "invalid_field"), ("nope", 404, "unknown_model")]))
+        body["model"], status, code = draw(st.sampled_from([
+            ([], 400, "invalid_field"), ("", 404, "unknown_model"), (5, 400, "invalid_field"),
+            ("nope", 404, "unknown_model")]))
     elif defect == "top_k":
         body["top_k"] = draw(st.sampled_from([-1, 1001, True, "3", 2.5]))
         status, code = 400, "invalid_field"
