@@ -17,7 +17,7 @@ from evssm.models.events import Recording, SensorSpec
 from evssm.models.wire import MSGPACK, MSGPACK_TYPES
 
 from .errors import ClientError, ConnectionLost, ProtocolError, ServerUnavailable, server_error
-from .protocol import ModelInfo, endpoint_url, event_columns, sensor_declaration
+from .protocol import ModelInfo, auth_headers, endpoint_url, event_columns, sensor_declaration
 
 _HEADERS = {"content-type": MSGPACK, "accept": MSGPACK}
 
@@ -117,22 +117,25 @@ def classify(url: str, recordings: Sequence[Recording], *, model: str | None = N
              batch_size: int = 16, timeout: float = 300.0, binary: bool = True,
              transport: httpx.BaseTransport | None = None,
              sensors: Sequence[SensorSpec | None] | None = None,
-             transform: Mapping[str, Any] | None = None) -> list[Classification]:
+             transform: Mapping[str, Any] | None = None,
+             api_key: str | None = None) -> list[Classification]:
     """Classify whole recordings with the offline model, ``batch_size`` per request.
 
     ``url`` is the server (``http://HOST:PORT``; a ``ws://`` URL works too). Raises typed
     :class:`~evssm.client.errors.ServerError` subclasses for the server's error codes and
-    :class:`~evssm.client.errors.ConnectionLost` when it cannot be reached. ``transport``
-    replaces the network (tests). ``sensors`` declares each recording's source sensor (None
-    entries: the model's) and ``transform`` how the server maps them (see the protocol).
+    :class:`~evssm.client.errors.ConnectionLost` when it cannot be reached. ``sensors``
+    declares each recording's source sensor (None entries: the model's) and ``transform`` how
+    the server maps them (see the protocol). ``api_key`` is sent as ``Authorization: Bearer``
+    (None: ``EVSSM_API_KEY``). ``transport`` replaces the network (tests).
     """
     target = endpoint_url(url, "classify")
     requests = _requests(recordings, model, batch_size, binary, sensors, transform)
+    headers = {**_HEADERS, **auth_headers(api_key)}
     out: list[Classification] = []
     try:
         with httpx.Client(timeout=timeout, transport=transport) as client:
             for streams, body in requests:
-                out += _answer(client.post(target, content=body, headers=_HEADERS), streams)
+                out += _answer(client.post(target, content=body, headers=headers), streams)
     except httpx.TransportError as exc:
         raise ConnectionLost(f"cannot reach {target}: {exc}") from exc
     return out
@@ -142,27 +145,29 @@ async def aclassify(url: str, recordings: Sequence[Recording], *, model: str | N
                     batch_size: int = 16, timeout: float = 300.0, binary: bool = True,
                     transport: httpx.AsyncBaseTransport | None = None,
                     sensors: Sequence[SensorSpec | None] | None = None,
-                    transform: Mapping[str, Any] | None = None) -> list[Classification]:
+                    transform: Mapping[str, Any] | None = None,
+                    api_key: str | None = None) -> list[Classification]:
     """Asyncio twin of :func:`classify`."""
     target = endpoint_url(url, "classify")
     requests = _requests(recordings, model, batch_size, binary, sensors, transform)
+    headers = {**_HEADERS, **auth_headers(api_key)}
     out: list[Classification] = []
     try:
         async with httpx.AsyncClient(timeout=timeout, transport=transport) as client:
             for streams, body in requests:
-                out += _answer(await client.post(target, content=body, headers=_HEADERS), streams)
+                out += _answer(await client.post(target, content=body, headers=headers), streams)
     except httpx.TransportError as exc:
         raise ConnectionLost(f"cannot reach {target}: {exc}") from exc
     return out
 
 
-def list_models(url: str, *, timeout: float = 30.0,
-                transport: httpx.BaseTransport | None = None) -> list[ModelInfo]:
+def list_models(url: str, *, timeout: float = 30.0, transport: httpx.BaseTransport | None = None,
+                api_key: str | None = None) -> list[ModelInfo]:
     """The models the server serves (``GET /v1/models``), its default model first."""
     target = endpoint_url(url, "models")
     try:
         with httpx.Client(timeout=timeout, transport=transport) as client:
-            response = client.get(target, headers={"accept": "application/json"})
+            response = client.get(target, headers={"accept": "application/json", **auth_headers(api_key)})
     except httpx.TransportError as exc:
         raise ConnectionLost(f"cannot reach {target}: {exc}") from exc
     _raise_for(response)

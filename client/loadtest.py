@@ -56,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=DEFAULT_URL,
                         help="server, ws://HOST:PORT (env EVSSM_URL sets the default)")
     parser.add_argument("--model", default=None, help="model name (default: the server's)")
+    parser.add_argument("--api-key", default=None, metavar="KEY",
+                        help="API key of a server started with --api-keys (default: $EVSSM_API_KEY; "
+                             "prefer the variable, options show in process lists)")
     parser.add_argument("--sessions", type=int, default=8, help="concurrent sessions N")
     parser.add_argument("--rate", type=_rate, default=10000.0, metavar="EVENTS_PER_S",
                         help="events per second each session offers in real time, or 'max'")
@@ -117,6 +120,7 @@ class _Config:
     grace: float
     open_timeout: float
     seed: int
+    api_key: str | None = None
 
 
 def _error_code(exc: BaseException) -> str:
@@ -135,7 +139,7 @@ async def _run_session(index: int, cfg: _Config, start_at: float) -> SessionRepo
     report = SessionReport()
     await asyncio.sleep(max(start_at - time.monotonic(), 0.0))
     session = AsyncStreamSession(cfg.url, model=cfg.model, max_in_flight=cfg.max_in_flight,
-                                 open_timeout=cfg.open_timeout, top_k=1)
+                                 open_timeout=cfg.open_timeout, top_k=1, api_key=cfg.api_key)
     try:
         report.info = await session.open()
     except (ClientError, OSError) as exc:
@@ -241,7 +245,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                   packet_events=None if args.packet_ms is not None else (args.packet_events or 256),
                   packet_us=None if args.packet_ms is None else max(int(args.packet_ms * 1e3), 1),
                   max_in_flight=args.max_in_flight, grace=args.grace,
-                  open_timeout=args.open_timeout, seed=args.seed)
+                  open_timeout=args.open_timeout, seed=args.seed, api_key=getattr(args, "api_key", None))
     cpu0, wall0 = time.process_time(), time.monotonic()
     step = args.ramp / max(args.sessions - 1, 1) if args.ramp > 0 else 0.0
     tasks = [_run_session(i, cfg, wall0 + i * step) for i in range(args.sessions)]

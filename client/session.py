@@ -34,7 +34,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from evssm.models.events import Recording, SensorSpec
-from evssm.models.wire import CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER, Code
+from evssm.models.wire import CLOSE_POLICY_VIOLATION, CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER, Code
 
 from .errors import (
     ClientError,
@@ -46,11 +46,12 @@ from .errors import (
     ServerUnavailable,
     SessionClosed,
     SessionExpired,
+    Unauthorized,
     server_error,
 )
 from .packets import Packet
-from .protocol import (Result, SessionInfo, decode_frame, encode_message, endpoint_url, event_columns,
-                       sensor_declaration)
+from .protocol import (Result, SessionInfo, auth_headers, decode_frame, encode_message, endpoint_url,
+                       event_columns, sensor_declaration)
 
 T = TypeVar("T")
 
@@ -98,6 +99,8 @@ class AsyncStreamSession:
             model's (None: the source is the model's sensor).
         transform: how the server maps it (``{"crop", "scale", "flip_x", "flip_y"}``; see the
             protocol); None for the default (fit, centred).
+        api_key: the server's API key, sent as ``Authorization: Bearer KEY`` (None: the
+            ``EVSSM_API_KEY`` variable, or no key).
 
     Results and errors come back through :meth:`recv` (and :meth:`poll`, :meth:`drain`,
     :meth:`results`, :meth:`stream`) in packet order; a packet the server rejected raises its
@@ -110,7 +113,8 @@ class AsyncStreamSession:
                  top_k: int | None = None, max_in_flight: int = 8, reconnect: bool = True,
                  max_reconnect_attempts: int = 8, backoff: tuple[float, float] = (0.05, 2.0),
                  open_timeout: float = 10.0, binary: bool = True,
-                 sensor: SensorSpec | None = None, transform: Mapping[str, Any] | None = None):
+                 sensor: SensorSpec | None = None, transform: Mapping[str, Any] | None = None,
+                 api_key: str | None = None):
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be >= 1")
         self.url = endpoint_url(url, "stream")
@@ -124,6 +128,7 @@ class AsyncStreamSession:
         self.binary = binary
         self.sensor = sensor
         self.transform = None if transform is None else dict(transform)
+        self._headers = auth_headers(api_key)
         self.info: SessionInfo | None = None
         self.reconnects = 0  # successful re-attachments so far
         self._resume = resume
@@ -397,7 +402,7 @@ class AsyncStreamSession:
         try:
             return await connect(self.url, open_timeout=self.open_timeout, compression=None,
                                  max_size=16 * 2**20, ping_interval=20, ping_timeout=60,
-                                 close_timeout=2)
+                                 close_timeout=2, additional_headers=self._headers)
         except InvalidStatus as exc:
             status = exc.response.status_code
             if status == 503:
@@ -432,6 +437,8 @@ class AsyncStreamSession:
                 raise ServerFull(Code.SERVER_FULL, reason or "server full, retry later") from exc
             if code == CLOSE_SERVICE_RESTART:
                 raise ServerUnavailable(Code.DRAINING, reason or "server restarting") from exc
+            if code == CLOSE_POLICY_VIOLATION:
+                raise Unauthorized(Code.UNAUTHORIZED, reason or "the server refused this client") from exc
             raise ConnectFailed(f"the server closed the connection while opening: {exc}") from exc
         except TimeoutError as exc:
             raise ConnectFailed(f"no 'opened' reply within {self.open_timeout} s") from exc

@@ -121,6 +121,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=DEFAULT_URL,
                         help="server, ws://HOST:PORT (env EVSSM_URL sets the default)")
     parser.add_argument("--model", default=None, help="model name (default: the server's)")
+    parser.add_argument("--api-key", default=None, metavar="KEY",
+                        help="API key of a server started with --api-keys (default: $EVSSM_API_KEY; "
+                             "prefer the variable, options show in process lists)")
     parser.add_argument("--index", type=int, default=0,
                         help="sample of a many-sample source (HDF5 file, data set)")
     add_source_arguments(parser, udp=True)
@@ -336,7 +339,7 @@ async def _stream(args: argparse.Namespace) -> int:
     session = AsyncStreamSession(args.url, model=args.model, resume=args.resume, top_k=args.top,
                                  max_in_flight=args.max_in_flight,
                                  reconnect=not args.no_reconnect, sensor=declared,
-                                 transform=transform_of(args))
+                                 transform=transform_of(args), api_key=args.api_key)
     info = await session.open()
     try:
         if sample is None:  # the simulated sensor emits for the served model's sensor
@@ -391,7 +394,8 @@ async def _stream_udp(args: argparse.Namespace) -> int:
                     geometry="option")
     session = AsyncStreamSession(args.url, model=args.model, resume=args.resume, top_k=args.top,
                                  max_in_flight=args.max_in_flight, reconnect=not args.no_reconnect,
-                                 sensor=args.sensor, transform=transform_of(args))
+                                 sensor=args.sensor, transform=transform_of(args),
+                                 api_key=args.api_key)
     try:
         receiver.start(loop)
         info = await session.open()

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("bench", "model"), "evssm.models.bench", "benchmark the model step in-process (JSON)"),
     (("bench", "serve"), "evssm.client.loadtest", "load-test a running server (JSON)"),
+    (("bench", "soak"), "evssm.client.soak", "soak a server for minutes: RSS trend, wrong answers (JSON)"),
     (("serve",), "evssm.server.cli", "run the inference server"),
     (("train",), "evssm.models.train", "train a model: evssm train task=NAME [key=value ...]"),
     (("eval",), "evssm.models.evaluate", "evaluate a checkpoint offline and streaming"),

@@ -148,15 +148,18 @@ def time_gaps(t: np.ndarray, last_t: int | None = None, *, check: bool = True) -
     if t.size == 0:
         return np.zeros(0, np.int32)
     prev = t[0] if last_t is None else np.int64(last_t)
-    gaps = np.diff(t, prepend=prev)
-    if check and (gaps < 0).any():
-        i = int(np.argmax(gaps < 0))
-        if i == 0:
+    # Order is checked by comparison, never by the sign of a difference: t[i] - t[i-1] overflows
+    # int64 for far-apart values (2**63 - 1 then -2 would wrap to a positive gap).
+    if check and (prev > t[0] or (t[1:] < t[:-1]).any()):
+        if prev > t[0]:
             msg = f"t[0]={int(t[0])} is before the session's last event at t={int(prev)}"
         else:
+            i = int(np.argmax(t[1:] < t[:-1])) + 1
             msg = f"t[{i}]={int(t[i])} is before t[{i - 1}]={int(t[i - 1])}"
         raise EventError(Code.TIMESTAMPS_DECREASING, msg)
-    return np.minimum(gaps, MAX_GAP_US).astype(np.int32)
+    # For non-decreasing t the true gap lies in [0, 2**64): exact as a uint64 difference.
+    wide = np.diff(t.view(np.uint64), prepend=np.asarray(prev, np.int64).reshape(1).view(np.uint64))
+    return np.minimum(wide, np.uint64(MAX_GAP_US)).astype(np.int32)
 
 
 def recording_inputs(sensor: SensorSpec, rec: Recording) -> tuple[np.ndarray, np.ndarray]:

@@ -76,7 +76,8 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
         EVSSM + ["serve", "--port", str(port), "--model", "event-mnist=models/pretrained/event-mnist",
-                 "--model", "dvs=config:dvs", "--max-sessions", "300", "--batch-buckets", "1,8,64",
+                 "--model", "dvs=config:dvs", "--max-sessions", "300", "--max-sessions-per-client", "300",
+                 "--batch-buckets", "1,8,64",
                  "--length-buckets", "256", "--classify-length-buckets", "4096",
                  "--log-level", "warning"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)

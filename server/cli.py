@@ -74,15 +74,42 @@ def run(args: argparse.Namespace) -> int:
         os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", settings.compilation_cache)
 
     from .app import create_app
+    from .security import KeyFileError, install_log_redaction
 
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-        lifespan="on", ws_max_size=max(16 << 20, settings.max_packet_events * 128),
-        timeout_graceful_shutdown=max(1, int(settings.drain_timeout)))
+    try:
+        app = create_app(settings)
+    except KeyFileError as e:
+        print(f"evssm serve: {e}", file=sys.stderr)
+        return 2
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                            lifespan="on", **uvicorn_options(settings))
+    install_log_redaction()  # after uvicorn.Config configured its loggers
     server = DrainingServer(config, app.state.engine, settings.host)
     server.run()
     return server.exit_code
+
+
+def max_frame_bytes(max_packet_events: int) -> int:
+    """The largest WebSocket frame: the largest valid packet in its widest form (JSON integer
+    arrays, at most 48 bytes per 2-D event) plus room for the other fields. A bigger frame is
+    closed with 1009 before it is buffered or decoded."""
+    return max_packet_events * 48 + (64 << 10)
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's limits for ``settings``: h11 (its request head is capped, 16 KiB by default,
+    where httptools takes headers without limit) with a deadline for the head, the keep-alive
+    timeout, the connection limit and the largest WebSocket frame (:func:`max_frame_bytes`)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    from .limits import header_timeout_protocol
+
+    return dict(http=header_timeout_protocol(H11Protocol, settings.header_timeout),
+                h11_max_incomplete_event_size=16 << 10,
+                timeout_keep_alive=settings.keep_alive_timeout,
+                limit_concurrency=settings.max_connections,
+                ws_max_size=max_frame_bytes(settings.max_packet_events),
+                timeout_graceful_shutdown=max(1, int(settings.drain_timeout)))
 
 
 class DrainingServer(uvicorn.Server):

@@ -132,10 +132,12 @@ class Engine:
             runner.close()
 
     # --- sessions ------------------------------------------------------------------------------
-    def open(self, model: str, top_k: int) -> Session:
-        """A new session of ``model`` (raises ``sessions.ServerFull``)."""
+    def open(self, model: str, top_k: int, *, owner: str | None = None, key_id: str | None = None) -> Session:
+        """A new session of ``model`` for ``owner`` (raises ``sessions.ServerFull``, or its
+        subclass ``ClientFull`` past ``Settings.sessions_per_client``)."""
         assert self.table is not None
-        session = self.table.open(model, top_k)
+        session = self.table.open(model, top_k, owner=owner, owner_limit=self.settings.sessions_per_client,
+                                  key_id=key_id)
         self.schedulers[model].add(session)
         self.metrics.sessions_active.labels(model=model).inc()
         self.metrics.sessions_opened.labels(model=model).inc()

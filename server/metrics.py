@@ -12,7 +12,7 @@ import time
 from collections import deque
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 # Latency buckets: 0.25 ms .. 10 s, roughly x2 apart.
@@ -35,10 +35,14 @@ class _Window:
 
     def add(self, now: float, events: int, latency: float) -> None:
         self.samples.append((now, events, latency))
+        self._prune(now)  # here too: without /v1/stats polls the window would fill to maxlen
 
-    def summary(self, now: float) -> dict[str, float | None]:
+    def _prune(self, now: float) -> None:
         while self.samples and self.samples[0][0] < now - STATS_WINDOW_S:
             self.samples.popleft()
+
+    def summary(self, now: float) -> dict[str, float | None]:
+        self._prune(now)
         if not self.samples:
             return {"events_per_s": 0.0, "packets_per_s": 0.0, "latency_p50_ms": None, "latency_p99_ms": None}
         lat = np.fromiter((s[2] for s in self.samples), dtype=np.float64, count=len(self.samples))
@@ -95,6 +99,9 @@ class Metrics:
                                "Events a declared crop removed before the model (streamed and classified).",
                                m, registry=r)
         self.ready = Gauge("evssm_ready", "1 when every model is loaded and every bucket compiled.", registry=r)
+        # evssm_process_resident_memory_bytes, _cpu_seconds_total, _open_fds, ... (Linux): what a
+        # soak or an alert watches for growth.
+        ProcessCollector(namespace="evssm", registry=r)
         self._lock = threading.Lock()
         self._windows: dict[str, _Window] = {}
         self._events_by_model: dict[str, int] = {}

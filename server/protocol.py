@@ -32,9 +32,9 @@ import numpy as np
 from evssm.models.events import EventError, SensorSpec, time_gaps, tokenize
 from evssm.models.geometry import Adapter, GeometryError, adapter_for
 # The contract's names, re-exported for the API layer (app, engine, scheduler).
-from evssm.models.wire import (CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_SERVICE_RESTART,  # noqa: F401
-                               CLOSE_TRY_AGAIN_LATER, COLUMN_DTYPES, FRAME_TYPES, MSGPACK,
-                               MSGPACK_TYPES, RECORD_DTYPE, Code)
+from evssm.models.wire import (CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY_VIOLATION,  # noqa: F401
+                               CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER, COLUMN_DTYPES,
+                               FRAME_TYPES, MSGPACK, MSGPACK_TYPES, RECORD_DTYPE, Code)
 
 
 class ProtocolError(Exception):
@@ -45,6 +45,9 @@ class ProtocolError(Exception):
         self.code = code
         self.message = message
         self.seq = seq
+
+    def __reduce__(self) -> tuple[Any, ...]:  # raised in a decode worker process, re-raised here
+        return (ProtocolError, (self.code, self.message, self.seq))
 
 
 # --- frames --------------------------------------------------------------------------------------
@@ -69,7 +72,7 @@ def frame_type(msg: dict[str, Any]) -> str:
     kind = msg.get("type")
     if kind not in FRAME_TYPES:
         raise ProtocolError(Code.UNKNOWN_TYPE,
-                            f"type must be one of {list(FRAME_TYPES)}, got {kind!r}", _seq_or_none(msg))
+                            f"type must be one of {list(FRAME_TYPES)}, got {shorten(kind)}", _seq_or_none(msg))
     return kind
 
 
@@ -80,8 +83,26 @@ def encode_frame(frame: dict[str, Any], binary: bool) -> bytes | str:
     return json.dumps(frame, separators=(",", ":"))
 
 
+MAX_MESSAGE = 400  # characters of an error message: a reply never grows with the bad input
+MAX_ECHO = 60  # characters of a client's value quoted in a message
+
+
+def shorten(value: Any, limit: int = MAX_ECHO) -> str:
+    """``repr(value)`` cut to ``limit`` characters: how an error message quotes a client's value."""
+    if isinstance(value, (str, bytes, bytearray)) and len(value) > 4 * limit:
+        value = value[:4 * limit]  # repr of a huge value is never built
+    elif isinstance(value, (list, tuple, dict)) and len(value) > limit:
+        return f"<{type(value).__name__} of {len(value)} items>"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def cap_message(message: str) -> str:
+    return message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE - 3] + "..."
+
+
 def error_frame(code: Code | str, message: str, seq: int | None = None) -> dict[str, Any]:
-    return {"type": "error", "seq": seq, "code": str(code), "message": message}
+    return {"type": "error", "seq": seq, "code": str(code), "message": cap_message(message)}
 
 
 def _seq_or_none(msg: dict[str, Any]) -> int | None:
@@ -151,15 +172,15 @@ def _column(name: str, value: Any) -> np.ndarray:
                             f"got {type(value).__name__}")
     if not value:
         return np.zeros(0, np.int64)
+    # Exactly int: numpy would read True as 1 and 2.0 as an integer column; bool is an int subclass.
+    kinds = set(map(type, value))
+    if kinds != {int}:
+        names = sorted(k.__name__ for k in kinds - {int})
+        raise ProtocolError(Code.INVALID_COLUMN, f"column {name} must hold integers only, found {names}")
     try:
-        arr = np.asarray(value)
-    except (OverflowError, ValueError) as e:  # ragged nesting or ints beyond int64
-        raise ProtocolError(Code.INVALID_COLUMN, f"column {name} is not a flat array of integers: {e}")
-    if arr.ndim != 1 or arr.dtype.kind not in "iu":  # floats, strings, bools, nested, None
-        raise ProtocolError(Code.INVALID_COLUMN, f"column {name} must hold integers only")
-    if arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and arr.size and arr.max() > np.iinfo(np.int64).max:
-        raise ProtocolError(Code.INVALID_COLUMN, f"column {name} has values beyond int64")
-    return arr.astype(np.int64, copy=False)
+        return np.asarray(value, dtype=np.int64)
+    except OverflowError:
+        raise ProtocolError(Code.INVALID_COLUMN, f"column {name} has values beyond int64") from None
 
 
 def _records(value: Any, max_events: int | None) -> Events:
@@ -258,3 +279,77 @@ def prepare(events: Events, sensor: SensorSpec, last_t: int | None) -> tuple[np.
     except EventError as e:
         raise ProtocolError(e.code, e.message) from None
     return tokens, gaps
+
+
+# --- classify bodies -------------------------------------------------------------------------------
+@dataclass
+class ClassifyRequest:
+    """A decoded, validated classify body: ``tokens``/``gaps`` int32 [n_i] per stream."""
+
+    model: str
+    top_k: int
+    tokens: list[np.ndarray]
+    gaps: list[np.ndarray]
+    last_t: list[int | None]
+    events: int  # events decoded (before a declared crop)
+    cropped: list[int | None]  # per stream: events its declared crop removed (None: nothing declared)
+
+
+@dataclass(frozen=True)
+class ClassifyLimits:
+    max_streams: int
+    max_events: int
+    default_top_k: int
+
+
+def parse_classify(body: bytes, is_msgpack: bool, sensors: dict[str, SensorSpec], default_model: str | None,
+                   limits: ClassifyLimits) -> ClassifyRequest:
+    """Decode and validate a ``POST /v1/classify`` body. Raises :class:`ProtocolError`, whose
+    message names the stream at fault. Pure (big bodies are parsed in a worker process)."""
+    try:
+        data = msgpack.unpackb(body, raw=False) if is_msgpack else json.loads(body)
+    except Exception as e:
+        raise ProtocolError(Code.MALFORMED_FRAME,
+                            f"body is not valid {'msgpack' if is_msgpack else 'JSON'}: {e}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(Code.MALFORMED_FRAME, "body must be a map with a 'streams' array")
+    model = data.get("model", None)
+    if model is None:
+        model = default_model
+    elif not isinstance(model, str):
+        raise ProtocolError(Code.INVALID_FIELD, f"model must be a string, got {type(model).__name__}")
+    if model not in sensors:
+        raise ProtocolError(Code.UNKNOWN_MODEL, f"unknown model {shorten(model)}; served: {sorted(sensors)}")
+    streams = data.get("streams")
+    if not isinstance(streams, list):
+        raise ProtocolError(Code.INVALID_FIELD, "streams must be an array of {t, x, y?, p?} maps")
+    if len(streams) > limits.max_streams:
+        raise ProtocolError(Code.REQUEST_TOO_LARGE,
+                            f"{len(streams)} streams, more than the limit of {limits.max_streams}")
+    top_k = data.get("top_k", limits.default_top_k)
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 0 <= top_k <= 1000:
+        raise ProtocolError(Code.INVALID_FIELD, "top_k must be an integer in 0..1000")
+    sensor = sensors[model]
+    req = ClassifyRequest(model=model, top_k=top_k, tokens=[], gaps=[], last_t=[], events=0, cropped=[])
+    for i, stream in enumerate(streams):
+        try:
+            if not isinstance(stream, dict):
+                raise ProtocolError(Code.INVALID_FIELD, "a stream must be a map of columns")
+            # A stream's own sensor/transform override the request's.
+            declared = {k: stream[k] if k in stream else data.get(k) for k in ("sensor", "transform")}
+            geometry = parse_geometry(declared, sensor)
+            events = decode_events(stream, sensor if geometry is None else geometry.source,
+                                   limits.max_events)
+            req.events += len(events)
+            if req.events > limits.max_events:
+                raise ProtocolError(Code.REQUEST_TOO_LARGE,
+                                    f"more than {limits.max_events} events in one request")
+            events, removed = adapt(events, geometry)
+            tok, gap = prepare(events, sensor, None)
+        except ProtocolError as e:
+            raise ProtocolError(e.code, f"streams[{i}]: {e.message}") from None
+        req.tokens.append(tok)
+        req.gaps.append(gap)
+        req.last_t.append(int(events.t[-1]) if len(events) else None)
+        req.cropped.append(None if geometry is None else removed)
+    return req

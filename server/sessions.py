@@ -133,6 +133,8 @@ class Session:
     released: bool = False
     geometry: Any = None  # the declared source's adapter (evssm.models.geometry.Adapter) or None
     cropped: int = 0  # events the declared crop removed since the session's start or last reset
+    owner: str | None = None  # who holds it, for per-client caps: API key id or client address
+    key_id: str | None = None  # the API key that opened it; only that key may resume it
 
     @property
     def idle(self) -> bool:
@@ -144,6 +146,10 @@ class ServerFull(Exception):
     pass
 
 
+class ClientFull(ServerFull):
+    """One client (API key, or address without keys) holds its maximum of sessions."""
+
+
 class SessionTable:
     """Every live session, its slot and its resume token. Single-threaded (the event loop)."""
 
@@ -152,6 +158,7 @@ class SessionTable:
         self.pools = {name: SlotPool(n) for name, n in slots_per_model.items()}
         self.sessions: dict[str, Session] = {}
         self._by_token: dict[str, Session] = {}
+        self._by_owner: dict[str, int] = {}  # live sessions per owner
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -162,19 +169,26 @@ class SessionTable:
             out[s.model] += 1
         return out
 
-    def open(self, model: str, top_k: int) -> Session:
-        """A new session with a slot; raises :class:`ServerFull` at ``max_sessions``.
+    def open(self, model: str, top_k: int, *, owner: str | None = None, owner_limit: int | None = None,
+             key_id: str | None = None) -> Session:
+        """A new session with a slot; raises :class:`ServerFull` at ``max_sessions`` and
+        :class:`ClientFull` when ``owner`` holds ``owner_limit`` sessions already.
 
         When the slot is dirty, the session's first item zeroes it.
         """
         pool = self.pools[model]
         if len(self.sessions) >= self.max_sessions or not pool._free:
             raise ServerFull(f"the server holds its maximum of {self.max_sessions} sessions")
+        if owner is not None and owner_limit is not None and self._by_owner.get(owner, 0) >= owner_limit:
+            raise ClientFull(f"this client holds its maximum of {owner_limit} sessions")
         sid = secrets.token_hex(8)
         while sid in self.sessions:
             sid = secrets.token_hex(8)
         slot, dirty = pool.allocate(sid)
-        session = Session(id=sid, token=secrets.token_urlsafe(24), model=model, slot=slot, top_k=top_k)
+        session = Session(id=sid, token=secrets.token_urlsafe(24), model=model, slot=slot, top_k=top_k,
+                          owner=owner, key_id=key_id)
+        if owner is not None:
+            self._by_owner[owner] = self._by_owner.get(owner, 0) + 1
         if dirty:
             session.queue.append(Reset(reply=None))
         self.sessions[sid] = session
@@ -200,3 +214,7 @@ class SessionTable:
         session.attachment = None
         self.sessions.pop(session.id, None)
         self._by_token.pop(session.token, None)
+        if session.owner is not None:
+            left = self._by_owner.pop(session.owner, 1) - 1
+            if left:
+                self._by_owner[session.owner] = left

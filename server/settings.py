@@ -106,6 +106,32 @@ class Settings(BaseSettings):
     compilation_cache: str | None = Field(
         None, description="persistent XLA compilation cache folder: faster restarts")
     default_top_k: int = Field(3, ge=0)
+    # Who may connect and how much one client may hold (docs/deployment.md, "Security").
+    api_keys: str | None = Field(
+        None, description="FILE of API keys, one per line ('#' comments): every request then needs "
+                          "'Authorization: Bearer KEY' (WebSocket: or ?access_token=KEY); the "
+                          "variable holds the file's path, not keys")
+    public_metrics: bool = Field(
+        True, description="true: /metrics, /v1/stats and /dashboard answer without a key; false: "
+                          "they need one too")
+    allowed_origins: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="comma-separated browser origins (https://app.example) that may open "
+                        "WebSockets besides the server's own pages; '*': any")
+    max_sessions_per_client: int | None = Field(
+        None, ge=1, description="live sessions per API key, or per client address without keys "
+                                "(default: a quarter of --max-sessions, at least 8)")
+    max_connections: int = Field(
+        1000, ge=1, description="open HTTP and WebSocket connections; then HTTP 503 / WebSocket "
+                                "close 1013")
+    header_timeout: float = Field(
+        10.0, gt=0, description="seconds a connection may take to send a request's headers")
+    keep_alive_timeout: int = Field(
+        5, ge=1, description="seconds an idle HTTP keep-alive connection is kept")
+    max_classify_requests: int = Field(
+        2, ge=1, description="classify requests served at once; more get 503 with Retry-After")
+    body_timeout: float = Field(
+        60.0, gt=0, description="seconds a client may take to send a classify request's body "
+                                "(then 408)")
 
     @field_validator("models", mode="before")
     @classmethod
@@ -122,6 +148,15 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_buckets(cls, value: Any) -> Any:
         return parse_ints(value) if isinstance(value, (str, list, tuple)) else value
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _parse_origins(cls, value: Any) -> Any:
+        """``"https://a.example, https://b.example"`` or a list of such."""
+        items = [value] if isinstance(value, str) else value
+        if isinstance(items, (list, tuple)) and all(isinstance(v, str) for v in items):
+            return tuple(o for item in items for o in re.split(r"[,\s]+", item) if o)
+        return value
 
     @field_validator("batch_buckets", "length_buckets")
     @classmethod
@@ -146,6 +181,19 @@ class Settings(BaseSettings):
         if len(names) != len(set(names)):
             raise ValueError(f"model names must be unique, got {names}")
         return self
+
+    @property
+    def sessions_per_client(self) -> int:
+        """Live sessions one API key (or, without keys, one client address) may hold. Default: a
+        quarter of ``max_sessions``, but never fewer than 8 (small servers are not split)."""
+        if self.max_sessions_per_client is not None:
+            return min(self.max_sessions_per_client, self.max_sessions)
+        return max(self.max_sessions // 4, min(self.max_sessions, 8))
+
+    @property
+    def max_body_bytes(self) -> int:
+        """Largest classify request body: room for ``max_classify_events`` events as JSON."""
+        return self.max_classify_events * 96 + (1 << 20)
 
     @property
     def max_length(self) -> int:

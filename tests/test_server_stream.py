@@ -26,7 +26,7 @@ from evssm.server.settings import Settings
 CHANNELS = 700
 BASE = Settings(batch_buckets=(8,), length_buckets=(128,), classify_length_buckets=(1024,),
                 slots_per_model=64, max_sessions=64, max_packet_events=2048, batch_wait_ms=2.0,
-                max_classify_events=50_000, session_idle_timeout=60.0)
+                max_classify_events=50_000, session_idle_timeout=60.0, max_sessions_per_client=64)
 
 
 @pytest.fixture(scope="module")

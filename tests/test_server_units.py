@@ -12,9 +12,12 @@ import pytest
 
 from evssm.models.events import SensorSpec
 from evssm.server.metrics import Metrics
-from evssm.server.protocol import (RECORD_DTYPE, Code, ProtocolError, decode_events, decode_frame,
-                                   frame_type, parse_open, parse_seq, prepare)
-from evssm.server.sessions import SessionTable, SlotError, SlotPool
+from evssm.server.protocol import (RECORD_DTYPE, ClassifyLimits, ClassifyRequest, Code, ProtocolError,
+                                   decode_events, decode_frame, error_frame, frame_type, parse_classify,
+                                   parse_open, parse_seq, prepare, shorten)
+from evssm.server.security import (ApiKeys, KeyFileError, bearer_token, normalize_origins, origin_allowed,
+                                   query_token)
+from evssm.server.sessions import ClientFull, SessionTable, SlotError, SlotPool
 from evssm.server.settings import ModelSpec, Settings, parse_ints
 
 D1 = SensorSpec.one_d(700)
@@ -74,6 +77,9 @@ def test_columns_lists_bins_and_records_decode_alike():
     ({"t": [1], "x": "abc"}, "invalid_column"),
     ({"t": [1], "x": [1.5]}, "invalid_column"),
     ({"t": [1], "x": [True]}, "invalid_column"),
+    ({"t": [1, 2], "x": [1, True]}, "invalid_column"),  # numpy alone reads it as [1, 1]
+    ({"t": [1, 2], "x": [1, 2.0]}, "invalid_column"),
+    ({"t": [1, 2 ** 63], "x": [1, 2]}, "invalid_column"),
     ({"t": [[1]], "x": [1]}, "invalid_column"),
     ({"t": [1, 2], "x": [1, [2]]}, "invalid_column"),
     ({"t": [2 ** 70], "x": [1]}, "invalid_column"),
@@ -108,6 +114,125 @@ def test_bad_addresses_and_timestamps():
     tok, gap = prepare(ev, D1, 3)
     assert gap.tolist() == [2, 1]
     assert prepare(ev, D1, None)[1].tolist() == [0, 1]
+
+
+def test_timestamps_far_apart_never_wrap():
+    """``t = [2**63 - 1, -2]``: the int64 difference wraps to a positive gap (the clock went back
+    and the packet was accepted); within a packet, against the session, and for a new stream."""
+    big = 2 ** 63 - 1
+    ev = decode_events({"t": [big, -2], "x": [0, 0]}, D1)
+    assert code_of(prepare, ev, D1, None) == "timestamps_decreasing"
+    assert code_of(prepare, decode_events({"t": [-2], "x": [0]}, D1), D1, big) == "timestamps_decreasing"
+    assert code_of(prepare, decode_events({"t": [-(2 ** 63)], "x": [0]}, D1), D1, 5) == "timestamps_decreasing"
+    # Far apart but in order: the gap is exact and clamped, never negative.
+    _, gaps = prepare(decode_events({"t": [-(2 ** 63), big, big], "x": [0, 0, 0]}, D1), D1, None)
+    assert gaps.tolist() == [0, 2 ** 31 - 1, 0]
+    _, gaps = prepare(decode_events({"t": [big], "x": [0]}, D1), D1, -(2 ** 63))
+    assert gaps.tolist() == [2 ** 31 - 1]
+
+
+def test_error_messages_never_grow_with_the_bad_value():
+    for msg in ({"type": "x" * (1 << 20)}, {"type": [0] * 100_000}, {"type": b"\x00" * (1 << 20)}):
+        err = code_of(frame_type, msg)
+        assert err == "unknown_type"
+        with pytest.raises(ProtocolError) as info:
+            frame_type(msg)
+        assert len(info.value.message) < 200, len(info.value.message)
+    assert len(error_frame("malformed_frame", "y" * 100_000)["message"]) == 400
+    assert shorten("abc") == "'abc'" and len(shorten("z" * 10_000)) == 60
+
+
+def test_classify_body_model_must_name_a_model():
+    """``"model": []`` and ``""`` used to mean the default model silently."""
+    limits = ClassifyLimits(max_streams=4, max_events=100, default_top_k=3)
+    ok = {"streams": [{"t": [1, 2], "x": [3, 4]}]}
+
+    def parse(body: dict) -> ClassifyRequest:
+        return parse_classify(json.dumps(body).encode(), False, {"m": D1}, "m", limits)
+
+    assert parse(ok).model == "m" and parse({**ok, "model": None}).model == "m"
+    assert code_of(parse, {**ok, "model": []}) == "invalid_field"
+    assert code_of(parse, {**ok, "model": ""}) == "unknown_model"
+    assert code_of(parse, {**ok, "model": "x" * 10_000}) == "unknown_model"
+    assert code_of(parse, {"streams": [{"t": [2 ** 63 - 1, -2], "x": [0, 0]}]}) == "timestamps_decreasing"
+    assert code_of(parse, {"streams": [{"t": [1, 2], "x": [1, True]}]}) == "invalid_column"
+    req = parse_classify(msgpack.packb(ok), True, {"m": D1}, "m", limits)
+    assert req.tokens[0].tolist() == [3, 4] and req.last_t == [2] and req.events == 2
+
+
+# --- security helpers ----------------------------------------------------------------------------
+def test_api_key_file_parsing_and_constant_time_identify(tmp_path):
+    key_a, key_b = "k" * 16 + "-alpha", "k" * 16 + "-beta"
+    keys = ApiKeys.parse(["# ops keys", "", f"  {key_a}  ", key_b, key_a])
+    assert len(keys.digests) == 2
+    ida, idb = keys.identify(key_a), keys.identify(key_b)
+    assert ida and idb and ida != idb and key_a not in ida
+    assert keys.identify(key_a + "x") is None and keys.identify("") is None and keys.identify(None) is None
+    for bad, match in ((["short"], "at least 16"), (["# only a comment", ""], "no key"),
+                       (["has a space in it!!"], "without spaces")):
+        with pytest.raises(KeyFileError, match=match):
+            ApiKeys.parse(bad)
+    path = tmp_path / "keys"
+    path.write_text(f"{key_a}\n")
+    assert ApiKeys.load(path).identify(key_a) == ida
+    with pytest.raises(KeyFileError, match="cannot read"):
+        ApiKeys.load(tmp_path / "missing")
+    headers = [(b"authorization", f"Bearer {key_a}".encode())]
+    assert bearer_token(headers) == key_a and bearer_token([(b"authorization", b"Basic xyz")]) is None
+    assert query_token(f"session=s1&access_token={key_b}".encode()) == key_b
+
+
+@pytest.mark.parametrize("origin, host, allowed, ok", [
+    (None, "h:8000", (), True),  # not a browser
+    ("http://h:8000", "h:8000", (), True),  # the server's own page (e.g. /dashboard)
+    ("http://H:8000", "h:8000", (), True),
+    ("https://evssm.example", "evssm.example", (), True),  # behind a TLS proxy that keeps Host
+    ("https://evssm.example:443", "evssm.example", (), True),
+    ("http://h:8001", "h:8000", (), False),  # another port is another origin
+    ("http://evil.example", "127.0.0.1:8000", (), False),
+    ("null", "h:8000", (), False),
+    ("null", "h:8000", ("null",), True),
+    ("https://app.example", "h:8000", ("https://app.example",), True),
+    ("https://app.example.evil", "h:8000", ("https://app.example",), False),
+    ("http://anything", "h:8000", ("*",), True),
+    ("http://h:8000", None, (), False),
+])
+def test_origin_policy(origin, host, allowed, ok):
+    assert origin_allowed(origin, host, normalize_origins(allowed)) is ok
+
+
+def test_security_settings_from_env():
+    s = Settings.from_env({"EVSSM_API_KEYS": "/run/secrets/keys", "EVSSM_PUBLIC_METRICS": "false",
+                           "EVSSM_ALLOWED_ORIGINS": "https://a.example, https://b.example",
+                           "EVSSM_MAX_SESSIONS": "40", "EVSSM_HEADER_TIMEOUT": "3"})
+    assert [Settings(max_sessions=n).sessions_per_client for n in (3, 8, 16, 40, 256)] == [3, 8, 8, 10, 64]
+    assert s.api_keys == "/run/secrets/keys" and s.public_metrics is False and s.header_timeout == 3.0
+    assert s.allowed_origins == ("https://a.example", "https://b.example")
+    assert s.sessions_per_client == 10 and Settings(max_sessions=40, max_sessions_per_client=99).sessions_per_client == 40
+    assert Settings().public_metrics is True and Settings().api_keys is None
+    with pytest.raises(ValueError, match="true or false"):
+        Settings.from_env({"EVSSM_PUBLIC_METRICS": "maybe"})
+
+
+def test_session_table_caps_each_owner():
+    table = SessionTable(max_sessions=4, slots_per_model={"m": 4})
+    a = [table.open("m", 3, owner="addr:1", owner_limit=2) for _ in range(2)]
+    with pytest.raises(ClientFull):
+        table.open("m", 3, owner="addr:1", owner_limit=2)
+    table.open("m", 3, owner="addr:2", owner_limit=2)  # others are not locked out
+    table.release(a[0])
+    table.open("m", 3, owner="addr:1", owner_limit=2)  # room again once one is released
+
+
+def test_stats_window_holds_only_its_last_seconds_without_being_read():
+    """The soak's creep: packets were kept until /v1/stats was polled (up to 200,000 per model)."""
+    from evssm.server.metrics import STATS_WINDOW_S, _Window
+
+    w = _Window()
+    for i in range(50_000):
+        w.add(i * 0.001, 1, 0.001)  # 50 s of 1,000 packets/s, never summarised
+    assert len(w.samples) <= STATS_WINDOW_S * 1000 + 1
+    assert w.summary(50.0)["packets_per_s"] == pytest.approx(1000, rel=0.01)
 
 
 def test_every_error_code_is_stable():
