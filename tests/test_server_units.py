@@ -210,7 +210,7 @@ def test_security_settings_from_env():
     assert s.allowed_origins == ("https://a.example", "https://b.example")
     assert s.sessions_per_client == 10 and Settings(max_sessions=40, max_sessions_per_client=99).sessions_per_client == 40
     assert Settings().public_metrics is True and Settings().api_keys is None
-    with pytest.raises(ValueError, match="true or false"):
+    with pytest.raises(ValueError, match=r"public_metrics=.maybe. \(EVSSM_PUBLIC_METRICS\): .*valid boolean"):
         Settings.from_env({"EVSSM_PUBLIC_METRICS": "maybe"})
 
 
