@@ -31,12 +31,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from evssm import __version__
+from evssm.models.wire import SHD_CHANNELS
 
 from .errors import ClientError, ConnectionLost, ServerError
 from .packets import Packet
 from .protocol import Result, SessionInfo, endpoint_url
 from .session import AsyncStreamSession
-from .sources import SHD_CHANNELS, SensorSpec, SimulatedSensor
+from .sources import SensorSpec, SimulatedSensor
 from .stats import percentiles_ms
 from .stream_command import DEFAULT_URL, explain
 
@@ -57,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=DEFAULT_URL,
                         help="server, ws://HOST:PORT (env EVSSM_URL sets the default)")
     parser.add_argument("--model", default=None, help="model name (default: the server's)")
+    parser.add_argument("--api-key", default=None, metavar="KEY",
+                        help="API key of a server started with --api-keys (default: $EVSSM_API_KEY; "
+                             "prefer the variable, options show in process lists)")
     parser.add_argument("--sessions", type=int, default=8, help="concurrent sessions N")
     parser.add_argument("--rate", type=_rate, default=10000.0, metavar="EVENTS_PER_S",
                         help="events per second each session offers in real time, or 'max'")
@@ -120,6 +124,7 @@ class _Config:
     grace: float
     open_timeout: float
     seed: int
+    api_key: str | None = None
 
 
 def _error_code(exc: BaseException) -> str:
@@ -138,7 +143,7 @@ async def _run_session(index: int, cfg: _Config, start_at: float) -> SessionRepo
     report = SessionReport()
     await asyncio.sleep(max(start_at - time.monotonic(), 0.0))
     session = AsyncStreamSession(cfg.url, model=cfg.model, max_in_flight=cfg.max_in_flight,
-                                 open_timeout=cfg.open_timeout, top_k=1)
+                                 open_timeout=cfg.open_timeout, top_k=1, api_key=cfg.api_key)
     try:
         report.info = await session.open()
     except (ClientError, OSError) as exc:
@@ -241,7 +246,8 @@ def _config(args: argparse.Namespace) -> _Config:
                    packet_events=None if args.packet_ms is not None else (args.packet_events or 256),
                    packet_us=None if args.packet_ms is None else max(int(args.packet_ms * 1e3), 1),
                    max_in_flight=args.max_in_flight, grace=args.grace,
-                   open_timeout=args.open_timeout, seed=args.seed)
+                   open_timeout=args.open_timeout, seed=args.seed,
+                   api_key=getattr(args, "api_key", None))
 
 
 async def _run_sessions(args: argparse.Namespace, indices: list[int], start: float
@@ -375,4 +381,12 @@ def run(args: argparse.Namespace) -> int:
         print("evssm bench serve: interrupted", file=sys.stderr)
         return 130
     print(json.dumps(report, indent=2))
-    return 0 if report["sessions"]["opened"] else 1
+    if not report["sessions"]["opened"]:
+        errors = ", ".join(f"{code} x{n}" for code, n in report["errors"].items()) or "none"
+        print(f"evssm bench serve: no session opened at {report['url']} (errors: {errors}); "
+              "is a server running there? Start one with 'evssm serve' or pass --url",
+              file=sys.stderr)
+        return 1
+    for warning in report["warnings"]:
+        print(f"evssm bench serve: warning: {warning}", file=sys.stderr)
+    return 0

@@ -26,13 +26,15 @@ import collections
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterable, AsyncIterator, Coroutine, Iterable, Iterator, TypeVar
+from typing import (Any, AsyncIterable, AsyncIterator, Coroutine, Iterable, Iterator, Mapping,
+                    TypeVar)
 
 import msgpack
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
-from evssm.models.events import Recording
+from evssm.models.events import Recording, SensorSpec
+from evssm.models.wire import CLOSE_POLICY_VIOLATION, CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER, Code
 
 from .errors import (
     ClientError,
@@ -44,15 +46,15 @@ from .errors import (
     ServerUnavailable,
     SessionClosed,
     SessionExpired,
+    Unauthorized,
     server_error,
 )
 from .packets import Packet
-from .protocol import Result, SessionInfo, decode_frame, encode_message, endpoint_url, event_columns
+from .protocol import (Result, SessionInfo, auth_headers, decode_frame, encode_message, endpoint_url,
+                       event_columns, sensor_declaration)
 
 T = TypeVar("T")
 
-CLOSE_SERVICE_RESTART = 1012  # the server is shutting down: reconnect later
-CLOSE_TRY_AGAIN_LATER = 1013  # the server is full or not ready: retry later
 _EMPTY_COLUMNS = {"t": b"", "x": b""}
 
 
@@ -93,6 +95,12 @@ class AsyncStreamSession:
         backoff: (first, largest) delay in seconds between reconnect attempts, doubling.
         open_timeout: seconds to wait for the connection and the ``opened`` reply.
         binary: send columns as little-endian ``bin`` (fast) rather than integer arrays.
+        sensor: the source's sensor, declared in ``open`` so that the server maps it onto the
+            model's (None: the source is the model's sensor).
+        transform: how the server maps it (``{"crop", "scale", "flip_x", "flip_y"}``; see the
+            protocol); None for the default (fit, centred).
+        api_key: the server's API key, sent as ``Authorization: Bearer KEY`` (None: the
+            ``EVSSM_API_KEY`` variable, or no key).
 
     Results and errors come back through :meth:`recv` (and :meth:`poll`, :meth:`drain`,
     :meth:`results`, :meth:`stream`) in packet order; a packet the server rejected raises its
@@ -104,7 +112,9 @@ class AsyncStreamSession:
     def __init__(self, url: str, *, model: str | None = None, resume: str | None = None,
                  top_k: int | None = None, max_in_flight: int = 8, reconnect: bool = True,
                  max_reconnect_attempts: int = 8, backoff: tuple[float, float] = (0.05, 2.0),
-                 open_timeout: float = 10.0, binary: bool = True):
+                 open_timeout: float = 10.0, binary: bool = True,
+                 sensor: SensorSpec | None = None, transform: Mapping[str, Any] | None = None,
+                 api_key: str | None = None):
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be >= 1")
         self.url = endpoint_url(url, "stream")
@@ -116,6 +126,9 @@ class AsyncStreamSession:
         self.backoff = backoff
         self.open_timeout = open_timeout
         self.binary = binary
+        self.sensor = sensor
+        self.transform = None if transform is None else dict(transform)
+        self._headers = auth_headers(api_key)
         self.info: SessionInfo | None = None
         self.reconnects = 0  # successful re-attachments so far
         self._resume = resume
@@ -163,7 +176,7 @@ class AsyncStreamSession:
             await ws.close()
             raise
         self._ws, self.info, self._connected = ws, info, True
-        self._acked_events = info.events
+        self._acked_events = info.events + info.cropped  # events sent: kept + cropped
         self._reader = asyncio.create_task(self._read_loop(), name=f"evssm-reader-{info.session}")
         return info
 
@@ -389,7 +402,7 @@ class AsyncStreamSession:
         try:
             return await connect(self.url, open_timeout=self.open_timeout, compression=None,
                                  max_size=16 * 2**20, ping_interval=20, ping_timeout=60,
-                                 close_timeout=2)
+                                 close_timeout=2, additional_headers=self._headers)
         except InvalidStatus as exc:
             status = exc.response.status_code
             if status == 503:
@@ -405,8 +418,10 @@ class AsyncStreamSession:
     async def _handshake(self, ws: ClientConnection, resume: str | None) -> SessionInfo:
         """Send ``open`` and wait for ``opened`` (or a typed error)."""
         try:
+            sensor = None if self.sensor is None else sensor_declaration(self.sensor)
             await ws.send(encode_message("open", model=self.model, resume=resume,
-                                         top_k=self.top_k))
+                                         top_k=self.top_k, sensor=sensor,
+                                         transform=self.transform))
             async with asyncio.timeout(self.open_timeout):
                 while True:
                     msg = decode_frame(await ws.recv())
@@ -419,9 +434,11 @@ class AsyncStreamSession:
         except ConnectionClosed as exc:
             code, reason = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else (None, "")
             if code == CLOSE_TRY_AGAIN_LATER:  # the contract's "server full, retry later"
-                raise ServerFull("server_full", reason or "server full, retry later") from exc
+                raise ServerFull(Code.SERVER_FULL, reason or "server full, retry later") from exc
             if code == CLOSE_SERVICE_RESTART:
-                raise ServerUnavailable("draining", reason or "server restarting") from exc
+                raise ServerUnavailable(Code.DRAINING, reason or "server restarting") from exc
+            if code == CLOSE_POLICY_VIOLATION:
+                raise Unauthorized(Code.UNAUTHORIZED, reason or "the server refused this client") from exc
             raise ConnectFailed(f"the server closed the connection while opening: {exc}") from exc
         except TimeoutError as exc:
             raise ConnectFailed(f"no 'opened' reply within {self.open_timeout} s") from exc
@@ -460,7 +477,7 @@ class AsyncStreamSession:
                                     f"{entry.seq if entry else 'none'}")
             self._pending.popleft()
             result = Result.from_message(msg, time.perf_counter() - entry.sent_at)
-            self._acked_events = result.events
+            self._acked_events = result.events + result.cropped
             self._unconfirmed_reset = None  # a result after a reset proves it was applied
             self._results.append(result)
         elif kind == "error":
@@ -532,7 +549,7 @@ class AsyncStreamSession:
         processed: resending it would apply it twice. Its answers are lost, except the last one,
         which is the session's current state: an empty packet with the same ``seq`` asks for it.
         """
-        served = info.events
+        served = info.events + info.cropped  # every event sent, kept or cropped
         assert self._ws is not None
         if self._unconfirmed_reset and served == self._unconfirmed_reset:
             # The reset sent just before the drop never arrived (the count is still the old one).

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from .wire import Code
+
 PAD_TOKEN = -1
 MAX_GAP_US = np.iinfo(np.int32).max
 
@@ -93,7 +95,7 @@ class Recording:
 class EventError(ValueError):
     """Invalid events. ``code`` is the stable error code of the external contract."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: Code, message: str):
         super().__init__(message)
         self.code = code
         self.message = message
@@ -106,8 +108,8 @@ def tokenize(sensor: SensorSpec, x: np.ndarray, y: np.ndarray | None = None,
     (int32 [N]) when given. The columns may be any integer dtype and strided (views of packed
     records): no temporary is made beyond one for the polarity term.
 
-    With ``check`` an address outside the sensor raises ``EventError("address_out_of_range")``
-    before anything is written.
+    With ``check`` an address outside the sensor raises
+    ``EventError(Code.ADDRESS_OUT_OF_RANGE)`` before anything is written.
     """
     x = np.asarray(x)
     n = x.shape[0]
@@ -118,7 +120,7 @@ def tokenize(sensor: SensorSpec, x: np.ndarray, y: np.ndarray | None = None,
         np.copyto(out, x, casting="unsafe")
         return out
     if y is None or p is None:
-        raise EventError("missing_column", "a 2-D sensor needs columns x, y and p")
+        raise EventError(Code.MISSING_COLUMN, "a 2-D sensor needs columns x, y and p")
     y = np.asarray(y)
     p = np.asarray(p)
     w, h = sensor.width, sensor.height
@@ -137,7 +139,7 @@ def _check_range(name: str, col: np.ndarray, hi: int, what: str) -> None:
     """Raise ``address_out_of_range`` unless every value of ``col`` is in ``0 .. hi - 1``."""
     if col.max() >= hi or (col.dtype.kind != "u" and col.min() < 0):
         bad = int(col[(col < 0) | (col >= hi)][0])
-        raise EventError("address_out_of_range", f"{name}={bad} is outside {what} 0..{hi - 1}")
+        raise EventError(Code.ADDRESS_OUT_OF_RANGE, f"{name}={bad} is outside {what} 0..{hi - 1}")
 
 
 def untokenize(sensor: SensorSpec, tokens: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -156,8 +158,8 @@ def time_gaps(t: np.ndarray, last_t: int | None = None, *, check: bool = True,
     strided.
 
     ``last_t`` is the timestamp of the event before ``t[0]`` (None at a stream's start, which gives
-    ``gap_0 = 0``). With ``check``, decreasing timestamps raise ``EventError("timestamps_decreasing")``
-    before anything is written.
+    ``gap_0 = 0``). With ``check``, decreasing timestamps raise
+    ``EventError(Code.TIMESTAMPS_DECREASING)`` before anything is written.
     """
     t = np.asarray(t)
     if t.dtype != np.int64:
@@ -166,19 +168,22 @@ def time_gaps(t: np.ndarray, last_t: int | None = None, *, check: bool = True,
     out = np.empty(n, np.int32) if out is None else out
     if n == 0:
         return out
-    prev = int(t[0]) if last_t is None else int(last_t)
-    gaps = np.empty(n, np.int64)
-    gaps[0] = int(t[0]) - prev
-    np.subtract(t[1:], t[:-1], out=gaps[1:])
-    if check and gaps.min() < 0:
-        i = int(np.argmax(gaps < 0))
-        if i == 0:
-            msg = f"t[0]={int(t[0])} is before the session's last event at t={prev}"
+    prev = t[0] if last_t is None else np.int64(last_t)
+    # Order is checked by comparison, never by the sign of a difference: t[i] - t[i-1] overflows
+    # int64 for far-apart values (2**63 - 1 then -2 would wrap to a positive gap).
+    if check and (prev > t[0] or (t[1:] < t[:-1]).any()):
+        if prev > t[0]:
+            msg = f"t[0]={int(t[0])} is before the session's last event at t={int(prev)}"
         else:
+            i = int(np.argmax(t[1:] < t[:-1])) + 1
             msg = f"t[{i}]={int(t[i])} is before t[{i - 1}]={int(t[i - 1])}"
-        raise EventError("timestamps_decreasing", msg)
-    np.minimum(gaps, MAX_GAP_US, out=gaps)
-    np.copyto(out, gaps, casting="unsafe")
+        raise EventError(Code.TIMESTAMPS_DECREASING, msg)
+    # For non-decreasing t the true gap lies in [0, 2**64): exact as a uint64 difference.
+    wide = np.empty(n, np.uint64)
+    wide[0] = int(t[0]) - int(prev) if int(t[0]) >= int(prev) else 0
+    np.subtract(t[1:].view(np.uint64), t[:-1].view(np.uint64), out=wide[1:])
+    np.minimum(wide, np.uint64(MAX_GAP_US), out=wide)
+    np.copyto(out, wide, casting="unsafe")
     return out
 
 

@@ -123,9 +123,14 @@ def git_commit(checkout: Path) -> str | None:
 
 
 def serve_command(checkout: Path) -> list[str]:
+    """``evssm serve`` of ``checkout`` with the benchmark's models and buckets; 256 loopback
+    sessions come from one address, so a version with per-client caps gets them lifted."""
     python = checkout / ".venv" / "bin" / "python"
-    return [str(python if python.exists() else sys.executable), "-m", "evssm.cli", "serve",
-            *SERVE_ARGS]
+    command = [str(python if python.exists() else sys.executable), "-m", "evssm.cli", "serve",
+               *SERVE_ARGS]
+    if "max_sessions_per_client" in (checkout / "server" / "settings.py").read_text():
+        command += ["--max-sessions-per-client", "300"]
+    return command
 
 
 # --- lone-packet round trip ---------------------------------------------------------------------

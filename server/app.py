@@ -8,12 +8,12 @@ the engine and never lets bad input reach it.
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import logging
 import time
-from collections import deque
 from contextlib import asynccontextmanager
 from pathlib import Path
+from collections import deque
 from typing import TYPE_CHECKING, Any, AsyncIterator, Coroutine, Generator
 
 import msgpack
@@ -26,11 +26,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .engine import Engine
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .metrics import Metrics
-from .protocol import (CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER, MSGPACK, MSGPACK_TYPES, Code,
-                       ProtocolError, decode_events, decode_frame, encode_frame, error_frame, frame_type,
-                       parse_open, parse_seq, prepare)
-from .sessions import Close, Item, Packet, Reset, ServerFull, Session
+from .metrics import HISTORY_INTERVAL_S, Metrics
+from .decoding import Decoders
+from .limits import BodyTimeout, BodyTooLarge, ClientDisconnect, Gate, read_body
+from .protocol import (CLOSE_POLICY_VIOLATION, CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER, MSGPACK,
+                       MSGPACK_TYPES, ClassifyLimits, Code, ProtocolError, adapt, cap_message, decode_events,
+                       decode_frame, encode_frame, error_frame, frame_type, parse_geometry, parse_open,
+                       parse_seq, prepare, shorten)
+from .security import Access, AuthMiddleware
+from .sessions import ClientFull, Close, Item, Packet, Reset, ServerFull, Session
 from .settings import Settings
 from .staging import Region
 
@@ -43,13 +47,31 @@ STATIC_DIR = Path(__file__).parent / "static"
 HTTP_STATUS = {  # HTTP status of each error code that HTTP endpoints return
     Code.UNKNOWN_MODEL: 404, Code.NOT_FOUND: 404, Code.METHOD_NOT_ALLOWED: 405,
     Code.REQUEST_TOO_LARGE: 413, Code.PACKET_TOO_LARGE: 413, Code.UNSUPPORTED_MEDIA_TYPE: 415,
-    Code.NOT_READY: 503, Code.DRAINING: 503, Code.INTERNAL_ERROR: 500,
+    Code.NOT_READY: 503, Code.DRAINING: 503, Code.INTERNAL_ERROR: 500, Code.UNAUTHORIZED: 401,
+    Code.BUSY: 503, Code.REQUEST_TIMEOUT: 408,
 }
 
 
-def http_error(code: Code, message: str, status: int | None = None) -> JSONResponse:
+def http_error(code: Code, message: str, status: int | None = None,
+               headers: dict[str, str] | None = None) -> JSONResponse:
     """The JSON error body of the contract: ``{"error": CODE, "message": TEXT}``."""
-    return JSONResponse({"error": str(code), "message": message}, status_code=status or HTTP_STATUS.get(code, 400))
+    return JSONResponse({"error": str(code), "message": cap_message(message)},
+                        status_code=status or HTTP_STATUS.get(code, 400), headers=headers)
+
+
+_ORIGIN_PATHS = ("checkpoint", "model_yaml")  # an imported model's origin: files on the server
+
+
+def public_info(info: dict[str, Any]) -> dict[str, Any]:
+    """A model's description for clients: where it was loaded from is the operator's business
+    (logged at start-up), so a checkpoint's path on disk becomes ``"checkpoint"`` and an
+    imported model's origin keeps its step and digests but not its files' paths."""
+    out = dict(info)
+    if not str(out.get("source", "")).startswith("random-init"):
+        out["source"] = "checkpoint"
+    if isinstance(out.get("origin"), dict):
+        out["origin"] = {k: v for k, v in out["origin"].items() if k not in _ORIGIN_PATHS}
+    return out
 
 
 # --- WebSocket connections -------------------------------------------------------------------
@@ -120,6 +142,8 @@ class Connection:
     def __init__(self, ws: WebSocket, bound: int):
         self.ws = ws
         self.session: Session | None = None
+        self.principal: str | None = None  # the client's API key id, or its address without keys
+        self.key_id: str | None = None  # the API key id (None: the server has no keys)
         self.binary = True  # encoding of server-initiated frames: the client's last frame's
         self.closing = False  # a close is queued: ignore further frames
         self.bound = bound
@@ -249,6 +273,8 @@ class OutputProcessor:
             else:
                 frame = {"type": "result", "seq": packet.seq, "events": packet.events_after,
                          "t": packet.last_t, "probs": None, "top": []}
+            if packet.cropped_after is not None:  # a session that declared its source sensor
+                frame["cropped"] = packet.cropped_after
             reply: _Reply = packet.reply
             reply.conn.fill(reply, encode_frame(frame, reply.binary))
             latencies[i] = now - packet.received
@@ -279,24 +305,31 @@ class OutputProcessor:
 
 
 class StreamHandler:
-    """Dispatches the frames of one connection (``open``, ``events``, ``reset``, ``close``)."""
+    """Dispatches the frames of one connection (``open``, ``events``, ``reset``, ``close``).
 
-    def __init__(self, engine: Engine, settings: Settings, metrics: Metrics, conn: Connection):
+    Big frames are decoded off the event loop (``decoding.Decoders``); the connection's next frame
+    is read only after this one is handled, so its frames stay in order.
+    """
+
+    def __init__(self, engine: Engine, settings: Settings, metrics: Metrics, conn: Connection,
+                 decoders: Decoders):
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
         self.conn = conn
+        self.decoders = decoders
 
     async def handle(self, data: bytes | str, received: float) -> None:
         binary = not isinstance(data, str)
         self.conn.binary = binary
+        size = len(data)
         seq: int | None = None
         try:
-            msg = decode_frame(data)
+            msg = await self.decoders.frame(size, decode_frame, data)
             kind = frame_type(msg)
             seq = parse_seq(msg)
             if kind == "events":
-                await self._events(msg, seq, received)
+                await self._events(msg, seq, received, size)
             elif kind == "open":
                 self._open(msg, binary)
             elif kind == "reset":
@@ -335,12 +368,17 @@ class StreamHandler:
         resumed = req.resume is not None
         if resumed:
             session = engine.resume(req.resume)
-            if session is None:
+            # A token opened under another API key is as unknown as a wrong token.
+            if session is None or session.key_id != conn.key_id:
                 raise ProtocolError(Code.UNKNOWN_SESSION, "no live session has this resume token "
                                     "(it was closed, or evicted after the idle timeout)")
             if req.model is not None and req.model != session.model:
-                raise ProtocolError(Code.INVALID_FIELD,
-                                    f"the session streams to model {session.model!r}, not {req.model!r}")
+                raise ProtocolError(Code.INVALID_FIELD, f"the session streams to model "
+                                    f"{shorten(session.model)}, not {shorten(req.model)}")
+            if ("sensor" in msg or "transform" in msg) and \
+                    parse_geometry(msg, engine.runners[session.model].sensor) != session.geometry:
+                raise ProtocolError(Code.INVALID_FIELD, "the session was opened with another sensor "
+                                    "or transform; a resume must declare the same (or none)")
             previous = session.attachment
             if previous is not None and previous is not conn:
                 previous.detach(session, error_frame(Code.SESSION_RESUMED_ELSEWHERE,
@@ -349,31 +387,46 @@ class StreamHandler:
                 session.top_k = req.top_k
             self.metrics.sessions_resumed.labels(model=session.model).inc()
         else:
-            model = req.model or engine.default_model
+            model = engine.default_model if req.model is None else req.model
             if model not in engine.runners:
                 raise ProtocolError(Code.UNKNOWN_MODEL,
-                                    f"unknown model {model!r}; served: {sorted(engine.runners)}")
+                                    f"unknown model {shorten(model)}; served: {sorted(engine.runners)}")
+            geometry = parse_geometry(msg, engine.runners[model].sensor)
             try:
-                session = engine.open(model, req.top_k)
+                session = engine.open(model, req.top_k, owner=conn.principal, key_id=conn.key_id)
+            except ClientFull as e:
+                self.reject(Code.TOO_MANY_SESSIONS, f"{e}; close some or retry later", None, binary)
+                conn.close_after_flush(CLOSE_TRY_AGAIN_LATER, "too many sessions")
+                return
             except ServerFull as e:
                 self.reject(Code.SERVER_FULL, f"{e}; retry later", None, binary)
                 conn.close_after_flush(CLOSE_TRY_AGAIN_LATER, "server full")
                 return
+            session.geometry = geometry
         session.attachment = conn
         session.last_active = time.monotonic()
         conn.session = session
-        conn.send({"type": "opened", "session": session.id, "resume": session.token,
-                   "resumed": resumed, "events": session.events, "t": session.last_t,
-                   "top_k": session.top_k, "model": engine.runners[session.model].info}, binary)
+        opened = {"type": "opened", "session": session.id, "resume": session.token,
+                  "resumed": resumed, "events": session.events, "t": session.last_t,
+                  "top_k": session.top_k, "model": public_info(engine.runners[session.model].info)}
+        if session.geometry is not None:
+            opened.update(geometry=session.geometry.describe(), cropped=session.cropped)
+        conn.send(opened, binary)
 
-    async def _events(self, msg: dict[str, Any], seq: int | None, received: float) -> None:
-        """Ingest: decode the columns, validate and tokenise them straight into the model's
-        staging buffer, queue the packet. A rejected packet leaves nothing behind."""
+    async def _events(self, msg: dict[str, Any], seq: int | None, received: float, size: int) -> None:
+        """Ingest: decode the columns, map a declared source sensor onto the model's, validate
+        and tokenise them straight into the model's staging buffer, queue the packet. A rejected
+        packet leaves nothing behind."""
         session = self._session()
         self.engine.expect(session.model)
         sensor = self.engine.runners[session.model].sensor
-        events = decode_events(msg, sensor, self.settings.max_packet_events)
-        # (A per-session transform of the decoded columns goes here, before tokenising.)
+        geometry = session.geometry
+        events = await self.decoders.frame(size, decode_events, msg,
+                                           sensor if geometry is None else geometry.source,
+                                           self.settings.max_packet_events)
+        if self._session() is not session:  # taken away while decoding
+            raise ProtocolError(Code.NO_SESSION, "the session left this connection while the packet was decoded")
+        events, cropped = adapt(events, geometry)
         n = len(events)
         region: Region | None = None
         if n:
@@ -391,13 +444,17 @@ class StreamHandler:
         # Accepted: from here to submit there is no await, so no other frame can interleave.
         session.events += n
         session.last_active = time.monotonic()
+        if geometry is not None:
+            session.cropped += cropped
+            self.metrics.cropped.labels(model=session.model).inc(cropped)
         self.engine.submit(session, Packet(seq=seq, region=region, start=region.start if region else 0,
                                            size=n, events_after=session.events, last_t=session.last_t,
-                                           received=received, reply=self.conn.reply()))
+                                           received=received, reply=self.conn.reply(),
+                                           cropped_after=None if geometry is None else session.cropped))
 
     def _reset(self) -> None:
         session = self._session()
-        session.events, session.last_t = 0, None
+        session.events, session.last_t, session.cropped = 0, None, 0
         session.last_active = time.monotonic()
         self.engine.submit(session, Reset(reply=self.conn.reply()))
 
@@ -410,10 +467,30 @@ class StreamHandler:
         self.engine.submit(session, Close(reply=self.conn.reply(), events=session.events))
 
 
-async def _serve_stream(ws: WebSocket, engine: Engine, settings: Settings, metrics: Metrics) -> None:
+async def _refuse(ws: WebSocket, code: int, reason: str) -> None:
+    """Accept only to close at once with ``code``: the client learns why, nothing was read."""
+    await ws.accept()
+    await ws.close(code=code, reason=reason)
+
+
+async def _serve_stream(ws: WebSocket, engine: Engine, settings: Settings, metrics: Metrics,
+                        access: Access, decoders: Decoders) -> None:
+    allowed, key_id = access.authenticate(ws.scope)
+    if not allowed:
+        metrics.rejected.labels(code=str(Code.UNAUTHORIZED)).inc()
+        await _refuse(ws, CLOSE_POLICY_VIOLATION, "missing or invalid API key")
+        return
+    if not access.origin_ok(ws.scope):
+        metrics.rejected.labels(code=str(Code.UNAUTHORIZED)).inc()
+        await _refuse(ws, CLOSE_POLICY_VIOLATION, "origin not allowed")
+        return
+    if len(engine.connections) >= settings.max_connections:
+        await _refuse(ws, CLOSE_TRY_AGAIN_LATER, "too many connections")
+        return
     await ws.accept()
     conn = Connection(ws, settings.max_inflight)
-    handler = StreamHandler(engine, settings, metrics, conn)
+    conn.key_id, conn.principal = key_id, access.principal(ws.scope, key_id)
+    handler = StreamHandler(engine, settings, metrics, conn, decoders)
     engine.connections.add(conn)
     try:
         if engine.draining:
@@ -486,73 +563,62 @@ def _reply(body: dict[str, Any], msgpack_out: bool, status: int = 200) -> Respon
     return JSONResponse(body, status_code=status)
 
 
-async def _classify(request: Request, engine: Engine, settings: Settings, metrics: Metrics) -> Response:
+async def _classify(request: Request, engine: Engine, settings: Settings, metrics: Metrics, gate: Gate,
+                    decoders: Decoders) -> Response:
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if content_type not in MSGPACK_TYPES and content_type not in ("application/json", ""):
         return http_error(Code.UNSUPPORTED_MEDIA_TYPE,
-                          f"content type {content_type!r}: send application/json or application/msgpack")
-    max_bytes = settings.max_classify_events * 96 + (1 << 20)
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        return http_error(Code.REQUEST_TOO_LARGE, f"request body over {max_bytes} bytes")
-    body = await request.body()
-    if len(body) > max_bytes:
-        return http_error(Code.REQUEST_TOO_LARGE, f"request body over {max_bytes} bytes")
-    try:
-        data = msgpack.unpackb(body, raw=False) if content_type in MSGPACK_TYPES else json.loads(body)
-    except Exception as e:
-        return http_error(Code.MALFORMED_FRAME, f"body is not valid {'msgpack' if content_type in MSGPACK_TYPES else 'JSON'}: {e}")
-    if not isinstance(data, dict):
-        return http_error(Code.MALFORMED_FRAME, "body must be a map with a 'streams' array")
+                          f"content type {shorten(content_type)}: send application/json or application/msgpack")
     if engine.draining:
         return http_error(Code.DRAINING, "the server is shutting down")
     if not engine.ready:
         return http_error(Code.NOT_READY, engine.load_error or "models are loading and compiling; retry shortly")
-    model = data.get("model") or engine.default_model
-    if not isinstance(model, str):
-        return http_error(Code.INVALID_FIELD, "model must be a string")
-    if model not in engine.runners:
-        return http_error(Code.UNKNOWN_MODEL, f"unknown model {model!r}; served: {sorted(engine.runners)}")
-    streams = data.get("streams")
-    if not isinstance(streams, list):
-        return http_error(Code.INVALID_FIELD, "streams must be an array of {t, x, y?, p?} maps")
-    if len(streams) > settings.max_classify_streams:
-        return http_error(Code.REQUEST_TOO_LARGE,
-                          f"{len(streams)} streams, more than the limit of {settings.max_classify_streams}")
-    top_k = data.get("top_k", settings.default_top_k)
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 0 <= top_k <= 1000:
-        return http_error(Code.INVALID_FIELD, "top_k must be an integer in 0..1000")
-    runner = engine.runners[model]
-    tokens, gaps, last_t = [], [], []
-    total = 0
-    for i, stream in enumerate(streams):
+    if not gate.try_enter():  # before the body is read: a refused request costs no memory
+        return http_error(Code.BUSY, f"{gate.limit} classify requests are being served; retry shortly",
+                          headers={"Retry-After": "1"})
+    try:
+        max_bytes = settings.max_body_bytes
         try:
-            if not isinstance(stream, dict):
-                raise ProtocolError(Code.INVALID_FIELD, "a stream must be a map of columns")
-            events = decode_events(stream, runner.sensor, settings.max_classify_events)
-            total += len(events)
-            if total > settings.max_classify_events:
-                return http_error(Code.REQUEST_TOO_LARGE,
-                                  f"more than {settings.max_classify_events} events in one request")
-            tok, gap = prepare(events, runner.sensor, None)
+            body = await read_body(request, max_bytes, settings.body_timeout)
+        except BodyTooLarge:
+            return http_error(Code.REQUEST_TOO_LARGE, f"request body over {max_bytes} bytes",
+                              headers={"Connection": "close"})
+        except BodyTimeout:
+            return http_error(Code.REQUEST_TIMEOUT, f"the body took longer than {settings.body_timeout:g} s",
+                              headers={"Connection": "close"})
+        except ClientDisconnect:
+            return Response(status_code=400)  # nobody is listening
+        limits = ClassifyLimits(max_streams=settings.max_classify_streams,
+                                max_events=settings.max_classify_events, default_top_k=settings.default_top_k)
+        try:
+            req = await decoders.classify_body(body, content_type in MSGPACK_TYPES,
+                                               {name: r.sensor for name, r in engine.runners.items()},
+                                               engine.default_model, limits)
         except ProtocolError as e:
-            return http_error(e.code, f"streams[{i}]: {e.message}")
-        tokens.append(tok)
-        gaps.append(gap)
-        last_t.append(int(events.t[-1]) if len(events) else None)
-    probs, ready = await engine.classify(model, tokens, gaps) if streams else (np.zeros((0, 0)), np.zeros(0))
-    results = []
-    for i in range(len(streams)):
-        n = int(tokens[i].shape[0])
-        if ready[i]:
-            p = probs[i]
-            order = np.argsort(-p, kind="stable")[:min(top_k, p.shape[0])]
-            results.append({"probs": p.tolist(), "label": runner.labels[int(np.argmax(p))], "events": n,
-                            "t": last_t[i], "top": [[runner.labels[j], float(p[j])] for j in order]})
-        else:
-            results.append({"probs": None, "label": None, "events": n, "t": last_t[i], "top": []})
-    metrics.classified(model, len(streams), total)
-    return _reply({"model": model, "results": results}, _wants_msgpack(request, content_type))
+            return http_error(e.code, e.message)
+        del body
+        runner = engine.runners[req.model]
+        n_streams = len(req.tokens)
+        if n_streams:
+            probs, ready = await engine.classify(req.model, req.tokens, req.gaps)
+        results = []
+        for i in range(n_streams):
+            n = int(req.tokens[i].shape[0])
+            if ready[i]:
+                p = probs[i]
+                order = np.argsort(-p, kind="stable")[:min(req.top_k, p.shape[0])]
+                results.append({"probs": p.tolist(), "label": runner.labels[int(np.argmax(p))], "events": n,
+                                "t": req.last_t[i], "top": [[runner.labels[j], float(p[j])] for j in order]})
+            else:
+                results.append({"probs": None, "label": None, "events": n, "t": req.last_t[i], "top": []})
+            if req.cropped[i] is not None:
+                results[-1]["cropped"] = req.cropped[i]
+        if any(req.cropped):
+            metrics.cropped.labels(model=req.model).inc(sum(c for c in req.cropped if c))
+        metrics.classified(req.model, n_streams, sum(int(t.shape[0]) for t in req.tokens))
+        return _reply({"model": req.model, "results": results}, _wants_msgpack(request, content_type))
+    finally:
+        gate.leave()
 
 
 def create_app(settings: Settings | None = None, *,
@@ -560,22 +626,40 @@ def create_app(settings: Settings | None = None, *,
     """A new server instance. ``models`` (name -> loaded model) replaces ``settings.models``
     (tests and embedding: reuse a loaded model's compiled executables)."""
     settings = settings or Settings.from_env()
+    access = Access.create(settings.api_keys, settings.allowed_origins, settings.public_metrics)
     metrics = Metrics()
     engine = Engine(settings, metrics, OutputProcessor(metrics), models)
+    gate = Gate(settings.max_classify_requests)
+    decoders = Decoders()
+
+    async def record_history() -> None:
+        """The one writer of the stats history: a sample per interval, on the loop's clock."""
+        loop = asyncio.get_running_loop()
+        due = loop.time()
+        while True:
+            due += HISTORY_INTERVAL_S
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            metrics.record_history(engine.sessions_by_model())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
+        recorder = asyncio.create_task(record_history(), name="evssm-stats-history")
         try:
             yield
         finally:
+            recorder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await recorder
             await engine.stop()
+            decoders.shutdown()
 
     app = FastAPI(title="evssm", summary="Streaming inference for event-based state-space models",
                   lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.engine = engine
+    app.state.classify_gate = gate
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_exc(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -593,16 +677,16 @@ def create_app(settings: Settings | None = None, *,
 
     @app.websocket("/v1/stream")
     async def stream(ws: WebSocket) -> None:
-        await _serve_stream(ws, engine, settings, metrics)
+        await _serve_stream(ws, engine, settings, metrics, access, decoders)
 
     @app.post("/v1/classify")
     async def classify(request: Request) -> Response:
-        return await _classify(request, engine, settings, metrics)
+        return await _classify(request, engine, settings, metrics, gate, decoders)
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
         return {"default": engine.default_model, "ready": engine.ready,
-                "models": [r.info for r in engine.runners.values()]}
+                "models": [public_info(r.info) for r in engine.runners.values()]}
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -626,6 +710,10 @@ def create_app(settings: Settings | None = None, *,
     async def stats() -> dict[str, Any]:
         return metrics.stats(engine.sessions_by_model())
 
+    @app.get("/v1/stats/history")
+    async def stats_history() -> dict[str, Any]:
+        return metrics.history()
+
     @app.get("/dashboard")
     async def dashboard() -> Response:
         page = STATIC_DIR / "dashboard.html"
@@ -634,5 +722,6 @@ def create_app(settings: Settings | None = None, *,
         return FileResponse(page, media_type="text/html")
 
     routes = {r.path for r in app.routes if hasattr(r, "path")}
+    app.add_middleware(AuthMiddleware, access=access)  # inside the metrics: 401s are counted
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics, routes=routes)
     return app

@@ -93,6 +93,9 @@ class Engine:
                 self.outputs.model_loaded(runner.name, runner.labels)
                 self.runners[runner.name] = runner
                 self.default_model = self.default_model or runner.name
+                log.info("model %s: compiling its shape buckets before serving (usually 1-3 minutes "
+                         "on a CPU for the default buckets; /readyz answers 503 until then; fewer "
+                         "--length-buckets or a --compilation-cache folder shorten it)", runner.name)
                 compile_s = await loop.run_in_executor(None, runner.warmup)  # no steps run yet
                 log.info("model %s from %s: loaded and compiled in %.1f s (compiling %.1f s, %d "
                          "compilations); %s streaming step; %d B of state per session, %d slots",
@@ -113,12 +116,16 @@ class Engine:
             self.ready_after_s = time.monotonic() - self.started_at
             self.ready = True
             self.metrics.ready.set(1)
-            log.info("ready after %.1f s: models %s", self.ready_after_s, list(self.runners))
+            # The ready line a person reads is the command line's (it knows the URL).
+            log.debug("ready after %.1f s: models %s", self.ready_after_s, list(self.runners))
         except asyncio.CancelledError:
             raise
         except Exception as e:
             self.load_error = f"{type(e).__name__}: {e}"
-            log.exception("loading models failed")
+            # The message says what is wrong (a folder that is not a checkpoint, an unknown
+            # config); the traceback is for debugging.
+            log.error("loading models failed: %s", self.load_error)
+            log.debug("loading models failed", exc_info=True)
 
     async def stop(self) -> None:
         """Stop schedulers and background tasks (after a drain, or abruptly)."""
@@ -136,10 +143,12 @@ class Engine:
             runner.close()
 
     # --- sessions ------------------------------------------------------------------------------
-    def open(self, model: str, top_k: int) -> Session:
-        """A new session of ``model`` (raises ``sessions.ServerFull``)."""
+    def open(self, model: str, top_k: int, *, owner: str | None = None, key_id: str | None = None) -> Session:
+        """A new session of ``model`` for ``owner`` (raises ``sessions.ServerFull``, or its
+        subclass ``ClientFull`` past ``Settings.sessions_per_client``)."""
         assert self.table is not None
-        session = self.table.open(model, top_k)
+        session = self.table.open(model, top_k, owner=owner, owner_limit=self.settings.sessions_per_client,
+                                  key_id=key_id)
         self.schedulers[model].add(session)
         self.metrics.model(model).sessions_active.inc()
         self.metrics.sessions_opened.labels(model=model).inc()

@@ -1,4 +1,5 @@
-"""Prometheus metrics and the small rolling statistics behind ``GET /v1/stats`` (no JAX).
+"""Prometheus metrics and the small rolling statistics behind ``GET /v1/stats`` and
+``GET /v1/stats/history`` (no JAX).
 
 Each app instance owns a fresh ``CollectorRegistry`` so several apps can live in one process
 (tests). Names and labels are a contract with the dashboard; ``docs/metrics.md`` documents them.
@@ -15,7 +16,7 @@ import time
 from collections import deque
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
@@ -25,6 +26,9 @@ LATENCY_BUCKETS = (0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.
                    0.256, 0.512, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 STATS_WINDOW_S = 10.0
+# The live page's recent past: one /v1/stats summary per HISTORY_INTERVAL_S over HISTORY_S.
+HISTORY_INTERVAL_S = 1.0
+HISTORY_S = 15 * 60
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -93,13 +97,17 @@ class _Window:
 
     def add(self, now: float, events: int, latencies: np.ndarray) -> None:
         self.steps.append((now, events, latencies))
+        self._prune(now)  # here too: without /v1/stats polls the window would fill to maxlen
+
+    def _prune(self, now: float) -> None:
+        while self.steps and self.steps[0][0] < now - STATS_WINDOW_S:
+            self.steps.popleft()
 
     def latencies(self) -> np.ndarray:
         return np.concatenate([s[2] for s in self.steps]) if self.steps else np.zeros(0)
 
     def summary(self, now: float) -> dict[str, float | None]:
-        while self.steps and self.steps[0][0] < now - STATS_WINDOW_S:
-            self.steps.popleft()
+        self._prune(now)
         lat = self.latencies()
         if not lat.size:
             return {"events_per_s": 0.0, "packets_per_s": 0.0, "latency_p50_ms": None, "latency_p99_ms": None}
@@ -185,17 +193,24 @@ class Metrics:
         self.state_bytes = Gauge("evssm_state_bytes_per_session", "Bytes of carried state per session.", m,
                                  registry=r)
         self.slots = Gauge("evssm_slots", "Session slots allocated on the device.", m, registry=r)
+        self.cropped = Counter("evssm_cropped_events_total",
+                               "Events a declared crop removed before the model (streamed and classified).",
+                               m, registry=r)
         self.ready = Gauge("evssm_ready", "1 when every model is loaded and every bucket compiled.", registry=r)
+        # evssm_process_resident_memory_bytes, _cpu_seconds_total, _open_fds, ... (Linux): what a
+        # soak or an alert watches for growth.
+        ProcessCollector(namespace="evssm", registry=r)
         self._lock = threading.Lock()
         self._windows: dict[str, _Window] = {}
         self._events_by_model: dict[str, int] = {}
         self._packets_by_model: dict[str, int] = {}
         self.models: dict[str, ModelMetrics] = {}
+        self._history: deque[dict] = deque(maxlen=int(HISTORY_S / HISTORY_INTERVAL_S))
 
     def init_model(self, model: str, state_bytes: int, slots: int) -> ModelMetrics:
         """Create the labelled series of a model so they show as 0 before traffic; returns its
         cached children."""
-        for metric in (self.events, self.packets, self.compilations, self.sessions_opened,
+        for metric in (self.events, self.packets, self.compilations, self.sessions_opened, self.cropped,
                        self.sessions_resumed, self.sessions_evicted, self.steps, self.classify_streams,
                        self.step_latency, self.batch_size):
             metric.labels(model=model)
@@ -263,6 +278,19 @@ class Metrics:
             "latency_p99_ms": p99,
             "models": per_model,
         }
+
+    def record_history(self, sessions_active: dict[str, int]) -> None:
+        """Keep the current :meth:`stats` as the newest sample of the history (the oldest one
+        leaves once ``HISTORY_S`` is covered). Called once per ``HISTORY_INTERVAL_S``."""
+        sample = self.stats(sessions_active)
+        with self._lock:
+            self._history.append(sample)
+
+    def history(self) -> dict:
+        """The ``/v1/stats/history`` body: the recorded samples, oldest first."""
+        with self._lock:
+            samples = list(self._history)
+        return {"interval_s": HISTORY_INTERVAL_S, "window_s": HISTORY_S, "samples": samples}
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -2,7 +2,8 @@
 
 Everything a client can send is decoded and validated here, so that bad input is rejected with a
 stable error code *before* it reaches the engine (a rejected packet never touches session state).
-The contract is DESIGN section 4; ``docs/protocol.md`` has an example of every frame.
+The contract's codes, column types and record layout are ``evssm.models.wire`` (shared with the
+client); ``docs/protocol.md`` has an example of every frame.
 
 Event columns come in three encodings:
 
@@ -12,13 +13,17 @@ Event columns come in three encodings:
 - one ``bin`` of packed 13-byte records ``t64 x16 y16 on8`` (key ``records``), the layout
   event-camera tools (faery, AEStream) stream over UDP. For a 1-D sensor ``x`` is the channel and
   ``y``/``on`` are ignored.
+
+A client may declare its source sensor and a transform (``sensor``/``transform`` of ``open`` or of
+a classify request); :func:`parse_geometry` turns them into an adapter and :func:`adapt` maps a
+packet's decoded events onto the model's sensor before :func:`prepare` tokenises them (the
+mathematics is in ``evssm.models.geometry``).
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 import msgpack
@@ -26,59 +31,11 @@ import numpy as np
 
 from evssm.models import native_build
 from evssm.models.events import EventError, SensorSpec, time_gaps, tokenize
-
-
-class Code(StrEnum):
-    """Stable error codes (``"code"`` of an error frame, ``"error"`` of an HTTP error body)."""
-
-    MALFORMED_FRAME = "malformed_frame"  # not msgpack/JSON, or not a map
-    UNKNOWN_TYPE = "unknown_type"  # "type" missing or not one of open/events/reset/close
-    INVALID_FIELD = "invalid_field"  # a non-column field missing or of the wrong type/value
-    MISSING_COLUMN = "missing_column"  # t, x (and y, p for 2-D sensors) required
-    INVALID_COLUMN = "invalid_column"  # a column that is not integers / a bin of the right size
-    LENGTH_MISMATCH = "length_mismatch"  # columns of different lengths
-    ADDRESS_OUT_OF_RANGE = "address_out_of_range"  # x/y/p outside the model's sensor
-    TIMESTAMPS_DECREASING = "timestamps_decreasing"  # within a packet or against the session
-    PACKET_TOO_LARGE = "packet_too_large"  # more events than --max-packet-events
-    UNKNOWN_MODEL = "unknown_model"
-    SERVER_FULL = "server_full"  # --max-sessions reached; WebSocket closed with 1013
-    NO_SESSION = "no_session"  # events/reset/close before open
-    SESSION_ALREADY_OPEN = "session_already_open"  # open twice on one connection
-    UNKNOWN_SESSION = "unknown_session"  # resume token unknown or its session expired
-    SESSION_EXPIRED = "session_expired"  # the session was evicted after the idle timeout
-    SESSION_RESUMED_ELSEWHERE = "session_resumed_elsewhere"  # another connection resumed it
-    NOT_READY = "not_ready"  # models still loading/compiling; WebSocket closed with 1013
-    DRAINING = "draining"  # shutting down; WebSocket closed with 1012
-    INTERNAL_ERROR = "internal_error"
-    # HTTP only
-    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
-    REQUEST_TOO_LARGE = "request_too_large"
-    NOT_FOUND = "not_found"
-    METHOD_NOT_ALLOWED = "method_not_allowed"
-
-
-# WebSocket close codes (RFC 6455 section 7.4 and the IANA registry).
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001  # end of a drain
-CLOSE_SERVICE_RESTART = 1012  # refused while draining: reconnect (elsewhere) later
-CLOSE_TRY_AGAIN_LATER = 1013  # server_full / not_ready: retry later
-
-MSGPACK = "application/msgpack"
-MSGPACK_TYPES = frozenset({"application/msgpack", "application/x-msgpack", "application/vnd.msgpack"})
-
-# The packed record layout t64 x16 y16 on8: 13 bytes, little-endian, no padding.
-RECORD_DTYPE = np.dtype([("t", "<u8"), ("x", "<u2"), ("y", "<u2"), ("on", "u1")])
-assert RECORD_DTYPE.itemsize == 13
-
-# dtype of each column in its little-endian bin form.
-COLUMN_DTYPES: dict[str, np.dtype] = {
-    "t": np.dtype("<i8"),
-    "x": np.dtype("<u2"),
-    "y": np.dtype("<u2"),
-    "p": np.dtype("u1"),
-}
-
-FRAME_TYPES = ("open", "events", "reset", "close")
+from evssm.models.geometry import Adapter, GeometryError, adapter_for
+# The contract's names, re-exported for the API layer (app, engine, scheduler).
+from evssm.models.wire import (CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY_VIOLATION,  # noqa: F401
+                               CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER, COLUMN_DTYPES,
+                               FRAME_TYPES, MSGPACK, MSGPACK_TYPES, RECORD_DTYPE, Code)
 
 
 class ProtocolError(Exception):
@@ -89,6 +46,9 @@ class ProtocolError(Exception):
         self.code = code
         self.message = message
         self.seq = seq
+
+    def __reduce__(self) -> tuple[Any, ...]:  # raised in a decode worker process, re-raised here
+        return (ProtocolError, (self.code, self.message, self.seq))
 
 
 # --- frames --------------------------------------------------------------------------------------
@@ -113,7 +73,7 @@ def frame_type(msg: dict[str, Any]) -> str:
     kind = msg.get("type")
     if kind not in FRAME_TYPES:
         raise ProtocolError(Code.UNKNOWN_TYPE,
-                            f"type must be one of {list(FRAME_TYPES)}, got {kind!r}", _seq_or_none(msg))
+                            f"type must be one of {list(FRAME_TYPES)}, got {shorten(kind)}", _seq_or_none(msg))
     return kind
 
 
@@ -124,8 +84,26 @@ def encode_frame(frame: dict[str, Any], binary: bool) -> bytes | str:
     return json.dumps(frame, separators=(",", ":"))
 
 
+MAX_MESSAGE = 400  # characters of an error message: a reply never grows with the bad input
+MAX_ECHO = 60  # characters of a client's value quoted in a message
+
+
+def shorten(value: Any, limit: int = MAX_ECHO) -> str:
+    """``repr(value)`` cut to ``limit`` characters: how an error message quotes a client's value."""
+    if isinstance(value, (str, bytes, bytearray)) and len(value) > 4 * limit:
+        value = value[:4 * limit]  # repr of a huge value is never built
+    elif isinstance(value, (list, tuple, dict)) and len(value) > limit:
+        return f"<{type(value).__name__} of {len(value)} items>"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def cap_message(message: str) -> str:
+    return message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE - 3] + "..."
+
+
 def error_frame(code: Code | str, message: str, seq: int | None = None) -> dict[str, Any]:
-    return {"type": "error", "seq": seq, "code": str(code), "message": message}
+    return {"type": "error", "seq": seq, "code": str(code), "message": cap_message(message)}
 
 
 def _seq_or_none(msg: dict[str, Any]) -> int | None:
@@ -196,15 +174,15 @@ def _column(name: str, value: Any) -> np.ndarray:
                             f"got {type(value).__name__}")
     if not value:
         return np.zeros(0, np.int64)
+    # Exactly int: numpy would read True as 1 and 2.0 as an integer column; bool is an int subclass.
+    kinds = set(map(type, value))
+    if kinds != {int}:
+        names = sorted(k.__name__ for k in kinds - {int})
+        raise ProtocolError(Code.INVALID_COLUMN, f"column {name} must hold integers only, found {names}")
     try:
-        arr = np.asarray(value)
-    except (OverflowError, ValueError) as e:  # ragged nesting or ints beyond int64
-        raise ProtocolError(Code.INVALID_COLUMN, f"column {name} is not a flat array of integers: {e}")
-    if arr.ndim != 1 or arr.dtype.kind not in "iu":  # floats, strings, bools, nested, None
-        raise ProtocolError(Code.INVALID_COLUMN, f"column {name} must hold integers only")
-    if arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and arr.size and arr.max() > np.iinfo(np.int64).max:
-        raise ProtocolError(Code.INVALID_COLUMN, f"column {name} has values beyond int64")
-    return arr.astype(np.int64, copy=False)
+        return np.asarray(value, dtype=np.int64)
+    except OverflowError:
+        raise ProtocolError(Code.INVALID_COLUMN, f"column {name} has values beyond int64") from None
 
 
 def _records(value: Any, max_events: int | None) -> Events:
@@ -260,6 +238,37 @@ def decode_events(msg: dict[str, Any], sensor: SensorSpec, max_events: int | Non
     return Events(t=cols["t"], x=cols["x"], y=cols.get("y"), p=cols.get("p"))
 
 
+# --- source geometry ------------------------------------------------------------------------------
+def parse_geometry(msg: dict[str, Any], model_sensor: SensorSpec, where: str = "") -> Adapter | None:
+    """The adapter a frame's ``sensor``/``transform`` declare for a model (None: nothing to map).
+    Raises ``invalid_field`` for a declaration that cannot be used."""
+    try:
+        return adapter_for(model_sensor, msg.get("sensor"), msg.get("transform"))
+    except GeometryError as e:
+        raise ProtocolError(Code.INVALID_FIELD, f"{where}{e}") from None
+
+
+def adapt(events: Events, adapter: Adapter | None) -> tuple[Events, int]:
+    """``events`` on the model's sensor, and how many the crop removed.
+
+    Addresses are checked against the declared source sensor (``address_out_of_range``). When a
+    crop may remove events, the packet's timestamps are checked whole first, so a decreasing
+    timestamp is reported even on an event the crop removes; removed events then never reach the
+    session (its state, event count or last timestamp).
+    """
+    if adapter is None:
+        return events, 0
+    try:
+        adapter.check_source(events.x, events.y, events.p)
+        if adapter.crops:
+            time_gaps(events.t)
+    except EventError as e:
+        raise ProtocolError(Code(e.code), e.message) from None
+    x, y, p, keep = adapter.apply(events.x, events.y, events.p)
+    t = events.t if keep is None else events.t[keep]
+    return Events(t=t, x=x, y=y, p=p), len(events) - int(t.shape[0])
+
+
 def prepare(events: Events, sensor: SensorSpec, last_t: int | None,
             tokens: np.ndarray | None = None, gaps: np.ndarray | None = None
             ) -> tuple[np.ndarray, np.ndarray]:
@@ -291,9 +300,79 @@ def prepare(events: Events, sensor: SensorSpec, last_t: int | None,
         tokens = tokenize(sensor, events.x, events.y, events.p, out=tokens)
         gaps = time_gaps(t, last_t, out=gaps)
     except EventError as e:
-        try:
-            code = Code(e.code)
-        except ValueError:  # a code the contract does not list: still a bad column
-            code = Code.INVALID_COLUMN
-        raise ProtocolError(code, e.message) from None
+        raise ProtocolError(e.code, e.message) from None
     return tokens, gaps
+
+
+# --- classify bodies -------------------------------------------------------------------------------
+@dataclass
+class ClassifyRequest:
+    """A decoded, validated classify body: ``tokens``/``gaps`` int32 [n_i] per stream."""
+
+    model: str
+    top_k: int
+    tokens: list[np.ndarray]
+    gaps: list[np.ndarray]
+    last_t: list[int | None]
+    events: int  # events decoded (before a declared crop)
+    cropped: list[int | None]  # per stream: events its declared crop removed (None: nothing declared)
+
+
+@dataclass(frozen=True)
+class ClassifyLimits:
+    max_streams: int
+    max_events: int
+    default_top_k: int
+
+
+def parse_classify(body: bytes, is_msgpack: bool, sensors: dict[str, SensorSpec], default_model: str | None,
+                   limits: ClassifyLimits) -> ClassifyRequest:
+    """Decode and validate a ``POST /v1/classify`` body. Raises :class:`ProtocolError`, whose
+    message names the stream at fault. Pure (big bodies are parsed in a worker process)."""
+    try:
+        data = msgpack.unpackb(body, raw=False) if is_msgpack else json.loads(body)
+    except Exception as e:
+        raise ProtocolError(Code.MALFORMED_FRAME,
+                            f"body is not valid {'msgpack' if is_msgpack else 'JSON'}: {e}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(Code.MALFORMED_FRAME, "body must be a map with a 'streams' array")
+    model = data.get("model", None)
+    if model is None:
+        model = default_model
+    elif not isinstance(model, str):
+        raise ProtocolError(Code.INVALID_FIELD, f"model must be a string, got {type(model).__name__}")
+    if model not in sensors:
+        raise ProtocolError(Code.UNKNOWN_MODEL, f"unknown model {shorten(model)}; served: {sorted(sensors)}")
+    streams = data.get("streams")
+    if not isinstance(streams, list):
+        raise ProtocolError(Code.INVALID_FIELD, "streams must be an array of {t, x, y?, p?} maps")
+    if len(streams) > limits.max_streams:
+        raise ProtocolError(Code.REQUEST_TOO_LARGE,
+                            f"{len(streams)} streams, more than the limit of {limits.max_streams}")
+    top_k = data.get("top_k", limits.default_top_k)
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 0 <= top_k <= 1000:
+        raise ProtocolError(Code.INVALID_FIELD, "top_k must be an integer in 0..1000")
+    sensor = sensors[model]
+    req = ClassifyRequest(model=model, top_k=top_k, tokens=[], gaps=[], last_t=[], events=0, cropped=[])
+    for i, stream in enumerate(streams):
+        try:
+            if not isinstance(stream, dict):
+                raise ProtocolError(Code.INVALID_FIELD, "a stream must be a map of columns")
+            # A stream's own sensor/transform override the request's.
+            declared = {k: stream[k] if k in stream else data.get(k) for k in ("sensor", "transform")}
+            geometry = parse_geometry(declared, sensor)
+            events = decode_events(stream, sensor if geometry is None else geometry.source,
+                                   limits.max_events)
+            req.events += len(events)
+            if req.events > limits.max_events:
+                raise ProtocolError(Code.REQUEST_TOO_LARGE,
+                                    f"more than {limits.max_events} events in one request")
+            events, removed = adapt(events, geometry)
+            tok, gap = prepare(events, sensor, None)
+        except ProtocolError as e:
+            raise ProtocolError(e.code, f"streams[{i}]: {e.message}") from None
+        req.tokens.append(tok)
+        req.gaps.append(gap)
+        req.last_t.append(int(events.t[-1]) if len(events) else None)
+        req.cropped.append(None if geometry is None else removed)
+    return req

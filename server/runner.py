@@ -26,9 +26,8 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
-from evssm.models.evaluate import softmax
 from evssm.models.events import PAD_TOKEN, SensorSpec
-from evssm.models.streaming import StreamingModel, load_model
+from evssm.models.streaming import StreamingModel, load_model, softmax
 
 from .plan import StepPlan, StepResult
 
@@ -99,7 +98,6 @@ class ModelRunner:
         self.classify_executor = ThreadPoolExecutor(1, thread_name_prefix=f"evssm-classify-{name}")
         with self._attributed():
             self.pool = model.init_state(num_slots)  # the sessions' states: row = slot
-        self.warm = False
 
     @property
     def info(self) -> dict[str, Any]:
@@ -137,7 +135,6 @@ class ModelRunner:
                 pad = np.full(b, self.num_slots, np.int32)
                 self.pool = self.model.zero_slots(self.pool, pad)
             jax.block_until_ready(self.pool)
-        self.warm = True
         return time.perf_counter() - t0
 
     # --- streaming (step thread) ---------------------------------------------------------------

@@ -36,10 +36,6 @@ class SlotPool:
         self._owner: dict[int, str] = {}
         self._dirty: set[int] = set()
 
-    @property
-    def used(self) -> int:
-        return len(self._owner)
-
     def allocate(self, owner: str) -> tuple[int, bool]:
         """A free slot for ``owner`` and whether it must be zeroed before use."""
         if not self._free:
@@ -64,9 +60,6 @@ class SlotPool:
     def is_dirty(self, slot: int) -> bool:
         return slot in self._dirty
 
-    def owner(self, slot: int) -> str | None:
-        return self._owner.get(slot)
-
 
 # --- work items ----------------------------------------------------------------------------------
 @dataclass(eq=False, slots=True)
@@ -84,6 +77,8 @@ class Packet:
     last_t: int | None  # the session's last timestamp once this packet is in
     received: float  # perf_counter() when its frame arrived
     reply: Any
+    cropped_after: int | None = None  # the session's cropped count once this packet is in (None:
+    # no source sensor declared)
 
 
 @dataclass(eq=False, slots=True)
@@ -130,10 +125,18 @@ class Session:
     last_active: float = field(default_factory=time.monotonic)
     closing: bool = False  # close requested, evicted or failed: no new items
     released: bool = False  # written by SessionTable.release only
+    geometry: Any = None  # the declared source's adapter (evssm.models.geometry.Adapter) or None
+    cropped: int = 0  # events the declared crop removed since the session's start or last reset
+    owner: str | None = None  # who holds it, for per-client caps: API key id or client address
+    key_id: str | None = None  # the API key that opened it; only that key may resume it
 
 
 class ServerFull(Exception):
     pass
+
+
+class ClientFull(ServerFull):
+    """One client (API key, or address without keys) holds its maximum of sessions."""
 
 
 class SessionTable:
@@ -144,12 +147,10 @@ class SessionTable:
         self.pools = {name: SlotPool(n) for name, n in slots_per_model.items()}
         self.sessions: dict[str, Session] = {}
         self._by_token: dict[str, Session] = {}
+        self._by_owner: dict[str, int] = {}  # live sessions per owner
 
     def __len__(self) -> int:
         return len(self.sessions)
-
-    def count(self, model: str) -> int:
-        return sum(1 for s in self.sessions.values() if s.model == model)
 
     def counts(self) -> dict[str, int]:
         out = {name: 0 for name in self.pools}
@@ -157,8 +158,10 @@ class SessionTable:
             out[s.model] += 1
         return out
 
-    def open(self, model: str, top_k: int) -> Session:
-        """A new session with a slot; raises :class:`ServerFull` at ``max_sessions``.
+    def open(self, model: str, top_k: int, *, owner: str | None = None, owner_limit: int | None = None,
+             key_id: str | None = None) -> Session:
+        """A new session with a slot; raises :class:`ServerFull` at ``max_sessions`` and
+        :class:`ClientFull` when ``owner`` holds ``owner_limit`` sessions already.
 
         When the slot is dirty (``session.dirty``), the scheduler zeroes it before the session's
         first step.
@@ -166,12 +169,16 @@ class SessionTable:
         pool = self.pools[model]
         if len(self.sessions) >= self.max_sessions or not pool._free:
             raise ServerFull(f"the server holds its maximum of {self.max_sessions} sessions")
+        if owner is not None and owner_limit is not None and self._by_owner.get(owner, 0) >= owner_limit:
+            raise ClientFull(f"this client holds its maximum of {owner_limit} sessions")
         sid = secrets.token_hex(8)
         while sid in self.sessions:
             sid = secrets.token_hex(8)
         slot, dirty = pool.allocate(sid)
         session = Session(id=sid, token=secrets.token_urlsafe(24), model=model, slot=slot,
-                          top_k=top_k, dirty=dirty)
+                          top_k=top_k, dirty=dirty, owner=owner, key_id=key_id)
+        if owner is not None:
+            self._by_owner[owner] = self._by_owner.get(owner, 0) + 1
         self.sessions[sid] = session
         self._by_token[session.token] = session
         return session
@@ -196,3 +203,7 @@ class SessionTable:
         session.attachment = None
         self.sessions.pop(session.id, None)
         self._by_token.pop(session.token, None)
+        if session.owner is not None:
+            left = self._by_owner.pop(session.owner, 1) - 1
+            if left:
+                self._by_owner[session.owner] = left

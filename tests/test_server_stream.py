@@ -26,7 +26,7 @@ from evssm.server.settings import Settings
 CHANNELS = 700
 BASE = Settings(batch_buckets=(8,), length_buckets=(128,), classify_length_buckets=(1024,),
                 slots_per_model=64, max_sessions=64, max_packet_events=2048, batch_wait_ms=2.0,
-                max_classify_events=50_000, session_idle_timeout=60.0)
+                max_classify_events=50_000, session_idle_timeout=60.0, max_sessions_per_client=64)
 
 
 @pytest.fixture(scope="module")
@@ -604,6 +604,31 @@ def test_models_health_stats_metrics_dashboard(server):
         assert "html" in r.headers["content-type"]
     else:
         assert r.status_code == 404 and r.json()["error"] == "not_found"
+
+
+def test_stats_history_serves_the_recent_past(server):
+    """The live page draws the server's last minutes at once: one /v1/stats sample per second."""
+    h = server.http
+    rng = np.random.default_rng(9)
+    t, x = recording(rng, 256)
+    body = {"streams": [{"t": t.tolist(), "x": x.tolist()}]}
+    assert httpx.post(f"{h}/v1/classify", json=body, timeout=60).status_code == 200
+    deadline = time.monotonic() + 20
+    while True:  # the sampler records once a second; wait for samples on both sides of the request
+        history = httpx.get(f"{h}/v1/stats/history").json()
+        samples = history["samples"]
+        if samples and samples[-1]["events_total"] == 256 and len(samples) >= 3:
+            break
+        assert time.monotonic() < deadline, history
+        time.sleep(0.2)
+    assert history["interval_s"] == 1.0 and history["window_s"] == 900
+    times = [s["time"] for s in samples]
+    assert times == sorted(times) and 0.5 < (times[-1] - times[0]) / (len(times) - 1) < 2.0
+    assert samples[0]["models"]["tiny"]["events_total"] <= 256  # the past, not a copy of now
+    for key in ("events_per_s", "latency_p50_ms", "latency_p99_ms", "sessions_active", "models"):
+        assert key in samples[-1], key
+    page = httpx.get(f"{h}/dashboard")
+    assert page.status_code == 200 and "/history" in page.text
 
 
 def test_drain_answers_in_flight_packets_then_closes(server):
