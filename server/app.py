@@ -75,6 +75,7 @@ def public_info(info: dict[str, Any]) -> dict[str, Any]:
 
 
 # --- WebSocket connections -------------------------------------------------------------------
+FRAMES_PER_TURN = 16  # frames one connection handles before it lets the event loop run others
 class _Resume:
     """Awaitable that finishes a coroutine which has already yielded ``pending`` to its caller
     (see :func:`_send_eagerly`): it hands ``pending`` on to the task awaiting it, and forwards
@@ -496,8 +497,15 @@ async def _serve_stream(ws: WebSocket, engine: Engine, settings: Settings, metri
         if engine.draining:
             handler.reject(Code.DRAINING, "the server is shutting down; reconnect later", None, True)
             conn.close_after_flush(CLOSE_SERVICE_RESTART, "draining")
+        handled = 0
         while True:
             await conn.wait_room()  # backpressure: every queued reply counts
+            handled += 1
+            if handled % FRAMES_PER_TURN == 0:
+                # Fairness: frames already queued are read, and most replies sent, without the
+                # loop suspending, so a client that floods small frames would hold the event loop
+                # for as long as its backlog lasts (other connections, /healthz). Let them in.
+                await asyncio.sleep(0)
             message = await ws.receive()
             if message["type"] == "websocket.disconnect":
                 break
