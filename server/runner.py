@@ -27,6 +27,8 @@ from evssm.models.evaluate import softmax
 from evssm.models.events import PAD_TOKEN, SensorSpec
 from evssm.models.streaming import StreamingModel, load_model
 
+from .snapshots import weights_fingerprint
+
 log = logging.getLogger("evssm.server.runner")
 
 _BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -96,6 +98,10 @@ class ModelRunner:
         with self._attributed():
             self.pool = model.init_state(num_slots)  # the sessions' states: row = slot
         self.warm = False
+        config = {k: v for k, v in self.config.to_dict().items() if k != "name"}
+        self.fingerprint = weights_fingerprint(
+            ((jax.tree_util.keystr(path), np.asarray(leaf))
+             for path, leaf in jax.tree_util.tree_leaves_with_path(model.variables)), config)
 
     @property
     def info(self) -> dict[str, Any]:
@@ -129,9 +135,11 @@ class ModelRunner:
                                pool_size=self.num_slots, classify=False)
             for L, batches in self.classify_shapes.items():
                 self.model.compile(list(batches), [L], classify=True)
-            for b in self.batch_buckets:  # zero_slots on all-padding rows: compiles, changes nothing
+            for b in self.batch_buckets:  # all-padding rows: compiles, changes nothing
                 pad = np.full(b, self.num_slots, np.int32)
                 self.pool = self.model.zero_slots(self.pool, pad)
+                self.model.read_slots(self.pool, pad)
+                self.pool = self.model.write_slots(self.pool, pad, np.zeros((b, self.model.layout.words), np.int32))
             jax.block_until_ready(self.pool)
         self.warm = True
         return time.perf_counter() - t0
@@ -174,6 +182,34 @@ class ModelRunner:
                 pad = np.full(bucket(len(part), self.batch_buckets), self.num_slots, np.int32)
                 pad[:len(part)] = part
                 self.pool = self.model.zero_slots(self.pool, pad)
+            jax.block_until_ready(self.pool)
+
+    def read_rows(self, slots: np.ndarray) -> np.ndarray:
+        """A copy of state rows ``slots`` int32 [K]: int32 [K, words] (step thread, between
+        steps; in groups of at most the largest batch bucket, so no new shape compiles)."""
+        out = np.empty((len(slots), self.model.layout.words), np.int32)
+        with self._attributed():
+            for i in range(0, len(slots), self.max_batch):
+                part = slots[i:i + self.max_batch]
+                pad = np.full(bucket(len(part), self.batch_buckets), self.num_slots, np.int32)
+                pad[:len(part)] = part
+                out[i:i + len(part)] = self.model.read_slots(self.pool, pad)[:len(part)]
+        return out
+
+    def write_rows(self, slots: np.ndarray, rows: np.ndarray) -> None:
+        """Set state rows ``slots`` int32 [K] to ``rows`` int32 [K, words] (step thread)."""
+        if rows.shape != (len(slots), self.model.layout.words):
+            raise ValueError(f"rows of shape {rows.shape}; the pool's rows are "
+                             f"{self.model.layout.words} words")
+        with self._attributed():
+            for i in range(0, len(slots), self.max_batch):
+                part = slots[i:i + self.max_batch]
+                b = bucket(len(part), self.batch_buckets)
+                pad = np.full(b, self.num_slots, np.int32)
+                pad[:len(part)] = part
+                block = np.zeros((b, rows.shape[1]), np.int32)
+                block[:len(part)] = rows[i:i + len(part)]
+                self.pool = self.model.write_slots(self.pool, pad, block)
             jax.block_until_ready(self.pool)
 
     def recover(self) -> bool:
