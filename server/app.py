@@ -29,8 +29,10 @@ from .metrics import Metrics
 from .protocol import (CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER, MSGPACK, MSGPACK_TYPES, Code,
                        ProtocolError, decode_events, decode_frame, encode_frame, error_frame, frame_type,
                        parse_open, parse_seq, prepare)
+from .durability import SnapshotIncompatible
 from .sessions import Close, Packet, Reset, ServerFull, Session
 from .settings import Settings
+from .snapshots import StoreUnavailable
 
 if TYPE_CHECKING:
     from evssm.models.streaming import StreamingModel
@@ -165,7 +167,7 @@ class StreamHandler:
             if kind == "events":
                 await self._events(msg, seq, binary, received)
             elif kind == "open":
-                self._open(msg, binary)
+                await self._open(msg, binary)
             elif kind == "reset":
                 self._reset(binary)
             else:
@@ -183,7 +185,7 @@ class StreamHandler:
             raise ProtocolError(Code.NO_SESSION, "no open session on this connection: send open first")
         return session
 
-    def _open(self, msg: dict[str, Any], binary: bool) -> None:
+    async def _open(self, msg: dict[str, Any], binary: bool) -> None:
         engine, conn = self.engine, self.conn
         req = parse_open(msg, self.settings.default_top_k)
         if conn.session is not None and not conn.session.closing:
@@ -199,8 +201,22 @@ class StreamHandler:
             conn.close_after_flush(CLOSE_TRY_AGAIN_LATER, "not ready")
             return
         resumed = req.resume is not None
+        restored = False
         if resumed:
             session = engine.resume(req.resume)
+            if session is None:  # not live here: perhaps a snapshot of it is (restart, other replica)
+                try:
+                    session = await engine.restore(req.resume)
+                except SnapshotIncompatible as e:
+                    raise ProtocolError(Code.SNAPSHOT_INCOMPATIBLE, str(e)) from None
+                except StoreUnavailable as e:
+                    self.reject(Code.STORE_UNAVAILABLE, f"{e}; retry shortly", None, binary)
+                    return
+                except ServerFull as e:
+                    self.reject(Code.SERVER_FULL, f"{e}; retry later", None, binary)
+                    conn.close_after_flush(CLOSE_TRY_AGAIN_LATER, "server full")
+                    return
+                restored = session is not None
             if session is None:
                 raise ProtocolError(Code.UNKNOWN_SESSION, "no live session has this resume token "
                                     "(it was closed, or evicted after the idle timeout)")
@@ -229,8 +245,9 @@ class StreamHandler:
         session.last_active = time.monotonic()
         conn.session = session
         conn.send({"type": "opened", "session": session.id, "resume": session.token,
-                   "resumed": resumed, "events": session.events, "t": session.last_t,
-                   "top_k": session.top_k, "model": engine.runners[session.model].info}, binary)
+                   "resumed": resumed, "restored": restored, "events": session.events,
+                   "t": session.last_t, "durable": session.durable, "top_k": session.top_k,
+                   "model": engine.runners[session.model].info}, binary)
 
     async def _events(self, msg: dict[str, Any], seq: int | None, binary: bool, received: float) -> None:
         conn = self.conn

@@ -5,7 +5,8 @@ Every option can also be set with an ``EVSSM_*`` environment variable (``--max-s
 wins over the environment. With no model the project's default model is served.
 
 SIGTERM (or Ctrl-C) drains: new sessions are refused, packets already received are finished and
-answered, then every WebSocket is closed with 1001 and the process exits 0. A second Ctrl-C exits
+answered, every session is snapshotted (with --state-dir or --state-store), then every WebSocket
+is closed with 1001 and the process exits 0. A second Ctrl-C exits
 at once; a repeated SIGTERM is ignored (the drain is bounded by --drain-timeout).
 """
 
@@ -48,6 +49,12 @@ _OPTIONS: list[tuple[str, str, str]] = [
     ("--drain-timeout", "drain_timeout", "seconds a SIGTERM drain waits for in-flight packets"),
     ("--backend", "backend", "streaming step: native (C++ kernel, CPU only; built on first use), "
                              "xla, or auto (native where it builds)"),
+    ("--state-dir", "state_dir", "keep session snapshots in this directory: a restarted server "
+                                 "resumes its sessions (one server per directory)"),
+    ("--state-store", "state_store", "keep session snapshots in Redis, redis://HOST:PORT/DB: "
+                                     "replicas sharing it resume each other's sessions"),
+    ("--snapshot-interval", "snapshot_interval", "seconds between snapshots of the sessions that "
+                                                 "changed (all are written on SIGTERM)"),
 ]
 
 

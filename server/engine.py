@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import secrets
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -18,12 +19,14 @@ import numpy as np
 from .metrics import Metrics
 from .protocol import CLOSE_GOING_AWAY, Code, error_frame
 from .scheduler import Scheduler
-from .sessions import Item, Session, SessionTable
+from .sessions import Item, Restore, Session, SessionTable
 from .settings import ModelSpec, Settings
+from .snapshots import SnapshotStore, open_store, token_key
 
 if TYPE_CHECKING:  # the runner imports JAX; the API layer must not
     from evssm.models.streaming import StreamingModel
 
+    from .durability import Durability
     from .runner import ModelRunner
 
 log = logging.getLogger("evssm.server.engine")
@@ -57,6 +60,8 @@ class Engine:
         self.ready_after_s: float | None = None
         self._tasks: list[asyncio.Task] = []
         self._drained = asyncio.Event()
+        self.durability: Durability | None = None  # session snapshots (--state-dir/--state-store)
+        self._restoring: dict[str, asyncio.Future] = {}  # token key -> a restore in progress
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -67,6 +72,11 @@ class Engine:
         loop = asyncio.get_running_loop()
         s = self.settings
         try:
+            store = None
+            if s.snapshots:  # before the models: a locked or unusable store fails fast
+                store = await loop.run_in_executor(None, functools.partial(
+                    open_store, state_dir=s.state_dir, state_store=s.state_store, ttl_s=s.snapshot_ttl,
+                    owner=secrets.token_hex(8)))
             from . import runner as runner_mod  # JAX is imported here, off the API layer's path
 
             slots = s.slots_per_model or s.max_sessions
@@ -94,6 +104,8 @@ class Engine:
                          compile_s, runner.compilations, runner.model.backend, runner.state_bytes,
                          slots)
             self.table = SessionTable(s.max_sessions, {n: r.num_slots for n, r in self.runners.items()})
+            if store is not None:
+                self._start_durability(store)
             for name, runner in self.runners.items():
                 sched = Scheduler(runner, self.table, self.metrics, s.batch_wait_ms / 1000.0, self._released)
                 sched.start()
@@ -109,10 +121,20 @@ class Engine:
             self.load_error = f"{type(e).__name__}: {e}"
             log.exception("loading models failed")
 
+    def _start_durability(self, store: SnapshotStore) -> None:
+        from .durability import Durability
+
+        assert self.table is not None
+        self.durability = Durability(store, dict(self.runners), self.table, self.metrics,
+                                     self.settings.snapshot_interval, self._taken_over)
+        self.durability.start()
+
     async def stop(self) -> None:
         """Stop schedulers and background tasks (after a drain, or abruptly)."""
         for sched in self.schedulers.values():
             await sched.stop()
+        if self.durability is not None:
+            await self.durability.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -129,6 +151,7 @@ class Engine:
         """A new session of ``model`` (raises ``sessions.ServerFull``)."""
         assert self.table is not None
         session = self.table.open(model, top_k)
+        session.durable = 0 if self.durability is not None else None
         self.schedulers[model].add(session)
         self.metrics.sessions_active.labels(model=model).inc()
         self.metrics.sessions_opened.labels(model=model).inc()
@@ -137,11 +160,53 @@ class Engine:
     def resume(self, token: str) -> Session | None:
         return None if self.table is None else self.table.by_token(token)
 
+    async def restore(self, token: str) -> Session | None:
+        """The session of ``token`` restored from its snapshot, for a token this server does not
+        hold (None: no snapshot, or snapshots are off). Raises ``sessions.ServerFull``,
+        ``durability.SnapshotIncompatible`` or ``snapshots.StoreUnavailable``."""
+        if self.durability is None or self.table is None or self.table.knows(token):
+            return None
+        key = token_key(token)
+        if key in self._restoring:  # another connection is restoring it: share the outcome
+            await asyncio.shield(self._restoring[key])
+            return self.table.by_token(token)
+        done = asyncio.get_running_loop().create_future()
+        self._restoring[key] = done
+        try:
+            found = await self.durability.lookup(token)
+            if found is None or self.table.knows(token):
+                return None
+            rec, blob = found
+            session = self.table.restore(rec.model, rec.top_k, rec.session, token)
+            session.events, session.last_t = rec.events, rec.last_t  # the next packet's baseline
+            session.queue.append(Restore(row=rec.row, events=rec.events, last_t=rec.last_t, probs=rec.probs))
+            self.schedulers[rec.model].add(session)
+            self.metrics.sessions_active.labels(model=rec.model).inc()
+            self.durability.adopt(session, rec, blob)
+            log.info("session %s of %s restored from its snapshot at %d events", session.id, rec.model,
+                     rec.events)
+            return session
+        finally:
+            del self._restoring[key]
+            done.set_result(None)
+
     def submit(self, session: Session, item: Item) -> None:
         self.schedulers[session.model].submit(session, item)
 
     def _released(self, session: Session) -> None:
         self.metrics.sessions_active.labels(model=session.model).dec()
+        if self.durability is not None:
+            self.durability.forget(session)
+
+    def _taken_over(self, session: Session) -> None:
+        """Another server restored this session from the shared store: end it here."""
+        if session.released or session.closing:
+            return
+        session.closing = True
+        if session.attachment is not None:
+            session.attachment.detach(session, error_frame(
+                Code.SESSION_RESUMED_ELSEWHERE, f"session {session.id} was resumed on another server"))
+        self.schedulers[session.model].release_if_done(session)
 
     def sessions_by_model(self) -> dict[str, int]:
         if self.table is None:
@@ -196,6 +261,12 @@ class Engine:
         while self.pending and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         finished = not self.pending
+        if self.durability is not None:  # every session, before its client is told to go
+            try:
+                await asyncio.wait_for(self._snapshot_all(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                finished = False
+                log.error("drain: the snapshots did not finish within the drain timeout")
         for conn in list(self.connections):
             conn.close_after_flush(CLOSE_GOING_AWAY, "server shutting down")
         while self.connections and time.monotonic() < deadline:
@@ -203,3 +274,10 @@ class Engine:
         self._drained.set()
         log.info("drained: %s", "clean" if finished and not self.connections else "timed out")
         return finished and not self.connections
+
+    async def _snapshot_all(self) -> None:
+        assert self.durability is not None
+        t0 = time.perf_counter()
+        n = await self.durability.snapshot(everything=True)
+        await self.durability.flush()
+        log.info("drain: %d session snapshots written in %.2f s", n, time.perf_counter() - t0)

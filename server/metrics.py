@@ -88,6 +88,17 @@ class Metrics:
                                  registry=r)
         self.slots = Gauge("evssm_slots", "Session slots allocated on the device.", m, registry=r)
         self.ready = Gauge("evssm_ready", "1 when every model is loaded and every bucket compiled.", registry=r)
+        # Session snapshots (--state-dir / --state-store).
+        self.snapshots_written = Counter("evssm_snapshots_written_total", "Session snapshots written.", m,
+                                         registry=r)
+        self.snapshot_write_seconds = Histogram(
+            "evssm_snapshot_write_seconds", "Time to encode and write one batch of snapshots (writer thread).",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.sessions_restored = Counter("evssm_sessions_restored_total",
+                                         "Sessions restored from a snapshot by resume token.", m, registry=r)
+        self.snapshot_failures = Counter(
+            "evssm_snapshot_failures_total", "Snapshots not written or not restored, by reason "
+            "(store_error, corrupt, incompatible, taken_over).", ["reason"], registry=r)
         self._lock = threading.Lock()
         self._windows: dict[str, _Window] = {}
         self._events_by_model: dict[str, int] = {}
@@ -97,7 +108,8 @@ class Metrics:
         """Create the labelled series of a model so they show as 0 before traffic."""
         for metric in (self.events, self.packets, self.compilations, self.sessions_opened,
                        self.sessions_resumed, self.sessions_evicted, self.steps, self.classify_streams,
-                       self.packet_latency, self.step_latency, self.batch_size, self.queue_wait):
+                       self.packet_latency, self.step_latency, self.batch_size, self.queue_wait,
+                       self.snapshots_written, self.sessions_restored):
             metric.labels(model=model)
         self.sessions_active.labels(model=model).set(0)
         self.queue_depth.labels(model=model).set(0)

@@ -5,7 +5,8 @@ One scheduler per model runs as an asyncio task. Whenever sessions have work que
 1. waits a few milliseconds for company if fewer than the largest batch bucket are ready and other
    attached sessions of the model could still send (a lone session never waits);
 2. runs the control items at the heads of the queues (``Reset`` -> one batched zeroing of rows on
-   the device, ``Close``, empty packets that only need the last answer);
+   the device, ``Restore`` -> one batched write of snapshot rows, ``Close``, empty packets that
+   only need the last answer);
 3. takes the next chunk (at most the largest length bucket) of up to ``max_batch`` sessions'
    head packets and runs one step over all of them on the runner's thread; the state stays on the
    device (the runner donates it);
@@ -29,7 +30,7 @@ import numpy as np
 
 from .metrics import Metrics
 from .protocol import Code, error_frame
-from .sessions import Close, Item, Packet, Reset, Session, SessionTable, SlotError
+from .sessions import Close, Item, Packet, Reset, Restore, Session, SessionTable, SlotError
 
 log = logging.getLogger("evssm.server.scheduler")
 
@@ -53,20 +54,29 @@ class StepRunner(Protocol):
         """Zero the state rows ``slots`` int32 [K]."""
         ...
 
+    def write_rows(self, slots: np.ndarray, rows: np.ndarray) -> None:
+        """Set the state rows ``slots`` int32 [K] to ``rows`` int32 [K, words]."""
+        ...
+
     def recover(self) -> bool:
         """After a failed device call: re-create the pool if the call consumed it (True)."""
         ...
 
 
 def result_frame(seq: int | None, events: int, t: int | None, probs: np.ndarray | None,
-                 labels: tuple[str, ...], top_k: int) -> dict[str, Any]:
-    """The ``result`` frame of a packet (``probs`` None: no complete final-rate window yet)."""
+                 labels: tuple[str, ...], top_k: int, durable: int | None = None) -> dict[str, Any]:
+    """The ``result`` frame of a packet (``probs`` None: no complete final-rate window yet;
+    ``durable`` None: the server keeps no snapshots, and the frame has no ``durable``)."""
     if probs is None:
-        return {"type": "result", "seq": seq, "events": events, "t": t, "probs": None, "top": []}
-    k = min(top_k, probs.shape[0])
-    order = np.argsort(-probs, kind="stable")[:k]
-    return {"type": "result", "seq": seq, "events": events, "t": t, "probs": probs.tolist(),
-            "top": [[labels[i], float(probs[i])] for i in order]}
+        frame = {"type": "result", "seq": seq, "events": events, "t": t, "probs": None, "top": []}
+    else:
+        k = min(top_k, probs.shape[0])
+        order = np.argsort(-probs, kind="stable")[:k]
+        frame = {"type": "result", "seq": seq, "events": events, "t": t, "probs": probs.tolist(),
+                 "top": [[labels[i], float(probs[i])] for i in order]}
+    if durable is not None:
+        frame["durable"] = durable
+    return frame
 
 
 def _resolve(fut: asyncio.Future | None, frame: dict[str, Any]) -> None:
@@ -149,10 +159,12 @@ class Scheduler:
                 continue
             try:
                 await self._wait_for_company()
-                zero, batch = self._plan()
+                zero, restore, batch = self._plan()
                 if zero:
                     await self._zero(zero)
-                    batch = [s for s in batch if not s.released]  # a failed zeroing ends sessions
+                if restore:
+                    await self._restore(restore)
+                batch = [s for s in batch if not s.released]  # a failed zeroing ends sessions
                 if batch:
                     await self._step(batch)
             except asyncio.CancelledError:
@@ -185,10 +197,11 @@ class Scheduler:
             except TimeoutError:
                 return
 
-    def _plan(self) -> tuple[list[Session], list[Session]]:
-        """Answer the cheap heads (close, empty packets); split the rest into rows to zero and
-        sessions to step. Sessions beyond a full batch stay first in line."""
+    def _plan(self) -> tuple[list[Session], list[Session], list[Session]]:
+        """Answer the cheap heads (close, empty packets); split the rest into rows to zero, rows
+        to restore and sessions to step. Sessions beyond a full batch stay first in line."""
         zero: list[Session] = []
+        restore: list[Session] = []
         batch: list[Session] = []
         leftover: list[Session] = []
         for _ in range(len(self._ready)):
@@ -201,6 +214,8 @@ class Scheduler:
             head = s.queue[0]
             if isinstance(head, Reset):
                 zero.append(s)
+            elif isinstance(head, Restore):
+                restore.append(s)
             elif len(batch) < self.runner.max_batch:
                 if self.pool.is_dirty(s.slot):  # a dirty slot is always zeroed first (sessions.py)
                     raise SlotError(f"session {s.id} would step dirty slot {s.slot}")
@@ -210,9 +225,9 @@ class Scheduler:
         for s in reversed(leftover):
             s.queued = True
             self._ready.appendleft(s)
-        for s in zero + batch:
+        for s in zero + restore + batch:
             s.in_step = True
-        return zero, batch
+        return zero, restore, batch
 
     def _run_cheap_heads(self, s: Session) -> None:
         """Answer head items that need no device work: empty packets and close."""
@@ -222,7 +237,7 @@ class Scheduler:
                 s.queue.popleft()
                 self.metrics.queue_depth.labels(model=self.model).dec()
                 _resolve(head.reply, result_frame(head.seq, s.done_events, s.done_t, s.probs,
-                                                  self.runner.labels, s.top_k))
+                                                  self.runner.labels, s.top_k, s.durable))
             elif isinstance(head, Close):
                 s.queue.popleft()
                 s.closing = True
@@ -245,7 +260,31 @@ class Scheduler:
             assert isinstance(item, Reset)
             self.pool.zeroed(s.slot)
             s.probs, s.done_events, s.done_t = None, 0, None
+            s.version += 1
+            s.epoch += 1  # a new stream: no snapshot covers it yet beyond its start
+            if s.durable is not None:
+                s.durable = 0
             _resolve(item.reply, {"type": "reset_done", "session": s.id, "events": 0})
+            self._after(s)
+
+    async def _restore(self, sessions: list[Session]) -> None:
+        """Write restored sessions' snapshot rows into their slots (one device call)."""
+        items = [s.queue[0] for s in sessions]
+        assert all(isinstance(item, Restore) for item in items)
+        slots = np.array([s.slot for s in sessions], np.int32)
+        rows = np.stack([item.row for item in items])  # type: ignore[union-attr]
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self.runner.executor, self.runner.write_rows, slots, rows)
+        except Exception as e:
+            log.exception("scheduler %s: restoring slots failed", self.model)
+            self._fail(sessions, e)
+            return
+        for s, item in zip(sessions, items):
+            s.in_step = False
+            s.queue.popleft()
+            self.pool.zeroed(s.slot)  # the whole row is written: the slot is clean
+            s.probs, s.done_events, s.done_t = item.probs, item.events, item.last_t  # type: ignore[union-attr]
             self._after(s)
 
     async def _step(self, batch: list[Session]) -> None:
@@ -286,8 +325,9 @@ class Scheduler:
                 self.metrics.queue_depth.labels(model=self.model).dec()
                 s.probs = probs[i] if ready[i] else None
                 s.done_events, s.done_t = p.events_after, p.last_t
+                s.version += 1
                 _resolve(p.reply, result_frame(p.seq, s.done_events, s.done_t, s.probs,
-                                               self.runner.labels, s.top_k))
+                                               self.runner.labels, s.top_k, s.durable))
             self._after(s)
 
     def _after(self, s: Session) -> None:

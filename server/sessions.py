@@ -11,7 +11,8 @@ Slot lifecycle, the invariants the engine relies on:
 - a slot is freed exactly once, by its owner, and only when the owner has no queued or running
   work (``SlotPool.free`` raises on a double or foreign free);
 - a freed slot is *dirty* until zeroed: a session that receives a dirty slot starts with a
-  ``Zero`` item, so the device zeroes the row before the session's first step.
+  ``Zero`` item, so the device zeroes the row before the session's first step (a session restored
+  from a snapshot starts with a ``Restore`` item instead, which overwrites the whole row).
 """
 
 from __future__ import annotations
@@ -108,7 +109,19 @@ class Close:
     reply: asyncio.Future | None
 
 
-Item = Packet | Reset | Close
+@dataclass(eq=False)
+class Restore:
+    """Write a snapshot's state row into the session's slot (the first item of a session restored
+    from a snapshot). ``row`` int32 [words]; ``probs`` float32 [C] or None; ``events``/``last_t``
+    what the row covers."""
+
+    row: np.ndarray
+    events: int
+    last_t: int | None
+    probs: np.ndarray | None
+
+
+Item = Packet | Reset | Close | Restore
 
 
 class Attachment(Protocol):
@@ -138,11 +151,33 @@ class Session:
     last_active: float = field(default_factory=time.monotonic)
     closing: bool = False  # close requested or evicted: no new items
     released: bool = False
+    # Snapshots (durability.py). ``version`` counts changes of the row and the done_* fields (a
+    # processed packet, a reset, a restore); ``epoch`` counts resets applied; ``durable`` is the
+    # event count of the current epoch covered by the last completed snapshot write (None: this
+    # server keeps no snapshots). ``snap_version``/``snap_active``: what that write covered.
+    version: int = 0
+    epoch: int = 0
+    durable: int | None = None
+    snap_version: int = -1
+    snap_active: float = 0.0
 
     @property
     def idle(self) -> bool:
         """No queued or running work."""
         return not self.queue and not self.in_step
+
+    @property
+    def settled(self) -> bool:
+        """The slot's row is exactly the state after ``done_events``: no device call of this
+        session is running or awaiting its results, no packet is half stepped, and no restore is
+        pending. Only then may the row be read for a snapshot (on the step thread, whose FIFO
+        order puts the read before any step planned later)."""
+        if self.in_step:
+            return False
+        if not self.queue:
+            return True
+        head = self.queue[0]
+        return not (isinstance(head, Restore) or (isinstance(head, Packet) and head.started))
 
 
 class ServerFull(Exception):
@@ -188,6 +223,24 @@ class SessionTable:
         self.sessions[sid] = session
         self._by_token[session.token] = session
         return session
+
+    def restore(self, model: str, top_k: int, sid: str, token: str) -> Session:
+        """A session restored from a snapshot: the same id (unless a live session has it) and
+        token, a slot (dirty or not: the restore writes the whole row); raises ServerFull."""
+        pool = self.pools[model]
+        if len(self.sessions) >= self.max_sessions or not pool._free:
+            raise ServerFull(f"the server holds its maximum of {self.max_sessions} sessions")
+        while sid in self.sessions:
+            sid = secrets.token_hex(8)
+        slot, _ = pool.allocate(sid)
+        session = Session(id=sid, token=token, model=model, slot=slot, top_k=top_k)
+        self.sessions[sid] = session
+        self._by_token[token] = session
+        return session
+
+    def knows(self, token: str) -> bool:
+        """A session (live, or closing and not yet released) holds this token."""
+        return token in self._by_token
 
     def by_token(self, token: str) -> Session | None:
         session = self._by_token.get(token)

@@ -76,6 +76,10 @@ class Settings:
     default_top_k: int = 3
     drain_timeout: float = 30.0  # seconds a SIGTERM drain waits for in-flight packets
     backend: str = "auto"  # streaming step: native (C++ kernel, CPU), xla, or auto
+    # Session snapshots (at most one store): a directory, or redis://HOST:PORT/DB shared by replicas.
+    state_dir: str | None = None
+    state_store: str | None = None
+    snapshot_interval: float = 5.0  # seconds between snapshots of the sessions that changed
 
     def __post_init__(self) -> None:
         def check(ok: bool, msg: str) -> None:
@@ -96,6 +100,11 @@ class Settings:
               f"not {self.backend!r}")
         check(self.classify_batch_events >= max(self.length_buckets),
               "classify_batch_events must be >= the largest length bucket")
+        check(not (self.state_dir and self.state_store),
+              "give state_dir (snapshots on disk) or state_store (Redis), not both")
+        check(not self.state_store or self.state_store.split("://", 1)[0] in ("redis", "rediss", "unix"),
+              f"state_store must be a redis://, rediss:// or unix:// URL, not {self.state_store!r}")
+        check(self.snapshot_interval > 0, "snapshot_interval must be > 0")
         names = [m.name for m in self.models if m.name is not None]
         check(len(names) == len(set(names)), f"model names must be unique, got {names}")
 
@@ -103,6 +112,17 @@ class Settings:
     def max_length(self) -> int:
         """Events one session contributes to one step (longer packets take several steps)."""
         return max(self.length_buckets)
+
+    @property
+    def snapshots(self) -> bool:
+        """Session snapshots are kept (a state dir or store is set)."""
+        return bool(self.state_dir or self.state_store)
+
+    @property
+    def snapshot_ttl(self) -> float:
+        """Seconds a snapshot outlives its last write: the idle timeout, plus room for the write
+        to trail the session's last activity by up to two intervals."""
+        return self.session_idle_timeout + 2 * self.snapshot_interval
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -126,9 +146,9 @@ class Settings:
         return cls(**values)
 
 
-_FLOATS = {"session_idle_timeout", "batch_wait_ms", "drain_timeout"}
+_FLOATS = {"session_idle_timeout", "batch_wait_ms", "drain_timeout", "snapshot_interval"}
 _INT_TUPLES = {"batch_buckets", "length_buckets", "classify_length_buckets"}
-_STRINGS = {"host", "log_level", "backend"}
+_STRINGS = {"host", "log_level", "backend", "state_dir", "state_store"}
 
 
 def _convert(name: str, raw: Any) -> Any:
