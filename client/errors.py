@@ -60,9 +60,9 @@ _CODE_CLASSES: dict[str, type[ServerError]] = {
         InvalidEvents),
     "unknown_model": UnknownModel,
     "server_full": ServerFull,
-    **dict.fromkeys(("not_ready", "draining"), ServerUnavailable),
+    **dict.fromkeys(("not_ready", "draining", "store_unavailable"), ServerUnavailable),
     **dict.fromkeys(("unknown_session", "session_expired", "session_resumed_elsewhere",
-                     "resume_mismatch"), SessionExpired),
+                     "resume_mismatch", "snapshot_incompatible"), SessionExpired),
 }
 
 
