@@ -836,6 +836,19 @@ class StreamSession:
     def reconnects(self) -> int:
         return self._session.reconnects if self._session else 0
 
+    @property
+    def resumes(self) -> list[Resume]:
+        """Every re-attachment after a dropped connection (see :class:`Resume`)."""
+        return list(self._session.resumes) if self._session else []
+
+    @property
+    def durable(self) -> int | None:
+        return self._session.durable if self._session else None
+
+    @property
+    def replay_events(self) -> int:
+        return self._session.replay_events if self._session else 0
+
     def open(self) -> SessionInfo:
         """Start the loop thread, connect and open the session."""
         if self._loop is None:

@@ -12,8 +12,10 @@ What runs where:
   probabilities, version), and applies finished writes (``Session.durable``);
 - each model's step thread reads the picked sessions' state rows between steps. It is the only
   thread that touches the pool, and it runs jobs in the order they were submitted, so a read
-  submitted right after the capture sees exactly the captured state: a session is picked only
-  when ``settled`` (no device call of it running or awaiting its results, no packet half done);
+  submitted in the same loop iteration as the capture sees exactly the captured state. A session
+  is captured only when ``settled`` (no device call of it running or awaiting its results, no
+  packet half done): idle ones by the periodic pass, busy ones (under load a session is in a step
+  most of the time) by the scheduler's ``on_settled`` hook right after their step is answered;
 - one writer thread encodes and writes records and deletes them: a session's writes and its
   deletion land in the order they were asked for;
 - one reader thread looks records up on resume, so a lookup never waits behind a long write.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -89,7 +92,8 @@ class Durability:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="evssm-snapshot-writer")
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="evssm-snapshot-reader")
         self._lock = asyncio.Lock()  # one snapshot pass at a time
-        self._writes: set[asyncio.Future] = set()
+        self._pending: set[asyncio.Future] = set()  # row reads and writes not finished
+        self._due: dict[str, set[Session]] = {}  # model -> sessions to read after their step
         self._deleting: dict[str, int] = {}  # key -> deletions queued and not yet done
         self._task: asyncio.Task | None = None
         self._errors = 0
@@ -156,29 +160,60 @@ class Durability:
 
     async def snapshot(self, *, everything: bool = False) -> int:
         """Write the sessions that changed since their last snapshot (every live session with
-        ``everything``). Returns the number of records handed to the writer; :meth:`flush` waits
-        for them. Sessions not settled now are left for the next pass."""
-        loop = asyncio.get_running_loop()
+        ``everything``). Settled sessions are read now, in chunks (steps run between chunks);
+        the others, busy in a step, are read by :meth:`after_step` once their step is answered.
+        Returns the number of sessions read now; :meth:`flush` waits for their writes."""
         count = 0
         async with self._lock:
             for name, runner in self.runners.items():
-                picked = [s for s in self.table.sessions.values()
-                          if s.model == name and (everything or self._changed(s))]
+                picked = [s for s in self.table.sessions.values() if s.model == name
+                          and not s.closing and (everything or self._changed(s))]
+                self._due[name] = set()
                 for i in range(0, len(picked), READ_CHUNK):
-                    chunk = [s for s in picked[i:i + READ_CHUNK]
-                             if s.settled and not s.closing and not s.released]
-                    if not chunk:
-                        continue
-                    captures = [self._capture(s, runner) for s in chunk]
-                    slots = np.array([s.slot for s in chunk], np.int32)
-                    # Submitted in the same loop iteration as the capture (see module docstring).
-                    rows = await loop.run_in_executor(runner.executor, runner.read_rows, slots)
-                    # A session released meanwhile has had its deletion queued: write nothing.
-                    items = [(c, rows[j]) for j, c in enumerate(captures) if not c.session.released]
-                    if items:
-                        self._submit(name, items)
-                        count += len(items)
+                    chunk = picked[i:i + READ_CHUNK]
+                    self._due[name].update(s for s in chunk if not s.settled)
+                    read = self._read([s for s in chunk if s.settled and not s.closing], name, runner)
+                    if read is not None:
+                        count += len(read[0])
+                        await asyncio.wait([read[1]])  # steps queued meanwhile run next
         return count
+
+    def after_step(self, model: str, sessions: list[Session]) -> None:
+        """Scheduler hook, on the event loop right after a step's results are applied (its
+        sessions are settled): read those of ``sessions`` the last pass found busy."""
+        due = self._due.get(model)
+        if not due:
+            return
+        ready = [s for s in sessions if s in due and s.settled and not s.closing]
+        if ready:
+            due.difference_update(ready)
+            self._read(ready, model, self.runners[model])
+
+    def _read(self, sessions: list[Session], model: str, runner: RowRunner
+              ) -> tuple[list[_Capture], asyncio.Future] | None:
+        """Capture settled ``sessions`` and submit the read of their rows to the step thread in
+        the same loop iteration (see the module docstring); the rows go on to the writer."""
+        if not sessions:
+            return None
+        captures = [self._capture(s, runner) for s in sessions]
+        slots = np.array([s.slot for s in sessions], np.int32)
+        fut = asyncio.get_running_loop().run_in_executor(runner.executor, runner.read_rows, slots)
+        self._pending.add(fut)
+        fut.add_done_callback(functools.partial(self._rows_read, model, captures))
+        return captures, fut
+
+    def _rows_read(self, model: str, captures: list[_Capture], fut: asyncio.Future) -> None:
+        self._pending.discard(fut)
+        if fut.cancelled():
+            return
+        if fut.exception() is not None:
+            log.error("reading state rows for snapshots failed: %r", fut.exception())
+            return
+        rows = fut.result()
+        # A session released meanwhile has had its deletion queued: write nothing for it.
+        items = [(c, rows[j]) for j, c in enumerate(captures) if not c.session.released]
+        if items:
+            self._submit(model, items)
 
     def _capture(self, s: Session, runner: RowRunner) -> _Capture:
         record = SnapshotRecord(
@@ -190,7 +225,7 @@ class Durability:
     def _submit(self, model: str, items: list[tuple[_Capture, np.ndarray]]) -> None:
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(self._writer, self._write, items)
-        self._writes.add(fut)
+        self._pending.add(fut)
         fut.add_done_callback(lambda f: self._written(model, items, f))
 
     def _write(self, items: list[tuple[_Capture, np.ndarray]]) -> list[bool]:
@@ -204,7 +239,7 @@ class Durability:
 
     def _written(self, model: str, items: list[tuple[_Capture, np.ndarray]], fut: asyncio.Future) -> None:
         """Event loop: a batch was written (or failed): advance ``durable`` and the versions."""
-        self._writes.discard(fut)
+        self._pending.discard(fut)
         if fut.cancelled():
             return
         exc = fut.exception()
@@ -238,9 +273,9 @@ class Durability:
             self._last_error_log = now
 
     async def flush(self) -> None:
-        """Wait for every write handed to the writer so far."""
-        while self._writes:
-            await asyncio.wait(list(self._writes))
+        """Wait for every row read and write asked for so far."""
+        while self._pending:
+            await asyncio.wait(list(self._pending))
 
     def forget(self, s: Session) -> None:
         """Delete a session's record (closed, evicted, failed or taken over)."""

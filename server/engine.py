@@ -104,12 +104,12 @@ class Engine:
                          compile_s, runner.compilations, runner.model.backend, runner.state_bytes,
                          slots)
             self.table = SessionTable(s.max_sessions, {n: r.num_slots for n, r in self.runners.items()})
-            if store is not None:
-                self._start_durability(store)
             for name, runner in self.runners.items():
                 sched = Scheduler(runner, self.table, self.metrics, s.batch_wait_ms / 1000.0, self._released)
                 sched.start()
                 self.schedulers[name] = sched
+            if store is not None:
+                self._start_durability(store)
             self._tasks.append(asyncio.create_task(self._janitor(), name="evssm-janitor"))
             self.ready_after_s = time.monotonic() - self.started_at
             self.ready = True
@@ -127,6 +127,8 @@ class Engine:
         assert self.table is not None
         self.durability = Durability(store, dict(self.runners), self.table, self.metrics,
                                      self.settings.snapshot_interval, self._taken_over)
+        for name, sched in self.schedulers.items():
+            sched.on_settled = functools.partial(self.durability.after_step, name)
         self.durability.start()
 
     async def stop(self) -> None:

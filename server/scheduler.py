@@ -101,6 +101,9 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.steps = 0
+        # Called with a step's sessions once its results are applied (they are settled then):
+        # snapshots read busy sessions' rows here, before the next step is planned.
+        self.on_settled: Callable[[list[Session]], None] | None = None
 
     # --- called from the API layer (event loop) ------------------------------------------------
     def add(self, session: Session) -> None:
@@ -329,6 +332,8 @@ class Scheduler:
                 _resolve(p.reply, result_frame(p.seq, s.done_events, s.done_t, s.probs,
                                                self.runner.labels, s.top_k, s.durable))
             self._after(s)
+        if self.on_settled is not None:
+            self.on_settled(batch)
 
     def _after(self, s: Session) -> None:
         if s.queue:

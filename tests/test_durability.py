@@ -1,0 +1,299 @@
+"""Session snapshots inside a running server (uvicorn on 127.0.0.1, the tiny model, real clients).
+
+- snapshots taken while many sessions stream are each exactly a state of their stream (the rows
+  are read on the step thread between steps while the event loop keeps accepting packets);
+- ``durable`` in result frames, closed and evicted sessions' snapshots deleted, two connections
+  restoring the same token get one session, a store that cannot be reached costs only durability.
+
+Restarts of real server processes (SIGTERM, SIGKILL, replicas sharing Redis) are in
+test_server_restart.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgpack
+import numpy as np
+import pytest
+from websockets.asyncio.client import connect
+
+from evssm.client import AsyncStreamSession, SessionExpired, SimulatedSensor, classify, packetize
+from evssm.models.evaluate import softmax
+from evssm.models.events import Recording, SensorSpec, time_gaps, tokenize
+from evssm.server.app import create_app
+from evssm.server.settings import Settings
+from evssm.server.snapshots import decode, token_key
+
+from conftest import free_port, redis_server
+
+pytestmark = pytest.mark.timeout(300)
+
+BASE = Settings(batch_buckets=(1, 4), length_buckets=(64, 256), classify_length_buckets=(),
+                max_sessions=16, session_idle_timeout=60.0, snapshot_interval=0.05)
+RTOL, ATOL = 1e-4, 1e-6
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from evssm.models.streaming import load_model
+
+    return load_model("config:tiny")
+
+
+def wait_ready(base: str, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while httpx.get(f"{base}/readyz", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, "server not ready"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def start(serve, tiny_model):
+    def _start(**changes: Any):
+        app = create_app(BASE.replace(**changes), models={"small": tiny_model})
+        server = serve(app)
+        wait_ready(server.http)
+        server.engine = app.state.engine
+        return server
+    return _start
+
+
+def sim(seed: int, seconds: float = 0.5) -> Recording:
+    return SimulatedSensor(SensorSpec.one_d(700), 20_000, label=seed % 20, num_classes=20,
+                           seed=seed).recording(seconds)
+
+
+def snapshot_files(state: Path) -> dict[str, Path]:
+    return {p.name[:-5]: p for p in (state / "sessions").glob("*.snap")}
+
+
+def test_snapshots_taken_under_load_are_states_of_their_streams(start, tiny_model, tmp_path: Path) -> None:
+    """Four sessions stream as fast as the server answers while snapshots are taken every 50 ms
+    and a thread reads them back: every snapshot is exactly the state after its event count, and
+    continuing from it gives the answer of the whole recording."""
+    server = start(state_dir=str(tmp_path))
+    recs = [sim(seed, 1.5) for seed in range(4)]
+    seen: dict[str, dict[int, Any]] = {}
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            for key, path in snapshot_files(tmp_path).items():
+                try:
+                    rec = decode(path.read_bytes())
+                except (FileNotFoundError, ValueError):
+                    continue  # deleted by a close meanwhile
+                seen.setdefault(key, {})[rec.events] = rec
+            time.sleep(0.01)
+
+    async def one(rec: Recording) -> tuple[str, list[Any]]:
+        async with AsyncStreamSession(server.ws, max_in_flight=4) as s:
+            token = s.resume_token
+            results = [r async for r in s.stream(packetize(rec, events=97))]
+            return token, results
+
+    async def main() -> list[tuple[str, list[Any]]]:
+        return await asyncio.gather(*(one(r) for r in recs))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        outcome = asyncio.run(main())
+    finally:
+        stop.set()
+        watcher.join(10)
+    sensor = SensorSpec.one_d(700)
+    checked = 0
+    for rec, (token, results) in zip(recs, outcome):
+        # durable: present, never ahead of the answer, never decreasing, and it moved.
+        durable = [r.durable for r in results]
+        assert all(d is not None and 0 <= d <= r.events for d, r in zip(durable, results))
+        assert durable == sorted(durable) and durable[-1] > 0
+        tokens = tokenize(sensor, rec.x)
+        gaps = time_gaps(rec.t)
+        snaps = seen.get(token_key(token), {})
+        assert len(snaps) >= 2, f"only {sorted(snaps)} snapshots seen"
+        expected = np.asarray(classify(server.http, [rec])[0].probs)
+        for events, snap in sorted(snaps.items()):
+            assert snap.model == "small" and snap.last_t == (int(rec.t[events - 1]) if events else None)
+            if events == 0:  # opened, nothing streamed yet: the zero state
+                assert not snap.row.any() and snap.probs is None
+                continue
+            # The row is the state after exactly `events` events (streamed in one packet here).
+            state, logits, ready = tiny_model.step(tiny_model.init_state(1), tokens[None, :events],
+                                                   gaps[None, :events], np.array([events], np.int32))
+            np.testing.assert_array_equal(snap.row, np.asarray(state)[0])
+            if snap.probs is not None:
+                np.testing.assert_allclose(snap.probs, softmax(np.asarray(logits))[0], rtol=RTOL, atol=ATOL)
+            # Continuing from the row ends where the whole recording ends.
+            rest = len(rec) - events
+            _, logits, _ = tiny_model.step(snap.row[None], tokens[None, events:], gaps[None, events:],
+                                           np.array([rest], np.int32))
+            np.testing.assert_allclose(softmax(np.asarray(logits))[0], expected, rtol=RTOL, atol=ATOL)
+            checked += 1
+    assert checked >= 10
+    # Every session was closed: its snapshot is gone and its token resumes nothing.
+    deadline = time.monotonic() + 5
+    while snapshot_files(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert snapshot_files(tmp_path) == {}
+
+
+async def raw_open(ws_url: str, **fields: Any) -> tuple[Any, dict]:
+    ws = await connect(f"{ws_url}/v1/stream")
+    await ws.send(msgpack.packb({"type": "open", **fields}))
+    return ws, msgpack.unpackb(await ws.recv())
+
+
+def test_closed_and_evicted_sessions_leave_no_snapshot(start, tmp_path: Path) -> None:
+    server = start(state_dir=str(tmp_path), session_idle_timeout=1.0)
+    rec = sim(7, 0.1)
+
+    async def main() -> None:
+        ws, opened = await raw_open(server.ws)
+        assert opened["durable"] == 0 and opened["restored"] is False
+        token = opened["resume"]
+        key = token_key(token)
+        await ws.send(msgpack.packb({"type": "events", "seq": 0, "t": rec.t.tolist(), "x": rec.x.tolist()}))
+        assert msgpack.unpackb(await ws.recv())["durable"] == 0
+        deadline = time.monotonic() + 5
+        while key not in snapshot_files(tmp_path):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        for seq in range(1, 100):  # empty packets: the answer carries durable once written
+            await ws.send(msgpack.packb({"type": "events", "seq": seq, "t": [], "x": []}))
+            if msgpack.unpackb(await ws.recv())["durable"] == len(rec):
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("durable never reached the snapshot's event count")
+        await ws.send(msgpack.packb({"type": "close"}))
+        assert msgpack.unpackb(await ws.recv())["type"] == "closed"
+        # At once: a closed session's token resumes nothing, from memory or from its snapshot.
+        await ws.send(msgpack.packb({"type": "open", "resume": token}))
+        assert msgpack.unpackb(await ws.recv())["code"] == "unknown_session"
+        await ws.close()
+        deadline = time.monotonic() + 5
+        while key in snapshot_files(tmp_path):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        # Evicted after the idle timeout: the snapshot goes with the session.
+        ws, opened = await raw_open(server.ws)
+        key = token_key(opened["resume"])
+        await asyncio.sleep(0.3)
+        assert key in snapshot_files(tmp_path)
+        await ws.close()
+        deadline = time.monotonic() + 5
+        while key in snapshot_files(tmp_path):
+            assert time.monotonic() < deadline, "the evicted session's snapshot stayed"
+            await asyncio.sleep(0.05)
+        ws, reply = await raw_open(server.ws, resume=opened["resume"])
+        assert reply["code"] == "unknown_session"
+        await ws.close()
+
+    asyncio.run(main())
+
+
+def test_two_connections_restoring_one_token_get_one_session(start, tmp_path: Path) -> None:
+    """A session in the state dir but not in memory (as after a restart); two connections resume
+    it at once: one restore, both see the same session."""
+    first = start(state_dir=str(tmp_path / "a"))
+    rec = sim(3, 0.1)
+
+    async def make() -> tuple[str, int]:
+        ws, opened = await raw_open(first.ws)
+        await ws.send(msgpack.packb({"type": "events", "seq": 0, "t": rec.t.tolist(), "x": rec.x.tolist()}))
+        await ws.recv()
+        await ws.close()
+        return opened["resume"], len(rec)
+
+    token, events = asyncio.run(make())
+    first.call(first.engine.drain(timeout=10))
+    # A second server process would find this directory; here a second app does.
+    import shutil
+    shutil.copytree(tmp_path / "a" / "sessions", tmp_path / "b" / "sessions")
+    second = start(state_dir=str(tmp_path / "b"))
+
+    async def race() -> list[list[dict]]:
+        async def one() -> list[dict]:
+            async with connect(f"{second.ws}/v1/stream") as ws:
+                await ws.send(msgpack.packb({"type": "open", "resume": token}))
+                frames = [msgpack.unpackb(await ws.recv())]
+                return frames
+        return await asyncio.gather(one(), one())
+
+    outcomes = asyncio.run(race())
+    opened = [frames[0] for frames in outcomes]
+    assert [o["type"] for o in opened] == ["opened", "opened"], opened
+    assert opened[0]["session"] == opened[1]["session"] and {o["events"] for o in opened} == {events}
+    assert opened[0]["restored"] or opened[1]["restored"]
+    metrics = httpx.get(f"{second.http}/metrics").text
+    assert 'evssm_sessions_restored_total{model="small"} 1.0' in metrics
+    assert len(second.engine.table) == 1
+
+
+def test_a_store_that_cannot_be_reached_costs_durability_only(start, tmp_path: Path) -> None:
+    """Redis stopped: sessions open and stream as before (durable stays 0), resuming an unknown
+    token says the store is unavailable (the client retries), and once Redis is back the
+    snapshots are written."""
+    port = free_port()  # nothing listens there yet
+    server = start(state_store=f"redis://127.0.0.1:{port}/0", snapshot_interval=0.1)
+    rec = sim(5, 0.2)
+
+    async def main() -> list[Any]:
+        async with AsyncStreamSession(server.ws) as s:
+            results = [r async for r in s.stream(packetize(rec, events=256))]
+            await asyncio.sleep(0.3)  # three snapshot passes fail
+            return results
+
+    results = asyncio.run(main())
+    assert results[-1].durable == 0 and results[-1].events == len(rec)
+    np.testing.assert_allclose(results[-1].probs, classify(server.http, [rec])[0].probs, rtol=RTOL, atol=ATOL)
+
+    async def resume_unknown() -> None:
+        s = AsyncStreamSession(server.ws, resume="a-token-this-server-never-saw", reconnect=False)
+        with pytest.raises(Exception) as info:
+            await s.open()
+        assert getattr(info.value, "code", None) == "store_unavailable"
+
+    asyncio.run(resume_unknown())
+    metrics = httpx.get(f"{server.http}/metrics").text
+    assert 'evssm_snapshot_failures_total{reason="store_error"}' in metrics
+    # Redis comes back on the same port: the next pass writes the live session.
+    with redis_server(tmp_path, port=port):
+        async def live() -> int:
+            async with AsyncStreamSession(server.ws) as s:
+                await s.send(rec.slice(0, 100))
+                await s.recv()
+                deadline = time.monotonic() + 10
+                while True:
+                    await s.send(Recording(np.zeros(0, np.int64), np.zeros(0, np.uint16)))
+                    r = await s.recv()
+                    if r.durable == 100:
+                        return r.durable
+                    assert time.monotonic() < deadline, "no snapshot after Redis came back"
+                    await asyncio.sleep(0.1)
+
+        assert asyncio.run(live()) == 100
+
+
+def test_resume_of_an_unknown_token_without_a_store_is_unchanged(start) -> None:
+    server = start()
+
+    async def main() -> None:
+        ws, opened = await raw_open(server.ws)
+        assert "durable" in opened and opened["durable"] is None and opened["restored"] is False
+        await ws.send(msgpack.packb({"type": "events", "seq": 0, "t": [1, 2], "x": [3, 4]}))
+        assert "durable" not in msgpack.unpackb(await ws.recv())
+        await ws.close()
+        with pytest.raises(SessionExpired) as info:
+            await AsyncStreamSession(server.ws, resume="nope", reconnect=False).open()
+        assert info.value.code == "unknown_session"
+
+    asyncio.run(main())
