@@ -176,6 +176,9 @@ class AsyncStreamSession:
         self._kept_events = 0
         self._kept_dropped = False  # the replay buffer overflowed at least once
         self._durable: int | None = None
+        # A reset was sent and no snapshot of the new stream is known yet: a restored state may
+        # predate the reset.
+        self._reset_unsnapshotted = False
         self._send_lock: asyncio.Lock | None = None
         self._changed: asyncio.Event | None = None  # replaced on every notify (see _notify)
 
@@ -365,6 +368,7 @@ class AsyncStreamSession:
                 self._drop_kept()  # the old stream will never be replayed
                 if self._durable is not None:
                     self._durable = 0
+                    self._reset_unsnapshotted = True
                 await self._send_frame(encode_message("reset"))
                 return
 
@@ -557,6 +561,8 @@ class AsyncStreamSession:
             self._drop_kept()
         else:
             self._durable = max(self._durable or 0, durable)
+            if self._durable > 0:
+                self._reset_unsnapshotted = False
 
     def _keep(self, entry: _Pending) -> None:
         """Keep an answered packet for a replay, while the server reports snapshots."""
@@ -651,28 +657,32 @@ class AsyncStreamSession:
         A session restored from a snapshot may hold fewer events than were acknowledged, but never
         fewer than the last ``durable`` seen: the kept answered packets after ``E`` are replayed
         first (their answers dropped), then the unanswered ones are sent. While no snapshot of
-        the current stream is known (``durable`` 0, or a reset not yet confirmed) the restored
-        state may predate a reset, so it is reset and the whole stream is replayed; a new session
-        (``fresh``) starts from zero the same way.
+        the current stream is known after a reset (``durable`` still 0, or the reset not yet
+        confirmed) the restored state may predate the reset, so it is reset and the whole stream
+        is replayed; a new session (``fresh``) starts from zero the same way.
         """
         assert self._ws is not None
         served = info.events
         base = self._acked_events - self._kept_events  # the count before the first kept packet
-        whole = fresh or (info.restored and (self._unconfirmed_reset is not None or self._durable == 0))
+        whole = fresh or (info.restored and (self._unconfirmed_reset is not None
+                                             or self._reset_unsnapshotted))
         reset_again = False  # the server's state (and its ``durable``) may predate our reset
         if whole:
             if base != 0:
                 raise self._mismatch(served)
             if fresh:
                 self._unconfirmed_reset = None  # a new session is zero already
+                self._reset_unsnapshotted = False
             elif served or self._unconfirmed_reset is not None:
                 await self._ws.send(encode_message("reset"))
+                self._reset_unsnapshotted = True
             served = 0
         elif self._unconfirmed_reset and served == self._unconfirmed_reset:
             # The reset sent just before the drop never arrived (the count is still the old one).
             await self._ws.send(encode_message("reset"))
             served = 0
             reset_again = True
+            self._reset_unsnapshotted = self._durable is not None
         replayed = 0
         if served < self._acked_events:  # restored from an older state: replay answered packets
             if not (info.restored or whole):
@@ -735,7 +745,7 @@ class AsyncStreamSession:
                                         f"{int(ends[answered])}")
                 answered += 1
                 if msg.get("durable") is not None and self._durable is not None:
-                    self._durable = max(self._durable, int(msg["durable"]))
+                    self._note_durable(int(msg["durable"]))
             elif msg["type"] == "error":
                 raise SessionExpired("resume_mismatch", "the server refused a replayed packet: "
                                      f"{msg.get('code')}: {msg.get('message')}")
