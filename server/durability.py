@@ -119,6 +119,8 @@ class Durability:
         other = sum(n for pair, n in report.models.items() if pair not in served)
         if report.corrupt:
             self.metrics.snapshot_failures.labels(reason="corrupt").inc(len(report.corrupt))
+        if self.store.damaged:
+            self.metrics.snapshot_failures.labels(reason="corrupt").inc()
         log.info("%s: %d session snapshots (%d for models or weights not served here), %d corrupt "
                  "skipped, %d expired removed; scanned in %.2f s", self.store.description,
                  report.valid, other, len(report.corrupt), report.expired, report.seconds)
@@ -312,8 +314,8 @@ class Durability:
                 raise CorruptSnapshot("the record names another session")
         except CorruptSnapshot as e:
             self.metrics.snapshot_failures.labels(reason="corrupt").inc()
-            where = self.store.quarantine(key) if isinstance(self.store, DiskStore) else key[:12]
-            log.warning("%s: snapshot %s skipped: %s", self.store.description, where, e)
+            log.warning("%s: snapshot %s... skipped and deleted: %s", self.store.description, key[:12], e)
+            loop.run_in_executor(self._writer, self.store.delete, [key]).add_done_callback(self._check)
             return None
         runner = self.runners.get(rec.model)
         problem = None

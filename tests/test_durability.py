@@ -12,6 +12,8 @@ test_server_restart.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -28,7 +30,7 @@ from evssm.models.evaluate import softmax
 from evssm.models.events import Recording, SensorSpec, time_gaps, tokenize
 from evssm.server.app import create_app
 from evssm.server.settings import Settings
-from evssm.server.snapshots import decode, token_key
+from evssm.server.snapshots import DiskStore, decode, token_key
 
 from conftest import free_port, redis_server
 
@@ -69,8 +71,13 @@ def sim(seed: int, seconds: float = 0.5) -> Recording:
                            seed=seed).recording(seconds)
 
 
-def snapshot_files(state: Path) -> dict[str, Path]:
-    return {p.name[:-5]: p for p in (state / "sessions").glob("*.snap")}
+def stored(state: Path) -> dict[str, bytes]:
+    """The state directory's records by key, read by another connection than the server's."""
+    path = state / DiskStore.FILE
+    if not path.exists():
+        return {}
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)) as db:
+        return {key: bytes(data) for key, data in db.execute("SELECT key, data FROM snapshots")}
 
 
 def test_snapshots_taken_under_load_are_states_of_their_streams(start, tiny_model, tmp_path: Path) -> None:
@@ -84,11 +91,8 @@ def test_snapshots_taken_under_load_are_states_of_their_streams(start, tiny_mode
 
     def watch() -> None:
         while not stop.is_set():
-            for key, path in snapshot_files(tmp_path).items():
-                try:
-                    rec = decode(path.read_bytes())
-                except (FileNotFoundError, ValueError):
-                    continue  # deleted by a close meanwhile
+            for key, data in stored(tmp_path).items():
+                rec = decode(data)
                 seen.setdefault(key, {})[rec.events] = rec
             time.sleep(0.01)
 
@@ -140,9 +144,9 @@ def test_snapshots_taken_under_load_are_states_of_their_streams(start, tiny_mode
     assert checked >= 10
     # Every session was closed: its snapshot is gone and its token resumes nothing.
     deadline = time.monotonic() + 5
-    while snapshot_files(tmp_path) and time.monotonic() < deadline:
+    while stored(tmp_path) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert snapshot_files(tmp_path) == {}
+    assert stored(tmp_path) == {}
 
 
 async def raw_open(ws_url: str, **fields: Any) -> tuple[Any, dict]:
@@ -163,7 +167,7 @@ def test_closed_and_evicted_sessions_leave_no_snapshot(start, tmp_path: Path) ->
         await ws.send(msgpack.packb({"type": "events", "seq": 0, "t": rec.t.tolist(), "x": rec.x.tolist()}))
         assert msgpack.unpackb(await ws.recv())["durable"] == 0
         deadline = time.monotonic() + 5
-        while key not in snapshot_files(tmp_path):
+        while key not in stored(tmp_path):
             assert time.monotonic() < deadline
             await asyncio.sleep(0.02)
         for seq in range(1, 100):  # empty packets: the answer carries durable once written
@@ -180,17 +184,17 @@ def test_closed_and_evicted_sessions_leave_no_snapshot(start, tmp_path: Path) ->
         assert msgpack.unpackb(await ws.recv())["code"] == "unknown_session"
         await ws.close()
         deadline = time.monotonic() + 5
-        while key in snapshot_files(tmp_path):
+        while key in stored(tmp_path):
             assert time.monotonic() < deadline
             await asyncio.sleep(0.02)
         # Evicted after the idle timeout: the snapshot goes with the session.
         ws, opened = await raw_open(server.ws)
         key = token_key(opened["resume"])
         await asyncio.sleep(0.3)
-        assert key in snapshot_files(tmp_path)
+        assert key in stored(tmp_path)
         await ws.close()
         deadline = time.monotonic() + 5
-        while key in snapshot_files(tmp_path):
+        while key in stored(tmp_path):
             assert time.monotonic() < deadline, "the evicted session's snapshot stayed"
             await asyncio.sleep(0.05)
         ws, reply = await raw_open(server.ws, resume=opened["resume"])
@@ -216,8 +220,9 @@ def test_two_connections_restoring_one_token_get_one_session(start, tmp_path: Pa
     token, events = asyncio.run(make())
     first.call(first.engine.drain(timeout=10))
     # A second server process would find this directory; here a second app does.
-    import shutil
-    shutil.copytree(tmp_path / "a" / "sessions", tmp_path / "b" / "sessions")
+    (tmp_path / "b").mkdir()
+    with contextlib.closing(sqlite3.connect(tmp_path / "a" / DiskStore.FILE)) as db:
+        db.execute(f"VACUUM INTO '{tmp_path / 'b' / DiskStore.FILE}'")
     second = start(state_dir=str(tmp_path / "b"))
 
     async def race() -> list[list[dict]]:

@@ -18,9 +18,10 @@ The tiny model with small shape buckets and a shared compilation cache keep each
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -34,7 +35,7 @@ import pytest
 from evssm.client import (AsyncStreamSession, SessionExpired, SimulatedSensor, apaced, classify,
                           packetize)
 from evssm.models.events import Recording, SensorSpec
-from evssm.server.snapshots import token_key
+from evssm.server.snapshots import DiskStore, token_key
 
 from conftest import free_port, haproxy_test_config, redis_server, require_tool, wait_process_ready
 
@@ -313,7 +314,10 @@ def drained(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> dict[str, 
 
 
 def copy_state(drained: dict[str, Any], to: Path) -> Path:
-    shutil.copytree(drained["state"], to)
+    """A copy of the drained server's state directory (a consistent copy of its database)."""
+    to.mkdir()
+    with contextlib.closing(sqlite3.connect(drained["state"] / DiskStore.FILE)) as db:
+        db.execute(f"VACUUM INTO '{to / DiskStore.FILE}'")
     return to
 
 
@@ -349,17 +353,16 @@ def test_damaged_snapshot_is_skipped_and_the_server_starts(tmp_path: Path, cache
                                                            servers: list[Serve]) -> None:
     state = copy_state(drained, tmp_path / "state")
     damaged, intact = drained["tokens"]
-    path = state / "sessions" / (token_key(damaged) + ".snap")
-    path.write_bytes(path.read_bytes()[:200])  # truncated, as by a full disk
+    with contextlib.closing(sqlite3.connect(state / DiskStore.FILE)) as db, db:  # a truncated record
+        db.execute("UPDATE snapshots SET data = substr(data, 1, 200) WHERE key = ?", (token_key(damaged),))
     srv = Serve(tmp_path / "serve.log", free_port(), cache, "--state-dir", str(state))
     servers.append(srv.ready())
     deadline = time.monotonic() + 30
     while "corrupt skipped" not in srv.log():
         assert time.monotonic() < deadline, srv.log()[-3000:]
         time.sleep(0.1)
-    assert f"snapshot {path.name} skipped" in srv.log()
+    assert f"snapshot {token_key(damaged)[:12]}... skipped and deleted" in srv.log()
     assert "1 session snapshots (0 for models or weights not served here), 1 corrupt skipped" in srv.log()
-    assert (state / "sessions" / (path.name + ".corrupt")).exists()
 
     async def main() -> list[Any]:
         with pytest.raises(SessionExpired) as info:

@@ -1,11 +1,11 @@
 """Session snapshot records and stores (``server/snapshots.py``): encoding, damage detection,
-fingerprints, the one-file-per-session disk store and the Redis store against a real
-``redis-server``. No JAX, no server: the engine's use of them is in test_durability.py and
+fingerprints, the SQLite disk store and the Redis store against a real ``redis-server``. No JAX, no server: the engine's use of them is in test_durability.py and
 test_server_restart.py."""
 
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -87,20 +87,28 @@ def test_fingerprint_changes_with_any_weight_or_the_config() -> None:
 
 
 # --- disk ----------------------------------------------------------------------------------------
+def age(directory: Path, key: str, seconds: float) -> None:
+    """Make a record look ``seconds`` older (as if written that long ago)."""
+    with sqlite3.connect(directory / DiskStore.FILE) as db:
+        db.execute("UPDATE snapshots SET written = written - ? WHERE key = ?", (seconds, key))
+
+
 def test_disk_store_put_get_delete(tmp_path: Path) -> None:
     store = DiskStore(tmp_path, ttl_s=60)
     a, b = record(seed=1), record(seed=2, token="another")
     assert store.put([(a.key, encode(a)), (b.key, encode(b))]) == [True, True]
     assert same(decode(store.get(a.key)), a) and same(decode(store.get(b.key)), b)
-    assert sorted(os.listdir(tmp_path / "sessions")) == sorted([a.key + ".snap", b.key + ".snap"])
     newer = record(events=2000, seed=3)
     store.put([(a.key, encode(newer))])
     assert decode(store.get(a.key)).events == 2000
     store.delete([a.key, a.key])  # deleting twice is harmless
     assert store.get(a.key) is None and store.get(b.key) is not None
-    with pytest.raises(ValueError):
-        store.get("../../etc/passwd")  # keys are hashes; nothing else becomes a path
+    assert store.get("'; DROP TABLE snapshots; --") is None  # keys are parameters, never SQL
+    assert 4000 < store.bytes_used() < 16000
     store.close()
+    again = DiskStore(tmp_path, ttl_s=60)  # what was committed is there after a restart
+    assert same(decode(again.get(b.key)), b)
+    again.close()
 
 
 def test_disk_store_is_one_server_per_directory(tmp_path: Path) -> None:
@@ -115,9 +123,8 @@ def test_disk_store_expires_records_after_the_ttl(tmp_path: Path) -> None:
     store = DiskStore(tmp_path, ttl_s=30)
     rec = record()
     store.put([(rec.key, encode(rec))])
-    path = tmp_path / "sessions" / (rec.key + ".snap")
-    os.utime(path, (time.time() - 31, time.time() - 31))
-    assert store.get(rec.key) is None and not path.exists()
+    age(tmp_path, rec.key, 31)
+    assert store.get(rec.key) is None
     store.close()
 
 
@@ -126,31 +133,48 @@ def test_disk_scan_counts_skips_and_cleans(tmp_path: Path) -> None:
     good = [record(seed=i, token=f"t{i}") for i in range(3)]
     store.put([(r.key, encode(r)) for r in good])
     other = SnapshotRecord(**{**record(token="other").__dict__, "model": "dvs"})
-    store.put([(other.key, encode(other))])
-    sessions = tmp_path / "sessions"
-    truncated, flipped = record(token="trunc"), record(token="flip")
-    (sessions / (truncated.key + ".snap")).write_bytes(encode(truncated)[:100])
-    data = bytearray(encode(flipped))
-    data[-10] ^= 1
-    (sessions / (flipped.key + ".snap")).write_bytes(bytes(data))
-    old = record(token="old")
-    store.put([(old.key, encode(old))])
-    os.utime(sessions / (old.key + ".snap"), (time.time() - 120, time.time() - 120))
-    (sessions / ".leftover.123.tmp").write_bytes(b"half a record")
+    truncated, flipped, old = record(token="trunc"), record(token="flip"), record(token="old")
+    damaged = bytearray(encode(flipped))
+    damaged[-10] ^= 1
+    store.put([(other.key, encode(other)), (truncated.key, encode(truncated)[:100]),
+               (flipped.key, bytes(damaged)), (old.key, encode(old))])
+    age(tmp_path, old.key, 120)
     report = store.scan(decode)
     assert report.valid == 4 and report.expired == 1
-    assert sorted(report.corrupt) == sorted([truncated.key + ".snap.corrupt", flipped.key + ".snap.corrupt"])
+    assert sorted(report.corrupt) == sorted([truncated.key, flipped.key])
     assert report.models == {("small", "ab" * 16): 3, ("dvs", "ab" * 16): 1}
-    names = set(os.listdir(sessions))
-    assert ".leftover.123.tmp" not in names and old.key + ".snap" not in names
-    assert {truncated.key + ".snap.corrupt", flipped.key + ".snap.corrupt"} <= names
-    assert store.get(truncated.key) is None  # moved aside: not found any more
+    for gone in (truncated, flipped, old):
+        assert store.get(gone.key) is None
+    with sqlite3.connect(tmp_path / DiskStore.FILE) as db:
+        assert db.execute("SELECT count(*) FROM snapshots").fetchone()[0] == 4
+    store.close()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garble"])
+def test_a_damaged_database_is_moved_aside(tmp_path: Path, damage: str) -> None:
+    store = DiskStore(tmp_path, ttl_s=60)
+    recs = [record(seed=i, token=f"t{i}") for i in range(50)]
+    store.put([(r.key, encode(r)) for r in recs])
+    store.close()
+    with sqlite3.connect(tmp_path / DiskStore.FILE) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    path = tmp_path / DiskStore.FILE
+    data = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(data[:len(data) // 3])
+    else:
+        path.write_bytes(data[:100] + bytes(range(256)) * 40 + data[100 + 256 * 40:])
+    store = DiskStore(tmp_path, ttl_s=60)
+    assert store.damaged is not None and (tmp_path / store.damaged).exists()
+    assert store.get(recs[0].key) is None  # a fresh database
+    store.put([(recs[0].key, encode(recs[0]))])
+    assert same(decode(store.get(recs[0].key)), recs[0])
     store.close()
 
 
 def test_disk_writes_are_atomic_for_a_concurrent_reader(tmp_path: Path) -> None:
     """One thread rewrites a record over and over (two versions of different sizes) while
-    another reads it: every read is one whole version, never a mix or a partial file."""
+    another reads it: every read is one whole version, never a mix or a partial record."""
     store = DiskStore(tmp_path, ttl_s=60)
     versions = [encode(record(events=100, words=293)), encode(record(events=200, words=4000, seed=5))]
     key = token_key(TOKEN)
@@ -182,7 +206,6 @@ def test_disk_writes_are_atomic_for_a_concurrent_reader(tmp_path: Path) -> None:
         writer.join(10)
     assert not errors, errors[0]
     assert seen == {100, 200}
-    assert [n for n in os.listdir(tmp_path / "sessions") if n.endswith(".tmp")] == []
     store.close()
 
 
