@@ -333,12 +333,14 @@ class Durability:
         return rec, blob
 
     def adopt(self, s: Session, rec: SnapshotRecord, blob: bytes) -> None:
-        """A session was restored from ``rec``: the store already holds its state, and this server
-        now owns its record (a replica that held it before can no longer write it)."""
+        """A session was restored from ``rec``: the store already holds its state; in a shared
+        store this server now owns its record (a replica that held it before can no longer write
+        it)."""
         s.durable = rec.events
         s.snap_version = s.version
         s.snap_active = s.last_active
         self.metrics.sessions_restored.labels(model=s.model).inc()
-        fut = asyncio.get_running_loop().run_in_executor(
-            self._writer, lambda: self.store.put([(rec.key, blob)], claim=True))
-        fut.add_done_callback(self._check)
+        if isinstance(self.store, RedisStore):  # shared: fence off the replica that held it
+            fut = asyncio.get_running_loop().run_in_executor(
+                self._writer, lambda: self.store.put([(rec.key, blob)], claim=True))
+            fut.add_done_callback(self._check)
