@@ -1,9 +1,12 @@
 """Classify whole recordings over HTTP with the server's offline model; a table or JSON.
 
-FILES are event files (.npy/.npz, DVS Gesture .npy, SHD/SSC .h5, .aedat4), dataset:NAME sources
-or sim[:...] specs, as for 'evssm stream'. --index picks samples of many-sample sources (HDF5
-files, data sets): 'all', or a list like 0,3,10-19. Recordings go to the server --batch at a time.
-With labels known, the accuracy is shown.
+FILES are event files (.npy/.npz, DVS Gesture .npy, SHD/SSC .h5; .aedat4, Prophesee .raw and
+.dat, .es, .csv with the formats extra; N-MNIST .bin), dataset:NAME sources or sim[:...] specs, as
+for 'evssm stream'. --index picks samples of many-sample sources (HDF5 files, data sets): 'all', or
+a list like 0,3,10-19. Recordings go to the server --batch at a time. With labels known, the
+accuracy is shown. Each file's sensor geometry (from the file, or --sensor WxH) is declared, and
+the server maps it onto the model's sensor (--crop, --scale, --flip-x/--flip-y as for 'evssm
+stream').
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from .errors import ClientError, SourceError
 from .http_api import Classification, classify, list_models
 from .protocol import ModelInfo
 from .sources import Sample, open_source, source_count
-from .stream_command import DEFAULT_URL, add_source_arguments, explain
+from .stream_command import DEFAULT_URL, add_source_arguments, explain, transform_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +65,8 @@ def _load_samples(args: argparse.Namespace, model: ModelInfo | None) -> list[Sam
         for i in indices:
             samples.append(open_source(spec, index=i, fmt=args.format, data_dir=args.data_dir,
                                        split=args.split,
-                                       sensor=model.sensor if model is not None else None))
+                                       sensor=model.sensor if model is not None else None,
+                                       source_sensor=args.sensor))
     return samples
 
 
@@ -87,7 +91,11 @@ def _row(sample: Sample, result: Classification, model: ModelInfo | None, top: i
     prediction = result.label if result.label is not None else (name(order[0]) if order else None)
     return {
         "source": sample.name,
-        "events": result.events,
+        "events": len(sample.recording),  # read and sent
+        "events_processed": result.events,
+        "cropped": result.cropped,
+        "sensor": None if sample.sensor is None else sample.sensor.to_dict(),
+        "sensor_from": sample.geometry,
         "label": sample.label,
         "label_name": sample.label_name(classes),
         "prediction": prediction,
@@ -105,8 +113,14 @@ def run(args: argparse.Namespace) -> int:
         model = _server_model(args)
         samples = _load_samples(args, model)
         started = time.monotonic()
+        transform = transform_of(args)
+        undeclared = [s.name for s in samples if s.declared_sensor is None]
+        if transform is not None and undeclared:
+            raise SourceError(f"{undeclared[0]}: the file does not state its sensor geometry; "
+                              "give --sensor WxH for --crop/--scale/--flip")
         results = classify(args.url, [s.recording for s in samples], model=args.model,
-                           batch_size=args.batch, timeout=args.timeout)
+                           batch_size=args.batch, timeout=args.timeout,
+                           sensors=[s.declared_sensor for s in samples], transform=transform)
         elapsed = time.monotonic() - started
     except ClientError as exc:
         print(f"evssm classify: {exc}", file=sys.stderr)

@@ -8,13 +8,16 @@ the subclass from the code, so callers can ``except InvalidEvents`` or test ``er
 
 from __future__ import annotations
 
+from evssm.models.wire import Code
+
 
 class ClientError(Exception):
     """Base class of every error raised by :mod:`evssm.client`."""
 
 
 class ServerError(ClientError):
-    """The server rejected a request. ``code`` is the contract's error code (DESIGN section 4).
+    """The server rejected a request. ``code`` is the contract's error code
+    (:class:`evssm.models.wire.Code`, listed in docs/protocol.md).
 
     ``seq`` is the packet the error answers (None for errors not tied to a packet); ``status`` is
     the HTTP status for errors from the HTTP API.
@@ -50,19 +53,20 @@ class SessionExpired(ServerError):
     """A resume token no longer names a live session (the server dropped or forgot it)."""
 
 
-# Codes of the contract (the server's ``Code`` enum) mapped to the subclass that carries them;
-# other codes (no_session, internal_error, ...) get ServerError itself.
+# Codes of the contract mapped to the subclass that carries them; other codes (no_session,
+# internal_error, ...) get ServerError itself. resume_mismatch is the client's own (session.py).
 _CODE_CLASSES: dict[str, type[ServerError]] = {
     **dict.fromkeys(
-        ("malformed_frame", "unknown_type", "invalid_field", "missing_column", "invalid_column",
-         "length_mismatch", "address_out_of_range", "timestamps_decreasing", "packet_too_large",
-         "request_too_large", "unsupported_media_type"),
+        (Code.MALFORMED_FRAME, Code.UNKNOWN_TYPE, Code.INVALID_FIELD, Code.MISSING_COLUMN,
+         Code.INVALID_COLUMN, Code.LENGTH_MISMATCH, Code.ADDRESS_OUT_OF_RANGE,
+         Code.TIMESTAMPS_DECREASING, Code.PACKET_TOO_LARGE, Code.REQUEST_TOO_LARGE,
+         Code.UNSUPPORTED_MEDIA_TYPE),
         InvalidEvents),
-    "unknown_model": UnknownModel,
-    "server_full": ServerFull,
-    **dict.fromkeys(("not_ready", "draining", "store_unavailable"), ServerUnavailable),
-    **dict.fromkeys(("unknown_session", "session_expired", "session_resumed_elsewhere",
-                     "resume_mismatch", "snapshot_incompatible"), SessionExpired),
+    Code.UNKNOWN_MODEL: UnknownModel,
+    Code.SERVER_FULL: ServerFull,
+    **dict.fromkeys((Code.NOT_READY, Code.DRAINING, Code.STORE_UNAVAILABLE), ServerUnavailable),
+    **dict.fromkeys((Code.UNKNOWN_SESSION, Code.SESSION_EXPIRED, Code.SESSION_RESUMED_ELSEWHERE,
+                     Code.SNAPSHOT_INCOMPATIBLE, "resume_mismatch"), SessionExpired),
 }
 
 

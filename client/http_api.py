@@ -8,15 +8,15 @@ streams, so one call can classify a whole data set without one huge request.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import httpx
 import msgpack
 
-from evssm.models.events import Recording
+from evssm.models.events import Recording, SensorSpec
 
 from .errors import ClientError, ConnectionLost, ProtocolError, ServerUnavailable, server_error
-from .protocol import ModelInfo, endpoint_url, event_columns
+from .protocol import ModelInfo, endpoint_url, event_columns, sensor_declaration
 
 MSGPACK = "application/msgpack"
 
@@ -25,16 +25,18 @@ MSGPACK = "application/msgpack"
 class Classification:
     """The server's answer for one recording: class probabilities, the predicted label (as the
     server names it) and the number of events it read. ``probs`` and ``label`` are None for a
-    recording too short for one complete output window."""
+    recording too short for one complete output window. ``cropped``: events a declared crop
+    removed (not in ``events``)."""
 
     probs: list[float] | None
     label: Any
     events: int
     model: str
+    cropped: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"probs": self.probs, "label": self.label, "events": self.events,
-                "model": self.model}
+                "model": self.model, "cropped": self.cropped}
 
 
 def _decode_body(response: httpx.Response) -> Any:
@@ -61,10 +63,18 @@ def _raise_for(response: httpx.Response) -> None:
                        status=response.status_code)
 
 
-def _request_body(recordings: Sequence[Recording], model: str | None, binary: bool) -> bytes:
-    body: dict[str, Any] = {"streams": [event_columns(r, binary=binary) for r in recordings]}
+def _request_body(recordings: Sequence[Recording], model: str | None, binary: bool,
+                  sensors: Sequence[SensorSpec | None] | None = None,
+                  transform: Mapping[str, Any] | None = None) -> bytes:
+    streams = [event_columns(r, binary=binary) for r in recordings]
+    for stream, sensor in zip(streams, sensors or ()):
+        if sensor is not None:
+            stream["sensor"] = sensor_declaration(sensor)
+    body: dict[str, Any] = {"streams": streams}
     if model is not None:
         body["model"] = model
+    if transform is not None:
+        body["transform"] = dict(transform)
     return msgpack.packb(body)
 
 
@@ -74,7 +84,8 @@ def _parse(body: Any, expected: int) -> list[Classification]:
         results = body["results"]
         out = [Classification(probs=None if r.get("probs") is None
                               else [float(v) for v in r["probs"]], label=r.get("label"),
-                              events=int(r.get("events", 0)), model=model) for r in results]
+                              events=int(r.get("events", 0)), model=model,
+                              cropped=int(r.get("cropped") or 0)) for r in results]
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise ProtocolError(f"malformed classify response: {exc}") from exc
     if len(out) != expected:
@@ -84,13 +95,16 @@ def _parse(body: Any, expected: int) -> list[Classification]:
 
 def classify(url: str, recordings: Sequence[Recording], *, model: str | None = None,
              batch_size: int = 16, timeout: float = 300.0, binary: bool = True,
-             transport: httpx.BaseTransport | None = None) -> list[Classification]:
+             transport: httpx.BaseTransport | None = None,
+             sensors: Sequence[SensorSpec | None] | None = None,
+             transform: Mapping[str, Any] | None = None) -> list[Classification]:
     """Classify whole recordings with the offline model, ``batch_size`` per request.
 
     ``url`` is the server (``http://HOST:PORT``; a ``ws://`` URL works too). Raises typed
     :class:`~evssm.client.errors.ServerError` subclasses for the server's error codes and
     :class:`~evssm.client.errors.ConnectionLost` when it cannot be reached. ``transport``
-    replaces the network (tests).
+    replaces the network (tests). ``sensors`` declares each recording's source sensor (None
+    entries: the model's) and ``transform`` how the server maps them (see the protocol).
     """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
@@ -100,7 +114,9 @@ def classify(url: str, recordings: Sequence[Recording], *, model: str | None = N
         with httpx.Client(timeout=timeout, transport=transport) as client:
             for start in range(0, len(recordings), batch_size):
                 batch = recordings[start:start + batch_size]
-                response = client.post(target, content=_request_body(batch, model, binary),
+                declared = None if sensors is None else sensors[start:start + batch_size]
+                body = _request_body(batch, model, binary, declared, transform)
+                response = client.post(target, content=body,
                                        headers={"content-type": MSGPACK, "accept": MSGPACK})
                 _raise_for(response)
                 out += _parse(_decode_body(response), len(batch))
@@ -111,7 +127,9 @@ def classify(url: str, recordings: Sequence[Recording], *, model: str | None = N
 
 async def aclassify(url: str, recordings: Sequence[Recording], *, model: str | None = None,
                     batch_size: int = 16, timeout: float = 300.0, binary: bool = True,
-                    transport: httpx.AsyncBaseTransport | None = None) -> list[Classification]:
+                    transport: httpx.AsyncBaseTransport | None = None,
+                    sensors: Sequence[SensorSpec | None] | None = None,
+                    transform: Mapping[str, Any] | None = None) -> list[Classification]:
     """Asyncio twin of :func:`classify`."""
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
@@ -121,7 +139,9 @@ async def aclassify(url: str, recordings: Sequence[Recording], *, model: str | N
         async with httpx.AsyncClient(timeout=timeout, transport=transport) as client:
             for start in range(0, len(recordings), batch_size):
                 batch = recordings[start:start + batch_size]
-                response = await client.post(target, content=_request_body(batch, model, binary),
+                declared = None if sensors is None else sensors[start:start + batch_size]
+                body = _request_body(batch, model, binary, declared, transform)
+                response = await client.post(target, content=body,
                                              headers={"content-type": MSGPACK, "accept": MSGPACK})
                 _raise_for(response)
                 out += _parse(_decode_body(response), len(batch))

@@ -29,12 +29,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from evssm import __version__
+from evssm.models.wire import SHD_CHANNELS
 
 from .errors import ClientError, ConnectionLost, ServerError
 from .packets import Packet
 from .protocol import Result, SessionInfo, endpoint_url
 from .session import AsyncStreamSession
-from .sources import SHD_CHANNELS, SensorSpec, SimulatedSensor
+from .sources import SensorSpec, SimulatedSensor
 from .stats import percentiles_ms
 from .stream_command import DEFAULT_URL, explain
 

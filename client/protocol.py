@@ -1,4 +1,4 @@
-"""Wire format of the external contract (DESIGN section 4): msgpack frames, event columns, replies.
+"""The client's side of the wire contract (``evssm.models.wire``): msgpack frames, event columns, replies.
 
 Event columns go out as msgpack ``bin`` of little-endian ``int64`` (t, microseconds), ``uint16``
 (x, y) and ``uint8`` (p) by default: one memory copy per column, no per-integer encoding, which is
@@ -17,25 +17,17 @@ import msgpack
 import numpy as np
 
 from evssm.models.events import Recording, SensorSpec
+from evssm.models.wire import CLASSIFY_PATH, COLUMN_DTYPES, MODELS_PATH, STREAM_PATH
 
 from .errors import ProtocolError
 
-STREAM_PATH = "/v1/stream"
-CLASSIFY_PATH = "/v1/classify"
-MODELS_PATH = "/v1/models"
 
-# (column, wire dtype, largest value the dtype holds)
-_COLUMNS: tuple[tuple[str, str, int], ...] = (
-    ("x", "<u2", 0xFFFF),
-    ("y", "<u2", 0xFFFF),
-    ("p", "<u1", 0xFF),
-)
-
-
-def _column_bytes(name: str, values: np.ndarray, dtype: str, hi: int) -> np.ndarray:
-    """``values`` as ``dtype``; refuses values the wire type cannot hold (a cast would wrap)."""
+def _column_bytes(name: str, values: np.ndarray) -> np.ndarray:
+    """``values`` as the column's wire type; refuses values it cannot hold (a cast would wrap)."""
+    dtype = COLUMN_DTYPES[name]
+    hi = int(np.iinfo(dtype).max)
     arr = np.asarray(values)
-    if arr.dtype != np.dtype(dtype) and arr.size:
+    if arr.dtype != dtype and arr.size:
         lo_v, hi_v = arr.min(), arr.max()
         if lo_v < 0 or hi_v > hi:
             bad = lo_v if lo_v < 0 else hi_v
@@ -49,15 +41,15 @@ def event_columns(rec: Recording, *, binary: bool = True) -> dict[str, Any]:
     Raises ``ValueError`` if the columns differ in length or hold values the wire types cannot.
     """
     n = len(rec)
-    t = np.ascontiguousarray(rec.t, dtype="<i8")
+    t = np.ascontiguousarray(rec.t, dtype=COLUMN_DTYPES["t"])
     cols: dict[str, np.ndarray] = {"t": t}
-    for name, dtype, hi in _COLUMNS:
+    for name in ("x", "y", "p"):
         values = getattr(rec, name)
         if values is None:
             continue
         if len(values) != n:
             raise ValueError(f"column {name} has {len(values)} events, t has {n}")
-        cols[name] = _column_bytes(name, values, dtype, hi)
+        cols[name] = _column_bytes(name, values)
     if binary:
         return {k: v.tobytes() for k, v in cols.items()}
     return {k: v.tolist() for k, v in cols.items()}
@@ -71,6 +63,14 @@ def encode_events(seq: int, rec: Recording, *, binary: bool = True) -> bytes:
 def encode_message(msg_type: str, **fields: Any) -> bytes:
     """A control frame (``open``, ``reset``, ``close``); ``None`` fields are left out."""
     return msgpack.packb({"type": msg_type, **{k: v for k, v in fields.items() if v is not None}})
+
+
+def sensor_declaration(sensor: SensorSpec) -> dict[str, int]:
+    """The ``sensor`` a client declares for its source: ``{"width", "height"}`` or
+    ``{"channels"}``."""
+    if sensor.kind == "1d":
+        return {"channels": sensor.channels}
+    return {"width": sensor.width, "height": sensor.height}
 
 
 def decode_frame(frame: bytes | str) -> dict[str, Any]:
@@ -118,17 +118,20 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class SessionInfo:
-    """The server's ``opened`` reply: session id, resume token, events so far, model.
+    """The server's ``opened`` reply: session id, resume token, events so far, model, and — when
+    the session declared a source sensor — the resolved ``geometry`` and events ``cropped``.
 
     ``restored``: the session was resumed from a snapshot (the server had restarted, or another
-    replica held it). ``durable``: the event count its last snapshot covers; None when the server
-    keeps no snapshots.
+    replica held it). ``durable``: the events sent (kept and cropped) its last snapshot covers;
+    None when the server keeps no snapshots.
     """
 
     session: str
     resume: str | None
     events: int
     model: ModelInfo
+    cropped: int = 0
+    geometry: dict[str, Any] | None = None
     restored: bool = False
     durable: int | None = None
 
@@ -141,6 +144,7 @@ class SessionInfo:
                    resume=None if msg.get("resume") is None else str(msg["resume"]),
                    events=int(msg.get("events") or 0),
                    model=ModelInfo.from_dict(msg.get("model")),
+                   cropped=int(msg.get("cropped") or 0), geometry=msg.get("geometry"),
                    restored=bool(msg.get("restored", False)),
                    durable=None if durable is None else int(durable))
 
@@ -149,7 +153,8 @@ class SessionInfo:
 class Result:
     """The server's answer to one packet.
 
-    ``events`` is the session's total event count after the packet, ``t`` its last timestamp.
+    ``events`` is the session's total event count after the packet, ``t`` its last timestamp;
+    ``cropped`` counts the events a declared crop removed (they are not in ``events``).
     ``probs`` is None while the network has no complete output window yet. ``latency_s`` is
     measured by the client from the packet's first send to the answer's arrival. ``lost`` marks a
     packet the server processed but whose answer was lost with a dropped connection (its
@@ -165,6 +170,7 @@ class Result:
     top: list[tuple[Any, float]]
     latency_s: float = 0.0
     lost: bool = False
+    cropped: int = 0
     durable: int | None = None
 
     @property
@@ -180,7 +186,7 @@ class Result:
             durable = msg.get("durable")
             return cls(seq=int(msg["seq"]), events=int(msg.get("events") or 0),
                        t=None if t is None else int(t), probs=_probs(msg.get("probs")),
-                       top=top, latency_s=latency_s,
+                       top=top, latency_s=latency_s, cropped=int(msg.get("cropped") or 0),
                        durable=None if durable is None else int(durable))
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise ProtocolError(f"malformed result frame: {exc}") from exc
@@ -188,7 +194,7 @@ class Result:
     def to_dict(self) -> dict[str, Any]:
         return {"seq": self.seq, "events": self.events, "t": self.t, "probs": self.probs,
                 "top": [[label, p] for label, p in self.top], "latency_ms": self.latency_s * 1e3,
-                "lost": self.lost, "durable": self.durable}
+                "lost": self.lost, "cropped": self.cropped, "durable": self.durable}
 
 
 def endpoint_url(url: str, kind: str) -> str:

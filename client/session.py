@@ -35,14 +35,16 @@ import collections
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterable, AsyncIterator, Coroutine, Iterable, Iterator, TypeVar
+from typing import (Any, AsyncIterable, AsyncIterator, Coroutine, Iterable, Iterator, Mapping,
+                    TypeVar)
 
 import msgpack
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
-from evssm.models.events import Recording
+from evssm.models.events import Recording, SensorSpec
+from evssm.models.wire import CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER, Code
 
 from .errors import (
     ClientError,
@@ -57,12 +59,11 @@ from .errors import (
     server_error,
 )
 from .packets import Packet
-from .protocol import Result, SessionInfo, decode_frame, encode_message, endpoint_url, event_columns
+from .protocol import (Result, SessionInfo, decode_frame, encode_message, endpoint_url, event_columns,
+                       sensor_declaration)
 
 T = TypeVar("T")
 
-CLOSE_SERVICE_RESTART = 1012  # the server is shutting down: reconnect later
-CLOSE_TRY_AGAIN_LATER = 1013  # the server is full or not ready: retry later
 _EMPTY_COLUMNS = {"t": b"", "x": b""}
 
 
@@ -86,10 +87,10 @@ class _Pending:
 class Resume:
     """One re-attachment of a session after its connection dropped.
 
-    ``events`` is the server's count for the session when it re-attached; ``restored`` says it came
-    from a snapshot (the server had restarted, or another replica took the session over);
-    ``new_session`` that the session was gone and a new one was opened to replay the stream from
-    its start. ``replayed`` events had been answered before and were sent again (the part the
+    ``events`` is the server's count for the session when it re-attached (events sent, kept or
+    cropped by a declared geometry); ``restored`` says it came from a snapshot (the server had
+    restarted, or another replica took the session over); ``new_session`` that the session was
+    gone and a new one was opened to replay the stream from its start. ``replayed`` events had been answered before and were sent again (the part the
     snapshot did not cover); ``resent`` packets were in flight and sent again.
     """
 
@@ -123,6 +124,10 @@ class AsyncStreamSession:
         backoff: (first, largest) delay in seconds between reconnect attempts, doubling.
         open_timeout: seconds to wait for the connection and the ``opened`` reply.
         binary: send columns as little-endian ``bin`` (fast) rather than integer arrays.
+        sensor: the source's sensor, declared in ``open`` so that the server maps it onto the
+            model's (None: the source is the model's sensor).
+        transform: how the server maps it (``{"crop", "scale", "flip_x", "flip_y"}``; see the
+            protocol); None for the default (fit, centred).
         max_replay_events: most answered events kept for a replay after a server restart (only
             when the server keeps snapshots); past it the oldest are dropped, and a restore from a
             snapshot older than what is kept fails with ``resume_mismatch``.
@@ -139,6 +144,7 @@ class AsyncStreamSession:
                  top_k: int | None = None, max_in_flight: int = 8, reconnect: bool = True,
                  max_reconnect_attempts: int = 8, backoff: tuple[float, float] = (0.05, 2.0),
                  open_timeout: float = 10.0, binary: bool = True,
+                 sensor: SensorSpec | None = None, transform: Mapping[str, Any] | None = None,
                  max_replay_events: int = 1 << 22, replay_packet_events: int = 16384):
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be >= 1")
@@ -153,6 +159,8 @@ class AsyncStreamSession:
         self.backoff = backoff
         self.open_timeout = open_timeout
         self.binary = binary
+        self.sensor = sensor
+        self.transform = None if transform is None else dict(transform)
         self.max_replay_events = max_replay_events
         self.replay_packet_events = replay_packet_events
         self.info: SessionInfo | None = None
@@ -223,7 +231,7 @@ class AsyncStreamSession:
             await ws.close()
             raise
         self._ws, self.info, self._connected = ws, info, True
-        self._acked_events = info.events
+        self._acked_events = info.events + info.cropped  # events sent: kept + cropped
         self._durable = info.durable
         self._reader = asyncio.create_task(self._read_loop(), name=f"evssm-reader-{info.session}")
         return info
@@ -471,8 +479,10 @@ class AsyncStreamSession:
                          model: str | None = None) -> SessionInfo:
         """Send ``open`` and wait for ``opened`` (or a typed error)."""
         try:
+            sensor = None if self.sensor is None else sensor_declaration(self.sensor)
             await ws.send(encode_message("open", model=model or self.model, resume=resume,
-                                         top_k=self.top_k))
+                                         top_k=self.top_k, sensor=sensor,
+                                         transform=self.transform))
             async with asyncio.timeout(self.open_timeout):
                 while True:
                     msg = decode_frame(await ws.recv())
@@ -485,9 +495,9 @@ class AsyncStreamSession:
         except ConnectionClosed as exc:
             code, reason = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else (None, "")
             if code == CLOSE_TRY_AGAIN_LATER:  # the contract's "server full, retry later"
-                raise ServerFull("server_full", reason or "server full, retry later") from exc
+                raise ServerFull(Code.SERVER_FULL, reason or "server full, retry later") from exc
             if code == CLOSE_SERVICE_RESTART:
-                raise ServerUnavailable("draining", reason or "server restarting") from exc
+                raise ServerUnavailable(Code.DRAINING, reason or "server restarting") from exc
             raise ConnectFailed(f"the server closed the connection while opening: {exc}") from exc
         except TimeoutError as exc:
             raise ConnectFailed(f"no 'opened' reply within {self.open_timeout} s") from exc
@@ -526,7 +536,7 @@ class AsyncStreamSession:
                                     f"{entry.seq if entry else 'none'}")
             self._pending.popleft()
             result = Result.from_message(msg, time.perf_counter() - entry.sent_at)
-            self._acked_events = result.events
+            self._acked_events = result.events + result.cropped
             self._unconfirmed_reset = None  # a result after a reset proves it was applied
             self._note_durable(result.durable)
             self._keep(entry)
@@ -662,7 +672,7 @@ class AsyncStreamSession:
         is replayed; a new session (``fresh``) starts from zero the same way.
         """
         assert self._ws is not None
-        served = info.events
+        served = info.events + info.cropped  # every event sent, kept or cropped
         base = self._acked_events - self._kept_events  # the count before the first kept packet
         whole = fresh or (info.restored and (self._unconfirmed_reset is not None
                                              or self._reset_unsnapshotted))
@@ -722,7 +732,8 @@ class AsyncStreamSession:
         self._trim()
         for entry in list(self._pending):
             await self._send_frame(entry.frame)
-        return Resume(at=time.time(), events=info.events, restored=info.restored, new_session=fresh,
+        return Resume(at=time.time(), events=info.events + info.cropped, restored=info.restored,
+                      new_session=fresh,
                       replayed=replayed, resent=len(self._pending))
 
     async def _replay(self, entries: list[_Pending]) -> int:
@@ -739,9 +750,10 @@ class AsyncStreamSession:
                 sent += 1
             msg = decode_frame(await self._ws.recv())
             if msg["type"] == "result":
-                if msg.get("seq") != chunks[answered][0] or msg.get("events") != int(ends[answered]):
+                sent = int(msg.get("events") or 0) + int(msg.get("cropped") or 0)
+                if msg.get("seq") != chunks[answered][0] or sent != int(ends[answered]):
                     raise ProtocolError(f"replayed packet {chunks[answered][0]} answered as "
-                                        f"{msg.get('seq')} at {msg.get('events')} events, expected "
+                                        f"{msg.get('seq')} at {sent} events, expected "
                                         f"{int(ends[answered])}")
                 answered += 1
                 if msg.get("durable") is not None and self._durable is not None:

@@ -11,7 +11,21 @@ source knows them. Formats:
   ``x, y, p, t`` with ``t`` in milliseconds, the file name (``3.npy``) being the class index.
 - SHD/SSC HDF5 (``spikes/times`` in seconds, ``spikes/units``, ``labels``): one sample by index.
   Needs ``h5py`` (installed with ``evssm[model]``).
-- AEDAT4 through the optional ``aedat`` package (``pip install evssm[aedat]``).
+- Event-camera files through the optional ``faery`` package (``pip install 'evssm[formats]'``):
+  AEDAT 4 (``.aedat4``, iniVation), Prophesee EVT 2.0 / 2.1 / 3.0 (``.raw``) and DAT (``.dat``,
+  event types ``cd`` and ``2d``), event-stream (``.es``) and CSV (``.csv``: ``t,x,y,on`` with a
+  header line, ``t`` in microseconds).
+- The N-MNIST binary layout (``.bin``, read with numpy): 5 bytes per event, ``x`` (8 bit),
+  ``y`` (8 bit), then polarity (1 bit) and ``t`` (23 bit, microseconds), big-endian.
+
+**Geometry.** ``Sample.sensor`` is the source sensor and ``Sample.geometry`` says where it came
+from: ``"file"`` (stated by the file: AEDAT4, ES, EVT/DAT with a geometry header), ``"format"``
+(fixed by the data set: DVS Gesture, SHD/SSC, the project's data sets), ``"guess"`` (a file that
+does not state it: the smallest standard sensor of its format that holds every address, e.g.
+640 x 480 or 1280 x 720 for Prophesee files, 34 x 34 for N-MNIST), ``"option"`` (given by the
+caller, ``--sensor WxH``), or ``"extent"`` (the smallest box holding the addresses of a file with
+no known geometry: ``.npy``/``.npz``/CSV). A client declares every geometry but ``"extent"`` to
+the server, which maps it onto the model's sensor.
 - ``dataset:NAME`` — the project's offline data sets (needs the model extra).
 - ``sim:rate=R,duration=S,label=K,...`` — a simulated sensor (:class:`SimulatedSensor`).
 """
@@ -19,27 +33,32 @@ source knows them. Formats:
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from evssm.models.events import Recording, SensorSpec
+from evssm.models.wire import DVS_GESTURE_CLASSES, DVS_GESTURE_SIZE, SHD_CHANNELS
 
 from .errors import SourceError
 
-DVS_GESTURE_SENSOR = SensorSpec.two_d(128, 128)
-DVS_GESTURE_CLASSES = (
-    "hand_clapping", "right_hand_wave", "left_hand_wave", "right_arm_clockwise",
-    "right_arm_counter_clockwise", "left_arm_clockwise", "left_arm_counter_clockwise",
-    "arm_roll", "air_drums", "air_guitar", "other_gestures",
-)
-SHD_CHANNELS = 700  # SHD and SSC cochlea model outputs
+DVS_GESTURE_SENSOR = SensorSpec.two_d(*DVS_GESTURE_SIZE)
 
-FORMATS = ("npy", "npz", "dvs-npy", "hdf5", "aedat4")
+FORMATS = ("npy", "npz", "dvs-npy", "hdf5", "aedat4", "evt", "dat", "es", "csv", "nmnist")
 _SUFFIX_FORMATS = {".npy": "npy", ".npz": "npz", ".h5": "hdf5", ".hdf5": "hdf5",
-                   ".aedat4": "aedat4", ".aedat": "aedat4"}
+                   ".aedat4": "aedat4", ".aedat": "aedat4", ".raw": "evt", ".dat": "dat",
+                   ".es": "es", ".csv": "csv", ".bin": "nmnist"}
+# Sensors a format's files commonly come from, smallest first: the geometry guessed for a file
+# that does not state it (Prophesee GenX320, Gen3 VGA, Gen4/IMX636 HD; ATIS; N-MNIST).
+STANDARD_SENSORS: dict[str, tuple[tuple[int, int], ...]] = {
+    "evt": ((320, 320), (640, 480), (1280, 720)),
+    "dat": ((304, 240), (640, 480), (1280, 720)),
+    "nmnist": ((34, 34), (304, 240)),
+}
+GEOMETRY_SOURCES = ("file", "format", "guess", "option", "extent")
 
 
 @dataclass
@@ -51,6 +70,12 @@ class Sample:
     name: str = ""
     sensor: SensorSpec | None = None
     class_names: tuple[str, ...] = field(default=())
+    geometry: str = "extent"  # where ``sensor`` came from (see the module docstring)
+
+    @property
+    def declared_sensor(self) -> SensorSpec | None:
+        """The sensor a client declares to the server: known geometries only, not an extent."""
+        return None if self.geometry == "extent" else self.sensor
 
     def label_name(self, model_classes: Sequence[str] = ()) -> str | None:
         """The label as a class name: from the source's names, else the model's, else as is."""
@@ -212,7 +237,7 @@ def _dvs_gesture(arr: np.ndarray, path: Path) -> Sample:
     rec = _recording(t_us, x, y, p, where=str(path))
     label = int(path.stem) if path.stem.isdigit() else None
     return Sample(rec, label=label, name=str(Path(path.parent.name) / path.name),
-                  sensor=DVS_GESTURE_SENSOR, class_names=DVS_GESTURE_CLASSES)
+                  sensor=DVS_GESTURE_SENSOR, class_names=DVS_GESTURE_CLASSES, geometry="format")
 
 
 def load_dvs_gesture(path: str | Path) -> Sample:
@@ -264,45 +289,176 @@ def load_hdf5(path: str | Path, index: int = 0) -> Sample:
     t_us = np.rint(times * 1e6).astype(np.int64)
     rec = _recording(t_us, units, where=f"{path}[{index}]")
     return Sample(rec, label=label, name=f"{path.name}[{index}]",
-                  sensor=SensorSpec.one_d(SHD_CHANNELS), class_names=names)
+                  sensor=SensorSpec.one_d(SHD_CHANNELS), class_names=names, geometry="format")
 
 
-def load_aedat4(path: str | Path) -> Sample:
-    """The first event stream of an AEDAT4 file (DV/iniVation cameras), via ``aedat``."""
+def _faery(what: str) -> Any:
     try:
-        import aedat
+        import faery
     except ImportError as exc:
-        raise SourceError("reading AEDAT4 files needs the optional aedat package: "
-                          "pip install 'evssm[aedat]'") from exc
-    path = Path(path)
+        raise SourceError(f"reading {what} files needs the optional faery package: "
+                          "pip install 'evssm[formats]'") from exc
+    return faery
+
+
+def _faery_recording(chunks: Iterable[np.ndarray], where: str, on: str = "on") -> Recording:
+    """One Recording from faery's event arrays (fields t, x, y and ``on``)."""
+    parts = [c for c in chunks if len(c)]
+    if not parts:
+        return Recording(np.zeros(0, np.int64), np.zeros(0, np.uint16), np.zeros(0, np.uint16),
+                         np.zeros(0, np.uint8))
+    # Column by column: numpy concatenates plain columns far faster than structured records.
+    t, x, y, p = (np.concatenate([c[name] for c in parts]) for name in ("t", "x", "y", on))
+    return _recording(t, x, y, p if p.dtype == np.bool_ else p > 0,  # a DAT payload: > 0 is ON
+                      where=where)
+
+
+def _guess_sensor(rec: Recording, fmt: str) -> tuple[SensorSpec | None, str]:
+    """The smallest standard sensor of ``fmt`` that holds every address, else the extent."""
+    extent = _sensor_of(rec)
+    if extent is None:
+        return None, "extent"
+    for w, h in STANDARD_SENSORS.get(fmt, ()):
+        if extent.width <= w and extent.height <= h:
+            return SensorSpec.two_d(w, h), "guess"
+    return extent, "extent"
+
+
+def _stated(decoder_cls: Any, path: Path, fallback: tuple[int, int]) -> tuple[Any, bool]:
+    """A faery EVT/DAT decoder and whether the file states its geometry (else ``fallback``)."""
     try:
-        decoder = aedat.Decoder(path)
-        streams = decoder.id_to_stream()
-        ids = sorted(i for i, s in streams.items() if s.get("type") == "events")
-        if not ids:
-            raise SourceError(f"{path}: no event stream in the file")
-        stream_id = ids[0]
-        chunks = [packet["events"] for packet in decoder
-                  if packet.get("stream_id") == stream_id and "events" in packet]
+        return decoder_cls(path, None, None), True
+    except RuntimeError as exc:
+        if "size" not in str(exc):
+            raise
+        return decoder_cls(path, fallback, None), False
+
+
+def _csv_geometry(path: Path) -> tuple[int, int] | None:
+    """The geometry a CSV header states as faery writes it (``t,x@W,y@H,on``), else None."""
+    with open(path, "rb") as f:
+        header = f.readline(256).decode("ascii", "replace")
+    w, h = re.search(r"x@(\d+)", header), re.search(r"y@(\d+)", header)
+    return (int(w.group(1)), int(h.group(1))) if w and h else None
+
+
+def load_camera_file(path: str | Path, fmt: str, sensor: SensorSpec | None = None) -> Sample:
+    """An event-camera file read by faery: ``fmt`` one of ``aedat4``, ``evt``, ``dat``, ``es``,
+    ``csv``. ``sensor`` is the caller's geometry for files that do not state theirs."""
+    faery = _faery({"aedat4": "AEDAT4", "evt": "Prophesee EVT (.raw)", "dat": "Prophesee DAT",
+                    "es": "event-stream (.es)", "csv": "CSV event"}[fmt])
+    path = Path(path)
+    fallback = (sensor.width, sensor.height) if sensor is not None and sensor.kind == "2d" \
+        else (1280, 720)
+    stated: tuple[int, int] | None = None
+    try:
+        if fmt == "evt":
+            decoder, known = _stated(faery.evt.Decoder, path, fallback)
+            with decoder:
+                stated = tuple(decoder.dimensions) if known else None
+                chunks = [packet["events"] for packet in decoder if "events" in packet]
+            rec = _faery_recording(chunks, str(path))
+        elif fmt == "dat":
+            decoder, known = _stated(faery.dat.Decoder, path, fallback)
+            with decoder:
+                if decoder.event_type not in ("cd", "2d"):  # both are (t, x, y, polarity)
+                    raise SourceError(f"{path}: DAT events of type {decoder.event_type!r} are "
+                                      "not address events (expected cd or 2d)")
+                stated = tuple(decoder.dimensions) if known else None
+                chunks = list(decoder)
+            rec = _faery_recording(chunks, str(path), on="payload")
+        elif fmt == "csv":
+            stated = _csv_geometry(path)
+            # faery checks addresses against the size: the largest a uint16 address allows
+            size = stated or ((sensor.width, sensor.height) if sensor is not None
+                              and sensor.kind == "2d" else (0xFFFF, 0xFFFF))
+            stream = faery.events_stream_from_file(path, file_type="csv", dimensions_fallback=size)
+            rec = _faery_recording(stream, str(path))
+        else:
+            stream = faery.events_stream_from_file(path, file_type="aedat" if fmt == "aedat4"
+                                                   else "es")
+            rec = _faery_recording(stream, str(path))
+            stated = tuple(stream.dimensions())
     except SourceError:
         raise
-    except Exception as exc:  # the decoder raises plain exceptions for broken files
-        raise SourceError(f"{path}: cannot decode AEDAT4: {exc}") from exc
-    if chunks:
-        ev = np.concatenate(chunks)
-        rec = _recording(ev["t"], ev["x"], ev["y"], ev["on"], where=str(path))
-    else:
-        rec = Recording(np.zeros(0, np.int64), np.zeros(0, np.uint16), np.zeros(0, np.uint16),
-                        np.zeros(0, np.uint8))
-    info = streams[stream_id]
-    w, h = int(info.get("width") or 0), int(info.get("height") or 0)
-    sensor = SensorSpec.two_d(w, h) if w > 0 and h > 0 else _sensor_of(rec)
-    return Sample(rec, name=path.name, sensor=sensor)
+    except Exception as exc:  # faery's decoders raise plain exceptions for broken files
+        raise SourceError(f"{path}: cannot decode as {fmt}: {exc}") from exc
+    if stated is not None:
+        return Sample(rec, name=path.name, sensor=SensorSpec.two_d(*stated), geometry="file")
+    guessed, how = _guess_sensor(rec, fmt)
+    return Sample(rec, name=path.name, sensor=guessed, geometry=how)
 
 
-def load_file(path: str | Path, *, index: int = 0, fmt: str | None = None) -> Sample:
+def load_nmnist(path: str | Path) -> Sample:
+    """An N-MNIST-layout ``.bin`` (ATIS recordings: N-MNIST, N-Caltech101).
+
+    Each event is 5 bytes ``b0..b4``: ``x = b0``, ``y = b1``, ``p = b2 >> 7``,
+    ``t = (b2 & 0x7f) << 16 | b3 << 8 | b4`` microseconds. A row with ``y = 240`` is the
+    layout's timestamp-overflow marker: it is not an event, and adds ``2**13`` us to every later
+    timestamp (as the data set's own reader does).
+    """
+    path = Path(path)
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size % 5:
+        raise SourceError(f"{path}: {raw.size} bytes is not a whole number of 5-byte N-MNIST "
+                          "events")
+    b = raw.reshape(-1, 5).astype(np.int64)
+    t = ((b[:, 2] & 0x7F) << 16) | (b[:, 3] << 8) | b[:, 4]
+    overflow = b[:, 1] == 240
+    if overflow.any():
+        t = t + (np.cumsum(overflow) << 13)
+    keep = ~overflow
+    rec = _recording(t[keep], b[keep, 0].astype(np.uint16), b[keep, 1].astype(np.uint16),
+                     (b[keep, 2] >> 7).astype(np.uint8), where=str(path))
+    guessed, how = _guess_sensor(rec, "nmnist")
+    return Sample(rec, name=path.name, sensor=guessed, geometry=how)
+
+
+def load_file(path: str | Path, *, index: int = 0, fmt: str | None = None,
+              sensor: SensorSpec | None = None) -> Sample:
     """Load an event file, its format from ``fmt`` or the file's suffix (see :data:`FORMATS`).
-    ``index`` picks the sample of a many-sample file (HDF5)."""
+    ``index`` picks the sample of a many-sample file (HDF5). ``sensor`` (``--sensor``) sets the
+    source geometry, overriding the file's; addresses beyond it are an error."""
+    sample = _load_file(Path(path), index, fmt, sensor)
+    if sensor is not None:
+        problem = _outside(sample.recording, sensor)
+        if problem:
+            raise SourceError(f"{path}: {problem}")
+        sample.sensor, sample.geometry = sensor, "option"
+    return sample
+
+
+def _outside(rec: Recording, sensor: SensorSpec) -> str | None:
+    """Why ``rec`` does not fit ``sensor`` (None when it does)."""
+    if len(rec) == 0:
+        return None
+    if (rec.y is None) != (sensor.kind == "1d"):
+        return (f"the recording is {'1-D' if rec.y is None else '2-D'} but the sensor given is "
+                f"{sensor.kind.upper()}")
+    if sensor.kind == "1d":
+        if int(rec.x.max()) >= sensor.channels:
+            return f"channel {int(rec.x.max())} is beyond the {sensor.channels} channels given"
+        return None
+    assert rec.y is not None
+    if int(rec.x.max()) >= sensor.width or int(rec.y.max()) >= sensor.height:
+        return (f"addresses up to {int(rec.x.max())}x{int(rec.y.max())} do not fit the "
+                f"{sensor.width}x{sensor.height} sensor given")
+    return None
+
+
+def parse_sensor(text: str) -> SensorSpec:
+    """``WxH`` (a 2-D sensor, e.g. ``640x480``) or ``C`` (a 1-D sensor of C channels)."""
+    w, sep, h = text.lower().partition("x")
+    try:
+        if not sep:
+            return SensorSpec.one_d(int(w))
+        return SensorSpec.two_d(int(w), int(h))
+    except ValueError:
+        raise SourceError(f"bad sensor {text!r}: use WIDTHxHEIGHT (e.g. 640x480) or CHANNELS"
+                          ) from None
+
+
+def _load_file(path: Path, index: int, fmt: str | None, sensor: SensorSpec | None) -> Sample:
     path = Path(path)
     if not path.exists():
         raise SourceError(f"{path}: no such file")
@@ -315,8 +471,10 @@ def load_file(path: str | Path, *, index: int = 0, fmt: str | None = None) -> Sa
         return load_dvs_gesture(path)
     if fmt == "hdf5":
         return load_hdf5(path, index)
-    if fmt == "aedat4":
-        return load_aedat4(path)
+    if fmt in ("aedat4", "evt", "dat", "es", "csv"):
+        return load_camera_file(path, fmt, sensor)
+    if fmt == "nmnist":
+        return load_nmnist(path)
     raise SourceError(f"{path}: unknown format (suffix {path.suffix!r}); "
                       f"use one of {', '.join(FORMATS)}")
 
@@ -341,9 +499,10 @@ def load_dataset_sample(name: str, split: str = "test", index: int = 0,
     if not -n <= index < n:
         raise SourceError(f"data set {name}/{split}: sample {index} out of range (holds {n})")
     rec, label = samples[index]
-    return Sample(rec, label=_label_of(label), name=f"{name}/{split}[{index}]",
-                  sensor=getattr(samples, "sensor", None),
-                  class_names=tuple(getattr(samples, "class_names", ()) or ()))
+    sensor = getattr(samples, "sensor", None)
+    return Sample(rec, label=_label_of(label), name=f"{name}/{split}[{index}]", sensor=sensor,
+                  class_names=tuple(getattr(samples, "class_names", ()) or ()),
+                  geometry="extent" if sensor is None else "format")
 
 
 def dataset_size(name: str, split: str = "test", data_dir: str | Path | None = None) -> int:
@@ -434,7 +593,8 @@ class SimulatedSensor:
     def sample(self, duration_s: float) -> Sample:
         """A labelled :class:`Sample` of ``duration_s`` seconds."""
         return Sample(self.recording(duration_s), label=self.label,
-                      name=f"sim(label={self.label}, rate={self.rate:g}/s)", sensor=self.sensor)
+                      name=f"sim(label={self.label}, rate={self.rate:g}/s)", sensor=self.sensor,
+                      geometry="format")
 
 
 SIM_DEFAULTS: dict[str, float] = {"rate": 20000.0, "duration": 2.0, "label": 0.0, "classes": 10.0,
@@ -458,11 +618,13 @@ def parse_sim_spec(spec: str) -> dict[str, float]:
 
 def open_source(spec: str, *, index: int = 0, fmt: str | None = None,
                 data_dir: str | Path | None = None, split: str = "test",
-                sensor: SensorSpec | None = None) -> Sample:
+                sensor: SensorSpec | None = None, source_sensor: SensorSpec | None = None
+                ) -> Sample:
     """A sample from a source spec: a file path, ``dataset:NAME``, or ``sim[:key=value,...]``.
 
     ``sensor`` is the geometry the simulated sensor emits for (normally the served model's); a
-    SHD-like 700-channel sensor when not given.
+    SHD-like 700-channel sensor when not given. ``source_sensor`` (``--sensor``) sets a file's
+    geometry (see :func:`load_file`).
     """
     if spec == "sim" or spec.startswith("sim:"):
         s = parse_sim_spec(spec)
@@ -472,7 +634,7 @@ def open_source(spec: str, *, index: int = 0, fmt: str | None = None,
         return sim.sample(s["duration"])
     if spec.startswith("dataset:"):
         return load_dataset_sample(spec.split(":", 1)[1], split, index, data_dir)
-    return load_file(spec, index=index, fmt=fmt)
+    return load_file(spec, index=index, fmt=fmt, sensor=source_sensor)
 
 
 def source_count(spec: str, *, fmt: str | None = None, data_dir: str | Path | None = None,

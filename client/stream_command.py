@@ -1,12 +1,24 @@
 """Stream a recording to a server event packet by event packet, with a live view of the answer.
 
 SOURCE is an event file (.npy/.npz structured arrays, DVS Gesture .npy, SHD/SSC .h5 with
---index, .aedat4 with the aedat extra), a project data set as dataset:NAME (with --split and
---index), or a simulated sensor as sim[:rate=EVENTS_PER_S,duration=S,label=K,classes=C,seed=N]
-(it emits for the served model's sensor). The recording plays in real time (--speed scales it,
---fast sends as fast as the server answers) in packets of --packet-events events or --packet-ms
-milliseconds. The terminal shows the top classes, events/s and packet latency while it plays,
-then the final answer; --json prints one JSON object for scripts instead.
+--index; camera files .aedat4, Prophesee .raw (EVT 2/3) and .dat, .es, .csv with the formats
+extra; N-MNIST .bin), a project data set as dataset:NAME (with --split and --index), a simulated
+sensor as sim[:rate=EVENTS_PER_S,duration=S,label=K,classes=C,seed=N] (it emits for the served
+model's sensor), or a live camera as udp://HOST:PORT. The recording plays in real time (--speed
+scales it, --fast sends as fast as the server answers) in packets of --packet-events events or
+--packet-ms milliseconds. The terminal shows the top classes, events/s and packet latency while
+it plays, then the final answer; --json prints one JSON object for scripts instead.
+
+The source's sensor geometry (from the file, or --sensor WxH) is declared to the server, which
+maps it onto the model's sensor: the whole source fitted in, aspect ratio kept, unless --crop,
+--scale stretch or --flip-x/--flip-y say otherwise.
+
+udp://HOST:PORT listens for the UDP datagrams faery or AEStream send from a camera (--format
+t64_x16_y16_on8, the default, or t32_x16_y15_on1; --sensor WxH is required), e.g.
+  faery input camera output udp 127.0.0.1:7777      # on the camera's machine
+  evssm stream udp://0.0.0.0:7777 --sensor 640x480 --url ws://SERVER:8000
+It forwards packets as they fill (at most 20 ms late) and stops on Ctrl-C, or with --json after
+--idle-timeout seconds without a datagram, printing what was received and forwarded.
 """
 
 from __future__ import annotations
@@ -15,9 +27,12 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
 from typing import Any
+
+import numpy as np
 
 from evssm.models.events import Recording, SensorSpec
 
@@ -25,8 +40,9 @@ from .errors import ClientError
 from .packets import apaced, packetize
 from .protocol import Result, SessionInfo
 from .session import AsyncStreamSession, Resume
-from .sources import FORMATS, Sample, open_source
+from .sources import FORMATS, Sample, SourceError, open_source, parse_sensor
 from .stats import RateMeter, percentiles_ms
+from .udp import UDP_FORMATS, UdpReceiver, UdpStats, live_packets, parse_udp_url
 
 DEFAULT_URL = os.environ.get("EVSSM_URL", "ws://127.0.0.1:8000")
 
@@ -41,26 +57,79 @@ def explain(parser: argparse.ArgumentParser, doc: str | None) -> None:
     parser.epilog = "\n".join((doc or "").strip().splitlines()[1:]).strip() or None
 
 
-def add_source_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options that pick a sample from a source (shared with ``evssm classify``)."""
-    parser.add_argument("--format", choices=FORMATS, default=None,
+def add_source_arguments(parser: argparse.ArgumentParser, udp: bool = False) -> None:
+    """Options that pick a sample from a source and say how its sensor maps onto the model's
+    (shared with ``evssm classify``)."""
+    parser.add_argument("--format", choices=FORMATS + (tuple(UDP_FORMATS) if udp else ()),
+                        default=None,
                         help="file format (default: from the file suffix; an N x 4 .npy is read "
-                             "as DVS Gesture)")
+                             "as DVS Gesture)" + ("; for udp:// the datagram layout (default "
+                                                   "t64_x16_y16_on8)" if udp else ""))
     parser.add_argument("--split", default="test", help="split of a dataset:NAME source")
     parser.add_argument("--data-dir", default=None,
                         help="directory of the project's data sets (dataset:NAME sources)")
+    geometry = parser.add_argument_group("source geometry (declared to the server, which maps "
+                                         "the source onto the model's sensor)")
+    geometry.add_argument("--sensor", type=_sensor_arg, default=None, metavar="WxH",
+                          help="the source sensor, WIDTHxHEIGHT (or CHANNELS for 1-D): for files "
+                               "that do not state it (EVT 2 .raw, .dat, .csv, .npy), or to "
+                               "override the file")
+    geometry.add_argument("--crop", type=_crop_arg, default=None, metavar="X,Y,W,H",
+                          help="use only this rectangle of the source (events outside are "
+                               "dropped by the server and counted)")
+    geometry.add_argument("--scale", choices=("fit", "stretch"), default=None,
+                          help="fit: keep the aspect ratio, centred (the default); stretch: fill "
+                               "the model's sensor")
+    geometry.add_argument("--flip-x", action="store_true", help="mirror left-right")
+    geometry.add_argument("--flip-y", action="store_true", help="mirror top-bottom")
+
+
+def _sensor_arg(text: str) -> SensorSpec:
+    try:
+        return parse_sensor(text)
+    except SourceError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _crop_arg(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (2, 4):
+        raise argparse.ArgumentTypeError(f"bad crop {text!r}: use X,Y,WIDTH,HEIGHT (X,WIDTH "
+                                         "for a 1-D sensor)")
+    return values
+
+
+def transform_of(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The ``transform`` the options ask for (None: the server's default)."""
+    out: dict[str, Any] = {}
+    if args.crop is not None:
+        out["crop"] = args.crop
+    if args.scale is not None:
+        out["scale"] = args.scale
+    if args.flip_x:
+        out["flip_x"] = True
+    if args.flip_y:
+        out["flip_y"] = True
+    return out or None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     explain(parser, __doc__)
     parser.add_argument("source", metavar="SOURCE",
-                        help="event file, dataset:NAME, or sim[:rate=R,duration=S,label=K,...]")
+                        help="event file, dataset:NAME, sim[:rate=R,duration=S,label=K,...], or "
+                             "udp://HOST:PORT")
     parser.add_argument("--url", default=DEFAULT_URL,
                         help="server, ws://HOST:PORT (env EVSSM_URL sets the default)")
     parser.add_argument("--model", default=None, help="model name (default: the server's)")
     parser.add_argument("--index", type=int, default=0,
                         help="sample of a many-sample source (HDF5 file, data set)")
-    add_source_arguments(parser)
+    add_source_arguments(parser, udp=True)
+    parser.add_argument("--idle-timeout", type=float, default=None, metavar="S",
+                        help="udp://: stop after S seconds without a datagram (default: 5 with "
+                             "--json, never in the live view)")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--packet-events", type=int, default=None, metavar="N",
                       help="events per packet (default 256 unless --packet-ms)")
@@ -85,8 +154,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refresh", type=float, default=10.0, help="live view refreshes per s")
 
 
-def check_sensor(rec: Recording, sensor: SensorSpec | None) -> str | None:
-    """Why ``rec`` cannot be read by a model with ``sensor`` (None when it can)."""
+def check_sensor(rec: Recording, sensor: SensorSpec | None,
+                 declared: SensorSpec | None = None) -> str | None:
+    """Why ``rec`` cannot be read by a model with ``sensor`` (None when it can). With a
+    ``declared`` source sensor the server maps addresses, so only the kinds must agree."""
+    if declared is not None and sensor is not None:
+        if declared.kind != sensor.kind:
+            return (f"the source is a {declared.kind.upper()} sensor but the model reads a "
+                    f"{sensor.kind.upper()} one; they cannot be mapped onto each other")
+        return None
     if sensor is None or len(rec) == 0:
         return None
     if sensor.kind == "1d":
@@ -99,15 +175,18 @@ def check_sensor(rec: Recording, sensor: SensorSpec | None) -> str | None:
         return "the recording is 1-D (x only) but the model reads a 2-D sensor (x, y, p)"
     if int(rec.x.max()) >= sensor.width or int(rec.y.max()) >= sensor.height:
         return (f"addresses up to {int(rec.x.max())}x{int(rec.y.max())} exceed the model's "
-                f"{sensor.width}x{sensor.height} sensor")
+                f"{sensor.width}x{sensor.height} sensor; give the source's geometry with "
+                f"--sensor WxH and the server maps it onto the model's")
     return None
 
 
 class _View:
     """State of a streaming run and its rich rendering."""
 
-    def __init__(self, sample: Sample, info: SessionInfo, url: str, speed: float | None, top: int):
+    def __init__(self, sample: Sample, info: SessionInfo, url: str, speed: float | None, top: int,
+                 live: UdpStats | None = None):
         self.sample, self.info, self.url, self.speed, self.top = sample, info, url, speed, top
+        self.live = live  # a UDP stream: no known total
         self.total = len(sample.recording)
         rec_t = sample.recording.t
         self.t0 = int(rec_t[0]) if self.total else 0
@@ -115,8 +194,11 @@ class _View:
         self.started = time.monotonic()
         self.meter = RateMeter(1.0)
         self.latencies: list[float] = []
-        self.base = info.events  # a resumed session counts the events it had before
-        self.answered = 0
+        # A resumed session counts the events it had before; cropped events were sent too.
+        self.base = info.events + info.cropped
+        self.answered = 0  # events sent and answered (kept by the server or cropped)
+        self.processed = 0  # events the model read
+        self.cropped = 0
         self.packets = 0
         self.lost = 0
         self.last: Result | None = None  # last result that carries probabilities
@@ -126,9 +208,11 @@ class _View:
 
     def add(self, result: Result) -> None:
         self.packets += 1
-        events = result.events - self.base
+        events = result.events + result.cropped - self.base
         self.meter.add(max(events - self.answered, 0))
         self.answered = events
+        self.cropped = result.cropped - self.info.cropped
+        self.processed = events - self.cropped
         self.last_any = result
         if result.lost:
             self.lost += 1
@@ -153,11 +237,18 @@ class _View:
         rec_pos = ((self.last_any.t - self.t0) / 1e6) if self.last_any and self.last_any.t \
             is not None else 0.0
         progress = Table.grid(padding=(0, 1))
-        progress.add_row(ProgressBar(total=max(self.total, 1), completed=self.answered, width=40),
-                         f"{self.answered:,}/{self.total:,} events",
-                         f"{rec_pos:6.2f}/{self.span_s:.2f} s of recording",
-                         f"wall {wall:6.2f} s", "fast" if self.speed is None
-                         else f"speed {self.speed:g}x")
+        if self.live is not None:
+            progress.add_row(f"received {self.live.events_received:,} events in "
+                             f"{self.live.datagrams:,} datagrams", f"forwarded {self.answered:,}",
+                             f"out of order {self.live.events_out_of_order:,}",
+                             f"wall {wall:6.2f} s   (Ctrl-C stops)")
+        else:
+            progress.add_row(ProgressBar(total=max(self.total, 1), completed=self.answered,
+                                         width=40),
+                             f"{self.answered:,}/{self.total:,} events",
+                             f"{rec_pos:6.2f}/{self.span_s:.2f} s of recording",
+                             f"wall {wall:6.2f} s", "fast" if self.speed is None
+                             else f"speed {self.speed:g}x")
         fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
         stats = Text(f"events/s {self.meter.rate():>10,.0f}   latency ms last {fmt(last_ms)}  "
                      f"p50 {fmt(lat['p50'])}  p95 {fmt(lat['p95'])}  p99 {fmt(lat['p99'])}   "
@@ -224,8 +315,13 @@ def _summary(view: _View, sample: Sample, info: SessionInfo, args: argparse.Name
         "correct": sample.is_correct(prediction, info.model.classes),
         "top": [[label, p] for label, p in top],
         "probs": final.probs if final is not None else None,
-        "events": view.answered,
-        "recording_events": view.total,
+        "events": view.answered,  # read from the source and sent (all answered)
+        "events_processed": view.processed,
+        "cropped": view.cropped,
+        "recording_events": None if view.live is not None else view.total,
+        "sensor": None if sample.sensor is None else sample.sensor.to_dict(),
+        "sensor_from": sample.geometry,
+        "geometry": info.geometry,
         "packets": view.packets,
         "lost_results": view.lost,
         "reconnects": view.reconnects,
@@ -236,21 +332,35 @@ def _summary(view: _View, sample: Sample, info: SessionInfo, args: argparse.Name
         "events_per_s": round(view.answered / wall, 1) if wall > 0 else None,
         "speed": None if args.fast else args.speed,
         "latency_ms": percentiles_ms(view.latencies),
+        **({} if view.live is None else {"udp": view.live.to_dict(),
+                                          "events_received": view.live.events_received,
+                                          "events_forwarded": view.answered}),
     }
 
 
 async def _stream(args: argparse.Namespace) -> int:
+    if args.source.startswith("udp://"):
+        return await _stream_udp(args)
+    if args.format in UDP_FORMATS:
+        raise ClientError(f"--format {args.format} is a UDP datagram layout; SOURCE must then be "
+                          "udp://HOST:PORT")
     is_sim = args.source == "sim" or args.source.startswith("sim:")
     sample = None if is_sim else open_source(args.source, index=args.index, fmt=args.format,
-                                             data_dir=args.data_dir, split=args.split)
+                                             data_dir=args.data_dir, split=args.split,
+                                             source_sensor=args.sensor)
+    declared = None if sample is None else sample.declared_sensor
+    if sample is not None and declared is None and transform_of(args) is not None:
+        raise ClientError(f"{sample.name}: the file does not state its sensor geometry; give "
+                          "--sensor WxH for --crop/--scale/--flip")
     session = AsyncStreamSession(args.url, model=args.model, resume=args.resume, top_k=args.top,
                                  max_in_flight=args.max_in_flight,
-                                 reconnect=not args.no_reconnect)
+                                 reconnect=not args.no_reconnect, sensor=declared,
+                                 transform=transform_of(args))
     info = await session.open()
     try:
         if sample is None:  # the simulated sensor emits for the served model's sensor
             sample = open_source(args.source, sensor=info.model.sensor)
-        problem = check_sensor(sample.recording, info.model.sensor)
+        problem = check_sensor(sample.recording, info.model.sensor, declared)
         if problem:
             raise ClientError(f"{sample.name}: {problem}")
         speed = None if args.fast else args.speed
@@ -270,6 +380,63 @@ async def _stream(args: argparse.Namespace) -> int:
         summary = _summary(view, sample, info, args)
     finally:
         await session.close()
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        _print_final(summary)
+    return 0
+
+
+async def _stream_udp(args: argparse.Namespace) -> int:
+    """A live UDP stream: forward packets as they fill until idle, stopped or interrupted."""
+    if args.sensor is None:
+        raise ClientError("a UDP stream does not say its sensor geometry: give --sensor WxH "
+                          "(e.g. --sensor 640x480)")
+    fmt = args.format or "t64_x16_y16_on8"
+    if fmt not in UDP_FORMATS:
+        raise ClientError(f"--format for udp:// is a datagram layout: {', '.join(UDP_FORMATS)}")
+    host, port = parse_udp_url(args.source)
+    idle = args.idle_timeout if args.idle_timeout is not None else (5.0 if args.json else None)
+    receiver = UdpReceiver(host, port)  # bound before connecting: no datagram is missed
+    stats = UdpStats()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGINT, stop.set)  # Ctrl-C ends the stream, with a summary
+    except (NotImplementedError, RuntimeError):
+        pass
+    sample = Sample(Recording(np.zeros(0, np.int64), np.zeros(0, np.uint16), np.zeros(0, np.uint16),
+                              np.zeros(0, np.uint8)), name=args.source, sensor=args.sensor,
+                    geometry="option")
+    session = AsyncStreamSession(args.url, model=args.model, resume=args.resume, top_k=args.top,
+                                 max_in_flight=args.max_in_flight, reconnect=not args.no_reconnect,
+                                 sensor=args.sensor, transform=transform_of(args))
+    try:
+        receiver.start(loop)
+        info = await session.open()
+        try:
+            problem = check_sensor(sample.recording, info.model.sensor, args.sensor)
+            if problem:
+                raise ClientError(f"{args.source}: {problem}")
+            window = None if args.packet_ms is None else max(int(args.packet_ms * 1000), 1)
+            packets = live_packets(receiver, fmt, stats, window_us=window,
+                                   events=None if window else (args.packet_events or 256),
+                                   max_events=args.max_packet_events, idle_timeout=idle,
+                                   stop=stop)
+            view = _View(sample, info, session.url, None, args.top, live=stats)
+            if args.json:
+                async for result in session.stream(packets):
+                    view.add(result)
+            else:
+                await _live(session, view, packets, args.refresh)
+            view.reconnects = session.reconnects
+            summary = _summary(view, sample, info, args)
+        finally:
+            await session.close()
+    finally:
+        receiver.close()
+        loop.remove_signal_handler(signal.SIGINT)
+    summary["speed"] = None
     if args.json:
         print(json.dumps(summary))
     else:

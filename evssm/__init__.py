@@ -1,6 +1,7 @@
 """evssm: online inference for event-based state-space models.
 
-The distribution installs one package with four parts, each a top-level folder of the repository:
+One package with four parts, each a top-level folder of the repository that this folder links
+(``evssm/models -> ../models``, ...; docs/architecture.md, "Layout"):
 
 - ``evssm.models`` (``models/``): the EventSSM network, streaming form, trainer, data sets.
 - ``evssm.server`` (``server/``): the FastAPI/uvicorn inference server.

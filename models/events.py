@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from .wire import Code
+
 PAD_TOKEN = -1
 MAX_GAP_US = np.iinfo(np.int32).max
 
@@ -93,7 +95,7 @@ class Recording:
 class EventError(ValueError):
     """Invalid events. ``code`` is the stable error code of the external contract."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: Code, message: str):
         super().__init__(message)
         self.code = code
         self.message = message
@@ -103,24 +105,24 @@ def tokenize(sensor: SensorSpec, x: np.ndarray, y: np.ndarray | None = None,
              p: np.ndarray | None = None, *, check: bool = True) -> np.ndarray:
     """Map event addresses to int32 tokens [N] (see module docstring).
 
-    With ``check`` an address outside the sensor raises ``EventError("address_out_of_range")``.
+    With ``check`` an address outside the sensor raises ``EventError(Code.ADDRESS_OUT_OF_RANGE)``.
     """
     x = np.asarray(x)
     if sensor.kind == "1d":
         if check and x.size and (x.min() < 0 or x.max() >= sensor.channels):
             bad = int(x[(x < 0) | (x >= sensor.channels)][0])
-            raise EventError("address_out_of_range",
+            raise EventError(Code.ADDRESS_OUT_OF_RANGE,
                              f"x={bad} is outside the sensor's channels 0..{sensor.channels - 1}")
         return x.astype(np.int32)
     if y is None or p is None:
-        raise EventError("missing_column", "a 2-D sensor needs columns x, y and p")
+        raise EventError(Code.MISSING_COLUMN, "a 2-D sensor needs columns x, y and p")
     y = np.asarray(y)
     p = np.asarray(p)
     if check and x.size:
         for name, col, hi in (("x", x, sensor.width), ("y", y, sensor.height), ("p", p, 2)):
             if col.min() < 0 or col.max() >= hi:
                 bad = int(col[(col < 0) | (col >= hi)][0])
-                raise EventError("address_out_of_range",
+                raise EventError(Code.ADDRESS_OUT_OF_RANGE,
                                  f"{name}={bad} is outside the sensor's range 0..{hi - 1}")
     w, h = sensor.width, sensor.height
     return (x.astype(np.int64) + w * y.astype(np.int64) + w * h * p.astype(np.int64)).astype(np.int32)
@@ -139,7 +141,8 @@ def time_gaps(t: np.ndarray, last_t: int | None = None, *, check: bool = True) -
     """Inter-event gaps in microseconds, int32 [N], clamped to ``MAX_GAP_US``.
 
     ``last_t`` is the timestamp of the event before ``t[0]`` (None at a stream's start, which gives
-    ``gap_0 = 0``). With ``check``, decreasing timestamps raise ``EventError("timestamps_decreasing")``.
+    ``gap_0 = 0``). With ``check``, decreasing timestamps raise
+    ``EventError(Code.TIMESTAMPS_DECREASING)``.
     """
     t = np.asarray(t, dtype=np.int64)
     if t.size == 0:
@@ -152,7 +155,7 @@ def time_gaps(t: np.ndarray, last_t: int | None = None, *, check: bool = True) -
             msg = f"t[0]={int(t[0])} is before the session's last event at t={int(prev)}"
         else:
             msg = f"t[{i}]={int(t[i])} is before t[{i - 1}]={int(t[i - 1])}"
-        raise EventError("timestamps_decreasing", msg)
+        raise EventError(Code.TIMESTAMPS_DECREASING, msg)
     return np.minimum(gaps, MAX_GAP_US).astype(np.int32)
 
 

@@ -27,8 +27,8 @@ from .engine import Engine
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .protocol import (CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER, MSGPACK, MSGPACK_TYPES, Code,
-                       ProtocolError, decode_events, decode_frame, encode_frame, error_frame, frame_type,
-                       parse_open, parse_seq, prepare)
+                       ProtocolError, adapt, decode_events, decode_frame, encode_frame, error_frame,
+                       frame_type, parse_geometry, parse_open, parse_seq, prepare)
 from .durability import SnapshotIncompatible
 from .sessions import Close, Packet, Reset, ServerFull, Session
 from .settings import Settings
@@ -223,6 +223,10 @@ class StreamHandler:
             if req.model is not None and req.model != session.model:
                 raise ProtocolError(Code.INVALID_FIELD,
                                     f"the session streams to model {session.model!r}, not {req.model!r}")
+            if ("sensor" in msg or "transform" in msg) and \
+                    parse_geometry(msg, engine.runners[session.model].sensor) != session.geometry:
+                raise ProtocolError(Code.INVALID_FIELD, "the session was opened with another sensor "
+                                    "or transform; a resume must declare the same (or none)")
             previous = session.attachment
             if previous is not None and previous is not conn:
                 previous.detach(session, error_frame(Code.SESSION_RESUMED_ELSEWHERE,
@@ -235,19 +239,24 @@ class StreamHandler:
             if model not in engine.runners:
                 raise ProtocolError(Code.UNKNOWN_MODEL,
                                     f"unknown model {model!r}; served: {sorted(engine.runners)}")
+            geometry = parse_geometry(msg, engine.runners[model].sensor)
             try:
                 session = engine.open(model, req.top_k)
             except ServerFull as e:
                 self.reject(Code.SERVER_FULL, f"{e}; retry later", None, binary)
                 conn.close_after_flush(CLOSE_TRY_AGAIN_LATER, "server full")
                 return
+            session.geometry = geometry
         session.attachment = conn
         session.last_active = time.monotonic()
         conn.session = session
-        conn.send({"type": "opened", "session": session.id, "resume": session.token,
-                   "resumed": resumed, "restored": restored, "events": session.events,
-                   "t": session.last_t, "durable": session.durable, "top_k": session.top_k,
-                   "model": engine.runners[session.model].info}, binary)
+        opened = {"type": "opened", "session": session.id, "resume": session.token,
+                  "resumed": resumed, "restored": restored, "events": session.events,
+                  "t": session.last_t, "durable": session.durable, "top_k": session.top_k,
+                  "model": engine.runners[session.model].info}
+        if session.geometry is not None:
+            opened.update(geometry=session.geometry.describe(), cropped=session.cropped)
+        conn.send(opened, binary)
 
     async def _events(self, msg: dict[str, Any], seq: int | None, binary: bool, received: float) -> None:
         conn = self.conn
@@ -257,7 +266,9 @@ class StreamHandler:
             if self.engine.draining:
                 raise ProtocolError(Code.DRAINING, "the server is shutting down; packet not processed")
             runner = self.engine.runners[session.model]
-            events = decode_events(msg, runner.sensor, self.settings.max_packet_events)
+            source = runner.sensor if session.geometry is None else session.geometry.source
+            events = decode_events(msg, source, self.settings.max_packet_events)
+            events, cropped = adapt(events, session.geometry)
             tokens, gaps = prepare(events, runner.sensor, session.last_t)
         except BaseException:
             conn.release_inflight()
@@ -267,17 +278,22 @@ class StreamHandler:
         if n:
             session.last_t = int(events.t[-1])
         session.events += n
+        session.cropped += cropped  # 0 without a declared geometry
         session.last_active = time.monotonic()
         reply = asyncio.get_running_loop().create_future()
         self.engine.submit(session, Packet(seq=seq, tokens=tokens, gaps=gaps, events_after=session.events,
-                                           last_t=session.last_t, received=received, reply=reply))
+                                           last_t=session.last_t, received=received, reply=reply,
+                                           cropped_after=session.cropped))
+        if session.geometry is not None:
+            self.metrics.cropped.labels(model=session.model).inc(cropped)
+            reply = _with_fields(reply, cropped=session.cropped)
         conn.send(reply, binary, packet=(session.model, n, received))
 
     def _reset(self, binary: bool) -> None:
         session = self._session()
         if self.engine.draining:
             raise ProtocolError(Code.DRAINING, "the server is shutting down")
-        session.events, session.last_t = 0, None
+        session.events, session.last_t, session.cropped = 0, None, 0
         session.last_active = time.monotonic()
         reply = asyncio.get_running_loop().create_future()
         self.engine.submit(session, Reset(reply=reply))
@@ -290,6 +306,25 @@ class StreamHandler:
         session.closing = True  # no more work, no resume; freed once everything before is answered
         self.conn.session = None
         self.conn.send(reply, binary)
+
+
+def _with_fields(reply: asyncio.Future, **fields: Any) -> asyncio.Future:
+    """A future for ``reply``'s frame with ``fields`` added when it is a ``result``."""
+    out = reply.get_loop().create_future()
+
+    def done(f: asyncio.Future) -> None:
+        if out.done():
+            return
+        if f.cancelled():
+            out.cancel()
+        elif f.exception() is not None:
+            out.set_exception(f.exception())  # type: ignore[arg-type]
+        else:
+            frame = f.result()
+            out.set_result({**frame, **fields} if frame.get("type") == "result" else frame)
+
+    reply.add_done_callback(done)
+    return out
 
 
 async def _serve_stream(ws: WebSocket, engine: Engine, settings: Settings, metrics: Metrics) -> None:
@@ -405,23 +440,29 @@ async def _classify(request: Request, engine: Engine, settings: Settings, metric
     if not isinstance(top_k, int) or isinstance(top_k, bool) or not 0 <= top_k <= 1000:
         return http_error(Code.INVALID_FIELD, "top_k must be an integer in 0..1000")
     runner = engine.runners[model]
-    tokens, gaps, last_t = [], [], []
+    tokens, gaps, last_t, cropped = [], [], [], []
     total = 0
     for i, stream in enumerate(streams):
         try:
             if not isinstance(stream, dict):
                 raise ProtocolError(Code.INVALID_FIELD, "a stream must be a map of columns")
-            events = decode_events(stream, runner.sensor, settings.max_classify_events)
+            # A stream's own sensor/transform override the request's.
+            declared = {k: stream[k] if k in stream else data.get(k) for k in ("sensor", "transform")}
+            geometry = parse_geometry(declared, runner.sensor)
+            source = runner.sensor if geometry is None else geometry.source
+            events = decode_events(stream, source, settings.max_classify_events)
             total += len(events)
             if total > settings.max_classify_events:
                 return http_error(Code.REQUEST_TOO_LARGE,
                                   f"more than {settings.max_classify_events} events in one request")
+            events, removed = adapt(events, geometry)
             tok, gap = prepare(events, runner.sensor, None)
         except ProtocolError as e:
             return http_error(e.code, f"streams[{i}]: {e.message}")
         tokens.append(tok)
         gaps.append(gap)
         last_t.append(int(events.t[-1]) if len(events) else None)
+        cropped.append(None if geometry is None else removed)
     probs, ready = await engine.classify(model, tokens, gaps) if streams else (np.zeros((0, 0)), np.zeros(0))
     results = []
     for i in range(len(streams)):
@@ -433,7 +474,11 @@ async def _classify(request: Request, engine: Engine, settings: Settings, metric
                             "t": last_t[i], "top": [[runner.labels[j], float(p[j])] for j in order]})
         else:
             results.append({"probs": None, "label": None, "events": n, "t": last_t[i], "top": []})
-    metrics.classified(model, len(streams), total)
+        if cropped[i] is not None:
+            results[-1]["cropped"] = cropped[i]
+    if any(cropped):
+        metrics.cropped.labels(model=model).inc(sum(c for c in cropped if c))
+    metrics.classified(model, len(streams), sum(int(t.shape[0]) for t in tokens))
     return _reply({"model": model, "results": results}, _wants_msgpack(request, content_type))
 
 

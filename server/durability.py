@@ -37,6 +37,9 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from evssm.models.events import SensorSpec
+from evssm.models.geometry import Adapter, GeometryError, adapter_for
+
 from .metrics import Metrics
 from .sessions import Session, SessionTable
 from .snapshots import (CorruptSnapshot, DiskStore, RedisStore, SnapshotRecord, SnapshotStore,
@@ -58,6 +61,7 @@ class RowRunner(Protocol):
     name: str
     num_classes: int
     state_bytes: int
+    sensor: SensorSpec
     fingerprint: str  # of the model's weights and architecture
     executor: Executor  # the step thread
 
@@ -221,7 +225,9 @@ class Durability:
         record = SnapshotRecord(
             key=token_key(s.token), session=s.id, model=s.model, fingerprint=runner.fingerprint,
             row=np.empty(0, np.int32), events=s.done_events, last_t=s.done_t,
-            probs=None if s.probs is None else np.asarray(s.probs, np.float32), top_k=s.top_k)
+            probs=None if s.probs is None else np.asarray(s.probs, np.float32), top_k=s.top_k,
+            cropped=s.done_cropped, geometry=None if s.geometry is None else {
+                "sensor": s.geometry.source.to_dict(), "transform": s.geometry.transform.to_dict()})
         return _Capture(s, s.version, s.epoch, s.last_active, record)
 
     def _submit(self, model: str, items: list[tuple[_Capture, np.ndarray]]) -> None:
@@ -260,8 +266,8 @@ class Durability:
             written += 1
             s.snap_version = max(s.snap_version, c.version)
             s.snap_active = max(s.snap_active, c.active)
-            if s.durable is not None and c.epoch == s.epoch:
-                s.durable = max(s.durable, c.record.events)
+            if s.durable is not None and c.epoch == s.epoch:  # events sent: kept and cropped
+                s.durable = max(s.durable, c.record.events + c.record.cropped)
         self.metrics.snapshots_written.labels(model=model).inc(written)
 
     def _store_error(self, exc: BaseException, n: int) -> None:
@@ -298,9 +304,10 @@ class Durability:
             self._store_error(fut.exception(), 1)  # type: ignore[arg-type]
 
     # --- restoring ---------------------------------------------------------------------------
-    async def lookup(self, token: str) -> tuple[SnapshotRecord, bytes] | None:
+    async def lookup(self, token: str) -> tuple[SnapshotRecord, bytes, Adapter | None] | None:
         """The snapshot of ``token`` if there is one this server can restore (None: none, expired,
-        damaged, or being deleted). Raises :class:`SnapshotIncompatible` or StoreUnavailable."""
+        damaged, or being deleted), its bytes and its declared source's adapter. Raises
+        :class:`SnapshotIncompatible` or StoreUnavailable."""
         key = token_key(token)
         if key in self._deleting:
             return None
@@ -327,16 +334,22 @@ class Durability:
         elif rec.row.size * 4 != runner.state_bytes or (
                 rec.probs is not None and rec.probs.size != runner.num_classes):
             problem = f"its state does not fit model {rec.model!r}"
+        adapter = None
+        if problem is None and rec.geometry is not None:
+            try:
+                adapter = adapter_for(runner.sensor, rec.geometry.get("sensor"), rec.geometry.get("transform"))
+            except (GeometryError, AttributeError, TypeError) as e:
+                problem = f"its declared sensor does not fit model {rec.model!r}: {e}"
         if problem:
             self.metrics.snapshot_failures.labels(reason="incompatible").inc()
             raise SnapshotIncompatible(f"session {rec.session} cannot be restored: {problem}")
-        return rec, blob
+        return rec, blob, adapter
 
     def adopt(self, s: Session, rec: SnapshotRecord, blob: bytes) -> None:
         """A session was restored from ``rec``: the store already holds its state; in a shared
         store this server now owns its record (a replica that held it before can no longer write
         it)."""
-        s.durable = rec.events
+        s.durable = rec.events + rec.cropped
         s.snap_version = s.version
         s.snap_active = s.last_active
         self.metrics.sessions_restored.labels(model=s.model).inc()

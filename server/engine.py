@@ -178,10 +178,12 @@ class Engine:
             found = await self.durability.lookup(token)
             if found is None or self.table.knows(token):
                 return None
-            rec, blob = found
+            rec, blob, adapter = found
             session = self.table.restore(rec.model, rec.top_k, rec.session, token)
             session.events, session.last_t = rec.events, rec.last_t  # the next packet's baseline
-            session.queue.append(Restore(row=rec.row, events=rec.events, last_t=rec.last_t, probs=rec.probs))
+            session.cropped, session.geometry = rec.cropped, adapter
+            session.queue.append(Restore(row=rec.row, events=rec.events, last_t=rec.last_t, probs=rec.probs,
+                                         cropped=rec.cropped))
             self.schedulers[rec.model].add(session)
             self.metrics.sessions_active.labels(model=rec.model).inc()
             self.durability.adopt(session, rec, blob)

@@ -87,6 +87,9 @@ class Metrics:
         self.state_bytes = Gauge("evssm_state_bytes_per_session", "Bytes of carried state per session.", m,
                                  registry=r)
         self.slots = Gauge("evssm_slots", "Session slots allocated on the device.", m, registry=r)
+        self.cropped = Counter("evssm_cropped_events_total",
+                               "Events a declared crop removed before the model (streamed and classified).",
+                               m, registry=r)
         self.ready = Gauge("evssm_ready", "1 when every model is loaded and every bucket compiled.", registry=r)
         # Session snapshots (--state-dir / --state-store).
         self.snapshots_written = Counter("evssm_snapshots_written_total", "Session snapshots written.", m,
@@ -106,7 +109,7 @@ class Metrics:
 
     def init_model(self, model: str, state_bytes: int, slots: int) -> None:
         """Create the labelled series of a model so they show as 0 before traffic."""
-        for metric in (self.events, self.packets, self.compilations, self.sessions_opened,
+        for metric in (self.events, self.packets, self.compilations, self.sessions_opened, self.cropped,
                        self.sessions_resumed, self.sessions_evicted, self.steps, self.classify_streams,
                        self.packet_latency, self.step_latency, self.batch_size, self.queue_wait,
                        self.snapshots_written, self.sessions_restored):

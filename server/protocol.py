@@ -2,7 +2,8 @@
 
 Everything a client can send is decoded and validated here, so that bad input is rejected with a
 stable error code *before* it reaches the engine (a rejected packet never touches session state).
-The contract is DESIGN section 4; ``docs/protocol.md`` has an example of every frame.
+The contract's codes, column types and record layout are ``evssm.models.wire`` (shared with the
+client); ``docs/protocol.md`` has an example of every frame.
 
 Event columns come in three encodings:
 
@@ -12,74 +13,28 @@ Event columns come in three encodings:
 - one ``bin`` of packed 13-byte records ``t64 x16 y16 on8`` (key ``records``), the layout
   event-camera tools (faery, AEStream) stream over UDP. For a 1-D sensor ``x`` is the channel and
   ``y``/``on`` are ignored.
+
+A client may declare its source sensor and a transform (``sensor``/``transform`` of ``open`` or of
+a classify request); :func:`parse_geometry` turns them into an adapter and :func:`adapt` maps a
+packet's decoded events onto the model's sensor before :func:`prepare` tokenises them (the
+mathematics is in ``evssm.models.geometry``).
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 import msgpack
 import numpy as np
 
 from evssm.models.events import EventError, SensorSpec, time_gaps, tokenize
-
-
-class Code(StrEnum):
-    """Stable error codes (``"code"`` of an error frame, ``"error"`` of an HTTP error body)."""
-
-    MALFORMED_FRAME = "malformed_frame"  # not msgpack/JSON, or not a map
-    UNKNOWN_TYPE = "unknown_type"  # "type" missing or not one of open/events/reset/close
-    INVALID_FIELD = "invalid_field"  # a non-column field missing or of the wrong type/value
-    MISSING_COLUMN = "missing_column"  # t, x (and y, p for 2-D sensors) required
-    INVALID_COLUMN = "invalid_column"  # a column that is not integers / a bin of the right size
-    LENGTH_MISMATCH = "length_mismatch"  # columns of different lengths
-    ADDRESS_OUT_OF_RANGE = "address_out_of_range"  # x/y/p outside the model's sensor
-    TIMESTAMPS_DECREASING = "timestamps_decreasing"  # within a packet or against the session
-    PACKET_TOO_LARGE = "packet_too_large"  # more events than --max-packet-events
-    UNKNOWN_MODEL = "unknown_model"
-    SERVER_FULL = "server_full"  # --max-sessions reached; WebSocket closed with 1013
-    NO_SESSION = "no_session"  # events/reset/close before open
-    SESSION_ALREADY_OPEN = "session_already_open"  # open twice on one connection
-    UNKNOWN_SESSION = "unknown_session"  # resume token unknown or its session expired
-    SESSION_EXPIRED = "session_expired"  # the session was evicted after the idle timeout
-    SESSION_RESUMED_ELSEWHERE = "session_resumed_elsewhere"  # another connection resumed it
-    NOT_READY = "not_ready"  # models still loading/compiling; WebSocket closed with 1013
-    DRAINING = "draining"  # shutting down; WebSocket closed with 1012
-    SNAPSHOT_INCOMPATIBLE = "snapshot_incompatible"  # resume: the snapshot is for other weights
-    STORE_UNAVAILABLE = "store_unavailable"  # resume: the snapshot store cannot be reached; retry
-    INTERNAL_ERROR = "internal_error"
-    # HTTP only
-    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
-    REQUEST_TOO_LARGE = "request_too_large"
-    NOT_FOUND = "not_found"
-    METHOD_NOT_ALLOWED = "method_not_allowed"
-
-
-# WebSocket close codes (RFC 6455 section 7.4 and the IANA registry).
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001  # end of a drain
-CLOSE_SERVICE_RESTART = 1012  # refused while draining: reconnect (elsewhere) later
-CLOSE_TRY_AGAIN_LATER = 1013  # server_full / not_ready: retry later
-
-MSGPACK = "application/msgpack"
-MSGPACK_TYPES = frozenset({"application/msgpack", "application/x-msgpack", "application/vnd.msgpack"})
-
-# The packed record layout t64 x16 y16 on8: 13 bytes, little-endian, no padding.
-RECORD_DTYPE = np.dtype([("t", "<u8"), ("x", "<u2"), ("y", "<u2"), ("on", "u1")])
-assert RECORD_DTYPE.itemsize == 13
-
-# dtype of each column in its little-endian bin form.
-COLUMN_DTYPES: dict[str, np.dtype] = {
-    "t": np.dtype("<i8"),
-    "x": np.dtype("<u2"),
-    "y": np.dtype("<u2"),
-    "p": np.dtype("u1"),
-}
-
-FRAME_TYPES = ("open", "events", "reset", "close")
+from evssm.models.geometry import Adapter, GeometryError, adapter_for
+# The contract's names, re-exported for the API layer (app, engine, scheduler).
+from evssm.models.wire import (CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_SERVICE_RESTART,  # noqa: F401
+                               CLOSE_TRY_AGAIN_LATER, COLUMN_DTYPES, FRAME_TYPES, MSGPACK,
+                               MSGPACK_TYPES, RECORD_DTYPE, Code)
 
 
 class ProtocolError(Exception):
@@ -261,6 +216,37 @@ def decode_events(msg: dict[str, Any], sensor: SensorSpec, max_events: int | Non
     return Events(t=cols["t"], x=cols["x"], y=cols.get("y"), p=cols.get("p"))
 
 
+# --- source geometry ------------------------------------------------------------------------------
+def parse_geometry(msg: dict[str, Any], model_sensor: SensorSpec, where: str = "") -> Adapter | None:
+    """The adapter a frame's ``sensor``/``transform`` declare for a model (None: nothing to map).
+    Raises ``invalid_field`` for a declaration that cannot be used."""
+    try:
+        return adapter_for(model_sensor, msg.get("sensor"), msg.get("transform"))
+    except GeometryError as e:
+        raise ProtocolError(Code.INVALID_FIELD, f"{where}{e}") from None
+
+
+def adapt(events: Events, adapter: Adapter | None) -> tuple[Events, int]:
+    """``events`` on the model's sensor, and how many the crop removed.
+
+    Addresses are checked against the declared source sensor (``address_out_of_range``). When a
+    crop may remove events, the packet's timestamps are checked whole first, so a decreasing
+    timestamp is reported even on an event the crop removes; removed events then never reach the
+    session (its state, event count or last timestamp).
+    """
+    if adapter is None:
+        return events, 0
+    try:
+        adapter.check_source(events.x, events.y, events.p)
+        if adapter.crops:
+            time_gaps(events.t)
+    except EventError as e:
+        raise ProtocolError(Code(e.code), e.message) from None
+    x, y, p, keep = adapter.apply(events.x, events.y, events.p)
+    t = events.t if keep is None else events.t[keep]
+    return Events(t=t, x=x, y=y, p=p), len(events) - int(t.shape[0])
+
+
 def prepare(events: Events, sensor: SensorSpec, last_t: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Validate addresses and timestamps; return ``(tokens int32 [N], gaps int32 [N])``.
 
@@ -270,9 +256,5 @@ def prepare(events: Events, sensor: SensorSpec, last_t: int | None) -> tuple[np.
         tokens = tokenize(sensor, events.x, events.y, events.p)
         gaps = time_gaps(events.t, last_t)
     except EventError as e:
-        try:
-            code = Code(e.code)
-        except ValueError:  # a code the contract does not list: still a bad column
-            code = Code.INVALID_COLUMN
-        raise ProtocolError(code, e.message) from None
+        raise ProtocolError(e.code, e.message) from None
     return tokens, gaps

@@ -262,7 +262,7 @@ class Scheduler:
             item = s.queue.popleft()
             assert isinstance(item, Reset)
             self.pool.zeroed(s.slot)
-            s.probs, s.done_events, s.done_t = None, 0, None
+            s.probs, s.done_events, s.done_t, s.done_cropped = None, 0, None, 0
             s.version += 1
             s.epoch += 1  # a new stream: no snapshot covers it yet beyond its start
             if s.durable is not None:
@@ -288,6 +288,7 @@ class Scheduler:
             s.queue.popleft()
             self.pool.zeroed(s.slot)  # the whole row is written: the slot is clean
             s.probs, s.done_events, s.done_t = item.probs, item.events, item.last_t  # type: ignore[union-attr]
+            s.done_cropped = item.cropped  # type: ignore[union-attr]
             self._after(s)
 
     async def _step(self, batch: list[Session]) -> None:
@@ -327,7 +328,7 @@ class Scheduler:
                 s.queue.popleft()
                 self.metrics.queue_depth.labels(model=self.model).dec()
                 s.probs = probs[i] if ready[i] else None
-                s.done_events, s.done_t = p.events_after, p.last_t
+                s.done_events, s.done_t, s.done_cropped = p.events_after, p.last_t, p.cropped_after
                 s.version += 1
                 _resolve(p.reply, result_frame(p.seq, s.done_events, s.done_t, s.probs,
                                                self.runner.labels, s.top_k, s.durable))

@@ -85,6 +85,7 @@ class Packet:
     last_t: int | None  # the session's last timestamp once this packet is in
     received: float  # perf_counter() when its frame arrived
     reply: asyncio.Future | None
+    cropped_after: int = 0  # the session's cropped count once this packet is in
     enqueued: float = 0.0
     offset: int = 0
     started: bool = False
@@ -119,6 +120,7 @@ class Restore:
     events: int
     last_t: int | None
     probs: np.ndarray | None
+    cropped: int = 0
 
 
 Item = Packet | Reset | Close | Restore
@@ -151,6 +153,8 @@ class Session:
     last_active: float = field(default_factory=time.monotonic)
     closing: bool = False  # close requested or evicted: no new items
     released: bool = False
+    geometry: Any = None  # the declared source's adapter (evssm.models.geometry.Adapter) or None
+    cropped: int = 0  # events the declared crop removed since the session's start or last reset
     # Snapshots (durability.py). ``version`` counts changes of the row and the done_* fields (a
     # processed packet, a reset, a restore); ``epoch`` counts resets applied; ``durable`` is the
     # event count of the current epoch covered by the last completed snapshot write (None: this
@@ -160,6 +164,7 @@ class Session:
     durable: int | None = None
     snap_version: int = -1
     snap_active: float = 0.0
+    done_cropped: int = 0  # ``cropped`` once the processed packets are in (what a snapshot covers)
 
     @property
     def idle(self) -> bool:

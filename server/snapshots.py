@@ -97,6 +97,8 @@ class SnapshotRecord:
     last_t: int | None  # the last of those events' timestamp
     probs: np.ndarray | None
     top_k: int
+    cropped: int = 0  # events of the stream a declared crop removed (not in ``events``)
+    geometry: dict[str, Any] | None = None  # the declared source: {"sensor", "transform"}
     written: float = field(default_factory=time.time)  # Unix time
 
 
@@ -107,7 +109,7 @@ def encode(rec: SnapshotRecord) -> bytes:
         "row": np.ascontiguousarray(rec.row, "<i4").tobytes(), "events": rec.events,
         "last_t": rec.last_t,
         "probs": None if rec.probs is None else np.ascontiguousarray(rec.probs, "<f4").tobytes(),
-        "top_k": rec.top_k, "written": rec.written,
+        "top_k": rec.top_k, "cropped": rec.cropped, "geometry": rec.geometry, "written": rec.written,
     })
     return msgpack.packb([MAGIC, VERSION, zlib.crc32(body), body])
 
@@ -133,10 +135,11 @@ def decode(data: bytes) -> SnapshotRecord:
             fingerprint=str(d["fingerprint"]), row=np.frombuffer(d["row"], "<i4").astype(np.int32),
             events=int(d["events"]), last_t=None if d["last_t"] is None else int(d["last_t"]),
             probs=None if probs is None else np.frombuffer(probs, "<f4").astype(np.float32),
-            top_k=int(d["top_k"]), written=float(d["written"]))
+            top_k=int(d["top_k"]), cropped=int(d["cropped"]),
+            geometry=None if d["geometry"] is None else dict(d["geometry"]), written=float(d["written"]))
     except Exception as e:
         raise CorruptSnapshot(f"malformed snapshot body ({type(e).__name__}: {e})") from None
-    if rec.events < 0 or rec.row.size == 0:
+    if rec.events < 0 or rec.cropped < 0 or rec.row.size == 0:
         raise CorruptSnapshot(f"implausible snapshot (events {rec.events}, {rec.row.size} words)")
     return rec
 

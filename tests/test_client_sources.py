@@ -3,7 +3,6 @@ sensor; source specs."""
 
 from __future__ import annotations
 
-import struct
 import sys
 import types
 from pathlib import Path
@@ -174,95 +173,116 @@ def test_hdf5_without_h5py_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         load_file(path)
 
 
-# -- AEDAT4 -------------------------------------------------------------------------------------
+# -- event-camera files through faery -----------------------------------------------------------
 
 
-def write_aedat4(path: Path, rec: Recording, width: int, height: int, packet: int = 100) -> None:
-    """A minimal uncompressed AEDAT4 file: IO header (flatbuffer), then event packets."""
-    description = (
-        '<dv version="2.0"><node name="outInfo" path="/mainloop/Recorder/outInfo/">'
-        '<node name="0" path="/mainloop/Recorder/outInfo/0/">'
-        '<attr key="compression" type="string">NONE</attr>'
-        '<attr key="originalModuleName" type="string">capture</attr>'
-        '<attr key="typeIdentifier" type="string">EVTS</attr>'
-        '<node name="info" path="/mainloop/Recorder/outInfo/0/info/">'
-        f'<attr key="sizeX" type="int">{width}</attr>'
-        f'<attr key="sizeY" type="int">{height}</attr>'
-        '</node></node></node></dv>').encode()
-    # IOHeader table {compression: int32 = 0, file_data_position: int64 = -1, description}
-    header = bytearray()
-    header += struct.pack("<I", 24) + b"IOHE"                      # root offset, identifier
-    header += struct.pack("<5H", 10, 20, 4, 8, 16) + b"\0" * 6    # vtable (at 8), pad to 24
-    header += struct.pack("<iiqI", 24 - 8, 0, -1, 4)              # table (at 24), string at 44
-    header += struct.pack("<I", len(description)) + description + b"\0"
-    out = bytearray(b"#!AER-DAT4.0\r\n") + struct.pack("<I", len(header)) + header
-    for start in range(0, len(rec), packet):
-        part = rec.slice(start, start + packet)
-        n = len(part)
-        # A size-prefixed EventPacket {elements: [Event]}; offsets below are from the prefix.
-        body = bytearray()
-        body += struct.pack("<II", 28 + 16 * n, 20 - 4) + b"EVTS"  # size, root table at 20
-        body += struct.pack("<3H", 6, 8, 4) + b"\0" * 2            # vtable at 12
-        body += struct.pack("<iI", 20 - 12, 28 - 24)               # table at 20: vector at 28
-        body += struct.pack("<I", n)                               # vector length at 28
-        for t, x, y, p in zip(part.t, part.x, part.y, part.p):     # 16-byte Event structs at 32
-            body += struct.pack("<qhh?3x", int(t), int(x), int(y), bool(p))
-        out += struct.pack("<II", 0, len(body)) + body
-    path.write_bytes(bytes(out))
+def faery_events(rec: Recording) -> np.ndarray:
+    faery = pytest.importorskip("faery")
+    arr = np.zeros(len(rec), faery.EVENTS_DTYPE)
+    arr["t"], arr["x"], arr["y"], arr["on"] = rec.t, rec.x, rec.y, rec.p.astype(bool)
+    return arr
 
 
-def test_aedat4_round_trip_with_aedat(tmp_path: Path) -> None:
-    pytest.importorskip("aedat")
-    rec = rec_2d(250, w=346, h=260)
-    path = tmp_path / "cam.aedat4"
-    write_aedat4(path, rec, 346, 260)
+@pytest.mark.parametrize("name,version", [("cam.aedat4", None), ("evt3.raw", "evt3"),
+                                          ("evt2.raw", "evt2"),
+                                          ("cd.dat", "dat2"), ("cam.es", None),
+                                          ("cam.csv", None)])
+def test_camera_files_written_by_faery_read_back(tmp_path: Path, name: str,
+                                                 version: str | None) -> None:
+    """Every camera format faery writes reads back event for event, with the stated geometry."""
+    faery = pytest.importorskip("faery")
+    rec = rec_2d(700, w=346, h=260)
+    path = tmp_path / name
+    faery.events_stream_from_array(faery_events(rec), (346, 260)).to_file(
+        path, version=version, zero_t0=False)
     sample = open_source(str(path))
     assert_same(sample.recording, rec)
-    assert sample.sensor == SensorSpec.two_d(346, 260)
+    assert sample.sensor == SensorSpec.two_d(346, 260) and sample.geometry == "file"
+    assert sample.declared_sensor == SensorSpec.two_d(346, 260)
 
 
-def test_aedat4_through_the_decoder_interface(tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without the optional package installed, check our side of its interface with a stand-in
-    decoder that parses the file written above."""
-    rec = rec_2d(250, w=346, h=260)
-    path = tmp_path / "cam.aedat4"
-    write_aedat4(path, rec, 346, 260, packet=64)
+def test_raw_without_geometry_is_guessed_and_overridden(tmp_path: Path) -> None:
+    """An EVT file without a geometry line: the smallest standard Prophesee sensor that holds the
+    addresses, or --sensor."""
+    faery = pytest.importorskip("faery")
+    rec = rec_2d(300, w=600, h=400)
+    path = tmp_path / "nogeo.raw"
+    faery.events_stream_from_array(faery_events(rec), (640, 480)).to_file(path, version="evt3")
+    lines = path.read_bytes().split(b"\n")
+    kept = [ln for ln in lines[:4] if not (b"geometry" in ln or b"format" in ln)]
+    header_end = len(b"\n".join(lines[:4])) + 1
+    path.write_bytes(b"\n".join(kept) + b"\n" + path.read_bytes()[header_end:])
+    sample = load_file(path)
+    assert sample.geometry == "guess" and sample.sensor == SensorSpec.two_d(640, 480)
+    assert len(sample.recording) == 300
+    given = load_file(path, sensor=SensorSpec.two_d(1280, 720))
+    assert given.geometry == "option" and given.sensor == SensorSpec.two_d(1280, 720)
+    assert_same(given.recording, sample.recording)
+    with pytest.raises(SourceError, match="overflow|do not fit"):  # faery checks it first
+        load_file(path, sensor=SensorSpec.two_d(320, 240))
 
-    class Decoder:
-        def __init__(self, p: Path):
-            data = Path(p).read_bytes()
-            self._packets = []
-            pos = 14 + 4 + struct.unpack_from("<I", data, 14)[0]
-            dtype = np.dtype({"names": ["t", "x", "y", "on"],
-                              "formats": ["<i8", "<i2", "<i2", "?"],
-                              "offsets": [0, 8, 10, 12], "itemsize": 16})
-            while pos < len(data):
-                sid, size = struct.unpack_from("<II", data, pos)
-                n = struct.unpack_from("<I", data, pos + 8 + 28)[0]
-                ev = np.frombuffer(data, dtype, n, pos + 8 + 32)
-                self._packets.append({"stream_id": sid, "events": ev})
-                pos += 8 + size
 
-        def id_to_stream(self) -> dict[int, dict[str, Any]]:
-            return {0: {"type": "events", "width": 346, "height": 260}}
+def test_csv_without_geometry_is_an_extent(tmp_path: Path) -> None:
+    pytest.importorskip("faery")
+    path = tmp_path / "plain.csv"
+    path.write_text("t,x,y,on\n10,3,4,1\n25,30,2,0\n")
+    sample = load_file(path)
+    np.testing.assert_array_equal(sample.recording.t, [10, 25])
+    np.testing.assert_array_equal(sample.recording.p, [1, 0])
+    assert sample.geometry == "extent" and sample.declared_sensor is None
+    assert load_file(path, sensor=SensorSpec.two_d(64, 48)).declared_sensor == \
+        SensorSpec.two_d(64, 48)
 
-        def __iter__(self) -> Any:
-            return iter(self._packets)
 
-    monkeypatch.setitem(sys.modules, "aedat", types.SimpleNamespace(Decoder=Decoder))
-    sample = open_source(str(path))
+def test_camera_files_without_faery_say_what_to_install(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "faery", None)
+    for name in ("cam.aedat4", "cam.raw", "cam.dat", "cam.es", "cam.csv"):
+        (tmp_path / name).write_bytes(b"% header\n")
+        with pytest.raises(SourceError, match=r"pip install 'evssm\[formats\]'"):
+            open_source(str(tmp_path / name))
+
+
+def test_broken_camera_file_is_a_source_error(tmp_path: Path) -> None:
+    pytest.importorskip("faery")
+    (tmp_path / "junk.aedat4").write_bytes(b"not an aedat file at all")
+    with pytest.raises(SourceError, match="cannot decode as aedat4"):
+        open_source(str(tmp_path / "junk.aedat4"))
+
+
+# -- N-MNIST binary layout ---------------------------------------------------------------------
+
+
+def write_nmnist(path: Path, rec: Recording, overflow_after: int | None = None) -> None:
+    """5 bytes per event: x, y, p << 7 | t >> 16, t >> 8, t (t < 2**23 us)."""
+    rows = []
+    for i, (t, x, y, p) in enumerate(zip(rec.t, rec.x, rec.y, rec.p)):
+        if i == overflow_after:  # the layout's overflow marker (y = 240): later t += 2**13
+            rows.append(bytes([0, 240, 0, 0, 0]))
+        t = int(t) - (8192 if overflow_after is not None and i >= overflow_after else 0)
+        rows.append(bytes([int(x), int(y), int(p) << 7 | (t >> 16) & 0x7F, (t >> 8) & 0xFF,
+                           t & 0xFF]))
+    path.write_bytes(b"".join(rows))
+
+
+def test_nmnist_bin_round_trip_and_overflow_marker(tmp_path: Path) -> None:
+    rec = rec_2d(300, w=34, h=34)
+    write_nmnist(tmp_path / "a.bin", rec)
+    sample = open_source(str(tmp_path / "a.bin"))
     assert_same(sample.recording, rec)
-    assert sample.sensor == SensorSpec.two_d(346, 260)
+    assert sample.sensor == SensorSpec.two_d(34, 34) and sample.geometry == "guess"
+    write_nmnist(tmp_path / "b.bin", rec, overflow_after=150)
+    assert_same(load_file(tmp_path / "b.bin").recording, rec)
+    (tmp_path / "c.bin").write_bytes(b"\0" * 7)
+    with pytest.raises(SourceError, match="5-byte"):
+        load_file(tmp_path / "c.bin")
 
 
-def test_aedat4_without_the_extra_says_how_to_install(tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    path = tmp_path / "cam.aedat4"
-    path.write_bytes(b"#!AER-DAT4.0\r\n")
-    monkeypatch.setitem(sys.modules, "aedat", None)
-    with pytest.raises(SourceError, match=r"evssm\[aedat\]"):
-        open_source(str(path))
+def test_sensor_option_parsing() -> None:
+    assert sources.parse_sensor("640x480") == SensorSpec.two_d(640, 480)
+    assert sources.parse_sensor("700") == SensorSpec.one_d(700)
+    with pytest.raises(SourceError, match="WIDTHxHEIGHT"):
+        sources.parse_sensor("640by480")
 
 
 # -- the project's data sets ------------------------------------------------------------------
@@ -343,3 +363,14 @@ def test_label_checks() -> None:
     named = Sample(rec_1d(5), label="yes")
     assert named.is_correct("yes") and not named.is_correct("no")
     assert Sample(rec_1d(5)).is_correct("a") is None
+
+
+def test_stream_command_sensor_checks() -> None:
+    from evssm.client.stream_command import check_sensor
+
+    rec = rec_2d(50, w=640, h=480)
+    model = SensorSpec.two_d(34, 34)
+    assert "--sensor WxH" in (check_sensor(rec, model) or "")  # undeclared misfit: say the fix
+    assert check_sensor(rec, model, SensorSpec.two_d(640, 480)) is None  # the server maps it
+    assert "cannot be mapped" in (check_sensor(rec, SensorSpec.one_d(700),
+                                               SensorSpec.two_d(640, 480)) or "")

@@ -163,7 +163,8 @@ def test_dependency_layer_lists_the_server_requirements():
     assert not any(r.startswith(pyproject["project"]["name"] + "[") for r in listed)
     expected = set()
     for r in pyproject["project"]["dependencies"] + [
-            r for extra in ("model", "server") for r in pyproject["project"]["optional-dependencies"][extra]]:
+            r for extra in ("model", "formats", "server")
+            for r in pyproject["project"]["optional-dependencies"][extra]]:
         name = re.split(r"[\s\[<>=!~;]", r, maxsplit=1)[0].lower()
         if name != pyproject["project"]["name"]:
             expected.add(name)

@@ -2,7 +2,7 @@
 
 Every data set is a sequence of ``(Recording, label)`` pairs. A :class:`~evssm.models.events.Recording`
 holds ``t`` (int64 microseconds, non-decreasing), ``x`` (uint16), and for 2-D sensors ``y`` (uint16)
-and ``p`` (uint8, 0 = OFF, 1 = ON) — the same column types as the wire format (DESIGN section 4).
+and ``p`` (uint8, 0 = OFF, 1 = ON) — the same column types as the wire format (``evssm.models.wire``).
 
 This module imports NumPy only; readers that need h5py, tqdm or mlxtend import them when they run,
 so that the client (which does not install them) can import ``evssm.models.data``.
@@ -21,14 +21,13 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from ..events import Recording, SensorSpec
+from ..wire import COLUMN_DTYPES
 
 DATA_DIR_ENV = "EVSSM_DATA_DIR"
 DEFAULT_DATA_DIR = Path("~/.cache/evssm/data")
 
-# Column dtypes of every Recording a data set returns (as on the wire).
-T_DTYPE = np.int64
-XY_DTYPE = np.uint16
-P_DTYPE = np.uint8
+# Column types of every Recording a data set returns: the wire's, in native byte order.
+T_DTYPE, XY_DTYPE, P_DTYPE = (COLUMN_DTYPES[c].type for c in ("t", "x", "p"))
 
 
 def default_data_dir() -> Path:

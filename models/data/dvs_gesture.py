@@ -37,14 +37,11 @@ from typing import BinaryIO
 import numpy as np
 
 from ..events import Recording, SensorSpec
+from ..wire import DVS_GESTURE_CLASSES as CLASS_NAMES
+from ..wire import DVS_GESTURE_SIZE
 from .base import EventDataset, make_recording, missing_files_error
 
-SENSOR = SensorSpec.two_d(128, 128)
-CLASS_NAMES = (
-    "hand_clapping", "right_hand_wave", "left_hand_wave", "right_arm_clockwise",
-    "right_arm_counter_clockwise", "left_arm_clockwise", "left_arm_counter_clockwise",
-    "arm_roll", "air_drums", "air_guitar", "other_gestures",
-)
+SENSOR = SensorSpec.two_d(*DVS_GESTURE_SIZE)
 NPY_SPLIT_DIRS = {"train": ("ibmGestureTrain", "train"), "test": ("ibmGestureTest", "test")}
 TRIAL_LISTS = {"train": "trials_to_train.txt", "test": "trials_to_test.txt"}
 _HOW = "from the DVS128 Gesture release (IBM), unpacked"

@@ -23,9 +23,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..events import Recording, SensorSpec
+from ..wire import SHD_CHANNELS
 from .base import XY_DTYPE, EventDataset, make_recording, missing_files_error
 
-SHD_CHANNELS = 700
 _HOW = "gunzip the .h5.gz files from https://zenkelab.org/datasets/"
 
 
