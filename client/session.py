@@ -750,10 +750,10 @@ class AsyncStreamSession:
                 sent += 1
             msg = decode_frame(await self._ws.recv())
             if msg["type"] == "result":
-                sent = int(msg.get("events") or 0) + int(msg.get("cropped") or 0)
-                if msg.get("seq") != chunks[answered][0] or sent != int(ends[answered]):
+                count = int(msg.get("events") or 0) + int(msg.get("cropped") or 0)
+                if msg.get("seq") != chunks[answered][0] or count != int(ends[answered]):
                     raise ProtocolError(f"replayed packet {chunks[answered][0]} answered as "
-                                        f"{msg.get('seq')} at {sent} events, expected "
+                                        f"{msg.get('seq')} at {count} events, expected "
                                         f"{int(ends[answered])}")
                 answered += 1
                 if msg.get("durable") is not None and self._durable is not None:
