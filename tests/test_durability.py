@@ -302,3 +302,54 @@ def test_resume_of_an_unknown_token_without_a_store_is_unchanged(start) -> None:
         assert info.value.code == "unknown_session"
 
     asyncio.run(main())
+
+
+def test_a_declared_sensor_and_its_crop_survive_a_restore(start, tmp_path: Path) -> None:
+    """A session maps a 1,000-channel source onto the model's 700 channels with a crop that drops
+    events. Restored from its snapshot by another server, it keeps the mapping and the cropped
+    count, the client's replay counts events sent (kept and cropped), and the stream ends with the
+    answer of the whole recording classified with the same declaration."""
+    source = SensorSpec.one_d(1000)
+    transform = {"crop": [100, 800]}
+    rng = np.random.default_rng(4)
+    n = 6000
+    rec = Recording(np.cumsum(rng.integers(0, 200, n)).astype(np.int64), rng.integers(0, 1000, n).astype(np.uint16))
+    first = start(state_dir=str(tmp_path / "a"))
+    (want,) = classify(first.http, [rec], sensors=[source], transform=transform)
+
+    async def part_one() -> tuple[str, int, int]:
+        s = AsyncStreamSession(first.ws, sensor=source, transform=transform, reconnect=False)
+        await s.open()
+        async for r in s.stream(packetize(rec.slice(0, 3000), events=250)):
+            pass
+        assert r.cropped > 0 and r.events + r.cropped == 3000
+        deadline = time.monotonic() + 10
+        while True:  # until a snapshot covers everything sent
+            await s.send(rec.slice(3000, 3000))
+            if (await s.recv()).durable == 3000:
+                break
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        token = s.resume_token
+        s._closing = True  # walk away without closing the server session
+        await s._ws.close()  # type: ignore[union-attr]
+        return token, r.events, r.cropped
+
+    token, kept, cropped = asyncio.run(part_one())
+    first.call(first.engine.drain(timeout=10))
+    (tmp_path / "b").mkdir()
+    with contextlib.closing(sqlite3.connect(tmp_path / "a" / DiskStore.FILE)) as db:
+        db.execute(f"VACUUM INTO '{tmp_path / 'b' / DiskStore.FILE}'")
+    second = start(state_dir=str(tmp_path / "b"))
+
+    async def part_two() -> Any:
+        async with AsyncStreamSession(second.ws, resume=token, sensor=source, transform=transform,
+                                      reconnect=False) as s:
+            assert s.info is not None and s.info.restored
+            assert (s.info.events, s.info.cropped) == (kept, cropped)
+            assert s.info.geometry is not None and s.info.geometry["transform"]["crop"][::2] == [100, 800]
+            return [r async for r in s.stream(packetize(rec.slice(3000, n), events=250))][-1]
+
+    last = asyncio.run(part_two())
+    assert last.events + last.cropped == n
+    np.testing.assert_allclose(last.probs, want.probs, rtol=RTOL, atol=ATOL)
