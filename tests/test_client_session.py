@@ -737,3 +737,24 @@ def test_packets_refused_while_draining_are_sent_again() -> None:
     np.testing.assert_allclose(results[-1].probs, offline_probs(rec))
     (resume,) = session.resumes
     assert resume.restored and resume.events == 200 and resume.replayed == 0 and resume.resent >= 2
+
+
+def test_stream_command_shows_where_it_resumed(tmp_path: Any, capsys: Any) -> None:
+    from evssm.cli import main
+    from evssm.client.sources import save_events
+
+    rec = make_recording(800, seed=13)
+    path = save_events(tmp_path / "rec.npz", rec)
+    with FakeServer(snapshot_every=4) as srv:
+        srv.drops = {10: "restart"}
+        assert main(["stream", str(path), "--url", srv.url, "--fast", "--packet-events", "50",
+                     "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        srv.drops = {22: "restart"}
+        assert main(["stream", str(path), "--url", srv.url, "--fast", "--packet-events", "50"]) == 0
+        text = capsys.readouterr().out
+    np.testing.assert_allclose(out["probs"], offline_probs(rec))
+    assert out["reconnects"] == 1
+    (resume,) = out["resumes"]
+    assert resume["restored"] and resume["events"] == 400 and resume["replayed"] > 0
+    assert "resumed at event" in text and "from a snapshot" in text  # the live view's final lines
