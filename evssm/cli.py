@@ -19,6 +19,8 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("serve",), "evssm.server.cli", "run the inference server"),
     (("train",), "evssm.models.train", "train a model: evssm train task=NAME [key=value ...]"),
     (("eval",), "evssm.models.evaluate", "evaluate a checkpoint offline and streaming"),
+    (("import", "seed"), "evssm.models.seed_import",
+     "import a checkpoint of the paper's reference code"),
     (("data",), "evssm.models.data.build", "build or inspect the offline data sets"),
     (("stream",), "evssm.client.stream_command", "stream a recording to a server, live view"),
     (("classify",), "evssm.client.classify_command", "classify recordings over HTTP"),
@@ -54,6 +56,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             module.add_arguments(parser)
             args = parser.parse_args(argv[len(words) :])
             return int(module.run(args) or 0)
+    subcommands = [words[1] for words, _, _ in COMMANDS if len(words) > 1 and words[0] == argv[0]]
+    if subcommands:
+        print(f"evssm {argv[0]}: choose one of {', '.join(subcommands)} "
+              f"(e.g. 'evssm {argv[0]} {subcommands[0]} --help')", file=sys.stderr)
+        return 2
     print(f"evssm: unknown command {' '.join(argv[:2])!r}\n", file=sys.stderr)
     print(_usage(), file=sys.stderr)
     return 2

@@ -4,7 +4,8 @@ Layout::
 
     CHECKPOINT_DIR/
       evssm.json     format version, the full model config (incl. sensor and class names),
-                     task name, training summary (step, epoch, metrics)
+                     task name, training summary (step, epoch, metrics), and for an imported
+                     model its origin (what it was converted from)
       variables/     orbax PyTree checkpoint of {"params": ..., "batch_stats": ...}
 
 Loading checks, in order, and says which failed: the directory exists; ``evssm.json`` exists and
@@ -46,7 +47,8 @@ def abstract_variables(config: ModelConfig) -> dict[str, Any]:
 
 
 def save_checkpoint(directory: str | Path, config: ModelConfig, variables: dict[str, Any], *,
-                    task: str | None = None, summary: dict[str, Any] | None = None) -> Path:
+                    task: str | None = None, summary: dict[str, Any] | None = None,
+                    origin: dict[str, Any] | None = None) -> Path:
     """Write ``variables`` (``params`` and ``batch_stats``) and metadata to ``directory``.
 
     An existing checkpoint at ``directory`` is replaced atomically-enough: written beside it, then
@@ -65,6 +67,8 @@ def save_checkpoint(directory: str | Path, config: ModelConfig, variables: dict[
     checkpointer.wait_until_finished()
     meta = {"format_version": FORMAT_VERSION, "config": config.to_dict(), "task": task,
             "summary": summary or {}}
+    if origin is not None:
+        meta["origin"] = origin
     (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
     if directory.exists():
         shutil.rmtree(directory)

@@ -19,6 +19,8 @@ DISCRETIZATIONS = ("zoh", "dirac", "async")
 POOLING_MODES = ("first", "avgpool", "timepool")
 HEADS = ("pool", "timepool", "last")
 NORMS = ("layer", "batch")
+GELUS = ("erf", "tanh")  # exact GELU, or its tanh approximation
+HEAD_DIVISORS = ("weights", "total_time")  # timepool head: sum of its weights, or total time
 # Streaming step: the C++ kernel (CPU), the Flax model through XLA, or native where it builds.
 STREAMING_BACKENDS = ("auto", "native", "xla")
 
@@ -50,6 +52,16 @@ class ModelConfig:
     bn_momentum: float = 0.9
     class_names: tuple[str, ...] = field(default=())
     name: str = "eventssm"
+    # Behaviours of the paper's reference code, for the models trained with it (default off;
+    # docs/paper-models.md). time_lookahead: event i's token is paired with the time to the
+    # next event, t_{i+1} - t_i (one event of latency when streaming). layer_norm_eps: the
+    # LayerNorm's epsilon (BatchNorm keeps 1e-5). gelu: "erf" (exact) or "tanh" (approximate).
+    # head_divisor: the timepool head divides by the sum of its weights ("weights") or by the
+    # stream's total time, partial windows included, without eps ("total_time").
+    time_lookahead: bool = False
+    layer_norm_eps: float = 1e-5
+    gelu: str = "erf"
+    head_divisor: str = "weights"
 
     def __post_init__(self) -> None:
         def check(ok: bool, msg: str) -> None:
@@ -71,6 +83,13 @@ class ModelConfig:
         check(0.0 < self.dt_min <= self.dt_max, "need 0 < dt_min <= dt_max")
         check(not self.class_names or len(self.class_names) == self.num_classes,
               "class_names must have num_classes entries")
+        check(isinstance(self.time_lookahead, bool), "time_lookahead must be true or false")
+        check(isinstance(self.layer_norm_eps, (int, float)) and self.layer_norm_eps > 0,
+              "layer_norm_eps must be > 0")
+        check(self.gelu in GELUS, f"gelu must be one of {GELUS}")
+        check(self.head_divisor in HEAD_DIVISORS, f"head_divisor must be one of {HEAD_DIVISORS}")
+        check(self.head_divisor == "weights" or self.head == "timepool",
+              "head_divisor 'total_time' applies to the timepool head only")
 
     # --- derived sizes ---------------------------------------------------------------------
     @property

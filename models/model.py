@@ -19,6 +19,19 @@ Stage ``k`` has width ``H_k = H e^k`` and state ``P_k = P e^k``; its first layer
 ``H_{k-1} -> H_k`` and pools by ``s``. The head pools the final-rate outputs ``z_1 .. z_M``
 (``pool``: mean; ``timepool``: ``sum z_m (dt_m + eps) / sum (dt_m + eps)``; ``last``) and applies
 ``Dense(num_classes)``. Before the first complete final-rate window there is no prediction.
+
+Options that reproduce the paper's reference code (``ModelConfig``; default off):
+
+- ``time_lookahead``: event ``i``'s token is paired with the gap to the *next* event,
+  ``t_{i+1} - t_i``, and the last event has no time step yet (:func:`hold_last_token`). A session
+  carries its last token until the next event arrives: one event of latency, and streaming still
+  equals the offline form on every prefix.
+- ``layer_norm_eps`` (LayerNorm's epsilon; BatchNorm keeps 1e-5) and ``gelu="tanh"`` (the tanh
+  approximation of GELU).
+- ``head_divisor="total_time"``: the timepool head divides ``sum z_m (dt_m + eps)`` by the total
+  time of the stream's events ``T = sum_i dt_i``, trailing events that complete no final-rate
+  window included, without eps. ``T`` is the completed windows' pooled time plus the partial
+  windows' time carried by every strided layer, so it needs one more head word only.
 """
 
 from __future__ import annotations
@@ -42,12 +55,44 @@ def lengths_mask(lengths: Array, size: int) -> Array:
     return jnp.arange(size)[None, :] < lengths[:, None]
 
 
+def hold_last_token(tokens: Array, gaps: Array, lengths: Array, held: Array
+                    ) -> tuple[Array, Array, Array, Array]:
+    """One-event time look-ahead: pair each event's token with the gap to the next event.
+
+    A session's raw events ``(token_i, gap_i = t_i - t_{i-1})`` become model events
+    ``(token_{i-1}, gap_i)`` for ``i >= 1``: token ``i`` meets ``t_{i+1} - t_i``, and the last
+    token waits in the state. ``held`` int32 [B] is that waiting token plus one (0: none yet, a
+    fresh session). With a token held, a packet of ``n`` events gives ``n`` model events (the
+    held token, then the packet's first ``n - 1``); without, ``n - 1`` (the first event has no
+    predecessor, its gap is dropped).
+
+    tokens, gaps int32 [B, L] (-1 / 0 padding), lengths [B] -> ``(tokens', gaps', lengths',
+    held')`` of the same shapes. Model event ``j`` reads raw position ``k = j + start``
+    (``start`` = 1 without a held token, else 0): its gap is ``gaps[k]``, its token
+    ``tokens[k - 1]``, or the held token at ``k = 0``.
+    """
+    size = tokens.shape[1]
+    start = (held == 0).astype(jnp.int32)  # [B]
+    k = jnp.arange(size)[None, :] + start[:, None]  # [B, L]
+    new_lengths = jnp.maximum(lengths - start, 0)
+    real = lengths_mask(new_lengths, size)
+    prev = jnp.take_along_axis(tokens, jnp.clip(k - 1, 0, size - 1), 1)
+    new_tokens = jnp.where(real, jnp.where(k == 0, held[:, None] - 1, prev), -1)
+    new_gaps = jnp.where(real, jnp.take_along_axis(gaps, jnp.clip(k, 0, size - 1), 1), 0)
+    last = jnp.take_along_axis(tokens, jnp.clip(lengths - 1, 0, size - 1)[:, None], 1)[:, 0]
+    new_held = jnp.where(lengths > 0, last + 1, held)
+    return new_tokens, new_gaps, new_lengths, new_held
+
+
+BATCH_NORM_EPS = 1e-5
+
+
 class Norm(nn.Module):
     """LayerNorm, or BatchNorm whose statistics skip padding (running stats outside training)."""
 
     kind: str
     momentum: float = 0.9
-    eps: float = 1e-5
+    eps: float = BATCH_NORM_EPS
 
     @nn.compact
     def __call__(self, x: Array, mask: Array, train: bool) -> Array:
@@ -83,7 +128,8 @@ class SequenceLayer(nn.Module):
 
     def setup(self) -> None:
         cfg = self.config
-        self.norm = Norm(cfg.norm, cfg.bn_momentum)
+        self.norm = Norm(cfg.norm, cfg.bn_momentum,
+                         cfg.layer_norm_eps if cfg.norm == "layer" else BATCH_NORM_EPS)
         self.ssm = S5SSM(self.d_in, self.d_out, self.d_state, cfg.block_size, cfg.conj_sym,
                          cfg.clip_eigs, cfg.discretization, cfg.dt_min, cfg.dt_max,
                          cfg.step_rescale)
@@ -137,7 +183,8 @@ class SequenceLayer(nn.Module):
             u = skip = pooled
         deterministic = not train
         y = self.ssm.readout(window_states, u)
-        g = self.gate(self.dropout(nn.gelu(y, approximate=False), deterministic=deterministic))
+        act = nn.gelu(y, approximate=self.config.gelu == "tanh")
+        g = self.gate(self.dropout(act, deterministic=deterministic))
         x = self.dropout(y * jax.nn.sigmoid(g), deterministic=deterministic)
         if self.skip_proj is not None:
             skip = self.skip_proj(skip)
@@ -172,7 +219,12 @@ def state_spec(config: ModelConfig) -> State:
     width = config.stage_width(config.num_stages - 1)
     head = {"sum_z": ((width,), jnp.float32), "sum_w": ((), jnp.float32),
             "last_z": ((width,), jnp.float32), "count": ((), jnp.int32)}
-    return {"layers": layers, "head": head}
+    if config.head_divisor == "total_time":
+        head["sum_dt"] = ((), jnp.float32)  # pooled time of the completed final-rate windows
+    spec: State = {"layers": layers, "head": head}
+    if config.time_lookahead:
+        spec["held"] = ((), jnp.int32)  # the last event's token + 1 (0: none yet)
+    return spec
 
 
 def is_spec_leaf(value: Any) -> bool:
@@ -235,6 +287,10 @@ class EventSSM(nn.Module):
         previous event, 0 for its first and for padding), lengths int32 [B], state (batched).
         Returns ``(logits [B, C], ready bool [B], state')``.
         """
+        new_state: State = {}
+        if self.config.time_lookahead:
+            tokens, gaps, lengths, new_state["held"] = hold_last_token(tokens, gaps, lengths,
+                                                                       state["held"])
         mask = lengths_mask(lengths, tokens.shape[1])
         if tables is None:
             feats = self.layers[0].features(self.encode(tokens), mask, train)
@@ -245,12 +301,24 @@ class EventSSM(nn.Module):
         # later layers read pooled time steps in milliseconds.
         layers, head_state = self._run_layers(0, feats, gaps.astype(jnp.float32), 1e-3, lengths,
                                               state["layers"], state["head"], train, tables)
-        hw = head_state["sum_w"]
-        pooled = head_state["sum_z"] / jnp.where(hw > 0, hw, 1.0)[:, None]
+        divisor = head_state["sum_w"]
+        if self.config.head_divisor == "total_time":
+            divisor = self._total_time(layers, head_state)
+        pooled = head_state["sum_z"] / jnp.where(divisor > 0, divisor, 1.0)[:, None]
         if self.config.head == "last":
             pooled = head_state["last_z"]
         logits = self.head(pooled)
-        return logits, head_state["count"] > 0, {"layers": layers, "head": head_state}
+        new_state.update(layers=layers, head=head_state)
+        return logits, head_state["count"] > 0, new_state
+
+    def _total_time(self, layers: list[State], head_state: State) -> Array:
+        """``T = sum_i dt_i`` over every event seen [B]: the completed final-rate windows'
+        pooled time plus the partial window of every strided layer (in layer order)."""
+        total = head_state["sum_dt"]
+        for layer, state in zip(self.layers, layers):
+            if layer.stride > 1:
+                total = total + state["sum_dt"]
+        return total
 
     def _run_layers(self, start: int, feats: Any, times: Array, scale: float, lengths: Array,
                     layer_states: list[State], head_state: State, train: bool,
@@ -287,12 +355,15 @@ class EventSSM(nn.Module):
         w = mask * (dt + TIMEPOOL_EPS) if self.config.head == "timepool" else mask
         last_index = jnp.maximum(lengths - 1, 0)
         last = jnp.take_along_axis(z, last_index[:, None, None], axis=1)[:, 0]
-        return {
+        new = {
             "sum_z": state["sum_z"] + jnp.einsum("bm,bmd->bd", w, z),
             "sum_w": state["sum_w"] + w.sum(1),
             "last_z": jnp.where((lengths > 0)[:, None], last, state["last_z"]),
             "count": state["count"] + lengths,
         }
+        if "sum_dt" in state:
+            new["sum_dt"] = state["sum_dt"] + (mask * dt).sum(1)
+        return new
 
 
 def _continue_from(start: int, scale: float, tables: InferenceTables | None):

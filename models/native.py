@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import DISCRETIZATIONS, NORMS, ModelConfig
+from .config import DISCRETIZATIONS, GELUS, HEAD_DIVISORS, NORMS, ModelConfig
 from .model import EventSSM, InferenceTables
 from .pooling import TIMEPOOL_EPS
 from .ssm import input_gain
@@ -49,11 +49,12 @@ KERNEL_SOURCE = Path(__file__).parent / "kernels" / "streaming_step.cc"
 MODULE_NAME = "evssm_native_step"  # PyInit_evssm_native_step in the source
 
 # Plan layout: must match the Header and Layer enums of kernels/streaming_step.cc.
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 HEADER_FIELDS = 32
 LAYER_FIELDS = 24
 HEADER = ("version layers words prenorm norm pool head classes width head_w head_b sum_z sum_w "
-          "last_z count zoh vocab decay_size table_bu table_pool table_decay consts").split()
+          "last_z count zoh vocab decay_size table_bu table_pool table_decay consts gelu held "
+          "head_sum_dt").split()
 LAYER = ("d_in d_out p stride s_last s_first sum_wx sum_w sum_dt count norm_a norm_b b step "
          "inv_lambda c d d_matrix gate_w gate_b skip_w skip_b d_pool").split()
 POOL_MODES = {"first": 0, "avgpool": 1, "timepool": 2}
@@ -71,6 +72,8 @@ IMPLEMENTED: dict[str, tuple[Any, ...] | None] = {
     "discretization": DISCRETIZATIONS, "conj_sym": None, "clip_eigs": None, "prenorm": None,
     "norm": NORMS, "dropout": None, "dt_min": None, "dt_max": None, "step_rescale": None,
     "head": tuple(HEAD_MODES), "bn_momentum": None, "class_names": None, "name": None,
+    "time_lookahead": None, "layer_norm_eps": None, "gelu": GELUS,
+    "head_divisor": HEAD_DIVISORS,
 }
 
 log = logging.getLogger(__name__)
@@ -259,7 +262,8 @@ class NativeStep:
             table_pool=put(tables.pool_in),
             table_decay=put(np.concatenate([np.real(tables.decay.values),
                                             np.imag(tables.decay.values)], 1)),
-            consts=put([first.norm.eps, TIMEPOOL_EPS]))
+            consts=put([first.norm.eps, TIMEPOOL_EPS]), gelu=GELUS.index(config.gelu),
+            held=state_offsets.get("held", -1), head_sum_dt=head_state.get("sum_dt", -1))
         if size >= 2**31:
             raise NativeUnavailable("model too large for the native step's 32-bit offsets")
         plan = np.full(HEADER_FIELDS + LAYER_FIELDS * len(layers), -1, np.int32)

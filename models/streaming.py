@@ -3,7 +3,8 @@
 A session's carried state is a pytree of fixed-shape arrays (``state_spec``): for every layer the
 SSM state after the last event and at the current window's first event, the partial pooling
 window (weighted sums, weight, dt) and the event count modulo the stride; for the head the running
-pool. Streaming a recording packet by packet gives the same logits, after every packet, as the
+pool; with the time look-ahead (``ModelConfig.time_lookahead``), the token that waits for the
+next event's time. Streaming a recording packet by packet gives the same logits, after every packet, as the
 offline form on the prefix seen so far (``tests/test_streaming_invariant.py``).
 
 Between calls the state travels packed, one int32 row per session (:class:`StateLayout`): a jitted
@@ -126,6 +127,8 @@ class StreamingModel:
             "num_classes": config.num_classes,
             "sensor": config.sensor.to_dict(),
             "downsampling": config.downsampling,
+            # Events a session's answer lags behind (1 with the reference's time look-ahead).
+            "lookahead_events": int(config.time_lookahead),
             "state_bytes": self.state_bytes,
             "backend": self.backend,
             "trained": False,
@@ -186,9 +189,11 @@ class StreamingModel:
 
         config, variables, meta = load_checkpoint(directory)
         summary = meta.get("summary", {})
-        return cls(config, variables, info={"source": str(directory), "trained": True,
-                                            "task": meta.get("task"), "summary": summary},
-                   backend=backend)
+        info = {"source": str(directory), "trained": True, "task": meta.get("task"),
+                "summary": summary}
+        if "origin" in meta:
+            info["origin"] = meta["origin"]
+        return cls(config, variables, info=info, backend=backend)
 
     # --- pure implementations ----------------------------------------------------------------
     def _apply(self, variables: dict, tables: tuple, state: State, tokens: Array, gaps: Array,

@@ -69,7 +69,11 @@ def assert_logits_close(a, b, ready) -> None:
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * scale)
 
 
-CASES = {**VARIANTS, "stride1-first-layer": dict(SMALL, pooling_stride=1, num_stages=1)}
+CASES = {**VARIANTS, "stride1-first-layer": dict(SMALL, pooling_stride=1, num_stages=1),
+         # No strided layer: the total time is the head's own; look-ahead without pooling.
+         "stride1-reference": dict(SMALL, pooling_stride=1, num_stages=1, time_lookahead=True,
+                                   gelu="tanh", layer_norm_eps=1e-6, head="timepool",
+                                   head_divisor="total_time")}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -1,17 +1,21 @@
 """The invariant: streaming, packet by packet, equals the offline form on every prefix.
 
 Covers the reference configurations and variants for every discretisation, pooling mode, head,
-norm, conj_sym, and one to three stages; random packetisations include empty and 1-event packets
-and packets that end mid-window; gaps mix tabulated (short) and exponentiated (long) decays.
+norm, conj_sym, one to three stages, and the options that reproduce the paper's reference code
+(time look-ahead, LayerNorm epsilon, tanh GELU, total-time head divisor); random packetisations
+include empty and 1-event packets and packets that end mid-window; gaps mix tabulated (short) and
+exponentiated (long) decays.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from evssm.models.config import load_model_config
+from evssm.models.model import state_spec
 from evssm.models.streaming import StreamingModel, init_variables
 
 PACKET_BUCKET = 64
@@ -70,7 +74,9 @@ def stream_and_compare(model: StreamingModel, tokens: np.ndarray, gaps: np.ndarr
     off_logits, off_ready = model.classify(batch_tok, batch_gap, np.array(prefixes, np.int32))
     off_logits, off_ready = np.asarray(off_logits), np.asarray(off_ready)
     np.testing.assert_array_equal(np.array(stream_ready), off_ready)
-    expected_ready = np.array(prefixes) >= model.config.downsampling
+    # With the time look-ahead the last event waits for the next one: one event later.
+    first_ready = model.config.downsampling + int(model.config.time_lookahead)
+    expected_ready = np.array(prefixes) >= first_ready
     np.testing.assert_array_equal(off_ready, expected_ready)
     for i in np.flatnonzero(off_ready):
         scale = max(1.0, float(np.abs(off_logits[i]).max()))
@@ -96,6 +102,20 @@ VARIANTS = {
                               pooling_mode="avgpool"),
     "three-stages-expansion": dict(SMALL, num_stages=3, pooling_stride=2, layers_per_stage=1,
                                    state_expansion_factor=2, discretization="dirac"),
+    # The reference code's behaviours (models imported from it), alone and together.
+    "reference-timepool-total": dict(SMALL, time_lookahead=True, layer_norm_eps=1e-6, gelu="tanh",
+                                     pooling_mode="timepool", head="timepool",
+                                     head_divisor="total_time", clip_eigs=True,
+                                     state_expansion_factor=2),
+    "reference-batch-conj": dict(SMALL, time_lookahead=True, gelu="tanh", norm="batch",
+                                 conj_sym=True, pooling_mode="avgpool", head="pool"),
+    "reference-postnorm-zoh-three-stages": dict(SMALL, time_lookahead=True, prenorm=False,
+                                                layer_norm_eps=1e-6, discretization="zoh",
+                                                num_stages=3, pooling_stride=2,
+                                                layers_per_stage=1, pooling_mode="first",
+                                                head="timepool", head_divisor="total_time"),
+    "lookahead-only-last": dict(SMALL, time_lookahead=True, head="last", pooling_mode="first",
+                                discretization="dirac"),
 }
 
 
@@ -244,3 +264,86 @@ def test_packed_state_round_trips_exactly() -> None:
     assert any(np.iscomplexobj(leaf) for leaf in spec_leaves)
     assert any(np.asarray(leaf).dtype == np.int32 and np.any(leaf) for leaf in spec_leaves)
     np.testing.assert_array_equal(np.asarray(model.pack_state(state)), np.asarray(packed))
+
+
+# --- the reference code's behaviours -----------------------------------------------------------
+REFERENCE = VARIANTS["reference-timepool-total"]
+
+
+def test_lookahead_pairs_each_token_with_the_next_gap() -> None:
+    """Offline, the look-ahead model on events ``(token_i, gap_i)`` is the plain model on
+    ``(token_i, gap_{i+1})`` for ``i < N - 1``: the definition, checked on the whole network."""
+    config = load_model_config("tiny", dict(SMALL, time_lookahead=True, pooling_mode="timepool"))
+    ahead = perturbed_model(config)
+    plain = StreamingModel(config.replace(time_lookahead=False), ahead.variables)
+    rng = np.random.default_rng(9)
+    tokens, gaps = random_stream(rng, config.num_embeddings, 150)
+    got, ready = ahead.classify(tokens[None], gaps[None], np.array([150], np.int32))
+    want, _ = plain.classify(tokens[None, :-1], gaps[None, 1:], np.array([149], np.int32))
+    assert bool(ready[0])
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+def test_lookahead_holds_the_last_token_in_the_state() -> None:
+    """A session's state carries its last token (+1; 0 before the first event); an empty packet
+    keeps it, and a fresh session's first event only becomes the held token."""
+    config = load_model_config("tiny", dict(SMALL, time_lookahead=True))
+    model = perturbed_model(config)
+    state = model.init_state(2)
+    tok = np.array([[5, 9, 13], [7, -1, -1]], np.int32)
+    gap = np.array([[0, 40, 2], [0, 0, 0]], np.int32)
+    state, _, _ = model.step(state, tok, gap, np.array([3, 1], np.int32))
+    held = np.asarray(model.unpack_state(state)["held"])
+    np.testing.assert_array_equal(held, [14, 8])
+    events = np.asarray(model.unpack_state(state)["layers"][0]["count"])
+    np.testing.assert_array_equal(events, [2, 0])  # 3 events -> 2 model events; 1 -> 0
+    state, _, _ = model.step(state, tok[:, :0], gap[:, :0], np.array([0, 0], np.int32))
+    np.testing.assert_array_equal(np.asarray(model.unpack_state(state)["held"]), [14, 8])
+
+
+def test_total_time_divisor_is_the_streams_total_time() -> None:
+    """The timepool head with ``head_divisor="total_time"`` is the default head's pooled value
+    rescaled by ``sum_w / T``: ``T`` is the sum of every model event's dt (trailing events that
+    complete no final-rate window included), ``sum_w`` the head's weights."""
+    config = load_model_config("tiny", dict(SMALL, pooling_mode="timepool", head="timepool",
+                                            head_divisor="total_time"))
+    total = perturbed_model(config)
+    weights = StreamingModel(config.replace(head_divisor="weights"), total.variables)
+    rng = np.random.default_rng(10)
+    n = 3 * config.downsampling + 11  # ends mid-window in both strided layers
+    tokens, gaps = random_stream(rng, config.num_embeddings, n)
+    args = (tokens[None], gaps[None], np.array([n], np.int32))
+    state, got, _ = total.step(total.init_state(1), *args)
+    _, base, _ = weights.step(weights.init_state(1), *args)
+    sum_w = float(np.asarray(total.unpack_state(state)["head"]["sum_w"])[0])
+    t_total = float(gaps.astype(np.float64).sum() * 1e-3)
+    bias = np.asarray(total.variables["params"]["head"]["bias"])
+    np.testing.assert_allclose(np.asarray(got)[0] - bias,
+                               (np.asarray(base)[0] - bias) * sum_w / t_total, rtol=1e-4,
+                               atol=1e-5)
+    assert abs(sum_w / t_total - 1) > 1e-3  # the trailing events make a difference here
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(gelu="fast"), "gelu must be one of"),
+    (dict(layer_norm_eps=0.0), "layer_norm_eps must be > 0"),
+    (dict(head_divisor="total_time", head="pool"), "applies to the timepool head only"),
+    (dict(head_divisor="time"), "head_divisor must be one of"),
+    (dict(time_lookahead="yes"), "time_lookahead must be true or false"),
+])
+def test_reference_options_are_validated(changes: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_model_config("tiny", dict(SMALL, **changes))
+
+
+def test_reference_options_default_off_and_round_trip() -> None:
+    plain = load_model_config("tiny", SMALL)
+    assert (plain.time_lookahead, plain.layer_norm_eps, plain.gelu, plain.head_divisor) == (
+        False, 1e-5, "erf", "weights")
+    config = load_model_config("tiny", REFERENCE)
+    again = type(config).from_dict(config.to_dict())
+    assert again == config and again.time_lookahead and again.gelu == "tanh"
+    # The options' state (the held token, the head's pooled time) exists only where used.
+    assert "held" not in state_spec(plain) and "sum_dt" not in state_spec(plain)["head"]
+    assert state_spec(config)["held"] == ((), jnp.int32)
+    assert state_spec(config)["head"]["sum_dt"] == ((), jnp.float32)

@@ -43,16 +43,18 @@ namespace {
 enum Header {
   H_VERSION, H_LAYERS, H_WORDS, H_PRENORM, H_NORM, H_POOL, H_HEAD, H_CLASSES, H_WIDTH,
   H_HEAD_W, H_HEAD_B, H_SUM_Z, H_SUM_W, H_LAST_Z, H_COUNT, H_ZOH, H_VOCAB, H_DECAY_SIZE,
-  H_TABLE_BU, H_TABLE_POOL, H_TABLE_DECAY, H_CONSTS, H_FIELDS = 32
+  H_TABLE_BU, H_TABLE_POOL, H_TABLE_DECAY, H_CONSTS, H_GELU, H_HELD, H_HEAD_SUM_DT,
+  H_FIELDS = 32
 };
 enum Layer {
   L_DIN, L_DOUT, L_P, L_STRIDE, L_S_LAST, L_S_FIRST, L_SUM_WX, L_SUM_W, L_SUM_DT, L_COUNT,
   L_NORM_A, L_NORM_B, L_B, L_STEP, L_INV_LAMBDA, L_C, L_D, L_D_MATRIX, L_GATE_W, L_GATE_B,
   L_SKIP_W, L_SKIP_B, L_DPOOL, L_FIELDS = 24
 };
-constexpr int kVersion = 1;
+constexpr int kVersion = 2;
 enum PoolMode { POOL_FIRST = 0, POOL_AVG = 1, POOL_TIME = 2 };
 enum HeadMode { HEAD_POOL = 0, HEAD_TIME = 1, HEAD_LAST = 2 };
+enum Gelu { GELU_ERF = 0, GELU_TANH = 1 };
 
 // --- small dense kernels ------------------------------------------------------------------------
 typedef float v8 __attribute__((vector_size(32)));
@@ -517,11 +519,19 @@ void layer_output(const Net& net, const int32_t* lay, int rows, const float* ws,
 #pragma omp simd
       for (int j = 0; j < d_out; ++j) y[(size_t)r * d_out + j] += u[(size_t)r * ldu + j] * dv[j];
   }
-  // g = Dense(GELU(y)), exact (erf) GELU
+  // g = Dense(GELU(y)): exact (erf) GELU, or its tanh approximation
   float* t = sc.x_next.data();
   const size_t n = (size_t)rows * d_out;
+  if (net.plan[H_GELU] == GELU_TANH) {
+    // 0.5 y (1 + tanh(sqrt(2/pi) (y + 0.044715 y^3)))
 #pragma omp simd
-  for (size_t i = 0; i < n; ++i) t[i] = 0.5f * y[i] * (1.f + std::erf(y[i] * 0.70710678118654752f));
+    for (size_t i = 0; i < n; ++i)
+      t[i] = 0.5f * y[i] *
+             (1.f + std::tanh(0.79788456080286536f * (y[i] + 0.044715f * y[i] * y[i] * y[i])));
+  } else {
+#pragma omp simd
+    for (size_t i = 0; i < n; ++i) t[i] = 0.5f * y[i] * (1.f + std::erf(y[i] * 0.70710678118654752f));
+  }
   matmul(t, d_out, rows, d_out, net.at(lay[L_GATE_W]), d_out, sc.g.data(), d_out,
          net.at(lay[L_GATE_B]), false);
   float* x = sc.x_next.data();
@@ -561,17 +571,24 @@ void first_layer(const Net& net, int batch, int length, const int32_t* tokens,
   if ((int)sc.events.size() < batch) sc.events.resize(batch);
   for (int b = 0; b < batch; ++b) {
     const int n = std::min(std::max(lengths[b], 0), length);
+    const int32_t* row_tokens = tokens + (size_t)b * length;
     Events& ev = sc.events[b];
     ev.clear();
-    for (int i = 0; i < n; ++i) {
+    // Time look-ahead (model.py::hold_last_token): event i is the token before it (the held
+    // one, token + 1 in the state row, for i = 0) with event i's gap; with none held, the first
+    // event only becomes the held token.
+    int32_t* held = plan[H_HELD] >= 0
+                        ? reinterpret_cast<int32_t*>(state[b]) + plan[H_HELD] : nullptr;
+    for (int i = held && *held == 0 ? 1 : 0; i < n; ++i) {
       // Out-of-range tokens index as in JAX: negative ones count from the end, then clamp.
-      int token = tokens[(size_t)b * length + i];
+      int token = !held ? row_tokens[i] : i == 0 ? *held - 1 : row_tokens[i - 1];
       token = std::min(std::max(token < 0 ? token + vocab : token, 0), vocab - 1);
       const int gap = gaps[(size_t)b * length + i];
       ev.add(table_bu + (size_t)token * 2 * p, table_pool + (size_t)token * d_pool,
              gap >= 0 && gap < decay_size ? table_decay + (size_t)gap * 2 * p : nullptr,
              static_cast<float>(gap) * 1e-3f);
     }
+    if (held && n > 0) *held = row_tokens[n - 1] + 1;
   }
   recur(net, lay, batch, state, sc, true);
   sc.rows.swap(sc.next_rows);
@@ -660,12 +677,15 @@ void head(const Net& net, int batch, float* const* state, float* logits, int32_t
     float* sum_w = row_f + plan[H_SUM_W];
     float* last_z = row_f + plan[H_LAST_Z];
     int32_t* count = row_i + plan[H_COUNT];
+    // With the total-time divisor: the completed final-rate windows' pooled time.
+    float* sum_dt = plan[H_HEAD_SUM_DT] >= 0 ? row_f + plan[H_HEAD_SUM_DT] : nullptr;
     const int rows = have_rows ? sc.rows[b] : 0;
     for (int r = at; r < at + rows; ++r) {
       const float* z = sc.x.data() + (size_t)r * width;
       const float wgt = mode == HEAD_TIME ? sc.dt_next[r] + eps : 1.f;
       for (int j = 0; j < width; ++j) sum_z[j] += wgt * z[j];
       *sum_w += wgt;
+      if (sum_dt) *sum_dt += sc.dt_next[r];
     }
     if (rows > 0)
       std::memcpy(last_z, sc.x.data() + (size_t)(at + rows - 1) * width, sizeof(float) * width);
@@ -676,7 +696,15 @@ void head(const Net& net, int batch, float* const* state, float* logits, int32_t
     if (mode == HEAD_LAST) {
       std::memcpy(out, last_z, sizeof(float) * width);
     } else {
-      const float div = *sum_w > 0.f ? *sum_w : 1.f;
+      float total = *sum_w;
+      if (sum_dt) {
+        // T = sum of every event's dt: the completed windows' plus every strided layer's
+        // partial window (model.py::EventSSM._total_time, in the same order).
+        total = *sum_dt;
+        for (int i = 0; i < plan[H_LAYERS]; ++i)
+          if (net.layer(i)[L_STRIDE] > 1) total += row_f[net.layer(i)[L_SUM_DT]];
+      }
+      const float div = total > 0.f ? total : 1.f;
       for (int j = 0; j < width; ++j) out[j] = sum_z[j] / div;
     }
   }
