@@ -625,7 +625,9 @@ def test_restore_from_an_older_snapshot_replays_what_it_lacks() -> None:
     np.testing.assert_allclose(results[-1].probs, offline_probs(rec))
     (resume,) = session.resumes
     assert resume.restored and resume.events == 12 * 25 and not resume.new_session
-    assert resume.replayed == 25  # packet 13 (seq 12) was answered; seq 13 died unanswered
+    # Packets 13 and 14 were processed; whether their answers arrived before the connection died
+    # is a race: answered ones are replayed, the others are recovered as in-flight packets.
+    assert resume.replayed in (0, 25, 50)
     # durable never ran ahead of the answers; the replay buffer holds only what follows it.
     assert all(r.durable is not None and r.durable <= r.events for r in results)
     assert session.replay_events == 1000 - session.durable
@@ -653,7 +655,7 @@ def test_reset_not_covered_by_a_snapshot_is_replayed_from_its_start() -> None:
     first, second = make_recording(200, seed=7), make_recording(300, seed=8)
 
     async def main() -> tuple[Any, AsyncStreamSession]:
-        async with AsyncStreamSession(srv.url, max_in_flight=2) as s:
+        async with AsyncStreamSession(srv.url, max_in_flight=1) as s:
             async for _ in s.stream(packetize(first, events=20)):
                 pass
             await s.reset()
@@ -747,14 +749,18 @@ def test_stream_command_shows_where_it_resumed(tmp_path: Any, capsys: Any) -> No
     path = save_events(tmp_path / "rec.npz", rec)
     with FakeServer(snapshot_every=4) as srv:
         srv.drops = {10: "restart"}
+        # One packet in flight: packet 9 is answered before packet 10 goes, so the restored
+        # snapshot (8 packets) lacks one answered packet, which is replayed.
         assert main(["stream", str(path), "--url", srv.url, "--fast", "--packet-events", "50",
-                     "--json"]) == 0
+                     "--max-in-flight", "1", "--json"]) == 0
         out = json.loads(capsys.readouterr().out)
-        srv.drops = {22: "restart"}
-        assert main(["stream", str(path), "--url", srv.url, "--fast", "--packet-events", "50"]) == 0
+        srv.drops = {srv.packets_processed + 10: "restart"}
+        assert main(["stream", str(path), "--url", srv.url, "--fast", "--packet-events", "50",
+                     "--max-in-flight", "1"]) == 0
         text = capsys.readouterr().out
     np.testing.assert_allclose(out["probs"], offline_probs(rec))
     assert out["reconnects"] == 1
     (resume,) = out["resumes"]
-    assert resume["restored"] and resume["events"] == 400 and resume["replayed"] > 0
-    assert "resumed at event" in text and "from a snapshot" in text  # the live view's final lines
+    assert resume == {"events": 400, "restored": True, "new_session": False, "replayed": 50,
+                      "resent": 1}
+    assert "resumed at event 400 from a snapshot" in text and "replayed 50 answered events" in text
