@@ -677,7 +677,7 @@ def test_session_gone_before_its_first_snapshot_is_replayed_into_a_new_one() -> 
     rec = make_recording(400, seed=9)
 
     async def main() -> tuple[list[Any], AsyncStreamSession]:
-        async with AsyncStreamSession(srv.url, max_in_flight=2) as s:
+        async with AsyncStreamSession(srv.url, max_in_flight=1) as s:  # 5 answered at the drop
             return [r async for r in s.stream(packetize(rec, events=40))], s
 
     with FakeServer(snapshot_every=0) as srv:  # snapshots on, none taken yet
