@@ -13,7 +13,8 @@ ARG PYTHON_VERSION=3.11
 ARG DEBIAN_RELEASE=bookworm
 
 # ---------------------------------------------------------------------------------------------
-# build: a virtual environment in /opt/evssm with the server's dependencies and the package.
+# build: a virtual environment in /opt/evssm with the server's dependencies (the `server` extra:
+# no trainer, data-set or plotting libraries) and the package.
 # ---------------------------------------------------------------------------------------------
 FROM python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE} AS build
 
@@ -46,16 +47,20 @@ RUN apt-get update -qq \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends g++ >/dev/null \
  && rm -rf /var/lib/apt/lists/*
 
-# Then the package (the .dockerignore lets only the package sources through).
+# Then the package (the .dockerignore lets only the package sources through). The checks run
+# outside /src so that they import the installed package. pip and setuptools leave the venv last:
+# the runtime installs nothing.
 COPY . .
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install --no-deps . \
+ && cd / \
  && evssm --version \
  && python -c "import evssm.server.app" \
  && { [ "$JAX_VARIANT" != cpu ] \
       || EVSSM_CACHE_DIR=/opt/evssm/native EVSSM_NATIVE_ARCH=$NATIVE_ARCH \
          python -c "from evssm.models.native import build_library; print(build_library())" \
-      || echo "native streaming step not prebuilt: the server will use XLA's"; }
+      || echo "native streaming step not prebuilt: the server will use XLA's"; } \
+ && pip uninstall --yes --quiet pip setuptools wheel
 
 # ---------------------------------------------------------------------------------------------
 # runtime: slim Python, the virtual environment, an unprivileged user. No compilers, no sources.

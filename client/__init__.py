@@ -22,6 +22,7 @@ from .errors import (
     SessionClosed,
     SessionExpired,
     SourceError,
+    Unauthorized,
     UnknownModel,
 )
 from .http_api import Classification, aclassify, classify, list_models
@@ -36,7 +37,7 @@ __all__ = [
     "Packet", "Pacer", "packetize", "paced", "apaced",
     "Sample", "SimulatedSensor", "open_source", "save_events",
     "ClientError", "ServerError", "InvalidEvents", "UnknownModel", "ServerFull", "ServerUnavailable",
-    "SessionExpired",
+    "SessionExpired", "Unauthorized",
     "ConnectionLost", "ConnectFailed", "ProtocolError", "NothingInFlight", "SessionClosed",
     "SourceError",
 ]

@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=DEFAULT_URL,
                         help="server, http://HOST:PORT or ws://HOST:PORT (env EVSSM_URL)")
     parser.add_argument("--model", default=None, help="model name (default: the server's)")
+    parser.add_argument("--api-key", default=None, metavar="KEY",
+                        help="API key of a server started with --api-keys (default: $EVSSM_API_KEY; "
+                             "prefer the variable, options show in process lists)")
     parser.add_argument("--index", default="0", metavar="SPEC",
                         help="samples of many-sample sources: N, a list 0,3,10-19, or all")
     add_source_arguments(parser)
@@ -74,7 +77,7 @@ def _server_model(args: argparse.Namespace) -> ModelInfo | None:
     """The served model's description (for class names and the simulated sensor); None if the
     server does not list models."""
     try:
-        models = list_models(args.url)
+        models = list_models(args.url, api_key=args.api_key)
     except ClientError:
         return None
     if args.model is not None:
@@ -119,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
             raise SourceError(f"{undeclared[0]}: the file does not state its sensor geometry; "
                               "give --sensor WxH for --crop/--scale/--flip")
         results = classify(args.url, [s.recording for s in samples], model=args.model,
-                           batch_size=args.batch, timeout=args.timeout,
+                           batch_size=args.batch, timeout=args.timeout, api_key=args.api_key,
                            sensors=[s.declared_sensor for s in samples], transform=transform)
         elapsed = time.monotonic() - started
     except ClientError as exc:

@@ -49,6 +49,10 @@ class ServerFull(ServerUnavailable):
     """The server has no room for another session; retry later."""
 
 
+class Unauthorized(ServerError):
+    """The server wants an API key and got none or a wrong one (``--api-key`` / ``EVSSM_API_KEY``)."""
+
+
 class SessionExpired(ServerError):
     """A resume token no longer names a live session (the server dropped or forgot it)."""
 
@@ -63,8 +67,9 @@ _CODE_CLASSES: dict[str, type[ServerError]] = {
          Code.UNSUPPORTED_MEDIA_TYPE),
         InvalidEvents),
     Code.UNKNOWN_MODEL: UnknownModel,
-    Code.SERVER_FULL: ServerFull,
-    **dict.fromkeys((Code.NOT_READY, Code.DRAINING, Code.STORE_UNAVAILABLE), ServerUnavailable),
+    **dict.fromkeys((Code.SERVER_FULL, Code.TOO_MANY_SESSIONS), ServerFull),
+    **dict.fromkeys((Code.NOT_READY, Code.DRAINING, Code.BUSY, Code.STORE_UNAVAILABLE), ServerUnavailable),
+    Code.UNAUTHORIZED: Unauthorized,
     **dict.fromkeys((Code.UNKNOWN_SESSION, Code.SESSION_EXPIRED, Code.SESSION_RESUMED_ELSEWHERE,
                      Code.SNAPSHOT_INCOMPATIBLE, "resume_mismatch"), SessionExpired),
 }

@@ -8,17 +8,18 @@ streams, so one call can classify a whole data set without one huge request.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import httpx
 import msgpack
 
 from evssm.models.events import Recording, SensorSpec
+from evssm.models.wire import MSGPACK, MSGPACK_TYPES
 
 from .errors import ClientError, ConnectionLost, ProtocolError, ServerUnavailable, server_error
-from .protocol import ModelInfo, endpoint_url, event_columns, sensor_declaration
+from .protocol import ModelInfo, auth_headers, endpoint_url, event_columns, sensor_declaration
 
-MSGPACK = "application/msgpack"
+_HEADERS = {"content-type": MSGPACK, "accept": MSGPACK}
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class Classification:
 
 def _decode_body(response: httpx.Response) -> Any:
     kind = response.headers.get("content-type", "").split(";")[0].strip()
-    if kind in (MSGPACK, "application/x-msgpack"):
+    if kind in MSGPACK_TYPES:
         return msgpack.unpackb(response.content, raw=False)
     return response.json()
 
@@ -93,33 +94,48 @@ def _parse(body: Any, expected: int) -> list[Classification]:
     return out
 
 
+def _requests(recordings: Sequence[Recording], model: str | None, batch_size: int, binary: bool,
+              sensors: Sequence[SensorSpec | None] | None,
+              transform: Mapping[str, Any] | None) -> Iterator[tuple[int, bytes]]:
+    """(streams, msgpack body) of each request of at most ``batch_size`` recordings, made as
+    they are sent (a whole data set is never encoded at once)."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    starts = range(0, len(recordings), batch_size)
+    return ((len(recordings[i:i + batch_size]),
+             _request_body(recordings[i:i + batch_size], model, binary,
+                           None if sensors is None else sensors[i:i + batch_size], transform))
+            for i in starts)
+
+
+def _answer(response: httpx.Response, streams: int) -> list[Classification]:
+    _raise_for(response)
+    return _parse(_decode_body(response), streams)
+
+
 def classify(url: str, recordings: Sequence[Recording], *, model: str | None = None,
              batch_size: int = 16, timeout: float = 300.0, binary: bool = True,
              transport: httpx.BaseTransport | None = None,
              sensors: Sequence[SensorSpec | None] | None = None,
-             transform: Mapping[str, Any] | None = None) -> list[Classification]:
+             transform: Mapping[str, Any] | None = None,
+             api_key: str | None = None) -> list[Classification]:
     """Classify whole recordings with the offline model, ``batch_size`` per request.
 
     ``url`` is the server (``http://HOST:PORT``; a ``ws://`` URL works too). Raises typed
     :class:`~evssm.client.errors.ServerError` subclasses for the server's error codes and
-    :class:`~evssm.client.errors.ConnectionLost` when it cannot be reached. ``transport``
-    replaces the network (tests). ``sensors`` declares each recording's source sensor (None
-    entries: the model's) and ``transform`` how the server maps them (see the protocol).
+    :class:`~evssm.client.errors.ConnectionLost` when it cannot be reached. ``sensors``
+    declares each recording's source sensor (None entries: the model's) and ``transform`` how
+    the server maps them (see the protocol). ``api_key`` is sent as ``Authorization: Bearer``
+    (None: ``EVSSM_API_KEY``). ``transport`` replaces the network (tests).
     """
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
     target = endpoint_url(url, "classify")
+    requests = _requests(recordings, model, batch_size, binary, sensors, transform)
+    headers = {**_HEADERS, **auth_headers(api_key)}
     out: list[Classification] = []
     try:
         with httpx.Client(timeout=timeout, transport=transport) as client:
-            for start in range(0, len(recordings), batch_size):
-                batch = recordings[start:start + batch_size]
-                declared = None if sensors is None else sensors[start:start + batch_size]
-                body = _request_body(batch, model, binary, declared, transform)
-                response = client.post(target, content=body,
-                                       headers={"content-type": MSGPACK, "accept": MSGPACK})
-                _raise_for(response)
-                out += _parse(_decode_body(response), len(batch))
+            for streams, body in requests:
+                out += _answer(client.post(target, content=body, headers=headers), streams)
     except httpx.TransportError as exc:
         raise ConnectionLost(f"cannot reach {target}: {exc}") from exc
     return out
@@ -129,34 +145,29 @@ async def aclassify(url: str, recordings: Sequence[Recording], *, model: str | N
                     batch_size: int = 16, timeout: float = 300.0, binary: bool = True,
                     transport: httpx.AsyncBaseTransport | None = None,
                     sensors: Sequence[SensorSpec | None] | None = None,
-                    transform: Mapping[str, Any] | None = None) -> list[Classification]:
+                    transform: Mapping[str, Any] | None = None,
+                    api_key: str | None = None) -> list[Classification]:
     """Asyncio twin of :func:`classify`."""
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
     target = endpoint_url(url, "classify")
+    requests = _requests(recordings, model, batch_size, binary, sensors, transform)
+    headers = {**_HEADERS, **auth_headers(api_key)}
     out: list[Classification] = []
     try:
         async with httpx.AsyncClient(timeout=timeout, transport=transport) as client:
-            for start in range(0, len(recordings), batch_size):
-                batch = recordings[start:start + batch_size]
-                declared = None if sensors is None else sensors[start:start + batch_size]
-                body = _request_body(batch, model, binary, declared, transform)
-                response = await client.post(target, content=body,
-                                             headers={"content-type": MSGPACK, "accept": MSGPACK})
-                _raise_for(response)
-                out += _parse(_decode_body(response), len(batch))
+            for streams, body in requests:
+                out += _answer(await client.post(target, content=body, headers=headers), streams)
     except httpx.TransportError as exc:
         raise ConnectionLost(f"cannot reach {target}: {exc}") from exc
     return out
 
 
-def list_models(url: str, *, timeout: float = 30.0,
-                transport: httpx.BaseTransport | None = None) -> list[ModelInfo]:
+def list_models(url: str, *, timeout: float = 30.0, transport: httpx.BaseTransport | None = None,
+                api_key: str | None = None) -> list[ModelInfo]:
     """The models the server serves (``GET /v1/models``), its default model first."""
     target = endpoint_url(url, "models")
     try:
         with httpx.Client(timeout=timeout, transport=transport) as client:
-            response = client.get(target, headers={"accept": "application/json"})
+            response = client.get(target, headers={"accept": "application/json", **auth_headers(api_key)})
     except httpx.TransportError as exc:
         raise ConnectionLost(f"cannot reach {target}: {exc}") from exc
     _raise_for(response)

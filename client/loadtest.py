@@ -3,15 +3,17 @@
 Each session opens its own WebSocket session and plays a simulated sensor (for the served model's
 sensor) at --rate events per second in real time for --duration seconds, in packets of
 --packet-events events (or --packet-ms windows); --rate max sends flat out instead, each session
-keeping --max-in-flight packets outstanding. All sessions run in one asyncio process. The run
-stops by itself: after --duration the sessions stop sending and get --grace seconds for their last
-answers.
+keeping --max-in-flight packets outstanding. The sessions run in one asyncio process, or spread
+over --workers processes (session i in process i mod N) so that the load generator can out-run a
+server on a many-core host. The run stops by itself: after --duration the sessions stop sending
+and get --grace seconds for their last answers.
 
 The JSON report gives the offered and achieved event rates, p50/p95/p99 packet latency (packet
 sent to answer received), errors by code, and the share of sessions that kept up with real time:
 a session keeps up when every packet due within the run was sent and answered within --max-lag
 seconds of the moment its last event happened on the (simulated) sensor. It also reports the
-client's own CPU use: near one full core, the client, not the server, may be the bottleneck.
+load generator's own CPU use (all its processes): near one full core per process, the client,
+not the server, may be the bottleneck.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=DEFAULT_URL,
                         help="server, ws://HOST:PORT (env EVSSM_URL sets the default)")
     parser.add_argument("--model", default=None, help="model name (default: the server's)")
+    parser.add_argument("--api-key", default=None, metavar="KEY",
+                        help="API key of a server started with --api-keys (default: $EVSSM_API_KEY; "
+                             "prefer the variable, options show in process lists)")
     parser.add_argument("--sessions", type=int, default=8, help="concurrent sessions N")
     parser.add_argument("--rate", type=_rate, default=10000.0, metavar="EVENTS_PER_S",
                         help="events per second each session offers in real time, or 'max'")
@@ -78,6 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--open-timeout", type=float, default=30.0, metavar="S",
                         help="seconds allowed to open a session")
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulated sensors")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="load-generator processes (the sessions are spread over them)")
 
 
 @dataclass
@@ -117,6 +124,7 @@ class _Config:
     grace: float
     open_timeout: float
     seed: int
+    api_key: str | None = None
 
 
 def _error_code(exc: BaseException) -> str:
@@ -135,7 +143,7 @@ async def _run_session(index: int, cfg: _Config, start_at: float) -> SessionRepo
     report = SessionReport()
     await asyncio.sleep(max(start_at - time.monotonic(), 0.0))
     session = AsyncStreamSession(cfg.url, model=cfg.model, max_in_flight=cfg.max_in_flight,
-                                 open_timeout=cfg.open_timeout, top_k=1)
+                                 open_timeout=cfg.open_timeout, top_k=1, api_key=cfg.api_key)
     try:
         report.info = await session.open()
     except (ClientError, OSError) as exc:
@@ -233,24 +241,72 @@ def _environment() -> dict[str, Any]:
     }
 
 
+def _config(args: argparse.Namespace) -> _Config:
+    return _Config(url=args.url, model=args.model, rate=args.rate, duration=args.duration,
+                   packet_events=None if args.packet_ms is not None else (args.packet_events or 256),
+                   packet_us=None if args.packet_ms is None else max(int(args.packet_ms * 1e3), 1),
+                   max_in_flight=args.max_in_flight, grace=args.grace,
+                   open_timeout=args.open_timeout, seed=args.seed,
+                   api_key=getattr(args, "api_key", None))
+
+
+async def _run_sessions(args: argparse.Namespace, indices: list[int], start: float
+                        ) -> list[SessionReport]:
+    """Sessions ``indices`` of the run, session i starting ``i * ramp step`` after wall time
+    ``start`` (``time.time()``: one clock for every worker process)."""
+    cfg = _config(args)
+    offset = start - time.time()  # wall clock -> this process's monotonic clock
+    begin = time.monotonic() + offset
+    step = args.ramp / max(args.sessions - 1, 1) if args.ramp > 0 else 0.0
+    tasks = [_run_session(i, cfg, begin + i * step) for i in indices]
+    # Hard stop even if something misbehaves: every phase above is bounded, this bounds the sum.
+    limit = max(offset, 0.0) + args.ramp + args.open_timeout + args.duration + args.grace + 30
+    async with asyncio.timeout(limit):
+        return list(await asyncio.gather(*tasks))
+
+
+def _worker(args: argparse.Namespace, indices: list[int], start: float
+            ) -> tuple[list[SessionReport], float]:
+    """One load-generator process: its sessions' reports and its CPU seconds."""
+    cpu0 = time.process_time()
+    reports = asyncio.run(_run_sessions(args, indices, start))
+    return reports, time.process_time() - cpu0
+
+
+def _spread(args: argparse.Namespace) -> tuple[list[SessionReport], list[float], float]:
+    """Run the sessions over ``args.workers`` processes: reports in session order, each
+    process's CPU seconds, and the wall time."""
+    import concurrent.futures
+    import multiprocessing
+
+    workers = min(args.workers, args.sessions)
+    shares = [list(range(w, args.sessions, workers)) for w in range(workers)]
+    start = time.time() + 1.0 + 0.25 * workers  # processes start before the first session
+    context = multiprocessing.get_context("spawn")  # no inherited event loop or sockets
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        done = list(pool.map(_worker, [args] * workers, shares, [start] * workers))
+    wall = time.time() - start
+    reports: list[SessionReport | None] = [None] * args.sessions
+    for share, (part, _) in zip(shares, done):
+        for i, report in zip(share, part):
+            reports[i] = report
+    return [r for r in reports if r is not None], [cpu for _, cpu in done], wall
+
+
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     """Run the load test described by ``args`` and return the report."""
-    if args.sessions < 1 or args.duration <= 0:
-        raise ValueError("--sessions must be >= 1 and --duration > 0")
-    cfg = _Config(url=args.url, model=args.model, rate=args.rate, duration=args.duration,
-                  packet_events=None if args.packet_ms is not None else (args.packet_events or 256),
-                  packet_us=None if args.packet_ms is None else max(int(args.packet_ms * 1e3), 1),
-                  max_in_flight=args.max_in_flight, grace=args.grace,
-                  open_timeout=args.open_timeout, seed=args.seed)
-    cpu0, wall0 = time.process_time(), time.monotonic()
-    step = args.ramp / max(args.sessions - 1, 1) if args.ramp > 0 else 0.0
-    tasks = [_run_session(i, cfg, wall0 + i * step) for i in range(args.sessions)]
-    # Hard stop even if something misbehaves: every phase above is bounded, this bounds the sum.
-    limit = args.ramp + args.open_timeout + args.duration + args.grace + 30
-    async with asyncio.timeout(limit):
-        reports = await asyncio.gather(*tasks)
-    wall = time.monotonic() - wall0
-    cpu = time.process_time() - cpu0
+    if args.sessions < 1 or args.duration <= 0 or args.workers < 1:
+        raise ValueError("--sessions and --workers must be >= 1 and --duration > 0")
+    cfg = _config(args)
+    if args.workers > 1:
+        loop = asyncio.get_running_loop()
+        reports, cpus, wall = await loop.run_in_executor(None, _spread, args)
+    else:
+        cpu0, wall0 = time.process_time(), time.monotonic()
+        reports = await _run_sessions(args, list(range(args.sessions)), time.time())
+        wall = time.monotonic() - wall0
+        cpus = [time.process_time() - cpu0]
+    cpu = sum(cpus)
 
     opened = [r for r in reports if r.opened]
     # Achieved rate over the whole run: first schedule start to last answer (drain included).
@@ -266,8 +322,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     latencies = [x for r in reports for x in r.latencies]
     per_session = [r.events_answered / args.duration for r in opened]
     warnings = []
-    if cpu / max(wall, 1e-9) > 0.85:
-        warnings.append("the load generator used most of a CPU core: it may be the bottleneck")
+    if max(cpus) / max(wall, 1e-9) > 0.85:
+        warnings.append("a load-generator process used most of a CPU core: it may be the "
+                        "bottleneck (try --workers)")
     if len(opened) < args.sessions:
         warnings.append(f"only {len(opened)} of {args.sessions} sessions opened")
     return {
@@ -277,7 +334,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                    "duration_s": args.duration, "packet_events": cfg.packet_events,
                    "packet_ms": args.packet_ms, "max_in_flight": args.max_in_flight,
                    "max_lag_s": args.max_lag, "ramp_s": args.ramp, "grace_s": args.grace,
-                   "timestamp_rate": cfg.rate or MAX_RATE_TIMESTAMPS, "seed": args.seed},
+                   "timestamp_rate": cfg.rate or MAX_RATE_TIMESTAMPS, "seed": args.seed,
+                   "workers": args.workers},
         "model": None if info is None else {"name": info.model.name,
                                             "classes": len(info.model.classes),
                                             "sensor": None if info.model.sensor is None
@@ -305,7 +363,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "wall_s": round(wall, 3),
         "measured_span_s": round(span, 3),
         "client_cpu_s": round(cpu, 3),
+        # Cores the load generator used on average (all its processes), and its busiest one's.
         "client_cpu_share": round(cpu / wall, 3) if wall > 0 else None,
+        "client_cpu_share_per_worker": [round(c / wall, 3) for c in cpus] if wall > 0 else None,
         "warnings": warnings,
         "environment": _environment(),
     }
@@ -321,4 +381,12 @@ def run(args: argparse.Namespace) -> int:
         print("evssm bench serve: interrupted", file=sys.stderr)
         return 130
     print(json.dumps(report, indent=2))
-    return 0 if report["sessions"]["opened"] else 1
+    if not report["sessions"]["opened"]:
+        errors = ", ".join(f"{code} x{n}" for code, n in report["errors"].items()) or "none"
+        print(f"evssm bench serve: no session opened at {report['url']} (errors: {errors}); "
+              "is a server running there? Start one with 'evssm serve' or pass --url",
+              file=sys.stderr)
+        return 1
+    for warning in report["warnings"]:
+        print(f"evssm bench serve: warning: {warning}", file=sys.stderr)
+    return 0

@@ -9,6 +9,7 @@ what keeps a small sensor-side board fast. ``binary=False`` sends plain integer 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 from urllib.parse import urlsplit, urlunsplit
@@ -218,3 +219,13 @@ def endpoint_url(url: str, kind: str) -> str:
     scheme = "https" if secure else "http"
     path = {"classify": CLASSIFY_PATH, "models": MODELS_PATH, "base": ""}[kind]
     return urlunsplit((scheme, parts.netloc, path, "", ""))
+
+
+API_KEY_ENV = "EVSSM_API_KEY"
+
+
+def auth_headers(api_key: str | None = None) -> dict[str, str]:
+    """``Authorization: Bearer KEY`` for ``api_key`` (None: the ``EVSSM_API_KEY`` variable);
+    no header when neither is set."""
+    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV, "").strip()
+    return {"Authorization": f"Bearer {key}"} if key else {}

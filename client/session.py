@@ -44,7 +44,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from evssm.models.events import Recording, SensorSpec
-from evssm.models.wire import CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER, Code
+from evssm.models.wire import CLOSE_POLICY_VIOLATION, CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER, Code
 
 from .errors import (
     ClientError,
@@ -56,11 +56,12 @@ from .errors import (
     ServerUnavailable,
     SessionClosed,
     SessionExpired,
+    Unauthorized,
     server_error,
 )
 from .packets import Packet
-from .protocol import (Result, SessionInfo, decode_frame, encode_message, endpoint_url, event_columns,
-                       sensor_declaration)
+from .protocol import (Result, SessionInfo, auth_headers, decode_frame, encode_message, endpoint_url,
+                       event_columns, sensor_declaration)
 
 T = TypeVar("T")
 
@@ -132,6 +133,8 @@ class AsyncStreamSession:
             when the server keeps snapshots); past it the oldest are dropped, and a restore from a
             snapshot older than what is kept fails with ``resume_mismatch``.
         replay_packet_events: events per packet when answered packets are sent again.
+        api_key: the server's API key, sent as ``Authorization: Bearer KEY`` (None: the
+            ``EVSSM_API_KEY`` variable, or no key).
 
     Results and errors come back through :meth:`recv` (and :meth:`poll`, :meth:`drain`,
     :meth:`results`, :meth:`stream`) in packet order; a packet the server rejected raises its
@@ -145,7 +148,8 @@ class AsyncStreamSession:
                  max_reconnect_attempts: int = 8, backoff: tuple[float, float] = (0.05, 2.0),
                  open_timeout: float = 10.0, binary: bool = True,
                  sensor: SensorSpec | None = None, transform: Mapping[str, Any] | None = None,
-                 max_replay_events: int = 1 << 22, replay_packet_events: int = 16384):
+                 max_replay_events: int = 1 << 22, replay_packet_events: int = 16384,
+                 api_key: str | None = None):
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be >= 1")
         if replay_packet_events < 1 or max_replay_events < 0:
@@ -163,6 +167,7 @@ class AsyncStreamSession:
         self.transform = None if transform is None else dict(transform)
         self.max_replay_events = max_replay_events
         self.replay_packet_events = replay_packet_events
+        self._headers = auth_headers(api_key)
         self.info: SessionInfo | None = None
         self.reconnects = 0  # successful re-attachments so far
         self.resumes: list[Resume] = []  # every re-attachment, in order
@@ -462,7 +467,7 @@ class AsyncStreamSession:
         try:
             return await connect(self.url, open_timeout=self.open_timeout, compression=None,
                                  max_size=16 * 2**20, ping_interval=20, ping_timeout=60,
-                                 close_timeout=2)
+                                 close_timeout=2, additional_headers=self._headers)
         except InvalidStatus as exc:
             status = exc.response.status_code
             if status == 503:
@@ -498,6 +503,8 @@ class AsyncStreamSession:
                 raise ServerFull(Code.SERVER_FULL, reason or "server full, retry later") from exc
             if code == CLOSE_SERVICE_RESTART:
                 raise ServerUnavailable(Code.DRAINING, reason or "server restarting") from exc
+            if code == CLOSE_POLICY_VIOLATION:
+                raise Unauthorized(Code.UNAUTHORIZED, reason or "the server refused this client") from exc
             raise ConnectFailed(f"the server closed the connection while opening: {exc}") from exc
         except TimeoutError as exc:
             raise ConnectFailed(f"no 'opened' reply within {self.open_timeout} s") from exc

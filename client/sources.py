@@ -10,7 +10,7 @@ source knows them. Formats:
 - DVS128 Gesture ``.npy`` as the common tools lay it out: an ``N x 4`` array of columns
   ``x, y, p, t`` with ``t`` in milliseconds, the file name (``3.npy``) being the class index.
 - SHD/SSC HDF5 (``spikes/times`` in seconds, ``spikes/units``, ``labels``): one sample by index.
-  Needs ``h5py`` (installed with ``evssm[model]``).
+  Needs ``h5py`` (installed with ``evssm[train]``).
 - Event-camera files through the optional ``faery`` package (``pip install 'evssm[formats]'``):
   AEDAT 4 (``.aedat4``, iniVation), Prophesee EVT 2.0 / 2.1 / 3.0 (``.raw``) and DAT (``.dat``,
   event types ``cd`` and ``2d``), event-stream (``.es``) and CSV (``.csv``: ``t,x,y,on`` with a
@@ -27,7 +27,9 @@ caller, ``--sensor WxH``), or ``"extent"`` (the smallest box holding the address
 no known geometry: ``.npy``/``.npz``/CSV). A client declares every geometry but ``"extent"`` to
 the server, which maps it onto the model's sensor.
 - ``dataset:NAME`` — the project's offline data sets (needs the model extra).
-- ``sim:rate=R,duration=S,label=K,...`` — a simulated sensor (:class:`SimulatedSensor`).
+- ``sim:rate=R,duration=S,label=K,...`` — a simulated sensor (:class:`SimulatedSensor`): ``label``
+  picks one of ``classes`` movement patterns, not a class of the served model, so no correctness
+  is reported for it.
 """
 
 from __future__ import annotations
@@ -63,7 +65,11 @@ GEOMETRY_SOURCES = ("file", "format", "guess", "option", "extent")
 
 @dataclass
 class Sample:
-    """One labelled recording. ``label`` is a class index or name (None if unknown)."""
+    """One labelled recording. ``label`` is a class index or name (None if unknown).
+
+    ``synthetic``: the label is a simulated sensor's pattern index, a class of no model, so no
+    correctness is judged against a prediction.
+    """
 
     recording: Recording
     label: int | str | None = None
@@ -71,6 +77,7 @@ class Sample:
     sensor: SensorSpec | None = None
     class_names: tuple[str, ...] = field(default=())
     geometry: str = "extent"  # where ``sensor`` came from (see the module docstring)
+    synthetic: bool = False
 
     @property
     def declared_sensor(self) -> SensorSpec | None:
@@ -79,7 +86,7 @@ class Sample:
 
     def label_name(self, model_classes: Sequence[str] = ()) -> str | None:
         """The label as a class name: from the source's names, else the model's, else as is."""
-        if self.label is None:
+        if self.label is None or self.synthetic:
             return None
         if isinstance(self.label, (int, np.integer)):
             for names in (self.class_names, model_classes):
@@ -91,7 +98,7 @@ class Sample:
         """Whether ``prediction`` (a class name or index, as the server gives it) is this
         sample's label; None when either is unknown. Indices are compared when both sides have
         one (data sets and models share the class order); names otherwise."""
-        if self.label is None or prediction is None:
+        if self.label is None or prediction is None or self.synthetic:
             return None
         pred_index: int | None = None
         if isinstance(prediction, (int, np.integer)):
@@ -225,14 +232,24 @@ def load_npz(path: str | Path) -> Sample:
         else:
             structured = [k for k in z.files if z[k].dtype.names]
             if not structured:
-                raise SourceError(f"{path}: no t/x arrays and no structured event array "
-                                  f"(arrays: {', '.join(sorted(keys))})")
+                raise SourceError(f"{path}: expected arrays t (microseconds), x, and for a 2-D "
+                                  f"sensor y, p (or one structured array with those fields); "
+                                  f"found arrays {', '.join(sorted(keys)) or 'none'}")
             rec = _fields_recording(z[structured[0]], str(path))
     return Sample(rec, label=label, name=path.name, sensor=_sensor_of(rec))
 
 
 def _dvs_gesture(arr: np.ndarray, path: Path) -> Sample:
     x, y, p, t_ms = (arr[:, i] for i in range(4))
+    width, height = DVS_GESTURE_SIZE
+    bad = [f"{name} outside 0..{hi - 1}" for name, col, hi in (("x", x, width), ("y", y, height),
+                                                                ("p", p, 2))
+           if col.size and (col.min() < 0 or col.max() >= hi)]
+    if bad:  # most likely another column order, such as t, x, y, p
+        raise SourceError(f"{path}: an N x 4 .npy is read as DVS128 Gesture columns x, y, p, t "
+                          f"(t in milliseconds), but {', '.join(bad)}; save other recordings as "
+                          "a structured array with fields t, x, y, p (evssm.client.save_events) "
+                          "or an .npz with arrays t, x, y, p")
     t_us = np.rint(np.asarray(t_ms, dtype=np.float64) * 1000.0).astype(np.int64)
     rec = _recording(t_us, x, y, p, where=str(path))
     label = int(path.stem) if path.stem.isdigit() else None
@@ -255,7 +272,7 @@ def _h5py() -> Any:
         import h5py
     except ImportError as exc:
         raise SourceError("reading SHD/SSC HDF5 files needs h5py: pip install h5py "
-                          "(or evssm[model])") from exc
+                          "(or evssm[train])") from exc
     return h5py
 
 
@@ -490,7 +507,7 @@ def load_dataset_sample(name: str, split: str = "test", index: int = 0,
         from evssm.models.data import load_dataset
     except ImportError as exc:
         raise SourceError(f"data set {name!r} needs the project's data sets "
-                          f"(evssm.models.data, installed with evssm[model]): {exc}") from exc
+                          f"(evssm.models.data, installed with evssm[train]): {exc}") from exc
     try:
         samples: Sequence[Any] = load_dataset(name, split, data_dir)
     except (KeyError, ValueError, FileNotFoundError) as exc:
@@ -591,10 +608,11 @@ class SimulatedSensor:
         return self.chunk(int(round(duration_s * 1e6)))
 
     def sample(self, duration_s: float) -> Sample:
-        """A labelled :class:`Sample` of ``duration_s`` seconds."""
-        return Sample(self.recording(duration_s), label=self.label,
-                      name=f"sim(label={self.label}, rate={self.rate:g}/s)", sensor=self.sensor,
-                      geometry="format")
+        """A :class:`Sample` of ``duration_s`` seconds; its label is the pattern index (see the
+        class docstring), which no model was trained on, so it is marked ``synthetic``."""
+        return Sample(self.recording(duration_s), label=self.label, synthetic=True,
+                      name=f"sim(pattern {self.label} of {self.num_classes}, {self.rate:g} events/s)",
+                      sensor=self.sensor, geometry="format")
 
 
 SIM_DEFAULTS: dict[str, float] = {"rate": 20000.0, "duration": 2.0, "label": 0.0, "classes": 10.0,

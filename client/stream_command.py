@@ -4,7 +4,8 @@ SOURCE is an event file (.npy/.npz structured arrays, DVS Gesture .npy, SHD/SSC 
 --index; camera files .aedat4, Prophesee .raw (EVT 2/3) and .dat, .es, .csv with the formats
 extra; N-MNIST .bin), a project data set as dataset:NAME (with --split and --index), a simulated
 sensor as sim[:rate=EVENTS_PER_S,duration=S,label=K,classes=C,seed=N] (it emits for the served
-model's sensor), or a live camera as udp://HOST:PORT. The recording plays in real time (--speed
+model's sensor; label=K picks one of C movement patterns, not a class of the model, so no
+correctness is shown for it), or a live camera as udp://HOST:PORT. The recording plays in real time (--speed
 scales it, --fast sends as fast as the server answers) in packets of --packet-events events or
 --packet-ms milliseconds. The terminal shows the top classes, events/s and packet latency while
 it plays, then the final answer; --json prints one JSON object for scripts instead.
@@ -47,13 +48,9 @@ from .udp import UDP_FORMATS, UdpReceiver, UdpStats, live_packets, parse_udp_url
 DEFAULT_URL = os.environ.get("EVSSM_URL", "ws://127.0.0.1:8000")
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the epilog's paragraphs and lines, and shows defaults."""
-
-
 def explain(parser: argparse.ArgumentParser, doc: str | None) -> None:
-    """Show a command module's docstring (after its first line) below the options in --help."""
-    parser.formatter_class = _HelpFormatter
+    """Show a command module's docstring (after its first line) below the options in --help
+    (``evssm``'s help formatter keeps its paragraphs and lines)."""
     parser.epilog = "\n".join((doc or "").strip().splitlines()[1:]).strip() or None
 
 
@@ -124,6 +121,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=DEFAULT_URL,
                         help="server, ws://HOST:PORT (env EVSSM_URL sets the default)")
     parser.add_argument("--model", default=None, help="model name (default: the server's)")
+    parser.add_argument("--api-key", default=None, metavar="KEY",
+                        help="API key of a server started with --api-keys (default: $EVSSM_API_KEY; "
+                             "prefer the variable, options show in process lists)")
     parser.add_argument("--index", type=int, default=0,
                         help="sample of a many-sample source (HDF5 file, data set)")
     add_source_arguments(parser, udp=True)
@@ -355,7 +355,7 @@ async def _stream(args: argparse.Namespace) -> int:
     session = AsyncStreamSession(args.url, model=args.model, resume=args.resume, top_k=args.top,
                                  max_in_flight=args.max_in_flight,
                                  reconnect=not args.no_reconnect, sensor=declared,
-                                 transform=transform_of(args))
+                                 transform=transform_of(args), api_key=args.api_key)
     info = await session.open()
     try:
         if sample is None:  # the simulated sensor emits for the served model's sensor
@@ -410,7 +410,8 @@ async def _stream_udp(args: argparse.Namespace) -> int:
                     geometry="option")
     session = AsyncStreamSession(args.url, model=args.model, resume=args.resume, top_k=args.top,
                                  max_in_flight=args.max_in_flight, reconnect=not args.no_reconnect,
-                                 sensor=args.sensor, transform=transform_of(args))
+                                 sensor=args.sensor, transform=transform_of(args),
+                                 api_key=args.api_key)
     try:
         receiver.start(loop)
         info = await session.open()

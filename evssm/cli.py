@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import re
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 # (words, module, one-line help). Two-word commands ("bench model") come first so they match first.
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("bench", "model"), "evssm.models.bench", "benchmark the model step in-process (JSON)"),
     (("bench", "serve"), "evssm.client.loadtest", "load-test a running server (JSON)"),
+    (("bench", "soak"), "evssm.client.soak", "soak a server for minutes: RSS trend, wrong answers (JSON)"),
     (("serve",), "evssm.server.cli", "run the inference server"),
     (("train",), "evssm.models.train", "train a model: evssm train task=NAME [key=value ...]"),
     (("eval",), "evssm.models.evaluate", "evaluate a checkpoint offline and streaming"),
@@ -27,12 +30,37 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
 ]
 
 
-def _usage() -> str:
-    lines = ["usage: evssm COMMAND [options]", "", "commands:"]
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows an option's default once: where its help does not already state one, and only a
+    real value (not None or False). Descriptions and epilogs keep their own line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default: Any = action.default
+        if (re.search(r"\(default\b", text) or default in (None, False, argparse.SUPPRESS)
+                or not action.option_strings or action.help == argparse.SUPPRESS):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        return f"{text} (default: {str(shown).replace('%', '%%')})"
+
+
+def _usage(group: tuple[str, ...] = ()) -> str:
+    """The list of commands (those starting with ``group``, e.g. ``("bench",)``)."""
+    prefix = " ".join(group + ("COMMAND",)) if group else "COMMAND"
+    lines = [f"usage: evssm {prefix} [options]", "", "commands:"]
     for words, _, help_text in COMMANDS:
-        lines.append(f"  {' '.join(words):<14} {help_text}")
+        if words[: len(group)] == group:
+            lines.append(f"  {' '.join(words):<14} {help_text}")
     lines += ["", "Run 'evssm COMMAND --help' for a command's options."]
     return "\n".join(lines)
+
+
+def _quiet_broken_pipe() -> int:
+    """The reader of our output went away (``evssm classify --json | head``): stop quietly, as
+    other command-line tools do, instead of a traceback at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # Python's final flush of stdout must not fail again
+    return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by a closed pipe
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -51,16 +79,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser = argparse.ArgumentParser(
                 prog="evssm " + " ".join(words),
                 description=(module.__doc__ or help_text).strip().splitlines()[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                formatter_class=HelpFormatter,
             )
             module.add_arguments(parser)
-            args = parser.parse_args(argv[len(words) :])
-            return int(module.run(args) or 0)
-    subcommands = [words[1] for words, _, _ in COMMANDS if len(words) > 1 and words[0] == argv[0]]
-    if subcommands:
-        print(f"evssm {argv[0]}: choose one of {', '.join(subcommands)} "
-              f"(e.g. 'evssm {argv[0]} {subcommands[0]} --help')", file=sys.stderr)
-        return 2
+            try:
+                code = int(module.run(parser.parse_args(argv[len(words):])) or 0)
+                sys.stdout.flush()
+            except BrokenPipeError:
+                return _quiet_broken_pipe()
+            return code
+    group = (argv[0],)
+    if any(words[:1] == group and len(words) > 1 for words, _, _ in COMMANDS):
+        # "evssm bench", "evssm bench --help": the group's commands.
+        asked = len(argv) == 1 or argv[1] in ("-h", "--help", "help")
+        if not asked:
+            print(f"evssm: unknown command {' '.join(argv[:2])!r}\n", file=sys.stderr)
+        print(_usage(group), file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
     print(f"evssm: unknown command {' '.join(argv[:2])!r}\n", file=sys.stderr)
     print(_usage(), file=sys.stderr)
     return 2

@@ -77,7 +77,7 @@ def bench_config(name: str, seconds: float, packet_sizes: list[int], sessions: i
                               "state_bytes_per_session":
                               model.state_bytes, "offline": {}, "streaming_one_session": {},
                               "streaming_many_sessions": {}}
-    for batch in (1, 32):
+    for batch in (1, 32) if offline_length > 0 else ():
         tokens, gaps = inputs(batch, offline_length)
         lengths = np.full(batch, offline_length, np.int32)
         run = lambda: jax.block_until_ready(model.classify(tokens, gaps, lengths))  # noqa: E731
@@ -131,7 +131,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sessions", type=int, default=64,
                         help="sessions stepped together for the aggregate figure")
     parser.add_argument("--offline-length", type=int, default=4096,
-                        help="events per recording for the offline figure")
+                        help="events per recording for the offline figure (0: no offline figure)")
     parser.add_argument("--backend", choices=STREAMING_BACKENDS, default="auto",
                         help="streaming step: native (C++ kernel, CPU), xla, or auto (native "
                              "where it builds); the offline figures are always XLA's")

@@ -15,8 +15,9 @@ complete and match the config's architecture.
 
 from __future__ import annotations
 
+import functools
 import json
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,29 +52,46 @@ def save_checkpoint(directory: str | Path, config: ModelConfig, variables: dict[
                     origin: dict[str, Any] | None = None) -> Path:
     """Write ``variables`` (``params`` and ``batch_stats``) and metadata to ``directory``.
 
-    An existing checkpoint at ``directory`` is replaced atomically-enough: written beside it, then
-    swapped in.
+    orbax writes the whole checkpoint into a temporary folder and renames it into place; an
+    existing checkpoint at ``directory`` is replaced.
     """
     import orbax.checkpoint as ocp
 
     directory = Path(directory).absolute()
-    tmp = directory.with_name(directory.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     tree = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(tmp / VARIABLES_DIR, jax.device_get(tree))
-    checkpointer.wait_until_finished()
     meta = {"format_version": FORMAT_VERSION, "config": config.to_dict(), "task": task,
             "summary": summary or {}}
     if origin is not None:
         meta["origin"] = origin
-    (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    if directory.exists():
-        shutil.rmtree(directory)
-    tmp.rename(directory)
+    handler, save_args = _served_checkpoint_types()
+    with ocp.Checkpointer(handler()) as checkpointer:
+        checkpointer.save(directory, args=save_args(jax.device_get(tree), meta), force=True)
     return directory
+
+
+@functools.cache
+def _served_checkpoint_types() -> tuple[type, type]:
+    """An orbax handler for the served layout (``evssm.json`` beside ``variables/``) and its save
+    arguments, registered with orbax once (orbax is imported only when checkpoints are written)."""
+    import orbax.checkpoint as ocp
+
+    class ServedCheckpointHandler(ocp.CheckpointHandler):
+        def save(self, directory: Any, args: "ServedSave") -> None:
+            path = Path(directory)
+            with ocp.StandardCheckpointer() as arrays:
+                arrays.save(path / VARIABLES_DIR, args.tree)
+            (path / METADATA_FILE).write_text(json.dumps(args.meta, indent=2, sort_keys=True))
+
+        def restore(self, directory: Any, args: Any = None) -> Any:
+            raise NotImplementedError("load_checkpoint() reads served checkpoints")
+
+    @ocp.args.register_with_handler(ServedCheckpointHandler, for_save=True, for_restore=True)
+    @dataclass
+    class ServedSave(ocp.args.CheckpointArgs):
+        tree: dict[str, Any]
+        meta: dict[str, Any]
+
+    return ServedCheckpointHandler, ServedSave
 
 
 def read_metadata(directory: str | Path) -> dict[str, Any]:
@@ -83,7 +101,11 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"no checkpoint directory at {directory}")
     meta_path = directory / METADATA_FILE
     if not meta_path.exists():
-        raise CheckpointError(f"{directory} is not an evssm checkpoint: {METADATA_FILE} is missing")
+        hint = ""
+        if (directory / "best" / METADATA_FILE).exists():  # `evssm train --out` writes best/ there
+            hint = f"; it is a training run folder: its checkpoint is {directory / 'best'}"
+        raise CheckpointError(f"{directory} is not an evssm checkpoint: {METADATA_FILE} is "
+                              f"missing{hint}")
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:

@@ -1,6 +1,7 @@
 """Model configuration: one frozen dataclass, loaded from YAML with ``key=value`` overrides.
 
-NumPy/JAX-free so the server's API layer can describe models without importing JAX.
+JAX-free (YAML and the NumPy-only ``events`` module) so the server's API layer can describe
+models without importing JAX.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ STREAMING_BACKENDS = ("auto", "native", "xla")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """EventSSM hyper-parameters (DESIGN section 2). ``sensor`` fixes ``num_embeddings``."""
+    """EventSSM hyper-parameters (docs/architecture.md, "The model"). ``sensor`` fixes
+    ``num_embeddings``."""
 
     sensor: SensorSpec
     num_classes: int

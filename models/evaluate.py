@@ -2,7 +2,8 @@
 
 Accuracy and loss on a split, computed twice: with the offline form (whole recordings, batched)
 and by streaming every recording through the streaming form in packets of ``--packet-events``
-with the state carried. The two must agree (DESIGN section 3); the command fails if they do not.
+with the state carried. The two must agree (docs/architecture.md, "The invariant"); the command
+fails if they do not.
 """
 
 from __future__ import annotations
@@ -28,14 +29,6 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, weights: np.n
             "loss": float((nll * weights).sum() / total), "count": float(weights.sum())}
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax, float32 [B, C] (computed in float64; one function for every path)."""
-    z = logits.astype(np.float64)
-    z -= z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
-
-
 def evaluate(model: Any, dataset: Any, *, batch_size: int = 32, packet_events: int = 256,
              pad_unit: int = 512, progress: bool = True) -> dict[str, Any]:
     """Offline and streaming logits of every sample of ``dataset`` under ``model``
@@ -43,6 +36,7 @@ def evaluate(model: Any, dataset: Any, *, batch_size: int = 32, packet_events: i
     from tqdm import tqdm
 
     from .input_pipeline import eval_batches
+    from .streaming import softmax
 
     num_classes = model.config.num_classes
     offline, streamed, labels, weights = [], [], [], []
@@ -82,10 +76,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", help="data set (default: the checkpoint's task data set)")
     parser.add_argument("--data-dir", help="where data sets live (or EVSSM_DATA_DIR)")
     parser.add_argument("--limit", type=int, help="only the first N samples")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32, help="recordings per offline batch")
     parser.add_argument("--packet-events", type=int, default=256,
                         help="packet size for the streaming pass")
-    parser.add_argument("--json", action="store_true", help="print JSON only")
+    parser.add_argument("--json", action="store_true", help="print JSON only (no progress bar)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     dataset = load_dataset(name, args.split, args.data_dir, limit=args.limit)
     result = evaluate(model, dataset, batch_size=args.batch_size,
-                      packet_events=args.packet_events, progress=not args.json)
+                      packet_events=args.packet_events, progress=not (args.json or args.no_progress))
     result.update(checkpoint=str(args.checkpoint), dataset=name, split=args.split)
     agree = result["max_prob_difference"] <= PROB_TOLERANCE
     result["forms_agree"] = agree

@@ -102,30 +102,44 @@ class EventError(ValueError):
 
 
 def tokenize(sensor: SensorSpec, x: np.ndarray, y: np.ndarray | None = None,
-             p: np.ndarray | None = None, *, check: bool = True) -> np.ndarray:
-    """Map event addresses to int32 tokens [N] (see module docstring).
+             p: np.ndarray | None = None, *, check: bool = True,
+             out: np.ndarray | None = None) -> np.ndarray:
+    """Map event addresses to int32 tokens [N] (see module docstring), written into ``out``
+    (int32 [N]) when given. The columns may be any integer dtype and strided (views of packed
+    records): no temporary is made beyond one for the polarity term.
 
-    With ``check`` an address outside the sensor raises ``EventError(Code.ADDRESS_OUT_OF_RANGE)``.
+    With ``check`` an address outside the sensor raises
+    ``EventError(Code.ADDRESS_OUT_OF_RANGE)`` before anything is written.
     """
     x = np.asarray(x)
+    n = x.shape[0]
+    out = np.empty(n, np.int32) if out is None else out
     if sensor.kind == "1d":
-        if check and x.size and (x.min() < 0 or x.max() >= sensor.channels):
-            bad = int(x[(x < 0) | (x >= sensor.channels)][0])
-            raise EventError(Code.ADDRESS_OUT_OF_RANGE,
-                             f"x={bad} is outside the sensor's channels 0..{sensor.channels - 1}")
-        return x.astype(np.int32)
+        if check and n:
+            _check_range("x", x, sensor.channels, "the sensor's channels")
+        np.copyto(out, x, casting="unsafe")
+        return out
     if y is None or p is None:
         raise EventError(Code.MISSING_COLUMN, "a 2-D sensor needs columns x, y and p")
     y = np.asarray(y)
     p = np.asarray(p)
-    if check and x.size:
-        for name, col, hi in (("x", x, sensor.width), ("y", y, sensor.height), ("p", p, 2)):
-            if col.min() < 0 or col.max() >= hi:
-                bad = int(col[(col < 0) | (col >= hi)][0])
-                raise EventError(Code.ADDRESS_OUT_OF_RANGE,
-                                 f"{name}={bad} is outside the sensor's range 0..{hi - 1}")
     w, h = sensor.width, sensor.height
-    return (x.astype(np.int64) + w * y.astype(np.int64) + w * h * p.astype(np.int64)).astype(np.int32)
+    if check and n:
+        for name, col, hi in (("x", x, w), ("y", y, h), ("p", p, 2)):
+            _check_range(name, col, hi, "the sensor's range")
+    # In range, so x + w*y + w*h*p < 2**31 holds in int32 arithmetic.
+    np.multiply(y, np.int32(w), out=out, casting="unsafe")
+    np.add(out, x, out=out, casting="unsafe")
+    if p.any():
+        np.add(out, np.multiply(p, np.int32(w * h), dtype=np.int32, casting="unsafe"), out=out)
+    return out
+
+
+def _check_range(name: str, col: np.ndarray, hi: int, what: str) -> None:
+    """Raise ``address_out_of_range`` unless every value of ``col`` is in ``0 .. hi - 1``."""
+    if col.max() >= hi or (col.dtype.kind != "u" and col.min() < 0):
+        bad = int(col[(col < 0) | (col >= hi)][0])
+        raise EventError(Code.ADDRESS_OUT_OF_RANGE, f"{name}={bad} is outside {what} 0..{hi - 1}")
 
 
 def untokenize(sensor: SensorSpec, tokens: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -137,26 +151,40 @@ def untokenize(sensor: SensorSpec, tokens: np.ndarray) -> tuple[np.ndarray, ...]
     return tokens % w, (tokens // w) % h, tokens // (w * h)
 
 
-def time_gaps(t: np.ndarray, last_t: int | None = None, *, check: bool = True) -> np.ndarray:
-    """Inter-event gaps in microseconds, int32 [N], clamped to ``MAX_GAP_US``.
+def time_gaps(t: np.ndarray, last_t: int | None = None, *, check: bool = True,
+              out: np.ndarray | None = None) -> np.ndarray:
+    """Inter-event gaps in microseconds, int32 [N], clamped to ``MAX_GAP_US``, written into
+    ``out`` (int32 [N]) when given. ``t`` is int64 (or uint64 within int64's range), possibly
+    strided.
 
     ``last_t`` is the timestamp of the event before ``t[0]`` (None at a stream's start, which gives
     ``gap_0 = 0``). With ``check``, decreasing timestamps raise
-    ``EventError(Code.TIMESTAMPS_DECREASING)``.
+    ``EventError(Code.TIMESTAMPS_DECREASING)`` before anything is written.
     """
-    t = np.asarray(t, dtype=np.int64)
-    if t.size == 0:
-        return np.zeros(0, np.int32)
+    t = np.asarray(t)
+    if t.dtype != np.int64:
+        t = t.view(np.int64) if t.dtype == np.uint64 else t.astype(np.int64)
+    n = t.shape[0]
+    out = np.empty(n, np.int32) if out is None else out
+    if n == 0:
+        return out
     prev = t[0] if last_t is None else np.int64(last_t)
-    gaps = np.diff(t, prepend=prev)
-    if check and (gaps < 0).any():
-        i = int(np.argmax(gaps < 0))
-        if i == 0:
+    # Order is checked by comparison, never by the sign of a difference: t[i] - t[i-1] overflows
+    # int64 for far-apart values (2**63 - 1 then -2 would wrap to a positive gap).
+    if check and (prev > t[0] or (t[1:] < t[:-1]).any()):
+        if prev > t[0]:
             msg = f"t[0]={int(t[0])} is before the session's last event at t={int(prev)}"
         else:
+            i = int(np.argmax(t[1:] < t[:-1])) + 1
             msg = f"t[{i}]={int(t[i])} is before t[{i - 1}]={int(t[i - 1])}"
         raise EventError(Code.TIMESTAMPS_DECREASING, msg)
-    return np.minimum(gaps, MAX_GAP_US).astype(np.int32)
+    # For non-decreasing t the true gap lies in [0, 2**64): exact as a uint64 difference.
+    wide = np.empty(n, np.uint64)
+    wide[0] = int(t[0]) - int(prev) if int(t[0]) >= int(prev) else 0
+    np.subtract(t[1:].view(np.uint64), t[:-1].view(np.uint64), out=wide[1:])
+    np.minimum(wide, np.uint64(MAX_GAP_US), out=wide)
+    np.copyto(out, wide, casting="unsafe")
+    return out
 
 
 def recording_inputs(sensor: SensorSpec, rec: Recording) -> tuple[np.ndarray, np.ndarray]:

@@ -11,27 +11,13 @@ matrix products. It reads and writes the packed state rows of
 backends are interchangeable mid-stream; ``tests/test_native.py`` holds them equal (and the
 invariant tests hold it equal to the offline form) within float32 rounding.
 
-The kernel is compiled on first use with the machine's C++ compiler (``$CXX``, else ``g++``) for
-the machine's own instruction set and cached in ``$EVSSM_CACHE_DIR`` (default
-``~/.cache/evssm``). Without a compiler the XLA step serves (``backend="auto"``).
+The kernel is compiled on first use (``native_build.py``); without a compiler the XLA step serves
+(``backend="auto"``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import importlib.machinery
-import importlib.util
-import logging
-import os
-import shutil
-import subprocess
-import sys
-import sysconfig
-import tempfile
-import threading
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import jax
@@ -40,13 +26,13 @@ import numpy as np
 
 from .config import DISCRETIZATIONS, GELUS, HEAD_DIVISORS, NORMS, ModelConfig
 from .model import EventSSM, InferenceTables
+from .native_build import (COMPILE_FLAGS, KERNEL_SOURCE, MODULE_NAME, NativeUnavailable,  # noqa: F401
+                           build_library, cache_dir, load_library)
 from .pooling import TIMEPOOL_EPS
 from .ssm import input_gain
 
 Array = jax.Array
 
-KERNEL_SOURCE = Path(__file__).parent / "kernels" / "streaming_step.cc"
-MODULE_NAME = "evssm_native_step"  # PyInit_evssm_native_step in the source
 
 # Plan layout: must match the Header and Layer enums of kernels/streaming_step.cc.
 PLAN_VERSION = 2
@@ -59,8 +45,6 @@ LAYER = ("d_in d_out p stride s_last s_first sum_wx sum_w sum_dt count norm_a no
          "inv_lambda c d d_matrix gate_w gate_b skip_w skip_b d_pool").split()
 POOL_MODES = {"first": 0, "avgpool": 1, "timepool": 2}
 HEAD_MODES = {"pool": 0, "timepool": 1, "last": 2}
-COMPILE_FLAGS = ["-std=c++17", "-O3", "-ffast-math", "-fopenmp-simd", "-fno-strict-aliasing",
-                 "-fPIC", "-w"]
 
 # What the kernel implements: every ModelConfig field, with the values it implements (None: any
 # value). A field that is not listed (a model option added later) must keep its default, else
@@ -76,9 +60,6 @@ IMPLEMENTED: dict[str, tuple[Any, ...] | None] = {
     "head_divisor": HEAD_DIVISORS,
 }
 
-log = logging.getLogger(__name__)
-_lock = threading.Lock()
-
 
 def unsupported(config: ModelConfig) -> str | None:
     """Why the native step cannot compute ``config``'s network, or None if it can."""
@@ -91,84 +72,6 @@ def unsupported(config: ModelConfig) -> str | None:
         elif IMPLEMENTED[f.name] is not None and value not in IMPLEMENTED[f.name]:  # type: ignore[operator]
             return f"the native step does not implement {f.name}={value!r}"
     return None
-_library: ModuleType | None = None
-
-
-class NativeUnavailable(RuntimeError):
-    """The native step cannot run here (no compiler, failed build, not a CPU backend)."""
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("EVSSM_CACHE_DIR") or Path.home() / ".cache" / "evssm")
-
-
-def build_library() -> Path:
-    """Compile the kernel (once per source and target) -> the shared library's path.
-
-    The target instruction set is ``$EVSSM_NATIVE_ARCH`` (a ``-march`` value; default
-    ``native``, this machine's own). A library already in the cache is used without a compiler,
-    so an image can ship one built for a named target (``x86-64-v3``: AVX2 and FMA).
-    Compiled with ``-ffast-math`` (so the exponentials, sines and erf of a row vectorise) but
-    linked without it: a library linked with it would switch the whole process's FPU to flush
-    denormals to zero.
-    """
-    arch = os.environ.get("EVSSM_NATIVE_ARCH") or "native"
-    include = sysconfig.get_paths()["include"]
-    flags = [*COMPILE_FLAGS, f"-march={arch}", f"-I{include}"]
-    abi = sysconfig.get_config_var("EXT_SUFFIX") or sys.version
-    key = hashlib.sha256("\0".join([KERNEL_SOURCE.read_text(), abi, *flags]).encode()
-                         ).hexdigest()[:16]
-    target = cache_dir() / f"streaming_step-{arch}-{key}.so"
-    if target.exists():
-        return target
-    cxx = os.environ.get("CXX") or "g++"
-    if not (Path(include) / "Python.h").exists():
-        raise NativeUnavailable(f"no Python headers in {include} to build the native step "
-                                "(install python3-dev)")
-    if shutil.which(cxx) is None:
-        raise NativeUnavailable(f"no C++ compiler {cxx!r} on PATH to build the native step "
-                                "(install g++ or set $CXX, or use the xla backend)")
-    log.info("building the native streaming step for -march=%s into %s (once)", arch, target)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            obj, lib = Path(tmp) / "step.o", Path(tmp) / "step.so"
-            _run([cxx, *flags, "-c", str(KERNEL_SOURCE), "-o", str(obj)])
-            try:  # glibc's vector maths (libmvec) where there is one
-                _run([cxx, "-shared", str(obj), "-o", str(lib), "-lmvec", "-lm"])
-            except NativeUnavailable:
-                _run([cxx, "-shared", str(obj), "-o", str(lib), "-lm"])
-            os.replace(lib, target)  # atomic: concurrent builders all end with a whole library
-    except OSError as exc:
-        raise NativeUnavailable(f"cannot build the native step in {target.parent}: {exc}") from exc
-    return target
-
-
-def _run(cmd: list[str]) -> None:
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise NativeUnavailable(f"building the native step failed: {' '.join(cmd)}\n"
-                                f"{done.stderr.strip()[-2000:]}")
-
-
-def load_library() -> ModuleType:
-    """Build (if needed) and import the kernel's extension module, once per process."""
-    global _library
-    with _lock:
-        if _library is not None:
-            return _library
-        path = build_library()
-        try:
-            loader = importlib.machinery.ExtensionFileLoader(MODULE_NAME, str(path))
-            spec = importlib.util.spec_from_file_location(MODULE_NAME, path, loader=loader)
-            module = importlib.util.module_from_spec(spec)
-            loader.exec_module(module)
-        except (ImportError, OSError) as exc:
-            raise NativeUnavailable(f"cannot load the native step {path}: {exc}") from exc
-        _library = module
-        return module
-
-
 class NativeStep:
     """One model's weights and plan for the kernel, and the calls into it.
 
@@ -275,23 +178,39 @@ class NativeStep:
         self.words = words
         self.weights = np.concatenate(pieces)
         self.weight_bytes = self.weights.nbytes
-        self._step = load_library().step
+        library = load_library()
+        self._step = library.step
+        self.prime = library.prime  # () -> None: wake the helper threads ahead of a step
 
     def step_rows(self, pool: np.ndarray, slots: np.ndarray | None, tokens: Any, gaps: Any,
                   lengths: Any) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`step_ragged` on padded packets: tokens, gaps int32 [B, L]; session ``b``'s
+        events are the first ``lengths[b]`` of row ``b`` (clipped to 0..L)."""
+        tokens = _i32(tokens)
+        batch, length = tokens.shape
+        starts = np.arange(batch, dtype=np.int64) * length
+        lengths = np.clip(_i32(lengths), 0, length).astype(np.int32)
+        return self.step_ragged(pool, slots, tokens.reshape(-1), _i32(gaps).reshape(-1), starts,
+                                lengths)
+
+    def step_ragged(self, pool: np.ndarray, slots: np.ndarray | None, tokens: np.ndarray,
+                    gaps: np.ndarray, starts: np.ndarray, lengths: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
         """Advance sessions in place on ``pool`` (int32 [N, words], C-contiguous, writable):
         session ``b`` is row ``slots[b]`` (``b`` when ``slots`` is None; a slot outside the pool
-        is a padding row, not written). tokens, gaps int32 [B, L]; lengths [B]
+        is a padding row, not written) and reads the ragged row
+        ``tokens/gaps[starts[b] : starts[b] + lengths[b]]`` of the flat int32 buffers [E]
+        (starts int64 [B], lengths int32 [B]; no copy of the buffers is made)
         -> ``(logits float32 [B, C], ready bool [B])``."""
-        tokens = _i32(tokens)
-        batch = tokens.shape[0]
+        batch = lengths.shape[0]
         if slots is None and pool.shape[0] < batch:
             raise ValueError(f"{batch} sessions but {pool.shape[0]} state rows")
         logits = np.empty((batch, self.config.num_classes), np.float32)
         ready = np.empty(batch, np.int32)
-        # The extension checks dtypes, contiguity and shapes, and raises ValueError.
-        self._step(self.weights, self.plan, pool, None if slots is None else _i32(slots), tokens,
-                   _i32(gaps), _i32(lengths), logits, ready)
+        # The extension checks dtypes, contiguity, shapes and row bounds, and raises ValueError.
+        self._step(self.weights, self.plan, pool, None if slots is None else _i32(slots),
+                   _i32(tokens), _i32(gaps), np.ascontiguousarray(starts, np.int64),
+                   _i32(lengths), logits, ready)
         return logits, ready > 0
 
 

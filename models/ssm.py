@@ -36,7 +36,8 @@ from .ssm_init import hippo_n_init
 Array = jax.Array
 
 # Sequential scans beat the parallel associative scan on CPU for packet-sized inputs
-# (DESIGN section 6); on accelerators, or for long offline sequences, the parallel scan wins.
+# (docs/architecture.md, "How it is measured"); on accelerators, or for long offline sequences,
+# the parallel scan wins.
 PARALLEL_SCAN_MIN_LENGTH_CPU = 4096
 
 # Strided packets with (events x blocks) up to this use masked reductions and a membership

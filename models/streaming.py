@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import STREAMING_BACKENDS, ModelConfig, load_model_config
+from .events import PAD_TOKEN
 from .model import EventSSM, State, init_state, is_spec_leaf, state_spec
 from .native import NativeStep, NativeUnavailable
 
@@ -285,6 +286,25 @@ class StreamingModel:
         return self._call("step_slots", self.tables, pool, _i32(slots),
                           _i32(tokens), _i32(gaps), _i32(lengths))
 
+    def step_slots_ragged(self, pool: Array, slots: np.ndarray, tokens: np.ndarray,
+                          gaps: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
+                          shape: tuple[int, int] | None = None) -> tuple[Array, Array, Array]:
+        """:meth:`step_slots` on ragged packets: session ``b`` (row ``slots[b]``, int32 [B])
+        reads ``tokens/gaps[starts[b] : starts[b] + lengths[b]]`` of flat int32 buffers [E]
+        (starts int64 [B], lengths int32 [B]). The native step reads the buffers in place; XLA's
+        needs a rectangle, so the rows are padded once into ``shape`` = (batch >= B, length >=
+        max(lengths)) (default: exactly B x max(lengths)); padding rows get the pool size as
+        their slot. Returns ``(pool, logits [batch, C], ready [batch])``."""
+        if self.native is not None:
+            pool = _writable_rows(pool)
+            logits, ready = self.native.step_ragged(pool, slots, tokens, gaps, starts, lengths)
+            return pool, logits, ready
+        batch, length = shape or (len(lengths), max(1, int(lengths.max(initial=0))))
+        tok, gap, lens = pad_rows(tokens, gaps, starts, lengths, batch, length)
+        rows = np.full(batch, pool.shape[0], np.int32)
+        rows[:len(slots)] = slots
+        return self.step_slots(pool, rows, tok, gap, lens)
+
     def zero_slots(self, pool: Array, slots: Array) -> Array:
         """Zero rows ``slots`` (int32 [K]; the pool size marks padding) of a pool (donated)."""
         if self.native is not None:
@@ -340,6 +360,39 @@ class StreamingModel:
                 if classify:
                     jax.block_until_ready(self.classify(ints, ints, vec))
         return self.compilations - before
+
+
+def pad_rows(tokens: np.ndarray, gaps: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
+             batch: int, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ragged rows ``tokens/gaps[starts[b] : starts[b] + lengths[b]]`` of flat int32 buffers
+    -> padded int32 [batch, length] (``PAD_TOKEN`` and gap 0 past each row's end; rows past
+    ``len(lengths)`` all padding) and lengths int32 [batch]. One gather per buffer."""
+    rows = len(lengths)
+    if rows > batch or (rows and int(lengths.max()) > length):
+        raise ValueError(f"{rows} rows of up to {int(lengths.max(initial=0))} events do not fit "
+                         f"{batch} x {length}")
+    lens = np.zeros(batch, np.int32)
+    lens[:rows] = lengths
+    at = np.zeros(batch, np.int64)
+    at[:rows] = starts
+    cols = np.arange(length)
+    inside = cols < lens[:, None]  # [batch, length]
+    index = np.where(inside, at[:, None] + cols, 0)
+    if tokens.size == 0:
+        return (np.full((batch, length), PAD_TOKEN, np.int32), np.zeros((batch, length), np.int32),
+                lens)
+    tok = np.where(inside, tokens[index], PAD_TOKEN).astype(np.int32, copy=False)
+    gap = np.where(inside, gaps[index], 0).astype(np.int32, copy=False)
+    return tok, gap, lens
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """The served probabilities of logits [B, C]: row-wise ``exp(z - max z) / sum exp(z - max z)``,
+    computed in float64, returned float32 [B, C] (one function for every path that answers)."""
+    z = np.asarray(logits).astype(np.float64)
+    z -= z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
 def _writable_rows(pool: Any) -> np.ndarray:

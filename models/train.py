@@ -5,7 +5,7 @@ Configuration: a task (``configs/tasks/NAME.yaml``) names its data set, its defa
 the command line: ``model.d_model=32``, ``train.epochs=3``, ``augment.cut_mix_p=0``,
 ``dataset=...``, ``data_dir=...``. The resolved configuration is saved with the run.
 
-Optimisation (DESIGN section 2): softmax cross-entropy on soft targets; AdamW in two groups —
+Optimisation (docs/architecture.md, "Training"): softmax cross-entropy on soft targets; AdamW in two groups —
 ``B``, ``Lambda_re``, ``Lambda_im`` at ``ssm_lr = ssm_base_lr * batch_size * accumulation`` with
 ``ssm_weight_decay``, everything else at ``ssm_lr * lr_factor`` with ``weight_decay`` — warm-up then
 cosine decay (or constant), gradient accumulation. Data-parallel over all local devices (batch
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -121,10 +120,47 @@ def cross_entropy(logits, targets):
 
 
 # --- the run -------------------------------------------------------------------------------
+# The keys most runs change, with what they mean; every key is in the task and model YAML files.
+MAIN_KEYS = {
+    "train.epochs": "passes over the training set",
+    "train.batch_size": "recordings per step",
+    "train.ssm_base_lr": "SSM learning rate per recording (x batch_size x accumulation)",
+    "train.lr_factor": "learning rate of the other parameters, relative to the SSM's",
+    "train.weight_decay": "AdamW weight decay of the other parameters",
+    "train.warmup_epochs": "linear warm-up before the schedule",
+    "train.schedule": "cosine or constant",
+    "train.max_events": "longer recordings are cut to this many events",
+    "train.seed": "initialisation, shuffling and augmentation",
+    "model.d_model": "features per event (H)",
+    "model.d_state": "complex SSM states per layer (P)",
+    "model.num_stages": "stages; each pools events by pooling_stride",
+    "model.layers_per_stage": "SSM layers per stage",
+    "model.pooling_stride": "events pooled into one by a stage's first layer",
+    "model.dropout": "dropout rate",
+}
+
+
+def _keys_help(task: str = "event-mnist") -> str:
+    """``--help``'s list of the main keys, with the values of ``task`` (NumPy/YAML only)."""
+    cfg = yaml.safe_load((configs_dir() / "tasks" / f"{task}.yaml").read_text())
+    model = yaml.safe_load((configs_dir() / "models" / f"{cfg['model']}.yaml").read_text())
+    values = {**{f"train.{k}": v for k, v in cfg["train"].items()},
+              **{f"model.{k}": v for k, v in model.items()}}
+    tasks = ", ".join(sorted(p.stem for p in (configs_dir() / "tasks").glob("*.yaml")))
+    lines = [f"main keys (value in task={task}):"]
+    lines += [f"  {key + '=' + str(values.get(key)):<26} {meaning}" for key, meaning in MAIN_KEYS.items()]
+    lines += ["", f"tasks: {tasks}.",
+              "Every key: configs/tasks/TASK.yaml (train.*, augment.*), configs/models/MODEL.yaml (model.*).",
+              "A quick run (minutes on a CPU; README, \"A model of your own\"):",
+              "  evssm train task=event-mnist model.d_model=32 model.d_state=32 train.epochs=3"]
+    return "\n".join(lines)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = _keys_help()
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="task=NAME, model=NAME, dataset=NAME, data_dir=DIR, model.KEY=V, "
-                             "train.KEY=V, augment.KEY=V")
+                             "train.KEY=V, augment.KEY=V (see below)")
     parser.add_argument("--out", help="run directory (default: runs/TASK-TIMESTAMP)")
     parser.add_argument("--data-dir", help="where data sets live (or EVSSM_DATA_DIR)")
     parser.add_argument("--resume", action="store_true",
@@ -204,12 +240,17 @@ def train(cfg: dict[str, Any], out: Path, *, resume: bool = False, limit_train: 
     train_state = {"params": variables["params"], "batch_stats": variables["batch_stats"],
                    "opt_state": tx.init(variables["params"]), "step": jnp.zeros((), jnp.int32),
                    "epoch": jnp.zeros((), jnp.int32), "best_accuracy": jnp.zeros((), jnp.float32)}
-    checkpointer = ocp.StandardCheckpointer()
+    # The training state after each epoch (step = epoch); orbax keeps the latest, writes each one
+    # beside it and removes the older only once the new one is complete.
+    states = ocp.CheckpointManager(
+        (out / "train_state").absolute(),
+        options=ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.LatestN(1), enable_async_checkpointing=False))
     start_epoch = 0
     if resume:
-        if not (out / "train_state").exists():
-            raise SystemExit(f"evssm train: --resume but {out}/train_state does not exist")
-        train_state = checkpointer.restore((out / "train_state").absolute(), train_state)
+        if states.latest_step() is None:
+            raise SystemExit(f"evssm train: --resume but {out}/train_state holds no saved epoch")
+        train_state = states.restore(states.latest_step(), args=ocp.args.StandardRestore(train_state))
         start_epoch = int(train_state["epoch"])
         print(f"resuming {out} at epoch {start_epoch}", file=sys.stderr)
     train_state = jax.device_put(train_state, replicated)
@@ -307,15 +348,8 @@ def train(cfg: dict[str, Any], out: Path, *, resume: bool = False, limit_train: 
                 save_checkpoint(out / "best", model_cfg, jax.device_get(train_state),
                                 task=cfg["task"], summary={**record, "dataset": cfg["dataset"],
                                                            "valid_split": t["valid_split"]})
-        # Written beside the previous one, then swapped in: a crash never leaves no state.
-        tmp = (out / "train_state.saving").absolute()
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        checkpointer.save(tmp, jax.device_get(train_state))
-        checkpointer.wait_until_finished()
-        if (out / "train_state").exists():
-            shutil.rmtree(out / "train_state")
-        tmp.rename(out / "train_state")
+        states.save(epoch + 1, args=ocp.args.StandardSave(jax.device_get(train_state)))
+    states.close()
     writer.close()
     metrics_file.close()
     print(f"best {t['valid_split']} accuracy {float(train_state['best_accuracy']):.4f}; "

@@ -38,6 +38,7 @@ class Code(StrEnum):
     PACKET_TOO_LARGE = "packet_too_large"  # more events than --max-packet-events
     UNKNOWN_MODEL = "unknown_model"
     SERVER_FULL = "server_full"  # --max-sessions reached; WebSocket closed with 1013
+    TOO_MANY_SESSIONS = "too_many_sessions"  # --max-sessions-per-client reached; closed with 1013
     NO_SESSION = "no_session"  # events/reset/close before open
     SESSION_ALREADY_OPEN = "session_already_open"  # open twice on one connection
     UNKNOWN_SESSION = "unknown_session"  # resume token unknown or its session expired
@@ -53,11 +54,15 @@ class Code(StrEnum):
     REQUEST_TOO_LARGE = "request_too_large"
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
+    UNAUTHORIZED = "unauthorized"  # no or a wrong API key (HTTP 401; WebSocket closed with 1008)
+    BUSY = "busy"  # --max-classify-requests at work: 503 with Retry-After
+    REQUEST_TIMEOUT = "request_timeout"  # the body took longer than --body-timeout: 408
 
 
 # WebSocket close codes (RFC 6455 section 7.4 and the IANA registry).
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001  # end of a drain
+CLOSE_POLICY_VIOLATION = 1008  # no or a wrong API key, or a browser origin that is not allowed
 CLOSE_SERVICE_RESTART = 1012  # refused while draining: reconnect (elsewhere) later
 CLOSE_TRY_AGAIN_LATER = 1013  # server_full / not_ready: retry later
 

@@ -132,8 +132,8 @@ def throughput(out: Path, tmp: Path, rounds: int, duration: float) -> dict[str, 
     store = redis(redis_port, tmp)
     variants = {"none": [], "state-dir": ["--state-dir", str(tmp / "state")],
                 "redis": ["--state-store", f"redis://127.0.0.1:{redis_port}/0"]}
-    common = ["--max-sessions", "128", "--batch-buckets", "1,8,64", "--length-buckets", "256",
-              "--classify-length-buckets", "none"]
+    common = ["--max-sessions", "128", "--max-sessions-per-client", "128", "--batch-buckets", "1,8,64",
+              "--length-buckets", "256", "--classify-length-buckets", "none"]  # one client: no cap
     servers: dict[str, tuple[Process, int]] = {}
     try:
         for name, extra in variants.items():
@@ -220,8 +220,9 @@ def ten_thousand(out: Path, tmp: Path, n: int, concurrency: int) -> dict[str, An
     report: dict[str, Any] = {"sessions": n, "concurrency": concurrency}
     redis_port = free_port()
     store = redis(redis_port, tmp)
-    common = ["--max-sessions", str(n), "--batch-buckets", "1,8,64", "--length-buckets", "64,256",
-              "--classify-length-buckets", "none", "--session-idle-timeout", "3600", "--drain-timeout", "300"]
+    common = ["--max-sessions", str(n), "--max-sessions-per-client", str(n), "--batch-buckets", "1,8,64",
+              "--length-buckets", "64,256", "--classify-length-buckets", "none", "--session-idle-timeout",
+              "3600", "--drain-timeout", "300"]
     stores = {"state-dir": ["--state-dir", str(tmp / "state")],
               "redis": ["--state-store", f"redis://127.0.0.1:{redis_port}/0"]}
     try:

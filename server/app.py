@@ -8,12 +8,13 @@ the engine and never lets bad input reach it.
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import logging
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from collections import deque
+from typing import TYPE_CHECKING, Any, AsyncIterator, Coroutine, Generator
 
 import msgpack
 import numpy as np
@@ -25,14 +26,19 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .engine import Engine
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .metrics import Metrics
-from .protocol import (CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER, MSGPACK, MSGPACK_TYPES, Code,
-                       ProtocolError, adapt, decode_events, decode_frame, encode_frame, error_frame,
-                       frame_type, parse_geometry, parse_open, parse_seq, prepare)
+from .metrics import HISTORY_INTERVAL_S, Metrics
+from .decoding import Decoders
 from .durability import SnapshotIncompatible
-from .sessions import Close, Packet, Reset, ServerFull, Session
+from .limits import BodyTimeout, BodyTooLarge, ClientDisconnect, Gate, read_body
+from .protocol import (CLOSE_POLICY_VIOLATION, CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER, MSGPACK,
+                       MSGPACK_TYPES, ClassifyLimits, Code, ProtocolError, adapt, cap_message, decode_events,
+                       decode_frame, encode_frame, error_frame, frame_type, parse_geometry, parse_open,
+                       parse_seq, prepare, shorten)
+from .security import Access, AuthMiddleware
+from .sessions import ClientFull, Close, Item, Packet, Reset, ServerFull, Session
 from .settings import Settings
 from .snapshots import StoreUnavailable
+from .staging import Region
 
 if TYPE_CHECKING:
     from evssm.models.streaming import StreamingModel
@@ -43,63 +49,139 @@ STATIC_DIR = Path(__file__).parent / "static"
 HTTP_STATUS = {  # HTTP status of each error code that HTTP endpoints return
     Code.UNKNOWN_MODEL: 404, Code.NOT_FOUND: 404, Code.METHOD_NOT_ALLOWED: 405,
     Code.REQUEST_TOO_LARGE: 413, Code.PACKET_TOO_LARGE: 413, Code.UNSUPPORTED_MEDIA_TYPE: 415,
-    Code.NOT_READY: 503, Code.DRAINING: 503, Code.INTERNAL_ERROR: 500,
+    Code.NOT_READY: 503, Code.DRAINING: 503, Code.INTERNAL_ERROR: 500, Code.UNAUTHORIZED: 401,
+    Code.BUSY: 503, Code.REQUEST_TIMEOUT: 408,
 }
 
 
-def http_error(code: Code, message: str, status: int | None = None) -> JSONResponse:
+def http_error(code: Code, message: str, status: int | None = None,
+               headers: dict[str, str] | None = None) -> JSONResponse:
     """The JSON error body of the contract: ``{"error": CODE, "message": TEXT}``."""
-    return JSONResponse({"error": str(code), "message": message}, status_code=status or HTTP_STATUS.get(code, 400))
+    return JSONResponse({"error": str(code), "message": cap_message(message)},
+                        status_code=status or HTTP_STATUS.get(code, 400), headers=headers)
+
+
+_ORIGIN_PATHS = ("checkpoint", "model_yaml")  # an imported model's origin: files on the server
+
+
+def public_info(info: dict[str, Any]) -> dict[str, Any]:
+    """A model's description for clients: where it was loaded from is the operator's business
+    (logged at start-up), so a checkpoint's path on disk becomes ``"checkpoint"`` and an
+    imported model's origin keeps its step and digests but not its files' paths."""
+    out = dict(info)
+    if not str(out.get("source", "")).startswith("random-init"):
+        out["source"] = "checkpoint"
+    if isinstance(out.get("origin"), dict):
+        out["origin"] = {k: v for k, v in out["origin"].items() if k not in _ORIGIN_PATHS}
+    return out
 
 
 # --- WebSocket connections -------------------------------------------------------------------
-class _CloseMarker:
-    def __init__(self, code: int, reason: str):
-        self.code, self.reason = code, reason
+class _Resume:
+    """Awaitable that finishes a coroutine which has already yielded ``pending`` to its caller
+    (see :func:`_send_eagerly`): it hands ``pending`` on to the task awaiting it, and forwards
+    what the task sends back, as ``await coro`` would have from the start."""
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], pending: Any):
+        self.coro, self.pending = coro, pending
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        pending = self.pending
+        while True:
+            try:
+                value = yield pending
+            except BaseException as exc:  # the task was cancelled, or the future failed
+                try:
+                    pending = self.coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    pending = self.coro.send(value)
+                except StopIteration as stop:
+                    return stop.value
+
+
+async def _finish(resume: _Resume) -> None:
+    await resume
+
+
+def _send_eagerly(coro: Coroutine[Any, Any, Any]) -> asyncio.Task | None:
+    """Run an ASGI send now, in the caller: None when it completed (the usual case: the server
+    writes the message to the socket's buffer without waiting), else a task that finishes it
+    (the socket's buffer is full: the client is not reading). Raises what the send raises.
+    Eager start as asyncio's eager task factory does, without a task per message."""
+    try:
+        pending = coro.send(None)
+    except StopIteration:
+        return None
+    return asyncio.ensure_future(_finish(_Resume(coro, pending)))
+
+
+class _Reply:
+    """A place in a connection's outbox: ``data`` is the encoded frame once known (a result's
+    after its step); ``close`` = (code, reason) for the closing handshake."""
+
+    __slots__ = ("conn", "binary", "data", "close")
+
+    def __init__(self, conn: "Connection", binary: bool):
+        self.conn, self.binary = conn, binary
+        self.data: bytes | str | None = None
+        self.close: tuple[int, str] | None = None
 
 
 class Connection:
     """One WebSocket connection: the session attached to it and an ordered outbox.
 
-    Every reply (result, error, ack) is queued in the order its request arrived, as a future the
-    scheduler resolves or a ready frame; one sender task sends them in that order. A bounded number
-    of packets may await results (``max_inflight``); beyond that the receive loop stops reading,
-    which pushes back on the client through TCP.
+    Every reply (result, error, ack, notice, the final close) takes its place in the outbox in
+    the order its request arrived; a result is filled in after its step. Ready replies at the
+    head leave at once, sent by whoever filled them (no task per reply); a send that has to wait
+    for the socket continues in a task and the replies behind it wait. Every queued reply counts
+    against the connection's bound (``max_inflight``): past it the receive loop stops reading,
+    which pushes back on the client through TCP, whatever the client sends.
     """
 
-    def __init__(self, ws: WebSocket, metrics: Metrics, max_inflight: int):
+    def __init__(self, ws: WebSocket, bound: int):
         self.ws = ws
-        self.metrics = metrics
         self.session: Session | None = None
+        self.principal: str | None = None  # the client's API key id, or its address without keys
+        self.key_id: str | None = None  # the API key id (None: the server has no keys)
         self.binary = True  # encoding of server-initiated frames: the client's last frame's
         self.closing = False  # a close is queued: ignore further frames
-        self._outbox: asyncio.Queue[Any] = asyncio.Queue()
-        self._inflight = asyncio.Semaphore(max_inflight)
-        self._sender: asyncio.Task | None = None
+        self.bound = bound
+        self._outbox: deque[_Reply] = deque()
+        self._sending: asyncio.Task | None = None  # a send waiting for the socket
+        self._dead = False  # a send failed or the client is gone: replies are dropped
+        self._room: asyncio.Future[None] | None = None  # the receive loop waits for room
+        self._flushed: asyncio.Future[None] | None = None  # stop() waits for the close to go
 
-    def start(self) -> None:
-        self._sender = asyncio.create_task(self._send_loop())
+    @property
+    def queued(self) -> int:
+        """Replies queued and not yet handed to the socket (the bound counts these)."""
+        return len(self._outbox) + (self._sending is not None)
 
-    async def stop(self) -> None:
-        """Wait for a queued close to go out, else stop sending (the client is gone)."""
-        if self._sender is None:
-            return
-        if not self.closing:
-            self._sender.cancel()
-        try:
-            await asyncio.wait_for(self._sender, timeout=5.0)
-        except (asyncio.CancelledError, asyncio.TimeoutError, Exception):
-            pass
+    def reply(self, binary: bool | None = None) -> _Reply:
+        """Reserve the next place in the outbox (filled later with :meth:`fill`)."""
+        reply = _Reply(self, self.binary if binary is None else binary)
+        self._outbox.append(reply)
+        return reply
 
-    def send(self, frame: dict[str, Any] | asyncio.Future, binary: bool | None = None,
-             packet: tuple[str, int, float] | None = None) -> None:
-        """Queue a reply. ``packet`` = (model, events, received) for a result's latency metric."""
-        self._outbox.put_nowait((frame, self.binary if binary is None else binary, packet))
+    def send(self, frame: dict[str, Any], binary: bool | None = None) -> None:
+        """Queue a ready reply behind the earlier ones."""
+        reply = self.reply(binary)
+        self.fill(reply, encode_frame(frame, reply.binary))
+
+    def fill(self, reply: _Reply, data: bytes | str) -> None:
+        reply.data = data
+        if self._outbox and self._outbox[0] is reply:
+            self._flush()
 
     def close_after_flush(self, code: int, reason: str) -> None:
         if not self.closing:
             self.closing = True
-            self._outbox.put_nowait(_CloseMarker(code, reason))
+            reply = self.reply()
+            reply.close = (code, reason)
+            self.fill(reply, b"")
 
     def detach(self, session: Session, frame: dict[str, Any] | None) -> None:
         """The engine took ``session`` away (evicted, resumed elsewhere, failed)."""
@@ -108,70 +190,158 @@ class Connection:
         if frame is not None and not self.closing:
             self.send(frame)
 
-    async def acquire_inflight(self) -> None:
-        await self._inflight.acquire()
+    async def wait_room(self) -> None:
+        """Wait until one more reply fits the bound."""
+        while self.queued >= self.bound and not self._dead:
+            self._room = asyncio.get_running_loop().create_future()
+            await self._room
 
-    def release_inflight(self) -> None:
-        self._inflight.release()
-
-    async def _send_loop(self) -> None:
-        dead = False  # after a failed send, keep consuming (and releasing permits) without sending
-        while True:
-            entry = await self._outbox.get()
-            if isinstance(entry, _CloseMarker):
-                if not dead:
-                    try:
-                        await self.ws.close(code=entry.code, reason=entry.reason)
-                    except Exception:
-                        pass
-                return
-            frame, binary, packet = entry
+    def _flush(self) -> None:
+        """Hand the ready replies at the head of the outbox to the socket, in order."""
+        outbox = self._outbox
+        while self._sending is None and outbox and outbox[0].data is not None:
+            reply = outbox.popleft()
+            if self._dead:
+                continue
+            if reply.close is not None:
+                self._dead = True  # nothing goes after the close
+                coro = self.ws.close(code=reply.close[0], reason=reply.close[1])
+            elif reply.binary:
+                coro = self.ws.send_bytes(reply.data)  # type: ignore[arg-type]
+            else:
+                coro = self.ws.send_text(reply.data)  # type: ignore[arg-type]
             try:
-                if isinstance(frame, asyncio.Future):
-                    frame = await frame
-                if not dead:
-                    try:
-                        data = encode_frame(frame, binary)
-                        if binary:
-                            await self.ws.send_bytes(data)
-                        else:
-                            await self.ws.send_text(data)
-                    except Exception:
-                        dead = True
-                    else:
-                        if packet is not None and frame.get("type") == "result":
-                            model, events, received = packet
-                            self.metrics.packet_done(model, events, time.perf_counter() - received)
-            finally:
-                if packet is not None:
-                    self.release_inflight()
+                self._sending = _send_eagerly(coro)
+            except Exception:
+                self._dead = True
+            if self._sending is not None:
+                self._sending.add_done_callback(self._sent)
+        if self._room is not None and not self._room.done() and (self.queued < self.bound or self._dead):
+            self._room.set_result(None)
+        if self._flushed is not None and not self._flushed.done() and self._sending is None and (
+                self._dead or not outbox):
+            self._flushed.set_result(None)
+
+    def _sent(self, task: asyncio.Task) -> None:
+        self._sending = None
+        if task.cancelled() or task.exception() is not None:
+            self._dead = True
+        self._flush()
+
+    async def stop(self) -> None:
+        """The client is gone: wait (5 s at most) for a queued close to go out, then drop the rest."""
+        if self.closing and (self._outbox or self._sending is not None):
+            self._flushed = asyncio.get_running_loop().create_future()
+            self._flush()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._flushed), timeout=5.0)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                pass
+        self._dead = True
+        if self._sending is not None:
+            self._sending.cancel()
+        self._flush()
+
+
+class OutputProcessor:
+    """Builds and sends the frames of the scheduler's answers: the API layer's half of a step.
+
+    A step's finished packets arrive together with their probabilities, readiness and class
+    order as arrays (and, with snapshots, what each session's snapshots cover: ``durable``); the
+    rows are turned into Python lists once per step, each packet's frame
+    is encoded in its connection's encoding and put in its place in that connection's outbox,
+    and the step's packet metrics are recorded once.
+    """
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+        self.labels: dict[str, tuple[str, ...]] = {}
+
+    def model_loaded(self, model: str, labels: tuple[str, ...]) -> None:
+        self.labels[model] = labels
+
+    def results(self, model: str, sessions: list[Session], packets: list[Packet], probs: np.ndarray,
+                ready: np.ndarray, order: np.ndarray, durable: np.ndarray | None) -> None:
+        now = time.perf_counter()
+        labels = self.labels[model]
+        probs_rows, order_rows, ready_rows = probs.tolist(), order.tolist(), ready.tolist()
+        durable_rows = None if durable is None else durable.tolist()
+        latencies = np.empty(len(packets), np.float64)
+        events = 0
+        for i, (session, packet) in enumerate(zip(sessions, packets)):
+            if ready_rows[i]:
+                row = probs_rows[i]
+                top = [[labels[j], row[j]] for j in order_rows[i][:session.top_k]]
+                frame = {"type": "result", "seq": packet.seq, "events": packet.events_after,
+                         "t": packet.last_t, "probs": row, "top": top}
+            else:
+                frame = {"type": "result", "seq": packet.seq, "events": packet.events_after,
+                         "t": packet.last_t, "probs": None, "top": []}
+            if packet.cropped_after is not None:  # a session that declared its source sensor
+                frame["cropped"] = packet.cropped_after
+            if durable_rows is not None:  # the server keeps snapshots
+                frame["durable"] = durable_rows[i]
+            reply: _Reply = packet.reply
+            reply.conn.fill(reply, encode_frame(frame, reply.binary))
+            latencies[i] = now - packet.received
+            events += packet.size
+        self.metrics.model(model).packets_done(events, latencies)
+
+    def reset_done(self, session: Session, item: Reset) -> None:
+        reply: _Reply = item.reply
+        reply.conn.fill(reply, encode_frame({"type": "reset_done", "session": session.id, "events": 0},
+                                            reply.binary))
+
+    def closed(self, session: Session, item: Close) -> None:
+        reply: _Reply = item.reply
+        reply.conn.fill(reply, encode_frame({"type": "closed", "session": session.id,
+                                             "events": item.events}, reply.binary))
+
+    def failed(self, session: Session, items: list[Item], reason: str) -> None:
+        session.closing = True
+        frame = error_frame(Code.INTERNAL_ERROR, reason)
+        for item in items:
+            reply: _Reply | None = item.reply
+            if reply is not None:
+                answer = {**frame, "seq": item.seq if isinstance(item, Packet) else None}
+                reply.conn.fill(reply, encode_frame(answer, reply.binary))
+        if session.attachment is not None:
+            session.attachment.detach(session, error_frame(Code.INTERNAL_ERROR,
+                                                           "session ended by an engine failure"))
 
 
 class StreamHandler:
-    """Dispatches the frames of one connection (``open``, ``events``, ``reset``, ``close``)."""
+    """Dispatches the frames of one connection (``open``, ``events``, ``reset``, ``close``).
 
-    def __init__(self, engine: Engine, settings: Settings, metrics: Metrics, conn: Connection):
+    Big frames are decoded off the event loop (``decoding.Decoders``); the connection's next frame
+    is read only after this one is handled, so its frames stay in order.
+    """
+
+    def __init__(self, engine: Engine, settings: Settings, metrics: Metrics, conn: Connection,
+                 decoders: Decoders):
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
         self.conn = conn
+        self.decoders = decoders
 
     async def handle(self, data: bytes | str, received: float) -> None:
         binary = not isinstance(data, str)
         self.conn.binary = binary
+        size = len(data)
         seq: int | None = None
         try:
-            msg = decode_frame(data)
+            msg = await self.decoders.frame(size, decode_frame, data)
             kind = frame_type(msg)
             seq = parse_seq(msg)
             if kind == "events":
-                await self._events(msg, seq, binary, received)
+                await self._events(msg, seq, received, size)
             elif kind == "open":
                 await self._open(msg, binary)
             elif kind == "reset":
-                self._reset(binary)
+                self._reset()
             else:
-                self._close(binary)
+                self._close()
         except ProtocolError as e:
             self.reject(e.code, e.message, e.seq if e.seq is not None else seq, binary)
 
@@ -183,8 +353,9 @@ class StreamHandler:
         session = self.conn.session
         if session is None or session.closing:
             raise ProtocolError(Code.NO_SESSION, "no open session on this connection: send open first")
+        if self.engine.draining:
+            raise ProtocolError(Code.DRAINING, "the server is shutting down; not processed")
         return session
-
     async def _open(self, msg: dict[str, Any], binary: bool) -> None:
         engine, conn = self.engine, self.conn
         req = parse_open(msg, self.settings.default_top_k)
@@ -206,23 +377,23 @@ class StreamHandler:
             session = engine.resume(req.resume)
             if session is None:  # not live here: perhaps a snapshot of it is (restart, other replica)
                 try:
-                    session = await engine.restore(req.resume)
+                    session = await engine.restore(req.resume, key_id=conn.key_id, owner=conn.principal)
                 except SnapshotIncompatible as e:
                     raise ProtocolError(Code.SNAPSHOT_INCOMPATIBLE, str(e)) from None
                 except StoreUnavailable as e:
                     self.reject(Code.STORE_UNAVAILABLE, f"{e}; retry shortly", None, binary)
                     return
                 except ServerFull as e:
-                    self.reject(Code.SERVER_FULL, f"{e}; retry later", None, binary)
-                    conn.close_after_flush(CLOSE_TRY_AGAIN_LATER, "server full")
+                    self._refuse_full(e, binary)
                     return
                 restored = session is not None
-            if session is None:
+            # A token opened under another API key is as unknown as a wrong token.
+            if session is None or session.key_id != conn.key_id:
                 raise ProtocolError(Code.UNKNOWN_SESSION, "no live session has this resume token "
                                     "(it was closed, or evicted after the idle timeout)")
             if req.model is not None and req.model != session.model:
-                raise ProtocolError(Code.INVALID_FIELD,
-                                    f"the session streams to model {session.model!r}, not {req.model!r}")
+                raise ProtocolError(Code.INVALID_FIELD, f"the session streams to model "
+                                    f"{shorten(session.model)}, not {shorten(req.model)}")
             if ("sensor" in msg or "transform" in msg) and \
                     parse_geometry(msg, engine.runners[session.model].sensor) != session.geometry:
                 raise ProtocolError(Code.INVALID_FIELD, "the session was opened with another sensor "
@@ -235,16 +406,15 @@ class StreamHandler:
                 session.top_k = req.top_k
             self.metrics.sessions_resumed.labels(model=session.model).inc()
         else:
-            model = req.model or engine.default_model
+            model = engine.default_model if req.model is None else req.model
             if model not in engine.runners:
                 raise ProtocolError(Code.UNKNOWN_MODEL,
-                                    f"unknown model {model!r}; served: {sorted(engine.runners)}")
+                                    f"unknown model {shorten(model)}; served: {sorted(engine.runners)}")
             geometry = parse_geometry(msg, engine.runners[model].sensor)
             try:
-                session = engine.open(model, req.top_k)
+                session = engine.open(model, req.top_k, owner=conn.principal, key_id=conn.key_id)
             except ServerFull as e:
-                self.reject(Code.SERVER_FULL, f"{e}; retry later", None, binary)
-                conn.close_after_flush(CLOSE_TRY_AGAIN_LATER, "server full")
+                self._refuse_full(e, binary)
                 return
             session.geometry = geometry
         session.attachment = conn
@@ -252,92 +422,106 @@ class StreamHandler:
         conn.session = session
         opened = {"type": "opened", "session": session.id, "resume": session.token,
                   "resumed": resumed, "restored": restored, "events": session.events,
-                  "t": session.last_t, "durable": session.durable, "top_k": session.top_k,
-                  "model": engine.runners[session.model].info}
+                  "t": session.last_t, "durable": engine.durable(session), "top_k": session.top_k,
+                  "model": public_info(engine.runners[session.model].info)}
         if session.geometry is not None:
             opened.update(geometry=session.geometry.describe(), cropped=session.cropped)
         conn.send(opened, binary)
 
-    async def _events(self, msg: dict[str, Any], seq: int | None, binary: bool, received: float) -> None:
-        conn = self.conn
-        await conn.acquire_inflight()  # backpressure: at most max_inflight packets awaiting results
-        try:
-            session = self._session()
-            if self.engine.draining:
-                raise ProtocolError(Code.DRAINING, "the server is shutting down; packet not processed")
-            runner = self.engine.runners[session.model]
-            source = runner.sensor if session.geometry is None else session.geometry.source
-            events = decode_events(msg, source, self.settings.max_packet_events)
-            events, cropped = adapt(events, session.geometry)
-            tokens, gaps = prepare(events, runner.sensor, session.last_t)
-        except BaseException:
-            conn.release_inflight()
-            raise
-        # Accepted: from here to submit there is no await, so no other frame can interleave.
-        n = len(events)
-        if n:
-            session.last_t = int(events.t[-1])
-        session.events += n
-        session.cropped += cropped  # 0 without a declared geometry
-        session.last_active = time.monotonic()
-        reply = asyncio.get_running_loop().create_future()
-        self.engine.submit(session, Packet(seq=seq, tokens=tokens, gaps=gaps, events_after=session.events,
-                                           last_t=session.last_t, received=received, reply=reply,
-                                           cropped_after=session.cropped))
-        if session.geometry is not None:
-            self.metrics.cropped.labels(model=session.model).inc(cropped)
-            reply = _with_fields(reply, cropped=session.cropped)
-        conn.send(reply, binary, packet=(session.model, n, received))
+    def _refuse_full(self, e: ServerFull, binary: bool) -> None:
+        """``server_full`` or ``too_many_sessions`` (this client's cap), then close 1013."""
+        if isinstance(e, ClientFull):
+            self.reject(Code.TOO_MANY_SESSIONS, f"{e}; close some or retry later", None, binary)
+            self.conn.close_after_flush(CLOSE_TRY_AGAIN_LATER, "too many sessions")
+        else:
+            self.reject(Code.SERVER_FULL, f"{e}; retry later", None, binary)
+            self.conn.close_after_flush(CLOSE_TRY_AGAIN_LATER, "server full")
 
-    def _reset(self, binary: bool) -> None:
+    async def _events(self, msg: dict[str, Any], seq: int | None, received: float, size: int) -> None:
+        """Ingest: decode the columns, map a declared source sensor onto the model's, validate
+        and tokenise them straight into the model's staging buffer, queue the packet. A rejected
+        packet leaves nothing behind."""
         session = self._session()
-        if self.engine.draining:
-            raise ProtocolError(Code.DRAINING, "the server is shutting down")
+        self.engine.expect(session.model)
+        sensor = self.engine.runners[session.model].sensor
+        geometry = session.geometry
+        events = await self.decoders.frame(size, decode_events, msg,
+                                           sensor if geometry is None else geometry.source,
+                                           self.settings.max_packet_events)
+        if self._session() is not session:  # taken away while decoding
+            raise ProtocolError(Code.NO_SESSION, "the session left this connection while the packet was decoded")
+        events, cropped = adapt(events, geometry)
+        n = len(events)
+        region: Region | None = None
+        if n:
+            staging = self.engine.staging[session.model]
+            region = staging.reserve(n) or await staging.reserve_wait(n)
+            try:
+                if self._session() is not session:  # taken away while waiting for room
+                    raise ProtocolError(Code.NO_SESSION, "the session ended while this packet waited")
+                at = slice(region.start, region.start + n)
+                prepare(events, sensor, session.last_t, staging.tokens[at], staging.gaps[at])
+            except BaseException:
+                staging.release(region)
+                raise
+            session.last_t = int(events.t[-1])
+        # Accepted: from here to submit there is no await, so no other frame can interleave.
+        session.events += n
+        session.last_active = time.monotonic()
+        if geometry is not None:
+            session.cropped += cropped
+            self.metrics.cropped.labels(model=session.model).inc(cropped)
+        self.engine.submit(session, Packet(seq=seq, region=region, start=region.start if region else 0,
+                                           size=n, events_after=session.events, last_t=session.last_t,
+                                           received=received, reply=self.conn.reply(),
+                                           cropped_after=None if geometry is None else session.cropped))
+
+    def _reset(self) -> None:
+        session = self._session()
         session.events, session.last_t, session.cropped = 0, None, 0
         session.last_active = time.monotonic()
-        reply = asyncio.get_running_loop().create_future()
-        self.engine.submit(session, Reset(reply=reply))
-        self.conn.send(reply, binary)
+        self.engine.submit(session, Reset(reply=self.conn.reply()))
 
-    def _close(self, binary: bool) -> None:
-        session = self._session()
-        reply = asyncio.get_running_loop().create_future()
-        self.engine.submit(session, Close(reply=reply))
+    def _close(self) -> None:
+        session = self.conn.session
+        if session is None or session.closing:
+            raise ProtocolError(Code.NO_SESSION, "no open session on this connection: send open first")
         session.closing = True  # no more work, no resume; freed once everything before is answered
         self.conn.session = None
-        self.conn.send(reply, binary)
+        self.engine.submit(session, Close(reply=self.conn.reply(), events=session.events))
 
 
-def _with_fields(reply: asyncio.Future, **fields: Any) -> asyncio.Future:
-    """A future for ``reply``'s frame with ``fields`` added when it is a ``result``."""
-    out = reply.get_loop().create_future()
-
-    def done(f: asyncio.Future) -> None:
-        if out.done():
-            return
-        if f.cancelled():
-            out.cancel()
-        elif f.exception() is not None:
-            out.set_exception(f.exception())  # type: ignore[arg-type]
-        else:
-            frame = f.result()
-            out.set_result({**frame, **fields} if frame.get("type") == "result" else frame)
-
-    reply.add_done_callback(done)
-    return out
-
-
-async def _serve_stream(ws: WebSocket, engine: Engine, settings: Settings, metrics: Metrics) -> None:
+async def _refuse(ws: WebSocket, code: int, reason: str) -> None:
+    """Accept only to close at once with ``code``: the client learns why, nothing was read."""
     await ws.accept()
-    conn = Connection(ws, metrics, settings.max_inflight)
-    handler = StreamHandler(engine, settings, metrics, conn)
+    await ws.close(code=code, reason=reason)
+
+
+async def _serve_stream(ws: WebSocket, engine: Engine, settings: Settings, metrics: Metrics,
+                        access: Access, decoders: Decoders) -> None:
+    allowed, key_id = access.authenticate(ws.scope)
+    if not allowed:
+        metrics.rejected.labels(code=str(Code.UNAUTHORIZED)).inc()
+        await _refuse(ws, CLOSE_POLICY_VIOLATION, "missing or invalid API key")
+        return
+    if not access.origin_ok(ws.scope):
+        metrics.rejected.labels(code=str(Code.UNAUTHORIZED)).inc()
+        await _refuse(ws, CLOSE_POLICY_VIOLATION, "origin not allowed")
+        return
+    if len(engine.connections) >= settings.max_connections:
+        await _refuse(ws, CLOSE_TRY_AGAIN_LATER, "too many connections")
+        return
+    await ws.accept()
+    conn = Connection(ws, settings.max_inflight)
+    conn.key_id, conn.principal = key_id, access.principal(ws.scope, key_id)
+    handler = StreamHandler(engine, settings, metrics, conn, decoders)
     engine.connections.add(conn)
-    conn.start()
     try:
         if engine.draining:
             handler.reject(Code.DRAINING, "the server is shutting down; reconnect later", None, True)
             conn.close_after_flush(CLOSE_SERVICE_RESTART, "draining")
         while True:
+            await conn.wait_room()  # backpressure: every queued reply counts
             message = await ws.receive()
             if message["type"] == "websocket.disconnect":
                 break
@@ -403,83 +587,62 @@ def _reply(body: dict[str, Any], msgpack_out: bool, status: int = 200) -> Respon
     return JSONResponse(body, status_code=status)
 
 
-async def _classify(request: Request, engine: Engine, settings: Settings, metrics: Metrics) -> Response:
+async def _classify(request: Request, engine: Engine, settings: Settings, metrics: Metrics, gate: Gate,
+                    decoders: Decoders) -> Response:
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if content_type not in MSGPACK_TYPES and content_type not in ("application/json", ""):
         return http_error(Code.UNSUPPORTED_MEDIA_TYPE,
-                          f"content type {content_type!r}: send application/json or application/msgpack")
-    max_bytes = settings.max_classify_events * 96 + (1 << 20)
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        return http_error(Code.REQUEST_TOO_LARGE, f"request body over {max_bytes} bytes")
-    body = await request.body()
-    if len(body) > max_bytes:
-        return http_error(Code.REQUEST_TOO_LARGE, f"request body over {max_bytes} bytes")
-    try:
-        data = msgpack.unpackb(body, raw=False) if content_type in MSGPACK_TYPES else json.loads(body)
-    except Exception as e:
-        return http_error(Code.MALFORMED_FRAME, f"body is not valid {'msgpack' if content_type in MSGPACK_TYPES else 'JSON'}: {e}")
-    if not isinstance(data, dict):
-        return http_error(Code.MALFORMED_FRAME, "body must be a map with a 'streams' array")
+                          f"content type {shorten(content_type)}: send application/json or application/msgpack")
     if engine.draining:
         return http_error(Code.DRAINING, "the server is shutting down")
     if not engine.ready:
         return http_error(Code.NOT_READY, engine.load_error or "models are loading and compiling; retry shortly")
-    model = data.get("model") or engine.default_model
-    if not isinstance(model, str):
-        return http_error(Code.INVALID_FIELD, "model must be a string")
-    if model not in engine.runners:
-        return http_error(Code.UNKNOWN_MODEL, f"unknown model {model!r}; served: {sorted(engine.runners)}")
-    streams = data.get("streams")
-    if not isinstance(streams, list):
-        return http_error(Code.INVALID_FIELD, "streams must be an array of {t, x, y?, p?} maps")
-    if len(streams) > settings.max_classify_streams:
-        return http_error(Code.REQUEST_TOO_LARGE,
-                          f"{len(streams)} streams, more than the limit of {settings.max_classify_streams}")
-    top_k = data.get("top_k", settings.default_top_k)
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 0 <= top_k <= 1000:
-        return http_error(Code.INVALID_FIELD, "top_k must be an integer in 0..1000")
-    runner = engine.runners[model]
-    tokens, gaps, last_t, cropped = [], [], [], []
-    total = 0
-    for i, stream in enumerate(streams):
+    if not gate.try_enter():  # before the body is read: a refused request costs no memory
+        return http_error(Code.BUSY, f"{gate.limit} classify requests are being served; retry shortly",
+                          headers={"Retry-After": "1"})
+    try:
+        max_bytes = settings.max_body_bytes
         try:
-            if not isinstance(stream, dict):
-                raise ProtocolError(Code.INVALID_FIELD, "a stream must be a map of columns")
-            # A stream's own sensor/transform override the request's.
-            declared = {k: stream[k] if k in stream else data.get(k) for k in ("sensor", "transform")}
-            geometry = parse_geometry(declared, runner.sensor)
-            source = runner.sensor if geometry is None else geometry.source
-            events = decode_events(stream, source, settings.max_classify_events)
-            total += len(events)
-            if total > settings.max_classify_events:
-                return http_error(Code.REQUEST_TOO_LARGE,
-                                  f"more than {settings.max_classify_events} events in one request")
-            events, removed = adapt(events, geometry)
-            tok, gap = prepare(events, runner.sensor, None)
+            body = await read_body(request, max_bytes, settings.body_timeout)
+        except BodyTooLarge:
+            return http_error(Code.REQUEST_TOO_LARGE, f"request body over {max_bytes} bytes",
+                              headers={"Connection": "close"})
+        except BodyTimeout:
+            return http_error(Code.REQUEST_TIMEOUT, f"the body took longer than {settings.body_timeout:g} s",
+                              headers={"Connection": "close"})
+        except ClientDisconnect:
+            return Response(status_code=400)  # nobody is listening
+        limits = ClassifyLimits(max_streams=settings.max_classify_streams,
+                                max_events=settings.max_classify_events, default_top_k=settings.default_top_k)
+        try:
+            req = await decoders.classify_body(body, content_type in MSGPACK_TYPES,
+                                               {name: r.sensor for name, r in engine.runners.items()},
+                                               engine.default_model, limits)
         except ProtocolError as e:
-            return http_error(e.code, f"streams[{i}]: {e.message}")
-        tokens.append(tok)
-        gaps.append(gap)
-        last_t.append(int(events.t[-1]) if len(events) else None)
-        cropped.append(None if geometry is None else removed)
-    probs, ready = await engine.classify(model, tokens, gaps) if streams else (np.zeros((0, 0)), np.zeros(0))
-    results = []
-    for i in range(len(streams)):
-        n = int(tokens[i].shape[0])
-        if ready[i]:
-            p = probs[i]
-            order = np.argsort(-p, kind="stable")[:min(top_k, p.shape[0])]
-            results.append({"probs": p.tolist(), "label": runner.labels[int(np.argmax(p))], "events": n,
-                            "t": last_t[i], "top": [[runner.labels[j], float(p[j])] for j in order]})
-        else:
-            results.append({"probs": None, "label": None, "events": n, "t": last_t[i], "top": []})
-        if cropped[i] is not None:
-            results[-1]["cropped"] = cropped[i]
-    if any(cropped):
-        metrics.cropped.labels(model=model).inc(sum(c for c in cropped if c))
-    metrics.classified(model, len(streams), sum(int(t.shape[0]) for t in tokens))
-    return _reply({"model": model, "results": results}, _wants_msgpack(request, content_type))
+            return http_error(e.code, e.message)
+        del body
+        runner = engine.runners[req.model]
+        n_streams = len(req.tokens)
+        if n_streams:
+            probs, ready = await engine.classify(req.model, req.tokens, req.gaps)
+        results = []
+        for i in range(n_streams):
+            n = int(req.tokens[i].shape[0])
+            if ready[i]:
+                p = probs[i]
+                order = np.argsort(-p, kind="stable")[:min(req.top_k, p.shape[0])]
+                results.append({"probs": p.tolist(), "label": runner.labels[int(np.argmax(p))], "events": n,
+                                "t": req.last_t[i], "top": [[runner.labels[j], float(p[j])] for j in order]})
+            else:
+                results.append({"probs": None, "label": None, "events": n, "t": req.last_t[i], "top": []})
+            if req.cropped[i] is not None:
+                results[-1]["cropped"] = req.cropped[i]
+        if any(req.cropped):
+            metrics.cropped.labels(model=req.model).inc(sum(c for c in req.cropped if c))
+        metrics.classified(req.model, n_streams, sum(int(t.shape[0]) for t in req.tokens))
+        return _reply({"model": req.model, "results": results}, _wants_msgpack(request, content_type))
+    finally:
+        gate.leave()
 
 
 def create_app(settings: Settings | None = None, *,
@@ -487,22 +650,40 @@ def create_app(settings: Settings | None = None, *,
     """A new server instance. ``models`` (name -> loaded model) replaces ``settings.models``
     (tests and embedding: reuse a loaded model's compiled executables)."""
     settings = settings or Settings.from_env()
+    access = Access.create(settings.api_keys, settings.allowed_origins, settings.public_metrics)
     metrics = Metrics()
-    engine = Engine(settings, metrics, models)
+    engine = Engine(settings, metrics, OutputProcessor(metrics), models)
+    gate = Gate(settings.max_classify_requests)
+    decoders = Decoders()
+
+    async def record_history() -> None:
+        """The one writer of the stats history: a sample per interval, on the loop's clock."""
+        loop = asyncio.get_running_loop()
+        due = loop.time()
+        while True:
+            due += HISTORY_INTERVAL_S
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            metrics.record_history(engine.sessions_by_model())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
+        recorder = asyncio.create_task(record_history(), name="evssm-stats-history")
         try:
             yield
         finally:
+            recorder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await recorder
             await engine.stop()
+            decoders.shutdown()
 
     app = FastAPI(title="evssm", summary="Streaming inference for event-based state-space models",
                   lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.engine = engine
+    app.state.classify_gate = gate
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_exc(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -520,16 +701,16 @@ def create_app(settings: Settings | None = None, *,
 
     @app.websocket("/v1/stream")
     async def stream(ws: WebSocket) -> None:
-        await _serve_stream(ws, engine, settings, metrics)
+        await _serve_stream(ws, engine, settings, metrics, access, decoders)
 
     @app.post("/v1/classify")
     async def classify(request: Request) -> Response:
-        return await _classify(request, engine, settings, metrics)
+        return await _classify(request, engine, settings, metrics, gate, decoders)
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
         return {"default": engine.default_model, "ready": engine.ready,
-                "models": [r.info for r in engine.runners.values()]}
+                "models": [public_info(r.info) for r in engine.runners.values()]}
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -553,6 +734,10 @@ def create_app(settings: Settings | None = None, *,
     async def stats() -> dict[str, Any]:
         return metrics.stats(engine.sessions_by_model())
 
+    @app.get("/v1/stats/history")
+    async def stats_history() -> dict[str, Any]:
+        return metrics.history()
+
     @app.get("/dashboard")
     async def dashboard() -> Response:
         page = STATIC_DIR / "dashboard.html"
@@ -561,5 +746,6 @@ def create_app(settings: Settings | None = None, *,
         return FileResponse(page, media_type="text/html")
 
     routes = {r.path for r in app.routes if hasattr(r, "path")}
+    app.add_middleware(AuthMiddleware, access=access)  # inside the metrics: 401s are counted
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics, routes=routes)
     return app

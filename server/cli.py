@@ -1,4 +1,4 @@
-"""Run the inference server: ``evssm serve [--model NAME=CHECKPOINT_DIR]... [options]``.
+"""Run the inference server: ``evssm serve [--model NAME=DIR]... [options]``.
 
 Every option can also be set with an ``EVSSM_*`` environment variable (``--max-sessions`` ->
 ``EVSSM_MAX_SESSIONS``; ``--model`` -> ``EVSSM_MODEL``, a comma-separated list). The command line
@@ -6,8 +6,8 @@ wins over the environment. With no model the project's default model is served.
 
 SIGTERM (or Ctrl-C) drains: new sessions are refused, packets already received are finished and
 answered, every session is snapshotted (with --state-dir or --state-store), then every WebSocket
-is closed with 1001 and the process exits 0. A second Ctrl-C exits
-at once; a repeated SIGTERM is ignored (the drain is bounded by --drain-timeout).
+is closed with 1001 and the process exits 0. A second Ctrl-C exits at once; a repeated SIGTERM
+is ignored (the drain is bounded by --drain-timeout).
 """
 
 from __future__ import annotations
@@ -24,63 +24,37 @@ from typing import Any
 import uvicorn
 
 from .engine import Engine
-from .settings import ENV_PREFIX, Settings
+from .settings import Settings, env_name
 
 log = logging.getLogger("evssm.server")
 
-# (option, Settings field, type for --help, help)
-_OPTIONS: list[tuple[str, str, str]] = [
-    ("--host", "host", "interface to listen on"),
-    ("--port", "port", "TCP port"),
-    ("--max-sessions", "max_sessions", "live sessions over all models; then open gets server_full"),
-    ("--max-packet-events", "max_packet_events", "events per packet; more gets packet_too_large"),
-    ("--session-idle-timeout", "session_idle_timeout", "seconds without a packet before a session is evicted"),
-    ("--log-level", "log_level", "debug, info, warning, error"),
-    ("--batch-buckets", "batch_buckets", "sessions per step, comma-separated shape buckets"),
-    ("--length-buckets", "length_buckets", "events per session per step, comma-separated shape buckets"),
-    ("--classify-length-buckets", "classify_length_buckets",
-     "extra recording lengths for POST /v1/classify's offline form"),
-    ("--classify-batch-events", "classify_batch_events", "largest padded batch (B*L) of one classify call"),
-    ("--max-classify-events", "max_classify_events", "events per classify request"),
-    ("--max-classify-streams", "max_classify_streams", "recordings per classify request"),
-    ("--batch-wait-ms", "batch_wait_ms", "how long a lone packet waits for other sessions' packets"),
-    ("--max-inflight", "max_inflight", "packets a connection may have awaiting results"),
-    ("--slots-per-model", "slots_per_model", "device state rows per model (default: max sessions)"),
-    ("--drain-timeout", "drain_timeout", "seconds a SIGTERM drain waits for in-flight packets"),
-    ("--backend", "backend", "streaming step: native (C++ kernel, CPU only; built on first use), "
-                             "xla, or auto (native where it builds)"),
-    ("--state-dir", "state_dir", "keep session snapshots in this directory: a restarted server "
-                                 "resumes its sessions (one server per directory)"),
-    ("--state-store", "state_store", "keep session snapshots in Redis, redis://HOST:PORT/DB: "
-                                     "replicas sharing it resume each other's sessions"),
-    ("--snapshot-interval", "snapshot_interval", "seconds between snapshots of the sessions that "
-                                                 "changed (all are written on SIGTERM)"),
-]
 
-
-def _env_name(field: str) -> str:
-    return ENV_PREFIX + ("MODEL" if field == "models" else field.upper())
+def _options() -> list[tuple[str, str]]:
+    """(option, field) of every described setting, in the order Settings declares them."""
+    return [("--" + name.replace("_", "-"), name)
+            for name, info in Settings.model_fields.items() if info.description]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = Settings()
-    parser.add_argument("--model", action="append", metavar="NAME=CHECKPOINT_DIR", default=argparse.SUPPRESS,
-                        help="a model to serve (repeatable); SOURCE is a checkpoint directory or "
-                             "config:NAME (random init); NAME= is optional. Default: the project's "
-                             f"default model. Env: {_env_name('models')}")
-    for option, field, help_text in _OPTIONS:
-        default = getattr(defaults, field)
+    parser.add_argument("--model", action="append", metavar="NAME=DIR", default=argparse.SUPPRESS,
+                        help="a model to serve (repeatable): DIR is a checkpoint folder (a run's "
+                             "best/) or config:NAME (random init); NAME= is optional. Default: the "
+                             f"project's default model. Env: {env_name('models')}")
+    for option, field in _options():
+        info = Settings.model_fields[field]
+        default = info.default
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        # A None default is explained by the description itself ("default: max sessions").
+        origin = f"env: {env_name(field)}" if default is None else \
+            f"default: {shown}; env: {env_name(field)}"
         parser.add_argument(option, dest=field, default=argparse.SUPPRESS, metavar=field.upper(),
-                            help=f"{help_text} (default: {shown}; env: {_env_name(field)})")
-    parser.add_argument("--compilation-cache", default=argparse.SUPPRESS, metavar="DIR", help="persistent XLA compilation cache: faster restarts "
-                                            f"(env: {ENV_PREFIX}COMPILATION_CACHE)")
+                            help=f"{info.description} ({origin})")
 
 
 def settings_from_args(args: argparse.Namespace, env: dict[str, str] | None = None) -> Settings:
-    overrides: dict[str, Any] = {field: getattr(args, field, None) for _, field, _ in _OPTIONS}
-    if getattr(args, "model", None):
-        overrides["models"] = args.model
+    """Options given on the command line, then ``EVSSM_*`` variables, then defaults."""
+    overrides: dict[str, Any] = {field: getattr(args, field, None) for _, field in _options()}
+    overrides["models"] = getattr(args, "model", None)
     return Settings.from_env(env, **overrides)
 
 
@@ -93,32 +67,62 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # orbax logs every checkpoint step through absl at INFO; keep it to warnings unless debugging.
+    # JAX says at INFO that it found no TPU; keep both to warnings unless debugging.
     if settings.log_level.lower() != "debug":
         logging.getLogger("absl").setLevel(logging.WARNING)
-    cache = getattr(args, "compilation_cache", None) or os.environ.get(ENV_PREFIX + "COMPILATION_CACHE")
-    if cache:  # read by JAX when it is first imported (by the runner)
-        os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", cache)
+        logging.getLogger("jax").setLevel(logging.WARNING)
+    if settings.compilation_cache:  # read by JAX when it is first imported (by the runner)
+        os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", settings.compilation_cache)
 
     from .app import create_app
+    from .security import KeyFileError, install_log_redaction
 
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-        lifespan="on", ws_max_size=max(16 << 20, settings.max_packet_events * 128),
-        timeout_graceful_shutdown=max(1, int(settings.drain_timeout)))
-    server = DrainingServer(config, app.state.engine)
+    try:
+        app = create_app(settings)
+    except KeyFileError as e:
+        print(f"evssm serve: {e}", file=sys.stderr)
+        return 2
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                            lifespan="on", **uvicorn_options(settings))
+    install_log_redaction()  # after uvicorn.Config configured its loggers
+    server = DrainingServer(config, app.state.engine, settings.host)
     server.run()
     return server.exit_code
+
+
+def max_frame_bytes(max_packet_events: int) -> int:
+    """The largest WebSocket frame: the largest valid packet in its widest form (JSON integer
+    arrays, at most 48 bytes per 2-D event) plus room for the other fields. A bigger frame is
+    closed with 1009 before it is buffered or decoded."""
+    return max_packet_events * 48 + (64 << 10)
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's limits for ``settings``: h11 (its request head is capped, 16 KiB by default,
+    where httptools takes headers without limit) with a deadline for the head, the keep-alive
+    timeout, the connection limit and the largest WebSocket frame (:func:`max_frame_bytes`)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    from .limits import header_timeout_protocol
+
+    return dict(http=header_timeout_protocol(H11Protocol, settings.header_timeout),
+                h11_max_incomplete_event_size=16 << 10,
+                timeout_keep_alive=settings.keep_alive_timeout,
+                limit_concurrency=settings.max_connections,
+                ws_max_size=max_frame_bytes(settings.max_packet_events),
+                timeout_graceful_shutdown=max(1, int(settings.drain_timeout)))
 
 
 class DrainingServer(uvicorn.Server):
     """A ``uvicorn.Server`` whose first SIGTERM/SIGINT drains the engine before shutting down
     (uvicorn alone would cut open WebSockets with 1012 and drop in-flight packets)."""
 
-    def __init__(self, config: uvicorn.Config, engine: Engine):
+    def __init__(self, config: uvicorn.Config, engine: Engine, host: str):
         super().__init__(config)
         self.engine = engine
+        self.host = host
         self.exit_code = 0
+        self._announced = False
         self._drain_started = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -143,9 +147,22 @@ class DrainingServer(uvicorn.Server):
         finally:
             self.should_exit = True
 
+    def _announce_ready(self) -> None:
+        """One line when every model is compiled: where the server is and a command to try."""
+        port = next((sock.getsockname()[1] for server in self.servers for sock in server.sockets),
+                    self.config.port)
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        host = f"[{host}]" if ":" in host else host
+        log.info("ready after %.0f s: serving %s on http://%s:%d (live page /dashboard); try: "
+                 "evssm stream sim --url ws://%s:%d", self.engine.ready_after_s or 0,
+                 ", ".join(self.engine.runners), host, port, host, port)
+
     async def on_tick(self, counter: int) -> bool:
+        if self.engine.ready and not self._announced:
+            self._announced = True
+            self._announce_ready()
         if self.engine.load_error and not self.should_exit:
-            log.error("exiting: %s", self.engine.load_error)
+            log.error("exiting: the models did not load (--log-level debug shows the traceback)")
             self.exit_code = 1
             self.should_exit = True
         return await super().on_tick(counter)

@@ -1,39 +1,34 @@
 """Session durability: periodic and drain-time snapshots, and restore on resume (engine glue).
 
-The engine calls four hooks: :meth:`Durability.start` (after loading), :meth:`snapshot` (on a
+The engine calls these hooks: :meth:`Durability.start` (after loading), :meth:`snapshot` (on a
 timer, and with ``everything`` during a drain), :meth:`lookup`/:meth:`adopt` (resume of a token
 the server does not hold) and :meth:`forget` (a session closed, evicted or failed). The store and
-the record format are :mod:`evssm.server.snapshots`; nothing here knows of the scheduler beyond
-the fields of :class:`~evssm.server.sessions.Session`.
+the record format are :mod:`evssm.server.snapshots`.
 
 What runs where:
 
-- the event loop picks the sessions to write, captures their metadata (events, last timestamp,
-  probabilities, version), and applies finished writes (``Session.durable``);
-- each model's step thread reads the picked sessions' state rows between steps. It is the only
-  thread that touches the pool, and it runs jobs in the order they were submitted, so a read
-  submitted in the same loop iteration as the capture sees exactly the captured state. A session
-  is captured only when ``settled`` (no device call of it running or awaiting its results, no
-  packet half done): idle ones by the periodic pass, busy ones (under load a session is in a step
-  most of the time) by the scheduler's ``on_settled`` hook right after their step is answered;
+- the event loop asks each model's scheduler which sessions changed since their last snapshot
+  (the scheduler owns that bookkeeping); the scheduler has their rows read after one of the next
+  step plans, on the step thread, the one thread that touches the state pool (at most
+  ``scheduler.READ_CHUNK`` rows per plan, so steps go on between chunks), and hands each row
+  with the state it holds (:meth:`captured`);
 - one writer thread encodes and writes records and deletes them: a session's writes and its
-  deletion land in the order they were asked for;
+  deletion land in the order they were asked for; when a write is done, the scheduler learns
+  what it covers (``durable`` in result frames);
 - one reader thread looks records up on resume, so a lookup never waits behind a long write.
 
-``Session.durable`` is what result frames carry: the event count of the session's current stream
-covered by its last *completed* write. A write captured before a reset never raises it (epochs).
+A record holds the id of the API key that opened the session (never the key): a restored token
+resumes only for that key, as a live one does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import logging
 import time
-from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Callable, Protocol
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Mapping, Protocol
 
 import numpy as np
 
@@ -41,13 +36,12 @@ from evssm.models.events import SensorSpec
 from evssm.models.geometry import Adapter, GeometryError, adapter_for
 
 from .metrics import Metrics
-from .sessions import Session, SessionTable
+from .sessions import Captured, Session
 from .snapshots import (CorruptSnapshot, DiskStore, RedisStore, SnapshotRecord, SnapshotStore,
                         StoreUnavailable, decode, encode, token_key)
 
 log = logging.getLogger("evssm.server.durability")
 
-READ_CHUNK = 512  # sessions per row read on the step thread: bounds the pause between two steps
 ERROR_LOG_PERIOD_S = 30.0
 
 
@@ -63,49 +57,39 @@ class RowRunner(Protocol):
     state_bytes: int
     sensor: SensorSpec
     fingerprint: str  # of the model's weights and architecture
-    executor: Executor  # the step thread
-
-    def read_rows(self, slots: np.ndarray) -> np.ndarray:
-        """A copy of state rows ``slots`` int32 [K]: int32 [K, words] (step thread)."""
-        ...
 
 
-@dataclass(frozen=True)
-class _Capture:
-    """A session's metadata taken on the event loop, with the record to write (row filled in
-    once read)."""
+class SnapshotScheduler(Protocol):
+    """What durability needs of a model's scheduler (``scheduler.Scheduler``)."""
 
-    session: Session
-    version: int
-    epoch: int
-    active: float
-    record: SnapshotRecord
+    def request_snapshots(self, everything: bool) -> tuple[int, asyncio.Future[None]]: ...
+
+    def snapshot_written(self, item: Captured, covered: int) -> None: ...
 
 
 class Durability:
     """Snapshots of one server's sessions in ``store`` (see the module docstring)."""
 
-    def __init__(self, store: SnapshotStore, runners: dict[str, RowRunner], table: SessionTable,
-                 metrics: Metrics, interval_s: float, on_taken_over: Callable[[Session], None]):
+    def __init__(self, store: SnapshotStore, runners: Mapping[str, RowRunner], metrics: Metrics,
+                 interval_s: float, on_taken_over: Callable[[Session], None]):
         self.store = store
         self.runners = runners
-        self.table = table
         self.metrics = metrics
         self.interval_s = interval_s
         self.on_taken_over = on_taken_over
+        self.schedulers: Mapping[str, SnapshotScheduler] = {}
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="evssm-snapshot-writer")
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="evssm-snapshot-reader")
-        self._lock = asyncio.Lock()  # one snapshot pass at a time
-        self._pending: set[asyncio.Future] = set()  # row reads and writes not finished
-        self._due: dict[str, set[Session]] = {}  # model -> sessions to read after their step
+        self._pending: set[asyncio.Future] = set()  # writes not finished
         self._deleting: dict[str, int] = {}  # key -> deletions queued and not yet done
         self._task: asyncio.Task | None = None
         self._errors = 0
         self._last_error_log = 0.0
 
     # --- lifecycle ---------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, schedulers: Mapping[str, SnapshotScheduler]) -> None:
         """Check the store (a disk store's records are scanned), then snapshot every interval."""
+        self.schedulers = schedulers
         loop = asyncio.get_running_loop()
         check = self._scan if isinstance(self.store, DiskStore) else self._ping
         loop.run_in_executor(self._writer, check).add_done_callback(self._log_failure)
@@ -139,10 +123,15 @@ class Durability:
             log.warning("%s; serving on, snapshots are retried every %g s", e, self.interval_s)
 
     async def _periodic(self) -> None:
+        """A pass per interval; a pass whose writes take longer delays the next (no backlog)."""
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         while True:
-            await asyncio.sleep(self.interval_s)
+            due = max(due + self.interval_s, loop.time())
+            await asyncio.sleep(due - loop.time())
             try:
                 await self.snapshot()
+                await self.flush()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -160,93 +149,48 @@ class Durability:
         self.store.close()
 
     # --- writing -----------------------------------------------------------------------------
-    @staticmethod
-    def _changed(s: Session) -> bool:
-        return s.version != s.snap_version or s.last_active > s.snap_active
-
     async def snapshot(self, *, everything: bool = False) -> int:
-        """Write the sessions that changed since their last snapshot (every live session with
-        ``everything``). Settled sessions are read now, in chunks (steps run between chunks);
-        the others, busy in a step, are read by :meth:`after_step` once their step is answered.
-        Returns the number of sessions read now; :meth:`flush` waits for their writes."""
+        """Snapshot the sessions that changed since their last snapshot (every live session with
+        ``everything``): returns how many once each row is read and its write queued;
+        :meth:`flush` waits for the writes."""
         count = 0
-        async with self._lock:
-            for name, runner in self.runners.items():
-                picked = [s for s in self.table.sessions.values() if s.model == name
-                          and not s.closing and (everything or self._changed(s))]
-                self._due[name] = set()
-                for i in range(0, len(picked), READ_CHUNK):
-                    chunk = picked[i:i + READ_CHUNK]
-                    self._due[name].update(s for s in chunk if not s.settled)
-                    read = self._read([s for s in chunk if s.settled and not s.closing], name, runner)
-                    if read is not None:
-                        count += len(read[0])
-                        await asyncio.wait([read[1]])  # steps queued meanwhile run next
+        waits = []
+        for sched in list(self.schedulers.values()):
+            n, done = sched.request_snapshots(everything)
+            count += n
+            waits.append(done)
+        await asyncio.gather(*waits)
         return count
 
-    def after_step(self, model: str, sessions: list[Session]) -> None:
-        """Scheduler hook, on the event loop right after a step's results are applied (its
-        sessions are settled): read those of ``sessions`` the last pass found busy."""
-        due = self._due.get(model)
-        if not due:
-            return
-        ready = [s for s in sessions if s in due and s.settled and not s.closing]
-        if ready:
-            due.difference_update(ready)
-            self._read(ready, model, self.runners[model])
-
-    def _read(self, sessions: list[Session], model: str, runner: RowRunner
-              ) -> tuple[list[_Capture], asyncio.Future] | None:
-        """Capture settled ``sessions`` and submit the read of their rows to the step thread in
-        the same loop iteration (see the module docstring); the rows go on to the writer."""
-        if not sessions:
-            return None
-        captures = [self._capture(s, runner) for s in sessions]
-        slots = np.array([s.slot for s in sessions], np.int32)
-        fut = asyncio.get_running_loop().run_in_executor(runner.executor, runner.read_rows, slots)
+    def captured(self, model: str, items: list[Captured], rows: np.ndarray) -> None:
+        """Scheduler hook (event loop): ``rows`` int32 [N, words] read after a step, row ``i`` the
+        state ``items[i]`` describes; they go to the writer thread."""
+        runner = self.runners[model]
+        records = [self._record(c, row, runner) for c, row in zip(items, rows)]
+        fut = asyncio.get_running_loop().run_in_executor(self._writer, self._write, records)
         self._pending.add(fut)
-        fut.add_done_callback(functools.partial(self._rows_read, model, captures))
-        return captures, fut
+        fut.add_done_callback(lambda f: self._written(model, items, records, f))
 
-    def _rows_read(self, model: str, captures: list[_Capture], fut: asyncio.Future) -> None:
-        self._pending.discard(fut)
-        if fut.cancelled():
-            return
-        if fut.exception() is not None:
-            log.error("reading state rows for snapshots failed: %r", fut.exception())
-            return
-        rows = fut.result()
-        # A session released meanwhile has had its deletion queued: write nothing for it.
-        items = [(c, rows[j]) for j, c in enumerate(captures) if not c.session.released]
-        if items:
-            self._submit(model, items)
-
-    def _capture(self, s: Session, runner: RowRunner) -> _Capture:
-        record = SnapshotRecord(
+    @staticmethod
+    def _record(c: Captured, row: np.ndarray, runner: RowRunner) -> SnapshotRecord:
+        s = c.session
+        return SnapshotRecord(
             key=token_key(s.token), session=s.id, model=s.model, fingerprint=runner.fingerprint,
-            row=np.empty(0, np.int32), events=s.done_events, last_t=s.done_t,
-            probs=None if s.probs is None else np.asarray(s.probs, np.float32), top_k=s.top_k,
-            cropped=s.done_cropped, geometry=None if s.geometry is None else {
+            row=row, events=c.events, last_t=c.last_t, probs=c.probs, top_k=s.top_k,
+            cropped=c.cropped, key_id=s.key_id, geometry=None if s.geometry is None else {
                 "sensor": s.geometry.source.to_dict(), "transform": s.geometry.transform.to_dict()})
-        return _Capture(s, s.version, s.epoch, s.last_active, record)
 
-    def _submit(self, model: str, items: list[tuple[_Capture, np.ndarray]]) -> None:
-        loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self._writer, self._write, items)
-        self._pending.add(fut)
-        fut.add_done_callback(lambda f: self._written(model, items, f))
-
-    def _write(self, items: list[tuple[_Capture, np.ndarray]]) -> list[bool]:
+    def _write(self, records: list[SnapshotRecord]) -> list[bool]:
         """Writer thread: encode and store a batch of records."""
         t0 = time.perf_counter()
-        blobs = [(c.record.key, encode(dataclasses.replace(c.record, row=row, written=time.time())))
-                 for c, row in items]
-        ok = self.store.put(blobs)
+        now = time.time()
+        ok = self.store.put([(r.key, encode(dataclasses.replace(r, written=now))) for r in records])
         self.metrics.snapshot_write_seconds.observe(time.perf_counter() - t0)
         return ok
 
-    def _written(self, model: str, items: list[tuple[_Capture, np.ndarray]], fut: asyncio.Future) -> None:
-        """Event loop: a batch was written (or failed): advance ``durable`` and the versions."""
+    def _written(self, model: str, items: list[Captured], records: list[SnapshotRecord],
+                 fut: asyncio.Future) -> None:
+        """Event loop: a batch was written (or failed): tell the scheduler what it covers."""
         self._pending.discard(fut)
         if fut.cancelled():
             return
@@ -255,21 +199,18 @@ class Durability:
             self._store_error(exc, len(items))
             return
         ok: list[bool] = fut.result()
+        sched = self.schedulers.get(model)
         written = 0
-        for (c, _), good in zip(items, ok):
-            s = c.session
+        for c, rec, good in zip(items, records, ok):
             if not good:  # another server restored the session since: it is theirs now
                 self.metrics.snapshot_failures.labels(reason="taken_over").inc()
-                log.info("session %s was restored by another server; ending it here", s.id)
-                self.on_taken_over(s)
+                log.info("session %s was restored by another server; ending it here", c.session.id)
+                self.on_taken_over(c.session)
                 continue
             written += 1
-            s.snap_version = max(s.snap_version, c.version)
-            s.snap_active = max(s.snap_active, c.active)
-            if s.durable is not None and c.epoch == s.epoch:  # events sent: kept and cropped
-                s.durable = max(s.durable, c.record.events + c.record.cropped)
+            if sched is not None:  # events sent: kept and cropped
+                sched.snapshot_written(c, rec.events + rec.cropped)
         self.metrics.snapshots_written.labels(model=model).inc(written)
-
     def _store_error(self, exc: BaseException, n: int) -> None:
         self.metrics.snapshot_failures.labels(reason="store_error").inc(n)
         self._errors += n
@@ -281,7 +222,7 @@ class Durability:
             self._last_error_log = now
 
     async def flush(self) -> None:
-        """Wait for every row read and write asked for so far."""
+        """Wait for every write asked for so far."""
         while self._pending:
             await asyncio.wait(list(self._pending))
 
@@ -304,10 +245,12 @@ class Durability:
             self._store_error(fut.exception(), 1)  # type: ignore[arg-type]
 
     # --- restoring ---------------------------------------------------------------------------
-    async def lookup(self, token: str) -> tuple[SnapshotRecord, bytes, Adapter | None] | None:
-        """The snapshot of ``token`` if there is one this server can restore (None: none, expired,
-        damaged, or being deleted), its bytes and its declared source's adapter. Raises
-        :class:`SnapshotIncompatible` or StoreUnavailable."""
+    async def lookup(self, token: str, key_id: str | None
+                     ) -> tuple[SnapshotRecord, bytes, Adapter | None] | None:
+        """The snapshot of ``token`` if there is one this server can restore for a client with
+        API key ``key_id`` (None: none, expired, damaged, being deleted, or opened under another
+        key, which is as unknown as a wrong token), its bytes and its declared source's adapter.
+        Raises :class:`SnapshotIncompatible` or StoreUnavailable."""
         key = token_key(token)
         if key in self._deleting:
             return None
@@ -323,6 +266,8 @@ class Durability:
             self.metrics.snapshot_failures.labels(reason="corrupt").inc()
             log.warning("%s: snapshot %s... skipped and deleted: %s", self.store.description, key[:12], e)
             loop.run_in_executor(self._writer, self.store.delete, [key]).add_done_callback(self._check)
+            return None
+        if rec.key_id != key_id:
             return None
         runner = self.runners.get(rec.model)
         problem = None
@@ -349,9 +294,6 @@ class Durability:
         """A session was restored from ``rec``: the store already holds its state; in a shared
         store this server now owns its record (a replica that held it before can no longer write
         it)."""
-        s.durable = rec.events + rec.cropped
-        s.snap_version = s.version
-        s.snap_active = s.last_active
         self.metrics.sessions_restored.labels(model=s.model).inc()
         if isinstance(self.store, RedisStore):  # shared: fence off the replica that held it
             fut = asyncio.get_running_loop().run_in_executor(

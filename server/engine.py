@@ -1,8 +1,11 @@
 """The engine: models, the session table and one scheduler per model (no JAX at import).
 
-The API layer talks to the engine only: open/resume sessions, submit work, classify, drain. The
-engine loads models (importing the JAX runner lazily, in a background thread, so ``/healthz``
-answers while models compile), evicts idle sessions, and keeps the session metrics.
+The API layer talks to the engine only: open/resume sessions, the staging buffer a packet is
+written into, submit work, classify, drain. The engine loads models (importing the JAX runner
+lazily, in a background thread, so ``/healthz`` answers while models compile), evicts idle
+sessions, and keeps the session metrics. Answers leave through the :class:`~.scheduler.Outputs`
+the API layer gives it. With ``--state-dir``/``--state-store`` it snapshots sessions
+(``server/durability.py``) and restores, on resume, a token it does not hold from its snapshot.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ import numpy as np
 
 from .metrics import Metrics
 from .protocol import CLOSE_GOING_AWAY, Code, error_frame
-from .scheduler import Scheduler
+from .scheduler import Outputs, Scheduler
 from .sessions import Item, Restore, Session, SessionTable
 from .settings import ModelSpec, Settings
-from .snapshots import SnapshotStore, open_store, token_key
+from .snapshots import open_store, token_key
+from .staging import StagingBuffer
 
 if TYPE_CHECKING:  # the runner imports JAX; the API layer must not
     from evssm.models.streaming import StreamingModel
@@ -43,13 +47,15 @@ class Connection(Protocol):
 class Engine:
     """Everything behind the API of one server instance."""
 
-    def __init__(self, settings: Settings, metrics: Metrics,
+    def __init__(self, settings: Settings, metrics: Metrics, outputs: Outputs,
                  models: dict[str, "StreamingModel"] | None = None):
         self.settings = settings
         self.metrics = metrics
+        self.outputs = outputs
         self._preloaded = models
         self.runners: dict[str, ModelRunner] = {}
         self.schedulers: dict[str, Scheduler] = {}
+        self.staging: dict[str, StagingBuffer] = {}
         self.table: SessionTable | None = None
         self.default_model: str | None = None
         self.ready = False
@@ -95,41 +101,50 @@ class Engine:
                 if runner.name in self.runners:
                     raise ValueError(f"two models are named {runner.name!r}; name them with NAME=SOURCE")
                 self.metrics.init_model(runner.name, runner.state_bytes, runner.num_slots)
+                self.outputs.model_loaded(runner.name, runner.labels)
                 self.runners[runner.name] = runner
                 self.default_model = self.default_model or runner.name
-                compile_s = await loop.run_in_executor(runner.executor, runner.warmup)
+                log.info("model %s: compiling its shape buckets before serving (usually 1-3 minutes "
+                         "on a CPU for the default buckets; /readyz answers 503 until then; fewer "
+                         "--length-buckets or a --compilation-cache folder shorten it)", runner.name)
+                compile_s = await loop.run_in_executor(None, runner.warmup)  # no steps run yet
                 log.info("model %s from %s: loaded and compiled in %.1f s (compiling %.1f s, %d "
                          "compilations); %s streaming step; %d B of state per session, %d slots",
                          runner.name, runner.model.info.get("source"), time.perf_counter() - t0,
                          compile_s, runner.compilations, runner.model.backend, runner.state_bytes,
                          slots)
             self.table = SessionTable(s.max_sessions, {n: r.num_slots for n, r in self.runners.items()})
+            capacity = max(s.staging_events, 2 * s.max_packet_events + 1)
+            if store is not None:
+                from .durability import Durability
+
+                self.durability = Durability(store, dict(self.runners), self.metrics, s.snapshot_interval,
+                                             self._taken_over)
             for name, runner in self.runners.items():
-                sched = Scheduler(runner, self.table, self.metrics, s.batch_wait_ms / 1000.0, self._released)
+                self.staging[name] = StagingBuffer(capacity)
+                sched = Scheduler(runner, self.table, self.staging[name], self.outputs,
+                                  self.metrics.model(name), s.batch_wait_ms / 1000.0, self._released,
+                                  self.durability)
+                self.metrics.queue_depth.labels(model=name).set_function(
+                    lambda sched=sched: sched.queued_packets)
                 sched.start()
                 self.schedulers[name] = sched
-            if store is not None:
-                self._start_durability(store)
+            if self.durability is not None:
+                self.durability.start(self.schedulers)
             self._tasks.append(asyncio.create_task(self._janitor(), name="evssm-janitor"))
             self.ready_after_s = time.monotonic() - self.started_at
             self.ready = True
             self.metrics.ready.set(1)
-            log.info("ready after %.1f s: models %s", self.ready_after_s, list(self.runners))
+            # The ready line a person reads is the command line's (it knows the URL).
+            log.debug("ready after %.1f s: models %s", self.ready_after_s, list(self.runners))
         except asyncio.CancelledError:
             raise
         except Exception as e:
             self.load_error = f"{type(e).__name__}: {e}"
-            log.exception("loading models failed")
-
-    def _start_durability(self, store: SnapshotStore) -> None:
-        from .durability import Durability
-
-        assert self.table is not None
-        self.durability = Durability(store, dict(self.runners), self.table, self.metrics,
-                                     self.settings.snapshot_interval, self._taken_over)
-        for name, sched in self.schedulers.items():
-            sched.on_settled = functools.partial(self.durability.after_step, name)
-        self.durability.start()
+            # The message says what is wrong (a folder that is not a checkpoint, an unknown
+            # config); the traceback is for debugging.
+            log.error("loading models failed: %s", self.load_error)
+            log.debug("loading models failed", exc_info=True)
 
     async def stop(self) -> None:
         """Stop schedulers and background tasks (after a drain, or abruptly)."""
@@ -149,23 +164,30 @@ class Engine:
             runner.close()
 
     # --- sessions ------------------------------------------------------------------------------
-    def open(self, model: str, top_k: int) -> Session:
-        """A new session of ``model`` (raises ``sessions.ServerFull``)."""
+    def open(self, model: str, top_k: int, *, owner: str | None = None, key_id: str | None = None) -> Session:
+        """A new session of ``model`` for ``owner`` (raises ``sessions.ServerFull``, or its
+        subclass ``ClientFull`` past ``Settings.sessions_per_client``)."""
         assert self.table is not None
-        session = self.table.open(model, top_k)
-        session.durable = 0 if self.durability is not None else None
+        session = self.table.open(model, top_k, owner=owner, owner_limit=self.settings.sessions_per_client,
+                                  key_id=key_id)
         self.schedulers[model].add(session)
-        self.metrics.sessions_active.labels(model=model).inc()
+        self.metrics.model(model).sessions_active.inc()
         self.metrics.sessions_opened.labels(model=model).inc()
         return session
 
     def resume(self, token: str) -> Session | None:
         return None if self.table is None else self.table.by_token(token)
 
-    async def restore(self, token: str) -> Session | None:
+    def durable(self, session: Session) -> int | None:
+        """Events sent that ``session``'s last snapshot covers (None: no snapshots are kept)."""
+        return self.schedulers[session.model].durable_of(session)
+
+    async def restore(self, token: str, *, key_id: str | None, owner: str | None) -> Session | None:
         """The session of ``token`` restored from its snapshot, for a token this server does not
-        hold (None: no snapshot, or snapshots are off). Raises ``sessions.ServerFull``,
-        ``durability.SnapshotIncompatible`` or ``snapshots.StoreUnavailable``."""
+        hold, resumed by a client with API key ``key_id`` (None: no snapshot, one opened under
+        another key, or snapshots are off). It counts against ``owner``'s sessions. Raises
+        ``sessions.ServerFull`` (or ``ClientFull``), ``durability.SnapshotIncompatible`` or
+        ``snapshots.StoreUnavailable``."""
         if self.durability is None or self.table is None or self.table.knows(token):
             return None
         key = token_key(token)
@@ -175,17 +197,18 @@ class Engine:
         done = asyncio.get_running_loop().create_future()
         self._restoring[key] = done
         try:
-            found = await self.durability.lookup(token)
+            found = await self.durability.lookup(token, key_id)
             if found is None or self.table.knows(token):
                 return None
             rec, blob, adapter = found
-            session = self.table.restore(rec.model, rec.top_k, rec.session, token)
-            session.events, session.last_t = rec.events, rec.last_t  # the next packet's baseline
+            session = self.table.restore(rec.model, rec.top_k, rec.session, token, owner=owner,
+                                         owner_limit=self.settings.sessions_per_client, key_id=rec.key_id)
+            # What the client has sent: the baseline its next packet is checked against.
+            session.events, session.last_t = rec.events, rec.last_t
             session.cropped, session.geometry = rec.cropped, adapter
-            session.queue.append(Restore(row=rec.row, events=rec.events, last_t=rec.last_t, probs=rec.probs,
-                                         cropped=rec.cropped))
-            self.schedulers[rec.model].add(session)
-            self.metrics.sessions_active.labels(model=rec.model).inc()
+            self.schedulers[rec.model].restore(session, Restore(
+                row=rec.row, events=rec.events, last_t=rec.last_t, probs=rec.probs, cropped=rec.cropped))
+            self.metrics.model(rec.model).sessions_active.inc()
             self.durability.adopt(session, rec, blob)
             log.info("session %s of %s restored from its snapshot at %d events", session.id, rec.model,
                      rec.events)
@@ -194,11 +217,19 @@ class Engine:
             del self._restoring[key]
             done.set_result(None)
 
+    def expect(self, model: str) -> None:
+        """A packet for ``model`` is being read (see ``Scheduler.expect``)."""
+        self.schedulers[model].expect()
+
     def submit(self, session: Session, item: Item) -> None:
         self.schedulers[session.model].submit(session, item)
 
+    def idle(self, session: Session) -> bool:
+        """No work of ``session`` queued or running."""
+        return self.schedulers[session.model].idle(session)
+
     def _released(self, session: Session) -> None:
-        self.metrics.sessions_active.labels(model=session.model).dec()
+        self.metrics.model(session.model).sessions_active.dec()
         if self.durability is not None:
             self.durability.forget(session)
 
@@ -230,7 +261,7 @@ class Engine:
         assert self.table is not None
         evicted = 0
         for session in list(self.table.sessions.values()):
-            if session.closing or not session.idle or session.last_active >= before:
+            if session.closing or not self.idle(session) or session.last_active >= before:
                 continue
             session.closing = True
             if session.attachment is not None:
@@ -256,8 +287,9 @@ class Engine:
         return sum(s.pending for s in self.schedulers.values())
 
     async def drain(self, timeout: float | None = None) -> bool:
-        """Refuse new sessions and packets, finish and answer in-flight packets, then close every
-        connection cleanly (1001). True if everything finished within ``timeout``."""
+        """Refuse new sessions and packets, finish and answer in-flight packets, snapshot every
+        session (with snapshots), then close every connection cleanly (1001). True if everything
+        finished within ``timeout``."""
         timeout = self.settings.drain_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         self.draining = True

@@ -1,7 +1,12 @@
-"""Prometheus metrics and the small rolling statistics behind ``GET /v1/stats`` (no JAX).
+"""Prometheus metrics and the small rolling statistics behind ``GET /v1/stats`` and
+``GET /v1/stats/history`` (no JAX).
 
 Each app instance owns a fresh ``CollectorRegistry`` so several apps can live in one process
 (tests). Names and labels are a contract with the dashboard; ``docs/metrics.md`` documents them.
+
+The streaming path records once per step, not once per packet: :class:`ModelMetrics` holds each
+model's labelled children (looked up once), and the per-packet histograms
+(:class:`BatchHistogram`) take a step's values as one array, with exact bucket counts.
 """
 
 from __future__ import annotations
@@ -11,41 +16,142 @@ import time
 from collections import deque
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 # Latency buckets: 0.25 ms .. 10 s, roughly x2 apart.
 LATENCY_BUCKETS = (0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128,
                    0.256, 0.512, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 STATS_WINDOW_S = 10.0
+# The live page's recent past: one /v1/stats summary per HISTORY_INTERVAL_S over HISTORY_S.
+HISTORY_INTERVAL_S = 1.0
+HISTORY_S = 15 * 60
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
+class BatchHistogram(Collector):
+    """A histogram with one label (``model``) that takes many observations at once.
+
+    ``observe_many(label, values)`` adds a whole step's values (float64 [N]) with one
+    ``searchsorted`` and ``bincount``: exact bucket counts, sum and count, as observing each value
+    would give, for a cost that does not grow per packet in Python. Exposed as an ordinary
+    Prometheus histogram.
+    """
+
+    def __init__(self, name: str, documentation: str, label: str, buckets: tuple[float, ...],
+                 registry: CollectorRegistry):
+        self.name, self.documentation, self.label = name, documentation, label
+        self.bounds = np.asarray(buckets, np.float64)
+        self._lock = threading.Lock()
+        self._series: dict[str, list] = {}  # label -> [counts int64 [len(bounds) + 1], sum]
+        registry.register(self)
+
+    def init(self, value: str) -> None:
+        with self._lock:
+            self._series.setdefault(value, [np.zeros(len(self.bounds) + 1, np.int64), 0.0])
+
+    def observe_many(self, value: str, values: np.ndarray) -> None:
+        if values.size == 0:
+            return
+        # Bucket i counts values <= bounds[i] (le), the last one the rest (+Inf).
+        index = np.searchsorted(self.bounds, values, side="left")
+        add = np.bincount(index, minlength=len(self.bounds) + 1)
+        total = float(values.sum())
+        with self._lock:
+            series = self._series.setdefault(value, [np.zeros(len(self.bounds) + 1, np.int64), 0.0])
+            series[0] += add
+            series[1] += total
+
+    def observe(self, value: str, v: float) -> None:
+        self.observe_many(value, np.array([v], np.float64))
+
+    def collect(self) -> list[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
+        with self._lock:
+            series = [(k, counts.copy(), total) for k, (counts, total) in self._series.items()]
+        for value, counts, total in series:
+            cumulative = np.cumsum(counts)
+            buckets = [(_le(b), float(c)) for b, c in zip(self.bounds, cumulative[:-1])]
+            buckets.append(("+Inf", float(cumulative[-1])))
+            family.add_metric([value], buckets, total)
+        return [family]
+
+    def describe(self) -> list[HistogramMetricFamily]:
+        return [HistogramMetricFamily(self.name, self.documentation, labels=[self.label])]
+
+
+def _le(bound: float) -> str:
+    return repr(float(bound))
+
+
 class _Window:
-    """Events and packet latencies of the last ``STATS_WINDOW_S`` seconds, for one model."""
+    """Events and packet latencies of the last ``STATS_WINDOW_S`` seconds, for one model, kept
+    as one entry per step: (time, events, latencies float64 [packets])."""
 
-    def __init__(self, maxlen: int = 200_000):
-        self.samples: deque[tuple[float, int, float]] = deque(maxlen=maxlen)  # (time, events, latency)
+    def __init__(self, maxlen: int = 100_000):
+        self.steps: deque[tuple[float, int, np.ndarray]] = deque(maxlen=maxlen)
 
-    def add(self, now: float, events: int, latency: float) -> None:
-        self.samples.append((now, events, latency))
+    def add(self, now: float, events: int, latencies: np.ndarray) -> None:
+        self.steps.append((now, events, latencies))
+        self._prune(now)  # here too: without /v1/stats polls the window would fill to maxlen
+
+    def _prune(self, now: float) -> None:
+        while self.steps and self.steps[0][0] < now - STATS_WINDOW_S:
+            self.steps.popleft()
+
+    def latencies(self) -> np.ndarray:
+        return np.concatenate([s[2] for s in self.steps]) if self.steps else np.zeros(0)
 
     def summary(self, now: float) -> dict[str, float | None]:
-        while self.samples and self.samples[0][0] < now - STATS_WINDOW_S:
-            self.samples.popleft()
-        if not self.samples:
+        self._prune(now)
+        lat = self.latencies()
+        if not lat.size:
             return {"events_per_s": 0.0, "packets_per_s": 0.0, "latency_p50_ms": None, "latency_p99_ms": None}
-        lat = np.fromiter((s[2] for s in self.samples), dtype=np.float64, count=len(self.samples))
-        events = sum(s[1] for s in self.samples)
+        events = sum(s[1] for s in self.steps)
         p50, p99 = np.percentile(lat, [50, 99]) * 1e3
         return {
             "events_per_s": events / STATS_WINDOW_S,
-            "packets_per_s": len(self.samples) / STATS_WINDOW_S,
+            "packets_per_s": lat.size / STATS_WINDOW_S,
             "latency_p50_ms": round(float(p50), 3),
             "latency_p99_ms": round(float(p99), 3),
         }
+
+
+class ModelMetrics:
+    """One model's labelled children, looked up once (a ``labels()`` call costs a lock and a
+    dict lookup; the streaming path records a step's figures through these)."""
+
+    def __init__(self, metrics: "Metrics", model: str):
+        self.model = model
+        self.metrics = metrics
+        self.events = metrics.events.labels(model=model)
+        self.packets = metrics.packets.labels(model=model)
+        self.steps = metrics.steps.labels(model=model)
+        self.step_latency = metrics.step_latency.labels(model=model)
+        self.batch_size = metrics.batch_size.labels(model=model)
+        self.sessions_active = metrics.sessions_active.labels(model=model)
+
+    def step(self, seconds: float, batch: int, queue_waits: np.ndarray) -> None:
+        """One engine step over ``batch`` sessions; ``queue_waits`` of the packets it started."""
+        self.steps.inc()
+        self.step_latency.observe(seconds)
+        self.batch_size.observe(batch)
+        self.metrics.queue_wait.observe_many(self.model, queue_waits)
+
+    def packets_done(self, events: int, latencies: np.ndarray) -> None:
+        """A step's answered packets: ``events`` in all, ``latencies`` float64 [packets] (frame
+        received to result sent, seconds)."""
+        n = int(latencies.size)
+        if not n:
+            return
+        self.packets.inc(n)
+        self.events.inc(events)
+        self.metrics.packet_latency.observe_many(self.model, latencies)
+        self.metrics.window(self.model, time.monotonic(), events, latencies)
 
 
 class Metrics:
@@ -57,17 +163,17 @@ class Metrics:
         self.events = Counter("evssm_events_total", "Events processed (streamed and classified).", m, registry=r)
         self.packets = Counter("evssm_packets_total", "Stream packets answered with a result.", m, registry=r)
         self.sessions_active = Gauge("evssm_sessions_active", "Live streaming sessions.", m, registry=r)
-        self.packet_latency = Histogram(
-            "evssm_packet_latency_seconds", "Packet latency, frame received to result sent.", m,
-            buckets=LATENCY_BUCKETS, registry=r)
+        self.packet_latency = BatchHistogram(
+            "evssm_packet_latency_seconds", "Packet latency, frame received to result sent.", "model",
+            LATENCY_BUCKETS, r)
         self.step_latency = Histogram(
             "evssm_step_latency_seconds", "Engine step latency (one jitted step over a batch).", m,
             buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("evssm_batch_size", "Sessions per engine step.", m,
                                     buckets=BATCH_BUCKETS, registry=r)
-        self.queue_wait = Histogram(
-            "evssm_queue_wait_seconds", "Time a validated packet waits before its first step.", m,
-            buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = BatchHistogram(
+            "evssm_queue_wait_seconds", "Time a validated packet waits before its first step.", "model",
+            LATENCY_BUCKETS, r)
         self.rejected = Counter("evssm_rejected_packets_total", "Frames rejected with an error, by code.",
                                 ["code"], registry=r)
         self.http_requests = Counter("evssm_http_requests_total", "HTTP requests by route and status.",
@@ -102,18 +208,25 @@ class Metrics:
         self.snapshot_failures = Counter(
             "evssm_snapshot_failures_total", "Snapshots not written or not restored, by reason "
             "(store_error, corrupt, incompatible, taken_over).", ["reason"], registry=r)
+        # evssm_process_resident_memory_bytes, _cpu_seconds_total, _open_fds, ... (Linux): what a
+        # soak or an alert watches for growth.
+        ProcessCollector(namespace="evssm", registry=r)
         self._lock = threading.Lock()
         self._windows: dict[str, _Window] = {}
         self._events_by_model: dict[str, int] = {}
         self._packets_by_model: dict[str, int] = {}
+        self.models: dict[str, ModelMetrics] = {}
+        self._history: deque[dict] = deque(maxlen=int(HISTORY_S / HISTORY_INTERVAL_S))
 
-    def init_model(self, model: str, state_bytes: int, slots: int) -> None:
-        """Create the labelled series of a model so they show as 0 before traffic."""
+    def init_model(self, model: str, state_bytes: int, slots: int) -> ModelMetrics:
+        """Create the labelled series of a model so they show as 0 before traffic; returns its
+        cached children."""
         for metric in (self.events, self.packets, self.compilations, self.sessions_opened, self.cropped,
                        self.sessions_resumed, self.sessions_evicted, self.steps, self.classify_streams,
-                       self.packet_latency, self.step_latency, self.batch_size, self.queue_wait,
-                       self.snapshots_written, self.sessions_restored):
+                       self.step_latency, self.batch_size, self.snapshots_written, self.sessions_restored):
             metric.labels(model=model)
+        self.packet_latency.init(model)
+        self.queue_wait.init(model)
         self.sessions_active.labels(model=model).set(0)
         self.queue_depth.labels(model=model).set(0)
         self.state_bytes.labels(model=model).set(state_bytes)
@@ -122,16 +235,25 @@ class Metrics:
             self._windows.setdefault(model, _Window())
             self._events_by_model.setdefault(model, 0)
             self._packets_by_model.setdefault(model, 0)
+        return self.model(model)
+
+    def model(self, model: str) -> ModelMetrics:
+        """``model``'s cached children (made on first use)."""
+        children = self.models.get(model)
+        if children is None:
+            children = self.models[model] = ModelMetrics(self, model)
+        return children
 
     def packet_done(self, model: str, events: int, latency: float) -> None:
         """One packet's result was sent ``latency`` seconds after its frame arrived."""
-        self.packets.labels(model=model).inc()
-        self.events.labels(model=model).inc(events)
-        self.packet_latency.labels(model=model).observe(latency)
+        self.model(model).packets_done(events, np.array([latency], np.float64))
+
+    def window(self, model: str, now: float, events: int, latencies: np.ndarray) -> None:
+        """A step's answered packets into the ``/v1/stats`` window and totals."""
         with self._lock:
-            self._windows.setdefault(model, _Window()).add(time.monotonic(), events, latency)
+            self._windows.setdefault(model, _Window()).add(now, events, latencies)
             self._events_by_model[model] = self._events_by_model.get(model, 0) + events
-            self._packets_by_model[model] = self._packets_by_model.get(model, 0) + 1
+            self._packets_by_model[model] = self._packets_by_model.get(model, 0) + int(latencies.size)
 
     def classified(self, model: str, streams: int, events: int) -> None:
         self.classify_streams.labels(model=model).inc(streams)
@@ -152,10 +274,10 @@ class Metrics:
                     **window.summary(now),
                 }
             # Pooled latency percentiles need the raw samples of every model.
-            lat = [s[2] for w in self._windows.values() for s in w.samples]
+            lat = np.concatenate([w.latencies() for w in self._windows.values()] or [np.zeros(0)])
         p50 = p99 = None
-        if lat:
-            p50, p99 = (round(float(v), 3) for v in np.percentile(np.asarray(lat), [50, 99]) * 1e3)
+        if lat.size:
+            p50, p99 = (round(float(v), 3) for v in np.percentile(lat, [50, 99]) * 1e3)
         return {
             "time": time.time(),
             "window_s": STATS_WINDOW_S,
@@ -167,6 +289,19 @@ class Metrics:
             "latency_p99_ms": p99,
             "models": per_model,
         }
+
+    def record_history(self, sessions_active: dict[str, int]) -> None:
+        """Keep the current :meth:`stats` as the newest sample of the history (the oldest one
+        leaves once ``HISTORY_S`` is covered). Called once per ``HISTORY_INTERVAL_S``."""
+        sample = self.stats(sessions_active)
+        with self._lock:
+            self._history.append(sample)
+
+    def history(self) -> dict:
+        """The ``/v1/stats/history`` body: the recorded samples, oldest first."""
+        with self._lock:
+            samples = list(self._history)
+        return {"interval_s": HISTORY_INTERVAL_S, "window_s": HISTORY_S, "samples": samples}
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

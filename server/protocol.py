@@ -29,12 +29,13 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from evssm.models import native_build
 from evssm.models.events import EventError, SensorSpec, time_gaps, tokenize
 from evssm.models.geometry import Adapter, GeometryError, adapter_for
 # The contract's names, re-exported for the API layer (app, engine, scheduler).
-from evssm.models.wire import (CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_SERVICE_RESTART,  # noqa: F401
-                               CLOSE_TRY_AGAIN_LATER, COLUMN_DTYPES, FRAME_TYPES, MSGPACK,
-                               MSGPACK_TYPES, RECORD_DTYPE, Code)
+from evssm.models.wire import (CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY_VIOLATION,  # noqa: F401
+                               CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER, COLUMN_DTYPES,
+                               FRAME_TYPES, MSGPACK, MSGPACK_TYPES, RECORD_DTYPE, Code)
 
 
 class ProtocolError(Exception):
@@ -45,6 +46,9 @@ class ProtocolError(Exception):
         self.code = code
         self.message = message
         self.seq = seq
+
+    def __reduce__(self) -> tuple[Any, ...]:  # raised in a decode worker process, re-raised here
+        return (ProtocolError, (self.code, self.message, self.seq))
 
 
 # --- frames --------------------------------------------------------------------------------------
@@ -69,7 +73,7 @@ def frame_type(msg: dict[str, Any]) -> str:
     kind = msg.get("type")
     if kind not in FRAME_TYPES:
         raise ProtocolError(Code.UNKNOWN_TYPE,
-                            f"type must be one of {list(FRAME_TYPES)}, got {kind!r}", _seq_or_none(msg))
+                            f"type must be one of {list(FRAME_TYPES)}, got {shorten(kind)}", _seq_or_none(msg))
     return kind
 
 
@@ -80,8 +84,26 @@ def encode_frame(frame: dict[str, Any], binary: bool) -> bytes | str:
     return json.dumps(frame, separators=(",", ":"))
 
 
+MAX_MESSAGE = 400  # characters of an error message: a reply never grows with the bad input
+MAX_ECHO = 60  # characters of a client's value quoted in a message
+
+
+def shorten(value: Any, limit: int = MAX_ECHO) -> str:
+    """``repr(value)`` cut to ``limit`` characters: how an error message quotes a client's value."""
+    if isinstance(value, (str, bytes, bytearray)) and len(value) > 4 * limit:
+        value = value[:4 * limit]  # repr of a huge value is never built
+    elif isinstance(value, (list, tuple, dict)) and len(value) > limit:
+        return f"<{type(value).__name__} of {len(value)} items>"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def cap_message(message: str) -> str:
+    return message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE - 3] + "..."
+
+
 def error_frame(code: Code | str, message: str, seq: int | None = None) -> dict[str, Any]:
-    return {"type": "error", "seq": seq, "code": str(code), "message": message}
+    return {"type": "error", "seq": seq, "code": str(code), "message": cap_message(message)}
 
 
 def _seq_or_none(msg: dict[str, Any]) -> int | None:
@@ -125,7 +147,8 @@ def parse_open(msg: dict[str, Any], default_top_k: int = 3, max_top_k: int = 100
 # --- event columns -------------------------------------------------------------------------------
 @dataclass
 class Events:
-    """Decoded, not yet validated event columns: ``t`` int64 [N]; ``x``, ``y``, ``p`` [N] or None."""
+    """Decoded, not yet validated event columns (views of the frame where it can): ``t`` int64
+    or uint64 [N]; ``x``, ``y``, ``p`` [N] or None."""
 
     t: np.ndarray
     x: np.ndarray
@@ -151,15 +174,15 @@ def _column(name: str, value: Any) -> np.ndarray:
                             f"got {type(value).__name__}")
     if not value:
         return np.zeros(0, np.int64)
+    # Exactly int: numpy would read True as 1 and 2.0 as an integer column; bool is an int subclass.
+    kinds = set(map(type, value))
+    if kinds != {int}:
+        names = sorted(k.__name__ for k in kinds - {int})
+        raise ProtocolError(Code.INVALID_COLUMN, f"column {name} must hold integers only, found {names}")
     try:
-        arr = np.asarray(value)
-    except (OverflowError, ValueError) as e:  # ragged nesting or ints beyond int64
-        raise ProtocolError(Code.INVALID_COLUMN, f"column {name} is not a flat array of integers: {e}")
-    if arr.ndim != 1 or arr.dtype.kind not in "iu":  # floats, strings, bools, nested, None
-        raise ProtocolError(Code.INVALID_COLUMN, f"column {name} must hold integers only")
-    if arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and arr.size and arr.max() > np.iinfo(np.int64).max:
-        raise ProtocolError(Code.INVALID_COLUMN, f"column {name} has values beyond int64")
-    return arr.astype(np.int64, copy=False)
+        return np.asarray(value, dtype=np.int64)
+    except OverflowError:
+        raise ProtocolError(Code.INVALID_COLUMN, f"column {name} has values beyond int64") from None
 
 
 def _records(value: Any, max_events: int | None) -> Events:
@@ -173,9 +196,8 @@ def _records(value: Any, max_events: int | None) -> Events:
     n = len(value) // RECORD_DTYPE.itemsize
     _check_size(n, max_events)
     rec = np.frombuffer(value, dtype=RECORD_DTYPE)
-    if n and rec["t"].max() > np.iinfo(np.int64).max:
-        raise ProtocolError(Code.INVALID_COLUMN, "records: t beyond int64")
-    return Events(t=rec["t"].astype(np.int64), x=rec["x"], y=rec["y"], p=rec["on"])
+    # Views, no copies; t is uint64 here (prepare rejects values beyond int64).
+    return Events(t=rec["t"], x=rec["x"], y=rec["y"], p=rec["on"])
 
 
 def _check_size(n: int, max_events: int | None) -> None:
@@ -247,14 +269,110 @@ def adapt(events: Events, adapter: Adapter | None) -> tuple[Events, int]:
     return Events(t=t, x=x, y=y, p=p), len(events) - int(t.shape[0])
 
 
-def prepare(events: Events, sensor: SensorSpec, last_t: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Validate addresses and timestamps; return ``(tokens int32 [N], gaps int32 [N])``.
+def prepare(events: Events, sensor: SensorSpec, last_t: int | None,
+            tokens: np.ndarray | None = None, gaps: np.ndarray | None = None
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Validate addresses and timestamps and tokenise; return ``(tokens int32 [N], gaps int32
+    [N])``, written into ``tokens``/``gaps`` when given (a staging buffer's region: the packet
+    goes there with no copy in between). With output buffers, and the native kernels' module
+    loaded, one pass over the columns in C does it all (``ingest`` in
+    ``models/kernels/streaming_step.cc``); it refuses what it does not take, and the NumPy
+    reference below (a few whole-column operations) then validates, names the fault, or does
+    the work. ``tests/test_native.py`` holds the two equal.
 
     ``last_t`` is the session's last accepted timestamp (None at a stream's start or after reset).
+    A rejected packet raises before its ``tokens``/``gaps`` are of any use (the caller drops
+    them); nothing else is written.
     """
+    if tokens is not None and gaps is not None:
+        fast = native_build.loaded()  # the native kernels' module, once a model has loaded it
+        if fast is not None:
+            two_d = sensor.kind == "2d"
+            if fast.ingest(events.t, events.x, events.y if two_d else None,
+                           events.p if two_d else None, sensor.width if two_d else sensor.channels,
+                           sensor.height, last_t, tokens, gaps):
+                return tokens, gaps
+            # Invalid, or a column type it does not take: the reference below decides.
+    t = events.t
+    if t.dtype == np.uint64 and t.size and t.max() > np.iinfo(np.int64).max:
+        raise ProtocolError(Code.INVALID_COLUMN, "records: t beyond int64")
     try:
-        tokens = tokenize(sensor, events.x, events.y, events.p)
-        gaps = time_gaps(events.t, last_t)
+        tokens = tokenize(sensor, events.x, events.y, events.p, out=tokens)
+        gaps = time_gaps(t, last_t, out=gaps)
     except EventError as e:
         raise ProtocolError(e.code, e.message) from None
     return tokens, gaps
+
+
+# --- classify bodies -------------------------------------------------------------------------------
+@dataclass
+class ClassifyRequest:
+    """A decoded, validated classify body: ``tokens``/``gaps`` int32 [n_i] per stream."""
+
+    model: str
+    top_k: int
+    tokens: list[np.ndarray]
+    gaps: list[np.ndarray]
+    last_t: list[int | None]
+    events: int  # events decoded (before a declared crop)
+    cropped: list[int | None]  # per stream: events its declared crop removed (None: nothing declared)
+
+
+@dataclass(frozen=True)
+class ClassifyLimits:
+    max_streams: int
+    max_events: int
+    default_top_k: int
+
+
+def parse_classify(body: bytes, is_msgpack: bool, sensors: dict[str, SensorSpec], default_model: str | None,
+                   limits: ClassifyLimits) -> ClassifyRequest:
+    """Decode and validate a ``POST /v1/classify`` body. Raises :class:`ProtocolError`, whose
+    message names the stream at fault. Pure (big bodies are parsed in a worker process)."""
+    try:
+        data = msgpack.unpackb(body, raw=False) if is_msgpack else json.loads(body)
+    except Exception as e:
+        raise ProtocolError(Code.MALFORMED_FRAME,
+                            f"body is not valid {'msgpack' if is_msgpack else 'JSON'}: {e}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(Code.MALFORMED_FRAME, "body must be a map with a 'streams' array")
+    model = data.get("model", None)
+    if model is None:
+        model = default_model
+    elif not isinstance(model, str):
+        raise ProtocolError(Code.INVALID_FIELD, f"model must be a string, got {type(model).__name__}")
+    if model not in sensors:
+        raise ProtocolError(Code.UNKNOWN_MODEL, f"unknown model {shorten(model)}; served: {sorted(sensors)}")
+    streams = data.get("streams")
+    if not isinstance(streams, list):
+        raise ProtocolError(Code.INVALID_FIELD, "streams must be an array of {t, x, y?, p?} maps")
+    if len(streams) > limits.max_streams:
+        raise ProtocolError(Code.REQUEST_TOO_LARGE,
+                            f"{len(streams)} streams, more than the limit of {limits.max_streams}")
+    top_k = data.get("top_k", limits.default_top_k)
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 0 <= top_k <= 1000:
+        raise ProtocolError(Code.INVALID_FIELD, "top_k must be an integer in 0..1000")
+    sensor = sensors[model]
+    req = ClassifyRequest(model=model, top_k=top_k, tokens=[], gaps=[], last_t=[], events=0, cropped=[])
+    for i, stream in enumerate(streams):
+        try:
+            if not isinstance(stream, dict):
+                raise ProtocolError(Code.INVALID_FIELD, "a stream must be a map of columns")
+            # A stream's own sensor/transform override the request's.
+            declared = {k: stream[k] if k in stream else data.get(k) for k in ("sensor", "transform")}
+            geometry = parse_geometry(declared, sensor)
+            events = decode_events(stream, sensor if geometry is None else geometry.source,
+                                   limits.max_events)
+            req.events += len(events)
+            if req.events > limits.max_events:
+                raise ProtocolError(Code.REQUEST_TOO_LARGE,
+                                    f"more than {limits.max_events} events in one request")
+            events, removed = adapt(events, geometry)
+            tok, gap = prepare(events, sensor, None)
+        except ProtocolError as e:
+            raise ProtocolError(e.code, f"streams[{i}]: {e.message}") from None
+        req.tokens.append(tok)
+        req.gaps.append(gap)
+        req.last_t.append(int(events.t[-1]) if len(events) else None)
+        req.cropped.append(None if geometry is None else removed)
+    return req

@@ -6,8 +6,12 @@ buckets (every call is padded to a compiled ``(batch, length)`` shape, so steady
 compiles), the offline classify path, softmax, and a count of XLA compilations attributed to the
 model. Inputs and outputs are NumPy; nothing here knows about sessions or sockets.
 
-Threads: each runner owns one *step* thread (the only one that touches the state pool) and one
-*classify* thread, so a large HTTP classification never holds up streaming steps.
+Steps come as plain :class:`~evssm.server.plan.StepPlan` data and go back as one
+:class:`~evssm.server.plan.StepResult` per step (probabilities, readiness and class order for the
+whole batch, computed once; copies of the rows the plan asked for, for snapshots). Threads: the
+scheduler's step thread is the only one that calls :meth:`ModelRunner.run` (and so touches the
+state pool: rows are zeroed, written, stepped and read there only); one *classify* thread runs
+:meth:`ModelRunner.classify`, so a large HTTP classification never holds up streaming steps.
 """
 
 from __future__ import annotations
@@ -23,10 +27,10 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
-from evssm.models.evaluate import softmax
 from evssm.models.events import PAD_TOKEN, SensorSpec
-from evssm.models.streaming import StreamingModel, load_model
+from evssm.models.streaming import StreamingModel, load_model, softmax
 
+from .plan import StepPlan, StepResult
 from .snapshots import weights_fingerprint
 
 log = logging.getLogger("evssm.server.runner")
@@ -63,8 +67,8 @@ def bucket(value: int, buckets: tuple[int, ...]) -> int:
 
 class ModelRunner:
     """One served model: state pool, buckets, steps, classification (all blocking calls; run
-    ``step``/``zero``/``warmup`` on :attr:`executor` and ``classify`` on
-    :attr:`classify_executor`)."""
+    ``run`` on one thread at a time (the scheduler's step thread; ``warmup`` before it starts)
+    and ``classify`` on :attr:`classify_executor`)."""
 
     def __init__(self, name: str, model: StreamingModel, *, num_slots: int,
                  batch_buckets: tuple[int, ...], length_buckets: tuple[int, ...],
@@ -93,13 +97,12 @@ class ModelRunner:
         self.classify_max_length = lengths[-1]
         self.on_compile = on_compile
         self.compilations = 0
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"evssm-step-{name}")
         self.classify_executor = ThreadPoolExecutor(1, thread_name_prefix=f"evssm-classify-{name}")
         with self._attributed():
             self.pool = model.init_state(num_slots)  # the sessions' states: row = slot
-        self.warm = False
+        self.words = int(model.layout.words)  # int32 words of one state row
         config = {k: v for k, v in self.config.to_dict().items() if k != "name"}
-        self.fingerprint = weights_fingerprint(
+        self.fingerprint = weights_fingerprint(  # a snapshot's row means the same only under these
             ((jax.tree_util.keystr(path), np.asarray(leaf))
              for path, leaf in jax.tree_util.tree_leaves_with_path(model.variables)), config)
 
@@ -139,9 +142,8 @@ class ModelRunner:
                 pad = np.full(b, self.num_slots, np.int32)
                 self.pool = self.model.zero_slots(self.pool, pad)
                 self.model.read_slots(self.pool, pad)
-                self.pool = self.model.write_slots(self.pool, pad, np.zeros((b, self.model.layout.words), np.int32))
+                self.pool = self.model.write_slots(self.pool, pad, np.zeros((b, self.words), np.int32))
             jax.block_until_ready(self.pool)
-        self.warm = True
         return time.perf_counter() - t0
 
     # --- streaming (step thread) ---------------------------------------------------------------
@@ -158,56 +160,79 @@ class ModelRunner:
             lengths[i] = n
         return tok, gap, lengths
 
-    def step(self, slots: np.ndarray, tokens: list[np.ndarray], gaps: list[np.ndarray]
-             ) -> tuple[np.ndarray, np.ndarray]:
-        """Advance rows ``slots`` int32 [B] by one chunk each (``tokens[i]``, ``gaps[i]`` int32,
-        at most :attr:`max_length` events). Returns probs float32 [B, C], ready bool [B]."""
-        B = len(slots)
-        Bb = bucket(B, self.batch_buckets)
-        L = bucket(max(1, max(t.shape[0] for t in tokens)), self.length_buckets)
-        slot_arr = np.full(Bb, self.num_slots, np.int32)  # padding rows: out of range
-        slot_arr[:B] = slots
-        tok, gap, lengths = self._pad(tokens, gaps, Bb, L)
+    def run(self, plan: StepPlan) -> StepResult:
+        """Zero ``plan.zero``, write ``plan.write_rows`` into ``plan.write_slots``, advance
+        ``plan.slots`` by their ragged rows of the staging buffers, then copy ``plan.read`` out.
+        The native step reads the rows in place; XLA's pads them once into the smallest compiled
+        (batch, length) bucket. Softmax and the class order run once for the batch."""
+        if plan.zero.size:
+            self.zero(plan.zero)
+        if plan.write_slots.size:
+            self.write_rows(plan.write_slots, plan.write_rows)
+        started = time.perf_counter()
+        probs, ready, order = self._step(plan)
+        seconds = time.perf_counter() - started
+        rows = self.read_rows(plan.read) if plan.read.size else np.zeros((0, self.words), np.int32)
+        return StepResult(probs, ready, order, started, seconds, rows)
+
+    def _step(self, plan: StepPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Probs float32 [B, C], ready bool [B] and order int32 [B, C] of the plan's step."""
+        batch = len(plan.slots)
+        if batch == 0:
+            empty = np.zeros((0, self.num_classes), np.float32)
+            return empty, np.zeros(0, bool), empty.astype(np.int32)
+        shape = None
+        if self.model.native is None:
+            longest = max(1, int(plan.lengths.max()))
+            shape = (bucket(batch, self.batch_buckets), bucket(longest, self.length_buckets))
         with self._attributed():
-            self.pool, logits, ready = self.model.step_slots(self.pool, slot_arr, tok, gap, lengths)
-            logits = np.asarray(logits)[:B]
-            ready = np.asarray(ready)[:B]
-        return softmax(logits), ready
+            self.pool, logits, ready = self.model.step_slots_ragged(
+                self.pool, plan.slots, plan.tokens, plan.gaps, plan.starts, plan.lengths, shape)
+            logits = np.asarray(logits)[:batch]
+            ready = np.asarray(ready)[:batch]
+        probs = softmax(logits)
+        order = np.argsort(-probs, axis=1, kind="stable").astype(np.int32)
+        return probs, ready, order
+
+    def prime(self) -> None:
+        """A step is coming: wake the native step's helper threads now (no-op for XLA), so that
+        their wake-up overlaps the packet's ingest instead of delaying the step. Cheap; safe from
+        any thread."""
+        if self.model.native is not None:
+            self.model.native.prime()
 
     def zero(self, slots: np.ndarray) -> None:
         """Zero rows ``slots`` int32 [K] (in groups of at most the largest batch bucket)."""
         with self._attributed():
             for i in range(0, len(slots), self.max_batch):
-                part = slots[i:i + self.max_batch]
-                pad = np.full(bucket(len(part), self.batch_buckets), self.num_slots, np.int32)
-                pad[:len(part)] = part
-                self.pool = self.model.zero_slots(self.pool, pad)
+                self.pool = self.model.zero_slots(self.pool, self._padded(slots[i:i + self.max_batch]))
             jax.block_until_ready(self.pool)
+
+    def _padded(self, part: np.ndarray) -> np.ndarray:
+        """Slots ``part`` int32 [k] padded with the pool size to the smallest batch bucket."""
+        pad = np.full(bucket(len(part), self.batch_buckets), self.num_slots, np.int32)
+        pad[:len(part)] = part
+        return pad
 
     def read_rows(self, slots: np.ndarray) -> np.ndarray:
         """A copy of state rows ``slots`` int32 [K]: int32 [K, words] (step thread, between
         steps; in groups of at most the largest batch bucket, so no new shape compiles)."""
-        out = np.empty((len(slots), self.model.layout.words), np.int32)
+        out = np.empty((len(slots), self.words), np.int32)
         with self._attributed():
             for i in range(0, len(slots), self.max_batch):
                 part = slots[i:i + self.max_batch]
-                pad = np.full(bucket(len(part), self.batch_buckets), self.num_slots, np.int32)
-                pad[:len(part)] = part
-                out[i:i + len(part)] = self.model.read_slots(self.pool, pad)[:len(part)]
+                out[i:i + len(part)] = self.model.read_slots(self.pool, self._padded(part))[:len(part)]
         return out
 
     def write_rows(self, slots: np.ndarray, rows: np.ndarray) -> None:
         """Set state rows ``slots`` int32 [K] to ``rows`` int32 [K, words] (step thread)."""
-        if rows.shape != (len(slots), self.model.layout.words):
-            raise ValueError(f"rows of shape {rows.shape}; the pool's rows are "
-                             f"{self.model.layout.words} words")
+        if rows.shape != (len(slots), self.words):
+            raise ValueError(f"rows of shape {rows.shape}; the pool's rows are {self.words} words")
         with self._attributed():
             for i in range(0, len(slots), self.max_batch):
                 part = slots[i:i + self.max_batch]
-                b = bucket(len(part), self.batch_buckets)
-                pad = np.full(b, self.num_slots, np.int32)
-                pad[:len(part)] = part
-                block = np.zeros((b, rows.shape[1]), np.int32)
+                pad = self._padded(part)
+                block = np.zeros((len(pad), self.words), np.int32)
                 block[:len(part)] = rows[i:i + len(part)]
                 self.pool = self.model.write_slots(self.pool, pad, block)
             jax.block_until_ready(self.pool)
@@ -286,7 +311,6 @@ class ModelRunner:
         return softmax(logits_out), ready_out
 
     def close(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
         self.classify_executor.shutdown(wait=False, cancel_futures=True)
 
 

@@ -1,8 +1,8 @@
 """Sessions and their device slots (no JAX).
 
 A session is one client's stream: a row (*slot*) of its model's state pool on the device, host-side
-metadata (last accepted timestamp, events accepted, last probabilities) and a queue of work items
-that the scheduler runs strictly in order.
+metadata (last accepted timestamp, events accepted) and a queue of work items (kept by the
+scheduler) that runs strictly in order.
 
 Slot lifecycle, the invariants the engine relies on:
 
@@ -11,13 +11,12 @@ Slot lifecycle, the invariants the engine relies on:
 - a slot is freed exactly once, by its owner, and only when the owner has no queued or running
   work (``SlotPool.free`` raises on a double or foreign free);
 - a freed slot is *dirty* until zeroed: a session that receives a dirty slot starts with a
-  ``Zero`` item, so the device zeroes the row before the session's first step (a session restored
+  ``Reset`` item, so the device zeroes the row before the session's first step (a session restored
   from a snapshot starts with a ``Restore`` item instead, which overwrites the whole row).
 """
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import time
 from collections import deque
@@ -39,10 +38,6 @@ class SlotPool:
         self._free: deque[int] = deque(range(n))  # FIFO: a freed row rests before reuse
         self._owner: dict[int, str] = {}
         self._dirty: set[int] = set()
-
-    @property
-    def used(self) -> int:
-        return len(self._owner)
 
     def allocate(self, owner: str) -> tuple[int, bool]:
         """A free slot for ``owner`` and whether it must be zeroed before use."""
@@ -68,62 +63,75 @@ class SlotPool:
     def is_dirty(self, slot: int) -> bool:
         return slot in self._dirty
 
-    def owner(self, slot: int) -> str | None:
-        return self._owner.get(slot)
-
 
 # --- work items ----------------------------------------------------------------------------------
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Packet:
-    """A validated events packet. ``tokens``/``gaps`` int32 [N]; stepped in chunks of at most
-    the largest length bucket (``offset`` events done)."""
+    """An accepted events packet: its tokens and gaps lie in the model's staging buffer at
+    ``start .. start + size`` (``region`` holds them there until the packet is stepped; None for an
+    empty packet). Written by the API layer when accepted; the scheduler only reads it.
+    ``reply`` is the API layer's handle for the answer (opaque to the scheduler)."""
 
     seq: int | None
-    tokens: np.ndarray
-    gaps: np.ndarray
+    region: Any  # staging.Region | None
+    start: int
+    size: int
     events_after: int  # the session's event count once this packet is in
     last_t: int | None  # the session's last timestamp once this packet is in
     received: float  # perf_counter() when its frame arrived
-    reply: asyncio.Future | None
-    cropped_after: int = 0  # the session's cropped count once this packet is in
-    enqueued: float = 0.0
-    offset: int = 0
-    started: bool = False
-
-    @property
-    def size(self) -> int:
-        return int(self.tokens.shape[0])
+    reply: Any
+    cropped_after: int | None = None  # the session's cropped count once this packet is in (None:
+    # no source sensor declared)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Reset:
     """Zero the session's state (``reply`` None: the internal zeroing of a dirty slot)."""
 
-    reply: asyncio.Future | None
-    received: float = 0.0
+    reply: Any
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Close:
-    """End the session once everything before it is answered."""
+    """End the session once everything before it is answered (``events``: the count it ends on)."""
 
-    reply: asyncio.Future | None
+    reply: Any
+    events: int
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Restore:
     """Write a snapshot's state row into the session's slot (the first item of a session restored
-    from a snapshot). ``row`` int32 [words]; ``probs`` float32 [C] or None; ``events``/``last_t``
-    what the row covers."""
+    from a snapshot). ``row`` int32 [words]; ``probs`` float32 [C] or None (no complete final-rate
+    window yet); ``events``/``last_t``/``cropped``: what the row covers."""
 
     row: np.ndarray
     events: int
     last_t: int | None
     probs: np.ndarray | None
     cropped: int = 0
+    reply: Any = None  # never answered: the API layer answers the resume itself
 
 
 Item = Packet | Reset | Close | Restore
+
+
+@dataclass(frozen=True, slots=True)
+class Captured:
+    """What a snapshot of a session holds besides its state row, taken by the scheduler when the
+    row was read: the state after ``events`` events (``cropped`` more removed by a declared crop;
+    ``last_t`` the last one's timestamp) of the session's ``epoch``-th stream (resets so far),
+    ``version`` (changes of the row so far), ``probs`` float32 [C] or None, and the session's
+    ``last_active`` then."""
+
+    session: "Session"
+    version: int
+    epoch: int
+    active: float
+    events: int
+    last_t: int | None
+    cropped: int
+    probs: np.ndarray | None
 
 
 class Attachment(Protocol):
@@ -136,57 +144,34 @@ class Attachment(Protocol):
 
 @dataclass(eq=False)
 class Session:
+    """One client's stream, as the API layer sees it. Every field here is written by the API
+    layer (and the engine's eviction) only; the scheduler keeps the session's work queue and its
+    model's per-slot arrays (probabilities, readiness) itself, keyed by ``slot``."""
+
     id: str
     token: str  # the resume secret; never shown to anyone but the session's client
     model: str
     slot: int
     top_k: int
-    queue: deque[Item] = field(default_factory=deque)
-    in_step: bool = False  # a chunk of the head packet is in the running step
-    queued: bool = False  # in the scheduler's ready queue
+    dirty: bool = False  # its slot must be zeroed before its first step (the scheduler does)
     events: int = 0  # events accepted (validated, queued or done)
     last_t: int | None = None  # timestamp of the last accepted event
-    probs: np.ndarray | None = None  # after the last *processed* packet (None: no prediction yet)
-    done_events: int = 0  # events processed
-    done_t: int | None = None
     attachment: Attachment | None = None
     last_active: float = field(default_factory=time.monotonic)
-    closing: bool = False  # close requested or evicted: no new items
-    released: bool = False
+    closing: bool = False  # close requested, evicted or failed: no new items
+    released: bool = False  # written by SessionTable.release only
     geometry: Any = None  # the declared source's adapter (evssm.models.geometry.Adapter) or None
     cropped: int = 0  # events the declared crop removed since the session's start or last reset
-    # Snapshots (durability.py). ``version`` counts changes of the row and the done_* fields (a
-    # processed packet, a reset, a restore); ``epoch`` counts resets applied; ``durable`` is the
-    # event count of the current epoch covered by the last completed snapshot write (None: this
-    # server keeps no snapshots). ``snap_version``/``snap_active``: what that write covered.
-    version: int = 0
-    epoch: int = 0
-    durable: int | None = None
-    snap_version: int = -1
-    snap_active: float = 0.0
-    done_cropped: int = 0  # ``cropped`` once the processed packets are in (what a snapshot covers)
-
-    @property
-    def idle(self) -> bool:
-        """No queued or running work."""
-        return not self.queue and not self.in_step
-
-    @property
-    def settled(self) -> bool:
-        """The slot's row is exactly the state after ``done_events``: no device call of this
-        session is running or awaiting its results, no packet is half stepped, and no restore is
-        pending. Only then may the row be read for a snapshot (on the step thread, whose FIFO
-        order puts the read before any step planned later)."""
-        if self.in_step:
-            return False
-        if not self.queue:
-            return True
-        head = self.queue[0]
-        return not (isinstance(head, Restore) or (isinstance(head, Packet) and head.started))
+    owner: str | None = None  # who holds it, for per-client caps: API key id or client address
+    key_id: str | None = None  # the API key that opened it; only that key may resume it
 
 
 class ServerFull(Exception):
     pass
+
+
+class ClientFull(ServerFull):
+    """One client (API key, or address without keys) holds its maximum of sessions."""
 
 
 class SessionTable:
@@ -197,12 +182,10 @@ class SessionTable:
         self.pools = {name: SlotPool(n) for name, n in slots_per_model.items()}
         self.sessions: dict[str, Session] = {}
         self._by_token: dict[str, Session] = {}
+        self._by_owner: dict[str, int] = {}  # live sessions per owner
 
     def __len__(self) -> int:
         return len(self.sessions)
-
-    def count(self, model: str) -> int:
-        return sum(1 for s in self.sessions.values() if s.model == model)
 
     def counts(self) -> dict[str, int]:
         out = {name: 0 for name in self.pools}
@@ -210,37 +193,43 @@ class SessionTable:
             out[s.model] += 1
         return out
 
-    def open(self, model: str, top_k: int) -> Session:
-        """A new session with a slot; raises :class:`ServerFull` at ``max_sessions``.
+    def open(self, model: str, top_k: int, *, owner: str | None = None, owner_limit: int | None = None,
+             key_id: str | None = None) -> Session:
+        """A new session with a slot; raises :class:`ServerFull` at ``max_sessions`` and
+        :class:`ClientFull` when ``owner`` holds ``owner_limit`` sessions already.
 
-        When the slot is dirty, the session's first item zeroes it.
+        When the slot is dirty (``session.dirty``), the scheduler zeroes it before the session's
+        first step.
         """
+        return self._add(model, top_k, secrets.token_hex(8), secrets.token_urlsafe(24), owner=owner,
+                         owner_limit=owner_limit, key_id=key_id, restored=False)
+
+    def restore(self, model: str, top_k: int, sid: str, token: str, *, owner: str | None = None,
+                owner_limit: int | None = None, key_id: str | None = None) -> Session:
+        """A session restored from a snapshot: the same id (unless a live session has it) and
+        token, a slot that is never marked dirty (its ``Restore`` item writes the whole row); the
+        same limits and errors as :meth:`open`."""
+        return self._add(model, top_k, sid, token, owner=owner, owner_limit=owner_limit, key_id=key_id,
+                         restored=True)
+
+    def _add(self, model: str, top_k: int, sid: str, token: str, *, owner: str | None,
+             owner_limit: int | None, key_id: str | None, restored: bool) -> Session:
         pool = self.pools[model]
         if len(self.sessions) >= self.max_sessions or not pool._free:
             raise ServerFull(f"the server holds its maximum of {self.max_sessions} sessions")
-        sid = secrets.token_hex(8)
+        if owner is not None and owner_limit is not None and self._by_owner.get(owner, 0) >= owner_limit:
+            raise ClientFull(f"this client holds its maximum of {owner_limit} sessions")
+        if token in self._by_token:
+            raise SlotError("a live session holds this token already")
         while sid in self.sessions:
             sid = secrets.token_hex(8)
         slot, dirty = pool.allocate(sid)
-        session = Session(id=sid, token=secrets.token_urlsafe(24), model=model, slot=slot, top_k=top_k)
-        if dirty:
-            session.queue.append(Reset(reply=None))
+        session = Session(id=sid, token=token, model=model, slot=slot, top_k=top_k,
+                          dirty=dirty and not restored, owner=owner, key_id=key_id)
+        if owner is not None:
+            self._by_owner[owner] = self._by_owner.get(owner, 0) + 1
         self.sessions[sid] = session
         self._by_token[session.token] = session
-        return session
-
-    def restore(self, model: str, top_k: int, sid: str, token: str) -> Session:
-        """A session restored from a snapshot: the same id (unless a live session has it) and
-        token, a slot (dirty or not: the restore writes the whole row); raises ServerFull."""
-        pool = self.pools[model]
-        if len(self.sessions) >= self.max_sessions or not pool._free:
-            raise ServerFull(f"the server holds its maximum of {self.max_sessions} sessions")
-        while sid in self.sessions:
-            sid = secrets.token_hex(8)
-        slot, _ = pool.allocate(sid)
-        session = Session(id=sid, token=token, model=model, slot=slot, top_k=top_k)
-        self.sessions[sid] = session
-        self._by_token[token] = session
         return session
 
     def knows(self, token: str) -> bool:
@@ -254,11 +243,12 @@ class SessionTable:
         # Constant-time compare: the dict lookup found it, the compare guards against misuse.
         return session if secrets.compare_digest(session.token, token) else None
 
-    def release(self, session: Session) -> None:
-        """Free the session's slot and forget it. Exactly once; only when it has no work."""
+    def release(self, session: Session, idle: bool) -> None:
+        """Free the session's slot and forget it. Exactly once; only when it has no work
+        (``idle``: the scheduler says none is queued or running)."""
         if session.released:
             raise SlotError(f"session {session.id} released twice")
-        if not session.idle:
+        if not idle:
             raise SlotError(f"session {session.id} released with work queued or running")
         self.pools[session.model].free(session.slot, session.id)
         session.released = True
@@ -266,3 +256,7 @@ class SessionTable:
         session.attachment = None
         self.sessions.pop(session.id, None)
         self._by_token.pop(session.token, None)
+        if session.owner is not None:
+            left = self._by_owner.pop(session.owner, 1) - 1
+            if left:
+                self._by_owner[session.owner] = left

@@ -2,8 +2,9 @@
 
 A snapshot holds what a session needs to go on after its server is gone: the packed state row,
 the event count and last timestamp the row covers, the last probabilities (so that an empty packet
-is answered at once), top-k, the model's name and a fingerprint of the model's weights (a row is
-meaningless under other weights). Nothing here knows of sessions, slots or the scheduler; the
+is answered at once), top-k, the declared source sensor and the count its crop removed, the id of
+the API key that opened the session (only that key may resume it; never the key itself), the
+model's name and a fingerprint of the model's weights (a row is meaningless under other weights). Nothing here knows of sessions, slots or the scheduler; the
 engine's glue is :mod:`evssm.server.durability`.
 
 **Keys.** A snapshot is stored under the SHA-256 of the session's resume token, never the token:
@@ -99,6 +100,7 @@ class SnapshotRecord:
     top_k: int
     cropped: int = 0  # events of the stream a declared crop removed (not in ``events``)
     geometry: dict[str, Any] | None = None  # the declared source: {"sensor", "transform"}
+    key_id: str | None = None  # the id of the API key that opened the session (None: no keys)
     written: float = field(default_factory=time.time)  # Unix time
 
 
@@ -109,7 +111,8 @@ def encode(rec: SnapshotRecord) -> bytes:
         "row": np.ascontiguousarray(rec.row, "<i4").tobytes(), "events": rec.events,
         "last_t": rec.last_t,
         "probs": None if rec.probs is None else np.ascontiguousarray(rec.probs, "<f4").tobytes(),
-        "top_k": rec.top_k, "cropped": rec.cropped, "geometry": rec.geometry, "written": rec.written,
+        "top_k": rec.top_k, "cropped": rec.cropped, "geometry": rec.geometry, "key_id": rec.key_id,
+        "written": rec.written,
     })
     return msgpack.packb([MAGIC, VERSION, zlib.crc32(body), body])
 
@@ -136,7 +139,8 @@ def decode(data: bytes) -> SnapshotRecord:
             events=int(d["events"]), last_t=None if d["last_t"] is None else int(d["last_t"]),
             probs=None if probs is None else np.frombuffer(probs, "<f4").astype(np.float32),
             top_k=int(d["top_k"]), cropped=int(d["cropped"]),
-            geometry=None if d["geometry"] is None else dict(d["geometry"]), written=float(d["written"]))
+            geometry=None if d["geometry"] is None else dict(d["geometry"]),
+            key_id=None if d.get("key_id") is None else str(d["key_id"]), written=float(d["written"]))
     except Exception as e:
         raise CorruptSnapshot(f"malformed snapshot body ({type(e).__name__}: {e})") from None
     if rec.events < 0 or rec.cropped < 0 or rec.row.size == 0:

@@ -297,3 +297,21 @@ def test_bench_serve_against_the_server(server: dict[str, Any], capsys: Any) -> 
     assert report["events"]["answered"] == report["events"]["sent"] > 0
     assert report["latency_ms"]["p99"] is not None
     assert report["sessions"]["share_real_time"] is not None
+
+
+def test_bench_serve_spreads_sessions_over_worker_processes(server: dict[str, Any],
+                                                            capsys: Any) -> None:
+    """--workers 2: the sessions run in two load-generator processes; one report, every
+    session's figures in it, and each process's CPU share."""
+    from evssm.cli import main
+
+    assert main(["bench", "serve", "--url", server["ws"], "--sessions", "4", "--rate", "2000",
+                 "--duration", "2", "--packet-events", "128", "--workers", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["sessions"]["opened"] == 4 and report["errors"] == {}
+    assert report["config"]["workers"] == 2
+    assert report["events"]["answered"] == report["events"]["sent"] > 0
+    assert report["achieved_events_per_s_per_session"]["min"] > 0  # all four streamed
+    shares = report["client_cpu_share_per_worker"]
+    assert len(shares) == 2 and all(0 < c < 2 for c in shares)
+    assert report["client_cpu_share"] == pytest.approx(sum(shares), abs=0.01)

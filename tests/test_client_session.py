@@ -1,6 +1,6 @@
 """Streaming sessions, the stream/bench commands and error typing against an in-test fake server.
 
-The fake speaks the WebSocket contract (DESIGN section 4) with a toy model whose answer depends on
+The fake speaks the WebSocket contract (docs/protocol.md) with a toy model whose answer depends on
 every event seen (a class histogram), so a packet processed twice or skipped changes the answer.
 It can drop the connection before or after processing a chosen packet, as a flaky network would,
 and, with ``snapshot_every``, keep session snapshots and "restart" (forget every live session and

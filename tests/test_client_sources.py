@@ -86,8 +86,12 @@ def test_bad_files_raise_source_error(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="N x 4"):
         load_file(tmp_path / "bad.npy")
     np.savez(tmp_path / "bad.npz", a=np.zeros(3))
-    with pytest.raises(SourceError, match="no t/x"):
+    with pytest.raises(SourceError, match=r"expected arrays t \(microseconds\), x, .* y, p.*found arrays a"):
         load_file(tmp_path / "bad.npz")
+    # An N x 4 array in another column order (t, x, y, p) is named as such, not misread.
+    np.save(tmp_path / "order.npy", np.array([[0, 3, 5, 1], [150, 17, 5, 0], [420, 30, 9, 1]]))
+    with pytest.raises(SourceError, match=r"columns x, y, p, t .* x outside 0\.\.127, p outside"):
+        load_file(tmp_path / "order.npy")
     with pytest.raises(SourceError, match="no such file"):
         load_file(tmp_path / "missing.npy")
     (tmp_path / "x.txt").write_text("hi")
@@ -353,6 +357,8 @@ def test_sim_spec() -> None:
     sample = open_source("sim:rate=2000,duration=1,label=1,classes=3",
                          sensor=SensorSpec.two_d(16, 16))
     assert isinstance(sample, Sample) and sample.label == 1
+    # The label is a movement pattern, not a class of any model: no correctness is judged.
+    assert sample.synthetic and sample.is_correct(1) is None and sample.label_name(("a", "b")) is None
     assert sample.sensor == SensorSpec.two_d(16, 16) and 1800 < len(sample.recording) < 2200
 
 

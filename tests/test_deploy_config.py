@@ -170,6 +170,8 @@ def test_dependency_layer_lists_the_server_requirements():
             expected.add(name)
     assert names == expected
     assert {"jax", "fastapi", "uvicorn", "prometheus-client"} <= names
+    # The image serves: no trainer, data-set or plotting libraries.
+    assert not {"optax", "mlxtend", "tensorboardx", "h5py", "tqdm"} & names
 
 
 class DockerIgnore:

@@ -322,6 +322,27 @@ def test_live_page_shows_throughput_in_headless_chromium(server, tmp_path):
     assert not load.errors, load.errors
 
 
+def test_live_page_draws_the_recent_past_at_once(server):
+    """Opened after the traffic of the test above, the page's charts hold the server's last
+    minutes from /v1/stats/history before its own polls could draw a line."""
+    require_tool("chromium", "chromium")
+    headless = _load_module("evssm_deploy_headless", ROOT / "deploy" / "tools" / "headless.py")
+    with Load(server.ws, sessions=1, packet=256, rate=4000, max_seconds=60) as load:
+        load.wait_for_events(1024)
+    time.sleep(2)  # a few history samples with traffic in them
+    with headless.Chromium(width=1400, height=900) as browser:
+        browser.navigate(server.http + "/dashboard?window=15&interval=60000")  # one poll a minute
+        browser.wait_for("window.evssmDashboard.polls >= 1", timeout=60)
+        assert browser.evaluate("window.evssmDashboard.polls") == 1
+        assert browser.evaluate("window.evssmDashboard.history") >= 3
+        # One live sample cannot draw a line: the line on the events/s chart is the history.
+        assert browser.evaluate(COUNT_PIXELS_JS % ("chart-eps", "[87, 148, 242]")) > 50, \
+            "the events/s chart drew no history"
+        exceptions = [line for line in browser.console if line.startswith("exception")]
+        assert not exceptions, exceptions
+    assert not load.errors, load.errors
+
+
 # --- Prometheus with the project's scrape config, every dashboard query --------------------------
 def test_config_for(server_port: int, prometheus_port: int) -> dict[str, Any]:
     """The project's Prometheus config with only targets and intervals changed for the test."""

@@ -26,7 +26,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from evssm.client import AsyncStreamSession, SessionExpired, SimulatedSensor, classify, packetize
-from evssm.models.evaluate import softmax
+from evssm.models.streaming import softmax
 from evssm.models.events import Recording, SensorSpec, time_gaps, tokenize
 from evssm.server.app import create_app
 from evssm.server.settings import Settings

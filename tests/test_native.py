@@ -137,6 +137,35 @@ def test_slots_and_backend_switch_mid_stream() -> None:
     assert_logits_close(l_a, l_b, np.asarray(r_a) & (slots < 6))
 
 
+def test_ragged_rows_equal_padded_rows() -> None:
+    """Packets as ragged rows of one flat buffer (in any order, with unused events between
+    them, as the server's staging buffer holds them) step exactly as the same packets padded,
+    on both backends."""
+    config = load_model_config("tiny", VARIANTS["async-timepool-timepool-conj"])
+    fast, ref = both_backends(config)
+    rng = np.random.default_rng(12)
+    slots = np.array([3, 0, 5], np.int32)
+    for model in (fast, ref):
+        padded, ragged = model.init_state(6), model.init_state(6)
+        for _ in range(3):
+            tokens, gaps, lengths = random_packets(rng, config, 3, 40)
+            flat_t = rng.integers(0, config.num_embeddings, 500).astype(np.int32)
+            flat_g = rng.integers(0, 80, 500).astype(np.int32)
+            starts = np.array([300, 7, 120], np.int64)
+            for b in range(3):
+                flat_t[starts[b]:starts[b] + lengths[b]] = tokens[b, :lengths[b]]
+                flat_g[starts[b]:starts[b] + lengths[b]] = gaps[b, :lengths[b]]
+            padded, l_pad, r_pad = model.step_slots(padded, slots, tokens, gaps, lengths)
+            ragged, l_rag, r_rag = model.step_slots_ragged(ragged, slots, flat_t, flat_g, starts,
+                                                           lengths, shape=(4, 40))
+            np.testing.assert_array_equal(np.asarray(r_rag)[:3], np.asarray(r_pad))
+            np.testing.assert_array_equal(np.asarray(l_rag)[:3], np.asarray(l_pad))
+        np.testing.assert_array_equal(np.asarray(ragged), np.asarray(padded))
+    with pytest.raises(ValueError, match="outside the 500 events"):
+        fast.step_slots_ragged(fast.init_state(6), slots, flat_t, flat_g,
+                               np.array([0, 0, 490], np.int64), np.full(3, 20, np.int32))
+
+
 def test_thread_count_does_not_change_results(tmp_path) -> None:
     """One thread and two give the same logits bit for bit (threads split whole sessions or
     whole columns, never a sum)."""

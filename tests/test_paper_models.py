@@ -234,6 +234,8 @@ def test_server_classify_and_stream_match_the_reference(name: str, models, serve
         info = listed[model_name]
         assert info["backend"] == model.backend and info["trained"]
         assert info["origin"]["step"] == 0 and info["config_name"] == config.name
+        assert len(info["origin"]["model_yaml_sha256"]) == 64
+        assert not {"checkpoint", "model_yaml"} & set(info["origin"])  # no paths on the server
         assert info["lookahead_events"] == 1
         for i, result in enumerate(classify(server.http, recordings, model=model_name)):
             assert result.events == len(recordings[i])

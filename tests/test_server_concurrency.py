@@ -60,6 +60,9 @@ async def stream(ws_base: str, model: str, rec: dict[str, np.ndarray],
             last = msgpack.unpackb(await asyncio.wait_for(ws.recv(), 120))
             assert last["type"] == "result", last
         assert last["events"] == n
+        await ws.send(msgpack.packb({"type": "close"}))  # free the session (per-client caps)
+        closed = msgpack.unpackb(await asyncio.wait_for(ws.recv(), 60))
+        assert closed["type"] == "closed", closed
         return last["probs"]
 
 

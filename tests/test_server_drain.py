@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 
 import httpx
 import msgpack
@@ -72,3 +74,29 @@ def test_sigterm_drains_in_flight_packets_and_exits_cleanly(tmp_path):
             proc.kill()
             proc.wait(timeout=30)
         log.close()
+
+
+def test_the_log_says_it_is_compiling_then_one_ready_line_with_the_url(tmp_path):
+    # --port 0: the ready line names the port the OS chose, so a person (or this test) can use it.
+    env = {**os.environ, "EVSSM_BATCH_BUCKETS": "1", "EVSSM_LENGTH_BUCKETS": "64",
+           "EVSSM_CLASSIFY_LENGTH_BUCKETS": "none", "JAX_PLATFORMS": "cpu"}
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "evssm.cli", "serve", "--model", "small=config:tiny",
+                                 "--port", "0"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not re.search(r"ready after \d+ s", text := log_path.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, text[-4000:]
+            time.sleep(0.25)
+        ready = [line for line in text.splitlines() if "ready after" in line]
+        assert len(ready) == 1, text
+        match = re.search(r"serving small on (http://127\.0\.0\.1:(\d+)) .*try: evssm stream sim "
+                          r"--url ws://127\.0\.0\.1:(\d+)", ready[0])
+        assert match and match.group(2) == match.group(3) != "0", ready[0]
+        assert text.index("compiling its shape buckets") < text.index(ready[0])
+        assert "Unable to initialize backend" not in text  # JAX's TPU probe stays out of the log
+        assert httpx.get(f"{match.group(1)}/readyz", timeout=10).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0

@@ -26,7 +26,7 @@ from evssm.server.settings import Settings
 CHANNELS = 700
 BASE = Settings(batch_buckets=(8,), length_buckets=(128,), classify_length_buckets=(1024,),
                 slots_per_model=64, max_sessions=64, max_packet_events=2048, batch_wait_ms=2.0,
-                max_classify_events=50_000, session_idle_timeout=60.0)
+                max_classify_events=50_000, session_idle_timeout=60.0, max_sessions_per_client=64)
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +163,38 @@ def test_random_packets_match_classify_of_every_prefix(server):
     assert results[-1]["probs"] is not None
 
 
+def test_xla_step_pads_the_staged_rows_into_its_buckets(serve, tiny_model):
+    """The same streams on a model whose streaming step is XLA's: the staged ragged rows are
+    padded once per step into the compiled buckets; every answer equals classify, and steady
+    traffic compiles nothing."""
+    from evssm.models.streaming import StreamingModel
+
+    xla = StreamingModel(tiny_model.config, tiny_model.variables, backend="xla")
+    app = create_app(BASE.replace(max_sessions=8), models={"tiny": xla})
+    server = serve(app)
+    before = wait_ready(server.http)["compilations"]["tiny"]
+    rng = np.random.default_rng(11)
+    recs = [recording(rng, int(rng.integers(100, 400))) for _ in range(5)]
+
+    async def session(t: np.ndarray, x: np.ndarray) -> list[dict]:
+        async with connect(f"{server.ws}/v1/stream") as ws:
+            c = Client(ws)
+            await c.open()
+            cuts = random_cuts(rng, len(t), 300)
+            for k, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+                await c.send({"type": "events", "seq": k, **columns(t[a:b], x[a:b], "bin")})
+            return [await c.recv() for _ in cuts[1:]]
+
+    async def run() -> list[list[dict]]:
+        return await asyncio.gather(*(session(t, x) for t, x in recs))
+
+    finals = [replies[-1] for replies in asyncio.run(run())]
+    for got, want, (t, _) in zip(finals, classify(server.http, recs), recs):
+        assert got["events"] == len(t)
+        assert_probs_equal(got["probs"], want["probs"])
+    assert httpx.get(f"{server.http}/readyz").json()["compilations"]["tiny"] == before
+
+
 def test_classify_msgpack_long_recordings_and_order(server):
     """Recordings beyond every classify bucket are chunked; results keep the request's order."""
     rng = np.random.default_rng(2)
@@ -271,6 +303,47 @@ def test_reset_and_close_and_slot_reuse(start):
     asyncio.run(run())
 
 
+def test_pipelined_control_frames_keep_their_order(start):
+    """reset, empty packets, long packets (several steps each) and close sent back to back,
+    none awaited: every answer comes in order and says the right thing; the slot is reused by
+    a session whose first frames are an empty packet and a packet (its zeroing comes first)."""
+    server = start(max_sessions=1)
+    rng = np.random.default_rng(13)
+    t, x = recording(rng, 700)
+    want_all, want_tail = classify(server.http, [(t, x), (t[300:], x[300:])])
+
+    async def run() -> None:
+        async with connect(f"{server.ws}/v1/stream") as ws:
+            c = Client(ws)
+            opened = await c.open()
+            frames = [{"type": "events", "seq": 0, **columns(t[:300], x[:300], "bin")},
+                      {"type": "reset"},
+                      {"type": "events", "seq": 1, "t": [], "x": []},
+                      {"type": "events", "seq": 2, **columns(t[300:], x[300:], "bin")},
+                      {"type": "events", "seq": 3, "t": [], "x": []},
+                      {"type": "close"}]
+            for frame in frames:
+                await c.send(frame)
+            replies = [await c.recv() for _ in frames]
+            assert [r["type"] for r in replies] == ["result", "reset_done", "result", "result",
+                                                   "result", "closed"]
+            assert replies[2]["probs"] is None and replies[2]["events"] == 0
+            assert replies[3]["events"] == replies[4]["events"] == 400
+            assert_probs_equal(replies[3]["probs"], want_tail["probs"])
+            assert_probs_equal(replies[4]["probs"], want_tail["probs"])
+            assert replies[5] == {"type": "closed", "session": opened["session"], "events": 400}
+            again = await c.open()  # the same (dirty) slot
+            for frame in ({"type": "events", "seq": 4, "t": [], "x": []},
+                          {"type": "events", "seq": 5, **columns(t, x, "bin")}):
+                await c.send(frame)
+            first, second = await c.recv(), await c.recv()
+            assert first["probs"] is None and first["events"] == 0 and again["events"] == 0
+            assert second["events"] == 700
+            assert_probs_equal(second["probs"], want_all["probs"])
+
+    asyncio.run(run())
+
+
 def test_resume_continues_the_same_state(server):
     rng = np.random.default_rng(6)
     t, x = recording(rng, 600)
@@ -351,6 +424,47 @@ def test_server_full_closes_with_1013(start):
         await b.close()
 
     asyncio.run(run())
+
+
+def test_a_failed_step_ends_its_session_and_the_server_goes_on(server):
+    """A device call that fails (injected once into the real runner): the packet is answered
+    with internal_error, its session ends (its slot is freed), and a new session streams
+    exactly."""
+    engine = server.app.state.engine
+    runner = engine.runners["tiny"]
+    real, failures = runner.run, []
+
+    def fail_once(plan):
+        if len(plan.slots) and not failures:
+            failures.append(len(plan.slots))
+            raise RuntimeError("injected device failure")
+        return real(plan)
+
+    runner.run = fail_once
+    rng = np.random.default_rng(12)
+    t, x = recording(rng, 300)
+    (want,) = classify(server.http, [(t, x)])
+
+    async def run() -> None:
+        async with connect(f"{server.ws}/v1/stream") as ws:
+            c = Client(ws)
+            await c.open()
+            err = await c.request({"type": "events", "seq": 0, **columns(t[:100], x[:100], "bin")})
+            assert err["type"] == "error" and err["code"] == "internal_error" and err["seq"] == 0
+            note = await c.recv()
+            assert note["code"] == "internal_error" and note["seq"] is None
+            assert (await c.request({"type": "events", "seq": 1, "t": [int(t[0])], "x": [1]}))["code"] == "no_session"
+            await c.open()
+            r = await c.request({"type": "events", "seq": 2, **columns(t, x, "bin")})
+            assert_probs_equal(r["probs"], want["probs"])
+
+    try:
+        asyncio.run(run())
+    finally:
+        runner.run = real
+    assert failures == [1]
+    metrics = httpx.get(f"{server.http}/metrics").text
+    assert metric_value(metrics, "evssm_sessions_active") == 1
 
 
 # --- bad input -----------------------------------------------------------------------------------
@@ -490,6 +604,31 @@ def test_models_health_stats_metrics_dashboard(server):
         assert "html" in r.headers["content-type"]
     else:
         assert r.status_code == 404 and r.json()["error"] == "not_found"
+
+
+def test_stats_history_serves_the_recent_past(server):
+    """The live page draws the server's last minutes at once: one /v1/stats sample per second."""
+    h = server.http
+    rng = np.random.default_rng(9)
+    t, x = recording(rng, 256)
+    body = {"streams": [{"t": t.tolist(), "x": x.tolist()}]}
+    assert httpx.post(f"{h}/v1/classify", json=body, timeout=60).status_code == 200
+    deadline = time.monotonic() + 20
+    while True:  # the sampler records once a second; wait for samples on both sides of the request
+        history = httpx.get(f"{h}/v1/stats/history").json()
+        samples = history["samples"]
+        if samples and samples[-1]["events_total"] == 256 and len(samples) >= 3:
+            break
+        assert time.monotonic() < deadline, history
+        time.sleep(0.2)
+    assert history["interval_s"] == 1.0 and history["window_s"] == 900
+    times = [s["time"] for s in samples]
+    assert times == sorted(times) and 0.5 < (times[-1] - times[0]) / (len(times) - 1) < 2.0
+    assert samples[0]["models"]["tiny"]["events_total"] <= 256  # the past, not a copy of now
+    for key in ("events_per_s", "latency_p50_ms", "latency_p99_ms", "sessions_active", "models"):
+        assert key in samples[-1], key
+    page = httpx.get(f"{h}/dashboard")
+    assert page.status_code == 200 and "/history" in page.text
 
 
 def test_drain_answers_in_flight_packets_then_closes(server):

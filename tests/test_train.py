@@ -57,7 +57,12 @@ def test_checkpoint_errors_say_what_is_wrong(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no checkpoint directory"):
         load_checkpoint(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="evssm.json is missing"):
+    with pytest.raises(CheckpointError, match="evssm.json is missing$"):
+        load_checkpoint(tmp_path / "empty")
+    # A training run folder instead of its best/ checkpoint: the error names the checkpoint.
+    subprocess.run(["cp", "-r", str(good), str(tmp_path / "empty" / "best")], check=True)
+    with pytest.raises(CheckpointError, match=f"training run folder: its checkpoint is "
+                                              f"{tmp_path / 'empty' / 'best'}"):
         load_checkpoint(tmp_path / "empty")
     meta = json.loads((good / "evssm.json").read_text())
 
@@ -100,9 +105,15 @@ def test_training_learns_resumes_reproducibly_and_evaluates(tmp_path: Path, caps
     assert [m["epoch"] for m in read_metrics(split)] == [1]
     assert train(load_task_config(overrides), split, resume=True, **kwargs) == 0
     assert [m["epoch"] for m in read_metrics(split)] == [1, 2]
-    restore = ocp.StandardCheckpointer().restore
-    final_a = restore((straight / "train_state").absolute())
-    final_b = restore((split / "train_state").absolute())
+
+    def final_state(run: Path) -> dict:
+        # orbax keeps only the latest epoch's training state (written beside, then the old removed).
+        steps = sorted(p.name for p in (run / "train_state").iterdir() if p.name.isdigit())
+        assert steps == ["2"], steps
+        with ocp.CheckpointManager((run / "train_state").absolute()) as states:
+            return states.restore(states.latest_step())
+
+    final_a, final_b = final_state(straight), final_state(split)
     leaves_a, leaves_b = jax.tree.leaves(final_a["params"]), jax.tree.leaves(final_b["params"])
     assert len(leaves_a) == len(leaves_b) > 10
     for x, y in zip(leaves_a, leaves_b):

@@ -1,4 +1,4 @@
-"""Training-time augmentations of event recordings (NumPy; DESIGN section 2).
+"""Training-time augmentations of event recordings (NumPy; docs/architecture.md, "Training").
 
 Every function takes a :class:`Recording` and returns a new, valid one: ``t`` int64, sorted, >= 0
 when the input's was; addresses inside the sensor (events a geometric transform moves off the

