@@ -2,8 +2,11 @@
 
 - snapshots taken while many sessions stream are each exactly a state of their stream (the rows
   are read on the step thread between steps while the event loop keeps accepting packets);
+- packets longer than one step are snapshotted only between packets, never between two chunks;
 - ``durable`` in result frames, closed and evicted sessions' snapshots deleted, two connections
-  restoring the same token get one session, a store that cannot be reached costs only durability.
+  restoring the same token get one session, a store that cannot be reached costs only durability;
+- a restored token resumes only for the API key that opened it, and counts against that key's
+  session cap.
 
 Restarts of real server processes (SIGTERM, SIGKILL, replicas sharing Redis) are in
 test_server_restart.py.
@@ -80,11 +83,15 @@ def stored(state: Path) -> dict[str, bytes]:
         return {key: bytes(data) for key, data in db.execute("SELECT key, data FROM snapshots")}
 
 
-def test_snapshots_taken_under_load_are_states_of_their_streams(start, tiny_model, tmp_path: Path) -> None:
+@pytest.mark.parametrize("packet_events", [97, 600])
+def test_snapshots_taken_under_load_are_states_of_their_streams(start, tiny_model, tmp_path: Path,
+                                                                 packet_events: int) -> None:
     """Four sessions stream as fast as the server answers while snapshots are taken every 50 ms
     and a thread reads them back: every snapshot is exactly the state after its event count, and
-    continuing from it gives the answer of the whole recording."""
-    server = start(state_dir=str(tmp_path))
+    continuing from it gives the answer of the whole recording. Packets of 600 events take three
+    steps each (the largest length bucket is 256): a snapshot never lands between two of them."""
+    # Longer packets stream faster: snapshots are taken more often to see as many.
+    server = start(state_dir=str(tmp_path), snapshot_interval=0.05 if packet_events < 256 else 0.01)
     recs = [sim(seed, 1.5) for seed in range(4)]
     seen: dict[str, dict[int, Any]] = {}
     stop = threading.Event()
@@ -99,7 +106,7 @@ def test_snapshots_taken_under_load_are_states_of_their_streams(start, tiny_mode
     async def one(rec: Recording) -> tuple[str, list[Any]]:
         async with AsyncStreamSession(server.ws, max_in_flight=4) as s:
             token = s.resume_token
-            results = [r async for r in s.stream(packetize(rec, events=97))]
+            results = [r async for r in s.stream(packetize(rec, events=packet_events))]
             return token, results
 
     async def main() -> list[tuple[str, list[Any]]]:
@@ -126,6 +133,7 @@ def test_snapshots_taken_under_load_are_states_of_their_streams(start, tiny_mode
         expected = np.asarray(classify(server.http, [rec])[0].probs)
         for events, snap in sorted(snaps.items()):
             assert snap.model == "small" and snap.last_t == (int(rec.t[events - 1]) if events else None)
+            assert events % packet_events == 0 or events == len(rec), f"a snapshot at {events} events"
             if events == 0:  # opened, nothing streamed yet: the zero state
                 assert not snap.row.any() and snap.probs is None
                 continue
@@ -353,3 +361,72 @@ def test_a_declared_sensor_and_its_crop_survive_a_restore(start, tmp_path: Path)
     last = asyncio.run(part_two())
     assert last.events + last.cropped == n
     np.testing.assert_allclose(last.probs, want.probs, rtol=RTOL, atol=ATOL)
+
+
+KEY_A = "alpha-" + "a1" * 12
+KEY_B = "beta-" + "b2" * 12
+
+
+def test_a_restored_token_resumes_only_for_its_key_and_counts_against_its_cap(start, tmp_path: Path) -> None:
+    """With API keys and one session per key: the snapshot holds the id of the key that opened
+    the session (not the key). Restored by another server, the token is unknown to another key
+    (and that attempt changes nothing), is refused while its key is at its cap, resumes for its
+    key, and then counts: that key can open no other session, another key can."""
+    keys = tmp_path / "keys"
+    keys.write_text(f"{KEY_A}\n{KEY_B}\n")
+    keys.chmod(0o600)
+    options = dict(api_keys=str(keys), max_sessions_per_client=1)
+    first = start(state_dir=str(tmp_path / "a"), **options)
+    rec = sim(11, 0.1)
+
+    async def request(ws: Any, msg: dict) -> dict:
+        await ws.send(msgpack.packb(msg))
+        return msgpack.unpackb(await asyncio.wait_for(ws.recv(), 30))
+
+    def connect_as(server: Any, key: str) -> Any:
+        return connect(f"{server.ws}/v1/stream", additional_headers={"Authorization": f"Bearer {key}"})
+
+    async def make() -> str:
+        ws = await connect_as(first, KEY_A)
+        token = (await request(ws, {"type": "open"}))["resume"]
+        await request(ws, {"type": "events", "seq": 0, "t": rec.t.tolist(), "x": rec.x.tolist()})
+        for seq in range(1, 200):  # until a snapshot covers it
+            if (await request(ws, {"type": "events", "seq": seq, "t": [], "x": []}))["durable"] == len(rec):
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("no snapshot covered the packet")
+        await ws.close()  # dropped without close: the session waits for a resume
+        return token
+
+    token = asyncio.run(make())
+    first.call(first.engine.drain(timeout=10))
+    (tmp_path / "b").mkdir()
+    with contextlib.closing(sqlite3.connect(tmp_path / "a" / DiskStore.FILE)) as db:
+        db.execute(f"VACUUM INTO '{tmp_path / 'b' / DiskStore.FILE}'")
+    blob = stored(tmp_path / "b")[token_key(token)]
+    assert decode(blob).key_id and KEY_A.encode() not in blob and KEY_B.encode() not in blob
+    second = start(state_dir=str(tmp_path / "b"), **options)
+
+    async def resume() -> None:
+        async with connect_as(second, KEY_B) as ws:  # another key: as unknown as a wrong token
+            assert (await request(ws, {"type": "open", "resume": token}))["code"] == "unknown_session"
+        assert len(second.engine.table) == 0 and token_key(token) in stored(tmp_path / "b")
+        async with connect_as(second, KEY_A) as fresh, connect_as(second, KEY_A) as ws:
+            assert (await request(fresh, {"type": "open"}))["type"] == "opened"  # KEY_A's one session
+            refused = await request(ws, {"type": "open", "resume": token})
+            assert refused["code"] == "too_many_sessions", refused
+            assert (await request(fresh, {"type": "close"}))["type"] == "closed"
+        async with connect_as(second, KEY_A) as ws:
+            opened = await request(ws, {"type": "open", "resume": token})
+            assert opened["type"] == "opened" and opened["restored"] and opened["events"] == len(rec)
+            assert opened["durable"] == len(rec)
+            async with connect_as(second, KEY_A) as other:  # the restored session counts
+                assert (await request(other, {"type": "open"}))["code"] == "too_many_sessions"
+            async with connect_as(second, KEY_B) as other:
+                assert (await request(other, {"type": "open"}))["type"] == "opened"
+            assert (await request(ws, {"type": "close"}))["type"] == "closed"
+
+    asyncio.run(resume())
+    metrics = httpx.get(f"{second.http}/metrics", headers={"Authorization": f"Bearer {KEY_A}"}).text
+    assert 'evssm_sessions_restored_total{model="small"} 1.0' in metrics
