@@ -485,25 +485,22 @@ class Scheduler:
         """Put the lane's next zeroing or restore and/or chunk into ``builder``."""
         lane.builder = builder
         head = lane.queue[0]
-        if isinstance(head, Restore):  # written after the plan's zeroings, before its step
+        if isinstance(head, (Reset, Restore)):
             lane.queue.popleft()
             lane.inflight.append(head)
-            builder.writes.append((lane, head))
-            self.pool.zeroed(lane.slot)  # the whole row is written: the slot is clean
+            if isinstance(head, Reset):
+                builder.zero.append(lane.slot)
+                builder.zeros.append((lane, head))
+            else:  # written after the plan's zeroings, before its step
+                builder.writes.append((lane, head))
+            self.pool.zeroed(lane.slot)  # everything planned after it runs after it
             head = lane.queue[0] if lane.queue else None
-            if not (isinstance(head, Packet) and head.size > 0):  # a reset goes in a later plan
+            if not (isinstance(head, Packet) and head.size > 0):
+                # Nothing, an empty packet or a close: answered after it. Another reset: in a
+                # later plan (a plan zeroes a row once).
                 if _plannable(lane):
                     self._mark_ready(lane)
                 return
-        elif isinstance(head, Reset):
-            lane.queue.popleft()
-            lane.inflight.append(head)
-            builder.zero.append(lane.slot)
-            builder.zeros.append((lane, head))
-            self.pool.zeroed(lane.slot)  # everything planned after it runs after it
-            if not _plannable(lane):  # nothing, or an empty packet or close: answered after it
-                return
-            head = lane.queue[0]
         assert isinstance(head, Packet)
         if self.pool.is_dirty(lane.slot):  # a dirty slot is always zeroed first (sessions.py)
             raise SlotError(f"session {lane.session.id} would step dirty slot {lane.slot}")
