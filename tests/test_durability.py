@@ -430,3 +430,48 @@ def test_a_restored_token_resumes_only_for_its_key_and_counts_against_its_cap(st
     asyncio.run(resume())
     metrics = httpx.get(f"{second.http}/metrics", headers={"Authorization": f"Bearer {KEY_A}"}).text
     assert 'evssm_sessions_restored_total{model="small"} 1.0' in metrics
+
+
+def test_frames_sent_right_behind_a_restore_apply_after_it(start, tmp_path: Path) -> None:
+    """A restored session's first frames, sent without waiting: a packet (stepped from the restored
+    state, in the plan that writes it or later), a reset, an empty packet and a packet. Answers come
+    in order and equal classify of the whole stream before the reset and of the last packet after."""
+    first = start(state_dir=str(tmp_path / "a"))
+    rec = sim(21, 0.3)
+    half = len(rec) // 2
+
+    async def make() -> str:
+        ws, opened = await raw_open(first.ws)
+        part = rec.slice(0, half)
+        await ws.send(msgpack.packb({"type": "events", "seq": 0, "t": part.t.tolist(), "x": part.x.tolist()}))
+        await ws.recv()
+        await ws.close()
+        return opened["resume"]
+
+    token = asyncio.run(make())
+    first.call(first.engine.drain(timeout=10))
+    (tmp_path / "b").mkdir()
+    with contextlib.closing(sqlite3.connect(tmp_path / "a" / DiskStore.FILE)) as db:
+        db.execute(f"VACUUM INTO '{tmp_path / 'b' / DiskStore.FILE}'")
+    second = start(state_dir=str(tmp_path / "b"))
+    tail = rec.slice(half, len(rec))
+    want_all, want_tail = classify(second.http, [rec, tail])
+
+    async def resume() -> list[dict]:
+        async with connect(f"{second.ws}/v1/stream") as ws:
+            frames = [{"type": "open", "resume": token},
+                      {"type": "events", "seq": 1, "t": tail.t.tolist(), "x": tail.x.tolist()},
+                      {"type": "reset"}, {"type": "events", "seq": 2, "t": [], "x": []},
+                      {"type": "events", "seq": 3, "t": tail.t.tolist(), "x": tail.x.tolist()}]
+            for frame in frames:
+                await ws.send(msgpack.packb(frame))
+            return [msgpack.unpackb(await asyncio.wait_for(ws.recv(), 30)) for _ in frames]
+
+    replies = asyncio.run(resume())
+    assert [r["type"] for r in replies] == ["opened", "result", "reset_done", "result", "result"], replies
+    assert replies[0]["restored"] and replies[0]["events"] == half
+    assert replies[1]["events"] == len(rec)
+    np.testing.assert_allclose(replies[1]["probs"], want_all.probs, rtol=RTOL, atol=ATOL)
+    assert replies[3]["events"] == 0 and replies[3]["probs"] is None and replies[3]["durable"] == 0
+    assert replies[4]["events"] == len(tail)
+    np.testing.assert_allclose(replies[4]["probs"], want_tail.probs, rtol=RTOL, atol=ATOL)
