@@ -190,7 +190,7 @@ def test_server_classify_and_stream_match_the_reference(name: str, models, serve
 
     from evssm.client.http_api import classify
     from evssm.client.session import AsyncStreamSession
-    from evssm.models.evaluate import softmax
+    from evssm.models.streaming import softmax
     from evssm.server.app import create_app
     from evssm.server.settings import Settings
 
