@@ -60,8 +60,8 @@ def wait_ready(base: str, timeout: float = 240.0) -> None:
 
 @pytest.fixture
 def start(serve, tiny_model):
-    def _start(**changes: Any):
-        app = create_app(BASE.replace(**changes), models={"small": tiny_model})
+    def _start(model: Any = None, **changes: Any):
+        app = create_app(BASE.replace(**changes), models={"small": model or tiny_model})
         server = serve(app)
         wait_ready(server.http)
         server.engine = app.state.engine
@@ -432,10 +432,17 @@ def test_a_restored_token_resumes_only_for_its_key_and_counts_against_its_cap(st
     assert 'evssm_sessions_restored_total{model="small"} 1.0' in metrics
 
 
-def test_frames_sent_right_behind_a_restore_apply_after_it(start, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["native", "xla"])
+def test_frames_sent_right_behind_a_restore_apply_after_it(start, tiny_model, tmp_path: Path,
+                                                           backend: str) -> None:
     """A restored session's first frames, sent without waiting: a packet (stepped from the restored
     state, in the plan that writes it or later), a reset, an empty packet and a packet. Answers come
-    in order and equal classify of the whole stream before the reset and of the last packet after."""
+    in order and equal classify of the whole stream before the reset and of the last packet after.
+    The snapshot comes from a server with the native step; the restoring server's step is native
+    or XLA's (the same packed rows and weights), and with XLA's its row writes and reads compile
+    nothing after start-up."""
+    from evssm.models.streaming import StreamingModel
+
     first = start(state_dir=str(tmp_path / "a"))
     rec = sim(21, 0.3)
     half = len(rec) // 2
@@ -453,7 +460,10 @@ def test_frames_sent_right_behind_a_restore_apply_after_it(start, tmp_path: Path
     (tmp_path / "b").mkdir()
     with contextlib.closing(sqlite3.connect(tmp_path / "a" / DiskStore.FILE)) as db:
         db.execute(f"VACUUM INTO '{tmp_path / 'b' / DiskStore.FILE}'")
-    second = start(state_dir=str(tmp_path / "b"))
+    model = tiny_model if backend == "native" else StreamingModel(tiny_model.config, tiny_model.variables,
+                                                                  backend="xla")
+    second = start(model, state_dir=str(tmp_path / "b"))
+    compiled = httpx.get(f"{second.http}/readyz").json()["compilations"]["small"]
     tail = rec.slice(half, len(rec))
     want_all, want_tail = classify(second.http, [rec, tail])
 
@@ -475,3 +485,4 @@ def test_frames_sent_right_behind_a_restore_apply_after_it(start, tmp_path: Path
     assert replies[3]["events"] == 0 and replies[3]["probs"] is None and replies[3]["durable"] == 0
     assert replies[4]["events"] == len(tail)
     np.testing.assert_allclose(replies[4]["probs"], want_tail.probs, rtol=RTOL, atol=ATOL)
+    assert httpx.get(f"{second.http}/readyz").json()["compilations"]["small"] == compiled
