@@ -77,7 +77,7 @@ LABEL org.opencontainers.image.title="evssm" \
 RUN groupadd --system --gid 10001 evssm \
  && useradd --system --uid 10001 --gid evssm --create-home --home-dir /home/evssm \
             --shell /usr/sbin/nologin evssm \
- && install -d -o evssm -g evssm /home/evssm/.cache/evssm/xla
+ && install -d -o evssm -g evssm /home/evssm/.cache/evssm/xla /home/evssm/state
 
 COPY --from=build /opt/evssm /opt/evssm
 COPY deploy/docker/healthcheck.py /usr/local/bin/evssm-healthcheck

@@ -28,11 +28,11 @@ from .errors import (
 from .http_api import Classification, aclassify, classify, list_models
 from .packets import Packet, Pacer, apaced, paced, packetize
 from .protocol import ModelInfo, Result, SessionInfo
-from .session import AsyncStreamSession, ConnectFailed, StreamSession
+from .session import AsyncStreamSession, ConnectFailed, Resume, StreamSession
 from .sources import Sample, SimulatedSensor, open_source, save_events
 
 __all__ = [
-    "AsyncStreamSession", "StreamSession", "Result", "SessionInfo", "ModelInfo",
+    "AsyncStreamSession", "StreamSession", "Resume", "Result", "SessionInfo", "ModelInfo",
     "classify", "aclassify", "list_models", "Classification",
     "Packet", "Pacer", "packetize", "paced", "apaced",
     "Sample", "SimulatedSensor", "open_source", "save_events",

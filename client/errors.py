@@ -68,10 +68,10 @@ _CODE_CLASSES: dict[str, type[ServerError]] = {
         InvalidEvents),
     Code.UNKNOWN_MODEL: UnknownModel,
     **dict.fromkeys((Code.SERVER_FULL, Code.TOO_MANY_SESSIONS), ServerFull),
-    **dict.fromkeys((Code.NOT_READY, Code.DRAINING, Code.BUSY), ServerUnavailable),
+    **dict.fromkeys((Code.NOT_READY, Code.DRAINING, Code.BUSY, Code.STORE_UNAVAILABLE), ServerUnavailable),
     Code.UNAUTHORIZED: Unauthorized,
     **dict.fromkeys((Code.UNKNOWN_SESSION, Code.SESSION_EXPIRED, Code.SESSION_RESUMED_ELSEWHERE,
-                     "resume_mismatch"), SessionExpired),
+                     Code.SNAPSHOT_INCOMPATIBLE, "resume_mismatch"), SessionExpired),
 }
 
 

@@ -120,7 +120,12 @@ class ModelInfo:
 @dataclass(frozen=True)
 class SessionInfo:
     """The server's ``opened`` reply: session id, resume token, events so far, model, and — when
-    the session declared a source sensor — the resolved ``geometry`` and events ``cropped``."""
+    the session declared a source sensor — the resolved ``geometry`` and events ``cropped``.
+
+    ``restored``: the session was resumed from a snapshot (the server had restarted, or another
+    replica held it). ``durable``: the events sent (kept and cropped) its last snapshot covers;
+    None when the server keeps no snapshots.
+    """
 
     session: str
     resume: str | None
@@ -128,16 +133,21 @@ class SessionInfo:
     model: ModelInfo
     cropped: int = 0
     geometry: dict[str, Any] | None = None
+    restored: bool = False
+    durable: int | None = None
 
     @classmethod
     def from_message(cls, msg: Mapping[str, Any]) -> "SessionInfo":
         if msg.get("type") != "opened":
             raise ProtocolError(f"expected 'opened', got {msg.get('type')!r}")
+        durable = msg.get("durable")
         return cls(session=str(msg.get("session", "")),
                    resume=None if msg.get("resume") is None else str(msg["resume"]),
                    events=int(msg.get("events") or 0),
                    model=ModelInfo.from_dict(msg.get("model")),
-                   cropped=int(msg.get("cropped") or 0), geometry=msg.get("geometry"))
+                   cropped=int(msg.get("cropped") or 0), geometry=msg.get("geometry"),
+                   restored=bool(msg.get("restored", False)),
+                   durable=None if durable is None else int(durable))
 
 
 @dataclass(frozen=True)
@@ -150,6 +160,8 @@ class Result:
     measured by the client from the packet's first send to the answer's arrival. ``lost`` marks a
     packet the server processed but whose answer was lost with a dropped connection (its
     ``probs``/``top`` are then unknown, not resent: resending would process the events twice).
+    ``durable`` is the event count covered by the session's last snapshot when the server answered
+    (None: the server keeps no snapshots).
     """
 
     seq: int
@@ -160,6 +172,7 @@ class Result:
     latency_s: float = 0.0
     lost: bool = False
     cropped: int = 0
+    durable: int | None = None
 
     @property
     def label(self) -> Any:
@@ -171,16 +184,18 @@ class Result:
         try:
             top = [(entry[0], float(entry[1])) for entry in (msg.get("top") or [])]
             t = msg.get("t")
+            durable = msg.get("durable")
             return cls(seq=int(msg["seq"]), events=int(msg.get("events") or 0),
                        t=None if t is None else int(t), probs=_probs(msg.get("probs")),
-                       top=top, latency_s=latency_s, cropped=int(msg.get("cropped") or 0))
+                       top=top, latency_s=latency_s, cropped=int(msg.get("cropped") or 0),
+                       durable=None if durable is None else int(durable))
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise ProtocolError(f"malformed result frame: {exc}") from exc
 
     def to_dict(self) -> dict[str, Any]:
         return {"seq": self.seq, "events": self.events, "t": self.t, "probs": self.probs,
                 "top": [[label, p] for label, p in self.top], "latency_ms": self.latency_s * 1e3,
-                "lost": self.lost, "cropped": self.cropped}
+                "lost": self.lost, "cropped": self.cropped, "durable": self.durable}
 
 
 def endpoint_url(url: str, kind: str) -> str:

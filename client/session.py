@@ -8,6 +8,15 @@ itself, re-attaches to the same server session with the resume token, and resend
 packets the server had not processed: the ``events`` count of the server's ``opened`` reply says how
 many of the unanswered packets it already consumed, so none is applied twice.
 
+When the server keeps session snapshots (``evssm serve --state-dir`` or ``--state-store``), every
+result says how many of the session's events its last snapshot covers (``durable``), and the
+session also keeps the packets answered after that point (at most ``max_replay_events`` events).
+If the server died and a restarted server or another replica restores the session from an older
+snapshot, the ``opened`` reply's count is at or after ``durable``: the session sends the answered
+packets after it again (merged into larger packets, which by the streaming invariant gives the same
+state; their answers are dropped), then the unanswered ones, and the stream goes on exactly as if
+it had never been cut. Without snapshots nothing extra is kept.
+
 Typical use::
 
     async with AsyncStreamSession("ws://127.0.0.1:8000") as session:
@@ -30,6 +39,7 @@ from typing import (Any, AsyncIterable, AsyncIterator, Coroutine, Iterable, Iter
                     TypeVar)
 
 import msgpack
+import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
@@ -64,13 +74,33 @@ class ConnectFailed(ConnectionLost):
 
 @dataclass
 class _Pending:
-    """A packet sent but not yet answered, kept so it can be resent after a reconnect."""
+    """A packet sent but not yet answered, kept so it can be resent after a reconnect (and, once
+    answered, kept for a replay until a snapshot covers it)."""
 
     seq: int
     frame: bytes
     n: int
     sent_at: float
     recovering: bool = False  # an empty stand-in asking for a processed packet's lost answer
+
+
+@dataclass(frozen=True)
+class Resume:
+    """One re-attachment of a session after its connection dropped.
+
+    ``events`` is the server's count for the session when it re-attached (events sent, kept or
+    cropped by a declared geometry); ``restored`` says it came from a snapshot (the server had
+    restarted, or another replica took the session over); ``new_session`` that the session was
+    gone and a new one was opened to replay the stream from its start. ``replayed`` events had been answered before and were sent again (the part the
+    snapshot did not cover); ``resent`` packets were in flight and sent again.
+    """
+
+    at: float  # Unix time
+    events: int
+    restored: bool
+    new_session: bool
+    replayed: int
+    resent: int
 
 
 def _as_recording(packet: Recording | Packet | Any) -> Recording:
@@ -99,6 +129,10 @@ class AsyncStreamSession:
             model's (None: the source is the model's sensor).
         transform: how the server maps it (``{"crop", "scale", "flip_x", "flip_y"}``; see the
             protocol); None for the default (fit, centred).
+        max_replay_events: most answered events kept for a replay after a server restart (only
+            when the server keeps snapshots); past it the oldest are dropped, and a restore from a
+            snapshot older than what is kept fails with ``resume_mismatch``.
+        replay_packet_events: events per packet when answered packets are sent again.
         api_key: the server's API key, sent as ``Authorization: Bearer KEY`` (None: the
             ``EVSSM_API_KEY`` variable, or no key).
 
@@ -114,9 +148,12 @@ class AsyncStreamSession:
                  max_reconnect_attempts: int = 8, backoff: tuple[float, float] = (0.05, 2.0),
                  open_timeout: float = 10.0, binary: bool = True,
                  sensor: SensorSpec | None = None, transform: Mapping[str, Any] | None = None,
+                 max_replay_events: int = 1 << 22, replay_packet_events: int = 16384,
                  api_key: str | None = None):
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be >= 1")
+        if replay_packet_events < 1 or max_replay_events < 0:
+            raise ValueError("replay_packet_events must be >= 1 and max_replay_events >= 0")
         self.url = endpoint_url(url, "stream")
         self.model = model
         self.top_k = top_k
@@ -128,9 +165,12 @@ class AsyncStreamSession:
         self.binary = binary
         self.sensor = sensor
         self.transform = None if transform is None else dict(transform)
+        self.max_replay_events = max_replay_events
+        self.replay_packet_events = replay_packet_events
         self._headers = auth_headers(api_key)
         self.info: SessionInfo | None = None
         self.reconnects = 0  # successful re-attachments so far
+        self.resumes: list[Resume] = []  # every re-attachment, in order
         self._resume = resume
         self._ws: ClientConnection | None = None
         self._connected = False
@@ -143,6 +183,15 @@ class AsyncStreamSession:
         self._results: collections.deque[Result | ServerError] = collections.deque()
         self._acked_events = 0  # the server's event count after the last answered packet
         self._unconfirmed_reset: int | None = None  # event count before a reset not yet confirmed
+        # Answered packets after the last snapshot (``_durable`` events of the current stream);
+        # they end at ``_acked_events``. ``_durable`` None: the server keeps no snapshots.
+        self._kept: collections.deque[_Pending] = collections.deque()
+        self._kept_events = 0
+        self._kept_dropped = False  # the replay buffer overflowed at least once
+        self._durable: int | None = None
+        # A reset was sent and no snapshot of the new stream is known yet: a restored state may
+        # predate the reset.
+        self._reset_unsnapshotted = False
         self._send_lock: asyncio.Lock | None = None
         self._changed: asyncio.Event | None = None  # replaced on every notify (see _notify)
 
@@ -161,6 +210,17 @@ class AsyncStreamSession:
         """Packets sent and not yet answered by the server."""
         return len(self._pending)
 
+    @property
+    def durable(self) -> int | None:
+        """Events of the current stream covered by the server's last snapshot of the session
+        (None: the server keeps no snapshots)."""
+        return self._durable
+
+    @property
+    def replay_events(self) -> int:
+        """Answered events kept for a replay after a restart (those after :attr:`durable`)."""
+        return self._kept_events
+
     async def open(self) -> SessionInfo:
         """Connect and open the session (or resume it); returns the server's ``opened`` info."""
         if self._closed:
@@ -177,6 +237,7 @@ class AsyncStreamSession:
             raise
         self._ws, self.info, self._connected = ws, info, True
         self._acked_events = info.events + info.cropped  # events sent: kept + cropped
+        self._durable = info.durable
         self._reader = asyncio.create_task(self._read_loop(), name=f"evssm-reader-{info.session}")
         return info
 
@@ -317,6 +378,10 @@ class AsyncStreamSession:
                     continue
                 self._unconfirmed_reset = self._acked_events
                 self._acked_events = 0
+                self._drop_kept()  # the old stream will never be replayed
+                if self._durable is not None:
+                    self._durable = 0
+                    self._reset_unsnapshotted = True
                 await self._send_frame(encode_message("reset"))
                 return
 
@@ -415,11 +480,12 @@ class AsyncStreamSession:
             raise ConnectFailed(f"cannot connect to {self.url}: {exc or type(exc).__name__}"
                                 ) from exc
 
-    async def _handshake(self, ws: ClientConnection, resume: str | None) -> SessionInfo:
+    async def _handshake(self, ws: ClientConnection, resume: str | None,
+                         model: str | None = None) -> SessionInfo:
         """Send ``open`` and wait for ``opened`` (or a typed error)."""
         try:
             sensor = None if self.sensor is None else sensor_declaration(self.sensor)
-            await ws.send(encode_message("open", model=self.model, resume=resume,
+            await ws.send(encode_message("open", model=model or self.model, resume=resume,
                                          top_k=self.top_k, sensor=sensor,
                                          transform=self.transform))
             async with asyncio.timeout(self.open_timeout):
@@ -479,13 +545,17 @@ class AsyncStreamSession:
             result = Result.from_message(msg, time.perf_counter() - entry.sent_at)
             self._acked_events = result.events + result.cropped
             self._unconfirmed_reset = None  # a result after a reset proves it was applied
+            self._note_durable(result.durable)
+            self._keep(entry)
             self._results.append(result)
         elif kind == "error":
             seq = msg.get("seq")
             err = server_error(str(msg.get("code")), str(msg.get("message", "")), seq=seq)
             entry = next((p for p in self._pending if p.seq == seq), None) if seq is not None \
                 else None
-            if entry is not None:
+            if entry is not None and err.code == "draining" and self.reconnect:
+                pass  # not processed; the server closes after its drain, and it is sent again
+            elif entry is not None:
                 self._pending.remove(entry)
                 if entry.recovering:  # the server would not answer the stand-in: answer lost
                     self._results.append(self._lost_result(entry))
@@ -499,6 +569,40 @@ class AsyncStreamSession:
             self._unconfirmed_reset = None
         # "opened" is handled by the handshake; "closed" and unknown types need nothing
         self._notify()
+
+    # -- the replay buffer -----------------------------------------------------------------
+
+    def _note_durable(self, durable: int | None) -> None:
+        if durable is None:  # the server keeps no snapshots: keep nothing
+            self._durable = None
+            self._drop_kept()
+        else:
+            self._durable = max(self._durable or 0, durable)
+            if self._durable > 0:
+                self._reset_unsnapshotted = False
+
+    def _keep(self, entry: _Pending) -> None:
+        """Keep an answered packet for a replay, while the server reports snapshots."""
+        if self._durable is None or entry.n == 0:
+            return
+        self._kept.append(entry)
+        self._kept_events += entry.n
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drop kept packets a snapshot covers, then the oldest beyond ``max_replay_events``."""
+        base = self._acked_events - self._kept_events  # the count before the first kept packet
+        while self._kept and (base + self._kept[0].n <= (self._durable or 0)
+                              or self._kept_events > self.max_replay_events):
+            if base + self._kept[0].n > (self._durable or 0):
+                self._kept_dropped = True
+            dropped = self._kept.popleft()
+            self._kept_events -= dropped.n
+            base += dropped.n
+
+    def _drop_kept(self) -> None:
+        self._kept.clear()
+        self._kept_events = 0
 
     def _lost_result(self, entry: _Pending) -> Result:
         return Result(seq=entry.seq, events=self._acked_events, t=None, probs=None, top=[],
@@ -520,8 +624,19 @@ class AsyncStreamSession:
             except (ConnectFailed, ServerUnavailable) as exc:
                 last = exc
                 continue
+            fresh = False
             try:
-                info = await self._handshake(ws, self.info.resume)
+                try:
+                    info = await self._handshake(ws, self.info.resume)
+                except SessionExpired as exc:
+                    # The session is gone, with no usable snapshot (the server died before its
+                    # first one): if the client still holds the whole stream, a new session
+                    # replays it from the start. Only where the server keeps snapshots.
+                    if exc.code not in ("unknown_session", "snapshot_incompatible") or \
+                            self._durable is None or self._acked_events != self._kept_events:
+                        raise
+                    info = await self._handshake(ws, None, self.info.model.name or None)
+                    fresh = True
             except (ConnectFailed, ServerUnavailable) as exc:
                 last = exc
                 await ws.close()
@@ -533,50 +648,171 @@ class AsyncStreamSession:
                 old, self._ws = self._ws, ws
                 if old is not None:
                     await old.close()
-                await self._resync(info)
+                try:
+                    resume = await self._resync(info, fresh)
+                except ConnectionClosed as exc:  # gone again while replaying: start over
+                    last = exc
+                    continue
+                self.info = info
                 self._connected = True
             self.reconnects += 1
+            self.resumes.append(resume)
             self._notify()
             return
         raise ConnectionLost(f"connection lost and {self.max_reconnect_attempts} reconnect "
                              f"attempts failed; last: {last}") from last
 
-    async def _resync(self, info: SessionInfo) -> None:
-        """Work out which unanswered packets the server processed before the drop; resend the rest.
+    async def _resync(self, info: SessionInfo, fresh: bool) -> Resume:
+        """Work out which packets the server holds; send again what it lacks.
 
-        Packets are atomic and processed in order, so the server's event count ``E`` is the
-        acknowledged count plus the sizes of a prefix of the unanswered packets. That prefix was
-        processed: resending it would apply it twice. Its answers are lost, except the last one,
-        which is the session's current state: an empty packet with the same ``seq`` asks for it.
+        Packets are atomic and processed in order. A session that stayed live on its server holds
+        ``E`` events: the acknowledged count plus the sizes of a prefix of the unanswered packets.
+        That prefix was processed: resending it would apply it twice. Its answers are lost, except
+        the last one, which is the session's current state: an empty packet with the same ``seq``
+        asks for it.
+
+        A session restored from a snapshot may hold fewer events than were acknowledged, but never
+        fewer than the last ``durable`` seen: the kept answered packets after ``E`` are replayed
+        first (their answers dropped), then the unanswered ones are sent. While no snapshot of
+        the current stream is known after a reset (``durable`` still 0, or the reset not yet
+        confirmed) the restored state may predate the reset, so it is reset and the whole stream
+        is replayed; a new session (``fresh``) starts from zero the same way.
         """
-        served = info.events + info.cropped  # every event sent, kept or cropped
         assert self._ws is not None
-        if self._unconfirmed_reset and served == self._unconfirmed_reset:
-            # The reset sent just before the drop never arrived (the count is still the old one).
-            await self._send_frame(encode_message("reset"))
+        served = info.events + info.cropped  # every event sent, kept or cropped
+        base = self._acked_events - self._kept_events  # the count before the first kept packet
+        whole = fresh or (info.restored and (self._unconfirmed_reset is not None
+                                             or self._reset_unsnapshotted))
+        reset_again = False  # the server's state (and its ``durable``) may predate our reset
+        if whole:
+            if base != 0:
+                raise self._mismatch(served)
+            if fresh:
+                self._unconfirmed_reset = None  # a new session is zero already
+                self._reset_unsnapshotted = False
+            elif served or self._unconfirmed_reset is not None:
+                await self._ws.send(encode_message("reset"))
+                self._reset_unsnapshotted = True
             served = 0
+        elif self._unconfirmed_reset and served == self._unconfirmed_reset:
+            # The reset sent just before the drop never arrived (the count is still the old one).
+            await self._ws.send(encode_message("reset"))
+            served = 0
+            reset_again = True
+            self._reset_unsnapshotted = self._durable is not None
+        replayed = 0
+        if served < self._acked_events:  # restored from an older state: replay answered packets
+            if not (info.restored or whole):
+                raise self._mismatch(served)
+            kept = list(self._kept)
+            count, start = base, 0
+            while start < len(kept) and count < served:
+                count += kept[start].n
+                start += 1
+            if count != served:
+                raise self._mismatch(served)
+            replayed = await self._replay(kept[start:])
+            served = self._acked_events
         count, prefix = self._acked_events, 0
         pending = list(self._pending)
         while prefix < len(pending) and count < served:
             count += pending[prefix].n
             prefix += 1
         if count != served:
-            raise SessionExpired(
-                "resume_mismatch",
-                f"the resumed session holds {served} events but the client accounts for "
-                f"{self._acked_events} answered plus {sum(p.n for p in pending)} in flight")
-        for entry in pending[: max(prefix - 1, 0)]:
-            self._pending.remove(entry)
+            raise self._mismatch(served)
+        for i, entry in enumerate(pending[:prefix]):  # processed, answers lost
+            self._pending.popleft()
             self._acked_events += entry.n
-            self._results.append(self._lost_result(entry))
-        if prefix:
-            last = pending[prefix - 1]
-            last.frame = msgpack.packb({"type": "events", "seq": last.seq, **_EMPTY_COLUMNS})
-            last.n = 0
-            last.recovering = True
-        self._acked_events = served
+            self._keep(entry)
+            if i < prefix - 1:
+                self._results.append(self._lost_result(entry))
+            else:  # the last one's answer is the current state: ask for it with an empty packet
+                self._pending.appendleft(_Pending(
+                    entry.seq, msgpack.packb({"type": "events", "seq": entry.seq, **_EMPTY_COLUMNS}),
+                    0, entry.sent_at, recovering=True))
+        if info.durable is None:  # this server keeps no snapshots
+            self._note_durable(None)
+        elif not (whole or reset_again):
+            self._note_durable(info.durable)
+        elif self._durable is None:
+            self._durable = 0  # snapshots from now on; the stream's start is all that is known
+        self._trim()
         for entry in list(self._pending):
             await self._send_frame(entry.frame)
+        return Resume(at=time.time(), events=info.events + info.cropped, restored=info.restored,
+                      new_session=fresh,
+                      replayed=replayed, resent=len(self._pending))
+
+    async def _replay(self, entries: list[_Pending]) -> int:
+        """Send answered packets again, merged into packets of at most ``replay_packet_events``
+        events, within the in-flight window, and drop their answers. Runs in the reader task
+        before anything else is sent on the new connection. Returns the events sent."""
+        assert self._ws is not None
+        chunks = _merge_packets(entries, self.replay_packet_events)
+        ends = np.cumsum([n for _, _, n in chunks]) + (self._acked_events - sum(e.n for e in entries))
+        sent = answered = 0
+        while answered < len(chunks):
+            while sent < len(chunks) and sent - answered < self.max_in_flight:
+                await self._ws.send(chunks[sent][1])
+                sent += 1
+            msg = decode_frame(await self._ws.recv())
+            if msg["type"] == "result":
+                count = int(msg.get("events") or 0) + int(msg.get("cropped") or 0)
+                if msg.get("seq") != chunks[answered][0] or count != int(ends[answered]):
+                    raise ProtocolError(f"replayed packet {chunks[answered][0]} answered as "
+                                        f"{msg.get('seq')} at {count} events, expected "
+                                        f"{int(ends[answered])}")
+                answered += 1
+                if msg.get("durable") is not None and self._durable is not None:
+                    self._note_durable(int(msg["durable"]))
+            elif msg["type"] == "error":
+                raise SessionExpired("resume_mismatch", "the server refused a replayed packet: "
+                                     f"{msg.get('code')}: {msg.get('message')}")
+            elif msg["type"] == "reset_done":
+                self._unconfirmed_reset = None
+        return int(sum(e.n for e in entries))
+
+    def _mismatch(self, served: int) -> SessionExpired:
+        base = self._acked_events - self._kept_events
+        in_flight = sum(p.n for p in self._pending)
+        why = (" (the replay buffer overflowed: raise max_replay_events)" if self._kept_dropped
+               else "")
+        return SessionExpired(
+            "resume_mismatch",
+            f"the resumed session holds {served} events but the client accounts for "
+            f"{self._acked_events} answered (it keeps those from {base} on) plus {in_flight} "
+            f"in flight{why}")
+
+
+def _merge_packets(entries: list[_Pending], limit: int) -> list[tuple[int, bytes, int]]:
+    """``(seq, frame, events)`` of packets that carry ``entries``' events in order, merging
+    neighbours up to ``limit`` events (a larger packet stays whole); a merged packet takes its last
+    packet's ``seq``."""
+    out: list[tuple[int, bytes, int]] = []
+    group: list[_Pending] = []
+    size = 0
+
+    def flush() -> None:
+        messages = [msgpack.unpackb(e.frame) for e in group]
+        columns: dict[str, Any] = {}
+        for key in messages[0]:
+            if key in ("type", "seq"):
+                continue
+            parts = [m[key] for m in messages]
+            columns[key] = (b"".join(parts) if isinstance(parts[0], bytes)
+                            else [v for part in parts for v in part])
+        seq = group[-1].seq
+        out.append((seq, msgpack.packb({"type": "events", "seq": seq, **columns}), size))
+
+    for entry in entries:
+        if group and size + entry.n > limit:
+            flush()
+            group, size = [], 0
+        group.append(entry)
+        size += entry.n
+    if group:
+        flush()
+    return out
 
 
 class StreamSession:
@@ -628,6 +864,19 @@ class StreamSession:
     @property
     def reconnects(self) -> int:
         return self._session.reconnects if self._session else 0
+
+    @property
+    def resumes(self) -> list[Resume]:
+        """Every re-attachment after a dropped connection (see :class:`Resume`)."""
+        return list(self._session.resumes) if self._session else []
+
+    @property
+    def durable(self) -> int | None:
+        return self._session.durable if self._session else None
+
+    @property
+    def replay_events(self) -> int:
+        return self._session.replay_events if self._session else 0
 
     def open(self) -> SessionInfo:
         """Start the loop thread, connect and open the session."""

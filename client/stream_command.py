@@ -40,7 +40,7 @@ from evssm.models.events import Recording, SensorSpec
 from .errors import ClientError
 from .packets import apaced, packetize
 from .protocol import Result, SessionInfo
-from .session import AsyncStreamSession
+from .session import AsyncStreamSession, Resume
 from .sources import FORMATS, Sample, SourceError, open_source, parse_sensor
 from .stats import RateMeter, percentiles_ms
 from .udp import UDP_FORMATS, UdpReceiver, UdpStats, live_packets, parse_udp_url
@@ -204,6 +204,7 @@ class _View:
         self.last: Result | None = None  # last result that carries probabilities
         self.last_any: Result | None = None
         self.reconnects = 0
+        self.resumes: list[Resume] = []
 
     def add(self, result: Result) -> None:
         self.packets += 1
@@ -264,11 +265,24 @@ class _View:
         else:
             classes.add_row("", Text("no prediction yet (first output window not complete)",
                                      "dim"), "", "")
-        parts: list[Any] = [head, progress, stats, classes]
+        parts: list[Any] = [head, progress, stats]
+        if self.resumes:
+            times = f" ({len(self.resumes)} resumes; the last)" if len(self.resumes) > 1 else ""
+            parts.append(Text(describe_resume(self.resumes[-1]) + times, "yellow"))
+        parts.append(classes)
         true_name = self.sample.label_name(self.info.model.classes)
         if true_name is not None:
             parts.append(Text(f"true label: {true_name}", "dim"))
         return Group(*parts)
+
+
+def describe_resume(r: Resume) -> str:
+    """One line saying where a session resumed after its connection dropped."""
+    how = ("in a new session (the old one was gone), replaying the stream from its start"
+           if r.new_session else "from a snapshot (the server had restarted, or another replica "
+           "took over)" if r.restored else "on the same server")
+    replay = f", replayed {r.replayed:,} answered events" if r.replayed else ""
+    return f"resumed at event {r.events:,} {how}{replay}, resent {r.resent} packets in flight"
 
 
 def _top(result: Result, info: SessionInfo, k: int) -> list[tuple[Any, float]]:
@@ -311,6 +325,8 @@ def _summary(view: _View, sample: Sample, info: SessionInfo, args: argparse.Name
         "packets": view.packets,
         "lost_results": view.lost,
         "reconnects": view.reconnects,
+        "resumes": [{"events": r.events, "restored": r.restored, "new_session": r.new_session,
+                     "replayed": r.replayed, "resent": r.resent} for r in view.resumes],
         "wall_s": round(wall, 4),
         "recording_s": round(view.span_s, 4),
         "events_per_s": round(view.answered / wall, 1) if wall > 0 else None,
@@ -357,10 +373,10 @@ async def _stream(args: argparse.Namespace) -> int:
         if args.json:
             async for result in session.stream(apaced(packets, speed)):
                 view.add(result)
-                view.reconnects = session.reconnects
+                view.reconnects, view.resumes = session.reconnects, session.resumes
         else:
             await _live(session, view, apaced(packets, speed), args.refresh)
-        view.reconnects = session.reconnects
+        view.reconnects, view.resumes = session.reconnects, session.resumes
         summary = _summary(view, sample, info, args)
     finally:
         await session.close()
@@ -439,7 +455,7 @@ async def _live(session: AsyncStreamSession, view: _View, packets: Any, refresh:
     with Live(view.render(), console=console, auto_refresh=False, transient=False) as live:
         async for result in session.stream(packets):
             view.add(result)
-            view.reconnects = session.reconnects
+            view.reconnects, view.resumes = session.reconnects, session.resumes
             now = time.monotonic()
             if now >= next_draw:
                 live.update(view.render(), refresh=True)
@@ -465,6 +481,8 @@ def _print_final(summary: dict[str, Any]) -> None:
                   f"{summary['wall_s']:.2f} s wall, {summary['events_per_s'] or 0:,.0f} events/s, "
                   f"latency p50 {lat['p50']} ms p95 {lat['p95']} ms p99 {lat['p99']} ms, "
                   f"reconnects {summary['reconnects']}")
+    for r in summary["resumes"]:
+        console.print(describe_resume(Resume(at=0.0, **r)))
 
 
 def run(args: argparse.Namespace) -> int:

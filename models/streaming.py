@@ -148,6 +148,8 @@ class StreamingModel:
             "step_slots": jax.jit(functools.partial(self._step_slots_impl, variables),
                                   donate_argnums=(1,)),
             "zero_slots": jax.jit(self._zero_slots_impl, donate_argnums=(0,)),
+            "read_slots": jax.jit(self._read_slots_impl),
+            "write_slots": jax.jit(self._write_slots_impl, donate_argnums=(0,)),
             "classify": jax.jit(functools.partial(self._classify_impl, variables)),
         }
 
@@ -214,6 +216,14 @@ class StreamingModel:
     @staticmethod
     def _zero_slots_impl(pool, slots):
         return pool.at[slots].set(0, mode="drop")
+
+    @staticmethod
+    def _read_slots_impl(pool, slots):
+        return pool.at[slots].get(mode="clip")  # padding rows read some row; callers drop them
+
+    @staticmethod
+    def _write_slots_impl(pool, slots, rows):
+        return pool.at[slots].set(rows, mode="drop")
 
     def _classify_impl(self, variables, tables, tokens, gaps, lengths):
         state = init_state(self.config, tokens.shape[0])
@@ -303,6 +313,25 @@ class StreamingModel:
             pool[slots[(slots >= 0) & (slots < pool.shape[0])]] = 0
             return pool
         return self._call("zero_slots", pool, _i32(slots))
+
+    def read_slots(self, pool: Array, slots: Array) -> np.ndarray:
+        """A host copy of rows ``slots`` (int32 [K]; the pool size marks padding, whose rows are
+        unspecified) of a pool: int32 [K, words]. The pool is not donated."""
+        if self.native is not None:
+            slots = np.asarray(slots)
+            return np.asarray(pool)[np.minimum(slots, pool.shape[0] - 1)]  # a fancy index copies
+        return np.asarray(self._call("read_slots", pool, _i32(slots)))
+
+    def write_slots(self, pool: Array, slots: Array, rows: Array) -> Array:
+        """Set rows ``slots`` (int32 [K]; the pool size marks padding) of a pool (donated) to
+        ``rows`` int32 [K, words]. Returns the pool."""
+        if self.native is not None:
+            pool = _writable_rows(pool)
+            slots = np.asarray(slots)
+            keep = (slots >= 0) & (slots < pool.shape[0])
+            pool[slots[keep]] = np.asarray(rows, np.int32)[keep]
+            return pool
+        return self._call("write_slots", pool, _i32(slots), _i32(rows))
 
     def classify(self, tokens: Array, gaps: Array, lengths: Array) -> tuple[Array, Array]:
         """Offline form: whole recordings from a zero state.

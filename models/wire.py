@@ -46,6 +46,8 @@ class Code(StrEnum):
     SESSION_RESUMED_ELSEWHERE = "session_resumed_elsewhere"  # another connection resumed it
     NOT_READY = "not_ready"  # models still loading/compiling; WebSocket closed with 1013
     DRAINING = "draining"  # shutting down; WebSocket closed with 1012
+    SNAPSHOT_INCOMPATIBLE = "snapshot_incompatible"  # resume: the snapshot is for other weights
+    STORE_UNAVAILABLE = "store_unavailable"  # resume: the snapshot store cannot be reached; retry
     INTERNAL_ERROR = "internal_error"
     # HTTP only
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"

@@ -28,6 +28,7 @@ from .engine import Engine
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import HISTORY_INTERVAL_S, Metrics
 from .decoding import Decoders
+from .durability import SnapshotIncompatible
 from .limits import BodyTimeout, BodyTooLarge, ClientDisconnect, Gate, read_body
 from .protocol import (CLOSE_POLICY_VIOLATION, CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER, MSGPACK,
                        MSGPACK_TYPES, ClassifyLimits, Code, ProtocolError, adapt, cap_message, decode_events,
@@ -36,6 +37,7 @@ from .protocol import (CLOSE_POLICY_VIOLATION, CLOSE_SERVICE_RESTART, CLOSE_TRY_
 from .security import Access, AuthMiddleware
 from .sessions import ClientFull, Close, Item, Packet, Reset, ServerFull, Session
 from .settings import Settings
+from .snapshots import StoreUnavailable
 from .staging import Region
 
 if TYPE_CHECKING:
@@ -246,7 +248,8 @@ class OutputProcessor:
     """Builds and sends the frames of the scheduler's answers: the API layer's half of a step.
 
     A step's finished packets arrive together with their probabilities, readiness and class
-    order as arrays; the rows are turned into Python lists once per step, each packet's frame
+    order as arrays (and, with snapshots, what each session's snapshots cover: ``durable``); the
+    rows are turned into Python lists once per step, each packet's frame
     is encoded in its connection's encoding and put in its place in that connection's outbox,
     and the step's packet metrics are recorded once.
     """
@@ -259,10 +262,11 @@ class OutputProcessor:
         self.labels[model] = labels
 
     def results(self, model: str, sessions: list[Session], packets: list[Packet], probs: np.ndarray,
-                ready: np.ndarray, order: np.ndarray) -> None:
+                ready: np.ndarray, order: np.ndarray, durable: np.ndarray | None) -> None:
         now = time.perf_counter()
         labels = self.labels[model]
         probs_rows, order_rows, ready_rows = probs.tolist(), order.tolist(), ready.tolist()
+        durable_rows = None if durable is None else durable.tolist()
         latencies = np.empty(len(packets), np.float64)
         events = 0
         for i, (session, packet) in enumerate(zip(sessions, packets)):
@@ -276,6 +280,8 @@ class OutputProcessor:
                          "t": packet.last_t, "probs": None, "top": []}
             if packet.cropped_after is not None:  # a session that declared its source sensor
                 frame["cropped"] = packet.cropped_after
+            if durable_rows is not None:  # the server keeps snapshots
+                frame["durable"] = durable_rows[i]
             reply: _Reply = packet.reply
             reply.conn.fill(reply, encode_frame(frame, reply.binary))
             latencies[i] = now - packet.received
@@ -332,7 +338,7 @@ class StreamHandler:
             if kind == "events":
                 await self._events(msg, seq, received, size)
             elif kind == "open":
-                self._open(msg, binary)
+                await self._open(msg, binary)
             elif kind == "reset":
                 self._reset()
             else:
@@ -351,7 +357,7 @@ class StreamHandler:
         if self.engine.draining:
             raise ProtocolError(Code.DRAINING, "the server is shutting down; not processed")
         return session
-    def _open(self, msg: dict[str, Any], binary: bool) -> None:
+    async def _open(self, msg: dict[str, Any], binary: bool) -> None:
         engine, conn = self.engine, self.conn
         req = parse_open(msg, self.settings.default_top_k)
         if conn.session is not None and not conn.session.closing:
@@ -367,8 +373,21 @@ class StreamHandler:
             conn.close_after_flush(CLOSE_TRY_AGAIN_LATER, "not ready")
             return
         resumed = req.resume is not None
+        restored = False
         if resumed:
             session = engine.resume(req.resume)
+            if session is None:  # not live here: perhaps a snapshot of it is (restart, other replica)
+                try:
+                    session = await engine.restore(req.resume, key_id=conn.key_id, owner=conn.principal)
+                except SnapshotIncompatible as e:
+                    raise ProtocolError(Code.SNAPSHOT_INCOMPATIBLE, str(e)) from None
+                except StoreUnavailable as e:
+                    self.reject(Code.STORE_UNAVAILABLE, f"{e}; retry shortly", None, binary)
+                    return
+                except ServerFull as e:
+                    self._refuse_full(e, binary)
+                    return
+                restored = session is not None
             # A token opened under another API key is as unknown as a wrong token.
             if session is None or session.key_id != conn.key_id:
                 raise ProtocolError(Code.UNKNOWN_SESSION, "no live session has this resume token "
@@ -395,24 +414,29 @@ class StreamHandler:
             geometry = parse_geometry(msg, engine.runners[model].sensor)
             try:
                 session = engine.open(model, req.top_k, owner=conn.principal, key_id=conn.key_id)
-            except ClientFull as e:
-                self.reject(Code.TOO_MANY_SESSIONS, f"{e}; close some or retry later", None, binary)
-                conn.close_after_flush(CLOSE_TRY_AGAIN_LATER, "too many sessions")
-                return
             except ServerFull as e:
-                self.reject(Code.SERVER_FULL, f"{e}; retry later", None, binary)
-                conn.close_after_flush(CLOSE_TRY_AGAIN_LATER, "server full")
+                self._refuse_full(e, binary)
                 return
             session.geometry = geometry
         session.attachment = conn
         session.last_active = time.monotonic()
         conn.session = session
         opened = {"type": "opened", "session": session.id, "resume": session.token,
-                  "resumed": resumed, "events": session.events, "t": session.last_t,
-                  "top_k": session.top_k, "model": public_info(engine.runners[session.model].info)}
+                  "resumed": resumed, "restored": restored, "events": session.events,
+                  "t": session.last_t, "durable": engine.durable(session), "top_k": session.top_k,
+                  "model": public_info(engine.runners[session.model].info)}
         if session.geometry is not None:
             opened.update(geometry=session.geometry.describe(), cropped=session.cropped)
         conn.send(opened, binary)
+
+    def _refuse_full(self, e: ServerFull, binary: bool) -> None:
+        """``server_full`` or ``too_many_sessions`` (this client's cap), then close 1013."""
+        if isinstance(e, ClientFull):
+            self.reject(Code.TOO_MANY_SESSIONS, f"{e}; close some or retry later", None, binary)
+            self.conn.close_after_flush(CLOSE_TRY_AGAIN_LATER, "too many sessions")
+        else:
+            self.reject(Code.SERVER_FULL, f"{e}; retry later", None, binary)
+            self.conn.close_after_flush(CLOSE_TRY_AGAIN_LATER, "server full")
 
     async def _events(self, msg: dict[str, Any], seq: int | None, received: float, size: int) -> None:
         """Ingest: decode the columns, map a declared source sensor onto the model's, validate

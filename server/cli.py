@@ -5,8 +5,9 @@ Every option can also be set with an ``EVSSM_*`` environment variable (``--max-s
 wins over the environment. With no model the project's default model is served.
 
 SIGTERM (or Ctrl-C) drains: new sessions are refused, packets already received are finished and
-answered, then every WebSocket is closed with 1001 and the process exits 0. A second Ctrl-C exits
-at once; a repeated SIGTERM is ignored (the drain is bounded by --drain-timeout).
+answered, every session is snapshotted (with --state-dir or --state-store), then every WebSocket
+is closed with 1001 and the process exits 0. A second Ctrl-C exits at once; a repeated SIGTERM
+is ignored (the drain is bounded by --drain-timeout).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ The API layer talks to the engine only: open/resume sessions, the staging buffer
 written into, submit work, classify, drain. The engine loads models (importing the JAX runner
 lazily, in a background thread, so ``/healthz`` answers while models compile), evicts idle
 sessions, and keeps the session metrics. Answers leave through the :class:`~.scheduler.Outputs`
-the API layer gives it.
+the API layer gives it. With ``--state-dir``/``--state-store`` it snapshots sessions
+(``server/durability.py``) and restores, on resume, a token it does not hold from its snapshot.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import secrets
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -20,13 +22,15 @@ import numpy as np
 from .metrics import Metrics
 from .protocol import CLOSE_GOING_AWAY, Code, error_frame
 from .scheduler import Outputs, Scheduler
-from .sessions import Item, Session, SessionTable
+from .sessions import Item, Restore, Session, SessionTable
 from .settings import ModelSpec, Settings
+from .snapshots import open_store, token_key
 from .staging import StagingBuffer
 
 if TYPE_CHECKING:  # the runner imports JAX; the API layer must not
     from evssm.models.streaming import StreamingModel
 
+    from .durability import Durability
     from .runner import ModelRunner
 
 log = logging.getLogger("evssm.server.engine")
@@ -62,6 +66,8 @@ class Engine:
         self.ready_after_s: float | None = None
         self._tasks: list[asyncio.Task] = []
         self._drained = asyncio.Event()
+        self.durability: Durability | None = None  # session snapshots (--state-dir/--state-store)
+        self._restoring: dict[str, asyncio.Future] = {}  # token key -> a restore in progress
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -72,6 +78,11 @@ class Engine:
         loop = asyncio.get_running_loop()
         s = self.settings
         try:
+            store = None
+            if s.snapshots:  # before the models: a locked or unusable store fails fast
+                store = await loop.run_in_executor(None, functools.partial(
+                    open_store, state_dir=s.state_dir, state_store=s.state_store, ttl_s=s.snapshot_ttl,
+                    owner=secrets.token_hex(8)))
             from . import runner as runner_mod  # JAX is imported here, off the API layer's path
 
             slots = s.slots_per_model or s.max_sessions
@@ -104,14 +115,22 @@ class Engine:
                          slots)
             self.table = SessionTable(s.max_sessions, {n: r.num_slots for n, r in self.runners.items()})
             capacity = max(s.staging_events, 2 * s.max_packet_events + 1)
+            if store is not None:
+                from .durability import Durability
+
+                self.durability = Durability(store, dict(self.runners), self.metrics, s.snapshot_interval,
+                                             self._taken_over)
             for name, runner in self.runners.items():
                 self.staging[name] = StagingBuffer(capacity)
                 sched = Scheduler(runner, self.table, self.staging[name], self.outputs,
-                                  self.metrics.model(name), s.batch_wait_ms / 1000.0, self._released)
+                                  self.metrics.model(name), s.batch_wait_ms / 1000.0, self._released,
+                                  self.durability)
                 self.metrics.queue_depth.labels(model=name).set_function(
                     lambda sched=sched: sched.queued_packets)
                 sched.start()
                 self.schedulers[name] = sched
+            if self.durability is not None:
+                self.durability.start(self.schedulers)
             self._tasks.append(asyncio.create_task(self._janitor(), name="evssm-janitor"))
             self.ready_after_s = time.monotonic() - self.started_at
             self.ready = True
@@ -131,6 +150,8 @@ class Engine:
         """Stop schedulers and background tasks (after a drain, or abruptly)."""
         for sched in self.schedulers.values():
             await sched.stop()
+        if self.durability is not None:
+            await self.durability.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -157,6 +178,45 @@ class Engine:
     def resume(self, token: str) -> Session | None:
         return None if self.table is None else self.table.by_token(token)
 
+    def durable(self, session: Session) -> int | None:
+        """Events sent that ``session``'s last snapshot covers (None: no snapshots are kept)."""
+        return self.schedulers[session.model].durable_of(session)
+
+    async def restore(self, token: str, *, key_id: str | None, owner: str | None) -> Session | None:
+        """The session of ``token`` restored from its snapshot, for a token this server does not
+        hold, resumed by a client with API key ``key_id`` (None: no snapshot, one opened under
+        another key, or snapshots are off). It counts against ``owner``'s sessions. Raises
+        ``sessions.ServerFull`` (or ``ClientFull``), ``durability.SnapshotIncompatible`` or
+        ``snapshots.StoreUnavailable``."""
+        if self.durability is None or self.table is None or self.table.knows(token):
+            return None
+        key = token_key(token)
+        if key in self._restoring:  # another connection is restoring it: share the outcome
+            await asyncio.shield(self._restoring[key])
+            return self.table.by_token(token)
+        done = asyncio.get_running_loop().create_future()
+        self._restoring[key] = done
+        try:
+            found = await self.durability.lookup(token, key_id)
+            if found is None or self.table.knows(token):
+                return None
+            rec, blob, adapter = found
+            session = self.table.restore(rec.model, rec.top_k, rec.session, token, owner=owner,
+                                         owner_limit=self.settings.sessions_per_client, key_id=rec.key_id)
+            # What the client has sent: the baseline its next packet is checked against.
+            session.events, session.last_t = rec.events, rec.last_t
+            session.cropped, session.geometry = rec.cropped, adapter
+            self.schedulers[rec.model].restore(session, Restore(
+                row=rec.row, events=rec.events, last_t=rec.last_t, probs=rec.probs, cropped=rec.cropped))
+            self.metrics.model(rec.model).sessions_active.inc()
+            self.durability.adopt(session, rec, blob)
+            log.info("session %s of %s restored from its snapshot at %d events", session.id, rec.model,
+                     rec.events)
+            return session
+        finally:
+            del self._restoring[key]
+            done.set_result(None)
+
     def expect(self, model: str) -> None:
         """A packet for ``model`` is being read (see ``Scheduler.expect``)."""
         self.schedulers[model].expect()
@@ -170,6 +230,18 @@ class Engine:
 
     def _released(self, session: Session) -> None:
         self.metrics.model(session.model).sessions_active.dec()
+        if self.durability is not None:
+            self.durability.forget(session)
+
+    def _taken_over(self, session: Session) -> None:
+        """Another server restored this session from the shared store: end it here."""
+        if session.released or session.closing:
+            return
+        session.closing = True
+        if session.attachment is not None:
+            session.attachment.detach(session, error_frame(
+                Code.SESSION_RESUMED_ELSEWHERE, f"session {session.id} was resumed on another server"))
+        self.schedulers[session.model].release_if_done(session)
 
     def sessions_by_model(self) -> dict[str, int]:
         if self.table is None:
@@ -215,8 +287,9 @@ class Engine:
         return sum(s.pending for s in self.schedulers.values())
 
     async def drain(self, timeout: float | None = None) -> bool:
-        """Refuse new sessions and packets, finish and answer in-flight packets, then close every
-        connection cleanly (1001). True if everything finished within ``timeout``."""
+        """Refuse new sessions and packets, finish and answer in-flight packets, snapshot every
+        session (with snapshots), then close every connection cleanly (1001). True if everything
+        finished within ``timeout``."""
         timeout = self.settings.drain_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         self.draining = True
@@ -224,6 +297,12 @@ class Engine:
         while self.pending and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         finished = not self.pending
+        if self.durability is not None:  # every session, before its client is told to go
+            try:
+                await asyncio.wait_for(self._snapshot_all(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                finished = False
+                log.error("drain: the snapshots did not finish within the drain timeout")
         for conn in list(self.connections):
             conn.close_after_flush(CLOSE_GOING_AWAY, "server shutting down")
         while self.connections and time.monotonic() < deadline:
@@ -231,3 +310,10 @@ class Engine:
         self._drained.set()
         log.info("drained: %s", "clean" if finished and not self.connections else "timed out")
         return finished and not self.connections
+
+    async def _snapshot_all(self) -> None:
+        assert self.durability is not None
+        t0 = time.perf_counter()
+        n = await self.durability.snapshot(everything=True)
+        await self.durability.flush()
+        log.info("drain: %d session snapshots written in %.2f s", n, time.perf_counter() - t0)

@@ -197,6 +197,17 @@ class Metrics:
                                "Events a declared crop removed before the model (streamed and classified).",
                                m, registry=r)
         self.ready = Gauge("evssm_ready", "1 when every model is loaded and every bucket compiled.", registry=r)
+        # Session snapshots (--state-dir / --state-store).
+        self.snapshots_written = Counter("evssm_snapshots_written_total", "Session snapshots written.", m,
+                                         registry=r)
+        self.snapshot_write_seconds = Histogram(
+            "evssm_snapshot_write_seconds", "Time to encode and write one batch of snapshots (writer thread).",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.sessions_restored = Counter("evssm_sessions_restored_total",
+                                         "Sessions restored from a snapshot by resume token.", m, registry=r)
+        self.snapshot_failures = Counter(
+            "evssm_snapshot_failures_total", "Snapshots not written or not restored, by reason "
+            "(store_error, corrupt, incompatible, taken_over).", ["reason"], registry=r)
         # evssm_process_resident_memory_bytes, _cpu_seconds_total, _open_fds, ... (Linux): what a
         # soak or an alert watches for growth.
         ProcessCollector(namespace="evssm", registry=r)
@@ -212,7 +223,7 @@ class Metrics:
         cached children."""
         for metric in (self.events, self.packets, self.compilations, self.sessions_opened, self.cropped,
                        self.sessions_resumed, self.sessions_evicted, self.steps, self.classify_streams,
-                       self.step_latency, self.batch_size):
+                       self.step_latency, self.batch_size, self.snapshots_written, self.sessions_restored):
             metric.labels(model=model)
         self.packet_latency.init(model)
         self.queue_wait.init(model)

@@ -8,8 +8,9 @@ model. Inputs and outputs are NumPy; nothing here knows about sessions or socket
 
 Steps come as plain :class:`~evssm.server.plan.StepPlan` data and go back as one
 :class:`~evssm.server.plan.StepResult` per step (probabilities, readiness and class order for the
-whole batch, computed once). Threads: the scheduler's step thread is the only one that calls
-:meth:`ModelRunner.run` (and so touches the state pool); one *classify* thread runs
+whole batch, computed once; copies of the rows the plan asked for, for snapshots). Threads: the
+scheduler's step thread is the only one that calls :meth:`ModelRunner.run` (and so touches the
+state pool: rows are zeroed, written, stepped and read there only); one *classify* thread runs
 :meth:`ModelRunner.classify`, so a large HTTP classification never holds up streaming steps.
 """
 
@@ -30,6 +31,7 @@ from evssm.models.events import PAD_TOKEN, SensorSpec
 from evssm.models.streaming import StreamingModel, load_model, softmax
 
 from .plan import StepPlan, StepResult
+from .snapshots import weights_fingerprint
 
 log = logging.getLogger("evssm.server.runner")
 
@@ -98,6 +100,11 @@ class ModelRunner:
         self.classify_executor = ThreadPoolExecutor(1, thread_name_prefix=f"evssm-classify-{name}")
         with self._attributed():
             self.pool = model.init_state(num_slots)  # the sessions' states: row = slot
+        self.words = int(model.layout.words)  # int32 words of one state row
+        config = {k: v for k, v in self.config.to_dict().items() if k != "name"}
+        self.fingerprint = weights_fingerprint(  # a snapshot's row means the same only under these
+            ((jax.tree_util.keystr(path), np.asarray(leaf))
+             for path, leaf in jax.tree_util.tree_leaves_with_path(model.variables)), config)
 
     @property
     def info(self) -> dict[str, Any]:
@@ -131,9 +138,11 @@ class ModelRunner:
                                pool_size=self.num_slots, classify=False)
             for L, batches in self.classify_shapes.items():
                 self.model.compile(list(batches), [L], classify=True)
-            for b in self.batch_buckets:  # zero_slots on all-padding rows: compiles, changes nothing
+            for b in self.batch_buckets:  # all-padding rows: compiles, changes nothing
                 pad = np.full(b, self.num_slots, np.int32)
                 self.pool = self.model.zero_slots(self.pool, pad)
+                self.model.read_slots(self.pool, pad)
+                self.pool = self.model.write_slots(self.pool, pad, np.zeros((b, self.words), np.int32))
             jax.block_until_ready(self.pool)
         return time.perf_counter() - t0
 
@@ -152,16 +161,26 @@ class ModelRunner:
         return tok, gap, lengths
 
     def run(self, plan: StepPlan) -> StepResult:
-        """Zero ``plan.zero``, then advance ``plan.slots`` by their ragged rows of the staging
-        buffers. The native step reads the rows in place; XLA's pads them once into the smallest
-        compiled (batch, length) bucket. Softmax and the class order run once for the batch."""
+        """Zero ``plan.zero``, write ``plan.write_rows`` into ``plan.write_slots``, advance
+        ``plan.slots`` by their ragged rows of the staging buffers, then copy ``plan.read`` out.
+        The native step reads the rows in place; XLA's pads them once into the smallest compiled
+        (batch, length) bucket. Softmax and the class order run once for the batch."""
         if plan.zero.size:
             self.zero(plan.zero)
-        batch = len(plan.slots)
+        if plan.write_slots.size:
+            self.write_rows(plan.write_slots, plan.write_rows)
         started = time.perf_counter()
+        probs, ready, order = self._step(plan)
+        seconds = time.perf_counter() - started
+        rows = self.read_rows(plan.read) if plan.read.size else np.zeros((0, self.words), np.int32)
+        return StepResult(probs, ready, order, started, seconds, rows)
+
+    def _step(self, plan: StepPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Probs float32 [B, C], ready bool [B] and order int32 [B, C] of the plan's step."""
+        batch = len(plan.slots)
         if batch == 0:
             empty = np.zeros((0, self.num_classes), np.float32)
-            return StepResult(empty, np.zeros(0, bool), empty.astype(np.int32), started, 0.0)
+            return empty, np.zeros(0, bool), empty.astype(np.int32)
         shape = None
         if self.model.native is None:
             longest = max(1, int(plan.lengths.max()))
@@ -173,7 +192,7 @@ class ModelRunner:
             ready = np.asarray(ready)[:batch]
         probs = softmax(logits)
         order = np.argsort(-probs, axis=1, kind="stable").astype(np.int32)
-        return StepResult(probs, ready, order, started, time.perf_counter() - started)
+        return probs, ready, order
 
     def prime(self) -> None:
         """A step is coming: wake the native step's helper threads now (no-op for XLA), so that
@@ -186,10 +205,36 @@ class ModelRunner:
         """Zero rows ``slots`` int32 [K] (in groups of at most the largest batch bucket)."""
         with self._attributed():
             for i in range(0, len(slots), self.max_batch):
+                self.pool = self.model.zero_slots(self.pool, self._padded(slots[i:i + self.max_batch]))
+            jax.block_until_ready(self.pool)
+
+    def _padded(self, part: np.ndarray) -> np.ndarray:
+        """Slots ``part`` int32 [k] padded with the pool size to the smallest batch bucket."""
+        pad = np.full(bucket(len(part), self.batch_buckets), self.num_slots, np.int32)
+        pad[:len(part)] = part
+        return pad
+
+    def read_rows(self, slots: np.ndarray) -> np.ndarray:
+        """A copy of state rows ``slots`` int32 [K]: int32 [K, words] (step thread, between
+        steps; in groups of at most the largest batch bucket, so no new shape compiles)."""
+        out = np.empty((len(slots), self.words), np.int32)
+        with self._attributed():
+            for i in range(0, len(slots), self.max_batch):
                 part = slots[i:i + self.max_batch]
-                pad = np.full(bucket(len(part), self.batch_buckets), self.num_slots, np.int32)
-                pad[:len(part)] = part
-                self.pool = self.model.zero_slots(self.pool, pad)
+                out[i:i + len(part)] = self.model.read_slots(self.pool, self._padded(part))[:len(part)]
+        return out
+
+    def write_rows(self, slots: np.ndarray, rows: np.ndarray) -> None:
+        """Set state rows ``slots`` int32 [K] to ``rows`` int32 [K, words] (step thread)."""
+        if rows.shape != (len(slots), self.words):
+            raise ValueError(f"rows of shape {rows.shape}; the pool's rows are {self.words} words")
+        with self._attributed():
+            for i in range(0, len(slots), self.max_batch):
+                part = slots[i:i + self.max_batch]
+                pad = self._padded(part)
+                block = np.zeros((len(pad), self.words), np.int32)
+                block[:len(part)] = rows[i:i + len(part)]
+                self.pool = self.model.write_slots(self.pool, pad, block)
             jax.block_until_ready(self.pool)
 
     def recover(self) -> bool:

@@ -19,6 +19,19 @@ packets and closes need no device work and are answered once everything before t
 
 Sessions are served first come, first served. The scheduler is the only code that steps, zeroes
 or frees a slot, and frees it only when nothing of the session is queued or in a plan.
+
+**Snapshots** (with ``--state-dir``/``--state-store``; ``server/durability.py``). A plan may also
+name rows to *write* (a session restored from a snapshot: its ``Restore`` item, after the plan's
+zeroings, before its step) and rows to *read* after its step. The step thread is the one thread
+that touches the rows and runs plans in order, so a row read after plan k is exactly the state
+after plan k; when plan k is reported back the lanes' *done* state (events, last timestamp and
+cropped count of the last finished packet, resets so far, changes so far) is the state after plan
+k too, so the scheduler pairs each row with it (:class:`~evssm.server.sessions.Captured`) and
+hands both to the snapshot sink, which writes them on its own thread. A row read while its
+session is between two chunks of a packet has no event count and is read again after a later
+plan. The scheduler keeps what snapshots have covered (``durable`` per slot: events sent that
+the last finished write of the session's current stream covers) and hands it to the
+:class:`Outputs` with each result.
 """
 
 from __future__ import annotations
@@ -34,10 +47,12 @@ import numpy as np
 
 from .metrics import ModelMetrics
 from .plan import StepPlan, StepResult
-from .sessions import Close, Item, Packet, Reset, Session, SessionTable, SlotError
+from .sessions import Captured, Close, Item, Packet, Reset, Restore, Session, SessionTable, SlotError
 from .staging import StagingBuffer
 
 log = logging.getLogger("evssm.server.scheduler")
+
+READ_CHUNK = 512  # rows one plan reads for snapshots at most: bounds the pause between two steps
 
 
 class StepRunner(Protocol):
@@ -48,9 +63,10 @@ class StepRunner(Protocol):
     num_slots: int
     max_batch: int  # largest batch bucket
     max_length: int  # largest length bucket
+    words: int  # int32 words of one state row
 
     def run(self, plan: StepPlan) -> StepResult:
-        """Zero ``plan.zero``, then step ``plan.slots`` by their rows (see ``plan.py``)."""
+        """Zero ``plan.zero``, write, step ``plan.slots`` by their rows, read (see ``plan.py``)."""
         ...
 
     def recover(self) -> bool:
@@ -70,9 +86,10 @@ class Outputs(Protocol):
         ...
 
     def results(self, model: str, sessions: list[Session], packets: list[Packet], probs: np.ndarray,
-                ready: np.ndarray, order: np.ndarray) -> None:
+                ready: np.ndarray, order: np.ndarray, durable: np.ndarray | None) -> None:
         """Packets answered, in order per session; row ``i`` of probs float32 [N, C], ready bool
-        [N] and order int32 [N, C] is the state after ``packets[i]``."""
+        [N] and order int32 [N, C] is the state after ``packets[i]``; ``durable`` int64 [N] what
+        the session's snapshots cover then (None: the server keeps no snapshots)."""
         ...
 
     def reset_done(self, session: Session, item: Reset) -> None: ...
@@ -84,12 +101,22 @@ class Outputs(Protocol):
         ...
 
 
+class Snapshots(Protocol):
+    """Where rows read for snapshots go (``durability.Durability``). Called on the event loop."""
+
+    def captured(self, model: str, items: list[Captured], rows: np.ndarray) -> None:
+        """``rows`` int32 [N, words]: row ``i`` is the state ``items[i]`` describes."""
+        ...
+
+
 class _Lane:
     """One session's work, as the scheduler sees it (event loop only)."""
 
-    __slots__ = ("session", "slot", "queue", "inflight", "offset", "builder", "ready", "failed")
+    __slots__ = ("session", "slot", "queue", "inflight", "offset", "builder", "ready", "failed",
+                 "settled", "events", "last_t", "cropped", "epoch", "version", "snap_version",
+                 "snap_active", "reading")
 
-    def __init__(self, session: Session):
+    def __init__(self, session: Session, settled: bool):
         self.session = session
         self.slot = session.slot
         self.queue: deque[Item] = deque()  # not yet wholly planned, in order
@@ -98,24 +125,39 @@ class _Lane:
         self.builder: _Builder | None = None  # the last plan it joined
         self.ready = False  # in the scheduler's ready line
         self.failed = False
+        # The *done* state: what the row holds once every reported plan has run (module docstring).
+        self.settled = settled  # the row is exactly the state after ``events`` (no chunk of a
+        # packet half done, no zeroing or restore pending)
+        self.events = 0  # events of the current stream the finished packets hold
+        self.last_t: int | None = None
+        self.cropped = 0
+        self.epoch = 0  # resets done
+        self.version = 0  # changes of the row done: packets, resets, a restore
+        self.snap_version = -1  # the version the last finished snapshot write covered
+        self.snap_active = 0.0  # the session's last_active that write saw
+        self.reading = False  # due for a snapshot read, or in a plan's reads
 
     @property
     def idle(self) -> bool:
         return not self.queue and not self.inflight
 
+    def capture(self, probs: np.ndarray | None) -> Captured:
+        return Captured(self.session, self.version, self.epoch, self.session.last_active, self.events,
+                        self.last_t, self.cropped, probs)
+
 
 def _plannable(lane: _Lane) -> bool:
-    """The lane's head needs the device: a zeroing or a packet with events."""
+    """The lane's head needs the device: a zeroing, a restore or a packet with events."""
     head = lane.queue[0] if lane.queue else None
-    return isinstance(head, Reset) or (isinstance(head, Packet) and head.size > 0)
+    return isinstance(head, (Reset, Restore)) or (isinstance(head, Packet) and head.size > 0)
 
 
 class _Builder:
     """The next step plan while it is gathered (lists; arrays once the step thread takes it).
     The event loop appends and the step thread takes it, both under the step thread's lock."""
 
-    __slots__ = ("zero", "slots", "starts", "lengths", "rows", "zeros", "published", "taken",
-                 "oldest")
+    __slots__ = ("zero", "slots", "starts", "lengths", "rows", "zeros", "writes", "reads",
+                 "published", "taken", "oldest")
 
     def __init__(self) -> None:
         self.zero: list[int] = []
@@ -124,14 +166,24 @@ class _Builder:
         self.lengths: list[int] = []
         self.rows: list[tuple[_Lane, Packet, bool, bool]] = []  # (lane, packet, first, last chunk)
         self.zeros: list[tuple[_Lane, Reset]] = []
+        self.writes: list[tuple[_Lane, Restore]] = []
+        self.reads: list[_Lane] = []  # rows to copy out after the step (snapshots)
         self.published = False  # offered to the step thread
         self.taken = False  # the step thread has it: no more rows
         self.oldest = float("inf")  # earliest arrival among its packets
 
-    def plan(self, staging: StagingBuffer) -> StepPlan:
-        return StepPlan(np.array(self.zero, np.int32), np.array(self.slots, np.int32),
-                        np.array(self.starts, np.int64), np.array(self.lengths, np.int32),
-                        staging.tokens, staging.gaps)
+    @property
+    def empty(self) -> bool:
+        return not (self.slots or self.zero or self.writes or self.reads)
+
+    def plan(self, staging: StagingBuffer, words: int) -> StepPlan:
+        write_rows = (np.stack([item.row for _, item in self.writes]).astype(np.int32, copy=False)
+                      if self.writes else np.zeros((0, words), np.int32))
+        return StepPlan(np.array(self.zero, np.int32),
+                        np.array([lane.slot for lane, _ in self.writes], np.int32), write_rows,
+                        np.array(self.slots, np.int32), np.array(self.starts, np.int64),
+                        np.array(self.lengths, np.int32), staging.tokens, staging.gaps,
+                        np.array([lane.slot for lane in self.reads], np.int32))
 
 
 class StepThread:
@@ -174,7 +226,8 @@ class StepThread:
                 builder.taken = True
             recovered = False
             try:
-                result: StepResult | BaseException = self.runner.run(builder.plan(self.staging))
+                result: StepResult | BaseException = self.runner.run(builder.plan(self.staging,
+                                                                                  self.runner.words))
             except Exception as exc:
                 result = exc
                 try:
@@ -192,7 +245,7 @@ class Scheduler:
 
     def __init__(self, runner: StepRunner, table: SessionTable, staging: StagingBuffer,
                  outputs: Outputs, metrics: ModelMetrics, batch_wait_s: float,
-                 on_release: Callable[[Session], None]):
+                 on_release: Callable[[Session], None], snapshots: Snapshots | None = None):
         self.runner = runner
         self.model = runner.name
         self.table = table
@@ -207,6 +260,12 @@ class Scheduler:
         self.probs = np.zeros((slots, classes), np.float32)
         self.ready = np.zeros(slots, bool)
         self.order = np.tile(np.arange(classes, dtype=np.int32), (slots, 1))
+        # Events sent (kept and cropped) of each session's current stream that its last finished
+        # snapshot write covers; None without snapshots (the frames then carry no ``durable``).
+        self.snapshots = snapshots
+        self.durable = None if snapshots is None else np.zeros(slots, np.int64)
+        self._due: dict[_Lane, None] = {}  # lanes to read for a snapshot, in request order
+        self._waiters: list[tuple[set[_Lane], asyncio.Future[None]]] = []
         self.lanes: dict[str, _Lane] = {}  # session id -> lane, live sessions only
         self.queued_packets = 0  # accepted, not yet answered
         self.steps = 0
@@ -218,11 +277,26 @@ class Scheduler:
 
     # --- called from the API layer (event loop) ------------------------------------------------
     def add(self, session: Session) -> None:
-        lane = self.lanes[session.id] = _Lane(session)
+        lane = self.lanes[session.id] = _Lane(session, settled=not session.dirty)
+        if self.durable is not None:
+            self.durable[lane.slot] = 0
         if session.dirty:  # a reused row is zeroed before anything else
             lane.queue.append(Reset(reply=None))
             self._mark_ready(lane)
             self._fill()
+
+    def restore(self, session: Session, item: Restore) -> None:
+        """A session restored from a snapshot: its row is written before anything else. The
+        snapshot it came from covers that state already."""
+        if self.durable is None:
+            raise SlotError("a session restored without snapshots")
+        lane = self.lanes[session.id] = _Lane(session, settled=False)
+        self.durable[lane.slot] = item.events + item.cropped
+        lane.snap_version = 1  # the version once the Restore is done
+        lane.snap_active = session.last_active
+        lane.queue.append(item)
+        self._mark_ready(lane)
+        self._fill()
 
     def submit(self, session: Session, item: Item) -> None:
         """Queue ``item`` behind the session's earlier items."""
@@ -254,8 +328,78 @@ class Scheduler:
             return False
         self.table.release(session, idle=True)
         del self.lanes[session.id]
+        if lane.reading:
+            self._due.pop(lane, None)  # a plan's read of it is dropped when the plan is done
+            self._read_done(lane)
         self.on_release(session)
         return True
+
+    # --- snapshots (event loop) ------------------------------------------------------------------
+    def durable_of(self, session: Session) -> int | None:
+        """What ``session``'s snapshots cover (None: no snapshots are kept)."""
+        lane = self.lanes.get(session.id)
+        if self.durable is None or lane is None:
+            return None
+        return int(self.durable[lane.slot])
+
+    def request_snapshots(self, everything: bool) -> tuple[int, asyncio.Future[None]]:
+        """Have the rows of the live sessions that changed since their last snapshot (every live
+        session with ``everything``) read after the next plans. Returns how many, and a future
+        done once each was read (and handed to the sink) or is gone."""
+        picked = {lane for lane in self.lanes.values()
+                  if not lane.failed and not lane.session.closing
+                  and (everything or lane.version != lane.snap_version
+                       or lane.session.last_active > lane.snap_active)}
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not picked:
+            done.set_result(None)
+            return 0, done
+        for lane in picked:
+            if not lane.reading:
+                lane.reading = True
+                self._due[lane] = None
+        self._waiters.append((picked, done))
+        self._fill()
+        return len(picked), done
+
+    def snapshot_written(self, item: Captured, covered: int) -> None:
+        """The sink wrote ``item``'s snapshot: ``covered`` events sent (kept and cropped)."""
+        lane = self.lanes.get(item.session.id)
+        if lane is None or lane.session is not item.session or self.durable is None:
+            return
+        lane.snap_version = max(lane.snap_version, item.version)
+        lane.snap_active = max(lane.snap_active, item.active)
+        if item.epoch == lane.epoch:  # a write from before a reset covers nothing of this stream
+            self.durable[lane.slot] = max(int(self.durable[lane.slot]), covered)
+
+    def _read_done(self, lane: _Lane) -> None:
+        lane.reading = False
+        for waiting, done in self._waiters:
+            waiting.discard(lane)
+            if not waiting and not done.done():
+                done.set_result(None)
+        self._waiters = [(w, d) for w, d in self._waiters if w]
+
+    def _captured(self, reads: list[_Lane], rows: np.ndarray) -> None:
+        """After a plan: pair each read row with its lane's done state; a lane between two chunks
+        of a packet is read again after a later plan."""
+        items: list[Captured] = []
+        keep: list[int] = []
+        for i, lane in enumerate(reads):
+            if self.lanes.get(lane.session.id) is not lane:
+                continue  # released meanwhile (its waiters were told then)
+            if lane.failed or lane.session.closing:
+                self._read_done(lane)
+                continue
+            if not lane.settled:
+                self._due[lane] = None
+                continue
+            s = lane.slot
+            items.append(lane.capture(self.probs[s].copy() if self.ready[s] else None))
+            keep.append(i)
+            self._read_done(lane)
+        if items and self.snapshots is not None:
+            self.snapshots.captured(self.model, items, rows[keep])
 
     @property
     def pending(self) -> int:
@@ -291,7 +435,8 @@ class Scheduler:
                 self.queued_packets -= 1
                 s = lane.slot
                 self.outputs.results(self.model, [lane.session], [head], self.probs[s:s + 1],
-                                     self.ready[s:s + 1], self.order[s:s + 1])
+                                     self.ready[s:s + 1], self.order[s:s + 1],
+                                     None if self.durable is None else self.durable[s:s + 1])
             elif isinstance(head, Close):
                 queue.popleft()
                 self.outputs.closed(lane.session, head)
@@ -304,7 +449,7 @@ class Scheduler:
 
     def _fill(self) -> None:
         """Plan ready lanes into the plan being gathered; publish it when it should go."""
-        if self._thread is None or not self._ready:
+        if self._thread is None or not (self._ready or self._due):
             return
         max_batch = self.runner.max_batch
         with self._thread.lock:
@@ -324,7 +469,11 @@ class Scheduler:
             for lane in reversed(later):
                 lane.ready = True
                 self._ready.appendleft(lane)
-            if (builder.slots or builder.zero) and not builder.published:
+            while self._due and len(builder.reads) < READ_CHUNK:
+                lane = next(iter(self._due))
+                del self._due[lane]
+                builder.reads.append(lane)
+            if not builder.empty and not builder.published:
                 if self._should_publish(builder):
                     self._publish(builder)
                 elif self._timer is None:
@@ -333,18 +482,25 @@ class Scheduler:
                     self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
 
     def _plan_lane(self, lane: _Lane, builder: _Builder) -> None:
-        """Put the lane's next zeroing and/or chunk into ``builder``."""
+        """Put the lane's next zeroing or restore and/or chunk into ``builder``."""
         lane.builder = builder
         head = lane.queue[0]
-        if isinstance(head, Reset):
+        if isinstance(head, (Reset, Restore)):
             lane.queue.popleft()
             lane.inflight.append(head)
-            builder.zero.append(lane.slot)
-            builder.zeros.append((lane, head))
+            if isinstance(head, Reset):
+                builder.zero.append(lane.slot)
+                builder.zeros.append((lane, head))
+            else:  # written after the plan's zeroings, before its step
+                builder.writes.append((lane, head))
             self.pool.zeroed(lane.slot)  # everything planned after it runs after it
-            if not _plannable(lane):  # nothing, or an empty packet or close: answered after it
+            head = lane.queue[0] if lane.queue else None
+            if not (isinstance(head, Packet) and head.size > 0):
+                # Nothing, an empty packet or a close: answered after it. Another reset: in a
+                # later plan (a plan zeroes a row once).
+                if _plannable(lane):
+                    self._mark_ready(lane)
                 return
-            head = lane.queue[0]
         assert isinstance(head, Packet)
         if self.pool.is_dirty(lane.slot):  # a dirty slot is always zeroed first (sessions.py)
             raise SlotError(f"session {lane.session.id} would step dirty slot {lane.slot}")
@@ -387,7 +543,7 @@ class Scheduler:
         builder = self._builder
         if builder is not None and self._thread is not None:
             with self._thread.lock:
-                if not builder.published and (builder.slots or builder.zero):
+                if not builder.published and not builder.empty:
                     self._publish(builder)
 
     # --- after a step (event loop) ---------------------------------------------------------------
@@ -409,8 +565,17 @@ class Scheduler:
         for lane, reset in builder.zeros:
             lane.inflight.popleft()
             self.ready[lane.slot] = False
+            lane.settled, lane.events, lane.last_t, lane.cropped = True, 0, None, 0
+            lane.epoch += 1
+            lane.version += 1
+            if self.durable is not None:
+                self.durable[lane.slot] = 0  # a new stream: no snapshot covers any of it yet
             if reset.reply is not None and not lane.failed:
                 self.outputs.reset_done(lane.session, reset)
+            touched.append(lane)
+        for lane, item in builder.writes:
+            lane.inflight.popleft()
+            self._restored(lane, item)
             touched.append(lane)
         rows = builder.rows
         if rows:
@@ -422,6 +587,11 @@ class Scheduler:
         waits: list[float] = []
         for i, (lane, packet, first, last) in enumerate(rows):
             lane.inflight.popleft()
+            lane.settled = last
+            if last:
+                lane.events, lane.last_t = packet.events_after, packet.last_t
+                lane.cropped = packet.cropped_after or 0
+                lane.version += 1
             if first:
                 waits.append(result.started - packet.received)
             if last or (lane.failed and packet not in lane.inflight):
@@ -434,18 +604,36 @@ class Scheduler:
             self.queued_packets -= len(done)
             self.outputs.results(self.model, [rows[i][0].session for i in done],
                                  [rows[i][1] for i in done], result.probs[done], result.ready[done],
-                                 result.order[done])
+                                 result.order[done],
+                                 None if self.durable is None else self.durable[slots[done]])
+        if builder.reads:
+            self._captured(builder.reads, result.rows)
         for lane in touched:
             if lane.failed:
                 self._release_failed(lane)
             else:
                 self._advance(lane)
 
+    def _restored(self, lane: _Lane, item: Restore) -> None:
+        """A restore is done: the row and the per-slot answer are the snapshot's."""
+        s = lane.slot
+        self.ready[s] = item.probs is not None
+        if item.probs is not None:
+            self.probs[s] = item.probs
+            self.order[s] = np.argsort(-item.probs, kind="stable")
+        lane.settled, lane.events, lane.last_t, lane.cropped = True, item.events, item.last_t, item.cropped
+        lane.version += 1
+
     def _fail_plan(self, builder: _Builder, exc: BaseException, recovered: bool) -> None:
         """A step failed: the rows' states are unknown, so end these sessions (all of the model's
-        sessions if the call consumed the pool)."""
+        sessions if the call consumed the pool). Rows it was to read are read after a later plan."""
+        for lane in builder.reads:
+            if self.lanes.get(lane.session.id) is lane:
+                self._due[lane] = None
         stepped: dict[_Lane, list[Item]] = {}  # each lane's items in this plan, in order
-        for lane, reset in builder.zeros:
+        for lane, _ in builder.zeros:
+            stepped.setdefault(lane, []).append(lane.inflight.popleft())
+        for lane, _ in builder.writes:
             stepped.setdefault(lane, []).append(lane.inflight.popleft())
         for lane, packet, _, _ in builder.rows:
             stepped.setdefault(lane, []).append(lane.inflight.popleft())

@@ -11,7 +11,8 @@ Slot lifecycle, the invariants the engine relies on:
 - a slot is freed exactly once, by its owner, and only when the owner has no queued or running
   work (``SlotPool.free`` raises on a double or foreign free);
 - a freed slot is *dirty* until zeroed: a session that receives a dirty slot starts with a
-  ``Reset`` item, so the device zeroes the row before the session's first step.
+  ``Reset`` item, so the device zeroes the row before the session's first step (a session restored
+  from a snapshot starts with a ``Restore`` item instead, which overwrites the whole row).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import numpy as np
 
 
 class SlotError(RuntimeError):
@@ -96,7 +99,39 @@ class Close:
     events: int
 
 
-Item = Packet | Reset | Close
+@dataclass(eq=False, slots=True)
+class Restore:
+    """Write a snapshot's state row into the session's slot (the first item of a session restored
+    from a snapshot). ``row`` int32 [words]; ``probs`` float32 [C] or None (no complete final-rate
+    window yet); ``events``/``last_t``/``cropped``: what the row covers."""
+
+    row: np.ndarray
+    events: int
+    last_t: int | None
+    probs: np.ndarray | None
+    cropped: int = 0
+    reply: Any = None  # never answered: the API layer answers the resume itself
+
+
+Item = Packet | Reset | Close | Restore
+
+
+@dataclass(frozen=True, slots=True)
+class Captured:
+    """What a snapshot of a session holds besides its state row, taken by the scheduler when the
+    row was read: the state after ``events`` events (``cropped`` more removed by a declared crop;
+    ``last_t`` the last one's timestamp) of the session's ``epoch``-th stream (resets so far),
+    ``version`` (changes of the row so far), ``probs`` float32 [C] or None, and the session's
+    ``last_active`` then."""
+
+    session: "Session"
+    version: int
+    epoch: int
+    active: float
+    events: int
+    last_t: int | None
+    cropped: int
+    probs: np.ndarray | None
 
 
 class Attachment(Protocol):
@@ -166,22 +201,40 @@ class SessionTable:
         When the slot is dirty (``session.dirty``), the scheduler zeroes it before the session's
         first step.
         """
+        return self._add(model, top_k, secrets.token_hex(8), secrets.token_urlsafe(24), owner=owner,
+                         owner_limit=owner_limit, key_id=key_id, restored=False)
+
+    def restore(self, model: str, top_k: int, sid: str, token: str, *, owner: str | None = None,
+                owner_limit: int | None = None, key_id: str | None = None) -> Session:
+        """A session restored from a snapshot: the same id (unless a live session has it) and
+        token, a slot that is never marked dirty (its ``Restore`` item writes the whole row); the
+        same limits and errors as :meth:`open`."""
+        return self._add(model, top_k, sid, token, owner=owner, owner_limit=owner_limit, key_id=key_id,
+                         restored=True)
+
+    def _add(self, model: str, top_k: int, sid: str, token: str, *, owner: str | None,
+             owner_limit: int | None, key_id: str | None, restored: bool) -> Session:
         pool = self.pools[model]
         if len(self.sessions) >= self.max_sessions or not pool._free:
             raise ServerFull(f"the server holds its maximum of {self.max_sessions} sessions")
         if owner is not None and owner_limit is not None and self._by_owner.get(owner, 0) >= owner_limit:
             raise ClientFull(f"this client holds its maximum of {owner_limit} sessions")
-        sid = secrets.token_hex(8)
+        if token in self._by_token:
+            raise SlotError("a live session holds this token already")
         while sid in self.sessions:
             sid = secrets.token_hex(8)
         slot, dirty = pool.allocate(sid)
-        session = Session(id=sid, token=secrets.token_urlsafe(24), model=model, slot=slot,
-                          top_k=top_k, dirty=dirty, owner=owner, key_id=key_id)
+        session = Session(id=sid, token=token, model=model, slot=slot, top_k=top_k,
+                          dirty=dirty and not restored, owner=owner, key_id=key_id)
         if owner is not None:
             self._by_owner[owner] = self._by_owner.get(owner, 0) + 1
         self.sessions[sid] = session
         self._by_token[session.token] = session
         return session
+
+    def knows(self, token: str) -> bool:
+        """A session (live, or closing and not yet released) holds this token."""
+        return token in self._by_token
 
     def by_token(self, token: str) -> Session | None:
         session = self._by_token.get(token)

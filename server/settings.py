@@ -141,6 +141,16 @@ class Settings(BaseSettings):
     body_timeout: float = Field(
         60.0, gt=0, description="seconds a client may take to send a classify request's body "
                                 "(then 408)")
+    # Session snapshots (docs/protocol.md, "Resuming after a restart"): at most one store.
+    state_dir: str | None = Field(
+        None, description="keep session snapshots in this directory: a restarted server resumes "
+                          "its sessions (one server per directory)")
+    state_store: str | None = Field(
+        None, description="keep session snapshots in Redis, redis://HOST:PORT/DB: replicas sharing "
+                          "it resume each other's sessions")
+    snapshot_interval: float = Field(
+        5.0, gt=0, description="seconds between snapshots of the sessions that changed (all are "
+                               "written on SIGTERM)")
 
     @field_validator("models", mode="before")
     @classmethod
@@ -182,8 +192,17 @@ class Settings(BaseSettings):
                              f"{STREAMING_BACKENDS[-1]}, not {value!r}")
         return value
 
+    @field_validator("state_store")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value and value.split("://", 1)[0] not in ("redis", "rediss", "unix"):
+            raise ValueError(f"state_store must be a redis://, rediss:// or unix:// URL, not {value!r}")
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> Self:
+        if self.state_dir and self.state_store:
+            raise ValueError("give state_dir (snapshots on disk) or state_store (Redis), not both")
         if self.classify_batch_events < max(self.length_buckets):
             raise ValueError("classify_batch_events must be >= the largest length bucket")
         names = [m.name for m in self.models if m.name is not None]
@@ -208,6 +227,17 @@ class Settings(BaseSettings):
     def max_length(self) -> int:
         """Events one session contributes to one step (longer packets take several steps)."""
         return max(self.length_buckets)
+
+    @property
+    def snapshots(self) -> bool:
+        """Session snapshots are kept (a state dir or store is set)."""
+        return bool(self.state_dir or self.state_store)
+
+    @property
+    def snapshot_ttl(self) -> float:
+        """Seconds a snapshot outlives its last write: the idle timeout, plus room for the write
+        to trail the session's last activity by up to two intervals."""
+        return self.session_idle_timeout + 2 * self.snapshot_interval
 
     def replace(self, **changes: Any) -> "Settings":
         """A copy with ``changes``, validated (the environment is not read again)."""

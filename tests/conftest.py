@@ -7,6 +7,8 @@ server on exit. ``free_port()`` finds an unused port for servers started as subp
 ``shared_path()`` finds a file of the workplace's shared folder (``../shared`` beside the
 repository, or ``$EVSSM_SHARED_DIR``) and skips the test where it is absent.
 :class:`LoopThread` is the base of the small loopback servers tests write themselves.
+``redis_server()`` runs a real ``redis-server`` (Debian's package) on a free port;
+``haproxy_test_config()`` is the project's HAProxy config pointed at loopback replicas.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -62,6 +65,56 @@ def require_tool(name: str, package: str) -> str:
     if os.environ.get("CI") and not os.environ.get("EVSSM_DEPLOY_TESTS_ALLOW_SKIP"):
         pytest.fail(message + " (CI must install it)")
     pytest.skip(message)
+
+
+@contextlib.contextmanager
+def redis_server(directory: Path, port: int | None = None, timeout: float = 20.0) -> Iterator[str]:
+    """A real ``redis-server`` on 127.0.0.1 (a free port unless ``port``), its files in
+    ``directory``, nothing persisted; yields ``redis://127.0.0.1:PORT/0`` and stops the server on
+    exit."""
+    exe = require_tool("redis-server", "redis-server")
+    port = port or free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
+                             "--save", "", "--appendonly", "no", "--logfile", str(directory / "redis.log")],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log = directory / "redis.log"
+                raise RuntimeError(f"redis-server did not start: {log.read_text() if log.exists() else ''}")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+HAPROXY_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "haproxy" / "haproxy.cfg"
+
+
+def haproxy_test_config(lb_port: int, backends: list[int]) -> str:
+    """The project's haproxy.cfg with only the listen address and the replica addresses changed
+    (static loopback servers instead of Docker-DNS discovery), without the stats frontend, and with
+    a connection limit that fits this machine's open-file limit."""
+    text = HAPROXY_CONFIG.read_text()
+    text = re.sub(r"^(\s*)maxconn \d+$", r"\1maxconn 256", text, flags=re.M)
+    text = re.sub(r"^resolvers docker\n(?:[ \t]+.*\n)+", "", text, flags=re.M)
+    text = re.sub(r"^frontend stats\n(?:[ \t]+.*\n?)+", "", text, flags=re.M)
+    text = re.sub(r"^(\s*)log stdout.*$", r"\1log stderr format raw local0 warning", text, flags=re.M)
+    text = re.sub(r"^(\s*)bind :8080$", rf"\1bind 127.0.0.1:{lb_port}", text, flags=re.M)
+    servers = "".join(f"    server replica{i + 1} 127.0.0.1:{p}\n" for i, p in enumerate(backends))
+    text, n = re.subn(r"^\s*server-template .*\n", servers, text, flags=re.M)
+    assert n == 1
+    return text
 
 
 SHARED_DIR = Path(os.environ.get("EVSSM_SHARED_DIR")

@@ -2,7 +2,9 @@
 
 The fake speaks the WebSocket contract (docs/protocol.md) with a toy model whose answer depends on
 every event seen (a class histogram), so a packet processed twice or skipped changes the answer.
-It can drop the connection before or after processing a chosen packet, as a flaky network would.
+It can drop the connection before or after processing a chosen packet, as a flaky network would,
+and, with ``snapshot_every``, keep session snapshots and "restart" (forget every live session and
+restore them from their snapshots on resume), as ``evssm serve --state-dir`` does.
 The same tests against the real server are in test_client_e2e.py.
 """
 
@@ -63,15 +65,31 @@ class _State:
         self.counts = np.zeros(len(CLASSES))
         self.events = 0
         self.last_t: int | None = None
+        self.packets = 0
+        self.durable = 0  # reported in results: the last snapshot's count, one packet late
+        self.snapshotted: int | None = None
+
+    def copy(self) -> "_State":
+        other = _State(self.sid)
+        other.counts, other.events, other.last_t = self.counts.copy(), self.events, self.last_t
+        other.durable = other.snapshotted = self.events
+        return other
 
 
 class FakeServer(LoopThread):
     """A WebSocket server on 127.0.0.1 in its own thread, speaking the stream protocol."""
 
-    def __init__(self, *, max_sessions: int = 1000, delay_s: float = 0.0):
+    def __init__(self, *, max_sessions: int = 1000, delay_s: float = 0.0, snapshot_every: int | None = None):
         super().__init__()
         self.max_sessions = max_sessions
         self.delay_s = delay_s
+        self.snapshot_every = snapshot_every  # None: no snapshots (no durable); 0: none taken yet
+        self.store: dict[str, _State] = {}  # session -> its last snapshot
+        self.restored = 0
+        self.draining_after: int | None = None  # refuse packets after this many, then close 1001
+        self.refused = 0
+        self._next_id = 0
+        self.packet_sizes: list[int] = []
         self.sessions: dict[str, _State] = {}
         self.closed: dict[str, _State] = {}  # sessions ended by a client's close
         self.live = 0
@@ -96,8 +114,13 @@ class FakeServer(LoopThread):
                     if msg.get("model") not in (None, "toy"):
                         await self._error(ws, None, "unknown_model", "no such model")
                         continue
+                    restored = False
                     if msg.get("resume"):
                         state = self.sessions.get(msg["resume"])
+                        if state is None and msg["resume"] in self.store:
+                            state = self.sessions[msg["resume"]] = self.store[msg["resume"]].copy()
+                            self.restored += 1
+                            restored = True
                         if state is None:
                             await self._error(ws, None, "unknown_session", "expired")
                             continue
@@ -105,16 +128,29 @@ class FakeServer(LoopThread):
                         if len(self.sessions) >= self.max_sessions:
                             await ws.close(1013, "server full")
                             return
-                        state = _State(f"s{len(self.sessions)}")
+                        state = _State(f"s{self._next_id}")
+                        self._next_id += 1
                         self.sessions[state.sid] = state
+                    durable = {} if self.snapshot_every is None else {"durable": state.durable,
+                                                                      "restored": restored}
                     await ws.send(msgpack.packb({
                         "type": "opened", "session": state.sid, "resume": state.sid,
-                        "events": state.events,
+                        "events": state.events, **durable,
                         "model": {"name": "toy", "classes": list(CLASSES), "downsampling": 1,
                                   "sensor": {"kind": "1d", "channels": CHANNELS, "width": 0,
                                              "height": 0}}}))
                 elif kind == "events" and state is not None:
                     number = self.packets_processed + 1
+                    if self.draining_after is not None and number > self.draining_after:
+                        await self._error(ws, msg.get("seq"), "draining", "shutting down")
+                        self.refused += 1
+                        if self.refused == 2:  # the drain ends: snapshot, close 1001, forget
+                            self.draining_after = None
+                            self.store = {sid: st.copy() for sid, st in self.sessions.items()}
+                            self.sessions.clear()
+                            await ws.close(1001, "server shutting down")
+                            return
+                        continue
                     if self.drops.get(number) == "before":
                         del self.drops[number]
                         ws.transport.abort()
@@ -125,8 +161,19 @@ class FakeServer(LoopThread):
                         continue
                     self.packets_processed = number
                     self.seen_seqs.append(msg["seq"])
+                    self.packet_sizes.append(len(_column(msg["t"], "<i8")))
+                    state.packets += 1
+                    reported = state.durable
+                    if self.snapshot_every and state.packets % self.snapshot_every == 0:
+                        self.store[state.sid] = state.copy()
+                        state.snapshotted = state.events
                     if self.drops.get(number) == "after":
                         del self.drops[number]
+                        ws.transport.abort()
+                        return
+                    if self.drops.get(number) == "restart":  # the process dies after this packet
+                        del self.drops[number]
+                        self.sessions.clear()
                         ws.transport.abort()
                         return
                     if self.drops.get(number) == "mute":  # answer nothing more, drop after next
@@ -138,13 +185,19 @@ class FakeServer(LoopThread):
                     probs = toy_probs(state.counts)
                     top = [] if probs is None else sorted(
                         ((CLASSES[i], p) for i, p in enumerate(probs)), key=lambda e: -e[1])[:2]
+                    durable = {} if self.snapshot_every is None else {"durable": reported}
                     await ws.send(msgpack.packb({
                         "type": "result", "seq": msg["seq"], "events": state.events,
-                        "t": state.last_t, "probs": probs, "top": [list(e) for e in top]}))
+                        "t": state.last_t, "probs": probs, "top": [list(e) for e in top], **durable}))
+                    if state.snapshotted is not None:  # the write is done: say so from now on
+                        state.durable = state.snapshotted
                 elif kind == "reset" and state is not None:
                     state.counts[:] = 0
                     state.events = 0
                     state.last_t = None
+                    state.durable, state.snapshotted = 0, None  # the old snapshot stays stored
+                    await ws.send(msgpack.packb({"type": "reset_done", "session": state.sid,
+                                                 "events": 0}))
                 elif kind == "close":
                     if state is not None and state.sid in self.sessions:
                         self.closed[state.sid] = self.sessions.pop(state.sid)
@@ -546,3 +599,168 @@ def test_bench_serve_max_rate_and_errors_by_code(capsys: Any) -> None:
     assert report["sessions"]["opened"] == 2 and report["sessions"]["share_real_time"] is None
     assert report["errors"] == {"server_full": 1}
     assert report["achieved_events_per_s"] > 0
+
+
+# -- resuming from snapshots (a server restarted with --state-dir) -------------------------------
+
+
+def test_restore_from_an_older_snapshot_replays_what_it_lacks() -> None:
+    """Snapshots after every 4th packet; the server dies after packet 14 with 3 packets in flight
+    unanswered. The restored session holds 12 packets' events: the client replays the answered ones
+    after that point (merged into larger packets), resends those in flight, and the state is
+    exactly one of an unbroken stream."""
+    rec = make_recording(1000, seed=5)
+
+    async def main() -> tuple[list[Any], AsyncStreamSession]:
+        async with AsyncStreamSession(srv.url, max_in_flight=3, replay_packet_events=60) as s:
+            results = [r async for r in s.stream(packetize(rec, events=25))]
+            return results, s
+
+    with FakeServer(snapshot_every=4) as srv:
+        srv.drops = {14: "restart"}
+        results, session = run(main())
+        state = closed_session(srv, "s0")
+    assert [r.seq for r in results] == list(range(40)) and not any(r.lost for r in results)
+    assert state.events == 1000  # no event applied twice onto the restored state, none skipped
+    np.testing.assert_allclose(results[-1].probs, offline_probs(rec))
+    (resume,) = session.resumes
+    assert resume.restored and resume.events == 12 * 25 and not resume.new_session
+    # Packets 13 and 14 were processed; whether their answers arrived before the connection died
+    # is a race: answered ones are replayed, the others are recovered as in-flight packets.
+    assert resume.replayed in (0, 25, 50)
+    # durable never ran ahead of the answers; the replay buffer holds only what follows it.
+    assert all(r.durable is not None and r.durable <= r.events for r in results)
+    assert session.replay_events == 1000 - session.durable
+
+
+def test_replay_merges_answered_packets() -> None:
+    rec = make_recording(600, seed=6)
+
+    async def main() -> list[Any]:
+        async with AsyncStreamSession(srv.url, max_in_flight=1, replay_packet_events=80) as s:
+            return [r async for r in s.stream(packetize(rec, events=20))]
+
+    with FakeServer(snapshot_every=10) as srv:
+        srv.drops = {19: "restart"}  # snapshot at 10 packets; 8 answered after it, then the drop
+        results = run(main())
+        sizes = srv.packet_sizes
+    np.testing.assert_allclose(results[-1].probs, offline_probs(rec))
+    # After 19 packets of 20: the replay of packets 11..18 (160 events) as two packets of 80.
+    assert sizes[:19] == [20] * 19 and sizes[19:21] == [80, 80] and set(sizes[21:]) == {20}
+
+
+def test_reset_not_covered_by_a_snapshot_is_replayed_from_its_start() -> None:
+    """The last snapshot predates a reset when the server dies: the restored state is the old
+    stream's, so the client resets it and replays the new stream from its start."""
+    first, second = make_recording(200, seed=7), make_recording(300, seed=8)
+
+    async def main() -> tuple[Any, AsyncStreamSession]:
+        async with AsyncStreamSession(srv.url, max_in_flight=1) as s:
+            async for _ in s.stream(packetize(first, events=20)):
+                pass
+            await s.reset()
+            srv.drops = {srv.packets_processed + 4: "restart"}  # before the new stream's snapshot
+            results = [r async for r in s.stream(packetize(second, events=20))]
+            return results, s
+
+    with FakeServer(snapshot_every=5) as srv:  # 10 packets: snapshots at 5 and 10, then reset
+        results, session = run(main())
+        state = closed_session(srv, "s0")
+    assert srv.restored == 1 and state.events == 300
+    np.testing.assert_allclose(results[-1].probs, offline_probs(second))
+    (resume,) = session.resumes
+    assert resume.restored and resume.events == 200  # the old stream's snapshot came back
+    assert resume.replayed == 60  # the new stream's 3 answered packets, from its start
+
+
+def test_session_gone_before_its_first_snapshot_is_replayed_into_a_new_one() -> None:
+    rec = make_recording(400, seed=9)
+
+    async def main() -> tuple[list[Any], AsyncStreamSession]:
+        async with AsyncStreamSession(srv.url, max_in_flight=1) as s:  # 5 answered at the drop
+            return [r async for r in s.stream(packetize(rec, events=40))], s
+
+    with FakeServer(snapshot_every=0) as srv:  # snapshots on, none taken yet
+        srv.drops = {6: "restart"}
+        results, session = run(main())
+        state = closed_session(srv, "s1")
+    assert state.events == 400
+    np.testing.assert_allclose(results[-1].probs, offline_probs(rec))
+    (resume,) = session.resumes
+    assert resume.new_session and resume.events == 0 and resume.replayed == 200
+    assert session.session_id == "s1"
+
+
+def test_replay_buffer_is_bounded_and_overflow_is_a_clear_mismatch() -> None:
+    rec = make_recording(1000, seed=10)
+
+    async def main() -> None:
+        async with AsyncStreamSession(srv.url, max_in_flight=2, max_replay_events=100) as s:
+            async for _ in s.stream(packetize(rec, events=25)):
+                assert s.replay_events <= 100
+
+    with FakeServer(snapshot_every=0) as srv:  # no snapshot after the one made at open:
+        srv.store["s0"] = _State("s0").copy()  # the restore goes back to 0 events
+        srv.drops = {20: "restart"}
+        with pytest.raises(SessionExpired) as info:
+            run(main())
+    assert info.value.code == "resume_mismatch" and "max_replay_events" in str(info.value)
+
+
+def test_without_snapshots_nothing_is_kept(server: FakeServer) -> None:
+    rec = make_recording(500, seed=11)
+
+    async def main() -> tuple[list[Any], int]:
+        async with AsyncStreamSession(server.url, max_in_flight=2) as s:
+            kept = 0
+            results = []
+            async for r in s.stream(packetize(rec, events=25)):
+                results.append(r)
+                kept = max(kept, s.replay_events)
+            assert s.durable is None
+            return results, kept
+
+    results, kept = run(main())
+    assert kept == 0 and all(r.durable is None for r in results)
+
+
+def test_packets_refused_while_draining_are_sent_again() -> None:
+    rec = make_recording(500, seed=12)
+
+    async def main() -> tuple[list[Any], AsyncStreamSession]:
+        async with AsyncStreamSession(srv.url, max_in_flight=4) as s:
+            return [r async for r in s.stream(packetize(rec, events=25))], s
+
+    with FakeServer(snapshot_every=100) as srv:
+        srv.draining_after = 8
+        results, session = run(main())
+        state = closed_session(srv)
+    assert [r.seq for r in results] == list(range(20)) and state.events == 500
+    np.testing.assert_allclose(results[-1].probs, offline_probs(rec))
+    (resume,) = session.resumes
+    assert resume.restored and resume.events == 200 and resume.replayed == 0 and resume.resent >= 2
+
+
+def test_stream_command_shows_where_it_resumed(tmp_path: Any, capsys: Any) -> None:
+    from evssm.cli import main
+    from evssm.client.sources import save_events
+
+    rec = make_recording(800, seed=13)
+    path = save_events(tmp_path / "rec.npz", rec)
+    with FakeServer(snapshot_every=4) as srv:
+        srv.drops = {10: "restart"}
+        # One packet in flight: packet 9 is answered before packet 10 goes, so the restored
+        # snapshot (8 packets) lacks one answered packet, which is replayed.
+        assert main(["stream", str(path), "--url", srv.url, "--fast", "--packet-events", "50",
+                     "--max-in-flight", "1", "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        srv.drops = {srv.packets_processed + 10: "restart"}
+        assert main(["stream", str(path), "--url", srv.url, "--fast", "--packet-events", "50",
+                     "--max-in-flight", "1"]) == 0
+        text = capsys.readouterr().out
+    np.testing.assert_allclose(out["probs"], offline_probs(rec))
+    assert out["reconnects"] == 1
+    (resume,) = out["resumes"]
+    assert resume == {"events": 400, "restored": True, "new_session": False, "replayed": 50,
+                      "resent": 1}
+    assert "resumed at event 400 from a snapshot" in text and "replayed 50 answered events" in text

@@ -306,7 +306,10 @@ def test_compose_config_validates(variant, tmp_path):
         services = resolved["services"]
         expected = {"server", "prometheus", "grafana"}
         if variant != "default":
-            expected |= {"replica", "lb"}
+            expected |= {"replica", "lb", "redis"}
+            # The replicas share their session snapshots through the Redis service.
+            assert services["replica"]["environment"]["EVSSM_STATE_STORE"] == "redis://redis:6379/0"
+        assert services["server"]["environment"]["EVSSM_STATE_DIR"] == "/home/evssm/state"
         assert expected <= set(services), (command, sorted(services))
         if variant == "gpu":
             for name in ("server", "replica"):
@@ -335,9 +338,16 @@ def test_compose_file_structure():
         for volume in service.get("volumes", []):
             if volume.startswith("./"):
                 assert (ROOT / volume.split(":")[0]).exists(), volume
-    # Replicas: a profile, the same image, behind the session-affine load balancer.
-    replica, lb = services["replica"], services["lb"]
-    assert replica["profiles"] == ["replicas"] and lb["profiles"] == ["replicas"]
+    # Replicas: a profile, the same image, behind the session-affine load balancer, their
+    # session snapshots in Redis (persisted on a volume); the single server's on a volume.
+    replica, lb, redis = services["replica"], services["lb"], services["redis"]
+    assert replica["profiles"] == ["replicas"] and lb["profiles"] == ["replicas"] == redis["profiles"]
+    host = re.fullmatch(r"redis://([a-z0-9-]+):6379/\d+", replica["environment"]["EVSSM_STATE_STORE"])
+    assert host and host.group(1) in services and "redis" in replica["depends_on"]
+    assert "--appendonly" in redis["command"] and any(v.endswith(":/data") for v in redis["volumes"])
+    state_dir = server["environment"]["EVSSM_STATE_DIR"]
+    assert any(v.split(":")[1] == state_dir for v in server["volumes"])
+    assert "install -d -o evssm -g evssm" in DOCKERFILE.read_text() and state_dir in DOCKERFILE.read_text()
     assert replica["image"] == server["image"]
     assert "ports" not in replica, "replicas are reached through the load balancer only"
     assert any("deploy/haproxy/haproxy.cfg" in v for v in lb["volumes"])

@@ -34,14 +34,13 @@ import pytest
 import yaml
 from websockets.sync.client import connect
 
-from conftest import free_port, require_tool, wait_process_ready
+from conftest import free_port, haproxy_test_config, require_tool, wait_process_ready
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "evssm.json"
-HAPROXY_CONFIG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
 HEALTHCHECK = ROOT / "deploy" / "docker" / "healthcheck.py"
 
 READY_TIMEOUT_S = float(os.environ.get("EVSSM_TEST_READY_TIMEOUT", "420"))
@@ -462,22 +461,6 @@ def test_prometheus_answers_every_dashboard_query(server, tmp_path):
 
 
 # --- load balancer: two replicas behind HAProxy with the project's config -----------------------
-def haproxy_test_config(lb_port: int, backends: list[int]) -> str:
-    """The project's haproxy.cfg with only the listen address and the replica addresses changed
-    (static loopback servers instead of Docker-DNS discovery), without the stats frontend, and with
-    a connection limit that fits this machine's open-file limit."""
-    text = HAPROXY_CONFIG.read_text()
-    text = re.sub(r"^(\s*)maxconn \d+$", r"\1maxconn 256", text, flags=re.M)
-    text = re.sub(r"^resolvers docker\n(?:[ \t]+.*\n)+", "", text, flags=re.M)
-    text = re.sub(r"^frontend stats\n(?:[ \t]+.*\n?)+", "", text, flags=re.M)
-    text = re.sub(r"^(\s*)log stdout.*$", r"\1log stderr format raw local0 warning", text, flags=re.M)
-    text = re.sub(r"^(\s*)bind :8080$", rf"\1bind 127.0.0.1:{lb_port}", text, flags=re.M)
-    servers = "".join(f"    server replica{i + 1} 127.0.0.1:{p}\n" for i, p in enumerate(backends))
-    text, n = re.subn(r"^\s*server-template .*\n", servers, text, flags=re.M)
-    assert n == 1
-    return text
-
-
 def sessions_opened(srv: Server) -> float:
     status, body = http_get(srv.http + "/metrics")
     assert status == 200

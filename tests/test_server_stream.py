@@ -344,6 +344,34 @@ def test_pipelined_control_frames_keep_their_order(start):
     asyncio.run(run())
 
 
+def test_resets_back_to_back_behind_a_long_packet(start):
+    """A packet of several steps, then two resets and an empty packet, none awaited: the second
+    reset is planned once the first is (it used to stop the session's planning for good); the
+    answers come in order, and the state after them is zero."""
+    server = start()
+    rng = np.random.default_rng(17)
+    t, x = recording(rng, 700)
+    want_all, want_tail = classify(server.http, [(t, x), (t[500:], x[500:])])
+
+    async def run() -> None:
+        async with connect(f"{server.ws}/v1/stream") as ws:
+            c = Client(ws)
+            await c.open()
+            frames = [{"type": "events", "seq": 0, **columns(t, x, "bin")}, {"type": "reset"},
+                      {"type": "reset"}, {"type": "events", "seq": 1, "t": [], "x": []},
+                      {"type": "events", "seq": 2, **columns(t[500:], x[500:], "bin")}]
+            for frame in frames:
+                await c.send(frame)
+            replies = [await asyncio.wait_for(c.recv(), 30) for _ in frames]
+            assert [r["type"] for r in replies] == ["result", "reset_done", "reset_done", "result", "result"]
+            assert_probs_equal(replies[0]["probs"], want_all["probs"])
+            assert replies[3]["events"] == 0 and replies[3]["probs"] is None
+            assert replies[4]["events"] == 200
+            assert_probs_equal(replies[4]["probs"], want_tail["probs"])
+
+    asyncio.run(run())
+
+
 def test_resume_continues_the_same_state(server):
     rng = np.random.default_rng(6)
     t, x = recording(rng, 600)

@@ -244,7 +244,7 @@ def test_every_error_code_is_stable():
         "malformed_frame", "unknown_type", "invalid_field", "missing_column", "invalid_column",
         "length_mismatch", "address_out_of_range", "timestamps_decreasing", "packet_too_large",
         "unknown_model", "server_full", "no_session", "unknown_session", "session_expired",
-        "not_ready", "draining", "internal_error"}
+        "not_ready", "draining", "internal_error", "snapshot_incompatible", "store_unavailable"}
 
 
 # --- settings ----------------------------------------------------------------------------------
@@ -271,6 +271,21 @@ def test_settings_from_env_and_overrides():
     assert Settings().backend == "auto"
     with pytest.raises(ValueError, match="backend must be auto, native or xla"):
         Settings.from_env({"EVSSM_BACKEND": "cuda"})
+
+
+def test_snapshot_settings():
+    s = Settings.from_env({"EVSSM_STATE_DIR": "/var/lib/evssm", "EVSSM_SNAPSHOT_INTERVAL": "2",
+                           "EVSSM_SESSION_IDLE_TIMEOUT": "60"})
+    assert (s.state_dir, s.state_store, s.snapshot_interval, s.snapshots) == ("/var/lib/evssm", None, 2.0, True)
+    assert s.snapshot_ttl == 64.0  # the idle timeout, plus two intervals
+    assert not Settings().snapshots and Settings().snapshot_interval == 5.0
+    assert Settings.from_env({}, state_store="redis://r:6379/1").state_store == "redis://r:6379/1"
+    with pytest.raises(ValueError, match="not both"):
+        Settings(state_dir="/a", state_store="redis://r:6379/0")
+    with pytest.raises(ValueError, match="redis://"):
+        Settings(state_store="http://r:6379")
+    with pytest.raises(ValueError, match="snapshot_interval"):
+        Settings(snapshot_interval=0)
 
 
 def test_serve_options_beat_variables_beat_defaults_and_errors_say_where():
@@ -300,7 +315,8 @@ def test_serve_help_lists_every_option_and_env_var():
     out = subprocess.run([sys.executable, "-m", "evssm.cli", "serve", "--help"], capture_output=True,
                          text=True, timeout=60, check=True).stdout
     for opt in ("--model", "--host", "--port", "--max-sessions", "--max-packet-events",
-                "--session-idle-timeout", "--log-level"):
+                "--session-idle-timeout", "--log-level", "--state-dir", "--state-store",
+                "--snapshot-interval"):
         assert opt in out
     for env in ("EVSSM_MODEL", "EVSSM_MAX_SESSIONS", "EVSSM_SESSION_IDLE_TIMEOUT"):
         assert env in out
