@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
+import select
+import threading
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -50,7 +53,8 @@ class Decoders:
             return parse_classify(body, is_msgpack, sensors, default_model, limits)
         if self._processes is None:
             self._processes = ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("forkserver"),
-                                                  max_tasks_per_child=TASKS_PER_WORKER)
+                                                  max_tasks_per_child=TASKS_PER_WORKER,
+                                                  initializer=_exit_with, initargs=(os.getpid(),))
         return await asyncio.get_running_loop().run_in_executor(
             self._processes, parse_classify, body, is_msgpack, sensors, default_model, limits)
 
@@ -59,3 +63,34 @@ class Decoders:
             self._threads.shutdown(wait=False, cancel_futures=True)
         if self._processes is not None:
             self._processes.shutdown(wait=False, cancel_futures=True)
+
+
+def _exit_with(server_pid: int) -> None:
+    """Worker initializer: end this worker when the server process ends, however it ends.
+
+    A pool's workers block reading their call queue, whose write end they hold themselves, so a
+    server killed with SIGKILL would leave them (and the fork server they keep alive) running
+    forever. A daemon thread waits on the server's pid file descriptor instead.
+    """
+    def watch() -> None:
+        try:
+            fd = os.pidfd_open(server_pid)
+        except (AttributeError, OSError):  # no pidfd (old kernel): poll
+            while _alive(server_pid):
+                threading.Event().wait(1.0)
+        else:
+            select.select([fd], [], [])
+        os._exit(0)
+
+    threading.Thread(target=watch, name="evssm-exit-with-server", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+

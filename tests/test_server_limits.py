@@ -320,3 +320,48 @@ def test_concurrent_classify_requests_beyond_the_limit_get_503_with_retry_after(
     assert head.startswith(b"HTTP/1.1 408") and json.loads(body)["error"] == "request_timeout", head[:200]
     r = httpx.post(f"{server.http}/v1/classify", json=ok)
     assert r.status_code == 200 and len(r.json()["results"]) == 1
+
+
+def _children(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (from /proc)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parents.items() if pp == p]
+        found += kids
+        frontier += kids
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_killed_server_leaves_no_decode_worker_behind(tmp_path):
+    """The decode workers (and their fork server) block on a queue whose write end they hold:
+    after SIGKILL of the server they used to live forever. They now exit with it."""
+    with evssm_serve(tmp_path, *SERVE) as s:
+        t, x = recording(40_000)
+        body = json.dumps({"streams": [{"t": t, "x": x}]}).encode()
+        assert len(body) > 256 << 10  # parsed in a worker process
+        r = httpx.post(f"{s.http}/v1/classify", content=body, timeout=120,
+                       headers={"content-type": "application/json"})
+        assert r.status_code == 200, r.text[:300]
+        workers = _children(s.proc.pid)
+        assert workers, "no decode worker was started"
+        s.proc.kill()
+        s.proc.wait(10)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(_running(w) for w in workers):
+            time.sleep(0.1)
+        assert not [w for w in workers if _running(w)], "decode workers outlived the server"
