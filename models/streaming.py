@@ -274,6 +274,22 @@ class StreamingModel:
             return state, logits, ready
         return self._call("step", self.tables, state, _i32(tokens), _i32(gaps), _i32(lengths))
 
+    def stream(self, tokens: np.ndarray, gaps: np.ndarray, sizes: list[int], bucket: int
+               ) -> tuple[np.ndarray, bool]:
+        """One recording (tokens, gaps int32 [N]) streamed through :meth:`step` in packets of
+        ``sizes`` events (summing to N), each padded to ``bucket`` events so that one shape is
+        compiled. Returns the last packet's ``(logits float32 [C], ready)``."""
+        state, pos = self.init_state(1), 0
+        logits, ready = np.zeros((1, self.config.num_classes), np.float32), np.zeros(1, bool)
+        for size in sizes:
+            tok = np.full((1, bucket), PAD_TOKEN, np.int32)
+            gap = np.zeros((1, bucket), np.int32)
+            tok[0, :size], gap[0, :size] = tokens[pos:pos + size], gaps[pos:pos + size]
+            state, logits, ready = self.step(state, tok, gap, np.array([size], np.int32))
+            pos += size
+        assert pos == len(tokens), "packet sizes must sum to the recording's length"
+        return np.asarray(logits)[0], bool(np.asarray(ready)[0])
+
     def step_slots(self, pool: Array, slots: Array, tokens: Array, gaps: Array, lengths: Array
                    ) -> tuple[Array, Array, Array]:
         """:meth:`step` on rows ``slots`` (int32 [B]) of a session pool (packed states
@@ -384,6 +400,16 @@ def pad_rows(tokens: np.ndarray, gaps: np.ndarray, starts: np.ndarray, lengths: 
     tok = np.where(inside, tokens[index], PAD_TOKEN).astype(np.int32, copy=False)
     gap = np.where(inside, gaps[index], 0).astype(np.int32, copy=False)
     return tok, gap, lens
+
+
+def random_packet_sizes(rng: np.random.Generator, n: int, max_packet: int) -> list[int]:
+    """Random packet sizes summing to ``n``: empty, 1-event, small and large packets (up to
+    ``max_packet``), the packetisations streaming is checked against the offline form on."""
+    sizes: list[int] = []
+    while sum(sizes) < n:
+        size = int(rng.choice([0, 1, 2, int(rng.integers(3, 64)), int(rng.integers(64, max_packet + 1))]))
+        sizes.append(min(size, n - sum(sizes)))
+    return sizes
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -23,15 +23,15 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from benchtools import free_port, wait_ready
 
 EVSSM = [sys.executable, "-m", "evssm.cli"]
 FILES = {"aedat4": "dvxplorer-sample.aedat4", "evt2": "prophesee-gen3-evt2.raw",
@@ -77,25 +77,6 @@ def reading(data: Path, rounds: int) -> dict[str, Any]:
             row["evssm_over_faery_time"] = round(times["evssm"] / times["faery"], 2)
         out[fmt] = row
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, timeout: float) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        try:
-            with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return time.monotonic() - start
-        except OSError:
-            pass
-        time.sleep(1)
-    raise SystemExit(f"server at {url} not ready after {timeout} s")
 
 
 def evssm(*args: str, timeout: float = 900) -> dict[str, Any]:

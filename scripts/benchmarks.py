@@ -29,18 +29,18 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import numpy as np
+
+from benchtools import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 EVSSM = [sys.executable, "-m", "evssm.cli"]
@@ -52,12 +52,6 @@ RECORD = np.dtype([("t", "<u8"), ("x", "<u2"), ("y", "<u2"), ("on", "u1")])
 CLOCK_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_json(args: list[str], out: Path, timeout: float) -> dict:
     print("$ evssm " + " ".join(args[3:]), file=sys.stderr, flush=True)
     proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
@@ -66,19 +60,6 @@ def run_json(args: list[str], out: Path, timeout: float) -> dict:
     data = json.loads(proc.stdout)
     out.write_text(json.dumps(data, indent=2) + "\n")
     return data
-
-
-def wait_ready(url: str, timeout: float) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        try:
-            with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return time.monotonic() - start
-        except OSError:
-            pass
-        time.sleep(1)
-    raise SystemExit(f"server at {url} not ready after {timeout} s")
 
 
 class Server:

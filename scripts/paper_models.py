@@ -37,30 +37,10 @@ MAX_PACKET = 1536
 OFF = {"time_lookahead": False, "layer_norm_eps": 1e-5, "gelu": "erf", "head_divisor": "weights"}
 
 
-def packet_sizes(rng: np.random.Generator, n: int) -> list[int]:
-    sizes: list[int] = []
-    while sum(sizes) < n:
-        size = int(rng.choice([0, 1, 2, int(rng.integers(3, 64)),
-                               int(rng.integers(64, MAX_PACKET + 1))]))
-        sizes.append(min(size, n - sum(sizes)))
-    return sizes
-
-
-def streamed(model: Any, tokens: np.ndarray, gaps: np.ndarray, sizes: list[int]) -> np.ndarray:
-    state, pos, bucket = model.init_state(1), 0, MAX_PACKET  # one shape: one compilation
-    for size in sizes:
-        tok = np.full((1, bucket), -1, np.int32)
-        gap = np.zeros((1, bucket), np.int32)
-        tok[0, :size], gap[0, :size] = tokens[pos:pos + size], gaps[pos:pos + size]
-        state, logits, _ = model.step(state, tok, gap, np.array([size], np.int32))
-        pos += size
-    return np.asarray(logits)[0]
-
-
 def accuracy(name: str, folder: Path, out: Path, packetisations: int) -> dict[str, Any]:
     from evssm.models.events import recording_inputs
     from evssm.models.seed_import import import_seed, load_reference_outputs
-    from evssm.models.streaming import StreamingModel
+    from evssm.models.streaming import StreamingModel, random_packet_sizes
 
     import_seed(folder / "checkpoint", folder / "model.yaml", TASKS[name], out, progress=False)
     models = {b: StreamingModel.load(out, backend=b) for b in ("native", "xla")}
@@ -80,7 +60,7 @@ def accuracy(name: str, folder: Path, out: Path, packetisations: int) -> dict[st
         worst = 0.0
         for _ in range(packetisations):
             for i, (t, g) in enumerate(inputs):
-                got = streamed(model, t, g, packet_sizes(rng, len(t)))
+                got, _ = model.stream(t, g, random_packet_sizes(rng, len(t), MAX_PACKET), MAX_PACKET)
                 worst = max(worst, float(np.abs(got - want[i]).max()))
         report[f"streamed_{backend}"] = worst
     return report

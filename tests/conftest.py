@@ -56,6 +56,16 @@ def wait_process_ready(proc: subprocess.Popen, base_url: str, log_path: Path,
         time.sleep(0.25)
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGTERM ``proc`` and wait up to ``timeout`` seconds for it (a server drains), then SIGKILL."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
 def require_tool(name: str, package: str) -> str:
     """Path of ``name``; skips (or, under CI, fails) with the Debian package that provides it."""
     path = shutil.which(name)
@@ -90,12 +100,7 @@ def redis_server(directory: Path, port: int | None = None, timeout: float = 20.0
             time.sleep(0.05)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc, 10)
 
 
 HAPROXY_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "haproxy" / "haproxy.cfg"

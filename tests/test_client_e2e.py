@@ -41,7 +41,7 @@ from evssm.client import (  # noqa: E402
 )
 from evssm.models.events import Recording, SensorSpec  # noqa: E402
 
-from conftest import LoopThread, free_port, wait_process_ready  # noqa: E402
+from conftest import LoopThread, free_port, stop_process, wait_process_ready  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -65,12 +65,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         wait_process_ready(proc, base, log_path, STARTUP_TIMEOUT_S)
         yield {"http": base, "ws": f"ws://127.0.0.1:{port}", "port": port}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc, 60)
 
 
 class DroppingProxy(LoopThread):

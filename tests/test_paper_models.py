@@ -82,25 +82,15 @@ def reference(name: str, sensor):
 
 
 def packet_sizes(rng: np.random.Generator, n: int) -> list[int]:
-    """Random packet sizes summing to n: empty, 1-event, small and large packets."""
-    sizes: list[int] = []
-    while sum(sizes) < n:
-        size = int(rng.choice([0, 1, 2, int(rng.integers(3, 64)),
-                               int(rng.integers(64, MAX_PACKET + 1))]))
-        sizes.append(min(size, n - sum(sizes)))
-    return sizes
+    from evssm.models.streaming import random_packet_sizes
+
+    return random_packet_sizes(rng, n, MAX_PACKET)
 
 
 def streamed_logits(model, tokens: np.ndarray, gaps: np.ndarray, sizes: list[int]) -> np.ndarray:
-    state, pos, bucket = model.init_state(1), 0, MAX_PACKET  # one shape: one compilation
-    for size in sizes:
-        tok = np.full((1, bucket), -1, np.int32)
-        gap = np.zeros((1, bucket), np.int32)
-        tok[0, :size], gap[0, :size] = tokens[pos:pos + size], gaps[pos:pos + size]
-        state, logits, ready = model.step(state, tok, gap, np.array([size], np.int32))
-        pos += size
-    assert bool(ready[0])
-    return np.asarray(logits)[0]
+    logits, ready = model.stream(tokens, gaps, sizes, MAX_PACKET)
+    assert ready
+    return logits
 
 
 def centred(logits: np.ndarray) -> np.ndarray:

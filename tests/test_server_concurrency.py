@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 
-from conftest import free_port, wait_process_ready
+from conftest import free_port, stop_process, wait_process_ready
 
 W = H = 34  # both models read the default model's 34x34 sensor
 MODELS = ("default", "other")  # the shipped model, and the same architecture at random init
@@ -132,9 +132,4 @@ def test_two_models_with_long_classifies_give_exact_answers(tmp_path) -> None:
                                classify(base, MODELS[1], long[MODELS[0]]), atol=1e-3)
         assert httpx.get(f"{base}/healthz").status_code == 200
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 60)

@@ -26,7 +26,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from conftest import free_port, wait_process_ready
+from conftest import free_port, stop_process, wait_process_ready
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from /proc")
 
@@ -59,12 +59,7 @@ def evssm_serve(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Ite
         wait_process_ready(proc, f"http://127.0.0.1:{port}", log, 240)
         yield Server(proc, port, log)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc, 30)
 
 
 @pytest.fixture(scope="module")
