@@ -125,34 +125,43 @@ constexpr auto kSpin = std::chrono::microseconds(60);
 
 class Helpers {
  public:
-  explicit Helpers(int count) {
-    for (int i = 0; i < count; ++i) threads_.emplace_back([this, i] { loop(i + 1); });
+  explicit Helpers(int count) : parts_(count + 1) {
+    for (int i = 0; i < count; ++i) threads_.emplace_back([this] { loop(); });
   }
   // Never destroyed (see helpers()): the threads end with the process.
   ~Helpers() = delete;
-  int parts() const { return static_cast<int>(threads_.size()) + 1; }
+  int parts() const { return parts_; }
 
-  // Runs fn(0) here and fn(1 .. parts-1) on the helpers; returns when all are done. The
-  // helpers serve one caller at a time: a second thread (another model's step, a classify)
-  // that finds them busy runs every part itself rather than wait. The parts are independent,
-  // so the result is the same either way.
+  // Runs fn(0 .. parts-1) and returns when all are done: the caller and the helpers claim parts
+  // one at a time, so a part whose helper is asleep or preempted is run here rather than
+  // waited for (on a busy machine a descheduled helper would hold the step for a scheduler
+  // time slice, milliseconds). The helpers serve one caller at a time: a second thread
+  // (another model's step, a classify) that finds them busy runs every part itself. The parts
+  // are independent, so the result is the same however they are shared out.
   template <class F>
   void run(F& fn) {
+    const int n = parts();
     std::unique_lock<std::mutex> owner(run_mutex_, std::try_to_lock);
-    if (!owner.owns_lock()) {
-      for (int part = 0; part < parts(); ++part) fn(part);
+    if (!owner.owns_lock() || n == 1) {
+      for (int part = 0; part < n; ++part) fn(part);
       return;
     }
     job_ = [](void* f, int part) { (*static_cast<F*>(f))(part); };
     arg_ = &fn;
-    pending_.store(static_cast<int>(threads_.size()));
-    posted_.fetch_add(1);
+    done_.store(0, std::memory_order_relaxed);
+    const uint64_t job = posted_.load(std::memory_order_relaxed) + 1;
+    next_.store(static_cast<uint64_t>(static_cast<uint32_t>(job)) << 32,
+                std::memory_order_release);  // this job's parts, from part 0
+    posted_.store(job, std::memory_order_release);
     if (sleeping_.load() > 0) {
       std::lock_guard<std::mutex> lock(mutex_);
       wake_.notify_all();
     }
-    fn(0);
-    while (pending_.load(std::memory_order_acquire) > 0) __builtin_ia32_pause();
+    for (int part; (part = claim(job, n)) >= 0;) {
+      fn(part);
+      done_.fetch_add(1, std::memory_order_acq_rel);
+    }
+    while (done_.load(std::memory_order_acquire) < n) __builtin_ia32_pause();
   }
 
   // Wakes sleeping helpers to spin for kSpin: a caller about to run a step calls this a little
@@ -167,7 +176,7 @@ class Helpers {
   }
 
  private:
-  void loop(int part) {
+  void loop() {
     uint64_t seen = 0, seen_prime = 0;
     using clock = std::chrono::steady_clock;
     for (;;) {
@@ -184,15 +193,32 @@ class Helpers {
           idle_since = clock::now();  // primed or posted: spin again
         }
       }
-      seen = posted_.load();
-      job_(arg_, part);
-      pending_.fetch_sub(1, std::memory_order_release);
+      seen = posted_.load(std::memory_order_acquire);
+      for (int p; (p = claim(seen, parts_)) >= 0;) {
+        job_(arg_, p);
+        done_.fetch_add(1, std::memory_order_acq_rel);
+      }
     }
   }
 
+  // The next unclaimed part of job ``job`` (of ``n``), or -1 when every part is taken or the
+  // job is over. ``next_`` holds the job number's low 32 bits (high half) and the job's next
+  // part (low half): a helper that wakes late claims nothing of a later job.
+  int claim(uint64_t job, int n) {
+    const uint64_t tag = static_cast<uint32_t>(job);
+    uint64_t word = next_.load(std::memory_order_acquire);
+    while ((word >> 32) == tag && static_cast<int>(word & 0xffffffffu) < n) {
+      if (next_.compare_exchange_weak(word, word + 1, std::memory_order_acq_rel))
+        return static_cast<int>(word & 0xffffffffu);
+    }
+    return -1;
+  }
+
+  const int parts_;  // the caller and the helpers
   std::vector<std::thread> threads_;
-  std::atomic<uint64_t> posted_{0};
-  std::atomic<int> pending_{0};
+  std::atomic<uint64_t> posted_{0};  // number of the last job posted
+  std::atomic<uint64_t> next_{0};    // claims of the current job (see claim())
+  std::atomic<int> done_{0};         // parts of the current job finished
   std::atomic<int> sleeping_{0};
   std::atomic<uint64_t> primes_{0};
   std::mutex mutex_;
