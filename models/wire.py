@@ -67,6 +67,13 @@ CLOSE_SERVICE_RESTART = 1012  # refused while draining: reconnect (elsewhere) la
 CLOSE_TRY_AGAIN_LATER = 1013  # server_full / not_ready: retry later
 
 
+# --- answers -------------------------------------------------------------------------------------
+def class_order(probs: np.ndarray) -> np.ndarray:
+    """Class indices by falling probability, ties by class index: int32 [..., C] of probs
+    [..., C]. The order of ``top`` in every answer (streamed, restored or classified)."""
+    return np.argsort(-np.asarray(probs), axis=-1, kind="stable").astype(np.int32, copy=False)
+
+
 # --- event columns -------------------------------------------------------------------------------
 # Each column's type, little-endian as a msgpack bin: t microseconds, x/y addresses, p polarity.
 # Recordings in memory (models.data, the client's sources) use the same types.

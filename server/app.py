@@ -24,6 +24,8 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from evssm.models.wire import class_order
+
 from .engine import Engine
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import HISTORY_INTERVAL_S, Metrics
@@ -78,6 +80,8 @@ def public_info(info: dict[str, Any]) -> dict[str, Any]:
 
 # --- WebSocket connections -------------------------------------------------------------------
 FRAMES_PER_TURN = 16  # frames one connection handles before it lets the event loop run others
+
+
 class _Resume:
     """Awaitable that finishes a coroutine which has already yielded ``pending`` to its caller
     (see :func:`_send_eagerly`): it hands ``pending`` on to the task awaiting it, and forwards
@@ -357,6 +361,7 @@ class StreamHandler:
         if self.engine.draining:
             raise ProtocolError(Code.DRAINING, "the server is shutting down; not processed")
         return session
+
     async def _open(self, msg: dict[str, Any], binary: bool) -> None:
         engine, conn = self.engine, self.conn
         req = parse_open(msg, self.settings.default_top_k)
@@ -638,7 +643,7 @@ async def _classify(request: Request, engine: Engine, settings: Settings, metric
             n = int(req.tokens[i].shape[0])
             if ready[i]:
                 p = probs[i]
-                order = np.argsort(-p, kind="stable")[:min(req.top_k, p.shape[0])]
+                order = class_order(p)[:min(req.top_k, p.shape[0])]
                 results.append({"probs": p.tolist(), "label": runner.labels[int(np.argmax(p))], "events": n,
                                 "t": req.last_t[i], "top": [[runner.labels[j], float(p[j])] for j in order]})
             else:

@@ -29,6 +29,7 @@ import numpy as np
 
 from evssm.models.events import PAD_TOKEN, SensorSpec
 from evssm.models.streaming import StreamingModel, load_model, softmax
+from evssm.models.wire import class_order
 
 from .plan import StepPlan, StepResult
 from .snapshots import weights_fingerprint
@@ -191,7 +192,7 @@ class ModelRunner:
             logits = np.asarray(logits)[:batch]
             ready = np.asarray(ready)[:batch]
         probs = softmax(logits)
-        order = np.argsort(-probs, axis=1, kind="stable").astype(np.int32)
+        order = class_order(probs)
         return probs, ready, order
 
     def prime(self) -> None:

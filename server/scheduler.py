@@ -45,6 +45,8 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from evssm.models.wire import class_order
+
 from .metrics import ModelMetrics
 from .plan import StepPlan, StepResult
 from .sessions import Captured, Close, Item, Packet, Reset, Restore, Session, SessionTable, SlotError
@@ -620,7 +622,7 @@ class Scheduler:
         self.ready[s] = item.probs is not None
         if item.probs is not None:
             self.probs[s] = item.probs
-            self.order[s] = np.argsort(-item.probs, kind="stable")
+            self.order[s] = class_order(item.probs)
         lane.settled, lane.events, lane.last_t, lane.cropped = True, item.events, item.last_t, item.cropped
         lane.version += 1
 
