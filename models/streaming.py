@@ -282,10 +282,9 @@ class StreamingModel:
         state, pos = self.init_state(1), 0
         logits, ready = np.zeros((1, self.config.num_classes), np.float32), np.zeros(1, bool)
         for size in sizes:
-            tok = np.full((1, bucket), PAD_TOKEN, np.int32)
-            gap = np.zeros((1, bucket), np.int32)
-            tok[0, :size], gap[0, :size] = tokens[pos:pos + size], gaps[pos:pos + size]
-            state, logits, ready = self.step(state, tok, gap, np.array([size], np.int32))
+            tok, gap, lens = pad_rows(tokens, gaps, np.array([pos], np.int64),
+                                      np.array([size], np.int32), 1, bucket)
+            state, logits, ready = self.step(state, tok, gap, lens)
             pos += size
         assert pos == len(tokens), "packet sizes must sum to the recording's length"
         return np.asarray(logits)[0], bool(np.asarray(ready)[0])
