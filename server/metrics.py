@@ -66,9 +66,6 @@ class BatchHistogram(Collector):
             series[0] += add
             series[1] += total
 
-    def observe(self, value: str, v: float) -> None:
-        self.observe_many(value, np.array([v], np.float64))
-
     def collect(self) -> list[HistogramMetricFamily]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
         with self._lock:
@@ -243,10 +240,6 @@ class Metrics:
         if children is None:
             children = self.models[model] = ModelMetrics(self, model)
         return children
-
-    def packet_done(self, model: str, events: int, latency: float) -> None:
-        """One packet's result was sent ``latency`` seconds after its frame arrived."""
-        self.model(model).packets_done(events, np.array([latency], np.float64))
 
     def window(self, model: str, now: float, events: int, latencies: np.ndarray) -> None:
         """A step's answered packets into the ``/v1/stats`` window and totals."""

@@ -433,7 +433,7 @@ def test_bucket_and_softmax():
 def test_metrics_names_and_fresh_registries():
     m1, m2 = Metrics(), Metrics()
     m1.init_model("a", 100, 4)
-    m1.packet_done("a", 256, 0.004)
+    m1.model("a").packets_done(256, np.array([0.004]))
     m1.rejected.labels(code="malformed_frame").inc()
     m1.http_requests.labels(route="/healthz", status="200").inc()
     text = m1.render().decode()
