@@ -1,5 +1,7 @@
-"""Sizing figures for docs/deployment.md, "Capacity": per model, start-up time (empty and warm
-compilation cache), memory per session, and snapshot bytes and Redis memory per session.
+"""Sizing figures per model: start-up, memory per session, snapshot bytes and Redis memory.
+
+For docs/deployment.md, "Capacity": start-up time with an empty and a warm compilation cache,
+the server's memory per live session, and snapshot bytes and Redis memory per session.
 
     .venv/bin/python scripts/bench_capacity.py --out docs/bench/capacity
 
@@ -124,7 +126,8 @@ def measure(name: str, model: str, tmp: Path, n: int, concurrency: int) -> dict[
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/bench/capacity", help="folder for the JSON report")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS),
+                        help="models to measure (default: all)")
     parser.add_argument("--sessions", type=int, default=1024, help="sessions held open per model")
     parser.add_argument("--concurrency", type=int, default=32, help="connections opened at a time")
     args = parser.parse_args()
