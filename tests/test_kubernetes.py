@@ -247,6 +247,21 @@ def test_haproxy_runs_the_project_config_against_the_headless_service(overlay: s
         int(slots.group(1)), "more pods than HAProxy has server slots"
 
 
+def test_haproxy_config_is_valid_with_the_pods_environment(tmp_path: Path) -> None:
+    """``haproxy -c`` on the ConfigMap's file with the variables the evssm-lb pod gets."""
+    from conftest import require_tool
+
+    objects = rendered("cpu")
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(one(objects, "ConfigMap", "evssm-haproxy")["data"]["haproxy.cfg"])
+    (container,) = one(objects, "Deployment", "evssm-lb")["spec"]["template"]["spec"]["containers"]
+    value = next(e["value"] for e in container["env"] if e["name"] == "EVSSM_REPLICAS")
+    env = {**os.environ, "EVSSM_REPLICAS": value.replace("$(POD_NAMESPACE)", "evssm")}
+    result = subprocess.run([require_tool("haproxy", "haproxy"), "-c", "-f", str(config)],
+                            capture_output=True, text=True, timeout=30, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_dashboard_configmap_is_the_dashboard_file() -> None:
     config = one(rendered("cpu"), "ConfigMap", "evssm-grafana-dashboard")
     text = (ROOT / "deploy" / "grafana" / "dashboards" / "evssm.json").read_text()
