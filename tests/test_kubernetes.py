@@ -219,6 +219,10 @@ def test_selectors_reach_the_server_pods(overlay: str) -> None:
     assert all(headless["metadata"]["labels"].get(k) == v
                for k, v in monitor["selector"]["matchLabels"].items())
     assert {e["port"] for e in monitor["endpoints"]} <= {p["name"] for p in headless["spec"]["ports"]}
+    # The job name the dashboard's and alerts' queries select (job="evssm" in prometheus.yml).
+    jobs = {j["job_name"] for j in yaml.safe_load(
+        (ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]}
+    assert headless["metadata"]["labels"][monitor["jobLabel"]] in jobs
     strategy = deployment["spec"]["strategy"]["rollingUpdate"]
     assert strategy["maxUnavailable"] == 0 and strategy["maxSurge"] == 1
 
