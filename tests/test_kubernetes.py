@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
+from conftest import require_tool
+
 ROOT = Path(__file__).resolve().parents[1]
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 OVERLAYS = ("cpu", "gpu")
@@ -253,8 +255,6 @@ def test_haproxy_runs_the_project_config_against_the_headless_service(overlay: s
 
 def test_haproxy_config_is_valid_with_the_pods_environment(tmp_path: Path) -> None:
     """``haproxy -c`` on the ConfigMap's file with the variables the evssm-lb pod gets."""
-    from conftest import require_tool
-
     objects = rendered("cpu")
     config = tmp_path / "haproxy.cfg"
     config.write_text(one(objects, "ConfigMap", "evssm-haproxy")["data"]["haproxy.cfg"])
