@@ -8,7 +8,8 @@ server on exit. ``free_port()`` finds an unused port for servers started as subp
 repository, or ``$EVSSM_SHARED_DIR``) and skips the test where it is absent.
 :class:`LoopThread` is the base of the small loopback servers tests write themselves.
 ``redis_server()`` runs a real ``redis-server`` (Debian's package) on a free port;
-``haproxy_test_config()`` is the project's HAProxy config pointed at loopback replicas.
+``haproxy_test_config()`` is the project's HAProxy config pointed at loopback replicas, and
+``haproxy_balancer()`` runs a real HAProxy with it.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def haproxy_test_config(lb_port: int, backends: list[int]) -> str:
     a connection limit that fits this machine's open-file limit."""
     text = HAPROXY_CONFIG.read_text()
     text = re.sub(r"^(\s*)maxconn \d+$", r"\1maxconn 256", text, flags=re.M)
-    text = re.sub(r"^resolvers docker\n(?:[ \t]+.*\n)+", "", text, flags=re.M)
+    text = re.sub(r"^resolvers \w+\n(?:[ \t]+.*\n)+", "", text, flags=re.M)
     text = re.sub(r"^frontend stats\n(?:[ \t]+.*\n?)+", "", text, flags=re.M)
     text = re.sub(r"^(\s*)log stdout.*$", r"\1log stderr format raw local0 warning", text, flags=re.M)
     text = re.sub(r"^(\s*)bind :8080$", rf"\1bind 127.0.0.1:{lb_port}", text, flags=re.M)
@@ -120,6 +121,41 @@ def haproxy_test_config(lb_port: int, backends: list[int]) -> str:
     text, n = re.subn(r"^\s*server-template .*\n", servers, text, flags=re.M)
     assert n == 1
     return text
+
+
+@contextlib.contextmanager
+def haproxy_balancer(directory: Path, backends: list[int], *, up_timeout: float = 30.0) -> Iterator[int]:
+    """A real HAProxy with :func:`haproxy_test_config` in front of ``backends`` (loopback ports),
+    its config and log in ``directory``; yields its port once it answers ``/readyz`` and every
+    backend up then has passed two health checks (``rise 2``, ``inter 2s``). Stopped on exit."""
+    import httpx
+
+    exe = require_tool("haproxy", "haproxy")
+    port = free_port()
+    config, log_path = directory / "haproxy.cfg", directory / "haproxy.log"
+    config.write_text(haproxy_test_config(port, backends))
+    check = subprocess.run([exe, "-c", "-f", str(config)], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([exe, "-f", str(config), "-db"], stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + up_timeout
+        while True:
+            assert proc.poll() is None, log_path.read_text()
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, f"HAProxy does not answer: {log_path.read_text()}"
+            time.sleep(0.2)
+        time.sleep(HAPROXY_RISE_S)
+        yield port
+    finally:
+        stop_process(proc, 30)
+
+
+# Two passed health checks 2 s apart (``rise 2``, ``inter 2s`` in haproxy.cfg), and a margin.
+HAPROXY_RISE_S = 4.5
 
 
 SHARED_DIR = Path(os.environ.get("EVSSM_SHARED_DIR")

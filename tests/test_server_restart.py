@@ -37,7 +37,7 @@ from evssm.client import (AsyncStreamSession, SessionExpired, SimulatedSensor, a
 from evssm.models.events import Recording, SensorSpec
 from evssm.server.snapshots import DiskStore, token_key
 
-from conftest import free_port, haproxy_test_config, redis_server, require_tool, wait_process_ready
+from conftest import free_port, haproxy_balancer, redis_server, wait_process_ready
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -231,31 +231,13 @@ def test_sigkill_mid_stream_replays_from_durable(tmp_path: Path, cache: Path, se
 # --- replicas ------------------------------------------------------------------------------------
 def test_replica_lost_its_session_resumes_on_another_through_redis(tmp_path: Path, cache: Path,
                                                                    servers: list[Serve]) -> None:
-    haproxy = require_tool("haproxy", "haproxy")
     with redis_server(tmp_path) as url:
         args = ("--state-store", url, "--snapshot-interval", "0.5")
         replicas = [Serve(tmp_path / f"replica{i}.log", free_port(), cache, *args) for i in range(2)]
         servers.extend(replicas)
         for r in replicas:
             r.ready()
-        lb_port = free_port()
-        config = tmp_path / "haproxy.cfg"
-        config.write_text(haproxy_test_config(lb_port, [r.port for r in replicas]))
-        with open(tmp_path / "haproxy.log", "wb") as log:
-            lb = subprocess.Popen([haproxy, "-f", str(config), "-db"], stdin=subprocess.DEVNULL,
-                                  stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 30
-            while True:  # the balancer answers and both replicas passed two health checks
-                assert lb.poll() is None, (tmp_path / "haproxy.log").read_text()
-                try:
-                    if httpx.get(f"http://127.0.0.1:{lb_port}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, "HAProxy does not answer"
-                time.sleep(0.2)
-            time.sleep(4.5)
+        with haproxy_balancer(tmp_path, [r.port for r in replicas]) as lb_port:
             rec = sim(21, 2.0)
             (want,) = offline(replicas[0].http, [rec])
             holder: list[Serve] = []
@@ -273,9 +255,6 @@ def test_replica_lost_its_session_resumes_on_another_through_redis(tmp_path: Pat
                     return await stream_until(s, rec, trigger), s
 
             results, session = asyncio.run(asyncio.wait_for(main(), 600))
-        finally:
-            lb.terminate()
-            lb.wait(timeout=30)
         survivor = next(r for r in replicas if r is not holder[0])
         assert results[-1].events == len(rec)
         np.testing.assert_allclose(results[-1].probs, want, rtol=RTOL, atol=ATOL)
