@@ -657,8 +657,8 @@ async def _classify(request: Request, engine: Engine, settings: Settings, metric
         n_events = sum(int(t.shape[0]) for t in req.tokens)
         metrics.classified(req.model, n_streams, n_events)
         answered = [r["label"] for r in results if r["label"] is not None]
-        log.info("classify %s: %d recordings, %d events, %d answered%s, %.3f s", req.model,
-                 n_streams, n_events, len(answered),
+        log.info("classify %s: %d recording%s, %d events, %d answered%s, %.3f s", req.model,
+                 n_streams, "" if n_streams == 1 else "s", n_events, len(answered),
                  f" ({answered[0]})" if len(answered) == 1 else "", time.perf_counter() - started)
         return _reply({"model": req.model, "results": results}, _wants_msgpack(request, content_type))
     finally:
