@@ -9,8 +9,10 @@ Label orders, from each data set's documentation:
 
 - **SHD** (Cramer et al. 2020; the HDF5 files' ``extra/keys``): labels 0..9 are the English
   digits "zero".."nine", 10..19 the German "null".."neun".
-- **SSC** (Cramer et al. 2020, from Speech Commands v0.02): the 35 words in alphabetical order,
-  the order of the files' ``extra/keys`` (a file's own keys win where present).
+- **SSC** (Cramer et al. 2020, from Speech Commands v0.02): the 35 words of Speech Commands
+  v0.02 in alphabetical order, the label order of Speech Commands' own 35-class setting. The
+  data set's README lists the words but not their order, so the readers prefer a file's own
+  ``extra/keys`` wherever it has them (the real files do).
 - **DVS128 Gesture** (Amir et al. 2017): the labels files' classes 1..11, here 0..10.
 """
 
