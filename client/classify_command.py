@@ -164,7 +164,8 @@ def _print_table(report: dict[str, Any]) -> None:
                       "  ".join(f"{label} {p:.2f}" for label, p in r["top"]))
     console = Console()
     console.print(table)
-    tail = f"{len(report['results'])} recordings in {report['elapsed_s']:.2f} s"
+    n = len(report["results"])
+    tail = f"{n} recording{'' if n == 1 else 's'} in {report['elapsed_s']:.2f} s"
     if report["accuracy"] is not None:
         tail += f", accuracy {report['accuracy']:.1%} of {report['labelled']} labelled"
     console.print(tail)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from evssm import __version__
-from evssm.models.wire import SHD_CHANNELS
+from evssm.models.dataset_facts import SHD_CHANNELS
 
 from .errors import ClientError, ConnectionLost, ServerError
 from .packets import Packet

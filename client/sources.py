@@ -43,7 +43,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from evssm.models.events import Recording, SensorSpec
-from evssm.models.wire import DVS_GESTURE_CLASSES, DVS_GESTURE_SIZE, SHD_CHANNELS
+from evssm.models.dataset_facts import DVS_GESTURE_CLASSES, DVS_GESTURE_SIZE, SHD_CHANNELS
 
 from .errors import SourceError
 

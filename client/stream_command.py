@@ -450,6 +450,14 @@ async def _live(session: AsyncStreamSession, view: _View, packets: Any, refresh:
     from rich.live import Live
 
     console = Console(stderr=False)
+    if not console.is_terminal:
+        # A pipe or a file: no redrawing; the final view once, as whole lines (rich's Live would
+        # leave its last line open, and the summary would run into it).
+        async for result in session.stream(packets):
+            view.add(result)
+            view.reconnects, view.resumes = session.reconnects, session.resumes
+        console.print(view.render())
+        return
     period = 1.0 / max(refresh, 0.5)
     next_draw = 0.0
     with Live(view.render(), console=console, auto_refresh=False, transient=False) as live:

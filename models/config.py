@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from .dataset_facts import class_names_of
 from .events import SensorSpec
 
 DISCRETIZATIONS = ("zoh", "dirac", "async")
@@ -133,7 +134,9 @@ class ModelConfig:
             raise ValueError("invalid model config: missing 'sensor'")
         sensor = d["sensor"]
         d["sensor"] = sensor if isinstance(sensor, SensorSpec) else SensorSpec.from_dict(sensor)
-        d["class_names"] = tuple(d.get("class_names") or ())
+        names = d.get("class_names") or ()
+        # A model YAML may name a data set instead of listing its classes (class_names: shd).
+        d["class_names"] = class_names_of(names) if isinstance(names, str) else tuple(names)
         return cls(**d)
 
     def replace(self, **changes: Any) -> "ModelConfig":

@@ -34,6 +34,8 @@ import yaml
 
 from .config import ModelConfig
 from .data.base import make_recording
+from .dataset_facts import (DVS_GESTURE_CLASSES, DVS_GESTURE_SIZE, SHD_CHANNELS, SHD_CLASSES,
+                            SSC_CLASSES)
 from .events import Recording, SensorSpec
 
 
@@ -47,17 +49,11 @@ class TaskSpec:
     class_names: tuple[str, ...] = ()
 
 
-def _gesture_names() -> tuple[str, ...]:
-    from .data.dvs_gesture import CLASS_NAMES
-
-    return CLASS_NAMES
-
-
-TASKS: dict[str, Callable[[], TaskSpec]] = {
-    "shd": lambda: TaskSpec(SensorSpec.one_d(700), 20, "shd"),
-    "ssc": lambda: TaskSpec(SensorSpec.one_d(700), 35, "ssc"),
-    "dvs-gesture": lambda: TaskSpec(SensorSpec.two_d(128, 128), 11, "dvs-gesture",
-                                    _gesture_names()),
+TASKS: dict[str, TaskSpec] = {
+    "shd": TaskSpec(SensorSpec.one_d(SHD_CHANNELS), len(SHD_CLASSES), "shd", SHD_CLASSES),
+    "ssc": TaskSpec(SensorSpec.one_d(SHD_CHANNELS), len(SSC_CLASSES), "ssc", SSC_CLASSES),
+    "dvs-gesture": TaskSpec(SensorSpec.two_d(*DVS_GESTURE_SIZE), len(DVS_GESTURE_CLASSES),
+                            "dvs-gesture", DVS_GESTURE_CLASSES),
 }
 
 # The reference code's behaviours, as evssm model options (docs/paper-models.md); the
@@ -163,7 +159,7 @@ def config_from_seed(model_yaml: dict[str, dict[str, Any]], task: str, *,
     """The evssm config of a reference model YAML for ``task``, with the reference options."""
     if task not in TASKS:
         raise SeedImportError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    spec = TASKS[task]()
+    spec = TASKS[task]
     fields: dict[str, Any] = {}
     for section, table in (("ssm", SSM_KEYS), ("ssm_init", INIT_KEYS)):
         values = model_yaml.get(section, {})
@@ -386,7 +382,7 @@ def import_seed(checkpoint: str | Path, model_yaml: str | Path, task: str, out: 
         stage("mapping variables")
         variables = convert_variables(config, ckpt)
         stage("writing the evssm checkpoint")
-        spec = TASKS[task]()
+        spec = TASKS[task]
         origin = {
             "format": "event-ssm TrainState (flax.training.checkpoints)",
             "checkpoint": str(ckpt.path), "step": ckpt.step,

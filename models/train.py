@@ -187,6 +187,36 @@ def maybe_init_distributed() -> None:
         jax.distributed.initialize()
 
 
+class EpochBar:
+    """An epoch's tqdm progress bar whose rate and ETA leave out a first step that compiles.
+
+    With ``compiling``, the bar says "compiling" until the first step is done; then a new bar
+    starts with that step counted (``initial=1``) and its clock at zero, so the estimate is
+    (steps left) x (time per compiled step), not a figure inflated by the compilation. The
+    compiling bar's line stays, with the time the compilation took.
+    """
+
+    def __init__(self, total: int, desc: str, *, compiling: bool, **options: Any):
+        from tqdm import tqdm
+
+        self._new = lambda **extra: tqdm(total=total, desc=desc, **options, **extra)  # noqa: E731
+        self.compiling = compiling
+        self.bar = self._new(postfix="compiling") if compiling else self._new()
+
+    def step(self, **postfix: str) -> None:
+        """One step done; ``postfix`` shown after the bar."""
+        if self.compiling:
+            self.compiling = False
+            self.bar.close()
+            self.bar = self._new(initial=1)
+        else:
+            self.bar.update(1)
+        self.bar.set_postfix(**postfix)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def train(cfg: dict[str, Any], out: Path, *, resume: bool = False, limit_train: int | None = None,
           limit_valid: int | None = None, progress: bool = True, stop_after: int | None = None
           ) -> int:
@@ -201,7 +231,6 @@ def train(cfg: dict[str, Any], out: Path, *, resume: bool = False, limit_train: 
     import orbax.checkpoint as ocp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
     from tensorboardX import SummaryWriter
-    from tqdm import tqdm
 
     from .checkpoint import save_checkpoint
     from .data import AugmentConfig, load_dataset
@@ -300,11 +329,13 @@ def train(cfg: dict[str, Any], out: Path, *, resume: bool = False, limit_train: 
         batches = prefetch(train_batches(train_ds, batch_size, model_cfg.num_classes,
                                          t["pad_unit"], t["max_events"], augment_cfg, t["seed"],
                                          epoch))
-        bar = tqdm(batches, total=len(train_ds) // batch_size, desc=f"epoch {epoch + 1}",
-                   disable=not progress, file=sys.stderr, dynamic_ncols=True)
+        # The run's first step compiles the train step: kept out of the rate and the ETA.
+        bar = EpochBar(len(train_ds) // batch_size, f"epoch {epoch + 1}",
+                       compiling=epoch == start_epoch, disable=not progress, file=sys.stderr,
+                       dynamic_ncols=True)
         sums = {"loss": 0.0, "correct": 0.0, "count": 0.0, "events": 0}
         t0 = time.perf_counter()
-        for i, batch in enumerate(bar):
+        for batch in batches:
             train_state, m = train_step(train_state, to_device(batch))
             m = jax.device_get(m)
             sums["loss"] += float(m["loss"]) * float(m["count"])
@@ -312,9 +343,9 @@ def train(cfg: dict[str, Any], out: Path, *, resume: bool = False, limit_train: 
             sums["count"] += float(m["count"])
             sums["events"] += batch.num_events
             rate = sums["events"] / (time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{sums['loss'] / max(sums['count'], 1):.3f}",
-                            acc=f"{sums['correct'] / max(sums['count'], 1):.3f}",
-                            ev_s=f"{rate:,.0f}")
+            bar.step(loss=f"{sums['loss'] / max(sums['count'], 1):.3f}",
+                     acc=f"{sums['correct'] / max(sums['count'], 1):.3f}", ev_s=f"{rate:,.0f}")
+        bar.close()
         train_time = time.perf_counter() - t0
         logits, labels, weights = [], [], []
         for batch in eval_batches(valid_ds, t["eval_batch_size"], model_cfg.num_classes,

@@ -88,15 +88,3 @@ COLUMN_DTYPES: dict[str, np.dtype] = {
 # as event-camera tools (faery, AEStream) stream it over UDP.
 RECORD_DTYPE = np.dtype([("t", "<u8"), ("x", "<u2"), ("y", "<u2"), ("on", "u1")])
 assert RECORD_DTYPE.itemsize == 13
-
-
-# --- known data sets ---------------------------------------------------------------------------
-# Files of these data sets are read both by the trainer (models/data) and by the client's sources;
-# labels are indices into the class names below.
-DVS_GESTURE_SIZE = (128, 128)  # width, height
-DVS_GESTURE_CLASSES = (
-    "hand_clapping", "right_hand_wave", "left_hand_wave", "right_arm_clockwise",
-    "right_arm_counter_clockwise", "left_arm_clockwise", "left_arm_counter_clockwise",
-    "arm_roll", "air_drums", "air_guitar", "other_gestures",
-)
-SHD_CHANNELS = 700  # SHD and SSC: outputs of the cochlea model

@@ -275,8 +275,9 @@ class OutputProcessor:
         events = 0
         for i, (session, packet) in enumerate(zip(sessions, packets)):
             if ready_rows[i]:
-                row = probs_rows[i]
+                row, best = probs_rows[i], order_rows[i][0]
                 top = [[labels[j], row[j]] for j in order_rows[i][:session.top_k]]
+                session.answer = (labels[best], row[best])
                 frame = {"type": "result", "seq": packet.seq, "events": packet.events_after,
                          "t": packet.last_t, "probs": row, "top": top}
             else:
@@ -484,7 +485,7 @@ class StreamHandler:
 
     def _reset(self) -> None:
         session = self._session()
-        session.events, session.last_t, session.cropped = 0, None, 0
+        session.events, session.last_t, session.cropped, session.answer = 0, None, 0, None
         session.last_active = time.monotonic()
         self.engine.submit(session, Reset(reply=self.conn.reply()))
 
@@ -610,6 +611,7 @@ async def _classify(request: Request, engine: Engine, settings: Settings, metric
         return http_error(Code.DRAINING, "the server is shutting down")
     if not engine.ready:
         return http_error(Code.NOT_READY, engine.load_error or "models are loading and compiling; retry shortly")
+    started = time.perf_counter()
     if not gate.try_enter():  # before the body is read: a refused request costs no memory
         return http_error(Code.BUSY, f"{gate.limit} classify requests are being served; retry shortly",
                           headers={"Retry-After": "1"})
@@ -652,7 +654,12 @@ async def _classify(request: Request, engine: Engine, settings: Settings, metric
                 results[-1]["cropped"] = req.cropped[i]
         if any(req.cropped):
             metrics.cropped.labels(model=req.model).inc(sum(c for c in req.cropped if c))
-        metrics.classified(req.model, n_streams, sum(int(t.shape[0]) for t in req.tokens))
+        n_events = sum(int(t.shape[0]) for t in req.tokens)
+        metrics.classified(req.model, n_streams, n_events)
+        answered = [r["label"] for r in results if r["label"] is not None]
+        log.info("classify %s: %d recording%s, %d events, %d answered%s, %.3f s", req.model,
+                 n_streams, "" if n_streams == 1 else "s", n_events, len(answered),
+                 f" ({answered[0]})" if len(answered) == 1 else "", time.perf_counter() - started)
         return _reply({"model": req.model, "results": results}, _wants_msgpack(request, content_type))
     finally:
         gate.leave()
@@ -745,7 +752,7 @@ def create_app(settings: Settings | None = None, *,
 
     @app.get("/v1/stats")
     async def stats() -> dict[str, Any]:
-        return metrics.stats(engine.sessions_by_model())
+        return {**metrics.stats(engine.sessions_by_model()), "recent": engine.recent_sessions()}
 
     @app.get("/v1/stats/history")
     async def stats_history() -> dict[str, Any]:

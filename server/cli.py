@@ -47,8 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         # A None default is explained by the description itself ("default: max sessions").
         origin = f"env: {env_name(field)}" if default is None else \
             f"default: {shown}; env: {env_name(field)}"
+        # A switch off by default is a flag (--access-log), and still takes a value (true|false).
+        flag = {"nargs": "?", "const": "true"} if default is False else {}
         parser.add_argument(option, dest=field, default=argparse.SUPPRESS, metavar=field.upper(),
-                            help=f"{info.description} ({origin})")
+                            help=f"{info.description} ({origin})", **flag)
 
 
 def settings_from_args(args: argparse.Namespace, env: dict[str, str] | None = None) -> Settings:
@@ -83,11 +85,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"evssm serve: {e}", file=sys.stderr)
         return 2
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                            lifespan="on", **uvicorn_options(settings))
+                            lifespan="on", access_log=settings.access_log, **uvicorn_options(settings))
     install_log_redaction()  # after uvicorn.Config configured its loggers
+    if not settings.access_log:
+        logging.getLogger("uvicorn.error").addFilter(ConnectionLines())
     server = DrainingServer(config, app.state.engine, settings.host)
     server.run()
     return server.exit_code
+
+
+class ConnectionLines(logging.Filter):
+    """Drops the lines uvicorn and websockets write per WebSocket connection at INFO (accepted,
+    opened, closed): without the access log the server logs sessions, not connections."""
+
+    _messages = frozenset({"connection open", "connection closed", '%s - "WebSocket %s" [accepted]'})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno == logging.INFO and record.msg in self._messages)
 
 
 def max_frame_bytes(max_packet_events: int) -> int:

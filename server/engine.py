@@ -15,6 +15,7 @@ import functools
 import logging
 import secrets
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -34,6 +35,8 @@ if TYPE_CHECKING:  # the runner imports JAX; the API layer must not
     from .runner import ModelRunner
 
 log = logging.getLogger("evssm.server.engine")
+
+RECENT_SESSIONS = 10  # sessions the live page lists with their answers
 
 
 class Connection(Protocol):
@@ -68,6 +71,7 @@ class Engine:
         self._drained = asyncio.Event()
         self.durability: Durability | None = None  # session snapshots (--state-dir/--state-store)
         self._restoring: dict[str, asyncio.Future] = {}  # token key -> a restore in progress
+        self._ended: deque[dict[str, Any]] = deque(maxlen=RECENT_SESSIONS)  # newest last
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -230,6 +234,12 @@ class Engine:
 
     def _released(self, session: Session) -> None:
         self.metrics.model(session.model).sessions_active.dec()
+        summary = session_summary(session, live=False)
+        self._ended.append(summary)
+        answer = "no answer yet" if session.answer is None else \
+            f"answer {summary['label']} (p {summary['probability']:.3f})"
+        log.info("session %s of %s ended after %.1f s: %d events, %s", session.id, session.model,
+                 time.monotonic() - session.opened, session.events, answer)
         if self.durability is not None:
             self.durability.forget(session)
 
@@ -242,6 +252,16 @@ class Engine:
             session.attachment.detach(session, error_frame(
                 Code.SESSION_RESUMED_ELSEWHERE, f"session {session.id} was resumed on another server"))
         self.schedulers[session.model].release_if_done(session)
+
+    def recent_sessions(self) -> list[dict[str, Any]]:
+        """The ``RECENT_SESSIONS`` sessions active last, live or ended, newest first, with their
+        answers (:func:`session_summary`): what the live page lists."""
+        live = [] if self.table is None else [session_summary(s, live=True)
+                                              for s in self.table.sessions.values()]
+        ordered = sorted(live + list(self._ended), key=lambda r: r["last_active"], reverse=True)
+        now = time.monotonic()
+        return [{**{k: v for k, v in r.items() if k != "last_active"},
+                 "idle_s": round(now - r["last_active"], 1)} for r in ordered[:RECENT_SESSIONS]]
 
     def sessions_by_model(self) -> dict[str, int]:
         if self.table is None:
@@ -317,3 +337,12 @@ class Engine:
         n = await self.durability.snapshot(everything=True)
         await self.durability.flush()
         log.info("drain: %d session snapshots written in %.2f s", n, time.perf_counter() - t0)
+
+
+def session_summary(session: Session, *, live: bool) -> dict[str, Any]:
+    """What the live page shows of a session: its answer and counts, no event data and nothing
+    that would let anyone resume it (the token stays private)."""
+    label, prob = session.answer if session.answer is not None else (None, None)
+    return {"session": session.id, "model": session.model, "label": label,
+            "probability": None if prob is None else round(float(prob), 4),
+            "events": session.events, "live": live, "last_active": session.last_active}

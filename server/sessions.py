@@ -164,6 +164,8 @@ class Session:
     cropped: int = 0  # events the declared crop removed since the session's start or last reset
     owner: str | None = None  # who holds it, for per-client caps: API key id or client address
     key_id: str | None = None  # the API key that opened it; only that key may resume it
+    opened: float = field(default_factory=time.monotonic)
+    answer: tuple[str, float] | None = None  # top class and its probability after the last result
 
 
 class ServerFull(Exception):

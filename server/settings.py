@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     session_idle_timeout: float = Field(
         300.0, gt=0, description="seconds without a packet before a session is evicted")
     log_level: str = Field("info", description="debug, info, warning, error")
+    access_log: bool = Field(
+        False, description="log every HTTP request and WebSocket connection (uvicorn's access log; "
+                           "health probes included); without it the log has one line per session "
+                           "and per classify request")
     # Shape buckets: every step is padded to one (batch, length) pair; all are compiled at start-up.
     batch_buckets: Buckets = Field((1, 8, 64), description="sessions per step, comma-separated shape buckets")
     length_buckets: Buckets = Field(

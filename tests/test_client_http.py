@@ -130,6 +130,10 @@ def test_classify_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsy
                  "http://server:1"]) == 0
     out = capsys.readouterr().out
     assert "r0.npz" in out and "sim(" in out and "toy" in out
+    assert "2 recordings in " in out
+    assert main(["classify", files[0], "--url", "http://server:1"]) == 0
+    out = capsys.readouterr().out
+    assert "1 recording in " in out and "1 recordings" not in out
 
 
 def test_classify_command_index_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

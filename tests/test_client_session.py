@@ -542,6 +542,27 @@ def test_stream_command_live_view_real_time(server: FakeServer, tmp_path: Any,
     assert "prediction:" in out and "events/s" in out
 
 
+def test_stream_command_into_a_pipe_prints_whole_lines(server: FakeServer, tmp_path: Any) -> None:
+    """Without a terminal (stdout a pipe) the final view and the summary are separate lines."""
+    import subprocess
+    import sys
+
+    from evssm.client.sources import save_events
+
+    rec = Recording(np.arange(300, dtype=np.int64) * 100, (np.arange(300) % CHANNELS).astype(np.uint16))
+    path = save_events(tmp_path / "rec.npz", rec, label="b")
+    proc = subprocess.run([sys.executable, "-m", "evssm.cli", "stream", str(path), "--url",
+                           server.url, "--fast"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert "true label: b" in lines, lines
+    assert sum(line.startswith("prediction: ") for line in lines) == 1, lines
+    assert lines.index("true label: b") < next(i for i, line in enumerate(lines)
+                                               if line.startswith("prediction: "))
+    assert "\x1b[" not in proc.stdout  # no cursor movement or colours into a pipe
+
+
 def test_stream_command_sim_source_and_sensor_mismatch(server: FakeServer, tmp_path: Any,
                                                        capsys: Any) -> None:
     from evssm.cli import main

@@ -141,3 +141,23 @@ def test_limit_works_for_every_reader(tmp_path: Path) -> None:
     assert ds[1][0].x.tolist() == [1] and ds[-1][1] == 2
     assert len(load_dataset("shd", "test", tmp_path, limit=10)) == 4
     assert len(load_dataset("shd", "test", tmp_path, limit=None)) == 4
+
+
+def test_data_set_facts_name_every_class_and_the_reference_configs_use_them() -> None:
+    from evssm.models.config import ModelConfig, load_model_config
+    from evssm.models.data import DATASETS
+    from evssm.models.dataset_facts import CLASS_NAMES, class_names_of
+
+    for name, names in CLASS_NAMES.items():
+        assert DATASETS[name].num_classes == len(names) == len(set(names)), name
+    # The model configs of the reference tasks answer with the data sets' names.
+    for config, dataset in (("shd", "shd"), ("ssc", "ssc"), ("dvs", "dvs-gesture")):
+        cfg = load_model_config(config)
+        assert cfg.labels == class_names_of(dataset) and cfg.num_classes == len(cfg.labels)
+        assert ModelConfig.from_dict(cfg.to_dict()) == cfg  # a checkpoint keeps the list
+    assert load_model_config("dvs").labels[:2] == ("hand_clapping", "right_hand_wave")
+    base = load_model_config("tiny").to_dict()
+    with pytest.raises(ValueError, match="no class names known for data set 'mnist'"):
+        ModelConfig.from_dict({**base, "class_names": "mnist"})
+    with pytest.raises(ValueError, match="class_names must have num_classes entries"):
+        ModelConfig.from_dict({**base, "class_names": "ssc"})  # 35 names for tiny's 20 classes

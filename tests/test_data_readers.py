@@ -93,7 +93,9 @@ def test_shd_preload_and_pickle_agree(shd_files: tuple[Path, dict]) -> None:
 def test_shd_file_directly_in_data_dir(tmp_path: Path) -> None:
     _write_h5(tmp_path / "shd_test.h5", [np.array([0.1])], [np.array([5])], [3], None)
     ds = load_dataset("shd", "test", tmp_path)
-    assert ds.class_names[3] == "3" and ds[0][1] == 3  # no extra/keys: names are numbers
+    # No extra/keys: SHD's documented names (English 0..9, then German).
+    assert ds.class_names[3] == "three" and ds[0][1] == 3
+    assert len(ds.class_names) == 20 and ds.class_names[10] == "null"
 
 
 def test_ssc_three_splits(tmp_path: Path) -> None:

@@ -343,6 +343,41 @@ def test_live_page_draws_the_recent_past_at_once(server):
     assert not load.errors, load.errors
 
 
+def test_live_page_lists_a_streamed_sessions_answer(server):
+    """The "Recent sessions" panel shows a session's top class, probability and events, from
+    /v1/stats, both while it streams and after it ended."""
+    require_tool("chromium", "chromium")
+    headless = _load_module("evssm_deploy_headless", ROOT / "deploy" / "tools" / "headless.py")
+    stream = Stream(server.ws, seed=7)
+    assert stream.ok, stream.opened
+    try:
+        reply = {}
+        for _ in range(8):
+            reply = stream.send_events(256)
+            assert reply.get("type") == "result", reply
+        assert reply["top"], "no answer after 2,048 events"
+        label, prob = reply["top"][0]
+        session = stream.opened["session"]
+        row = (f"(() => {{ const r = document.querySelector('#recent tr[data-session=\"{session}\"]');"
+               " return r ? [...Array.from(r.cells, c => c.textContent), r.dataset.events] : null;"
+               " })()")
+        with headless.Chromium(width=1400, height=900) as browser:
+            browser.navigate(server.http + "/dashboard?interval=500")
+            cells = browser.wait_for(row, timeout=60)
+            assert cells[:3] == [session, stream.opened["model"]["name"], str(label)], cells
+            assert abs(float(cells[3]) - prob) < 1e-3 and cells[5].startswith("live"), cells
+            assert cells[6] == str(reply["events"]) == str(8 * 256), cells
+            stream.close()  # ended: the row stays, with the last answer
+            ended = browser.wait_for(
+                f"(() => {{ const c = {row}; return c && c[5].startsWith('ended') ? c : null; }})()",
+                timeout=60)
+            assert ended[2] == str(label)
+            exceptions = [line for line in browser.console if line.startswith("exception")]
+            assert not exceptions, exceptions
+    finally:
+        stream.close()
+
+
 # --- Prometheus with the project's scrape config, every dashboard query --------------------------
 def test_config_for(server_port: int, prometheus_port: int) -> dict[str, Any]:
     """The project's Prometheus config with only targets and intervals changed for the test."""

@@ -108,6 +108,13 @@ def test_import_writes_an_ordinary_checkpoint(name: str, imported) -> None:
     assert (config.time_lookahead, config.gelu) == (True, "tanh")
     assert config.layer_norm_eps == (1e-6 if config.norm == "layer" else 1e-5)
     assert config.head_divisor == ("total_time" if config.head == "timepool" else "weights")
+    # The task's documented class names, in label order.
+    first_last = {"shd": ("zero", "neun"), "ssc": ("backward", "zero"),
+                  "dvs-mini": ("hand_clapping", "other_gestures")}[name]
+    assert (config.labels[0], config.labels[-1]) == first_last
+    assert len(set(config.labels)) == config.num_classes
+    if name == "shd":
+        assert config.labels[9:11] == ("nine", "null")
     origin = meta["origin"]
     assert origin["checkpoint"] == str(fixture(name) / "checkpoint") and origin["step"] == 0
     assert origin["model_yaml"] == str(fixture(name) / "model.yaml")
@@ -172,12 +179,14 @@ def test_every_option_is_needed(name: str, option: str, off, models) -> None:
 # --- through a real server ---------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(FIXTURES))
-def test_server_classify_and_stream_match_the_reference(name: str, models, serve) -> None:
+def test_server_classify_and_stream_match_the_reference(name: str, models, serve,
+                                                         tmp_path: Path) -> None:
     """``/v1/classify`` of the recordings and WebSocket sessions streaming them in random
     packets, on a model served with each streaming backend, give the reference's logits
     (compared as probabilities, and as logits up to the constant softmax removes)."""
     import httpx
 
+    from evssm.client import save_events
     from evssm.client.http_api import classify
     from evssm.client.session import AsyncStreamSession
     from evssm.models.streaming import softmax
@@ -216,7 +225,7 @@ def test_server_classify_and_stream_match_the_reference(name: str, models, serve
             async with AsyncStreamSession(server.ws, model=model_name) as session:
                 results = [r async for r in session.stream(packets)]
             assert results[-1].events == len(rec)
-            finals.append(results[-1].probs)
+            finals.append((results[-1].probs, results[-1].top))
         return finals
 
     rng = np.random.default_rng(15)
@@ -227,11 +236,24 @@ def test_server_classify_and_stream_match_the_reference(name: str, models, serve
         assert len(info["origin"]["model_yaml_sha256"]) == 64
         assert not {"checkpoint", "model_yaml"} & set(info["origin"])  # no paths on the server
         assert info["lookahead_events"] == 1
+        assert info["classes"] == list(config.class_names) and config.class_names
         for i, result in enumerate(classify(server.http, recordings, model=model_name)):
             assert result.events == len(recordings[i])
             check(result.probs, i, f"{model_name} /v1/classify recording {i}")
-        for i, probs in enumerate(asyncio.run(stream(model_name, rng))):
+            best = int(np.argmax(result.probs))
+            assert result.label == config.class_names[best]
+        for i, (probs, top) in enumerate(asyncio.run(stream(model_name, rng))):
             check(probs, i, f"{model_name} streamed recording {i}")
+            assert top[0][0] == config.class_names[int(np.argmax(probs))]
+    # The command line shows the names too.
+    path = tmp_path / "recording.npz"
+    save_events(path, recordings[0])
+    proc = run_evssm("classify", str(path), "--url", server.http, "--model", f"{name}-xla",
+                     "--json", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(proc.stdout)["results"][0]
+    assert row["prediction"] in config.class_names
+    assert all(label in config.class_names for label, _ in row["top"])
 
 
 # --- other checkpoint forms, and inputs that do not fit ------------------------------------------

@@ -603,18 +603,32 @@ def test_models_health_stats_metrics_dashboard(server):
     rng = np.random.default_rng(8)
     t, x = recording(rng, 512)
 
-    async def run() -> None:
+    async def run() -> tuple[dict, dict]:
         async with connect(f"{server.ws}/v1/stream") as ws:
             c = Client(ws)
-            await c.open()
+            opened = await c.open(top_k=0)  # no top in the frames: the answer is still known
             for k in range(4):
-                await c.request({"type": "events", "seq": k, **columns(t[k * 128:(k + 1) * 128],
-                                                                       x[k * 128:(k + 1) * 128], "bin")})
+                last = await c.request({"type": "events", "seq": k,
+                                        **columns(t[k * 128:(k + 1) * 128], x[k * 128:(k + 1) * 128],
+                                                  "bin")})
             stats = httpx.get(f"{h}/v1/stats").json()
             assert stats["sessions_active"] == 1 and stats["models"]["tiny"]["sessions_active"] == 1
+            (live,) = stats["recent"]
+            assert live["session"] == opened["session"] and live["live"] is True
+            await c.request({"type": "close"})
+            return opened, last
 
-    asyncio.run(run())
+    opened, last = asyncio.run(run())
     stats = httpx.get(f"{h}/v1/stats").json()
+    # The live page's "Recent sessions": the session's answer after its last packet, then ended.
+    (ended,) = stats["recent"]
+    assert last["probs"] is not None and np.isfinite(last["probs"]).all()
+    best = int(np.argmax(last["probs"]))
+    assert ended["label"] == info["classes"][best] and ended["events"] == 512
+    assert abs(ended["probability"] - last["probs"][best]) < 1e-4
+    assert ended["live"] is False and ended["model"] == "tiny" and ended["idle_s"] >= 0
+    assert opened["resume"] not in json.dumps(stats)  # nothing that resumes a session
+    assert set(ended) == {"session", "model", "label", "probability", "events", "live", "idle_s"}
     assert stats["events_total"] == 512 and stats["packets_total"] == 4
     assert stats["events_per_s"] > 0 and stats["latency_p50_ms"] > 0
     assert stats["latency_p99_ms"] >= stats["latency_p50_ms"] and "time" in stats

@@ -311,6 +311,32 @@ def test_serve_options_beat_variables_beat_defaults_and_errors_say_where():
         s.replace(batch_buckets=())
 
 
+def test_access_log_is_a_flag_off_by_default_and_connection_lines_are_dropped_without_it():
+    import argparse
+    import logging
+
+    from evssm.server.cli import ConnectionLines, add_arguments, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    parse = lambda *argv, env=None: settings_from_args(parser.parse_args(list(argv)), env or {})  # noqa: E731
+    assert parse().access_log is False
+    assert parse("--access-log").access_log is True
+    assert parse("--access-log", "false").access_log is False
+    assert parse(env={"EVSSM_ACCESS_LOG": "true"}).access_log is True
+    with pytest.raises(ValueError, match="access_log"):
+        parse("--access-log", "sometimes")
+
+    def record(msg: str, args: tuple = (), level: int = logging.INFO) -> logging.LogRecord:
+        return logging.LogRecord("uvicorn.error", level, __file__, 1, msg, args, None)
+
+    keep = ConnectionLines().filter
+    assert not keep(record("connection open")) and not keep(record("connection closed"))
+    assert not keep(record('%s - "WebSocket %s" [accepted]', ("127.0.0.1:5", "/v1/stream")))
+    assert keep(record("Started server process [%d]", (1,)))
+    assert keep(record("connection open", level=logging.WARNING))
+
+
 def test_serve_help_lists_every_option_and_env_var():
     out = subprocess.run([sys.executable, "-m", "evssm.cli", "serve", "--help"], capture_output=True,
                          text=True, timeout=60, check=True).stdout

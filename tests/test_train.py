@@ -16,7 +16,7 @@ from evssm.cli import main as cli_main
 from evssm.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from evssm.models.config import load_model_config
 from evssm.models.streaming import StreamingModel, init_variables
-from evssm.models.train import load_task_config, train
+from evssm.models.train import EpochBar, load_task_config, train
 
 TINY = ["task=event-mnist", "model.d_model=16", "model.d_state=16", "model.num_stages=1",
         "model.layers_per_stage=2", "model.pooling_stride=16", "train.batch_size=16",
@@ -26,6 +26,36 @@ TINY = ["task=event-mnist", "model.d_model=16", "model.d_state=16", "model.num_s
 
 def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_epoch_bar_says_compiling_and_times_only_compiled_steps() -> None:
+    """The first step (compiling) shows "compiling" and stays out of the rate and the ETA."""
+    import io
+    import time
+
+    out = io.StringIO()
+    bar = EpochBar(100, "epoch 1", compiling=True, file=out, mininterval=0)
+    assert "compiling" in out.getvalue() and "?" in out.getvalue()  # no ETA before a step
+    time.sleep(1.0)  # the compiling step
+    bar.step(loss="1.000")
+    for _ in range(4):
+        time.sleep(0.02)
+        bar.step(loss="0.500")
+    d = bar.bar.format_dict
+    assert (d["n"], d["initial"]) == (5, 1)
+    assert 0.05 < d["elapsed"] < 0.9  # the clock started after the compiling step
+    rate = (d["n"] - d["initial"]) / d["elapsed"]  # tqdm's own rate without smoothing
+    with_compile = (d["total"] - d["n"]) * (1.0 + d["elapsed"]) / d["n"]
+    assert (d["total"] - d["n"]) / rate < with_compile / 2  # what the ETA was before
+    bar.close()
+    last = out.getvalue().replace("\r", "\n").strip().splitlines()[-1]
+    assert "5/100" in last and "compiling" not in last and "loss=0.500" in last
+    # Later epochs compile nothing: one bar, no "compiling".
+    out = io.StringIO()
+    bar = EpochBar(3, "epoch 2", compiling=False, file=out, mininterval=0)
+    bar.step(loss="0.1")
+    bar.close()
+    assert "compiling" not in out.getvalue() and "1/3" in out.getvalue()
 
 
 def test_overrides_resolve_and_unknown_keys_fail() -> None:

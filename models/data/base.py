@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from ..dataset_facts import DVS_GESTURE_CLASSES, DVS_GESTURE_SIZE, SHD_CHANNELS, SHD_CLASSES, SSC_CLASSES
 from ..events import Recording, SensorSpec
 from ..wire import COLUMN_DTYPES
 
@@ -244,24 +245,25 @@ DATASETS: dict[str, DatasetSpec] = {
             "made by the project: <data_dir>/event-mnist/{train,test}.npz (built on first use)",
             "event_mnist:load", "event_mnist:build", "event_mnist:cached_size"),
         DatasetSpec(
-            "spoken-digits", ("train", "test"), SensorSpec.one_d(700), 20,
+            "spoken-digits", ("train", "test"), SensorSpec.one_d(SHD_CHANNELS), len(SHD_CLASSES),
             "the 20 SHD words spoken by espeak-ng/flite voices through a simulated 700-channel cochlea",
             "made by the project: <data_dir>/spoken-digits/spoken_digits_{train,test}.h5 "
             "(SHD layout; needs espeak-ng and flite)",
             "spoken_digits:load", "spoken_digits:build", "spoken_digits:cached_size"),
         DatasetSpec(
-            "shd", ("train", "test"), SensorSpec.one_d(700), 20,
+            "shd", ("train", "test"), SensorSpec.one_d(SHD_CHANNELS), len(SHD_CLASSES),
             "Spiking Heidelberg Digits (Cramer et al. 2020)",
             "<data_dir>/shd/shd_train.h5, shd_test.h5 (gunzipped, from https://zenkelab.org/datasets/)",
             "shd:load_shd"),
         DatasetSpec(
-            "ssc", ("train", "valid", "test"), SensorSpec.one_d(700), 35,
+            "ssc", ("train", "valid", "test"), SensorSpec.one_d(SHD_CHANNELS), len(SSC_CLASSES),
             "Spiking Speech Commands (Cramer et al. 2020)",
             "<data_dir>/ssc/ssc_train.h5, ssc_valid.h5, ssc_test.h5 "
             "(gunzipped, from https://zenkelab.org/datasets/)",
             "shd:load_ssc"),
         DatasetSpec(
-            "dvs-gesture", ("train", "test"), SensorSpec.two_d(128, 128), 11,
+            "dvs-gesture", ("train", "test"), SensorSpec.two_d(*DVS_GESTURE_SIZE),
+            len(DVS_GESTURE_CLASSES),
             "IBM DVS128 Gesture (Amir et al. 2017)",
             "<data_dir>/dvs-gesture/: either the original DvsGesture/ folder (userXX_<lighting>.aedat, "
             "userXX_<lighting>_labels.csv, trials_to_train.txt, trials_to_test.txt) or per-gesture "

@@ -37,8 +37,8 @@ from typing import BinaryIO
 import numpy as np
 
 from ..events import Recording, SensorSpec
-from ..wire import DVS_GESTURE_CLASSES as CLASS_NAMES
-from ..wire import DVS_GESTURE_SIZE
+from ..dataset_facts import DVS_GESTURE_CLASSES as CLASS_NAMES
+from ..dataset_facts import DVS_GESTURE_SIZE
 from .base import EventDataset, make_recording, missing_files_error
 
 SENSOR = SensorSpec.two_d(*DVS_GESTURE_SIZE)

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..events import Recording, SensorSpec
-from ..wire import SHD_CHANNELS
+from ..dataset_facts import SHD_CHANNELS, SHD_CLASSES, SSC_CLASSES
 from .base import XY_DTYPE, EventDataset, make_recording, missing_files_error
 
 _HOW = "gunzip the .h5.gz files from https://zenkelab.org/datasets/"
@@ -131,13 +131,13 @@ def _find(data_dir: Path, folder: str, filename: str, dataset: str) -> Path:
 def load_shd(split: str, data_dir: Path, *, preload: bool = False) -> SpikesH5Dataset:
     """SHD ``split`` ("train" | "test") from ``data_dir/shd/shd_<split>.h5``."""
     path = _find(data_dir, "shd", f"shd_{split}.h5", "shd")
-    return SpikesH5Dataset(path, "shd", split, preload=preload)
+    return SpikesH5Dataset(path, "shd", split, class_names=SHD_CLASSES, preload=preload)
 
 
 def load_ssc(split: str, data_dir: Path, *, preload: bool = False) -> SpikesH5Dataset:
     """SSC ``split`` ("train" | "valid" | "test") from ``data_dir/ssc/ssc_<split>.h5``."""
     path = _find(data_dir, "ssc", f"ssc_{split}.h5", "ssc")
-    return SpikesH5Dataset(path, "ssc", split, preload=preload)
+    return SpikesH5Dataset(path, "ssc", split, class_names=SSC_CLASSES, preload=preload)
 
 
 def write_spikes_h5(path: str | os.PathLike[str], times: Sequence[np.ndarray], units: Sequence[np.ndarray],

@@ -47,6 +47,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..dataset_facts import SHD_CLASSES as CLASS_NAMES
+from ..dataset_facts import SHD_GERMAN as GERMAN
 from .base import missing_files_error, progress_bar
 from .shd import SpikesH5Dataset, write_spikes_h5
 
@@ -55,9 +57,6 @@ FRONTEND_VERSION = 1
 SPLITS = ("train", "test")
 INSTALL = "apt-get install -y espeak-ng flite"
 
-ENGLISH = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-GERMAN = ("null", "eins", "zwei", "drei", "vier", "fünf", "sechs", "sieben", "acht", "neun")
-CLASS_NAMES = ENGLISH + GERMAN
 # flite only has English letter-to-sound rules: spell the German words the way they sound.
 FLITE_GERMAN = {"null": "nool", "eins": "ines", "zwei": "tsvy", "drei": "dry", "vier": "feer",
                 "fünf": "foonf", "sechs": "zeks", "sieben": "zeeben", "acht": "ahkt", "neun": "noyn"}
