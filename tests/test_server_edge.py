@@ -86,6 +86,7 @@ def test_websocket_compression_is_off_by_default(edge):
     async def run() -> str | None:
         async with connect(f"ws://127.0.0.1:{edge.port}/v1/stream", compression="deflate") as ws:
             assert (await request(ws, {"type": "open"}))["type"] == "opened"
+            assert (await request(ws, {"type": "close"}))["type"] == "closed"
             return ws.response.headers.get("Sec-WebSocket-Extensions")
 
     assert asyncio.run(run()) is None
@@ -146,7 +147,9 @@ def test_idle_websocket_upgrades_are_closed_after_the_open_deadline(edge):
             assert (await request(ws, {"type": "open"}))["type"] == "opened"
             await asyncio.sleep(3.5)  # past the deadline
             t = np.arange(0, 64_000, 1000)
-            return await request(ws, {"type": "events", "seq": 0, "t": t.tolist(), "x": [5] * 64})
+            reply = await request(ws, {"type": "events", "seq": 0, "t": t.tolist(), "x": [5] * 64})
+            assert (await request(ws, {"type": "close"}))["type"] == "closed"
+            return reply
 
     t0 = time.monotonic()
     idle = [ws_handshake(edge.port) for _ in range(25)]
@@ -186,14 +189,14 @@ def test_authorization_is_redacted_in_a_debug_log(opened_up):
 
 # --- forwarded headers -----------------------------------------------------------------------------
 def _open_with_forwarded_for(port: int, count: int) -> int:
-    """Sessions opened by ``count`` connections from 127.0.0.3 (an address no other test uses),
+    """Sessions opened by ``count`` connections from 127.0.0.1 (the other tests close theirs),
     each claiming another address in X-Forwarded-For; every connection is dropped without close
     (its session lingers)."""
 
     async def run() -> int:
         opened = 0
         for i in range(count):
-            ws = await connect(f"ws://127.0.0.1:{port}/v1/stream", local_addr=("127.0.0.3", 0),
+            ws = await connect(f"ws://127.0.0.1:{port}/v1/stream",
                                additional_headers={"X-Forwarded-For": f"203.0.113.{i + 1}"})
             try:
                 reply = await request(ws, {"type": "open"})
