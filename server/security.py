@@ -187,10 +187,9 @@ def install_log_redaction() -> None:
     """Redact secrets in every record that reaches a handler of the root or uvicorn's loggers
     (a handler's filter sees records of all loggers that propagate to it, at every level)."""
     for name in ("", "uvicorn", "uvicorn.error", "uvicorn.access"):
-        logger = logging.getLogger(name)
-        for target in (logger, *logger.handlers):
-            if not any(isinstance(f, RedactSecrets) for f in target.filters):
-                target.addFilter(RedactSecrets())
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, RedactSecrets) for f in handler.filters):
+                handler.addFilter(RedactSecrets())
 
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # probes: always answer without a key
