@@ -105,6 +105,17 @@ async def read_body(request: Request, max_bytes: int, timeout: float) -> bytes:
     return b"".join(chunks)
 
 
+async def send_json_error(send: Any, status: int, code: Code, message: str,
+                          headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    """Answer an HTTP request from ASGI middleware, before the app runs, with the contract's JSON
+    error body ``{"error": CODE, "message": TEXT}``."""
+    body = json.dumps({"error": str(code), "message": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()), *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
 class ConnectionCap:
     """ASGI middleware: an HTTP request on a path outside ``exempt`` gets 503 when more than
     ``limit`` connections are open (``connections``: uvicorn's set of open connections, this one
@@ -119,13 +130,8 @@ class ConnectionCap:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and len(self.connections) > self.limit and \
                 scope.get("path", "") not in self.exempt:
-            body = json.dumps({"error": str(Code.BUSY), "message": f"{self.limit} connections are open; "
-                               "retry shortly"}).encode()
-            await send({"type": "http.response.start", "status": 503,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode()),
-                                    (b"retry-after", b"1"), (b"connection", b"close")]})
-            await send({"type": "http.response.body", "body": body})
+            await send_json_error(send, 503, Code.BUSY, f"{self.limit} connections are open; retry shortly",
+                                  ((b"retry-after", b"1"), (b"connection", b"close")))
             return
         await self.app(scope, receive, send)
 
@@ -149,4 +155,5 @@ class Gate:
         self.active -= 1
 
 
-__all__ = ["BodyTimeout", "BodyTooLarge", "ClientDisconnect", "ConnectionCap", "Gate", "header_timeout_protocol", "read_body"]
+__all__ = ["BodyTimeout", "BodyTooLarge", "ClientDisconnect", "ConnectionCap", "Gate", "header_timeout_protocol",
+           "read_body", "send_json_error"]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 import os
 import re
@@ -27,6 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import parse_qsl, urlsplit
+
+from evssm.models.wire import Code
+
+from .limits import send_json_error
 
 log = logging.getLogger("evssm.server.security")
 
@@ -247,13 +250,8 @@ class AuthMiddleware:
         if scope["type"] == "http" and scope.get("path", "") not in self.access.open_paths:
             ok, _ = self.access.authenticate(scope)
             if not ok:
-                body = json.dumps({"error": "unauthorized", "message": "missing or invalid API key: evssm "
-                                   "clients take --api-key KEY or EVSSM_API_KEY; others send "
-                                   "Authorization: Bearer KEY"}).encode()
-                await send({"type": "http.response.start", "status": 401,
-                            "headers": [(b"content-type", b"application/json"),
-                                        (b"content-length", str(len(body)).encode()),
-                                        (b"www-authenticate", b'Bearer realm="evssm"')]})
-                await send({"type": "http.response.body", "body": body})
+                await send_json_error(send, 401, Code.UNAUTHORIZED, "missing or invalid API key: evssm "
+                                      "clients take --api-key KEY or EVSSM_API_KEY; others send "
+                                      "Authorization: Bearer KEY", ((b"www-authenticate", b'Bearer realm="evssm"'),))
                 return
         await self.app(scope, receive, send)
