@@ -135,7 +135,7 @@ class Settings(BaseSettings):
     header_timeout: float = Field(
         10.0, gt=0, description="seconds a connection may take to send a request's headers")
     open_timeout: float = Field(
-        10.0, gt=0, description="seconds a WebSocket may take to send its first 'open' frame; "
+        10.0, gt=0, description="seconds a WebSocket may take to open (or resume) a session; "
                                 "then it is closed with 1008")
     ws_compression: bool = Field(
         False, description="negotiate WebSocket permessage-deflate (off: a small compressed "
