@@ -12,12 +12,14 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import pytest
 
+from conftest import key_file
 from test_server_limits import Server, evssm_serve
 
 KEY = "cli-" + "f6" * 12
@@ -59,10 +61,7 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path: Path, args: list[str], ne
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("cli-keyed")
-    keys = tmp / "keys"
-    keys.write_text(KEY + "\n")
-    keys.chmod(0o600)
-    with evssm_serve(tmp, "--api-keys", str(keys), "--batch-buckets", "1,8", "--length-buckets", "256",
+    with evssm_serve(tmp, "--api-keys", str(key_file(tmp, KEY)), "--batch-buckets", "1,8", "--length-buckets", "256",
                      "--classify-length-buckets", "1024", "--classify-batch-events", "8192",
                      "--max-packet-events", "4096", "--log-level", "info") as s:
         yield s
@@ -78,7 +77,10 @@ def readme_recording(tmp_path: Path) -> Path:
 
 
 def test_the_ready_line_says_keys_are_required(keyed):
-    ready = [line for line in keyed.log.read_text().splitlines() if "ready after" in line]
+    deadline = time.monotonic() + 10  # /readyz answers a tick before the line is written
+    while not (ready := [line for line in keyed.log.read_text().splitlines() if "ready after" in line]):
+        assert time.monotonic() < deadline, "no ready line"
+        time.sleep(0.1)
     assert len(ready) == 1 and "API keys required" in ready[0] and "EVSSM_API_KEY" in ready[0], ready
 
 

@@ -19,6 +19,7 @@ import pytest
 import websockets
 from websockets.asyncio.client import connect
 
+from conftest import key_file
 from test_server_limits import SERVE, Server, evssm_serve, ws_handshake
 
 KEY = "edge-" + "d4" * 12
@@ -39,12 +40,9 @@ def edge(tmp_path_factory) -> Iterator[Server]:
 def opened_up(tmp_path_factory) -> Iterator[Server]:
     """The opt-ins: compression, a trusted proxy on loopback; API keys and a debug log."""
     tmp = tmp_path_factory.mktemp("opened-up")
-    keys = tmp / "keys"
-    keys.write_text(f"{KEY}\n{LEAK}\n")
-    keys.chmod(0o600)
     args = [a for a in SERVE if a not in ("--log-level", "warning")]
-    with evssm_serve(tmp, *args, "--log-level", "debug", "--api-keys", str(keys), "--ws-compression",
-                     "true", "--forwarded-allow-ips", "127.0.0.0/8", "--max-sessions", "40") as s:
+    with evssm_serve(tmp, *args, "--log-level", "debug", "--api-keys", str(key_file(tmp, KEY, LEAK)),
+                     "--ws-compression", "true", "--forwarded-allow-ips", "127.0.0.0/8", "--max-sessions", "40") as s:
         yield s
 
 
