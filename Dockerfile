@@ -102,7 +102,8 @@ WORKDIR /home/evssm
 EXPOSE 8000
 
 # Liveness: /healthz answers as soon as the process serves, also while models compile (readiness,
-# GET /readyz, is what the load balancer checks). start-period covers importing JAX.
+# GET /readyz, is what the load balancer checks), and while --max-connections are open (both
+# probes are exempt from it). start-period covers importing JAX.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "/usr/local/bin/evssm-healthcheck"]
 

@@ -17,11 +17,11 @@ import sys
 import time
 from typing import Any
 
-from .errors import ClientError, SourceError
+from .errors import ClientError, SourceError, error_line, exit_code
 from .http_api import Classification, classify, list_models
 from .protocol import ModelInfo
 from .sources import Sample, open_source, source_count
-from .stream_command import DEFAULT_URL, add_source_arguments, explain, transform_of
+from .stream_command import DEFAULT_URL, add_source_arguments, check_sensor, explain, transform_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -108,6 +108,8 @@ def _row(sample: Sample, result: Classification, model: ModelInfo | None, top: i
                     else (False if sample.label is not None else None)),
         "top": [[name(i), probs[i]] for i in order[:top]],
         "probs": result.probs,
+        "no_answer": None if result.probs is not None else (
+            model.too_few_events() if model is not None else "too few events for an answer"),
     }
 
 
@@ -117,6 +119,10 @@ def run(args: argparse.Namespace) -> int:
         samples = _load_samples(args, model)
         started = time.monotonic()
         transform = transform_of(args)
+        for s in samples if model is not None else ():
+            problem = check_sensor(s.recording, model.sensor, s.declared_sensor)
+            if problem:
+                raise SourceError(f"{s.name}: {problem}")
         undeclared = [s.name for s in samples if s.declared_sensor is None]
         if transform is not None and undeclared:
             raise SourceError(f"{undeclared[0]}: the file does not state its sensor geometry; "
@@ -126,8 +132,8 @@ def run(args: argparse.Namespace) -> int:
                            sensors=[s.declared_sensor for s in samples], transform=transform)
         elapsed = time.monotonic() - started
     except ClientError as exc:
-        print(f"evssm classify: {exc}", file=sys.stderr)
-        return 1
+        print(f"evssm classify: {error_line(exc)}", file=sys.stderr)
+        return exit_code(exc)
     rows = [_row(s, r, model, args.top) for s, r in zip(samples, results)]
     judged = [r["correct"] for r in rows if r["correct"] is not None]
     events = sum(r["events"] for r in rows)
@@ -158,12 +164,17 @@ def _print_table(report: dict[str, Any]) -> None:
     for r in report["results"]:
         mark = {True: "[green]✓[/] ", False: "[red]✗[/] ", None: ""}[r["correct"]]
         table.add_row(r["source"], f"{r['events']:,}", str(r["label_name"] or "-"),
-                      f"{mark}{r['prediction'] if r['prediction'] is not None else '-'}",
+                      f"{mark}{r['prediction'] if r['prediction'] is not None else 'no answer'}",
                       f"{r['probability']:.3f}"
                       if r["probability"] is not None else "-",
                       "  ".join(f"{label} {p:.2f}" for label, p in r["top"]))
     console = Console()
     console.print(table)
+    unanswered = [r for r in report["results"] if r["no_answer"]]
+    for r in unanswered[:5]:
+        console.print(f"{r['source']}: {r['no_answer']}", soft_wrap=True)
+    if len(unanswered) > 5:
+        console.print(f"... and {len(unanswered) - 5} more recordings without an answer")
     n = len(report["results"])
     tail = f"{n} recording{'' if n == 1 else 's'} in {report['elapsed_s']:.2f} s"
     if report["accuracy"] is not None:

@@ -100,3 +100,18 @@ class SessionClosed(ClientError):
 
 class SourceError(ClientError, ValueError):
     """An event source could not be read or does not hold what was asked for."""
+
+
+def error_line(exc: ClientError) -> str:
+    """The one line a command prints for ``exc``: its message, and for a refused key what to do."""
+    text = str(exc)
+    if isinstance(exc, Unauthorized) and "--api-key" not in text:
+        text += " (give the server's key with --api-key KEY or the EVSSM_API_KEY variable)"
+    return text
+
+
+def exit_code(exc: ClientError) -> int:
+    """1 when the server or the network failed (unreachable, full, busy, broken), 2 when the
+    user's input, options or key were wrong."""
+    failed = (ConnectionLost, ProtocolError, ServerUnavailable)
+    return 1 if isinstance(exc, failed) or type(exc) is ServerError else 2

@@ -33,7 +33,7 @@ from typing import Any
 from evssm import __version__
 from evssm.models.dataset_facts import SHD_CHANNELS
 
-from .errors import ClientError, ConnectionLost, ServerError
+from .errors import ClientError, ConnectionLost, ServerError, error_line, exit_code
 from .packets import Packet
 from .protocol import Result, SessionInfo, endpoint_url
 from .session import AsyncStreamSession
@@ -374,9 +374,12 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     try:
         report = asyncio.run(bench(args))
-    except (ValueError, ClientError) as exc:
+    except ValueError as exc:
         print(f"evssm bench serve: {exc}", file=sys.stderr)
-        return 1
+        return 2
+    except ClientError as exc:
+        print(f"evssm bench serve: {error_line(exc)}", file=sys.stderr)
+        return exit_code(exc)
     except KeyboardInterrupt:
         print("evssm bench serve: interrupted", file=sys.stderr)
         return 130

@@ -116,6 +116,17 @@ class ModelInfo:
         return cls(name=str(d.get("name", "")), classes=tuple(str(c) for c in classes),
                    sensor=spec, raw=d)
 
+    @property
+    def min_events(self) -> int | None:
+        """Events before the model's first answer (its downsampling); None when not told."""
+        n = self.raw.get("downsampling")
+        return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+    def too_few_events(self) -> str:
+        """Why a recording got no answer: ``too few events for an answer (the model needs 64)``."""
+        return "too few events for an answer" + (f" (the model needs {self.min_events})"
+                                                 if self.min_events else "")
+
 
 @dataclass(frozen=True)
 class SessionInfo:

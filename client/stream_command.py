@@ -19,7 +19,8 @@ t64_x16_y16_on8, the default, or t32_x16_y15_on1; --sensor WxH is required), e.g
   faery input camera output udp 127.0.0.1:7777      # on the camera's machine
   evssm stream udp://0.0.0.0:7777 --sensor 640x480 --url ws://SERVER:8000
 It forwards packets as they fill (at most 20 ms late) and stops on Ctrl-C, or with --json after
---idle-timeout seconds without a datagram, printing what was received and forwarded.
+--idle-timeout seconds without a datagram (counted from the first one: it may start before the
+camera), printing what was received and forwarded.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import numpy as np
 
 from evssm.models.events import Recording, SensorSpec
 
-from .errors import ClientError
+from .errors import ClientError, error_line, exit_code
 from .packets import apaced, packetize
 from .protocol import Result, SessionInfo
 from .session import AsyncStreamSession, Resume
@@ -128,8 +129,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sample of a many-sample source (HDF5 file, data set)")
     add_source_arguments(parser, udp=True)
     parser.add_argument("--idle-timeout", type=float, default=None, metavar="S",
-                        help="udp://: stop after S seconds without a datagram (default: 5 with "
-                             "--json, never in the live view)")
+                        help="udp://: stop after S seconds without a datagram, counted once the "
+                             "first has come (default: 5 with --json, never in the live view)")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--packet-events", type=int, default=None, metavar="N",
                       help="events per packet (default 256 unless --packet-ms)")
@@ -221,6 +222,16 @@ class _View:
         if result.probs is not None or result.top:
             self.last = result
 
+    def recording_s(self) -> float:
+        """Seconds of the recording answered so far (its last answered event's time)."""
+        last = self.last_any
+        return (last.t - self.t0) / 1e6 if last is not None and last.t is not None else 0.0
+
+    def speed_reached(self) -> float | None:
+        """Recording seconds answered per wall second: 1 is real time (None before any answer)."""
+        wall = time.monotonic() - self.started
+        return self.recording_s() / wall if wall > 0 and self.last_any is not None else None
+
     def render(self) -> Any:
         from rich.console import Group
         from rich.progress_bar import ProgressBar
@@ -234,8 +245,7 @@ class _View:
             ("evssm stream ", "bold"), (self.sample.name or "recording", "cyan"), " → ",
             (self.url, "dim"), "  model ", (self.info.model.name or "?", "magenta"),
             "  session ", (self.info.session, "dim"))
-        rec_pos = ((self.last_any.t - self.t0) / 1e6) if self.last_any and self.last_any.t \
-            is not None else 0.0
+        rec_pos = self.recording_s()
         progress = Table.grid(padding=(0, 1))
         if self.live is not None:
             progress.add_row(f"received {self.live.events_received:,} events in "
@@ -247,8 +257,7 @@ class _View:
                                          width=40),
                              f"{self.answered:,}/{self.total:,} events",
                              f"{rec_pos:6.2f}/{self.span_s:.2f} s of recording",
-                             f"wall {wall:6.2f} s", "fast" if self.speed is None
-                             else f"speed {self.speed:g}x")
+                             f"wall {wall:6.2f} s", self._speed_text())
         fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
         stats = Text(f"events/s {self.meter.rate():>10,.0f}   latency ms last {fmt(last_ms)}  "
                      f"p50 {fmt(lat['p50'])}  p95 {fmt(lat['p95'])}  p99 {fmt(lat['p99'])}   "
@@ -263,7 +272,7 @@ class _View:
                 classes.add_row(str(i), str(label), f"{prob:.3f}",
                                 ProgressBar(total=1.0, completed=prob, width=30))
         else:
-            classes.add_row("", Text("no prediction yet (first output window not complete)",
+            classes.add_row("", Text(f"no prediction yet: {self.info.model.too_few_events()}",
                                      "dim"), "", "")
         parts: list[Any] = [head, progress, stats]
         if self.resumes:
@@ -274,6 +283,13 @@ class _View:
         if true_name is not None:
             parts.append(Text(f"true label: {true_name}", "dim"))
         return Group(*parts)
+
+
+    def _speed_text(self) -> str:
+        """The speed reached, beside the one asked for: ``speed 0.04x (asked 1x)``."""
+        reached = self.speed_reached()
+        shown = "-" if reached is None else f"{reached:.2f}x"
+        return f"speed {shown} (asked {'fast' if self.speed is None else f'{self.speed:g}x'})"
 
 
 def describe_resume(r: Resume) -> str:
@@ -302,6 +318,7 @@ def _summary(view: _View, sample: Sample, info: SessionInfo, args: argparse.Name
     final = view.last
     top = _top(final, info, args.top) if final is not None else []
     prediction = top[0][0] if top else None
+    reached = None if view.live is not None else view.speed_reached()
     return {
         "source": sample.name,
         "url": view.url,
@@ -331,6 +348,8 @@ def _summary(view: _View, sample: Sample, info: SessionInfo, args: argparse.Name
         "recording_s": round(view.span_s, 4),
         "events_per_s": round(view.answered / wall, 1) if wall > 0 else None,
         "speed": None if args.fast else args.speed,
+        "speed_reached": None if reached is None else round(reached, 4),
+        "no_answer": None if final is not None else info.model.too_few_events(),
         "latency_ms": percentiles_ms(view.latencies),
         **({} if view.live is None else {"udp": view.live.to_dict(),
                                           "events_received": view.live.events_received,
@@ -477,8 +496,7 @@ def _print_final(summary: dict[str, Any]) -> None:
     console = Console()
     lat = summary["latency_ms"]
     if summary["prediction"] is None:
-        console.print("[bold]no prediction[/]: the recording ended before the model's first "
-                      "output window")
+        console.print(f"[bold]no prediction[/]: {summary['no_answer'] or 'no answer'}")
     else:
         verdict = {True: " [green]✓ correct[/]", False: " [red]✗ wrong[/]", None: ""}[
             summary["correct"]]
@@ -497,8 +515,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(_stream(args))
     except ClientError as exc:
-        print(f"evssm stream: {exc}", file=sys.stderr)
-        return 1
+        print(f"evssm stream: {error_line(exc)}", file=sys.stderr)
+        return exit_code(exc)
     except KeyboardInterrupt:
         print("evssm stream: interrupted", file=sys.stderr)
         return 130

@@ -230,19 +230,20 @@ async def live_packets(receiver: UdpReceiver, fmt: str, stats: UdpStats, *,
                        stop: asyncio.Event | None = None) -> AsyncIterator[Packet]:
     """Packets of the live stream: ``events`` per packet, or one per ``window_us`` of sensor time
     (split at ``max_events``). Events wait at most ``flush_s`` seconds for their packet to fill.
-    Ends, after sending what is buffered, when no datagram came for ``idle_timeout`` seconds (None:
-    never) or when ``stop`` is set."""
+    Ends, after sending what is buffered, when no datagram came for ``idle_timeout`` seconds after
+    the last one (None: never) or when ``stop`` is set. Before the first datagram it waits as long
+    as it takes: a receiver is often started before its camera."""
     if (events is None) == (window_us is None):
         raise ValueError("give exactly one of events= and window_us=")
     buf = _Buffer()
     index = 0
-    idle_since = time.monotonic()
+    idle_since: float | None = None  # the last datagram's arrival
     while stop is None or not stop.is_set():
         now = time.monotonic()
         waits = [0.25 if stop is not None else 3600.0]
         if buf.size:
             waits.append(buf.since + flush_s - now)
-        if idle_timeout is not None:
+        if idle_timeout is not None and idle_since is not None:
             waits.append(idle_since + idle_timeout - now)
         batch = await receiver.batch(max(min(waits), 0.0))
         now = time.monotonic()
@@ -263,7 +264,7 @@ async def live_packets(receiver: UdpReceiver, fmt: str, stats: UdpStats, *,
                     buf.pieces.append(kept)
                     buf.size += len(kept)
                     buf.t0 = buf.t0 if buf.t0 is not None else int(kept.t[0])
-        elif idle_timeout is not None and now - idle_since >= idle_timeout:
+        elif idle_timeout is not None and idle_since is not None and now - idle_since >= idle_timeout:
             break
         flush = buf.size > 0 and now - buf.since >= flush_s
         for packet in _ready(buf, events, window_us, max_events, flush, index):

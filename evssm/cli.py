@@ -63,6 +63,21 @@ def _quiet_broken_pipe() -> int:
     return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by a closed pipe
 
 
+def _user_error(prog: str, message: str) -> int:
+    """A mistake of the user: one line of advice on stderr, exit 2, no traceback."""
+    message = message.strip()
+    print(message if message.startswith(prog) else f"{prog}: {message}", file=sys.stderr)
+    return 2
+
+
+def _os_error_text(exc: OSError) -> str:
+    """``[Errno 2] No such file or directory: 'x'`` -> ``no such file or directory: x``; a
+    message of our own (no errno) as it is."""
+    if exc.errno is None or exc.strerror is None:
+        return str(exc)
+    return f"{exc.strerror.lower()}: {exc.filename}" if exc.filename else exc.strerror.lower()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -82,11 +97,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 formatter_class=HelpFormatter,
             )
             module.add_arguments(parser)
+            args = parser.parse_args(argv[len(words):])
             try:
-                code = int(module.run(parser.parse_args(argv[len(words):])) or 0)
+                code = int(module.run(args) or 0)
                 sys.stdout.flush()
             except BrokenPipeError:
                 return _quiet_broken_pipe()
+            except SystemExit as exc:
+                if not isinstance(exc.code, str):
+                    raise
+                return _user_error(parser.prog, exc.code)
+            except FileNotFoundError as exc:  # a missing data set, checkpoint, config or file
+                return _user_error(parser.prog, _os_error_text(exc))
             return code
     group = (argv[0],)
     if any(words[:1] == group and len(words) > 1 for words, _, _ in COMMANDS):

@@ -139,6 +139,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .config import load_model_config
+
+    for name in args.configs:  # a misspelt name fails now, not after the others were measured
+        load_model_config(name)
     report = {"benchmark": "evssm bench model", "command": " ".join(["evssm"] + sys.argv[1:]),
               "machine": machine_info(), "seconds_per_measurement": args.seconds, "models": {}}
     for name in args.configs:

@@ -20,10 +20,13 @@ load), and ``train_state/`` for ``--resume``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
 import json
 import os
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,7 @@ import numpy as np
 import yaml
 
 from .config import ModelConfig, configs_dir, load_model_config, parse_value
+from .data.augment import AugmentConfig
 
 SSM_PARAMS = ("B", "Lambda_re", "Lambda_im")
 SECTIONS = ("train", "augment")
@@ -71,11 +75,26 @@ def load_task_config(overrides: list[str]) -> dict[str, Any]:
             raise SystemExit(f"evssm train: unknown key {key!r} (use task=, model=, dataset=, "
                              f"data_dir=, model.KEY=, train.KEY=, augment.KEY=)")
         if section == "train" and name not in resolved["train"]:
-            raise SystemExit(f"evssm train: unknown training key {name!r}; known: "
-                             f"{', '.join(sorted(resolved['train']))}")
+            raise SystemExit(f"evssm train: unknown key {key}{_did_you_mean(key, resolved['train'], 'train.')}")
         resolved[section][name] = value
+    # Checked before any data is read: a misspelt key must not cost a data set load first.
+    model_keys = {f.name for f in dataclasses.fields(ModelConfig)} - {"sensor", "num_classes", "class_names"}
+    augment_keys = {f.name for f in dataclasses.fields(AugmentConfig)}
+    for section, given, known in (("model", model_overrides, model_keys), ("augment", resolved["augment"],
+                                                                          augment_keys)):
+        unknown = sorted(set(given) - known)
+        if unknown:
+            key = f"{section}.{unknown[0]}"
+            raise SystemExit(f"evssm train: unknown key {key}{_did_you_mean(key, known, section + '.')}")
     resolved["model_overrides"] = model_overrides
     return resolved
+
+
+def _did_you_mean(key: str, known: Collection[str], prefix: str) -> str:
+    """``"; did you mean model.d_model?"`` (the closest known key), else the known keys."""
+    names = [prefix + k for k in sorted(known)]
+    close = difflib.get_close_matches(key, names, n=1)
+    return f"; did you mean {close[0]}?" if close else f"; known: {', '.join(names)}"
 
 
 # --- optimisation --------------------------------------------------------------------------

@@ -55,14 +55,14 @@ class Code(StrEnum):
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     UNAUTHORIZED = "unauthorized"  # no or a wrong API key (HTTP 401; WebSocket closed with 1008)
-    BUSY = "busy"  # --max-classify-requests at work: 503 with Retry-After
+    BUSY = "busy"  # --max-classify-requests at work, or --max-connections open: 503 with Retry-After
     REQUEST_TIMEOUT = "request_timeout"  # the body took longer than --body-timeout: 408
 
 
 # WebSocket close codes (RFC 6455 section 7.4 and the IANA registry).
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001  # end of a drain
-CLOSE_POLICY_VIOLATION = 1008  # no or a wrong API key, or a browser origin that is not allowed
+CLOSE_POLICY_VIOLATION = 1008  # no or a wrong API key, a browser origin not allowed, no open in time
 CLOSE_SERVICE_RESTART = 1012  # refused while draining: reconnect (elsewhere) later
 CLOSE_TRY_AGAIN_LATER = 1013  # server_full / not_ready: retry later
 

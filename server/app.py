@@ -153,6 +153,7 @@ class Connection:
         self.key_id: str | None = None  # the API key id (None: the server has no keys)
         self.binary = True  # encoding of server-initiated frames: the client's last frame's
         self.closing = False  # a close is queued: ignore further frames
+        self.opened = False  # a session was opened or resumed here (the open deadline is met)
         self.bound = bound
         self._outbox: deque[_Reply] = deque()
         self._sending: asyncio.Task | None = None  # a send waiting for the socket
@@ -427,6 +428,7 @@ class StreamHandler:
         session.attachment = conn
         session.last_active = time.monotonic()
         conn.session = session
+        conn.opened = True
         opened = {"type": "opened", "session": session.id, "resume": session.token,
                   "resumed": resumed, "restored": restored, "events": session.events,
                   "t": session.last_t, "durable": engine.durable(session), "top_k": session.top_k,
@@ -523,6 +525,9 @@ async def _serve_stream(ws: WebSocket, engine: Engine, settings: Settings, metri
     conn.key_id, conn.principal = key_id, access.principal(ws.scope, key_id)
     handler = StreamHandler(engine, settings, metrics, conn, decoders)
     engine.connections.add(conn)
+    # An upgraded socket that never opens a session would hold a connection for ever.
+    deadline = asyncio.get_running_loop().call_later(settings.open_timeout, _open_deadline, conn,
+                                                     settings.open_timeout)
     try:
         if engine.draining:
             handler.reject(Code.DRAINING, "the server is shutting down; reconnect later", None, True)
@@ -553,12 +558,19 @@ async def _serve_stream(ws: WebSocket, engine: Engine, settings: Settings, metri
     except Exception:  # the socket died under us
         pass
     finally:
+        deadline.cancel()
         engine.connections.discard(conn)
         session = conn.session
         if session is not None and session.attachment is conn:
             session.attachment = None  # kept until the idle timeout for a resume
             session.last_active = time.monotonic()
         await conn.stop()
+
+
+def _open_deadline(conn: Connection, timeout: float) -> None:
+    """Close a connection that has not opened (or resumed) a session within ``timeout`` s."""
+    if not conn.opened and not conn.closing:
+        conn.close_after_flush(CLOSE_POLICY_VIOLATION, f"no open frame within {timeout:g} s")
 
 
 # --- HTTP ------------------------------------------------------------------------------------
@@ -603,10 +615,13 @@ def _reply(body: dict[str, Any], msgpack_out: bool, status: int = 200) -> Respon
 
 async def _classify(request: Request, engine: Engine, settings: Settings, metrics: Metrics, gate: Gate,
                     decoders: Decoders) -> Response:
-    content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-    if content_type not in MSGPACK_TYPES and content_type not in ("application/json", ""):
+    # A declared type is required: a browser form may post to any site without a preflight, but
+    # only as text/plain, form or multipart data (docs/deployment.md, "Security").
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in MSGPACK_TYPES and content_type != "application/json":
+        given = f"content type {shorten(content_type)}" if content_type else "no content type"
         return http_error(Code.UNSUPPORTED_MEDIA_TYPE,
-                          f"content type {shorten(content_type)}: send application/json or application/msgpack")
+                          f"{given}: send Content-Type: application/json or application/msgpack")
     if engine.draining:
         return http_error(Code.DRAINING, "the server is shutting down")
     if not engine.ready:

@@ -77,19 +77,22 @@ def run(args: argparse.Namespace) -> int:
         os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", settings.compilation_cache)
 
     from .app import create_app
-    from .security import KeyFileError, install_log_redaction
+    from .limits import ConnectionCap
+    from .security import OPEN_PATHS, KeyFileError, install_log_redaction
 
     try:
         app = create_app(settings)
     except KeyFileError as e:
         print(f"evssm serve: {e}", file=sys.stderr)
         return 2
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+    cap = ConnectionCap(app, settings.max_connections, exempt=OPEN_PATHS)
+    config = uvicorn.Config(cap, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                             lifespan="on", access_log=settings.access_log, **uvicorn_options(settings))
     install_log_redaction()  # after uvicorn.Config configured its loggers
     if not settings.access_log:
         logging.getLogger("uvicorn.error").addFilter(ConnectionLines())
-    server = DrainingServer(config, app.state.engine, settings.host)
+    server = DrainingServer(config, app.state.engine, settings.host, keys=settings.api_keys is not None)
+    cap.connections = server.server_state.connections
     server.run()
     return server.exit_code
 
@@ -114,16 +117,21 @@ def max_frame_bytes(max_packet_events: int) -> int:
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
     """uvicorn's limits for ``settings``: h11 (its request head is capped, 16 KiB by default,
     where httptools takes headers without limit) with a deadline for the head, the keep-alive
-    timeout, the connection limit and the largest WebSocket frame (:func:`max_frame_bytes`)."""
+    timeout, the largest WebSocket frame (:func:`max_frame_bytes`, which also bounds what a
+    compressed message inflates to), permessage-deflate only when asked, and forwarded headers
+    only from the listed proxies (uvicorn would trust loopback's). The connection limit is
+    :class:`~.limits.ConnectionCap`'s, not uvicorn's: uvicorn's also refuses the probes."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     from .limits import header_timeout_protocol
 
+    proxies = settings.forwarded_allow_ips
     return dict(http=header_timeout_protocol(H11Protocol, settings.header_timeout),
                 h11_max_incomplete_event_size=16 << 10,
                 timeout_keep_alive=settings.keep_alive_timeout,
-                limit_concurrency=settings.max_connections,
                 ws_max_size=max_frame_bytes(settings.max_packet_events),
+                ws_per_message_deflate=settings.ws_compression,
+                proxy_headers=bool(proxies), forwarded_allow_ips=proxies or "",
                 timeout_graceful_shutdown=max(1, int(settings.drain_timeout)))
 
 
@@ -131,10 +139,11 @@ class DrainingServer(uvicorn.Server):
     """A ``uvicorn.Server`` whose first SIGTERM/SIGINT drains the engine before shutting down
     (uvicorn alone would cut open WebSockets with 1012 and drop in-flight packets)."""
 
-    def __init__(self, config: uvicorn.Config, engine: Engine, host: str):
+    def __init__(self, config: uvicorn.Config, engine: Engine, host: str, keys: bool = False):
         super().__init__(config)
         self.engine = engine
         self.host = host
+        self.keys = keys  # API keys are required: the ready line says so
         self.exit_code = 0
         self._announced = False
         self._drain_started = False
@@ -167,9 +176,10 @@ class DrainingServer(uvicorn.Server):
                     self.config.port)
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
         host = f"[{host}]" if ":" in host else host
-        log.info("ready after %.0f s: serving %s on http://%s:%d (live page /dashboard); try: "
+        keys = "; API keys required (clients: --api-key or EVSSM_API_KEY)" if self.keys else ""
+        log.info("ready after %.0f s: serving %s on http://%s:%d (live page /dashboard)%s; try: "
                  "evssm stream sim --url ws://%s:%d", self.engine.ready_after_s or 0,
-                 ", ".join(self.engine.runners), host, port, host, port)
+                 ", ".join(self.engine.runners), host, port, keys, host, port)
 
     async def on_tick(self, counter: int) -> bool:
         if self.engine.ready and not self._announced:

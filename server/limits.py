@@ -6,16 +6,23 @@
   completed a request's headers within the timeout of opening or of its previous response.
 - :func:`read_body`: reads a request body while it streams in, and stops at the limit (a body is
   refused at ``max_bytes``, not after it was buffered whole) or at the deadline.
+- :class:`ConnectionCap`: past ``--max-connections`` open connections, HTTP requests get 503, except
+  the probes: half-sent request heads or idle WebSocket upgrades that fill the limit must not make
+  a liveness probe restart a server that is fine (the header and open deadlines clear them).
 - :class:`Gate`: at most ``limit`` holders at once; beyond that the caller answers "busy".
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from collections.abc import Collection, Sized
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
+
+from evssm.models.wire import Code
 
 
 def header_timeout_protocol(base: type[asyncio.Protocol], timeout: float) -> type[asyncio.Protocol]:
@@ -98,6 +105,37 @@ async def read_body(request: Request, max_bytes: int, timeout: float) -> bytes:
     return b"".join(chunks)
 
 
+async def send_json_error(send: Any, status: int, code: Code, message: str,
+                          headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    """Answer an HTTP request from ASGI middleware, before the app runs, with the contract's JSON
+    error body ``{"error": CODE, "message": TEXT}``."""
+    body = json.dumps({"error": str(code), "message": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()), *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class ConnectionCap:
+    """ASGI middleware: an HTTP request on a path outside ``exempt`` gets 503 when more than
+    ``limit`` connections are open (``connections``: uvicorn's set of open connections, this one
+    included; set once the server exists). WebSockets are limited by the stream endpoint."""
+
+    def __init__(self, app: Any, limit: int, exempt: Collection[str]):
+        self.app = app
+        self.limit = limit
+        self.exempt = exempt
+        self.connections: Sized = ()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and len(self.connections) > self.limit and \
+                scope.get("path", "") not in self.exempt:
+            await send_json_error(send, 503, Code.BUSY, f"{self.limit} connections are open; retry shortly",
+                                  ((b"retry-after", b"1"), (b"connection", b"close")))
+            return
+        await self.app(scope, receive, send)
+
+
 class Gate:
     """At most ``limit`` concurrent holders (single-threaded: the event loop)."""
 
@@ -117,4 +155,5 @@ class Gate:
         self.active -= 1
 
 
-__all__ = ["BodyTimeout", "BodyTooLarge", "ClientDisconnect", "Gate", "header_timeout_protocol", "read_body"]
+__all__ = ["BodyTimeout", "BodyTooLarge", "ClientDisconnect", "ConnectionCap", "Gate", "header_timeout_protocol",
+           "read_body", "send_json_error"]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 import os
 import re
@@ -27,6 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import parse_qsl, urlsplit
+
+from evssm.models.wire import Code
+
+from .limits import send_json_error
 
 log = logging.getLogger("evssm.server.security")
 
@@ -160,26 +163,36 @@ def normalize_origins(origins: Iterable[str]) -> tuple[str, ...]:
 
 
 class RedactSecrets(logging.Filter):
-    """Blanks ``access_token=...`` in log records: uvicorn logs every WebSocket's path with its
-    query string, and a key passed there must not reach the logs."""
+    """Blanks API keys in log records, whichever logger wrote them: uvicorn logs every
+    WebSocket's path with its query string (``access_token=KEY``), and at debug level the
+    websockets handshake logs every request header (``Authorization: Bearer KEY``). The record's
+    message is formatted, redacted and frozen (no arguments left), so no handler sees the key."""
 
-    _pattern = re.compile(r"(access_token=)[^&\s\"']*", re.IGNORECASE)
+    _access_token = re.compile(r"(access_token=)[^&\s\"']*", re.IGNORECASE)
+    # "Authorization: Bearer KEY", "authorization=...", "(b'authorization', b'Bearer KEY')"
+    _authorization = re.compile(
+        r"(authorization['\"]?\s*[:=,]\s*(?:b?['\"])?)((?:bearer|basic|token)\s+)?[^\s'\",)\]]+",
+        re.IGNORECASE)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(self._pattern.sub(r"\1***", a) if isinstance(a, str) else a
-                                for a in record.args)
-        if isinstance(record.msg, str) and "access_token=" in record.msg.lower():
-            record.msg = self._pattern.sub(r"\1***", record.msg)
+        try:
+            text = record.getMessage()
+        except Exception:  # a malformed record: leave it to the handler's own error path
+            return True
+        lowered = text.lower()
+        if "access_token=" in lowered or "authorization" in lowered:
+            text = self._access_token.sub(r"\1***", text)
+            record.msg, record.args = self._authorization.sub(r"\1\2***", text), ()
         return True
 
 
 def install_log_redaction() -> None:
-    """Redact secrets in the records of uvicorn's loggers (their handlers, once)."""
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, RedactSecrets) for f in logger.filters):
-            logger.addFilter(RedactSecrets())
+    """Redact secrets in every record that reaches a handler of the root or uvicorn's loggers
+    (a handler's filter sees records of all loggers that propagate to it, at every level)."""
+    for name in ("", "uvicorn", "uvicorn.error", "uvicorn.access"):
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, RedactSecrets) for f in handler.filters):
+                handler.addFilter(RedactSecrets())
 
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # probes: always answer without a key
@@ -237,12 +250,8 @@ class AuthMiddleware:
         if scope["type"] == "http" and scope.get("path", "") not in self.access.open_paths:
             ok, _ = self.access.authenticate(scope)
             if not ok:
-                body = json.dumps({"error": "unauthorized", "message": "missing or invalid API key: send "
-                                   "Authorization: Bearer KEY"}).encode()
-                await send({"type": "http.response.start", "status": 401,
-                            "headers": [(b"content-type", b"application/json"),
-                                        (b"content-length", str(len(body)).encode()),
-                                        (b"www-authenticate", b'Bearer realm="evssm"')]})
-                await send({"type": "http.response.body", "body": body})
+                await send_json_error(send, 401, Code.UNAUTHORIZED, "missing or invalid API key: evssm "
+                                      "clients take --api-key KEY or EVSSM_API_KEY; others send "
+                                      "Authorization: Bearer KEY", ((b"www-authenticate", b'Bearer realm="evssm"'),))
                 return
         await self.app(scope, receive, send)

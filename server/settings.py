@@ -135,9 +135,20 @@ class Settings(BaseSettings):
                                 "(default: a quarter of --max-sessions, at least 8)")
     max_connections: int = Field(
         1000, ge=1, description="open HTTP and WebSocket connections; then HTTP 503 / WebSocket "
-                                "close 1013")
+                                "close 1013 (/healthz and /readyz still answer)")
     header_timeout: float = Field(
         10.0, gt=0, description="seconds a connection may take to send a request's headers")
+    open_timeout: float = Field(
+        10.0, gt=0, description="seconds a WebSocket may take to open (or resume) a session; "
+                                "then it is closed with 1008")
+    ws_compression: bool = Field(
+        False, description="negotiate WebSocket permessage-deflate (off: a small compressed "
+                           "frame can inflate to megabytes of work); inflated messages are "
+                           "bounded by the frame limit either way")
+    forwarded_allow_ips: str | None = Field(
+        None, description="comma-separated addresses or networks (10.0.0.0/8) of proxies whose "
+                          "X-Forwarded-For/-Proto are trusted, '*': any (default: none; the "
+                          "socket's peer is the client)")
     keep_alive_timeout: int = Field(
         5, ge=1, description="seconds an idle HTTP keep-alive connection is kept")
     max_classify_requests: int = Field(

@@ -272,3 +272,11 @@ def serve() -> Iterator[Any]:
     """``serve(app)`` -> a :class:`RunningServer`; every server is stopped after the test."""
     with contextlib.ExitStack() as stack:
         yield lambda app, **kw: stack.enter_context(serve_app(app, **kw))
+
+
+def key_file(directory: Path, *keys: str) -> Path:
+    """An ``--api-keys`` file in ``directory`` holding ``keys``, readable by its owner only."""
+    path = directory / "keys"
+    path.write_text("".join(k + "\n" for k in keys))
+    path.chmod(0o600)
+    return path

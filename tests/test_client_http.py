@@ -158,5 +158,5 @@ def test_classify_command_index_spec(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert [r["source"] for r in rows] == ["shd.h5[0]", "shd.h5[2]", "shd.h5[3]"]
     assert main(["classify", str(path), "--index", "all", "--url", "http://s:1", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["results"]) == 4
-    assert main(["classify", str(path), "--index", "9", "--url", "http://s:1"]) == 1
+    assert main(["classify", str(path), "--index", "9", "--url", "http://s:1"]) == 2  # a user error
     assert "out of range" in capsys.readouterr().err

@@ -575,7 +575,7 @@ def test_stream_command_sim_source_and_sensor_mismatch(server: FakeServer, tmp_p
     rec2d = Recording(np.arange(3, dtype=np.int64), np.zeros(3, np.uint16),
                       np.zeros(3, np.uint16), np.zeros(3, np.uint8))
     path = save_events(tmp_path / "cam.npy", rec2d)
-    assert main(["stream", str(path), "--url", server.url, "--json"]) == 1
+    assert main(["stream", str(path), "--url", server.url, "--json"]) == 2  # a user error
     assert "2-D" in capsys.readouterr().err
 
 

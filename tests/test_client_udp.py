@@ -51,9 +51,9 @@ def test_parse_udp_url() -> None:
             parse_udp_url(bad)
 
 
-def collect(datagrams: list[bytes], fmt: str, **options) -> tuple[list, UdpStats, float]:
-    """Send ``datagrams`` from a thread to a live receiver; the packets it yields, its stats and
-    the seconds until its first packet."""
+def collect(datagrams: list[bytes], fmt: str, delay: float = 0.0, **options) -> tuple[list, UdpStats, float]:
+    """Send ``datagrams`` from a thread, ``delay`` seconds after the receiver started, to a live
+    receiver; the packets it yields, its stats and the seconds until its first packet."""
     async def run() -> tuple[list, UdpStats, float]:
         receiver = UdpReceiver("127.0.0.1", 0)
         receiver.start(asyncio.get_running_loop())
@@ -61,6 +61,7 @@ def collect(datagrams: list[bytes], fmt: str, **options) -> tuple[list, UdpStats
         start = time.monotonic()
 
         def send() -> None:
+            time.sleep(delay)
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
                 for d in datagrams:
                     s.sendto(d, receiver.address)
@@ -121,6 +122,18 @@ def test_time_windows_and_flush_of_a_quiet_stream() -> None:
     packets, _, first = collect([datagram(t[:5], zeros[:5], zeros[:5], zeros[:5], fmt)], fmt,
                                 events=1000, flush_s=0.05, idle_timeout=1.5)
     assert sum(len(pk) for pk in packets) == 5 and first < 1.0
+
+
+def test_the_idle_timeout_counts_from_the_first_datagram() -> None:
+    """Old receiver: the idle timeout ran from start, so one started 1 s before its camera (idle
+    timeout 0.5 s here) ended with 0 events. Now it waits for the first datagram."""
+    t, x, y, p = events(100)
+    fmt = "t64_x16_y16_on8"
+    t0 = time.monotonic()
+    packets, stats, first = collect([datagram(t, x, y, p, fmt)], fmt, delay=1.0, events=50,
+                                    idle_timeout=0.5)
+    assert stats.events_received == 100 and sum(len(pk.events) for pk in packets) == 100
+    assert first >= 1.0 and time.monotonic() - t0 >= 1.5  # then idle for the timeout after it
 
 
 def test_port_in_use_is_a_clear_error() -> None:

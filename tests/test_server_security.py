@@ -277,17 +277,18 @@ def test_partial_headers_are_dropped_after_the_header_timeout(keyed):
 
 
 def test_connection_limit(keyed):
-    """--max-connections 40: idle sockets count; past the limit HTTP gets 503 and a WebSocket is
-    closed with 1013; the header timeout frees the idle ones."""
+    """--max-connections 40: idle sockets count; past the limit HTTP gets 503 (the probes still
+    answer) and a WebSocket is closed with 1013; the header timeout frees the idle ones."""
     idle = [socket.create_connection(("127.0.0.1", keyed.port), timeout=10) for _ in range(40)]
     time.sleep(0.2)
     try:
-        assert httpx.get(f"{keyed.http}/healthz").status_code == 503
+        assert httpx.get(f"{keyed.http}/v1/models", headers=auth(KEY_A)).status_code == 503
+        assert httpx.get(f"{keyed.http}/healthz").status_code == 200
     finally:
         for s in idle:
             s.close()
     time.sleep(0.5)
-    assert httpx.get(f"{keyed.http}/healthz").status_code == 200
+    assert httpx.get(f"{keyed.http}/v1/models", headers=auth(KEY_A)).status_code == 200
 
     async def run() -> None:
         url = f"ws://127.0.0.1:{keyed.port}/v1/stream"

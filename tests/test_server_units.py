@@ -216,6 +216,37 @@ def test_security_settings_from_env():
         Settings.from_env({"EVSSM_PUBLIC_METRICS": "maybe"})
 
 
+def test_edge_settings_reach_uvicorn_and_default_closed():
+    """Compression off and no trusted proxy unless asked (uvicorn's own defaults: on, loopback)."""
+    from evssm.server.cli import uvicorn_options
+
+    default = uvicorn_options(Settings())
+    assert default["ws_per_message_deflate"] is False and default["proxy_headers"] is False
+    assert "limit_concurrency" not in default  # ConnectionCap enforces it, sparing the probes
+    s = Settings.from_env({"EVSSM_WS_COMPRESSION": "true", "EVSSM_FORWARDED_ALLOW_IPS": "10.0.0.0/8",
+                           "EVSSM_OPEN_TIMEOUT": "2.5"})
+    opened = uvicorn_options(s)
+    assert opened["ws_per_message_deflate"] is True and opened["proxy_headers"] is True
+    assert opened["forwarded_allow_ips"] == "10.0.0.0/8" and s.open_timeout == 2.5
+
+
+@pytest.mark.parametrize("msg, args", [
+    ("< %s: %s", ("Authorization", "Bearer SECRET-KEY-123")),
+    ("headers %s", ("[(b'authorization', b'Bearer SECRET-KEY-123')]",)),
+    ("GET /v1/stream?access_token=SECRET-KEY-123&session=s HTTP/1.1", ()),
+    ("%s", ({"Authorization": "SECRET-KEY-123"},)),
+])
+def test_log_redaction_hides_keys_in_any_shape(msg, args):
+    import logging
+
+    from evssm.server.security import RedactSecrets
+
+    record = logging.LogRecord("websockets", logging.DEBUG, __file__, 1, msg, args, None)
+    assert RedactSecrets().filter(record)
+    text = record.getMessage()
+    assert "SECRET-KEY-123" not in text and "***" in text, text
+
+
 def test_session_table_caps_each_owner():
     table = SessionTable(max_sessions=4, slots_per_model={"m": 4})
     a = [table.open("m", 3, owner="addr:1", owner_limit=2) for _ in range(2)]

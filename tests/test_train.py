@@ -62,8 +62,10 @@ def test_overrides_resolve_and_unknown_keys_fail() -> None:
     cfg = load_task_config(TINY + ["train.epochs=3", "augment.noise_p=0.5", "dataset=event-mnist"])
     assert cfg["train"]["epochs"] == 3 and cfg["train"]["ssm_base_lr"] == pytest.approx(2e-4)
     assert cfg["model_overrides"]["d_model"] == 16 and cfg["augment"]["noise_p"] == 0.5
-    with pytest.raises(SystemExit, match="unknown training key"):
-        load_task_config(["train.epochz=3"])
+    for key, closest in (("train.epochz", "train.epochs"), ("model.d_modl", "model.d_model"),
+                         ("augment.noise_pp", "augment.noise_p")):
+        with pytest.raises(SystemExit, match=f"unknown key {key}; did you mean {closest}"):
+            load_task_config([f"{key}=3"])
     with pytest.raises(SystemExit, match="no task"):
         load_task_config(["task=nope"])
 
