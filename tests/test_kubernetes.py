@@ -240,10 +240,10 @@ def test_haproxy_runs_the_project_config_against_the_headless_service(overlay: s
     (container,) = spec["containers"]
     env = {e["name"]: e for e in container["env"]}
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
-    host, port = env["EVSSM_REPLICAS"]["value"].rsplit(":", 1)
+    host, port = env["EVSSM_REPLICA_ADDRESS"]["value"].rsplit(":", 1)
     assert host == "evssm-replicas.$(POD_NAMESPACE).svc.cluster.local"
     assert int(port) == settings_of(server_environment(objects)).port
-    assert '"${EVSSM_REPLICAS-' in config["data"]["haproxy.cfg"]
+    assert '"${EVSSM_REPLICA_ADDRESS-' in config["data"]["haproxy.cfg"]
     bind = re.search(r"^\s*bind :(\d+)$", config["data"]["haproxy.cfg"], re.M)
     assert bind and {p["containerPort"] for p in container["ports"]} >= {int(bind.group(1))}
     lb = one(objects, "Service", "evssm-lb")
@@ -259,8 +259,8 @@ def test_haproxy_config_is_valid_with_the_pods_environment(tmp_path: Path) -> No
     config = tmp_path / "haproxy.cfg"
     config.write_text(one(objects, "ConfigMap", "evssm-haproxy")["data"]["haproxy.cfg"])
     (container,) = one(objects, "Deployment", "evssm-lb")["spec"]["template"]["spec"]["containers"]
-    value = next(e["value"] for e in container["env"] if e["name"] == "EVSSM_REPLICAS")
-    env = {**os.environ, "EVSSM_REPLICAS": value.replace("$(POD_NAMESPACE)", "evssm")}
+    value = next(e["value"] for e in container["env"] if e["name"] == "EVSSM_REPLICA_ADDRESS")
+    env = {**os.environ, "EVSSM_REPLICA_ADDRESS": value.replace("$(POD_NAMESPACE)", "evssm")}
     result = subprocess.run([require_tool("haproxy", "haproxy"), "-c", "-f", str(config)],
                             capture_output=True, text=True, timeout=30, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
