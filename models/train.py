@@ -8,13 +8,15 @@ the command line: ``model.d_model=32``, ``train.epochs=3``, ``augment.cut_mix_p=
 Optimisation (docs/architecture.md, "Training"): softmax cross-entropy on soft targets; AdamW in two groups —
 ``B``, ``Lambda_re``, ``Lambda_im`` at ``ssm_lr = ssm_base_lr * batch_size * accumulation`` with
 ``ssm_weight_decay``, everything else at ``ssm_lr * lr_factor`` with ``weight_decay`` — warm-up then
-cosine decay (or constant), gradient accumulation. Data-parallel over all local devices (batch
-sharded, parameters replicated), and across hosts through ``jax.distributed`` when the
-environment provides a coordinator.
+cosine decay (or constant), gradient accumulation. Data-parallel over every device of the job
+(batch sharded, parameters replicated): this process's, or several processes' joined through
+``jax.distributed`` (``--processes N`` here, or the JAX_* variables on a cluster; see
+:mod:`.distributed` and docs/training.md).
 
 The run directory holds ``config.yaml``, ``metrics.jsonl``, TensorBoard events in ``tb/``, the best
 checkpoint by validation accuracy in ``best/`` (a checkpoint ``evssm serve`` and ``evssm eval``
-load), and ``train_state/`` for ``--resume``.
+load), ``train_state/`` for ``--resume``, and ``test.json``: ``best/`` measured once on the test
+split when the schedule is done.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ def load_task_config(overrides: list[str]) -> dict[str, Any]:
         "task": task_name,
         "dataset": pairs.pop("dataset", task["dataset"]),
         "data_dir": pairs.pop("data_dir", None),
+        "classes": parse_classes(pairs.pop("classes", None)),
         "model_name": model_name,
         "train": dict(task.get("train", {})),
         "augment": dict(task.get("augment", {})),
@@ -70,13 +73,38 @@ def load_task_config(overrides: list[str]) -> dict[str, Any]:
             continue
         if section not in SECTIONS or not name:
             raise SystemExit(f"evssm train: unknown key {key!r} (use task=, model=, dataset=, "
-                             f"data_dir=, model.KEY=, train.KEY=, augment.KEY=)")
+                             f"data_dir=, classes=, model.KEY=, train.KEY=, augment.KEY=)")
         if section == "train" and name not in resolved["train"]:
             raise SystemExit(f"evssm train: unknown training key {name!r}; known: "
                              f"{', '.join(sorted(resolved['train']))}")
         resolved[section][name] = value
     resolved["model_overrides"] = model_overrides
     return resolved
+
+
+def parse_classes(value: Any) -> list[int] | None:
+    """``classes=3,8`` or ``classes=[3, 8]``: train on those classes only (a reduced task)."""
+    if value is None:
+        return None
+    items = value if isinstance(value, list) else str(value).split(",")
+    try:
+        return [int(c) for c in items]
+    except (TypeError, ValueError):
+        raise SystemExit(f"evssm train: classes= takes class indices like 3,8; got {value!r}") from None
+
+
+def open_split(cfg: dict[str, Any], split: str, limit: int | None):
+    """``split`` of the run's data set: only ``cfg["classes"]`` (relabelled) when it names
+    some, then the first ``limit`` samples."""
+    from .data import ClassSubset, Subset, load_dataset
+
+    if not cfg.get("classes"):
+        return load_dataset(cfg["dataset"], split, cfg["data_dir"], limit=limit)
+    try:
+        ds = ClassSubset(load_dataset(cfg["dataset"], split, cfg["data_dir"]), cfg["classes"])
+    except ValueError as exc:
+        raise SystemExit(f"evssm train: {exc}") from None
+    return ds if limit is None or limit >= len(ds) else Subset(ds, np.arange(limit))
 
 
 # --- optimisation --------------------------------------------------------------------------
@@ -231,7 +259,7 @@ def train(cfg: dict[str, Any], out: Path, *, resume: bool = False, limit_train: 
     from tqdm import tqdm
 
     from .checkpoint import load_checkpoint, save_checkpoint, this_process_only, update_summary
-    from .data import DATASETS, AugmentConfig, load_dataset
+    from .data import DATASETS, AugmentConfig
     from .evaluate import classification_metrics
     from .input_pipeline import eval_batches, pad_batch, prefetch, train_batches
     from .model import EventSSM, init_state
@@ -241,8 +269,8 @@ def train(cfg: dict[str, Any], out: Path, *, resume: bool = False, limit_train: 
     say = (lambda text: print(text, file=sys.stderr)) if primary else (lambda text: None)
     t = cfg["train"]
     test_split = "test" if "test" in DATASETS[cfg["dataset"]].splits else t["valid_split"]
-    train_ds = load_dataset(cfg["dataset"], "train", cfg["data_dir"], limit=limit_train)
-    valid_ds = load_dataset(cfg["dataset"], t["valid_split"], cfg["data_dir"], limit=limit_valid)
+    train_ds = open_split(cfg, "train", limit_train)
+    valid_ds = open_split(cfg, t["valid_split"], limit_valid)
     base = load_model_config(cfg["model_name"])
     model_cfg = ModelConfig.from_dict({
         **base.to_dict(), **cfg["model_overrides"], "sensor": train_ds.sensor.to_dict(),
@@ -408,8 +436,7 @@ def train(cfg: dict[str, Any], out: Path, *, resume: bool = False, limit_train: 
         return 0  # stopped early on purpose: the run that finishes the schedule tests
     # The test split, measured once, on the checkpoint chosen on the validation split.
     _, best, meta = load_checkpoint(out / "best")
-    result = measure(jax.device_put(best, replicated), load_dataset(
-        cfg["dataset"], test_split, cfg["data_dir"], limit=limit_test))
+    result = measure(jax.device_put(best, replicated), open_split(cfg, test_split, limit_test))
     test = {"split": test_split, "selected_on": t["valid_split"],
             "epoch": meta["summary"].get("epoch"), "accuracy": result["accuracy"],
             "loss": result["loss"], "samples": int(result["count"])}

@@ -204,6 +204,31 @@ class Subset(EventDataset):
         return self.base.labels[self.indices]
 
 
+class ClassSubset(Subset):
+    """The samples of some classes of another data set, relabelled ``0 .. k-1`` in the order
+    ``classes`` names them (a reduced task: e.g. two digits of event-mnist)."""
+
+    def __init__(self, base: EventDataset, classes: Sequence[int]):
+        classes = [int(c) for c in classes]
+        bad = [c for c in classes if not 0 <= c < base.num_classes]
+        if bad or len(set(classes)) != len(classes) or len(classes) < 2:
+            raise ValueError(f"classes must be at least two distinct class indices of "
+                             f"{base.name} (0..{base.num_classes - 1}), got {classes}")
+        relabel = np.full(base.num_classes, -1, np.int64)
+        relabel[classes] = np.arange(len(classes))
+        self._relabel = relabel
+        super().__init__(base, np.flatnonzero(relabel[base.labels] >= 0))
+        self.class_names = tuple(base.class_names[c] for c in classes)
+
+    def _get(self, i: int) -> tuple[Recording, int]:
+        rec, label = super()._get(i)
+        return rec, int(self._relabel[label])
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._relabel[super().labels]
+
+
 # ---------------------------------------------------------------------------------------------
 # Registry
 
