@@ -351,7 +351,8 @@ def load_dataset(name: str, split: str = "train", data_dir: str | os.PathLike[st
 
     Real benchmarks are read from files already on disk (a missing file raises
     ``FileNotFoundError`` saying what to put where); data sets the project makes are built and
-    cached on first use. ``limit=N`` (any data set) keeps the first N samples; other ``kwargs`` go
+    cached on first use; their ``valid`` split is carved from the train file (:func:`carve_valid`)
+    and ``train`` is the rest. ``limit=N`` (any data set) keeps the first N samples; other ``kwargs`` go
     to the reader (e.g. ``preload=`` for SHD/SSC, ``format=`` for dvs-gesture, ``cache=`` for
     event-mnist).
     """
