@@ -216,6 +216,17 @@ def process_argv(args: argparse.Namespace, out: Path) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """``evssm train``: a mistake in the arguments or the data exits 2 with one line of advice."""
+    try:
+        return _run(args)
+    except SystemExit as exc:
+        if not isinstance(exc.code, str):
+            raise
+        print(exc.code, file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     cfg = load_task_config(args.overrides)
     if args.data_dir:
         cfg["data_dir"] = args.data_dir

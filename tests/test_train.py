@@ -54,6 +54,22 @@ def test_overrides_resolve_and_unknown_keys_fail() -> None:
         load_task_config(["classes=three"])
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--processes", "0"], "--processes must be at least 1"),
+    (["train.batch_size=15", "--processes", "2"], "not divisible by --processes 2"),
+    (["classes=1,x"], "classes= takes class indices"),
+    (["classes=1,1"], "at least two distinct class indices"),
+])
+def test_bad_arguments_exit_2_with_advice(args: list[str], message: str, tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "evssm.cli", "train", *TINY, *args, "--out",
+                           str(tmp_path / "run"), "--limit-train", "8", "--no-progress"],
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "best").exists()
+
+
 def test_checkpoint_round_trips_exactly(tmp_path: Path) -> None:
     config = load_model_config("tiny", {"norm": "batch"})
     variables = init_variables(config, 3)
