@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,15 @@ def abstract_variables(config: ModelConfig) -> dict[str, Any]:
     return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 
+def this_process_only() -> Any:
+    """orbax options for a read or write by this process alone: in a multi-process training job
+    one process writes the served checkpoint, and orbax must not wait for the others."""
+    import orbax.checkpoint as ocp
+
+    k = jax.process_index()
+    return ocp.options.MultiprocessingOptions(primary_host=k, active_processes={k})
+
+
 def save_checkpoint(directory: str | Path, config: ModelConfig, variables: dict[str, Any], *,
                     task: str | None = None, summary: dict[str, Any] | None = None,
                     origin: dict[str, Any] | None = None) -> Path:
@@ -64,7 +74,7 @@ def save_checkpoint(directory: str | Path, config: ModelConfig, variables: dict[
     if origin is not None:
         meta["origin"] = origin
     handler, save_args = _served_checkpoint_types()
-    with ocp.Checkpointer(handler()) as checkpointer:
+    with ocp.Checkpointer(handler(), multiprocessing_options=this_process_only()) as checkpointer:
         checkpointer.save(directory, args=save_args(jax.device_get(tree), meta), force=True)
     return directory
 
@@ -78,7 +88,7 @@ def _served_checkpoint_types() -> tuple[type, type]:
     class ServedCheckpointHandler(ocp.CheckpointHandler):
         def save(self, directory: Any, args: "ServedSave") -> None:
             path = Path(directory)
-            with ocp.StandardCheckpointer() as arrays:
+            with ocp.StandardCheckpointer(multiprocessing_options=this_process_only()) as arrays:
                 arrays.save(path / VARIABLES_DIR, args.tree)
             (path / METADATA_FILE).write_text(json.dumps(args.meta, indent=2, sort_keys=True))
 
@@ -92,6 +102,17 @@ def _served_checkpoint_types() -> tuple[type, type]:
         meta: dict[str, Any]
 
     return ServedCheckpointHandler, ServedSave
+
+
+def update_summary(directory: str | Path, **fields: Any) -> None:
+    """Add ``fields`` to the training summary in a checkpoint's ``evssm.json`` (written whole to a
+    temporary file, then renamed over the old one)."""
+    path = Path(directory) / METADATA_FILE
+    meta = json.loads(path.read_text())
+    meta["summary"] = {**meta.get("summary", {}), **fields}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    os.replace(tmp, path)
 
 
 def read_metadata(directory: str | Path) -> dict[str, Any]:
@@ -133,7 +154,8 @@ def load_checkpoint(directory: str | Path) -> tuple[ModelConfig, dict[str, Any],
         raise CheckpointError(f"{directory} is incomplete: {VARIABLES_DIR}/ is missing")
     target = abstract_variables(config)
     try:
-        variables = ocp.StandardCheckpointer().restore(var_dir, target)
+        with ocp.StandardCheckpointer(multiprocessing_options=this_process_only()) as reader:
+            variables = reader.restore(var_dir, target)
     except ValueError as exc:
         raise CheckpointError(f"{directory} does not match its config's architecture "
                               f"({config.name}): {exc}") from exc

@@ -8,6 +8,7 @@ the next batches while the accelerator works.
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 from dataclasses import dataclass
@@ -34,6 +35,10 @@ class Batch:
     @property
     def num_events(self) -> int:
         return int(self.lengths.sum())
+
+    def rows(self, index: slice) -> "Batch":
+        """The batch of rows ``index`` (one process's share of a global batch)."""
+        return Batch(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
 
 
 def bucket_length(n: int, pad_unit: int) -> int:
@@ -74,17 +79,26 @@ def crop_to(rec: Recording, max_events: int | None, rng: np.random.Generator | N
 
 def train_batches(dataset: EventDataset, batch_size: int, num_classes: int, pad_unit: int,
                   max_events: int | None, augment_cfg: AugmentConfig | None, seed: int,
-                  epoch: int) -> Iterator[Batch]:
-    """One epoch of augmented training batches (the last incomplete batch is dropped)."""
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(dataset))
+                  epoch: int, shard: tuple[int, int] = (0, 1)) -> Iterator[Batch]:
+    """One epoch of augmented training batches (the last incomplete batch is dropped).
+
+    ``shard = (k, n)``: rows ``k*b .. (k+1)*b - 1`` (``b = batch_size / n``) of every global batch of
+    ``batch_size``, the part process ``k`` of ``n`` feeds. The epoch's order is drawn from
+    ``(seed, epoch)``; sample ``j`` of the order draws its augmentation from ``(seed, epoch, j)``
+    alone, so a row is the same whichever process makes it, and each process makes only its own.
+    """
+    k, n = shard
+    if batch_size % n or not 0 <= k < n:
+        raise ValueError(f"batch_size {batch_size} cannot be split into {n} equal shards")
+    rows = batch_size // n
+    order = np.random.default_rng([seed, epoch]).permutation(len(dataset))
     sensor = dataset.sensor
     eye = np.eye(num_classes, dtype=np.float32)
     for start in range(0, len(order) - batch_size + 1, batch_size):
-        idx = order[start:start + batch_size]
         recs, targets, labels = [], [], []
-        for i in idx:
-            rec, label = dataset[int(i)]
+        for j in range(start + k * rows, start + (k + 1) * rows):
+            rng = np.random.default_rng([seed, epoch, j])
+            rec, label = dataset[int(order[j])]
             target = eye[label]
             if augment_cfg is not None:
                 rec = augment.augment(rec, sensor, rng, augment_cfg)
@@ -96,6 +110,19 @@ def train_batches(dataset: EventDataset, batch_size: int, num_classes: int, pad_
             targets.append(target)
             labels.append(label)
         yield make_batch(recs, np.stack(targets), np.array(labels), sensor, pad_unit)
+
+
+def pad_batch(batch: Batch, length: int) -> Batch:
+    """``batch`` with its event axis padded to ``length`` (>= its own) with padding events, so
+    that every process of a job feeds one shape."""
+    extra = length - batch.tokens.shape[1]
+    if extra < 0:
+        raise ValueError(f"cannot pad a batch of {batch.tokens.shape[1]} events to {length}")
+    if extra == 0:
+        return batch
+    widen = lambda a, fill: np.pad(a, ((0, 0), (0, extra)), constant_values=fill)  # noqa: E731
+    return Batch(widen(batch.tokens, PAD_TOKEN), widen(batch.gaps, 0), batch.lengths,
+                 batch.targets, batch.labels, batch.weights)
 
 
 def eval_batches(dataset: EventDataset, batch_size: int, num_classes: int, pad_unit: int,

@@ -8,13 +8,15 @@ the command line: ``model.d_model=32``, ``train.epochs=3``, ``augment.cut_mix_p=
 Optimisation (docs/architecture.md, "Training"): softmax cross-entropy on soft targets; AdamW in two groups —
 ``B``, ``Lambda_re``, ``Lambda_im`` at ``ssm_lr = ssm_base_lr * batch_size * accumulation`` with
 ``ssm_weight_decay``, everything else at ``ssm_lr * lr_factor`` with ``weight_decay`` — warm-up then
-cosine decay (or constant), gradient accumulation. Data-parallel over all local devices (batch
-sharded, parameters replicated), and across hosts through ``jax.distributed`` when the
-environment provides a coordinator.
+cosine decay (or constant), gradient accumulation. Data-parallel over every device of the job
+(batch sharded, parameters replicated): this process's, or several processes' joined through
+``jax.distributed`` (``--processes N`` here, or the JAX_* variables on a cluster; see
+:mod:`.distributed` and docs/training.md).
 
 The run directory holds ``config.yaml``, ``metrics.jsonl``, TensorBoard events in ``tb/``, the best
 checkpoint by validation accuracy in ``best/`` (a checkpoint ``evssm serve`` and ``evssm eval``
-load), and ``train_state/`` for ``--resume``.
+load), ``train_state/`` for ``--resume``, and ``test.json``: ``best/`` measured once on the test
+split when the schedule is done.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from . import distributed
 from .config import ModelConfig, configs_dir, load_model_config, parse_value
 from .data.augment import AugmentConfig
 
@@ -63,6 +66,7 @@ def load_task_config(overrides: list[str]) -> dict[str, Any]:
         "task": task_name,
         "dataset": pairs.pop("dataset", task["dataset"]),
         "data_dir": pairs.pop("data_dir", None),
+        "classes": parse_classes(pairs.pop("classes", None)),
         "model_name": model_name,
         "train": dict(task.get("train", {})),
         "augment": dict(task.get("augment", {})),
@@ -73,7 +77,7 @@ def load_task_config(overrides: list[str]) -> dict[str, Any]:
             continue
         if section not in SECTIONS or not name:
             raise SystemExit(f"evssm train: unknown key {key!r} (use task=, model=, dataset=, "
-                             f"data_dir=, model.KEY=, train.KEY=, augment.KEY=)")
+                             f"data_dir=, classes=, model.KEY=, train.KEY=, augment.KEY=)")
         if section == "train" and name not in resolved["train"]:
             raise SystemExit(f"evssm train: unknown key {key}{_did_you_mean(key, resolved['train'], 'train.')}")
         resolved[section][name] = value
@@ -95,6 +99,31 @@ def _did_you_mean(key: str, known: Collection[str], prefix: str) -> str:
     names = [prefix + k for k in sorted(known)]
     close = difflib.get_close_matches(key, names, n=1)
     return f"; did you mean {close[0]}?" if close else f"; known: {', '.join(names)}"
+
+
+def parse_classes(value: Any) -> list[int] | None:
+    """``classes=3,8`` or ``classes=[3, 8]``: train on those classes only (a reduced task)."""
+    if value is None:
+        return None
+    items = value if isinstance(value, list) else str(value).split(",")
+    try:
+        return [int(c) for c in items]
+    except (TypeError, ValueError):
+        raise SystemExit(f"evssm train: classes= takes class indices like 3,8; got {value!r}") from None
+
+
+def open_split(cfg: dict[str, Any], split: str, limit: int | None):
+    """``split`` of the run's data set: only ``cfg["classes"]`` (relabelled) when it names
+    some, then the first ``limit`` samples."""
+    from .data import ClassSubset, Subset, load_dataset
+
+    if not cfg.get("classes"):
+        return load_dataset(cfg["dataset"], split, cfg["data_dir"], limit=limit)
+    try:
+        ds = ClassSubset(load_dataset(cfg["dataset"], split, cfg["data_dir"]), cfg["classes"])
+    except ValueError as exc:
+        raise SystemExit(f"evssm train: {exc}") from None
+    return ds if limit is None or limit >= len(ds) else Subset(ds, np.arange(limit))
 
 
 # --- optimisation --------------------------------------------------------------------------
@@ -186,24 +215,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue the run in --out from its last saved epoch")
     parser.add_argument("--limit-train", type=int, help="use only the first N training samples")
     parser.add_argument("--limit-valid", type=int, help="use only the first N validation samples")
+    parser.add_argument("--limit-test", type=int, help="use only the first N test samples")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="data-parallel processes on this machine (one job; CPU collectives "
+                             "over gloo); across machines set JAX_COORDINATOR_ADDRESS, "
+                             "JAX_NUM_PROCESSES and JAX_PROCESS_ID instead (docs/training.md)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def process_argv(args: argparse.Namespace, out: Path) -> list[str]:
+    """``evssm train`` arguments of one process of a ``--processes`` job: the same run, in one
+    run directory for all."""
+    argv = [*args.overrides, "--out", str(out)]
+    for flag, value in (("--data-dir", args.data_dir), ("--limit-train", args.limit_train),
+                        ("--limit-valid", args.limit_valid), ("--limit-test", args.limit_test)):
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv + ["--resume"] * args.resume + ["--no-progress"] * args.no_progress
+
+
 def run(args: argparse.Namespace) -> int:
+    """``evssm train``: a mistake in the arguments or the data exits 2 with one line of advice."""
+    try:
+        return _run(args)
+    except SystemExit as exc:
+        if not isinstance(exc.code, str):
+            raise
+        print(exc.code, file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     cfg = load_task_config(args.overrides)
     if args.data_dir:
         cfg["data_dir"] = args.data_dir
     out = Path(args.out or f"runs/{cfg['task']}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.processes < 1:
+        raise SystemExit(f"evssm train: --processes must be at least 1, got {args.processes}")
+    if args.processes > 1:
+        if os.environ.get(distributed.COORDINATOR):
+            raise SystemExit("evssm train: --processes starts its own job; it cannot be combined "
+                             f"with {distributed.COORDINATOR}")
+        if cfg["train"]["batch_size"] % args.processes:
+            raise SystemExit(f"evssm train: train.batch_size={cfg['train']['batch_size']} is not "
+                             f"divisible by --processes {args.processes}")
+        return distributed.launch_local(process_argv(args, out), args.processes)
     return train(cfg, out, resume=args.resume, limit_train=args.limit_train,
-                 limit_valid=args.limit_valid, progress=not args.no_progress)
-
-
-def maybe_init_distributed() -> None:
-    """Join a multi-host job when the environment names a coordinator."""
-    import jax
-
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("EVSSM_DISTRIBUTED"):
-        jax.distributed.initialize()
+                 limit_valid=args.limit_valid, limit_test=args.limit_test,
+                 progress=not args.no_progress)
 
 
 class EpochBar:
@@ -237,13 +296,20 @@ class EpochBar:
 
 
 def train(cfg: dict[str, Any], out: Path, *, resume: bool = False, limit_train: int | None = None,
-          limit_valid: int | None = None, progress: bool = True, stop_after: int | None = None
-          ) -> int:
+          limit_valid: int | None = None, limit_test: int | None = None, progress: bool = True,
+          stop_after: int | None = None) -> int:
     """Train per ``cfg`` (from :func:`load_task_config`) into ``out``; returns an exit code.
 
-    ``stop_after`` ends the run after that many epochs without changing its schedule (the run
-    can be continued with ``resume``)."""
-    maybe_init_distributed()
+    ``best/`` is the epoch with the highest accuracy on ``train.valid_split``; once the last epoch
+    is done, ``best/`` is measured on the test split, once, and the figure is recorded in its
+    ``evssm.json`` summary and in ``out/test.json``. ``stop_after`` ends the run after that many
+    epochs without changing its schedule (the run can be continued with ``resume``); the test is
+    measured only by the run that completes the schedule.
+
+    In a job of several processes (:mod:`.distributed`) every process runs this function, feeds
+    its shard of every global batch and holds the same parameters; process 0 alone writes.
+    """
+    distributed.maybe_initialize()
     import jax
     import jax.numpy as jnp
     import optax
@@ -251,16 +317,19 @@ def train(cfg: dict[str, Any], out: Path, *, resume: bool = False, limit_train: 
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
     from tensorboardX import SummaryWriter
 
-    from .checkpoint import save_checkpoint
-    from .data import AugmentConfig, load_dataset
+    from .checkpoint import load_checkpoint, save_checkpoint, this_process_only, update_summary
+    from .data import DATASETS, AugmentConfig
     from .evaluate import classification_metrics
-    from .input_pipeline import eval_batches, prefetch, train_batches
+    from .input_pipeline import eval_batches, pad_batch, prefetch, train_batches
     from .model import EventSSM, init_state
     from .streaming import init_variables
 
+    primary = jax.process_index() == 0
+    say = (lambda text: print(text, file=sys.stderr)) if primary else (lambda text: None)
     t = cfg["train"]
-    train_ds = load_dataset(cfg["dataset"], "train", cfg["data_dir"], limit=limit_train)
-    valid_ds = load_dataset(cfg["dataset"], t["valid_split"], cfg["data_dir"], limit=limit_valid)
+    test_split = "test" if "test" in DATASETS[cfg["dataset"]].splits else t["valid_split"]
+    train_ds = open_split(cfg, "train", limit_train)
+    valid_ds = open_split(cfg, t["valid_split"], limit_valid)
     base = load_model_config(cfg["model_name"])
     model_cfg = ModelConfig.from_dict({
         **base.to_dict(), **cfg["model_overrides"], "sensor": train_ds.sensor.to_dict(),
@@ -268,18 +337,21 @@ def train(cfg: dict[str, Any], out: Path, *, resume: bool = False, limit_train: 
     cfg["model"] = model_cfg.to_dict()
     augment_cfg = AugmentConfig.from_dict(cfg["augment"], train_ds.sensor) if cfg["augment"] else None
 
-    out.mkdir(parents=True, exist_ok=True)
-    resolved = {k: v for k, v in cfg.items() if k != "model_overrides"}
-    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    if primary:
+        out.mkdir(parents=True, exist_ok=True)
+        resolved = {k: v for k, v in cfg.items() if k != "model_overrides"}
+        (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 
-    devices = jax.devices()
+    devices = jax.devices()  # every process's, in one mesh: the batch axis spans the job
     mesh = Mesh(np.array(devices), ("data",))
     data_sharding = NamedSharding(mesh, PartitionSpec("data"))
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_size = t["batch_size"]
-    if batch_size % len(devices):
-        raise SystemExit(f"evssm train: batch_size {batch_size} is not divisible by the "
-                         f"{len(devices)} devices")
+    for size, name in ((batch_size, "train.batch_size"), (t["eval_batch_size"], "train.eval_batch_size")):
+        if size % len(devices):
+            raise SystemExit(f"evssm train: {name}={size} is not divisible by the "
+                             f"{len(devices)} devices of the job")
+    shard = (jax.process_index(), jax.process_count())
     steps_per_epoch = max(1, len(train_ds) // batch_size // t["accumulation"])
     tx, ssm_lr = make_optimizer(t, steps_per_epoch, batch_size)
 
@@ -289,18 +361,21 @@ def train(cfg: dict[str, Any], out: Path, *, resume: bool = False, limit_train: 
                    "opt_state": tx.init(variables["params"]), "step": jnp.zeros((), jnp.int32),
                    "epoch": jnp.zeros((), jnp.int32), "best_accuracy": jnp.zeros((), jnp.float32)}
     # The training state after each epoch (step = epoch); orbax keeps the latest, writes each one
-    # beside it and removes the older only once the new one is complete.
+    # beside it and removes the older only once the new one is complete. Every process reads it
+    # (on --resume); process 0 alone writes it.
+    (out / "train_state").mkdir(parents=True, exist_ok=True)
     states = ocp.CheckpointManager(
         (out / "train_state").absolute(),
         options=ocp.CheckpointManagerOptions(
-            preservation_policy=ocp.checkpoint_managers.LatestN(1), enable_async_checkpointing=False))
+            preservation_policy=ocp.checkpoint_managers.LatestN(1), enable_async_checkpointing=False,
+            multiprocessing_options=this_process_only(), create=False))
     start_epoch = 0
     if resume:
         if states.latest_step() is None:
             raise SystemExit(f"evssm train: --resume but {out}/train_state holds no saved epoch")
         train_state = states.restore(states.latest_step(), args=ocp.args.StandardRestore(train_state))
         start_epoch = int(train_state["epoch"])
-        print(f"resuming {out} at epoch {start_epoch}", file=sys.stderr)
+        say(f"resuming {out} at epoch {start_epoch}")
     train_state = jax.device_put(train_state, replicated)
 
     def loss_fn(params, batch_stats, batch, key):
@@ -321,7 +396,8 @@ def train(cfg: dict[str, Any], out: Path, *, resume: bool = False, limit_train: 
         params = optax.apply_updates(state["params"], updates)
         new = dict(state, params=params, batch_stats=batch_stats, opt_state=opt_state,
                    step=state["step"] + 1)
-        return new, {"loss": loss, "correct": correct, "count": count}
+        return new, {"loss": loss, "correct": correct, "count": count,
+                     "events": batch["lengths"].sum()}
 
     def eval_step(params, batch_stats, batch):
         state0 = init_state(model_cfg, batch["tokens"].shape[0])
@@ -333,25 +409,44 @@ def train(cfg: dict[str, Any], out: Path, *, resume: bool = False, limit_train: 
     eval_step = jax.jit(eval_step)
 
     def to_device(batch) -> dict[str, Any]:
+        """This process's rows of a global batch, as global arrays sharded over the job; every
+        process pads its rows to the longest shard's length (one shape for all)."""
+        batch = pad_batch(batch, distributed.global_max(batch.tokens.shape[1]))
         arrays = {k: getattr(batch, k) for k in ("tokens", "gaps", "lengths", "targets",
                                                   "labels", "weights")}
         return {k: jax.make_array_from_process_local_data(data_sharding, v)
                 for k, v in arrays.items()}
 
-    writer = SummaryWriter(str(out / "tb"))
-    metrics_file = (out / "metrics.jsonl").open("a")
-    print(f"training {model_cfg.name} on {cfg['dataset']}: {len(train_ds)} train / "
-          f"{len(valid_ds)} {t['valid_split']} samples, {len(devices)} device(s), "
-          f"ssm_lr {ssm_lr:.2e}, run directory {out}", file=sys.stderr)
+    def measure(variables: dict[str, Any], dataset) -> dict[str, float]:
+        """Loss and accuracy of ``variables`` on every sample of ``dataset``: each process
+        feeds its rows of every batch; the logits are gathered on all."""
+        logits, labels, weights = [], [], []
+        rows = t["eval_batch_size"] // shard[1]
+        mine = slice(shard[0] * rows, (shard[0] + 1) * rows)
+        for batch in eval_batches(dataset, t["eval_batch_size"], model_cfg.num_classes,
+                                  t["pad_unit"], t["max_events"]):
+            lg, ready = eval_step(variables["params"], variables["batch_stats"],
+                                  to_device(batch.rows(mine)))
+            logits.append(distributed.gather_rows(lg))
+            labels.append(batch.labels)
+            weights.append(batch.weights * distributed.gather_rows(ready))
+        return classification_metrics(np.concatenate(logits), np.concatenate(labels),
+                                      np.concatenate(weights))
+
+    writer = SummaryWriter(str(out / "tb")) if primary else None
+    metrics_file = (out / "metrics.jsonl").open("a") if primary else None
+    say(f"training {model_cfg.name} on {cfg['dataset']}: {len(train_ds)} train / "
+        f"{len(valid_ds)} {t['valid_split']} samples, {len(devices)} device(s) in "
+        f"{shard[1]} process(es), ssm_lr {ssm_lr:.2e}, run directory {out}")
     last_epoch = t["epochs"] if stop_after is None else min(t["epochs"], stop_after)
     for epoch in range(start_epoch, last_epoch):
         batches = prefetch(train_batches(train_ds, batch_size, model_cfg.num_classes,
                                          t["pad_unit"], t["max_events"], augment_cfg, t["seed"],
-                                         epoch))
+                                         epoch, shard))
         # The run's first step compiles the train step: kept out of the rate and the ETA.
         bar = EpochBar(len(train_ds) // batch_size, f"epoch {epoch + 1}",
-                       compiling=epoch == start_epoch, disable=not progress, file=sys.stderr,
-                       dynamic_ncols=True)
+                       compiling=epoch == start_epoch, disable=not (progress and primary),
+                       file=sys.stderr, dynamic_ncols=True)
         sums = {"loss": 0.0, "correct": 0.0, "count": 0.0, "events": 0}
         t0 = time.perf_counter()
         for batch in batches:
@@ -360,48 +455,57 @@ def train(cfg: dict[str, Any], out: Path, *, resume: bool = False, limit_train: 
             sums["loss"] += float(m["loss"]) * float(m["count"])
             sums["correct"] += float(m["correct"])
             sums["count"] += float(m["count"])
-            sums["events"] += batch.num_events
+            sums["events"] += int(m["events"])
             rate = sums["events"] / (time.perf_counter() - t0)
             bar.step(loss=f"{sums['loss'] / max(sums['count'], 1):.3f}",
                      acc=f"{sums['correct'] / max(sums['count'], 1):.3f}", ev_s=f"{rate:,.0f}")
         bar.close()
         train_time = time.perf_counter() - t0
-        logits, labels, weights = [], [], []
-        for batch in eval_batches(valid_ds, t["eval_batch_size"], model_cfg.num_classes,
-                                  t["pad_unit"], t["max_events"]):
-            lg, ready = eval_step(train_state["params"], train_state["batch_stats"],
-                                  to_device(batch))
-            logits.append(np.asarray(lg))
-            labels.append(batch.labels)
-            weights.append(batch.weights * np.asarray(ready))
-        valid = classification_metrics(np.concatenate(logits), np.concatenate(labels),
-                                       np.concatenate(weights))
+        valid = measure(train_state, valid_ds)
         record = {"epoch": epoch + 1, "step": int(train_state["step"]),
                   "train_loss": sums["loss"] / max(sums["count"], 1),
                   "train_accuracy": sums["correct"] / max(sums["count"], 1),
                   "train_events_per_s": sums["events"] / train_time,
                   "train_seconds": train_time,
                   "valid_loss": valid["loss"], "valid_accuracy": valid["accuracy"]}
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-        for key, value in record.items():
-            if key not in ("epoch", "step"):
-                writer.add_scalar(key, value, record["epoch"])
-        print(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f} acc "
-              f"{record['train_accuracy']:.4f} ({record['train_events_per_s']:,.0f} events/s) | "
-              f"{t['valid_split']} loss {valid['loss']:.4f} acc {valid['accuracy']:.4f}",
-              file=sys.stderr)
+        say(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f} acc "
+            f"{record['train_accuracy']:.4f} ({record['train_events_per_s']:,.0f} events/s) | "
+            f"{t['valid_split']} loss {valid['loss']:.4f} acc {valid['accuracy']:.4f}")
         train_state = dict(train_state, epoch=jnp.asarray(epoch + 1, jnp.int32))
         if valid["accuracy"] >= float(train_state["best_accuracy"]) or epoch == 0:
             train_state["best_accuracy"] = jnp.asarray(valid["accuracy"], jnp.float32)
-            if jax.process_index() == 0:
+            if primary:
                 save_checkpoint(out / "best", model_cfg, jax.device_get(train_state),
                                 task=cfg["task"], summary={**record, "dataset": cfg["dataset"],
                                                            "valid_split": t["valid_split"]})
-        states.save(epoch + 1, args=ocp.args.StandardSave(jax.device_get(train_state)))
+        if primary:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            for key, value in record.items():
+                if key not in ("epoch", "step"):
+                    writer.add_scalar(key, value, record["epoch"])
+            states.save(epoch + 1, args=ocp.args.StandardSave(jax.device_get(train_state)))
+        # The others wait for process 0's writes: a process that resumes or tests next reads them.
+        distributed.barrier(f"evssm-epoch-{epoch + 1}")
     states.close()
-    writer.close()
-    metrics_file.close()
-    print(f"best {t['valid_split']} accuracy {float(train_state['best_accuracy']):.4f}; "
-          f"checkpoint {out / 'best'}", file=sys.stderr)
+    if primary:
+        writer.close()
+        metrics_file.close()
+    say(f"best {t['valid_split']} accuracy {float(train_state['best_accuracy']):.4f}; "
+        f"checkpoint {out / 'best'}")
+    if int(train_state["epoch"]) < t["epochs"]:
+        return 0  # stopped early on purpose: the run that finishes the schedule tests
+    # The test split, measured once, on the checkpoint chosen on the validation split.
+    _, best, meta = load_checkpoint(out / "best")
+    result = measure(jax.device_put(best, replicated), open_split(cfg, test_split, limit_test))
+    test = {"split": test_split, "selected_on": t["valid_split"],
+            "epoch": meta["summary"].get("epoch"), "accuracy": result["accuracy"],
+            "loss": result["loss"], "samples": int(result["count"])}
+    if primary:
+        update_summary(out / "best", test=test)
+        (out / "test.json").write_text(json.dumps(test, indent=2) + "\n")
+    note = " (the split that selected it)" if test_split == t["valid_split"] else ""
+    say(f"{test_split} accuracy of best/ (epoch {test['epoch']}): {test['accuracy']:.4f} on "
+        f"{test['samples']} samples{note}")
     return 0
+

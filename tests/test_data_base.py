@@ -13,6 +13,7 @@ import pytest
 from evssm.models.data import (
     DATA_DIR_ENV,
     ArrayDataset,
+    ClassSubset,
     EventDataset,
     dataset_names,
     default_data_dir,
@@ -103,6 +104,39 @@ def test_array_dataset() -> None:
     with pytest.raises(ValueError, match="offsets"):
         ArrayDataset("toy", "train", SensorSpec.one_d(3), ["a"], np.zeros(2, np.int64), np.zeros(2, np.uint16),
                      None, None, np.array([0, 1]), np.array([0]))
+
+
+def test_class_subset_keeps_and_relabels_classes() -> None:
+    s = SensorSpec.one_d(4)
+    recs = [make_recording(s, [i], [i % 4]) for i in range(6)]
+    ds = ArrayDataset("toy", "train", s, ["a", "b", "c"], *pack_recordings(recs),
+                      labels=np.array([2, 0, 1, 2, 0, 1]))
+    sub = ClassSubset(ds, [2, 0])  # "c" becomes class 0, "a" class 1
+    assert sub.class_names == ("c", "a") and len(sub) == 4
+    np.testing.assert_array_equal(sub.labels, [0, 1, 0, 1])
+    assert [int(r.t[0]) for r, _ in sub] == [0, 1, 3, 4] and [lab for _, lab in sub] == [0, 1, 0, 1]
+    for bad in ([0], [0, 0], [0, 3], [-1, 1]):
+        with pytest.raises(ValueError, match="at least two distinct class indices"):
+            ClassSubset(ds, bad)
+
+
+def test_carved_valid_split_is_stratified_and_seeded_by_class_alone() -> None:
+    from evssm.models.data.base import carve_valid
+
+    labels = np.random.default_rng(3).integers(0, 3, 240)
+    held = carve_valid(labels, 0.125)
+    counts = np.bincount(labels, minlength=3)
+    np.testing.assert_array_equal(np.bincount(labels[held], minlength=3), counts // 8)
+    assert np.all(np.diff(held) > 0)
+    np.testing.assert_array_equal(carve_valid(labels, 0.125), held)
+    # Which recordings of a class are held out depends on that class's members only.
+    other = labels.copy()
+    other[other == 2] = 1
+    mine = held[labels[held] == 0]
+    np.testing.assert_array_equal(carve_valid(other, 0.125)[other[carve_valid(other, 0.125)] == 0],
+                                  mine)
+    with pytest.raises(ValueError, match="too few"):
+        carve_valid(np.array([0, 0, 1, 1]), 0.125)
 
 
 def test_import_is_numpy_only() -> None:

@@ -113,4 +113,25 @@ def test_no_cache_subset(tmp_path: Path) -> None:
     ds = load_dataset("event-mnist", "test", tmp_path, cache=False, limit=4, progress=False)
     assert len(ds) == 4 and not (tmp_path / "event-mnist").exists()
     with pytest.raises(ValueError, match="splits"):
-        load_dataset("event-mnist", "valid", tmp_path)
+        load_dataset("event-mnist", "dev", tmp_path)
+
+
+def test_valid_split_is_carved_from_train_per_class(tmp_path: Path) -> None:
+    """``valid`` holds 1/8 of each class of the train file, the same samples on every call and
+    none of them in ``train``; ``train`` is the rest."""
+    small = dataclasses.replace(PARAMS, train_per_class=16, test_per_class=1)
+    opened = {split: load_dataset("event-mnist", split, tmp_path, params=small, progress=False)
+              for split in ("train", "valid")}
+    train, valid = opened["train"], opened["valid"]
+    assert (len(train), len(valid)) == (140, 20) and (train.split, valid.split) == ("train", "valid")
+    np.testing.assert_array_equal(np.bincount(valid.labels), [2] * 10)
+    assert not set(train.indices) & set(valid.indices)
+    assert sorted(set(train.indices) | set(valid.indices)) == list(range(160))
+    again = load_dataset("event-mnist", "valid", tmp_path, params=small, progress=False)
+    np.testing.assert_array_equal(again.indices, valid.indices)
+    np.testing.assert_array_equal(again[3][0].t, valid[3][0].t)
+    assert len(load_dataset("event-mnist", "train", tmp_path, params=small, progress=False,
+                            limit=5)) == 5
+    tiny = dataclasses.replace(PARAMS, train_per_class=4, test_per_class=1)
+    with pytest.raises(ValueError, match="too few to carve"):
+        load_dataset("event-mnist", "valid", tmp_path / "tiny", params=tiny, progress=False)

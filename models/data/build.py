@@ -73,6 +73,9 @@ def _list(data_dir: Path) -> int:
         splits = ", ".join(f"{sp}: {split_status(spec.name, sp, data_dir)}" for sp in spec.splits)
         print(f"\n{spec.name}  ({geometry}, {spec.num_classes} classes)  {spec.description}")
         print(f"  splits: {splits}")
+        if spec.valid_fraction:
+            print(f"  valid:  {spec.valid_fraction:g} of each class of the train file, carved "
+                  f"from it (train is the rest)")
         print(f"  files:  {spec.files}")
     return 0
 
