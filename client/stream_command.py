@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
+import shlex
 import signal
 import sys
 import time
@@ -37,7 +39,7 @@ import numpy as np
 
 from evssm.models.events import Recording, SensorSpec
 
-from .errors import ClientError
+from .errors import ClientError, ConnectionLost
 from .packets import apaced, packetize
 from .protocol import Result, SessionInfo
 from .session import AsyncStreamSession, Resume
@@ -46,6 +48,8 @@ from .stats import RateMeter, percentiles_ms
 from .udp import UDP_FORMATS, UdpReceiver, UdpStats, live_packets, parse_udp_url
 
 DEFAULT_URL = os.environ.get("EVSSM_URL", "ws://127.0.0.1:8000")
+RECONNECT_TIMEOUT_S = 300.0  # a restart of a server with several models may take minutes
+RECONNECT_BACKOFF_S = (0.1, 3.0)  # first and largest pause between attempts
 
 
 def explain(parser: argparse.ArgumentParser, doc: str | None) -> None:
@@ -146,9 +150,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-in-flight", type=int, default=8,
                         help="packets sent and not yet answered, at most")
     parser.add_argument("--resume", default=None, metavar="TOKEN",
-                        help="resume token of a live session to continue")
+                        help="resume token of a session to continue (printed when a stream "
+                             "fails): a file or sim: source goes on after the events the session "
+                             "holds")
     parser.add_argument("--no-reconnect", action="store_true",
                         help="fail on a dropped connection instead of reconnecting")
+    parser.add_argument("--reconnect-timeout", type=float, default=RECONNECT_TIMEOUT_S, metavar="S",
+                        help="after a dropped connection, keep trying (with backoff) for S "
+                             "seconds: long enough for a server to restart, load and compile; "
+                             "then print the resume token (default: %(default)g)")
     parser.add_argument("--json", action="store_true",
                         help="no live view; print one JSON object with the final answer")
     parser.add_argument("--refresh", type=float, default=10.0, help="live view refreshes per s")
@@ -276,6 +286,47 @@ class _View:
         return Group(*parts)
 
 
+def reconnect_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The session's reconnect options of ``evssm stream``: try for ``--reconnect-timeout``
+    seconds, with backoff, saying once on stderr that it waits and why."""
+    def waiting(left_s: float, cause: BaseException) -> None:
+        print(f"evssm stream: connection to {args.url} lost ({cause}); waiting up to "
+              f"{left_s:.0f} s for the server to come back (a restart loads and compiles its "
+              "models), then resuming", file=sys.stderr, flush=True)
+
+    return dict(reconnect_timeout=args.reconnect_timeout, on_reconnect_wait=waiting,
+                backoff=RECONNECT_BACKOFF_S)
+
+
+def continued(sample: Sample, info: SessionInfo) -> Sample:
+    """``sample`` after the events a resumed session already holds (``--resume``): the stream
+    goes on where it stopped. The session's count includes events a crop dropped."""
+    held = info.events + info.cropped
+    total = len(sample.recording)
+    if held > total:
+        raise ClientError(f"{sample.name}: the resumed session holds {held:,} events but the "
+                          f"source has {total:,}; resume it with the source it was streaming")
+    return dataclasses.replace(sample, recording=sample.recording.slice(held, total))
+
+
+class StreamLost(ClientError):
+    """A stream whose connection did not come back: says how to continue it."""
+
+    def __init__(self, cause: ConnectionLost, session: AsyncStreamSession,
+                 args: argparse.Namespace):
+        self.token = session.resume_token
+        self.events = session.acked_events
+        self.command = shlex.join(["evssm", "stream", args.source, "--url", args.url,
+                                   "--resume", self.token or "TOKEN"])
+        super().__init__(f"{cause}. The server holds the session for its idle timeout (and with "
+                         f"--state-dir or --state-store across restarts); continue it with: "
+                         f"{self.command}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": "connection_lost", "message": str(self), "resume": self.token,
+                "events_answered": self.events, "continue": self.command}
+
+
 def describe_resume(r: Resume) -> str:
     """One line saying where a session resumed after its connection dropped."""
     how = ("in a new session (the old one was gone), replaying the stream from its start"
@@ -355,7 +406,8 @@ async def _stream(args: argparse.Namespace) -> int:
     session = AsyncStreamSession(args.url, model=args.model, resume=args.resume, top_k=args.top,
                                  max_in_flight=args.max_in_flight,
                                  reconnect=not args.no_reconnect, sensor=declared,
-                                 transform=transform_of(args), api_key=args.api_key)
+                                 transform=transform_of(args), api_key=args.api_key,
+                                 **reconnect_options(args))
     info = await session.open()
     try:
         if sample is None:  # the simulated sensor emits for the served model's sensor
@@ -363,6 +415,8 @@ async def _stream(args: argparse.Namespace) -> int:
         problem = check_sensor(sample.recording, info.model.sensor, declared)
         if problem:
             raise ClientError(f"{sample.name}: {problem}")
+        if args.resume is not None:
+            sample = continued(sample, info)
         speed = None if args.fast else args.speed
         if args.packet_ms is not None:
             packets = packetize(sample.recording, window_us=max(int(args.packet_ms * 1000), 1),
@@ -370,12 +424,15 @@ async def _stream(args: argparse.Namespace) -> int:
         else:
             packets = packetize(sample.recording, events=args.packet_events or 256)
         view = _View(sample, info, session.url, speed, args.top)
-        if args.json:
-            async for result in session.stream(apaced(packets, speed)):
-                view.add(result)
-                view.reconnects, view.resumes = session.reconnects, session.resumes
-        else:
-            await _live(session, view, apaced(packets, speed), args.refresh)
+        try:
+            if args.json:
+                async for result in session.stream(apaced(packets, speed)):
+                    view.add(result)
+                    view.reconnects, view.resumes = session.reconnects, session.resumes
+            else:
+                await _live(session, view, apaced(packets, speed), args.refresh)
+        except ConnectionLost as exc:
+            raise StreamLost(exc, session, args) from exc
         view.reconnects, view.resumes = session.reconnects, session.resumes
         summary = _summary(view, sample, info, args)
     finally:
@@ -411,7 +468,7 @@ async def _stream_udp(args: argparse.Namespace) -> int:
     session = AsyncStreamSession(args.url, model=args.model, resume=args.resume, top_k=args.top,
                                  max_in_flight=args.max_in_flight, reconnect=not args.no_reconnect,
                                  sensor=args.sensor, transform=transform_of(args),
-                                 api_key=args.api_key)
+                                 api_key=args.api_key, **reconnect_options(args))
     try:
         receiver.start(loop)
         info = await session.open()
@@ -425,11 +482,14 @@ async def _stream_udp(args: argparse.Namespace) -> int:
                                    max_events=args.max_packet_events, idle_timeout=idle,
                                    stop=stop)
             view = _View(sample, info, session.url, None, args.top, live=stats)
-            if args.json:
-                async for result in session.stream(packets):
-                    view.add(result)
-            else:
-                await _live(session, view, packets, args.refresh)
+            try:
+                if args.json:
+                    async for result in session.stream(packets):
+                        view.add(result)
+                else:
+                    await _live(session, view, packets, args.refresh)
+            except ConnectionLost as exc:
+                raise StreamLost(exc, session, args) from exc
             view.reconnects = session.reconnects
             summary = _summary(view, sample, info, args)
         finally:
@@ -488,6 +548,11 @@ def _print_final(summary: dict[str, Any]) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(_stream(args))
+    except StreamLost as exc:
+        if args.json:  # scripts read the token from the one JSON object
+            print(json.dumps(exc.to_dict()))
+        print(f"evssm stream: {exc}", file=sys.stderr)
+        return 1
     except ClientError as exc:
         print(f"evssm stream: {exc}", file=sys.stderr)
         return 1

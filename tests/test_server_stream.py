@@ -23,6 +23,8 @@ from evssm.server.app import create_app
 from evssm.server.protocol import RECORD_DTYPE
 from evssm.server.settings import Settings
 
+from conftest import wait_ready
+
 CHANNELS = 700
 BASE = Settings(batch_buckets=(8,), length_buckets=(128,), classify_length_buckets=(1024,),
                 slots_per_model=64, max_sessions=64, max_packet_events=2048, batch_wait_ms=2.0,
@@ -34,16 +36,6 @@ def tiny_model():
     from evssm.models.streaming import load_model
 
     return load_model("config:tiny")
-
-
-def wait_ready(base: str, timeout: float = 240.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = httpx.get(f"{base}/readyz", timeout=10)
-        if r.status_code == 200:
-            return r.json()
-        time.sleep(0.1)
-    raise TimeoutError("server not ready")
 
 
 @pytest.fixture
