@@ -291,8 +291,8 @@ def reconnect_options(args: argparse.Namespace) -> dict[str, Any]:
     seconds, with backoff, saying once on stderr that it waits and why."""
     def waiting(left_s: float, cause: BaseException) -> None:
         print(f"evssm stream: connection to {args.url} lost ({cause}); waiting up to "
-              f"{left_s:.0f} s for the server to come back (a restart loads and compiles its "
-              "models), then resuming", file=sys.stderr, flush=True)
+              f"{args.reconnect_timeout:g} s for the server to come back (a restart loads and "
+              "compiles its models), then resuming", file=sys.stderr, flush=True)
 
     return dict(reconnect_timeout=args.reconnect_timeout, on_reconnect_wait=waiting,
                 backoff=RECONNECT_BACKOFF_S)

@@ -87,8 +87,8 @@ class Engine:
             from . import runner as runner_mod  # JAX is imported here, off the API layer's path
 
             cache = runner_mod.use_compilation_cache(s.compilation_cache_dir)
-            log.info("imports %.1f s; XLA compilation cache: %s", time.monotonic() - self.started_at,
-                     cache or "off")
+            log.info("JAX imported %.1f s after start; XLA compilation cache: %s",
+                     time.monotonic() - self.started_at, cache or "off")
 
             slots = s.slots_per_model or s.max_sessions
             kwargs = dict(num_slots=slots, batch_buckets=s.batch_buckets, length_buckets=s.length_buckets,
@@ -102,7 +102,7 @@ class Engine:
             # Models load and compile side by side (XLA compiles and the checkpoint reads
             # release the GIL); the order of ``runners`` stays the order given.
             loaded = await asyncio.gather(*(loop.run_in_executor(None, functools.partial(
-                self._load_one, runner_mod, name, source, model, kwargs)) for name, source, model in jobs))
+                self._load_one, name, source, model, kwargs)) for name, source, model in jobs))
             for runner in loaded:
                 if runner.name in self.runners:
                     raise ValueError(f"two models are named {runner.name!r}; name them with NAME=SOURCE")
@@ -146,12 +146,14 @@ class Engine:
             log.error("loading models failed: %s", self.load_error)
             log.debug("loading models failed", exc_info=True)
 
-    def _load_one(self, runner_mod: Any, name: str | None, source: str | None,
-                  model: "StreamingModel | None", kwargs: dict[str, Any]) -> "ModelRunner":
+    def _load_one(self, name: str | None, source: str | None, model: "StreamingModel | None",
+                  kwargs: dict[str, Any]) -> "ModelRunner":
         """Load one model and make it ready to stream (a worker thread); logs what each phase
         cost."""
+        from .runner import load_runner
+
         t0 = time.perf_counter()
-        runner = runner_mod.load_runner(name, source, model=model, **kwargs)
+        runner = load_runner(name, source, model=model, **kwargs)
         loaded_s = time.perf_counter() - t0
         compile_s = runner.warmup()  # no steps run yet
         log.info("model %s from %s: ready to stream in %.1f s (loading %.1f s, compiling the "

@@ -118,6 +118,7 @@ class ModelRunner:
         self.compilations = 0
         self.classify_executor = ThreadPoolExecutor(1, thread_name_prefix=f"evssm-classify-{name}")
         self.classify_ready = threading.Event()  # every classify shape compiled
+        self._closed = False
         with self._attributed():
             self.pool = model.init_state(num_slots)  # the sessions' states: row = slot
         self.words = int(model.layout.words)  # int32 words of one state row
@@ -174,6 +175,8 @@ class ModelRunner:
         t0 = time.perf_counter()
         with self._attributed():
             for L, batches in self.classify_shapes.items():
+                if self._closed:  # shutting down: the rest would only delay the exit
+                    raise RuntimeError("the server is shutting down")
                 self.model.compile(list(batches), [L], classify=True)
         self.classify_ready.set()
         return time.perf_counter() - t0
@@ -343,6 +346,7 @@ class ModelRunner:
         return softmax(logits_out), ready_out
 
     def close(self) -> None:
+        self._closed = True
         self.classify_executor.shutdown(wait=False, cancel_futures=True)
 
 

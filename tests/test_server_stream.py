@@ -211,6 +211,37 @@ def test_classify_msgpack_long_recordings_and_order(server):
         np.testing.assert_allclose(sum(got[i]["probs"]), 1.0, rtol=1e-5)
 
 
+def test_classify_is_busy_until_its_shapes_compile_while_streams_are_served(server):
+    """Ready means streams are served; classify answers 503 busy with Retry-After (and /readyz
+    says so) until the model's classify shapes are compiled, then the same request succeeds."""
+    runner = server.app.state.engine.runners["tiny"]
+    t, x = recording(np.random.default_rng(3), 600)
+    body = msgpack.packb({"streams": [columns(t, x, "bin")]})
+    headers = {"content-type": "application/msgpack"}
+    runner.classify_ready.clear()  # as between ready and the end of the classify warm-up
+    try:
+        r = httpx.post(f"{server.http}/v1/classify", content=body, headers=headers, timeout=60)
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
+        assert r.json()["error"] == "busy" and "compiling" in r.json()["message"]
+        ready = httpx.get(f"{server.http}/readyz")
+        assert ready.status_code == 200 and ready.json()["classify"] == {"tiny": False}
+
+        async def stream() -> dict:
+            async with connect(f"{server.ws}/v1/stream") as ws:
+                c = Client(ws)
+                await c.open()
+                return await c.request({"type": "events", "seq": 0, **columns(t, x, "bin")})
+
+        streamed = asyncio.run(stream())
+        assert streamed["type"] == "result" and np.isfinite(streamed["probs"]).all()
+    finally:
+        runner.classify_ready.set()
+    assert httpx.get(f"{server.http}/readyz").json()["classify"] == {"tiny": True}
+    r = httpx.post(f"{server.http}/v1/classify", content=body, headers=headers, timeout=60)
+    assert r.status_code == 200
+    assert_probs_equal(streamed["probs"], msgpack.unpackb(r.content)["results"][0]["probs"])
+
+
 def test_64_concurrent_sessions_each_get_their_own_answer(server):
     rng = np.random.default_rng(3)
     recs = [recording(rng, int(rng.integers(150, 500))) for _ in range(64)]
