@@ -156,11 +156,13 @@ class Engine:
         runner = load_runner(name, source, model=model, **kwargs)
         loaded_s = time.perf_counter() - t0
         compile_s = runner.warmup()  # no steps run yet
-        log.info("model %s from %s: ready to stream in %.1f s (loading %.1f s, compiling the "
+        phases = ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in runner.model.timings.items())
+        log.info("model %s from %s: ready to stream in %.1f s (loading %.1f s: %s; compiling the "
                  "streaming step %.1f s, %d compilations); %s streaming step; %d B of state per "
                  "session, %d slots; its classify shapes compile next", runner.name,
-                 runner.model.info.get("source"), time.perf_counter() - t0, loaded_s, compile_s,
-                 runner.compilations, runner.model.backend, runner.state_bytes, runner.num_slots)
+                 runner.model.info.get("source"), time.perf_counter() - t0, loaded_s, phases,
+                 compile_s, runner.compilations, runner.model.backend, runner.state_bytes,
+                 runner.num_slots)
         return runner
 
     async def _warm_classify(self, runner: "ModelRunner") -> None:
