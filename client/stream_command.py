@@ -39,10 +39,10 @@ import numpy as np
 
 from evssm.models.events import Recording, SensorSpec
 
-from .errors import ClientError, ConnectionLost
+from .errors import ClientError, ConnectionLost, ServerUnavailable
 from .packets import apaced, packetize
 from .protocol import Result, SessionInfo
-from .session import AsyncStreamSession, Resume
+from .session import AsyncStreamSession, ConnectFailed, Resume
 from .sources import FORMATS, Sample, SourceError, open_source, parse_sensor
 from .stats import RateMeter, percentiles_ms
 from .udp import UDP_FORMATS, UdpReceiver, UdpStats, live_packets, parse_udp_url
@@ -156,9 +156,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-reconnect", action="store_true",
                         help="fail on a dropped connection instead of reconnecting")
     parser.add_argument("--reconnect-timeout", type=float, default=RECONNECT_TIMEOUT_S, metavar="S",
-                        help="after a dropped connection, keep trying (with backoff) for S "
-                             "seconds: long enough for a server to restart, load and compile; "
-                             "then print the resume token (default: %(default)g)")
+                        help="after a dropped connection keep trying (with backoff) for S "
+                             "seconds, long enough for a server to restart, load and compile, "
+                             "then print the resume token; a server still starting (with "
+                             "--resume: or not reachable yet) is waited for as long "
+                             "(default: %(default)g)")
     parser.add_argument("--json", action="store_true",
                         help="no live view; print one JSON object with the final answer")
     parser.add_argument("--refresh", type=float, default=10.0, help="live view refreshes per s")
@@ -298,6 +300,28 @@ def reconnect_options(args: argparse.Namespace) -> dict[str, Any]:
                 backoff=RECONNECT_BACKOFF_S)
 
 
+async def open_patiently(session: AsyncStreamSession, args: argparse.Namespace) -> SessionInfo:
+    """Open the session; a server that is starting or draining (and, with ``--resume``, one not
+    reachable: it may be restarting) is retried for ``--reconnect-timeout`` seconds."""
+    deadline = time.monotonic() + args.reconnect_timeout
+    delay, largest = RECONNECT_BACKOFF_S
+    said = False
+    while True:
+        try:
+            return await session.open()
+        except (ServerUnavailable, ConnectFailed) as exc:
+            starting = isinstance(exc, ServerUnavailable) and exc.code in ("not_ready", "draining")
+            if args.no_reconnect or time.monotonic() + delay > deadline or not (
+                    starting or (args.resume is not None and isinstance(exc, ConnectFailed))):
+                raise
+            if not said:
+                said = True
+                print(f"evssm stream: {args.url} is not serving yet ({exc}); waiting up to "
+                      f"{args.reconnect_timeout:g} s for it", file=sys.stderr, flush=True)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, largest)
+
+
 def continued(sample: Sample, info: SessionInfo) -> Sample:
     """``sample`` after the events a resumed session already holds (``--resume``): the stream
     goes on where it stopped. The session's count includes events a crop dropped."""
@@ -408,7 +432,7 @@ async def _stream(args: argparse.Namespace) -> int:
                                  reconnect=not args.no_reconnect, sensor=declared,
                                  transform=transform_of(args), api_key=args.api_key,
                                  **reconnect_options(args))
-    info = await session.open()
+    info = await open_patiently(session, args)
     try:
         if sample is None:  # the simulated sensor emits for the served model's sensor
             sample = open_source(args.source, sensor=info.model.sensor)
@@ -471,7 +495,7 @@ async def _stream_udp(args: argparse.Namespace) -> int:
                                  api_key=args.api_key, **reconnect_options(args))
     try:
         receiver.start(loop)
-        info = await session.open()
+        info = await open_patiently(session, args)
         try:
             problem = check_sensor(sample.recording, info.model.sensor, args.sensor)
             if problem:

@@ -276,7 +276,8 @@ def test_stream_cli_outlasts_a_sigkill_and_a_compiling_restart(tmp_path: Path, c
     compilation cache (so it compiles its XLA step before it is ready): the command waits,
     resumes, replays and prints the answer of an unbroken stream. With a short
     ``--reconnect-timeout`` and no restart it prints the resume token and the command that
-    continues, which then finishes the stream with the same answer."""
+    continues, which, run while the server is still down, waits for it and then finishes the
+    stream with the same answer."""
     port, state = free_port(), tmp_path / "state"
     args = ("--state-dir", str(state), "--snapshot-interval", "0.5", "--backend", "xla")
     servers.append(Serve(tmp_path / "a.log", port, cache, *args).ready())
@@ -306,9 +307,12 @@ def test_stream_cli_outlasts_a_sigkill_and_a_compiling_restart(tmp_path: Path, c
     token = failed["resume"]
     assert failed["error"] == "connection_lost" and token and f"--resume {token}" in failed["continue"]
     assert f"--resume {token}" in err and "reconnect attempts in" in err
-    servers.append(Serve(tmp_path / "c.log", port, cold, *args).ready())
-    code, resumed, err = finished(stream_cli(port, "--fast", "--resume", token))
+    # The command that continues, run before the server is back: it waits for it.
+    cli = stream_cli(port, "--fast", "--resume", token)
+    servers.append(Serve(tmp_path / "c.log", port, cold, *args))
+    code, resumed, err = finished(cli)
     assert code == 0, err[-3000:]
+    assert "is not serving yet" in err
     # Only what the restored session lacked was sent: the events after its snapshot.
     assert 0 < resumed["events"] < total and resumed["reconnects"] == 0
     same_answer(resumed, unbroken)
