@@ -27,11 +27,12 @@ def test_a_cache_folder_in_use_is_refused_in_one_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # two starts; each stop waits for a classify shape being compiled
 def test_cold_then_warm_start_of_a_real_server(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     # Until ready only: the classify shapes of the default buckets take minutes on a loaded CPU.
     done = bench("--model", "tiny=config:tiny", "--cache-dir", str(cache), "--warm-runs", "1",
-                 "--until", "ready", timeout=500)
+                 "--until", "ready", timeout=1100)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
     assert report["bench"] == "startup" and report["environment"]["cores"] >= 1
