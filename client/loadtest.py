@@ -39,7 +39,7 @@ from .protocol import Result, SessionInfo, endpoint_url
 from .session import AsyncStreamSession
 from .sources import SensorSpec, SimulatedSensor
 from .stats import percentiles_ms
-from .stream_command import DEFAULT_URL, explain
+from .stream_command import DEFAULT_URL, RECONNECT_BACKOFF_S, RECONNECT_TIMEOUT_S, explain
 
 MAX_RATE_TIMESTAMPS = 100_000.0  # event rate written into timestamps when --rate max
 
@@ -82,6 +82,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds after --duration allowed for the last answers")
     parser.add_argument("--open-timeout", type=float, default=30.0, metavar="S",
                         help="seconds allowed to open a session")
+    parser.add_argument("--reconnect-timeout", type=float, default=RECONNECT_TIMEOUT_S, metavar="S",
+                        help="after a dropped connection a session keeps trying (with backoff) "
+                             "for S seconds, long enough for a server to restart, then resumes "
+                             "(default: %(default)g)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulated sensors")
     parser.add_argument("--workers", type=int, default=1,
                         help="load-generator processes (the sessions are spread over them)")
@@ -125,6 +129,19 @@ class _Config:
     open_timeout: float
     seed: int
     api_key: str | None = None
+    reconnect_timeout: float = RECONNECT_TIMEOUT_S
+
+
+_waiting_said = False  # one line per process, however many sessions wait
+
+
+def _say_waiting(left_s: float, cause: BaseException) -> None:
+    global _waiting_said
+    if not _waiting_said:
+        _waiting_said = True
+        print(f"evssm bench serve: sessions lost their connection ({cause}); each waits up to "
+              f"{left_s:.0f} s for the server to come back, then resumes", file=sys.stderr,
+              flush=True)
 
 
 def _error_code(exc: BaseException) -> str:
@@ -143,7 +160,9 @@ async def _run_session(index: int, cfg: _Config, start_at: float) -> SessionRepo
     report = SessionReport()
     await asyncio.sleep(max(start_at - time.monotonic(), 0.0))
     session = AsyncStreamSession(cfg.url, model=cfg.model, max_in_flight=cfg.max_in_flight,
-                                 open_timeout=cfg.open_timeout, top_k=1, api_key=cfg.api_key)
+                                 open_timeout=cfg.open_timeout, top_k=1, api_key=cfg.api_key,
+                                 reconnect_timeout=cfg.reconnect_timeout,
+                                 on_reconnect_wait=_say_waiting, backoff=RECONNECT_BACKOFF_S)
     try:
         report.info = await session.open()
     except (ClientError, OSError) as exc:
@@ -190,7 +209,9 @@ async def _run_session(index: int, cfg: _Config, start_at: float) -> SessionRepo
             k += 1
 
     try:
-        async with asyncio.timeout(cfg.duration + cfg.grace + (begin - time.monotonic())):
+        # A restart of the server is waited out (reconnect_timeout) on top of the run.
+        async with asyncio.timeout(cfg.duration + cfg.grace + cfg.reconnect_timeout
+                                   + (begin - time.monotonic())):
             async for item in session.stream(packets(), raise_errors=False):
                 now = time.monotonic()
                 if isinstance(item, ServerError):
@@ -247,7 +268,8 @@ def _config(args: argparse.Namespace) -> _Config:
                    packet_us=None if args.packet_ms is None else max(int(args.packet_ms * 1e3), 1),
                    max_in_flight=args.max_in_flight, grace=args.grace,
                    open_timeout=args.open_timeout, seed=args.seed,
-                   api_key=getattr(args, "api_key", None))
+                   api_key=getattr(args, "api_key", None),
+                   reconnect_timeout=getattr(args, "reconnect_timeout", RECONNECT_TIMEOUT_S))
 
 
 async def _run_sessions(args: argparse.Namespace, indices: list[int], start: float
@@ -260,7 +282,8 @@ async def _run_sessions(args: argparse.Namespace, indices: list[int], start: flo
     step = args.ramp / max(args.sessions - 1, 1) if args.ramp > 0 else 0.0
     tasks = [_run_session(i, cfg, begin + i * step) for i in indices]
     # Hard stop even if something misbehaves: every phase above is bounded, this bounds the sum.
-    limit = max(offset, 0.0) + args.ramp + args.open_timeout + args.duration + args.grace + 30
+    limit = (max(offset, 0.0) + args.ramp + args.open_timeout + args.duration + args.grace
+             + cfg.reconnect_timeout + 30)
     async with asyncio.timeout(limit):
         return list(await asyncio.gather(*tasks))
 

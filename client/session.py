@@ -35,8 +35,8 @@ import collections
 import threading
 import time
 from dataclasses import dataclass
-from typing import (Any, AsyncIterable, AsyncIterator, Coroutine, Iterable, Iterator, Mapping,
-                    TypeVar)
+from typing import (Any, AsyncIterable, AsyncIterator, Callable, Coroutine, Iterable, Iterator,
+                    Mapping, TypeVar)
 
 import msgpack
 import numpy as np
@@ -121,7 +121,12 @@ class AsyncStreamSession:
         top_k: how many ``top`` classes the server returns per result (None: server default).
         max_in_flight: most packets sent and not yet answered; ``send`` waits beyond that.
         reconnect: reconnect and resume by itself after a dropped connection.
-        max_reconnect_attempts: attempts per drop before giving up with :class:`ConnectionLost`.
+        max_reconnect_attempts: attempts per drop before giving up with :class:`ConnectionLost`
+            (when ``reconnect_timeout`` is None).
+        reconnect_timeout: seconds to keep trying after a drop instead of a number of attempts
+            (a restarting server may take minutes to load and compile); None: count attempts.
+        on_reconnect_wait: called once per drop when the first attempt fails, with the seconds
+            left to try and the failure (``evssm stream`` says there that it is waiting, and why).
         backoff: (first, largest) delay in seconds between reconnect attempts, doubling.
         open_timeout: seconds to wait for the connection and the ``opened`` reply.
         binary: send columns as little-endian ``bin`` (fast) rather than integer arrays.
@@ -145,7 +150,9 @@ class AsyncStreamSession:
 
     def __init__(self, url: str, *, model: str | None = None, resume: str | None = None,
                  top_k: int | None = None, max_in_flight: int = 8, reconnect: bool = True,
-                 max_reconnect_attempts: int = 8, backoff: tuple[float, float] = (0.05, 2.0),
+                 max_reconnect_attempts: int = 8, reconnect_timeout: float | None = None,
+                 on_reconnect_wait: Callable[[float, BaseException], None] | None = None,
+                 backoff: tuple[float, float] = (0.05, 2.0),
                  open_timeout: float = 10.0, binary: bool = True,
                  sensor: SensorSpec | None = None, transform: Mapping[str, Any] | None = None,
                  max_replay_events: int = 1 << 22, replay_packet_events: int = 16384,
@@ -160,6 +167,8 @@ class AsyncStreamSession:
         self.max_in_flight = max_in_flight
         self.reconnect = reconnect
         self.max_reconnect_attempts = max_reconnect_attempts
+        self.reconnect_timeout = reconnect_timeout
+        self.on_reconnect_wait = on_reconnect_wait
         self.backoff = backoff
         self.open_timeout = open_timeout
         self.binary = binary
@@ -204,6 +213,11 @@ class AsyncStreamSession:
     @property
     def resume_token(self) -> str | None:
         return self.info.resume if self.info else self._resume
+
+    @property
+    def acked_events(self) -> int:
+        """Events of the stream the server has answered: its count, cropped events included."""
+        return self._acked_events
 
     @property
     def in_flight(self) -> int:
@@ -615,10 +629,16 @@ class AsyncStreamSession:
         delay, largest = self.backoff
         last: BaseException = cause
         assert self.info is not None and self._send_lock is not None
-        for attempt in range(self.max_reconnect_attempts):
+        started = time.monotonic()
+        attempt = 0
+        while self._may_retry(attempt, started):
             if attempt:
-                await asyncio.sleep(delay)
+                if attempt == 1 and self.on_reconnect_wait is not None:
+                    self.on_reconnect_wait(self._retry_left(started), last)
+                await asyncio.sleep(delay if self.reconnect_timeout is None
+                                    else min(delay, max(self._retry_left(started), 0.0)))
                 delay = min(delay * 2, largest)
+            attempt += 1
             try:
                 ws = await self._connect()
             except (ConnectFailed, ServerUnavailable) as exc:
@@ -659,8 +679,23 @@ class AsyncStreamSession:
             self.resumes.append(resume)
             self._notify()
             return
-        raise ConnectionLost(f"connection lost and {self.max_reconnect_attempts} reconnect "
-                             f"attempts failed; last: {last}") from last
+        tried = (f"{attempt} reconnect attempts" if self.reconnect_timeout is None else
+                 f"{attempt} reconnect attempts in {time.monotonic() - started:.0f} s")
+        raise ConnectionLost(f"connection lost and {tried} failed; last: {last}") from last
+
+    def _retry_left(self, started: float) -> float:
+        """Seconds left to reconnect (``reconnect_timeout`` counts from the drop)."""
+        assert self.reconnect_timeout is not None
+        return self.reconnect_timeout - (time.monotonic() - started)
+
+    def _may_retry(self, attempt: int, started: float) -> bool:
+        """Another reconnect attempt is allowed: the first always; then within the attempts or
+        the time allowed."""
+        if attempt == 0:
+            return True
+        if self.reconnect_timeout is None:
+            return attempt < self.max_reconnect_attempts
+        return self._retry_left(started) > 0
 
     async def _resync(self, info: SessionInfo, fresh: bool) -> Resume:
         """Work out which packets the server holds; send again what it lacks.

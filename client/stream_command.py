@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
+import shlex
 import signal
 import sys
 import time
@@ -38,15 +40,17 @@ import numpy as np
 
 from evssm.models.events import Recording, SensorSpec
 
-from .errors import ClientError, error_line, exit_code
+from .errors import ClientError, ConnectionLost, ServerUnavailable, error_line, exit_code
 from .packets import apaced, packetize
 from .protocol import Result, SessionInfo
-from .session import AsyncStreamSession, Resume
+from .session import AsyncStreamSession, ConnectFailed, Resume
 from .sources import FORMATS, Sample, SourceError, open_source, parse_sensor
 from .stats import RateMeter, percentiles_ms
 from .udp import UDP_FORMATS, UdpReceiver, UdpStats, live_packets, parse_udp_url
 
 DEFAULT_URL = os.environ.get("EVSSM_URL", "ws://127.0.0.1:8000")
+RECONNECT_TIMEOUT_S = 300.0  # a restart of a server with several models may take minutes
+RECONNECT_BACKOFF_S = (0.1, 3.0)  # first and largest pause between attempts
 
 
 def explain(parser: argparse.ArgumentParser, doc: str | None) -> None:
@@ -147,9 +151,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-in-flight", type=int, default=8,
                         help="packets sent and not yet answered, at most")
     parser.add_argument("--resume", default=None, metavar="TOKEN",
-                        help="resume token of a live session to continue")
+                        help="resume token of a session to continue (printed when a stream "
+                             "fails): a file or sim: source goes on after the events the session "
+                             "holds")
     parser.add_argument("--no-reconnect", action="store_true",
                         help="fail on a dropped connection instead of reconnecting")
+    parser.add_argument("--reconnect-timeout", type=float, default=RECONNECT_TIMEOUT_S, metavar="S",
+                        help="after a dropped connection keep trying (with backoff) for S "
+                             "seconds, long enough for a server to restart, load and compile, "
+                             "then print the resume token; a server still starting (with "
+                             "--resume: or not reachable yet) is waited for as long "
+                             "(default: %(default)g)")
     parser.add_argument("--json", action="store_true",
                         help="no live view; print one JSON object with the final answer")
     parser.add_argument("--refresh", type=float, default=10.0, help="live view refreshes per s")
@@ -284,12 +296,74 @@ class _View:
             parts.append(Text(f"true label: {true_name}", "dim"))
         return Group(*parts)
 
-
     def _speed_text(self) -> str:
         """The speed reached, beside the one asked for: ``speed 0.04x (asked 1x)``."""
         reached = self.speed_reached()
         shown = "-" if reached is None else f"{reached:.2f}x"
         return f"speed {shown} (asked {'fast' if self.speed is None else f'{self.speed:g}x'})"
+
+
+def reconnect_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The session's reconnect options of ``evssm stream``: try for ``--reconnect-timeout``
+    seconds, with backoff, saying once on stderr that it waits and why."""
+    def waiting(left_s: float, cause: BaseException) -> None:
+        print(f"evssm stream: connection to {args.url} lost ({cause}); waiting up to "
+              f"{args.reconnect_timeout:g} s for the server to come back (a restart loads and "
+              "compiles its models), then resuming", file=sys.stderr, flush=True)
+
+    return dict(reconnect_timeout=args.reconnect_timeout, on_reconnect_wait=waiting,
+                backoff=RECONNECT_BACKOFF_S)
+
+
+async def open_patiently(session: AsyncStreamSession, args: argparse.Namespace) -> SessionInfo:
+    """Open the session; a server that is starting or draining (and, with ``--resume``, one not
+    reachable: it may be restarting) is retried for ``--reconnect-timeout`` seconds."""
+    deadline = time.monotonic() + args.reconnect_timeout
+    delay, largest = RECONNECT_BACKOFF_S
+    said = False
+    while True:
+        try:
+            return await session.open()
+        except (ServerUnavailable, ConnectFailed) as exc:
+            starting = isinstance(exc, ServerUnavailable) and exc.code in ("not_ready", "draining")
+            if args.no_reconnect or time.monotonic() + delay > deadline or not (
+                    starting or (args.resume is not None and isinstance(exc, ConnectFailed))):
+                raise
+            if not said:
+                said = True
+                print(f"evssm stream: {args.url} is not serving yet ({exc}); waiting up to "
+                      f"{args.reconnect_timeout:g} s for it", file=sys.stderr, flush=True)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, largest)
+
+
+def continued(sample: Sample, info: SessionInfo) -> Sample:
+    """``sample`` after the events a resumed session already holds (``--resume``): the stream
+    goes on where it stopped. The session's count includes events a crop dropped."""
+    held = info.events + info.cropped
+    total = len(sample.recording)
+    if held > total:
+        raise ClientError(f"{sample.name}: the resumed session holds {held:,} events but the "
+                          f"source has {total:,}; resume it with the source it was streaming")
+    return dataclasses.replace(sample, recording=sample.recording.slice(held, total))
+
+
+class StreamLost(ClientError):
+    """A stream whose connection did not come back: says how to continue it."""
+
+    def __init__(self, cause: ConnectionLost, session: AsyncStreamSession,
+                 args: argparse.Namespace):
+        self.token = session.resume_token
+        self.events = session.acked_events
+        self.command = shlex.join(["evssm", "stream", args.source, "--url", args.url,
+                                   "--resume", self.token or "TOKEN"])
+        super().__init__(f"{cause}. The server holds the session for its idle timeout (and with "
+                         f"--state-dir or --state-store across restarts); continue it with: "
+                         f"{self.command}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": "connection_lost", "message": str(self), "resume": self.token,
+                "events_answered": self.events, "continue": self.command}
 
 
 def describe_resume(r: Resume) -> str:
@@ -374,14 +448,17 @@ async def _stream(args: argparse.Namespace) -> int:
     session = AsyncStreamSession(args.url, model=args.model, resume=args.resume, top_k=args.top,
                                  max_in_flight=args.max_in_flight,
                                  reconnect=not args.no_reconnect, sensor=declared,
-                                 transform=transform_of(args), api_key=args.api_key)
-    info = await session.open()
+                                 transform=transform_of(args), api_key=args.api_key,
+                                 **reconnect_options(args))
+    info = await open_patiently(session, args)
     try:
         if sample is None:  # the simulated sensor emits for the served model's sensor
             sample = open_source(args.source, sensor=info.model.sensor)
         problem = check_sensor(sample.recording, info.model.sensor, declared)
         if problem:
             raise ClientError(f"{sample.name}: {problem}")
+        if args.resume is not None:
+            sample = continued(sample, info)
         speed = None if args.fast else args.speed
         if args.packet_ms is not None:
             packets = packetize(sample.recording, window_us=max(int(args.packet_ms * 1000), 1),
@@ -389,12 +466,15 @@ async def _stream(args: argparse.Namespace) -> int:
         else:
             packets = packetize(sample.recording, events=args.packet_events or 256)
         view = _View(sample, info, session.url, speed, args.top)
-        if args.json:
-            async for result in session.stream(apaced(packets, speed)):
-                view.add(result)
-                view.reconnects, view.resumes = session.reconnects, session.resumes
-        else:
-            await _live(session, view, apaced(packets, speed), args.refresh)
+        try:
+            if args.json:
+                async for result in session.stream(apaced(packets, speed)):
+                    view.add(result)
+                    view.reconnects, view.resumes = session.reconnects, session.resumes
+            else:
+                await _live(session, view, apaced(packets, speed), args.refresh)
+        except ConnectionLost as exc:
+            raise StreamLost(exc, session, args) from exc
         view.reconnects, view.resumes = session.reconnects, session.resumes
         summary = _summary(view, sample, info, args)
     finally:
@@ -430,10 +510,10 @@ async def _stream_udp(args: argparse.Namespace) -> int:
     session = AsyncStreamSession(args.url, model=args.model, resume=args.resume, top_k=args.top,
                                  max_in_flight=args.max_in_flight, reconnect=not args.no_reconnect,
                                  sensor=args.sensor, transform=transform_of(args),
-                                 api_key=args.api_key)
+                                 api_key=args.api_key, **reconnect_options(args))
     try:
         receiver.start(loop)
-        info = await session.open()
+        info = await open_patiently(session, args)
         try:
             problem = check_sensor(sample.recording, info.model.sensor, args.sensor)
             if problem:
@@ -444,11 +524,14 @@ async def _stream_udp(args: argparse.Namespace) -> int:
                                    max_events=args.max_packet_events, idle_timeout=idle,
                                    stop=stop)
             view = _View(sample, info, session.url, None, args.top, live=stats)
-            if args.json:
-                async for result in session.stream(packets):
-                    view.add(result)
-            else:
-                await _live(session, view, packets, args.refresh)
+            try:
+                if args.json:
+                    async for result in session.stream(packets):
+                        view.add(result)
+                else:
+                    await _live(session, view, packets, args.refresh)
+            except ConnectionLost as exc:
+                raise StreamLost(exc, session, args) from exc
             view.reconnects = session.reconnects
             summary = _summary(view, sample, info, args)
         finally:
@@ -514,6 +597,11 @@ def _print_final(summary: dict[str, Any]) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(_stream(args))
+    except StreamLost as exc:
+        if args.json:  # scripts read the token from the one JSON object
+            print(json.dumps(exc.to_dict()))
+        print(f"evssm stream: {exc}", file=sys.stderr)
+        return 1
     except ClientError as exc:
         print(f"evssm stream: {error_line(exc)}", file=sys.stderr)
         return exit_code(exc)

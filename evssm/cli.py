@@ -19,6 +19,8 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("bench", "model"), "evssm.models.bench", "benchmark the model step in-process (JSON)"),
     (("bench", "serve"), "evssm.client.loadtest", "load-test a running server (JSON)"),
     (("bench", "soak"), "evssm.client.soak", "soak a server for minutes: RSS trend, wrong answers (JSON)"),
+    (("bench", "startup"), "evssm.server.bench_startup",
+     "time evssm serve to ready, cold and with a warm compilation cache (JSON)"),
     (("serve",), "evssm.server.cli", "run the inference server"),
     (("train",), "evssm.models.train", "train a model: evssm train task=NAME [key=value ...]"),
     (("eval",), "evssm.models.evaluate", "evaluate a checkpoint offline and streaming"),

@@ -25,6 +25,7 @@ import functools
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -116,11 +117,19 @@ class StreamingModel:
         self.module = EventSSM(config)
         self.variables = {"params": variables["params"],
                           "batch_stats": variables.get("batch_stats", {})}
+        # Seconds each start-up phase took (the server logs them): reading a checkpoint, the
+        # token tables (one XLA program), the streaming step.
+        self.timings: dict[str, float] = {}
+        started = time.perf_counter()
         self.tables = jax.jit(lambda v: self.module.apply(v, method=EventSSM.token_tables))(
             self.variables)
+        jax.block_until_ready(self.tables)
+        self.timings["tables_s"] = time.perf_counter() - started
         self.layout = StateLayout(config)
         self.state_bytes = 4 * self.layout.words
+        started = time.perf_counter()
         self.native = self._resolve_backend(backend)
+        self.timings["step_s"] = time.perf_counter() - started
         self.backend = "xla" if self.native is None else "native"
         self.info = {
             "name": config.name,
@@ -188,13 +197,17 @@ class StreamingModel:
         """Load a checkpoint directory written by the trainer."""
         from .checkpoint import load_checkpoint
 
+        started = time.perf_counter()
         config, variables, meta = load_checkpoint(directory)
+        read_s = time.perf_counter() - started
         summary = meta.get("summary", {})
         info = {"source": str(directory), "trained": True, "task": meta.get("task"),
                 "summary": summary}
         if "origin" in meta:
             info["origin"] = meta["origin"]
-        return cls(config, variables, info=info, backend=backend)
+        model = cls(config, variables, info=info, backend=backend)
+        model.timings["checkpoint_s"] = read_s
+        return model
 
     # --- pure implementations ----------------------------------------------------------------
     def _apply(self, variables: dict, tables: tuple, state: State, tokens: Array, gaps: Array,

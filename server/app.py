@@ -54,6 +54,7 @@ HTTP_STATUS = {  # HTTP status of each error code that HTTP endpoints return
     Code.NOT_READY: 503, Code.DRAINING: 503, Code.INTERNAL_ERROR: 500, Code.UNAUTHORIZED: 401,
     Code.BUSY: 503, Code.REQUEST_TIMEOUT: 408,
 }
+CLASSIFY_RETRY_AFTER_S = 2  # Retry-After of a classify refused while its model's shapes compile
 
 
 def http_error(code: Code, message: str, status: int | None = None,
@@ -651,6 +652,10 @@ async def _classify(request: Request, engine: Engine, settings: Settings, metric
         except ProtocolError as e:
             return http_error(e.code, e.message)
         del body
+        if not engine.classify_ready(req.model):  # streams are served; classify compiles after
+            return http_error(Code.BUSY, f"model {req.model} is still compiling its classify shapes "
+                              f"(streaming works now); retry in a few seconds",
+                              headers={"Retry-After": str(CLASSIFY_RETRY_AFTER_S)})
         runner = engine.runners[req.model]
         n_streams = len(req.tokens)
         if n_streams:
@@ -759,7 +764,8 @@ def create_app(settings: Settings | None = None, *,
         if not engine.ready:
             return http_error(Code.NOT_READY, engine.load_error or "models are loading and compiling")
         return JSONResponse({"ready": True, "models": list(engine.runners), "startup_s": engine.ready_after_s,
-                             "compilations": {n: r.compilations for n, r in engine.runners.items()}})
+                             "compilations": {n: r.compilations for n, r in engine.runners.items()},
+                             "classify": {n: engine.classify_ready(n) for n in engine.runners}})
 
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:

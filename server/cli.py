@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
 from types import FrameType
@@ -73,8 +72,6 @@ def run(args: argparse.Namespace) -> int:
     if settings.log_level.lower() != "debug":
         logging.getLogger("absl").setLevel(logging.WARNING)
         logging.getLogger("jax").setLevel(logging.WARNING)
-    if settings.compilation_cache:  # read by JAX when it is first imported (by the runner)
-        os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", settings.compilation_cache)
 
     from .app import create_app
     from .limits import ConnectionCap

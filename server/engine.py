@@ -75,7 +75,8 @@ class Engine:
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
-        """Begin loading models in the background (``ready`` turns True when all compiled)."""
+        """Begin loading models in the background. ``ready`` turns True when every model can
+        stream; each model's classify shapes compile after that (:meth:`classify_ready`)."""
         self._tasks.append(asyncio.create_task(self._load(), name="evssm-load"))
 
     async def _load(self) -> None:
@@ -89,6 +90,10 @@ class Engine:
                     owner=secrets.token_hex(8)))
             from . import runner as runner_mod  # JAX is imported here, off the API layer's path
 
+            cache = runner_mod.use_compilation_cache(s.compilation_cache_dir)
+            log.info("JAX imported %.1f s after start; XLA compilation cache: %s",
+                     time.monotonic() - self.started_at, cache or "off")
+
             slots = s.slots_per_model or s.max_sessions
             kwargs = dict(num_slots=slots, batch_buckets=s.batch_buckets, length_buckets=s.length_buckets,
                           classify_length_buckets=s.classify_length_buckets,
@@ -98,25 +103,17 @@ class Engine:
                 jobs = [(name, None, model) for name, model in self._preloaded.items()]
             else:
                 jobs = [(spec.name, spec.source, None) for spec in (s.models or (ModelSpec(None, None),))]
-            for name, source, model in jobs:
-                t0 = time.perf_counter()
-                runner = await loop.run_in_executor(
-                    None, functools.partial(runner_mod.load_runner, name, source, model=model, **kwargs))
+            # Models load and compile side by side (XLA compiles and the checkpoint reads
+            # release the GIL); the order of ``runners`` stays the order given.
+            loaded = await asyncio.gather(*(loop.run_in_executor(None, functools.partial(
+                self._load_one, name, source, model, kwargs)) for name, source, model in jobs))
+            for runner in loaded:
                 if runner.name in self.runners:
                     raise ValueError(f"two models are named {runner.name!r}; name them with NAME=SOURCE")
                 self.metrics.init_model(runner.name, runner.state_bytes, runner.num_slots)
                 self.outputs.model_loaded(runner.name, runner.labels)
                 self.runners[runner.name] = runner
                 self.default_model = self.default_model or runner.name
-                log.info("model %s: compiling its shape buckets before serving (usually 1-3 minutes "
-                         "on a CPU for the default buckets; /readyz answers 503 until then; fewer "
-                         "--length-buckets or a --compilation-cache folder shorten it)", runner.name)
-                compile_s = await loop.run_in_executor(None, runner.warmup)  # no steps run yet
-                log.info("model %s from %s: loaded and compiled in %.1f s (compiling %.1f s, %d "
-                         "compilations); %s streaming step; %d B of state per session, %d slots",
-                         runner.name, runner.model.info.get("source"), time.perf_counter() - t0,
-                         compile_s, runner.compilations, runner.model.backend, runner.state_bytes,
-                         slots)
             self.table = SessionTable(s.max_sessions, {n: r.num_slots for n, r in self.runners.items()})
             capacity = max(s.staging_events, 2 * s.max_packet_events + 1)
             if store is not None:
@@ -141,6 +138,9 @@ class Engine:
             self.metrics.ready.set(1)
             # The ready line a person reads is the command line's (it knows the URL).
             log.debug("ready after %.1f s: models %s", self.ready_after_s, list(self.runners))
+            for runner in self.runners.values():  # each on its classify thread, side by side
+                self._tasks.append(asyncio.create_task(self._warm_classify(runner),
+                                                       name=f"evssm-classify-warmup-{runner.name}"))
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -149,6 +149,44 @@ class Engine:
             # config); the traceback is for debugging.
             log.error("loading models failed: %s", self.load_error)
             log.debug("loading models failed", exc_info=True)
+
+    def _load_one(self, name: str | None, source: str | None, model: "StreamingModel | None",
+                  kwargs: dict[str, Any]) -> "ModelRunner":
+        """Load one model and make it ready to stream (a worker thread); logs what each phase
+        cost."""
+        from .runner import load_runner
+
+        t0 = time.perf_counter()
+        runner = load_runner(name, source, model=model, **kwargs)
+        loaded_s = time.perf_counter() - t0
+        compile_s = runner.warmup()  # no steps run yet
+        phases = ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in runner.model.timings.items())
+        log.info("model %s from %s: ready to stream in %.1f s (loading %.1f s: %s; compiling the "
+                 "streaming step %.1f s, %d compilations); %s streaming step; %d B of state per "
+                 "session, %d slots; its classify shapes compile next", runner.name,
+                 runner.model.info.get("source"), time.perf_counter() - t0, loaded_s, phases,
+                 compile_s, runner.compilations, runner.model.backend, runner.state_bytes,
+                 runner.num_slots)
+        return runner
+
+    async def _warm_classify(self, runner: "ModelRunner") -> None:
+        """Compile ``runner``'s classify shapes on its classify thread (POST /v1/classify answers
+        ``busy`` for the model until then)."""
+        loop = asyncio.get_running_loop()
+        before = runner.compilations
+        try:
+            seconds = await loop.run_in_executor(runner.classify_executor, runner.warmup_classify)
+        except Exception as e:  # classify stays unavailable; streaming is unaffected
+            log.error("model %s: compiling its classify shapes failed: %s: %s", runner.name,
+                      type(e).__name__, e)
+            return
+        log.info("model %s: classify ready after %.1f s (compiling %.1f s, %d compilations)",
+                 runner.name, time.monotonic() - self.started_at, seconds,
+                 runner.compilations - before)
+
+    def classify_ready(self, model: str) -> bool:
+        """``model``'s offline classify shapes are compiled (streams need not wait for them)."""
+        return self.runners[model].classify_ready.is_set()
 
     async def stop(self) -> None:
         """Stop schedulers and background tasks (after a drain, or abruptly)."""

@@ -193,7 +193,7 @@ class Metrics:
         self.cropped = Counter("evssm_cropped_events_total",
                                "Events a declared crop removed before the model (streamed and classified).",
                                m, registry=r)
-        self.ready = Gauge("evssm_ready", "1 when every model is loaded and every bucket compiled.", registry=r)
+        self.ready = Gauge("evssm_ready", "1 when every model can stream (classify compiles after).", registry=r)
         # Session snapshots (--state-dir / --state-store).
         self.snapshots_written = Counter("evssm_snapshots_written_total", "Session snapshots written.", m,
                                          registry=r)

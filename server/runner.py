@@ -19,9 +19,11 @@ from __future__ import annotations
 import bisect
 import contextlib
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import jax
@@ -58,6 +60,22 @@ def _install_compile_listener() -> None:
             _listener_installed = True
 
 
+def use_compilation_cache(folder: str | None) -> str | None:
+    """Keep compiled XLA programs in ``folder`` (None: no persistent cache), every one however
+    quick to compile: a restart then loads the start-up programs instead of compiling them.
+    JAX opens its cache once per process, at its first compilation; a process that compiled
+    before keeps the folder it had. Returns the folder in use."""
+    if folder is None:
+        jax.config.update("jax_enable_compilation_cache", False)
+        return None
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", folder)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return folder
+
+
 def bucket(value: int, buckets: tuple[int, ...]) -> int:
     """The smallest bucket >= ``value`` (``value`` must fit the largest)."""
     i = bisect.bisect_left(buckets, value)
@@ -69,7 +87,7 @@ def bucket(value: int, buckets: tuple[int, ...]) -> int:
 class ModelRunner:
     """One served model: state pool, buckets, steps, classification (all blocking calls; run
     ``run`` on one thread at a time (the scheduler's step thread; ``warmup`` before it starts)
-    and ``classify`` on :attr:`classify_executor`)."""
+    and ``classify`` and ``warmup_classify`` on :attr:`classify_executor`)."""
 
     def __init__(self, name: str, model: StreamingModel, *, num_slots: int,
                  batch_buckets: tuple[int, ...], length_buckets: tuple[int, ...],
@@ -99,6 +117,8 @@ class ModelRunner:
         self.on_compile = on_compile
         self.compilations = 0
         self.classify_executor = ThreadPoolExecutor(1, thread_name_prefix=f"evssm-classify-{name}")
+        self.classify_ready = threading.Event()  # every classify shape compiled
+        self._closed = False
         with self._attributed():
             self.pool = model.init_state(num_slots)  # the sessions' states: row = slot
         self.words = int(model.layout.words)  # int32 words of one state row
@@ -132,19 +152,33 @@ class ModelRunner:
 
     # --- start-up --------------------------------------------------------------------------
     def warmup(self) -> float:
-        """Compile every shape bucket (steps, zeroing, classify). Returns seconds taken."""
+        """Make streaming ready: compile the step for every shape bucket (XLA's step; the native
+        step needs none) and the pool's zero/read/write per batch bucket. Returns seconds taken.
+        The offline classify buckets are :meth:`warmup_classify`'s, after the server is ready."""
         t0 = time.perf_counter()
         with self._attributed():
-            self.model.compile(list(self.batch_buckets), list(self.length_buckets),
-                               pool_size=self.num_slots, classify=False)
-            for L, batches in self.classify_shapes.items():
-                self.model.compile(list(batches), [L], classify=True)
+            if self.model.native is None:
+                self.model.compile(list(self.batch_buckets), list(self.length_buckets),
+                                   pool_size=self.num_slots, classify=False)
             for b in self.batch_buckets:  # all-padding rows: compiles, changes nothing
                 pad = np.full(b, self.num_slots, np.int32)
                 self.pool = self.model.zero_slots(self.pool, pad)
                 self.model.read_slots(self.pool, pad)
                 self.pool = self.model.write_slots(self.pool, pad, np.zeros((b, self.words), np.int32))
             jax.block_until_ready(self.pool)
+        return time.perf_counter() - t0
+
+    def warmup_classify(self) -> float:
+        """Compile the offline form for every classify shape, shortest recordings first (the
+        common requests are answerable soonest), then set :attr:`classify_ready`. Runs on
+        :attr:`classify_executor`, so a request queued behind it waits for it. Returns seconds."""
+        t0 = time.perf_counter()
+        with self._attributed():
+            for L, batches in self.classify_shapes.items():
+                if self._closed:  # shutting down: the rest would only delay the exit
+                    raise RuntimeError("the server is shutting down")
+                self.model.compile(list(batches), [L], classify=True)
+        self.classify_ready.set()
         return time.perf_counter() - t0
 
     # --- streaming (step thread) ---------------------------------------------------------------
@@ -312,6 +346,7 @@ class ModelRunner:
         return softmax(logits_out), ready_out
 
     def close(self) -> None:
+        self._closed = True
         self.classify_executor.shutdown(wait=False, cancel_futures=True)
 
 

@@ -20,6 +20,7 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, Setting
 from pydantic_settings.sources.utils import parse_env_vars
 
 from evssm.models.config import STREAMING_BACKENDS
+from evssm.models.native_build import cache_dir
 
 ENV_PREFIX = "EVSSM_"
 MODEL_ENV = ENV_PREFIX + "MODEL"
@@ -117,7 +118,9 @@ class Settings(BaseSettings):
     backend: str = Field("auto", description="streaming step: native (C++ kernel, CPU only; built on "
                                              "first use), xla, or auto (native where it builds)")
     compilation_cache: str | None = Field(
-        None, description="persistent XLA compilation cache folder: faster restarts")
+        None, description="folder of the persistent XLA compilation cache, which makes restarts "
+                          "compile almost nothing (default: ~/.cache/evssm/xla, or "
+                          "$EVSSM_CACHE_DIR/xla; 'none': off)")
     default_top_k: int = Field(3, ge=0)
     # Who may connect and how much one client may hold (docs/deployment.md, "Security").
     api_keys: str | None = Field(
@@ -242,6 +245,15 @@ class Settings(BaseSettings):
     def max_length(self) -> int:
         """Events one session contributes to one step (longer packets take several steps)."""
         return max(self.length_buckets)
+
+    @property
+    def compilation_cache_dir(self) -> str | None:
+        """The persistent XLA compilation cache's folder (None: off), per user by default."""
+        if self.compilation_cache is None:
+            return str(cache_dir() / "xla")
+        if self.compilation_cache.strip().lower() in ("none", "off"):
+            return None
+        return self.compilation_cache
 
     @property
     def snapshots(self) -> bool:

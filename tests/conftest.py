@@ -37,10 +37,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def fully_ready(base_url: str) -> dict | None:
+    """``/readyz``'s body once the server streams and every model's classify shapes are
+    compiled (they compile after ready); None before."""
+    import httpx
+
+    r = httpx.get(f"{base_url}/readyz", timeout=10)
+    if r.status_code != 200:
+        return None
+    body = r.json()
+    return body if all(body.get("classify", {}).values()) else None
+
+
+def wait_ready(base_url: str, timeout: float = 300.0) -> dict:
+    """Poll an in-process server until :func:`fully_ready`; its ``/readyz`` body."""
+    deadline = time.monotonic() + timeout
+    while (body := fully_ready(base_url)) is None:
+        assert time.monotonic() < deadline, f"server not ready after {timeout} s"
+        time.sleep(0.05)
+    return body
+
+
 def wait_process_ready(proc: subprocess.Popen, base_url: str, log_path: Path,
-                       timeout: float) -> None:
-    """Poll ``base_url/readyz`` of a server started as ``proc`` until it answers 200; raise with
-    the tail of its log if it exits first or is not ready within ``timeout`` seconds."""
+                       timeout: float, classify: bool = True) -> None:
+    """Poll ``base_url/readyz`` of a server started as ``proc`` until it answers 200 (and, with
+    ``classify``, reports every model's classify shapes compiled); raise with the tail of its
+    log if it exits first or is not ready within ``timeout`` seconds."""
     import httpx
 
     deadline = time.monotonic() + timeout
@@ -49,7 +71,9 @@ def wait_process_ready(proc: subprocess.Popen, base_url: str, log_path: Path,
             raise RuntimeError(f"evssm serve exited with {proc.returncode}:\n"
                                f"{log_path.read_text(errors='replace')[-6000:]}")
         with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
+            if classify and fully_ready(base_url) is not None:
+                return
+            if not classify and httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
                 return
         if time.monotonic() > deadline:
             raise RuntimeError(f"evssm serve not ready after {timeout} s:\n"

@@ -126,8 +126,9 @@ class Container:
             state = self.state()
             if not state["Running"]:
                 raise AssertionError(f"the container exited ({state['ExitCode']}):\n{self.logs()[-6000:]}")
-            try:
-                if httpx.get(f"{self.http}/readyz", timeout=2).status_code == 200:
+            try:  # ready, and classify's shapes compiled (they compile after ready)
+                r = httpx.get(f"{self.http}/readyz", timeout=2)
+                if r.status_code == 200 and all(r.json().get("classify", {}).values()):
                     return
             except httpx.TransportError:
                 pass

@@ -35,7 +35,7 @@ from evssm.server.app import create_app
 from evssm.server.settings import Settings
 from evssm.server.snapshots import DiskStore, decode, token_key
 
-from conftest import free_port, redis_server
+from conftest import free_port, redis_server, wait_ready
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -49,13 +49,6 @@ def tiny_model():
     from evssm.models.streaming import load_model
 
     return load_model("config:tiny")
-
-
-def wait_ready(base: str, timeout: float = 240.0) -> None:
-    deadline = time.monotonic() + timeout
-    while httpx.get(f"{base}/readyz", timeout=10).status_code != 200:
-        assert time.monotonic() < deadline, "server not ready"
-        time.sleep(0.05)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import shared_path
+from conftest import shared_path, wait_ready
 
 FIXTURES = {"shd": ("shd", 1e-5), "ssc": ("ssc", 1e-5), "dvs-mini": ("dvs-gesture", 1e-4)}
 BACKENDS = ("native", "xla")
@@ -204,10 +204,7 @@ def test_server_classify_and_stream_match_the_reference(name: str, models, serve
                         max_classify_events=4 * longest, batch_wait_ms=1.0)
     served = {f"{name}-{b}": m for b, m in pair.items()}
     server = serve(create_app(settings, models=served), startup_timeout=120)
-    for _ in range(1200):
-        if httpx.get(f"{server.http}/readyz", timeout=10).status_code == 200:
-            break
-        time.sleep(0.25)
+    wait_ready(server.http, 300)
     listed = {m["name"]: m for m in httpx.get(f"{server.http}/v1/models").json()["models"]}
     want_probs = softmax(want)
 

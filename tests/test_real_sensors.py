@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 
-from conftest import serve_app, shared_path
+from conftest import serve_app, shared_path, wait_ready
 from evssm.client import StreamSession, classify, packetize
 from evssm.client.sources import Sample, open_source
 from evssm.models.events import Recording, SensorSpec
@@ -95,10 +95,7 @@ def server():
               "mnist": load_model()}
     app = create_app(SETTINGS, models=models)
     with serve_app(app) as running:
-        deadline = time.monotonic() + 300
-        while httpx.get(f"{running.http}/readyz").status_code != 200:
-            assert time.monotonic() < deadline, "server not ready"
-            time.sleep(0.2)
+        wait_ready(running.http, 300)
         running.app = app
         yield running
 

@@ -18,6 +18,8 @@ from evssm.server.app import create_app
 from evssm.server.protocol import RECORD_DTYPE
 from evssm.server.settings import Settings
 
+from conftest import wait_ready
+
 SETTINGS = Settings(batch_buckets=(1, 4), length_buckets=(128,), classify_length_buckets=(),
                     slots_per_model=8, max_sessions=8, max_packet_events=4096)
 
@@ -45,10 +47,7 @@ async def request(ws, msg: dict) -> dict:
 
 def test_default_model_streams_2d_events_like_classify(serve):
     server = serve(create_app(SETTINGS))
-    deadline = time.monotonic() + 300
-    while httpx.get(f"{server.http}/readyz").status_code != 200:
-        assert time.monotonic() < deadline, httpx.get(f"{server.http}/readyz").text
-        time.sleep(0.2)
+    wait_ready(server.http, 300)
     models = httpx.get(f"{server.http}/v1/models").json()
     (info,) = models["models"]
     assert models["default"] == info["name"] and info["sensor"]["kind"] == "2d"

@@ -52,7 +52,7 @@ CODES = {c.value for c in Code} - {Code.INTERNAL_ERROR.value}
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory):
-    from conftest import serve_app
+    from conftest import serve_app, wait_ready
     from evssm.models.streaming import load_model
 
     keys = tmp_path_factory.mktemp("fuzz") / "keys"
@@ -64,12 +64,7 @@ def fuzz_server(tmp_path_factory):
     app = create_app(cfg, models={"tiny": load_model("config:tiny")})
     options = {k: v for k, v in uvicorn_options(cfg).items() if k != "timeout_graceful_shutdown"}
     with serve_app(app, **options) as server:
-        import time
-
-        deadline = time.monotonic() + 240
-        while httpx.get(f"{server.http}/readyz").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_ready(server.http, 240)
         yield server
     print(f"\nfuzz profile {PROFILE}: {FRAMES['ws']} WebSocket frames (and connection attempts), "
           f"{FRAMES['http']} HTTP requests")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sqlite3
@@ -81,8 +82,9 @@ class Serve:
     def ws(self) -> str:
         return f"ws://127.0.0.1:{self.port}"
 
-    def ready(self) -> "Serve":
-        wait_process_ready(self.proc, self.http, self.log_path, READY_TIMEOUT_S)
+    def ready(self, classify: bool = True) -> "Serve":
+        """Wait until it streams (and, with ``classify``, its classify shapes are compiled)."""
+        wait_process_ready(self.proc, self.http, self.log_path, READY_TIMEOUT_S, classify)
         return self
 
     def log(self) -> str:
@@ -226,6 +228,98 @@ def test_sigkill_mid_stream_replays_from_durable(tmp_path: Path, cache: Path, se
             assert resume.events + resume.replayed >= answered
             assert resume.replayed > 0 or resume.events >= answered
     assert "restored from its snapshot" in servers[1].log()
+
+
+# --- the command line ----------------------------------------------------------------------------
+SIM_SOURCE = "sim:rate=20000,duration=3,seed=5"  # deterministic: about 60,000 events over 3 s
+
+
+def stream_cli(port: int, *options: str) -> subprocess.Popen:
+    """``evssm stream`` of :data:`SIM_SOURCE` to the server on ``port``, one JSON line out."""
+    return subprocess.Popen([sys.executable, "-m", "evssm.cli", "stream", SIM_SOURCE, "--url",
+                             f"ws://127.0.0.1:{port}", "--json", "--packet-events", "100",
+                             "--max-in-flight", "4", *options], cwd=ROOT, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finished(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, dict[str, Any], str]:
+    """(exit code, the JSON object printed, stderr) of a finished ``stream_cli``."""
+    out, err = proc.communicate(timeout=timeout)
+    lines = out.strip().splitlines()
+    assert lines, f"no JSON printed (exit {proc.returncode}): {err[-3000:]}"
+    return proc.returncode, json.loads(lines[-1]), err
+
+
+def kill_mid_stream(srv: Serve, cli: subprocess.Popen) -> None:
+    """SIGKILL ``srv`` once the stream is well into its recording and snapshotted (counted from
+    now: the server may have served other streams)."""
+    events, snapshots = metric(srv.http, "evssm_events_total"), metric(srv.http, "evssm_snapshots_written_total")
+    deadline = time.monotonic() + 120
+    while metric(srv.http, "evssm_events_total") < events + 15_000 or \
+            metric(srv.http, "evssm_snapshots_written_total") < snapshots + 1:
+        assert cli.poll() is None, cli.communicate()
+        assert time.monotonic() < deadline, "the stream did not get going"
+        time.sleep(0.05)
+    srv.stop(signal.SIGKILL)
+
+
+def same_answer(got: dict[str, Any], want: dict[str, Any]) -> None:
+    got_p, want_p = np.asarray(got["probs"], np.float64), np.asarray(want["probs"], np.float64)
+    assert got_p.shape == want_p.shape and np.isfinite(got_p).all() and np.isfinite(want_p).all()
+    np.testing.assert_allclose(got_p, want_p, rtol=RTOL, atol=ATOL)
+    assert got["prediction"] == want["prediction"]
+
+
+@pytest.mark.timeout(1800)  # three starts, two of them compiling; minutes on a loaded machine
+def test_stream_cli_outlasts_a_sigkill_and_a_compiling_restart(tmp_path: Path, cache: Path,
+                                                                 servers: list[Serve]) -> None:
+    """``evssm stream`` against a server that is SIGKILLed mid-stream and restarted with an empty
+    compilation cache (so it compiles its XLA step before it is ready): the command waits,
+    resumes, replays and prints the answer of an unbroken stream. With a short
+    ``--reconnect-timeout`` and no restart it prints the resume token and the command that
+    continues, which, run while the server is still down, waits for it and then finishes the
+    stream with the same answer."""
+    port, state = free_port(), tmp_path / "state"
+    args = ("--state-dir", str(state), "--snapshot-interval", "0.5")
+    servers.append(Serve(tmp_path / "a.log", port, cache, *args).ready(classify=False))
+    cli = stream_cli(port)
+    kill_mid_stream(servers[0], cli)
+    assert servers[0].proc.returncode == -signal.SIGKILL
+    # The restart compiles its XLA streaming step (one shape bucket) from an empty cache before
+    # it is ready; streams need nothing else from it.
+    compiling = (*args, "--backend", "xla", "--batch-buckets", "1", "--length-buckets", "256")
+    servers.append(Serve(tmp_path / "b.log", port, tmp_path / "empty-cache", *compiling)
+                   .ready(classify=False))
+    code, survived, err = finished(cli)
+    assert code == 0, err[-3000:]
+    assert "waiting up to 300 s for the server to come back" in err
+    assert survived["reconnects"] == 1 and survived["resumes"][0]["restored"]
+    assert "restored from its snapshot" in servers[1].log()
+    assert httpx.get(f"{servers[1].http}/readyz").json()["compilations"]["small"] > 0  # it compiled
+
+    code, unbroken, err = finished(stream_cli(port, "--fast"))
+    assert code == 0, err[-3000:]
+    total = unbroken["recording_events"]
+    assert unbroken["reconnects"] == 0 and unbroken["events"] == survived["events"] == total
+    same_answer(survived, unbroken)
+
+    # No restart within --reconnect-timeout: the token and the command that continues.
+    cli = stream_cli(port, "--reconnect-timeout", "3")
+    kill_mid_stream(servers[1], cli)
+    code, failed, err = finished(cli, 120)
+    assert code == 1
+    token = failed["resume"]
+    assert failed["error"] == "connection_lost" and token and f"--resume {token}" in failed["continue"]
+    assert f"--resume {token}" in err and "reconnect attempts in" in err
+    # The command that continues, run before the server is back: it waits for it.
+    cli = stream_cli(port, "--fast", "--resume", token)
+    servers.append(Serve(tmp_path / "c.log", port, cache, *args))
+    code, resumed, err = finished(cli)
+    assert code == 0, err[-3000:]
+    assert "is not serving yet" in err
+    # Only what the restored session lacked was sent: the events after its snapshot.
+    assert 0 < resumed["events"] < total and resumed["reconnects"] == 0
+    same_answer(resumed, unbroken)
 
 
 # --- replicas ------------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ from evssm.server.app import create_app
 from evssm.server.protocol import RECORD_DTYPE
 from evssm.server.settings import Settings
 
+from conftest import wait_ready
+
 CHANNELS = 700
 BASE = Settings(batch_buckets=(8,), length_buckets=(128,), classify_length_buckets=(1024,),
                 slots_per_model=64, max_sessions=64, max_packet_events=2048, batch_wait_ms=2.0,
@@ -34,16 +36,6 @@ def tiny_model():
     from evssm.models.streaming import load_model
 
     return load_model("config:tiny")
-
-
-def wait_ready(base: str, timeout: float = 240.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = httpx.get(f"{base}/readyz", timeout=10)
-        if r.status_code == 200:
-            return r.json()
-        time.sleep(0.1)
-    raise TimeoutError("server not ready")
 
 
 @pytest.fixture
@@ -217,6 +209,37 @@ def test_classify_msgpack_long_recordings_and_order(server):
     for i in (0, 4):
         assert_probs_equal(asyncio.run(stream(*streams[i]))["probs"], got[i]["probs"])
         np.testing.assert_allclose(sum(got[i]["probs"]), 1.0, rtol=1e-5)
+
+
+def test_classify_is_busy_until_its_shapes_compile_while_streams_are_served(server):
+    """Ready means streams are served; classify answers 503 busy with Retry-After (and /readyz
+    says so) until the model's classify shapes are compiled, then the same request succeeds."""
+    runner = server.app.state.engine.runners["tiny"]
+    t, x = recording(np.random.default_rng(3), 600)
+    body = msgpack.packb({"streams": [columns(t, x, "bin")]})
+    headers = {"content-type": "application/msgpack"}
+    runner.classify_ready.clear()  # as between ready and the end of the classify warm-up
+    try:
+        r = httpx.post(f"{server.http}/v1/classify", content=body, headers=headers, timeout=60)
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
+        assert r.json()["error"] == "busy" and "compiling" in r.json()["message"]
+        ready = httpx.get(f"{server.http}/readyz")
+        assert ready.status_code == 200 and ready.json()["classify"] == {"tiny": False}
+
+        async def stream() -> dict:
+            async with connect(f"{server.ws}/v1/stream") as ws:
+                c = Client(ws)
+                await c.open()
+                return await c.request({"type": "events", "seq": 0, **columns(t, x, "bin")})
+
+        streamed = asyncio.run(stream())
+        assert streamed["type"] == "result" and np.isfinite(streamed["probs"]).all()
+    finally:
+        runner.classify_ready.set()
+    assert httpx.get(f"{server.http}/readyz").json()["classify"] == {"tiny": True}
+    r = httpx.post(f"{server.http}/v1/classify", content=body, headers=headers, timeout=60)
+    assert r.status_code == 200
+    assert_probs_equal(streamed["probs"], msgpack.unpackb(r.content)["results"][0]["probs"])
 
 
 def test_64_concurrent_sessions_each_get_their_own_answer(server):
