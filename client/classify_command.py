@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 from .errors import ClientError, SourceError, error_line, exit_code
 from .http_api import Classification, classify, list_models
@@ -113,6 +113,19 @@ def _row(sample: Sample, result: Classification, model: ModelInfo | None, top: i
     }
 
 
+def _say_busy_once() -> Callable[[float, str], None]:
+    """One stderr line the first time the server answers ``busy`` (a server that has just
+    started compiles its classify shapes after it is ready), however often it is retried."""
+    said = False
+
+    def say(delay_s: float, message: str) -> None:
+        nonlocal said
+        if not said:
+            said = True
+            print(f"evssm classify: server busy ({message}); retrying", file=sys.stderr, flush=True)
+    return say
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         model = _server_model(args)
@@ -129,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
                               "give --sensor WxH for --crop/--scale/--flip")
         results = classify(args.url, [s.recording for s in samples], model=args.model,
                            batch_size=args.batch, timeout=args.timeout, api_key=args.api_key,
-                           sensors=[s.declared_sensor for s in samples], transform=transform)
+                           sensors=[s.declared_sensor for s in samples], transform=transform,
+                           on_busy=_say_busy_once())
         elapsed = time.monotonic() - started
     except ClientError as exc:
         print(f"evssm classify: {error_line(exc)}", file=sys.stderr)

@@ -7,8 +7,10 @@ streams, so one call can classify a whole data set without one huge request.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import httpx
 import msgpack
@@ -20,6 +22,7 @@ from .errors import ClientError, ConnectionLost, ProtocolError, ServerUnavailabl
 from .protocol import ModelInfo, auth_headers, endpoint_url, event_columns, sensor_declaration
 
 _HEADERS = {"content-type": MSGPACK, "accept": MSGPACK}
+BUSY_TIMEOUT_S = 120.0  # how long classify retries a server that answers `busy` (503 + Retry-After)
 
 
 @dataclass(frozen=True)
@@ -113,12 +116,36 @@ def _answer(response: httpx.Response, streams: int) -> list[Classification]:
     return _parse(_decode_body(response), streams)
 
 
+def _retry_delay(response: httpx.Response, deadline: float) -> float | None:
+    """Seconds to wait before sending again a request the server refused as ``busy`` (503 with
+    ``Retry-After``: its classify shapes still compile after start-up, or it serves its limit of
+    classify requests), or None when it is another answer or the wait would pass ``deadline``."""
+    if response.status_code != 503 or "retry-after" not in response.headers:
+        return None
+    try:
+        delay = min(max(float(response.headers["retry-after"]), 0.1), 10.0)
+    except ValueError:
+        delay = 1.0
+    return delay if time.monotonic() + delay <= deadline else None
+
+
+OnBusy = Callable[[float, str], None]  # (seconds until the next try, the server's message)
+
+
+def _busy_message(response: httpx.Response) -> str:
+    try:
+        return str(_decode_body(response).get("message", ""))
+    except (ValueError, AttributeError):
+        return response.text[:200]
+
+
 def classify(url: str, recordings: Sequence[Recording], *, model: str | None = None,
              batch_size: int = 16, timeout: float = 300.0, binary: bool = True,
              transport: httpx.BaseTransport | None = None,
              sensors: Sequence[SensorSpec | None] | None = None,
              transform: Mapping[str, Any] | None = None,
-             api_key: str | None = None) -> list[Classification]:
+             api_key: str | None = None, busy_timeout: float = BUSY_TIMEOUT_S,
+             on_busy: OnBusy | None = None) -> list[Classification]:
     """Classify whole recordings with the offline model, ``batch_size`` per request.
 
     ``url`` is the server (``http://HOST:PORT``; a ``ws://`` URL works too). Raises typed
@@ -126,16 +153,26 @@ def classify(url: str, recordings: Sequence[Recording], *, model: str | None = N
     :class:`~evssm.client.errors.ConnectionLost` when it cannot be reached. ``sensors``
     declares each recording's source sensor (None entries: the model's) and ``transform`` how
     the server maps them (see the protocol). ``api_key`` is sent as ``Authorization: Bearer``
-    (None: ``EVSSM_API_KEY``). ``transport`` replaces the network (tests).
+    (None: ``EVSSM_API_KEY``). A request answered ``busy`` (a server that has just started
+    compiles its classify shapes while it already streams) is sent again after the server's
+    ``Retry-After`` for up to ``busy_timeout`` seconds, calling ``on_busy`` before each wait.
+    ``transport`` replaces the network (tests).
     """
     target = endpoint_url(url, "classify")
     requests = _requests(recordings, model, batch_size, binary, sensors, transform)
     headers = {**_HEADERS, **auth_headers(api_key)}
+    deadline = time.monotonic() + busy_timeout
     out: list[Classification] = []
     try:
         with httpx.Client(timeout=timeout, transport=transport) as client:
             for streams, body in requests:
-                out += _answer(client.post(target, content=body, headers=headers), streams)
+                response = client.post(target, content=body, headers=headers)
+                while (delay := _retry_delay(response, deadline)) is not None:
+                    if on_busy is not None:
+                        on_busy(delay, _busy_message(response))
+                    time.sleep(delay)
+                    response = client.post(target, content=body, headers=headers)
+                out += _answer(response, streams)
     except httpx.TransportError as exc:
         raise ConnectionLost(f"cannot reach {target}: {exc}") from exc
     return out
@@ -146,16 +183,24 @@ async def aclassify(url: str, recordings: Sequence[Recording], *, model: str | N
                     transport: httpx.AsyncBaseTransport | None = None,
                     sensors: Sequence[SensorSpec | None] | None = None,
                     transform: Mapping[str, Any] | None = None,
-                    api_key: str | None = None) -> list[Classification]:
+                    api_key: str | None = None, busy_timeout: float = BUSY_TIMEOUT_S,
+                    on_busy: OnBusy | None = None) -> list[Classification]:
     """Asyncio twin of :func:`classify`."""
     target = endpoint_url(url, "classify")
     requests = _requests(recordings, model, batch_size, binary, sensors, transform)
     headers = {**_HEADERS, **auth_headers(api_key)}
+    deadline = time.monotonic() + busy_timeout
     out: list[Classification] = []
     try:
         async with httpx.AsyncClient(timeout=timeout, transport=transport) as client:
             for streams, body in requests:
-                out += _answer(await client.post(target, content=body, headers=headers), streams)
+                response = await client.post(target, content=body, headers=headers)
+                while (delay := _retry_delay(response, deadline)) is not None:
+                    if on_busy is not None:
+                        on_busy(delay, _busy_message(response))
+                    await asyncio.sleep(delay)
+                    response = await client.post(target, content=body, headers=headers)
+                out += _answer(response, streams)
     except httpx.TransportError as exc:
         raise ConnectionLost(f"cannot reach {target}: {exc}") from exc
     return out

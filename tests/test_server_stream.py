@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from typing import Any
 
@@ -241,6 +242,34 @@ def test_classify_is_busy_until_its_shapes_compile_while_streams_are_served(serv
     assert r.status_code == 200
     assert_probs_equal(streamed["probs"], msgpack.unpackb(r.content)["results"][0]["probs"])
 
+
+
+def test_client_classify_waits_out_busy_and_gives_up_after_its_timeout(server):
+    """The client library sends a request answered `busy` again after the server's Retry-After
+    (saying so through on_busy) and gets the answer once the classify shapes are compiled; with
+    no time to wait it raises ServerUnavailable at once."""
+    from evssm.client import classify
+    from evssm.client.errors import ServerUnavailable
+    from evssm.models.events import Recording
+
+    runner = server.app.state.engine.runners["tiny"]
+    t, x = recording(np.random.default_rng(5), 600)
+    rec = Recording(t=t, x=x)
+    waits: list[tuple[float, str]] = []
+    runner.classify_ready.clear()
+    try:
+        with pytest.raises(ServerUnavailable, match="compiling"):
+            classify(server.http, [rec], busy_timeout=0)
+        timer = threading.Timer(2.5, runner.classify_ready.set)
+        timer.start()
+        got = classify(server.http, [rec], on_busy=lambda d, m: waits.append((d, m)))
+        timer.join()
+    finally:
+        runner.classify_ready.set()
+    assert waits and all(d >= 1 and "compiling" in m for d, m in waits)
+    direct = classify(server.http, [rec])
+    assert got[0].events == 600 and got[0].probs is not None
+    assert_probs_equal(got[0].probs, direct[0].probs)
 
 def test_64_concurrent_sessions_each_get_their_own_answer(server):
     rng = np.random.default_rng(3)
