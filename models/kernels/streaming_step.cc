@@ -577,8 +577,14 @@ void layer_output(const Net& net, const int32_t* lay, int rows, const float* ws,
          net.at(lay[L_GATE_B]), false);
   float* x = sc.x_next.data();
   const float* g = sc.g.data();
+  // sigmoid(g) = 1 / (1 + e^-g) for g >= 0, e^g / (1 + e^g) below, with e = exp(-|g|) in
+  // (0, 1]: no infinity at any g. (1 + exp(-g) overflows for g < -88, and -ffast-math turns
+  // y / inf into y * rcp(inf) refined by Newton's step, 0 * inf = NaN.)
 #pragma omp simd
-  for (size_t i = 0; i < n; ++i) x[i] = y[i] / (1.f + std::exp(-g[i]));
+  for (size_t i = 0; i < n; ++i) {
+    const float e = std::exp(-std::fabs(g[i]));
+    x[i] = y[i] * ((g[i] >= 0.f ? 1.f : e) / (1.f + e));
+  }
   // residual
   if (lay[L_SKIP_W] >= 0) {
     matmul(skip, lds, rows, d_in, net.at(lay[L_SKIP_W]), d_out, x, d_out, nullptr, true);
