@@ -36,6 +36,7 @@ from evssm.server.settings import Settings
 from evssm.server.snapshots import DiskStore, decode, token_key
 
 from conftest import free_port, redis_server
+from numeric import assert_close
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -142,12 +143,12 @@ def test_snapshots_taken_under_load_are_states_of_their_streams(start, tiny_mode
                                                    gaps[None, :events], np.array([events], np.int32))
             np.testing.assert_array_equal(snap.row, np.asarray(state)[0])
             if snap.probs is not None:
-                np.testing.assert_allclose(snap.probs, softmax(np.asarray(logits))[0], rtol=RTOL, atol=ATOL)
+                assert_close(snap.probs, softmax(np.asarray(logits))[0], rtol=RTOL, atol=ATOL)
             # Continuing from the row ends where the whole recording ends.
             rest = len(rec) - events
             _, logits, _ = tiny_model.step(snap.row[None], tokens[None, events:], gaps[None, events:],
                                            np.array([rest], np.int32))
-            np.testing.assert_allclose(softmax(np.asarray(logits))[0], expected, rtol=RTOL, atol=ATOL)
+            assert_close(softmax(np.asarray(logits))[0], expected, rtol=RTOL, atol=ATOL)
             checked += 1
     assert checked >= 10
     # Every session was closed: its snapshot is gone and its token resumes nothing.
@@ -267,7 +268,7 @@ def test_a_store_that_cannot_be_reached_costs_durability_only(start, tmp_path: P
 
     results = asyncio.run(main())
     assert results[-1].durable == 0 and results[-1].events == len(rec)
-    np.testing.assert_allclose(results[-1].probs, classify(server.http, [rec])[0].probs, rtol=RTOL, atol=ATOL)
+    assert_close(results[-1].probs, classify(server.http, [rec])[0].probs, rtol=RTOL, atol=ATOL)
 
     async def resume_unknown() -> None:
         s = AsyncStreamSession(server.ws, resume="a-token-this-server-never-saw", reconnect=False)
@@ -360,7 +361,7 @@ def test_a_declared_sensor_and_its_crop_survive_a_restore(start, tmp_path: Path)
 
     last = asyncio.run(part_two())
     assert last.events + last.cropped == n
-    np.testing.assert_allclose(last.probs, want.probs, rtol=RTOL, atol=ATOL)
+    assert_close(last.probs, want.probs, rtol=RTOL, atol=ATOL)
 
 
 KEY_A = "alpha-" + "a1" * 12
@@ -481,8 +482,8 @@ def test_frames_sent_right_behind_a_restore_apply_after_it(start, tiny_model, tm
     assert [r["type"] for r in replies] == ["opened", "result", "reset_done", "result", "result"], replies
     assert replies[0]["restored"] and replies[0]["events"] == half
     assert replies[1]["events"] == len(rec)
-    np.testing.assert_allclose(replies[1]["probs"], want_all.probs, rtol=RTOL, atol=ATOL)
+    assert_close(replies[1]["probs"], want_all.probs, rtol=RTOL, atol=ATOL)
     assert replies[3]["events"] == 0 and replies[3]["probs"] is None and replies[3]["durable"] == 0
     assert replies[4]["events"] == len(tail)
-    np.testing.assert_allclose(replies[4]["probs"], want_tail.probs, rtol=RTOL, atol=ATOL)
+    assert_close(replies[4]["probs"], want_tail.probs, rtol=RTOL, atol=ATOL)
     assert httpx.get(f"{second.http}/readyz").json()["compilations"]["small"] == compiled

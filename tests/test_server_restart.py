@@ -38,6 +38,7 @@ from evssm.models.events import Recording, SensorSpec
 from evssm.server.snapshots import DiskStore, token_key
 
 from conftest import free_port, haproxy_test_config, redis_server, require_tool, wait_process_ready
+from numeric import assert_close
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -173,7 +174,7 @@ def test_sigterm_then_restart_every_session_resumes_exactly(tmp_path: Path, cach
     assert "drain: 3 session snapshots written" in servers[0].log()
     for rec, want, (results, session) in zip(recs, expected, outcome):
         assert results[-1].events == len(rec)
-        np.testing.assert_allclose(results[-1].probs, want, rtol=RTOL, atol=ATOL)
+        assert_close(results[-1].probs, want, rtol=RTOL, atol=ATOL)
         (resume,) = session.resumes
         # The drain answered every accepted packet, then snapshotted: nothing to replay.
         assert resume.restored and not resume.new_session and resume.replayed == 0
@@ -213,7 +214,7 @@ def test_sigkill_mid_stream_replays_from_durable(tmp_path: Path, cache: Path, se
     assert servers[0].proc.returncode == -signal.SIGKILL
     for i, (rec, want, (results, session)) in enumerate(zip(recs, expected, outcome)):
         assert results[-1].events == len(rec)
-        np.testing.assert_allclose(results[-1].probs, want, rtol=RTOL, atol=ATOL)
+        assert_close(results[-1].probs, want, rtol=RTOL, atol=ATOL)
         assert [r.seq for r in results] == list(range(len(results)))  # every packet answered once
         (resume,) = session.resumes
         assert resume.restored and not resume.new_session
@@ -278,7 +279,7 @@ def test_replica_lost_its_session_resumes_on_another_through_redis(tmp_path: Pat
             lb.wait(timeout=30)
         survivor = next(r for r in replicas if r is not holder[0])
         assert results[-1].events == len(rec)
-        np.testing.assert_allclose(results[-1].probs, want, rtol=RTOL, atol=ATOL)
+        assert_close(results[-1].probs, want, rtol=RTOL, atol=ATOL)
         (resume,) = session.resumes
         assert resume.restored and resume.replayed > 0
         assert metric(survivor.http, "evssm_sessions_restored_total") == 1
@@ -375,4 +376,4 @@ def test_damaged_snapshot_is_skipped_and_the_server_starts(tmp_path: Path, cache
 
     results = asyncio.run(main())
     assert results[-1].events == len(drained["recs"][1])
-    np.testing.assert_allclose(results[-1].probs, drained["expected"][1], rtol=RTOL, atol=ATOL)
+    assert_close(results[-1].probs, drained["expected"][1], rtol=RTOL, atol=ATOL)

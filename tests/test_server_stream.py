@@ -22,6 +22,7 @@ from websockets.asyncio.client import connect
 from evssm.server.app import create_app
 from evssm.server.protocol import RECORD_DTYPE
 from evssm.server.settings import Settings
+from numeric import assert_close
 
 CHANNELS = 700
 BASE = Settings(batch_buckets=(8,), length_buckets=(128,), classify_length_buckets=(1024,),
@@ -119,7 +120,7 @@ def classify(base: str, streams: list[tuple[np.ndarray, np.ndarray]], **body: An
 def assert_probs_equal(a: list[float] | None, b: list[float] | None) -> None:
     assert (a is None) == (b is None), (a, b)
     if a is not None:
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=2e-6)
+        assert_close(np.asarray(a), np.asarray(b), rtol=1e-3, atol=2e-6)
 
 
 def metric_value(text: str, name: str) -> float:
@@ -216,7 +217,7 @@ def test_classify_msgpack_long_recordings_and_order(server):
 
     for i in (0, 4):
         assert_probs_equal(asyncio.run(stream(*streams[i]))["probs"], got[i]["probs"])
-        np.testing.assert_allclose(sum(got[i]["probs"]), 1.0, rtol=1e-5)
+        assert_close(sum(got[i]["probs"]), 1.0, rtol=1e-5)
 
 
 def test_64_concurrent_sessions_each_get_their_own_answer(server):
