@@ -339,7 +339,7 @@ def test_snapshot_of_other_weights_is_refused(tmp_path: Path, cache: Path, drain
         with pytest.raises(SessionExpired) as info:
             await AsyncStreamSession(srv.ws, resume=drained["tokens"][0], reconnect=False).open()
         assert info.value.code == "snapshot_incompatible"
-        assert "other weights of model 'small'" in info.value.message
+        assert "other weights or another state layout of model 'small'" in info.value.message
         async with AsyncStreamSession(srv.ws, reconnect=False) as s:  # the server serves on
             await s.send(drained["recs"][0].slice(0, 100))
             assert (await s.recv()).events == 100
