@@ -444,7 +444,9 @@ def test_frames_sent_right_behind_a_restore_apply_after_it(start, tiny_model, tm
     nothing after start-up."""
     from evssm.models.streaming import StreamingModel
 
-    first = start(state_dir=str(tmp_path / "a"))
+    # Snapshots expire after the idle timeout: the restoring server (XLA's step compiles for
+    # minutes on a loaded 2-core machine) must find the record still alive.
+    first = start(state_dir=str(tmp_path / "a"), session_idle_timeout=900.0)
     rec = sim(21, 0.3)
     half = len(rec) // 2
 
@@ -463,7 +465,7 @@ def test_frames_sent_right_behind_a_restore_apply_after_it(start, tiny_model, tm
         db.execute(f"VACUUM INTO '{tmp_path / 'b' / DiskStore.FILE}'")
     model = tiny_model if backend == "native" else StreamingModel(tiny_model.config, tiny_model.variables,
                                                                   backend="xla")
-    second = start(model, state_dir=str(tmp_path / "b"))
+    second = start(model, state_dir=str(tmp_path / "b"), session_idle_timeout=900.0)
     compiled = httpx.get(f"{second.http}/readyz").json()["compilations"]["small"]
     tail = rec.slice(half, len(rec))
     want_all, want_tail = classify(second.http, [rec, tail])
