@@ -24,6 +24,7 @@ from .wire import Code
 
 PAD_TOKEN = -1
 MAX_GAP_US = np.iinfo(np.int32).max
+MAX_TOKENS = int(np.iinfo(np.int32).max)  # tokens are int32: a vocabulary of at most 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,9 @@ class SensorSpec:
                 raise ValueError("a 2-D sensor needs width > 0 and height > 0")
         else:
             raise ValueError(f"sensor kind must be '1d' or '2d', got {self.kind!r}")
+        if self.num_tokens > MAX_TOKENS:
+            raise ValueError(f"{self.num_tokens} addresses (2 x width x height) do not fit int32 "
+                             f"tokens; at most {MAX_TOKENS}")
 
     @property
     def num_tokens(self) -> int:

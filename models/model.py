@@ -205,6 +205,11 @@ def layer_plan(config: ModelConfig) -> list[tuple[int, int, int, int]]:
     return plan
 
 
+# Version of the carried state's layout (state_spec): a packed row, a snapshot, means the same
+# only under the same version. 2: the head's running sums carry their Kahan compensation.
+STATE_LAYOUT_VERSION = 2
+
+
 def state_spec(config: ModelConfig) -> State:
     """Shapes and dtypes of one session's carried state (a pytree of ``(shape, dtype)``)."""
     layers = []
@@ -217,10 +222,14 @@ def state_spec(config: ModelConfig) -> State:
             spec["count"] = ((), jnp.int32)
         layers.append(spec)
     width = config.stage_width(config.num_stages - 1)
-    head = {"sum_z": ((width,), jnp.float32), "sum_w": ((), jnp.float32),
+    # The head's running sums grow with the stream: each carries its Kahan compensation
+    # (``*_c``, see :func:`kahan_add`), so hours of windows add up as exactly as a few.
+    head = {"sum_z": ((width,), jnp.float32), "sum_z_c": ((width,), jnp.float32),
+            "sum_w": ((), jnp.float32), "sum_w_c": ((), jnp.float32),
             "last_z": ((width,), jnp.float32), "count": ((), jnp.int32)}
     if config.head_divisor == "total_time":
         head["sum_dt"] = ((), jnp.float32)  # pooled time of the completed final-rate windows
+        head["sum_dt_c"] = ((), jnp.float32)
     spec: State = {"layers": layers, "head": head}
     if config.time_lookahead:
         spec["held"] = ((), jnp.int32)  # the last event's token + 1 (0: none yet)
@@ -355,15 +364,31 @@ class EventSSM(nn.Module):
         w = mask * (dt + TIMEPOOL_EPS) if self.config.head == "timepool" else mask
         last_index = jnp.maximum(lengths - 1, 0)
         last = jnp.take_along_axis(z, last_index[:, None, None], axis=1)[:, 0]
-        new = {
-            "sum_z": state["sum_z"] + jnp.einsum("bm,bmd->bd", w, z),
-            "sum_w": state["sum_w"] + w.sum(1),
-            "last_z": jnp.where((lengths > 0)[:, None], last, state["last_z"]),
-            "count": state["count"] + lengths,
-        }
+        new = {"last_z": jnp.where((lengths > 0)[:, None], last, state["last_z"]),
+               "count": state["count"] + lengths}
+        new["sum_z"], new["sum_z_c"] = kahan_add(state["sum_z"], state["sum_z_c"],
+                                                 jnp.einsum("bm,bmd->bd", w, z))
+        new["sum_w"], new["sum_w_c"] = kahan_add(state["sum_w"], state["sum_w_c"], w.sum(1))
         if "sum_dt" in state:
-            new["sum_dt"] = state["sum_dt"] + (mask * dt).sum(1)
+            new["sum_dt"], new["sum_dt_c"] = kahan_add(state["sum_dt"], state["sum_dt_c"],
+                                                       (mask * dt).sum(1))
         return new
+
+
+def kahan_add(total: Array, comp: Array, inc: Array) -> tuple[Array, Array]:
+    """Compensated (Kahan) summation step: ``(total', comp')`` of ``total + inc``.
+
+    ``y = inc - comp;  t = total + y;  comp' = (t - total) - y;  total' = t``
+
+    ``comp`` is the rounding error of the sum so far (negated on the next step), so ``total``
+    stays within ~2 ulp of the exact sum however many terms it has had, where plain float32
+    addition drifts by ~n ulp (measured: 0.5 % after 10^8 events, docs/benchmarks.md). XLA
+    does not reassociate float arithmetic, so the compensation is computed as written; the
+    native step computes the same.
+    """
+    y = inc - comp
+    t = total + y
+    return t, (t - total) - y
 
 
 def _continue_from(start: int, scale: float, tables: InferenceTables | None):

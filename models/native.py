@@ -35,12 +35,12 @@ Array = jax.Array
 
 
 # Plan layout: must match the Header and Layer enums of kernels/streaming_step.cc.
-PLAN_VERSION = 2
+PLAN_VERSION = 3
 HEADER_FIELDS = 32
 LAYER_FIELDS = 24
 HEADER = ("version layers words prenorm norm pool head classes width head_w head_b sum_z sum_w "
           "last_z count zoh vocab decay_size table_bu table_pool table_decay consts gelu held "
-          "head_sum_dt").split()
+          "head_sum_dt sum_z_c sum_w_c head_sum_dt_c").split()
 LAYER = ("d_in d_out p stride s_last s_first sum_wx sum_w sum_dt count norm_a norm_b b step "
          "inv_lambda c d d_matrix gate_w gate_b skip_w skip_b d_pool").split()
 POOL_MODES = {"first": 0, "avgpool": 1, "timepool": 2}
@@ -166,7 +166,9 @@ class NativeStep:
             table_decay=put(np.concatenate([np.real(tables.decay.values),
                                             np.imag(tables.decay.values)], 1)),
             consts=put([first.norm.eps, TIMEPOOL_EPS]), gelu=GELUS.index(config.gelu),
-            held=state_offsets.get("held", -1), head_sum_dt=head_state.get("sum_dt", -1))
+            held=state_offsets.get("held", -1), head_sum_dt=head_state.get("sum_dt", -1),
+            sum_z_c=head_state["sum_z_c"], sum_w_c=head_state["sum_w_c"],
+            head_sum_dt_c=head_state.get("sum_dt_c", -1))
         if size >= 2**31:
             raise NativeUnavailable("model too large for the native step's 32-bit offsets")
         plan = np.full(HEADER_FIELDS + LAYER_FIELDS * len(layers), -1, np.int32)

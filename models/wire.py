@@ -48,6 +48,7 @@ class Code(StrEnum):
     DRAINING = "draining"  # shutting down; WebSocket closed with 1012
     SNAPSHOT_INCOMPATIBLE = "snapshot_incompatible"  # resume: the snapshot is for other weights
     STORE_UNAVAILABLE = "store_unavailable"  # resume: the snapshot store cannot be reached; retry
+    NON_FINITE_OUTPUT = "non_finite_output"  # the model's answer is NaN or infinite: never sent
     INTERNAL_ERROR = "internal_error"
     # HTTP only
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"

@@ -52,9 +52,16 @@ HTTP_STATUS = {  # HTTP status of each error code that HTTP endpoints return
     Code.UNKNOWN_MODEL: 404, Code.NOT_FOUND: 404, Code.METHOD_NOT_ALLOWED: 405,
     Code.REQUEST_TOO_LARGE: 413, Code.PACKET_TOO_LARGE: 413, Code.UNSUPPORTED_MEDIA_TYPE: 415,
     Code.NOT_READY: 503, Code.DRAINING: 503, Code.INTERNAL_ERROR: 500, Code.UNAUTHORIZED: 401,
-    Code.BUSY: 503, Code.REQUEST_TIMEOUT: 408,
+    Code.BUSY: 503, Code.REQUEST_TIMEOUT: 408, Code.NON_FINITE_OUTPUT: 422,
 }
 CLASSIFY_RETRY_AFTER_S = 2  # Retry-After of a classify refused while its model's shapes compile
+NON_FINITE_ADVICE = "the model's output is not finite (NaN or infinite); no answer is sent"
+
+
+def withheld_non_finite(metrics: Metrics, model: str, whose: str) -> None:
+    """Count and log an answer withheld because the model's output is not finite."""
+    metrics.non_finite.labels(model=model).inc()
+    log.error("model %s: non-finite output for %s; answered %s", model, whose, Code.NON_FINITE_OUTPUT)
 
 
 def http_error(code: Code, message: str, status: int | None = None,
@@ -273,22 +280,28 @@ class OutputProcessor:
         labels = self.labels[model]
         probs_rows, order_rows, ready_rows = probs.tolist(), order.tolist(), ready.tolist()
         durable_rows = None if durable is None else durable.tolist()
+        # One vectorised check per step; a non-finite answer is never sent (NaN is not JSON).
+        finite = np.isfinite(probs).all(1).tolist() if len(probs) else []
         latencies = np.empty(len(packets), np.float64)
         events = 0
         for i, (session, packet) in enumerate(zip(sessions, packets)):
-            if ready_rows[i]:
-                row, best = probs_rows[i], order_rows[i][0]
-                top = [[labels[j], row[j]] for j in order_rows[i][:session.top_k]]
-                session.answer = (labels[best], row[best])
+            if ready_rows[i] and not finite[i]:
+                withheld_non_finite(self.metrics, model, f"session {session.id}")
+                frame = error_frame(Code.NON_FINITE_OUTPUT, f"{NON_FINITE_ADVICE}: reset the session "
+                                    "(its state is unusable)", packet.seq)
+            else:
+                if ready_rows[i]:
+                    row, best = probs_rows[i], order_rows[i][0]
+                    top = [[labels[j], row[j]] for j in order_rows[i][:session.top_k]]
+                    session.answer = (labels[best], row[best])
+                else:
+                    row, top = None, []
                 frame = {"type": "result", "seq": packet.seq, "events": packet.events_after,
                          "t": packet.last_t, "probs": row, "top": top}
-            else:
-                frame = {"type": "result", "seq": packet.seq, "events": packet.events_after,
-                         "t": packet.last_t, "probs": None, "top": []}
-            if packet.cropped_after is not None:  # a session that declared its source sensor
-                frame["cropped"] = packet.cropped_after
-            if durable_rows is not None:  # the server keeps snapshots
-                frame["durable"] = durable_rows[i]
+                if packet.cropped_after is not None:  # a session that declared its source sensor
+                    frame["cropped"] = packet.cropped_after
+                if durable_rows is not None:  # the server keeps snapshots
+                    frame["durable"] = durable_rows[i]
             reply: _Reply = packet.reply
             reply.conn.fill(reply, encode_frame(frame, reply.binary))
             latencies[i] = now - packet.received
@@ -660,6 +673,11 @@ async def _classify(request: Request, engine: Engine, settings: Settings, metric
         n_streams = len(req.tokens)
         if n_streams:
             probs, ready = await engine.classify(req.model, req.tokens, req.gaps)
+            bad = np.flatnonzero(ready & ~np.isfinite(probs).all(1))
+            if bad.size:
+                withheld_non_finite(metrics, req.model, f"classify stream(s) {bad.tolist()[:8]}")
+                return http_error(Code.NON_FINITE_OUTPUT,
+                                  f"{NON_FINITE_ADVICE}: stream {int(bad[0])} of the request")
         results = []
         for i in range(n_streams):
             n = int(req.tokens[i].shape[0])

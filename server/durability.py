@@ -274,7 +274,8 @@ class Durability:
         if runner is None:
             problem = f"model {rec.model!r} is not served here (served: {sorted(self.runners)})"
         elif rec.fingerprint != runner.fingerprint:
-            problem = (f"it was made for other weights of model {rec.model!r} (fingerprint "
+            problem = (f"it was made for other weights or another state layout of model "
+                       f"{rec.model!r} (fingerprint "
                        f"{rec.fingerprint[:12]}, served {runner.fingerprint[:12]})")
         elif rec.row.size * 4 != runner.state_bytes or (
                 rec.probs is not None and rec.probs.size != runner.num_classes):

@@ -347,7 +347,11 @@ class Engine:
     async def drain(self, timeout: float | None = None) -> bool:
         """Refuse new sessions and packets, finish and answer in-flight packets, snapshot every
         session (with snapshots), then close every connection cleanly (1001). True if everything
-        finished within ``timeout``."""
+        finished within ``timeout``.
+
+        The snapshots get ``timeout`` of their own, whatever the in-flight packets left of it: a
+        drain whose packets ran out of time (a loaded machine, a long step) still writes every
+        session's snapshot, so that its resume token outlives the process."""
         timeout = self.settings.drain_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         self.draining = True
@@ -357,7 +361,7 @@ class Engine:
         finished = not self.pending
         if self.durability is not None:  # every session, before its client is told to go
             try:
-                await asyncio.wait_for(self._snapshot_all(), max(0.0, deadline - time.monotonic()))
+                await asyncio.wait_for(self._snapshot_all(), timeout)
             except TimeoutError:
                 finished = False
                 log.error("drain: the snapshots did not finish within the drain timeout")

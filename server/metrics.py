@@ -190,6 +190,9 @@ class Metrics:
         self.state_bytes = Gauge("evssm_state_bytes_per_session", "Bytes of carried state per session.", m,
                                  registry=r)
         self.slots = Gauge("evssm_slots", "Session slots allocated on the device.", m, registry=r)
+        self.non_finite = Counter("evssm_non_finite_outputs_total",
+                                  "Answers withheld because the model's output was NaN or infinite "
+                                  "(streamed packets and classified recordings).", m, registry=r)
         self.cropped = Counter("evssm_cropped_events_total",
                                "Events a declared crop removed before the model (streamed and classified).",
                                m, registry=r)
@@ -220,7 +223,7 @@ class Metrics:
         cached children."""
         for metric in (self.events, self.packets, self.compilations, self.sessions_opened, self.cropped,
                        self.sessions_resumed, self.sessions_evicted, self.steps, self.classify_streams,
-                       self.step_latency, self.batch_size, self.snapshots_written, self.sessions_restored):
+                       self.non_finite, self.step_latency, self.batch_size, self.snapshots_written, self.sessions_restored):
             metric.labels(model=model)
         self.packet_latency.init(model)
         self.queue_wait.init(model)

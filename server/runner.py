@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from evssm.models.events import PAD_TOKEN, SensorSpec
+from evssm.models.model import STATE_LAYOUT_VERSION
 from evssm.models.streaming import StreamingModel, load_model, softmax
 from evssm.models.wire import class_order
 
@@ -123,6 +124,7 @@ class ModelRunner:
             self.pool = model.init_state(num_slots)  # the sessions' states: row = slot
         self.words = int(model.layout.words)  # int32 words of one state row
         config = {k: v for k, v in self.config.to_dict().items() if k != "name"}
+        config["state_layout"] = STATE_LAYOUT_VERSION
         self.fingerprint = weights_fingerprint(  # a snapshot's row means the same only under these
             ((jax.tree_util.keystr(path), np.asarray(leaf))
              for path, leaf in jax.tree_util.tree_leaves_with_path(model.variables)), config)

@@ -42,7 +42,10 @@ def fully_ready(base_url: str) -> dict | None:
     compiled (they compile after ready); None before."""
     import httpx
 
-    r = httpx.get(f"{base_url}/readyz", timeout=10)
+    try:
+        r = httpx.get(f"{base_url}/readyz", timeout=10)
+    except httpx.TimeoutException:  # a server compiling on a busy CPU can be slow to answer
+        return None
     if r.status_code != 200:
         return None
     body = r.json()

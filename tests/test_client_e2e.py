@@ -42,6 +42,7 @@ from evssm.client import (  # noqa: E402
 from evssm.models.events import Recording, SensorSpec  # noqa: E402
 
 from conftest import LoopThread, free_port, stop_process, wait_process_ready  # noqa: E402
+from numeric import assert_close  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -139,7 +140,7 @@ def test_stream_command_equals_classify_command(server: dict[str, Any], tmp_path
     assert main(["classify", path, "--url", server["http"], "--json"]) == 0
     classified = json.loads(capsys.readouterr().out)["results"][0]
     assert streamed["events"] == classified["events"] == len(rec)
-    np.testing.assert_allclose(streamed["probs"], classified["probs"], rtol=RTOL, atol=ATOL)
+    assert_close(streamed["probs"], classified["probs"], rtol=RTOL, atol=ATOL)
     assert streamed["prediction"] == classified["prediction"]
 
 
@@ -155,14 +156,14 @@ def test_any_packetisation_gives_the_offline_answer(server: dict[str, Any]) -> N
         results = list(s.stream(packets))
     assert [r.seq for r in results] == list(range(len(packets)))
     assert results[-1].events == len(rec)
-    np.testing.assert_allclose(results[-1].probs, expected, rtol=RTOL, atol=ATOL)
+    assert_close(results[-1].probs, expected, rtol=RTOL, atol=ATOL)
     # time-window packets through the asyncio session
     async def by_time() -> Any:
         async with AsyncStreamSession(server["ws"]) as a:
             return [r async for r in a.stream(packetize(rec, window_us=7_000))][-1]
 
     last = asyncio.run(by_time())
-    np.testing.assert_allclose(last.probs, expected, rtol=RTOL, atol=ATOL)
+    assert_close(last.probs, expected, rtol=RTOL, atol=ATOL)
 
 
 def test_shd_file_streamed_equals_classified(server: dict[str, Any], tmp_path: Path,
@@ -185,7 +186,7 @@ def test_shd_file_streamed_equals_classified(server: dict[str, Any], tmp_path: P
     assert main(["classify", str(path), "--index", "all", "--url", server["http"], "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["results"]
     assert len(rows) == 2 and streamed["source"] == rows[1]["source"] == "shd.h5[1]"
-    np.testing.assert_allclose(streamed["probs"], rows[1]["probs"], rtol=RTOL, atol=ATOL)
+    assert_close(streamed["probs"], rows[1]["probs"], rtol=RTOL, atol=ATOL)
 
 
 # -- reconnect ---------------------------------------------------------------------------------
@@ -212,7 +213,7 @@ def test_reconnect_mid_stream_ends_with_the_same_answer(server: dict[str, Any],
     assert [r.seq for r in results] == list(range(len(results)))
     assert results[-1].events == len(rec)  # every event applied exactly once
     assert not results[-1].lost
-    np.testing.assert_allclose(results[-1].probs, expected, rtol=RTOL, atol=ATOL)
+    assert_close(results[-1].probs, expected, rtol=RTOL, atol=ATOL)
 
 
 def test_reconnect_through_the_stream_command(server: dict[str, Any], tmp_path: Path,
@@ -231,7 +232,7 @@ def test_reconnect_through_the_stream_command(server: dict[str, Any], tmp_path: 
             timer.cancel()
     out = json.loads(capsys.readouterr().out)
     assert out["reconnects"] == 1 and out["events"] == len(rec)
-    np.testing.assert_allclose(out["probs"], offline(server, rec), rtol=RTOL, atol=ATOL)
+    assert_close(out["probs"], offline(server, rec), rtol=RTOL, atol=ATOL)
 
 
 def test_resume_token_from_a_new_client(server: dict[str, Any]) -> None:
@@ -246,7 +247,7 @@ def test_resume_token_from_a_new_client(server: dict[str, Any]) -> None:
     with StreamSession(server["ws"], resume=token) as second:
         assert second.info is not None and second.info.events == half
         last = list(second.stream(packetize(rec.slice(half, len(rec)), events=200)))[-1]
-    np.testing.assert_allclose(last.probs, offline(server, rec), rtol=RTOL, atol=ATOL)
+    assert_close(last.probs, offline(server, rec), rtol=RTOL, atol=ATOL)
 
 
 def test_reset_then_a_new_recording(server: dict[str, Any]) -> None:
@@ -256,7 +257,7 @@ def test_reset_then_a_new_recording(server: dict[str, Any]) -> None:
         s.reset()
         last = list(s.stream(packetize(second, events=300)))[-1]
     assert last.events == len(second)
-    np.testing.assert_allclose(last.probs, offline(server, second), rtol=RTOL, atol=ATOL)
+    assert_close(last.probs, offline(server, second), rtol=RTOL, atol=ATOL)
 
 
 # -- errors and load -------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from evssm.client.errors import ConnectionLost, NothingInFlight
 from evssm.models.events import Recording, SensorSpec
 
 from conftest import LoopThread
+from numeric import assert_close
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -277,7 +278,7 @@ def test_async_stream_results_in_order_match_offline(server: FakeServer) -> None
     assert [r.seq for r in results] == list(range(len(results)))
     assert results[-1].events == len(rec) and results[-1].t == int(rec.t[-1])
     assert results[0].probs is not None
-    np.testing.assert_allclose(results[-1].probs, offline_probs(rec))
+    assert_close(results[-1].probs, offline_probs(rec))
     assert results[-1].label == results[-1].top[0][0]
     assert all(r.latency_s > 0 for r in results)
 
@@ -291,7 +292,7 @@ def test_int_array_columns_and_first_packet_without_prediction(server: FakeServe
 
     results = run(main())
     assert results[0].probs is None and results[0].top == [] and results[0].label is None
-    np.testing.assert_allclose(results[-1].probs, offline_probs(rec))
+    assert_close(results[-1].probs, offline_probs(rec))
 
 
 def test_backpressure_bounds_packets_in_flight() -> None:
@@ -330,7 +331,7 @@ def test_reconnect_resumes_and_sends_each_packet_once(server: FakeServer, when: 
     assert [r.seq for r in results] == list(range(24))
     state = closed_session(server)
     assert state.events == len(rec)  # no packet applied twice, none skipped
-    np.testing.assert_allclose(results[-1].probs, offline_probs(rec))
+    assert_close(results[-1].probs, offline_probs(rec))
     lost = [r for r in results if r.lost]
     # Dropped after processing: the processed packet's answer is recovered with an empty
     # stand-in (the last of the processed prefix), so nothing is reported lost here.
@@ -353,7 +354,7 @@ def test_answers_lost_with_the_connection_are_flagged(server: FakeServer) -> Non
     assert results[2].probs is None and results[2].events == 90
     assert results[3].events == 120 and results[3].probs is not None
     assert closed_session(server).events == 300
-    np.testing.assert_allclose(results[-1].probs, offline_probs(rec))
+    assert_close(results[-1].probs, offline_probs(rec))
 
 
 def test_reconnect_gives_up_with_connection_lost() -> None:
@@ -459,7 +460,7 @@ def test_resume_token_reattaches_to_the_same_state(server: FakeServer) -> None:
 
     last = run(main())
     assert last.events == 300
-    np.testing.assert_allclose(last.probs, offline_probs(rec))
+    assert_close(last.probs, offline_probs(rec))
 
 
 def test_reset_starts_over(server: FakeServer) -> None:
@@ -474,7 +475,7 @@ def test_reset_starts_over(server: FakeServer) -> None:
 
     last = run(main())
     assert last.events == 100
-    np.testing.assert_allclose(last.probs, offline_probs(rec))
+    assert_close(last.probs, offline_probs(rec))
 
 
 def test_sync_session(server: FakeServer) -> None:
@@ -489,7 +490,7 @@ def test_sync_session(server: FakeServer) -> None:
         assert empty.seq == seq and empty.events == 300
         assert s.poll() == []
     assert [r.seq for r in results] == list(range(10))
-    np.testing.assert_allclose(results[-1].probs, offline_probs(rec))
+    assert_close(results[-1].probs, offline_probs(rec))
 
 
 def test_sync_session_typed_error(server: FakeServer) -> None:
@@ -519,7 +520,7 @@ def test_stream_command_json(server: FakeServer, tmp_path: Any, capsys: Any) -> 
     out = json.loads(capsys.readouterr().out)
     probs = offline_probs(rec)
     assert out["events"] == 400 and out["packets"] == 8
-    np.testing.assert_allclose(out["probs"], probs)
+    assert_close(out["probs"], probs)
     assert out["prediction"] == CLASSES[int(np.argmax(probs))]
     assert out["label_name"] == "c" and out["correct"] == (int(np.argmax(probs)) == 2)
     assert out["latency_ms"]["p50"] > 0
@@ -643,7 +644,7 @@ def test_restore_from_an_older_snapshot_replays_what_it_lacks() -> None:
         state = closed_session(srv, "s0")
     assert [r.seq for r in results] == list(range(40)) and not any(r.lost for r in results)
     assert state.events == 1000  # no event applied twice onto the restored state, none skipped
-    np.testing.assert_allclose(results[-1].probs, offline_probs(rec))
+    assert_close(results[-1].probs, offline_probs(rec))
     (resume,) = session.resumes
     assert resume.restored and resume.events == 12 * 25 and not resume.new_session
     # Packets 13 and 14 were processed; whether their answers arrived before the connection died
@@ -665,7 +666,7 @@ def test_replay_merges_answered_packets() -> None:
         srv.drops = {19: "restart"}  # snapshot at 10 packets; 8 answered after it, then the drop
         results = run(main())
         sizes = srv.packet_sizes
-    np.testing.assert_allclose(results[-1].probs, offline_probs(rec))
+    assert_close(results[-1].probs, offline_probs(rec))
     # After 19 packets of 20: the replay of packets 11..18 (160 events) as two packets of 80.
     assert sizes[:19] == [20] * 19 and sizes[19:21] == [80, 80] and set(sizes[21:]) == {20}
 
@@ -688,7 +689,7 @@ def test_reset_not_covered_by_a_snapshot_is_replayed_from_its_start() -> None:
         results, session = run(main())
         state = closed_session(srv, "s0")
     assert srv.restored == 1 and state.events == 300
-    np.testing.assert_allclose(results[-1].probs, offline_probs(second))
+    assert_close(results[-1].probs, offline_probs(second))
     (resume,) = session.resumes
     assert resume.restored and resume.events == 200  # the old stream's snapshot came back
     assert resume.replayed == 60  # the new stream's 3 answered packets, from its start
@@ -706,7 +707,7 @@ def test_session_gone_before_its_first_snapshot_is_replayed_into_a_new_one() -> 
         results, session = run(main())
         state = closed_session(srv, "s1")
     assert state.events == 400
-    np.testing.assert_allclose(results[-1].probs, offline_probs(rec))
+    assert_close(results[-1].probs, offline_probs(rec))
     (resume,) = session.resumes
     assert resume.new_session and resume.events == 0 and resume.replayed == 200
     assert session.session_id == "s1"
@@ -757,7 +758,7 @@ def test_packets_refused_while_draining_are_sent_again() -> None:
         results, session = run(main())
         state = closed_session(srv)
     assert [r.seq for r in results] == list(range(20)) and state.events == 500
-    np.testing.assert_allclose(results[-1].probs, offline_probs(rec))
+    assert_close(results[-1].probs, offline_probs(rec))
     (resume,) = session.resumes
     assert resume.restored and resume.events == 200 and resume.replayed == 0 and resume.resent >= 2
 
@@ -779,7 +780,7 @@ def test_stream_command_shows_where_it_resumed(tmp_path: Any, capsys: Any) -> No
         assert main(["stream", str(path), "--url", srv.url, "--fast", "--packet-events", "50",
                      "--max-in-flight", "1"]) == 0
         text = capsys.readouterr().out
-    np.testing.assert_allclose(out["probs"], offline_probs(rec))
+    assert_close(out["probs"], offline_probs(rec))
     assert out["reconnects"] == 1
     (resume,) = out["resumes"]
     assert resume == {"events": 400, "restored": True, "new_session": False, "replayed": 50,

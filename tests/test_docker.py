@@ -37,6 +37,7 @@ from evssm.client import StreamSession, open_source, packetize, save_events
 from evssm.client.http_api import classify
 from evssm.client.sources import SimulatedSensor
 from evssm.models.events import SensorSpec
+from numeric import assert_close
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(2400)]
 
@@ -187,7 +188,7 @@ def test_streaming_a_recording_equals_classify(container: Container, tmp_path: P
             session.send(packet)
         results = session.drain(timeout=120)
     assert results[-1].events == len(rec) == offline.events
-    np.testing.assert_allclose(results[-1].probs, offline.probs, rtol=1e-3, atol=2e-6)
+    assert_close(results[-1].probs, offline.probs, rtol=1e-3, atol=2e-6)
     assert results[-1].label == offline.label
 
 

@@ -36,6 +36,7 @@ from evssm.server.settings import Settings
 from evssm.server.snapshots import DiskStore, decode, token_key
 
 from conftest import free_port, redis_server, wait_ready
+from numeric import assert_close
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -135,12 +136,12 @@ def test_snapshots_taken_under_load_are_states_of_their_streams(start, tiny_mode
                                                    gaps[None, :events], np.array([events], np.int32))
             np.testing.assert_array_equal(snap.row, np.asarray(state)[0])
             if snap.probs is not None:
-                np.testing.assert_allclose(snap.probs, softmax(np.asarray(logits))[0], rtol=RTOL, atol=ATOL)
+                assert_close(snap.probs, softmax(np.asarray(logits))[0], rtol=RTOL, atol=ATOL)
             # Continuing from the row ends where the whole recording ends.
             rest = len(rec) - events
             _, logits, _ = tiny_model.step(snap.row[None], tokens[None, events:], gaps[None, events:],
                                            np.array([rest], np.int32))
-            np.testing.assert_allclose(softmax(np.asarray(logits))[0], expected, rtol=RTOL, atol=ATOL)
+            assert_close(softmax(np.asarray(logits))[0], expected, rtol=RTOL, atol=ATOL)
             checked += 1
     assert checked >= 10
     # Every session was closed: its snapshot is gone and its token resumes nothing.
@@ -260,7 +261,7 @@ def test_a_store_that_cannot_be_reached_costs_durability_only(start, tmp_path: P
 
     results = asyncio.run(main())
     assert results[-1].durable == 0 and results[-1].events == len(rec)
-    np.testing.assert_allclose(results[-1].probs, classify(server.http, [rec])[0].probs, rtol=RTOL, atol=ATOL)
+    assert_close(results[-1].probs, classify(server.http, [rec])[0].probs, rtol=RTOL, atol=ATOL)
 
     async def resume_unknown() -> None:
         s = AsyncStreamSession(server.ws, resume="a-token-this-server-never-saw", reconnect=False)
@@ -353,7 +354,7 @@ def test_a_declared_sensor_and_its_crop_survive_a_restore(start, tmp_path: Path)
 
     last = asyncio.run(part_two())
     assert last.events + last.cropped == n
-    np.testing.assert_allclose(last.probs, want.probs, rtol=RTOL, atol=ATOL)
+    assert_close(last.probs, want.probs, rtol=RTOL, atol=ATOL)
 
 
 KEY_A = "alpha-" + "a1" * 12
@@ -436,7 +437,9 @@ def test_frames_sent_right_behind_a_restore_apply_after_it(start, tiny_model, tm
     nothing after start-up."""
     from evssm.models.streaming import StreamingModel
 
-    first = start(state_dir=str(tmp_path / "a"))
+    # Snapshots expire after the idle timeout: the restoring server (XLA's step compiles for
+    # minutes on a loaded 2-core machine) must find the record still alive.
+    first = start(state_dir=str(tmp_path / "a"), session_idle_timeout=900.0)
     rec = sim(21, 0.3)
     half = len(rec) // 2
 
@@ -455,7 +458,7 @@ def test_frames_sent_right_behind_a_restore_apply_after_it(start, tiny_model, tm
         db.execute(f"VACUUM INTO '{tmp_path / 'b' / DiskStore.FILE}'")
     model = tiny_model if backend == "native" else StreamingModel(tiny_model.config, tiny_model.variables,
                                                                   backend="xla")
-    second = start(model, state_dir=str(tmp_path / "b"))
+    second = start(model, state_dir=str(tmp_path / "b"), session_idle_timeout=900.0)
     compiled = httpx.get(f"{second.http}/readyz").json()["compilations"]["small"]
     tail = rec.slice(half, len(rec))
     want_all, want_tail = classify(second.http, [rec, tail])
@@ -474,8 +477,8 @@ def test_frames_sent_right_behind_a_restore_apply_after_it(start, tiny_model, tm
     assert [r["type"] for r in replies] == ["opened", "result", "reset_done", "result", "result"], replies
     assert replies[0]["restored"] and replies[0]["events"] == half
     assert replies[1]["events"] == len(rec)
-    np.testing.assert_allclose(replies[1]["probs"], want_all.probs, rtol=RTOL, atol=ATOL)
+    assert_close(replies[1]["probs"], want_all.probs, rtol=RTOL, atol=ATOL)
     assert replies[3]["events"] == 0 and replies[3]["probs"] is None and replies[3]["durable"] == 0
     assert replies[4]["events"] == len(tail)
-    np.testing.assert_allclose(replies[4]["probs"], want_tail.probs, rtol=RTOL, atol=ATOL)
+    assert_close(replies[4]["probs"], want_tail.probs, rtol=RTOL, atol=ATOL)
     assert httpx.get(f"{second.http}/readyz").json()["compilations"]["small"] == compiled

@@ -24,6 +24,7 @@ from evssm.models.config import ModelConfig, load_model_config
 from evssm.models.streaming import StreamingModel, init_variables
 
 from test_streaming_invariant import SMALL, VARIANTS, perturbed_model
+from numeric import assert_close
 
 try:
     native.load_library()
@@ -60,13 +61,13 @@ def assert_states_close(model: StreamingModel, a, b) -> None:
     np.testing.assert_array_equal(a[:, words:], b[:, words:])
     fa, fb = a[:, :words].view(np.float32), b[:, :words].view(np.float32)
     scale = max(1.0, float(np.abs(fb).max()))
-    np.testing.assert_allclose(fa, fb, rtol=1e-4, atol=1e-4 * scale)
+    assert_close(fa, fb, rtol=1e-4, atol=1e-4 * scale)
 
 
 def assert_logits_close(a, b, ready) -> None:
     a, b = np.asarray(a)[ready], np.asarray(b)[ready]
     scale = max(1.0, float(np.abs(b).max())) if b.size else 1.0
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * scale)
+    assert_close(a, b, rtol=1e-4, atol=1e-4 * scale)
 
 
 CASES = {**VARIANTS, "stride1-first-layer": dict(SMALL, pooling_stride=1, num_stages=1),

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from conftest import shared_path, wait_ready
+from numeric import assert_close
 
 FIXTURES = {"shd": ("shd", 1e-5), "ssc": ("ssc", 1e-5), "dvs-mini": ("dvs-gesture", 1e-4)}
 BACKENDS = ("native", "xla")
@@ -131,13 +132,13 @@ def test_logits_match_the_reference_offline_and_streamed(name: str, models) -> N
     config = pair["xla"].config
     recordings, want = reference(name, config.sensor)
     tol = FIXTURES[name][1]
-    np.testing.assert_allclose(offline_logits(pair["xla"], recordings), want, rtol=0, atol=tol)
+    assert_close(offline_logits(pair["xla"], recordings), want, rtol=0, atol=tol)
     inputs = [recording_inputs(config.sensor, r) for r in recordings]
     rng = np.random.default_rng(14)
     for backend, model in pair.items():
         for i, (t, g) in enumerate(inputs):
             got = streamed_logits(model, t, g, packet_sizes(rng, len(t)))
-            np.testing.assert_allclose(got, want[i], rtol=0, atol=tol,
+            assert_close(got, want[i], rtol=0, atol=tol,
                                        err_msg=f"{name} recording {i}, {backend} step")
 
 
@@ -210,8 +211,8 @@ def test_server_classify_and_stream_match_the_reference(name: str, models, serve
 
     def check(probs: list[float], i: int, how: str) -> None:
         probs_a = np.asarray(probs, np.float64)
-        np.testing.assert_allclose(probs_a, want_probs[i], rtol=0, atol=tol, err_msg=how)
-        np.testing.assert_allclose(centred(np.log(probs_a)), centred(want[i].astype(np.float64)),
+        assert_close(probs_a, want_probs[i], rtol=0, atol=tol, err_msg=how)
+        assert_close(centred(np.log(probs_a)), centred(want[i].astype(np.float64)),
                                    rtol=0, atol=tol, err_msg=how)
 
     async def stream(model_name: str, rng: np.random.Generator) -> list[list[float]]:

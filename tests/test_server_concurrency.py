@@ -21,6 +21,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from conftest import free_port, stop_process, wait_process_ready
+from numeric import assert_close, assert_finite
 
 W = H = 34  # both models read the default model's 34x34 sensor
 MODELS = ("default", "other")  # the shipped model, and the same architecture at random init
@@ -122,14 +123,14 @@ def test_two_models_with_long_classifies_give_exact_answers(tmp_path) -> None:
         for m in MODELS:
             alone = classify(base, m, streamed[m])
             for got, want in zip(got_stream[m], alone):
-                np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-6)
+                assert_close(got, want, rtol=1e-3, atol=2e-6)
             alone_long = classify(base, m, long[m])
             for name, probs in got_classify:
                 if name == m:
                     np.testing.assert_array_equal(probs, alone_long)
         # The two models really differ (a mix-up between them would show).
-        assert not np.allclose(classify(base, MODELS[0], long[MODELS[0]]),
-                               classify(base, MODELS[1], long[MODELS[0]]), atol=1e-3)
+        assert not np.allclose(assert_finite(classify(base, MODELS[0], long[MODELS[0]])),
+                               assert_finite(classify(base, MODELS[1], long[MODELS[0]])), atol=1e-3)
         assert httpx.get(f"{base}/healthz").status_code == 200
     finally:
         stop_process(proc, 60)

@@ -17,6 +17,7 @@ from websockets.asyncio.client import connect
 from evssm.server.app import create_app
 from evssm.server.protocol import RECORD_DTYPE
 from evssm.server.settings import Settings
+from numeric import assert_close
 
 from conftest import wait_ready
 
@@ -90,5 +91,5 @@ def test_default_model_streams_2d_events_like_classify(serve):
     lone = asyncio.run(session(recs[0]))  # batch bucket 1
     finals = asyncio.run(together())  # batch bucket 4
     for got, want in zip([lone] + finals, [expected[0]] + expected):
-        np.testing.assert_allclose(got["probs"], want["probs"], rtol=1e-3, atol=2e-6)
+        assert_close(got["probs"], want["probs"], rtol=1e-3, atol=2e-6)
         assert got["top"][0][0] == want["label"] and len(got["top"]) == 1

@@ -34,6 +34,7 @@ from evssm.server.app import create_app
 from evssm.server.cli import uvicorn_options
 from evssm.server.protocol import RECORD_DTYPE, Code
 from evssm.server.settings import Settings
+from numeric import assert_close
 
 CHANNELS = 700
 MAX_PACKET = 512
@@ -403,7 +404,7 @@ class StreamMachine(RuleBasedStateMachine):
         want = r.json()["results"][0]["probs"]
         assert (want is None) == (self.last_probs is None)
         if want is not None:
-            np.testing.assert_allclose(self.last_probs, want, rtol=1e-3, atol=2e-6)
+            assert_close(self.last_probs, want, rtol=1e-3, atol=2e-6)
 
     def teardown(self) -> None:
         try:

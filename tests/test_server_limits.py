@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 from conftest import free_port, stop_process, wait_process_ready
+from numeric import assert_close
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from /proc")
 
@@ -250,7 +251,7 @@ def test_a_big_json_classify_does_not_stall_other_requests(server):
         headers={"content-type": "application/json"}).json()["results"]
     assert len(worker) == 40
     for w in worker:
-        np.testing.assert_allclose(w["probs"], head["probs"], rtol=1e-4, atol=1e-6)
+        assert_close(w["probs"], head["probs"], rtol=1e-4, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

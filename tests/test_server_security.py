@@ -20,6 +20,7 @@ import websockets
 from websockets.asyncio.client import connect
 
 from test_server_limits import SERVE, Server, evssm_serve
+from numeric import assert_close
 
 KEY_A = "alpha-" + "a1" * 12
 KEY_B = "beta-" + "b2" * 12
@@ -324,7 +325,7 @@ def test_the_client_library_sends_the_key(keyed, monkeypatch):
     with pytest.raises(Unauthorized):
         asyncio.run(run())
     streamed = asyncio.run(run(api_key=KEY_B))
-    np.testing.assert_allclose(streamed.probs, offline.probs, rtol=1e-4, atol=1e-6)
+    assert_close(streamed.probs, offline.probs, rtol=1e-4, atol=1e-6)
     monkeypatch.setenv("EVSSM_API_KEY", KEY_A)  # the variable is the default
     assert [m.name for m in list_models(keyed.http)] == ["tiny", "mnist"]
     assert asyncio.run(run()).events == 64

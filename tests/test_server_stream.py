@@ -23,6 +23,7 @@ from websockets.asyncio.client import connect
 from evssm.server.app import create_app
 from evssm.server.protocol import RECORD_DTYPE
 from evssm.server.settings import Settings
+from numeric import assert_close
 
 from conftest import wait_ready
 
@@ -112,7 +113,7 @@ def classify(base: str, streams: list[tuple[np.ndarray, np.ndarray]], **body: An
 def assert_probs_equal(a: list[float] | None, b: list[float] | None) -> None:
     assert (a is None) == (b is None), (a, b)
     if a is not None:
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=2e-6)
+        assert_close(np.asarray(a), np.asarray(b), rtol=1e-3, atol=2e-6)
 
 
 def metric_value(text: str, name: str) -> float:
@@ -209,7 +210,7 @@ def test_classify_msgpack_long_recordings_and_order(server):
 
     for i in (0, 4):
         assert_probs_equal(asyncio.run(stream(*streams[i]))["probs"], got[i]["probs"])
-        np.testing.assert_allclose(sum(got[i]["probs"]), 1.0, rtol=1e-5)
+        assert_close(sum(got[i]["probs"]), 1.0, rtol=1e-5)
 
 
 def test_classify_is_busy_until_its_shapes_compile_while_streams_are_served(server):

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from evssm.models import pooling, ssm
 from evssm.models.ssm import cexp, discretize, window_states
 from evssm.models.ssm_init import hippo_legs, hippo_n_init
+from numeric import assert_close
 
 
 def test_hippo_legs_matrix_entries() -> None:
@@ -31,19 +32,19 @@ def test_hippo_n_eigenvalues_match_numpy_eig(b: int) -> None:
     lre, lim, v = hippo_n_init(b, b, conj_sym=False)
     got = lre + 1j * lim
     by_imag = lambda z: z[np.argsort(z.imag)]  # noqa: E731  (real parts are all -1/2)
-    np.testing.assert_allclose(by_imag(got), by_imag(want), atol=1e-8)
-    np.testing.assert_allclose(lre, -0.5)
+    assert_close(by_imag(got), by_imag(want), atol=1e-8)
+    assert_close(lre, -0.5)
     # V diagonalises S and is unitary.
-    np.testing.assert_allclose(v @ np.diag(got) @ v.conj().T, s, atol=1e-8)
-    np.testing.assert_allclose(v.conj().T @ v, np.eye(b), atol=1e-10)
+    assert_close(v @ np.diag(got) @ v.conj().T, s, atol=1e-8)
+    assert_close(v.conj().T @ v, np.eye(b), atol=1e-10)
 
 
 def test_block_diagonal_and_conj_sym() -> None:
     lre, lim, v = hippo_n_init(32, 8, conj_sym=True)
     assert lre.shape == lim.shape == (16,) and v.shape == (32, 16)
     block = hippo_n_init(8, 8, conj_sym=False)
-    np.testing.assert_allclose(lim[:4], block[1][:4])
-    np.testing.assert_allclose(lim[4:8], block[1][:4])  # repeated per block
+    assert_close(lim[:4], block[1][:4])
+    assert_close(lim[4:8], block[1][:4])  # repeated per block
     assert np.all(v[8:, :4] == 0) and np.all(v[:8, 4:] == 0)
 
 
@@ -58,8 +59,8 @@ def test_discretisation_formulas(mode: str) -> None:
     want_bar = np.exp(lam[None] * delta[None] * dt[:, None])
     want_gain = {"zoh": (want_bar - 1) / lam, "dirac": np.ones(6),
                  "async": (np.exp(lam * delta) - 1) / lam}[mode]
-    np.testing.assert_allclose(np.asarray(bar), want_bar, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.broadcast_to(np.asarray(gain), np.shape(want_gain)), want_gain,
+    assert_close(np.asarray(bar), want_bar, rtol=1e-5, atol=1e-6)
+    assert_close(np.broadcast_to(np.asarray(gain), np.shape(want_gain)), want_gain,
                                rtol=1e-5, atol=1e-6)
 
 
@@ -68,8 +69,8 @@ def test_real_arithmetic_complex_exp_equals_exp() -> None:
     rng = np.random.default_rng(1)
     z = (-rng.uniform(0, 20, 1000) + 1j * rng.uniform(-300, 300, 1000)).astype(np.complex64)
     got = np.asarray(cexp(jnp.asarray(z)))
-    np.testing.assert_allclose(got, np.exp(z.astype(np.complex128)), rtol=2e-6, atol=1e-6)
-    np.testing.assert_allclose(got, np.asarray(jnp.exp(jnp.asarray(z))), rtol=2e-6, atol=1e-6)
+    assert_close(got, np.exp(z.astype(np.complex128)), rtol=2e-6, atol=1e-6)
+    assert_close(got, np.asarray(jnp.exp(jnp.asarray(z))), rtol=2e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("short", [True, False])
@@ -97,7 +98,7 @@ def test_window_states_equal_the_sequential_recurrence(stride: int, off: int, sh
     for i in range(n):
         s = np.exp(step * times[i]) * s + b[i]
         seq.append(s.copy())
-    np.testing.assert_allclose(np.asarray(new_last[0]), seq[-1], rtol=1e-4, atol=1e-4)
+    assert_close(np.asarray(new_last[0]), seq[-1], rtol=1e-4, atol=1e-4)
     # Window w starts at packet event w*stride - off (window 0 earlier when off > 0).
     for w in range(states.shape[1]):
         first = w * stride - off
@@ -107,10 +108,10 @@ def test_window_states_equal_the_sequential_recurrence(stride: int, off: int, sh
             want = seq[first]
         else:
             continue
-        np.testing.assert_allclose(np.asarray(states[0, w]), want, rtol=1e-4, atol=1e-4)
+        assert_close(np.asarray(states[0, w]), want, rtol=1e-4, atol=1e-4)
     nxt = ((off + n) // stride) * stride - off
     if 0 <= nxt < n:
-        np.testing.assert_allclose(np.asarray(new_first[0]), seq[nxt], rtol=1e-4, atol=1e-4)
+        assert_close(np.asarray(new_first[0]), seq[nxt], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("stride", [3, 4])
@@ -131,9 +132,9 @@ def test_pool_windows_paths_agree(stride: int, monkeypatch: pytest.MonkeyPatch) 
     complete = (off + n) // stride
     for b in range(batch):
         k = int(complete[b])
-        np.testing.assert_allclose(np.asarray(short[0][b, :k]), np.asarray(long[0][b, :k]),
+        assert_close(np.asarray(short[0][b, :k]), np.asarray(long[0][b, :k]),
                                    rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(np.asarray(short[1][b, :k]), np.asarray(long[1][b, :k]),
+        assert_close(np.asarray(short[1][b, :k]), np.asarray(long[1][b, :k]),
                                    rtol=1e-5, atol=1e-6)
     for a, b in zip(jax.tree.leaves(short[2]), jax.tree.leaves(long[2])):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+        assert_close(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -17,6 +17,7 @@ import pytest
 from evssm.models.config import load_model_config
 from evssm.models.model import state_spec
 from evssm.models.streaming import StreamingModel, init_variables
+from numeric import assert_close
 
 PACKET_BUCKET = 64
 
@@ -80,7 +81,7 @@ def stream_and_compare(model: StreamingModel, tokens: np.ndarray, gaps: np.ndarr
     np.testing.assert_array_equal(off_ready, expected_ready)
     for i in np.flatnonzero(off_ready):
         scale = max(1.0, float(np.abs(off_logits[i]).max()))
-        np.testing.assert_allclose(stream_logits[i], off_logits[i], rtol=1e-4, atol=1e-4 * scale,
+        assert_close(stream_logits[i], off_logits[i], rtol=1e-4, atol=1e-4 * scale,
                                    err_msg=f"prefix {prefixes[i]} of packet sizes {sizes}")
     return int(off_ready.sum())
 
@@ -158,7 +159,7 @@ def test_long_stream_stays_equal() -> None:
         state, logits, _ = model.step(state, tok, gap, np.array([size], np.int32))
     offline, ready = model.classify(tokens[None], gaps[None], np.array([n], np.int32))
     assert bool(ready[0])
-    np.testing.assert_allclose(np.asarray(logits), np.asarray(offline), rtol=1e-4, atol=1e-4)
+    assert_close(np.asarray(logits), np.asarray(offline), rtol=1e-4, atol=1e-4)
 
 
 def test_batched_sessions_equal_each_alone() -> None:
@@ -187,7 +188,7 @@ def test_batched_sessions_equal_each_alone() -> None:
             alone[i], one_logits, one_ready = model.step(alone[i], tok[i:i + 1], gap[i:i + 1],
                                                          lengths[i:i + 1])
             assert bool(one_ready[0]) == bool(ready[i])
-            np.testing.assert_allclose(np.asarray(logits[i]), np.asarray(one_logits[0]),
+            assert_close(np.asarray(logits[i]), np.asarray(one_logits[0]),
                                        rtol=1e-5, atol=1e-5)
             pos[i] += int(lengths[i])
     # Zeroing a slot gives a fresh session; the others are untouched.
@@ -217,7 +218,7 @@ def test_padding_never_changes_a_result() -> None:
         logits, ready = model.classify(tok, gap, np.array([100], np.int32))
         results.append(np.asarray(logits))
     for r in results[1:]:
-        np.testing.assert_allclose(r, results[0], rtol=1e-6, atol=1e-6)
+        assert_close(r, results[0], rtol=1e-6, atol=1e-6)
 
 
 def test_tabulated_first_layer_equals_direct() -> None:
@@ -230,7 +231,7 @@ def test_tabulated_first_layer_equals_direct() -> None:
     direct = model.module.apply(model.variables, tokens[None], gaps[None], np.array([150]), state)
     tabulated = model.module.apply(model.variables, tokens[None], gaps[None], np.array([150]),
                                    state, tables=model.tables)
-    np.testing.assert_allclose(np.asarray(direct[0]), np.asarray(tabulated[0]), rtol=1e-5,
+    assert_close(np.asarray(direct[0]), np.asarray(tabulated[0]), rtol=1e-5,
                                atol=1e-5)
 
 
@@ -281,7 +282,7 @@ def test_lookahead_pairs_each_token_with_the_next_gap() -> None:
     got, ready = ahead.classify(tokens[None], gaps[None], np.array([150], np.int32))
     want, _ = plain.classify(tokens[None, :-1], gaps[None, 1:], np.array([149], np.int32))
     assert bool(ready[0])
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    assert_close(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
 
 
 def test_lookahead_holds_the_last_token_in_the_state() -> None:
@@ -318,7 +319,7 @@ def test_total_time_divisor_is_the_streams_total_time() -> None:
     sum_w = float(np.asarray(total.unpack_state(state)["head"]["sum_w"])[0])
     t_total = float(gaps.astype(np.float64).sum() * 1e-3)
     bias = np.asarray(total.variables["params"]["head"]["bias"])
-    np.testing.assert_allclose(np.asarray(got)[0] - bias,
+    assert_close(np.asarray(got)[0] - bias,
                                (np.asarray(base)[0] - bias) * sum_w / t_total, rtol=1e-4,
                                atol=1e-5)
     assert abs(sum_w / t_total - 1) > 1e-3  # the trailing events make a difference here

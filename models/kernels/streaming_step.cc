@@ -45,14 +45,14 @@ enum Header {
   H_VERSION, H_LAYERS, H_WORDS, H_PRENORM, H_NORM, H_POOL, H_HEAD, H_CLASSES, H_WIDTH,
   H_HEAD_W, H_HEAD_B, H_SUM_Z, H_SUM_W, H_LAST_Z, H_COUNT, H_ZOH, H_VOCAB, H_DECAY_SIZE,
   H_TABLE_BU, H_TABLE_POOL, H_TABLE_DECAY, H_CONSTS, H_GELU, H_HELD, H_HEAD_SUM_DT,
-  H_FIELDS = 32
+  H_SUM_Z_C, H_SUM_W_C, H_HEAD_SUM_DT_C, H_FIELDS = 32
 };
 enum Layer {
   L_DIN, L_DOUT, L_P, L_STRIDE, L_S_LAST, L_S_FIRST, L_SUM_WX, L_SUM_W, L_SUM_DT, L_COUNT,
   L_NORM_A, L_NORM_B, L_B, L_STEP, L_INV_LAMBDA, L_C, L_D, L_D_MATRIX, L_GATE_W, L_GATE_B,
   L_SKIP_W, L_SKIP_B, L_DPOOL, L_FIELDS = 24
 };
-constexpr int kVersion = 2;
+constexpr int kVersion = 3;
 enum PoolMode { POOL_FIRST = 0, POOL_AVG = 1, POOL_TIME = 2 };
 enum HeadMode { HEAD_POOL = 0, HEAD_TIME = 1, HEAD_LAST = 2 };
 enum Gelu { GELU_ERF = 0, GELU_TANH = 1 };
@@ -577,8 +577,14 @@ void layer_output(const Net& net, const int32_t* lay, int rows, const float* ws,
          net.at(lay[L_GATE_B]), false);
   float* x = sc.x_next.data();
   const float* g = sc.g.data();
+  // sigmoid(g) = 1 / (1 + e^-g) for g >= 0, e^g / (1 + e^g) below, with e = exp(-|g|) in
+  // (0, 1]: no infinity at any g. (1 + exp(-g) overflows for g < -88, and -ffast-math turns
+  // y / inf into y * rcp(inf) refined by Newton's step, 0 * inf = NaN.)
 #pragma omp simd
-  for (size_t i = 0; i < n; ++i) x[i] = y[i] / (1.f + std::exp(-g[i]));
+  for (size_t i = 0; i < n; ++i) {
+    const float e = std::exp(-std::fabs(g[i]));
+    x[i] = y[i] * ((g[i] >= 0.f ? 1.f : e) / (1.f + e));
+  }
   // residual
   if (lay[L_SKIP_W] >= 0) {
     matmul(skip, lds, rows, d_in, net.at(lay[L_SKIP_W]), d_out, x, d_out, nullptr, true);
@@ -703,7 +709,18 @@ void deeper_layer(const Net& net, int index, int batch, float* const* state, Scr
   sc.x.swap(sc.x_next);
 }
 
-// The head's running pool over the final-rate rows, then the logits of every session.
+// total += inc with Kahan's compensation comp (model.py::kahan_add, the same arithmetic):
+// y = inc - comp; t = total + y; comp = (t - total) - y; total = t. The barriers keep
+// -ffast-math from reassociating (t - total) - y into 0.
+inline void kahan_add(float& total, float& comp, float inc) {
+  const float y = inc - comp;
+  const float t = __builtin_assoc_barrier(total + y);
+  comp = __builtin_assoc_barrier(t - total) - y;
+  total = t;
+}
+
+// The head's running pool over the final-rate rows, then the logits of every session. As in
+// XLA's step, a packet's rows are summed first and added to the running sums once, compensated.
 void head(const Net& net, int batch, float* const* state, float* logits, int32_t* ready,
           Scratch& sc, bool have_rows) {
   const int32_t* plan = net.plan;
@@ -716,18 +733,27 @@ void head(const Net& net, int batch, float* const* state, float* logits, int32_t
     float* row_f = state[b];
     int32_t* row_i = reinterpret_cast<int32_t*>(row_f);
     float* sum_z = row_f + plan[H_SUM_Z];
+    float* sum_z_c = row_f + plan[H_SUM_Z_C];
     float* sum_w = row_f + plan[H_SUM_W];
     float* last_z = row_f + plan[H_LAST_Z];
     int32_t* count = row_i + plan[H_COUNT];
     // With the total-time divisor: the completed final-rate windows' pooled time.
     float* sum_dt = plan[H_HEAD_SUM_DT] >= 0 ? row_f + plan[H_HEAD_SUM_DT] : nullptr;
     const int rows = have_rows ? sc.rows[b] : 0;
-    for (int r = at; r < at + rows; ++r) {
-      const float* z = sc.x.data() + (size_t)r * width;
-      const float wgt = mode == HEAD_TIME ? sc.dt_next[r] + eps : 1.f;
-      for (int j = 0; j < width; ++j) sum_z[j] += wgt * z[j];
-      *sum_w += wgt;
-      if (sum_dt) *sum_dt += sc.dt_next[r];
+    if (rows > 0) {
+      float* inc_z = pooled.data() + (size_t)b * width;  // this packet's sums (out comes later)
+      std::fill(inc_z, inc_z + width, 0.f);
+      float inc_w = 0.f, inc_dt = 0.f;
+      for (int r = at; r < at + rows; ++r) {
+        const float* z = sc.x.data() + (size_t)r * width;
+        const float wgt = mode == HEAD_TIME ? sc.dt_next[r] + eps : 1.f;
+        for (int j = 0; j < width; ++j) inc_z[j] += wgt * z[j];
+        inc_w += wgt;
+        inc_dt += sc.dt_next[r];
+      }
+      for (int j = 0; j < width; ++j) kahan_add(sum_z[j], sum_z_c[j], inc_z[j]);
+      kahan_add(*sum_w, row_f[plan[H_SUM_W_C]], inc_w);
+      if (sum_dt) kahan_add(*sum_dt, row_f[plan[H_HEAD_SUM_DT_C]], inc_dt);
     }
     if (rows > 0)
       std::memcpy(last_z, sc.x.data() + (size_t)(at + rows - 1) * width, sizeof(float) * width);
