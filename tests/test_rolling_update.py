@@ -29,6 +29,7 @@ from evssm.client.packets import Packet
 from evssm.models.events import Recording, SensorSpec
 
 from conftest import HAPROXY_RISE_S, free_port, haproxy_balancer, redis_server
+from numeric import assert_close
 from test_server_restart import ATOL, PATIENT, RTOL, Serve, metric
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -129,7 +130,7 @@ def test_rolling_restart_of_three_replicas_loses_no_session(
         assert last.events == run.sent, (run.key, last.events, run.sent)
         assert [r.seq for r in run.results] == list(range(len(run.results))), run.key
         assert last.probs is not None and np.all(np.isfinite(last.probs)) and np.all(np.isfinite(want))
-        np.testing.assert_allclose(last.probs, want, rtol=RTOL, atol=ATOL, err_msg=run.key)
+        assert_close(last.probs, want, rtol=RTOL, atol=ATOL, err_msg=run.key)
         assert run.session is not None
         resumes = run.session.resumes
         # Each replica was restarted, so every session was moved at least once: from the drain's

@@ -267,7 +267,7 @@ def kill_mid_stream(srv: Serve, cli: subprocess.Popen) -> None:
 def same_answer(got: dict[str, Any], want: dict[str, Any]) -> None:
     got_p, want_p = np.asarray(got["probs"], np.float64), np.asarray(want["probs"], np.float64)
     assert got_p.shape == want_p.shape and np.isfinite(got_p).all() and np.isfinite(want_p).all()
-    np.testing.assert_allclose(got_p, want_p, rtol=RTOL, atol=ATOL)
+    assert_close(got_p, want_p, rtol=RTOL, atol=ATOL)
     assert got["prediction"] == want["prediction"]
 
 

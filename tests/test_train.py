@@ -18,6 +18,8 @@ from evssm.models.config import load_model_config
 from evssm.models.streaming import StreamingModel, init_variables
 from evssm.models.train import EpochBar, load_task_config, train
 
+from numeric import assert_close
+
 TINY = ["task=event-mnist", "model.d_model=16", "model.d_state=16", "model.num_stages=1",
         "model.layers_per_stage=2", "model.pooling_stride=16", "train.batch_size=16",
         "train.pad_unit=1024", "train.max_events=2048", "train.eval_batch_size=32",
@@ -238,7 +240,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path: Path)
     for path, x in leaves_a:
         x, y = np.asarray(x), np.asarray(leaves_b[path])
         assert np.isfinite(x).all() and np.isfinite(y).all(), jax.tree_util.keystr(path)
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+        assert_close(x, y, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
         moved += not np.array_equal(y, np.asarray(init[path]))
     assert moved > 10  # the comparison is of trained parameters, not of two initialisations
     metrics_a, metrics_b = read_metrics(two), read_metrics(one)
