@@ -38,11 +38,13 @@ def edge(tmp_path_factory) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def opened_up(tmp_path_factory) -> Iterator[Server]:
-    """The opt-ins: compression, a trusted proxy on loopback; API keys and a debug log."""
+    """The opt-ins: compression, a trusted proxy on loopback; API keys, a debug log and the
+    access log (which names the forwarded address)."""
     tmp = tmp_path_factory.mktemp("opened-up")
     args = [a for a in SERVE if a not in ("--log-level", "warning")]
     with evssm_serve(tmp, *args, "--log-level", "debug", "--api-keys", str(key_file(tmp, KEY, LEAK)),
-                     "--ws-compression", "true", "--forwarded-allow-ips", "127.0.0.0/8", "--max-sessions", "40") as s:
+                     "--ws-compression", "true", "--forwarded-allow-ips", "127.0.0.0/8", "--max-sessions", "40",
+                     "--access-log") as s:
         yield s
 
 

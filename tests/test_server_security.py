@@ -36,7 +36,7 @@ def keyed(tmp_path_factory) -> Iterator[Server]:
     args = [a if a != "warning" else "info" for a in SERVE] + [
         "--model", "mnist=default", "--api-keys", str(keys), "--allowed-origins", "https://app.example",
         "--max-sessions", "8", "--max-sessions-per-client", "2", "--header-timeout", "1",
-        "--max-connections", "40"]
+        "--max-connections", "40", "--access-log"]  # the access log must not show keys either
     with evssm_serve(tmp, *args) as s:
         yield s
 
