@@ -26,7 +26,7 @@ from .errors import (
     UnknownModel,
 )
 from .http_api import Classification, aclassify, classify, list_models
-from .packets import Packet, Pacer, apaced, paced, packetize
+from .packets import Pacer, Packet, apaced, paced, packetize
 from .protocol import ModelInfo, Result, SessionInfo
 from .session import AsyncStreamSession, ConnectFailed, Resume, StreamSession
 from .sources import Sample, SimulatedSensor, open_source, save_events

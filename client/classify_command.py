@@ -15,7 +15,8 @@ import argparse
 import json
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .errors import ClientError, SourceError, error_line, exit_code
 from .http_api import Classification, classify, list_models

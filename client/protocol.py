@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import msgpack
@@ -103,7 +104,7 @@ class ModelInfo:
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> "ModelInfo":
+    def from_dict(cls, d: Mapping[str, Any] | None) -> ModelInfo:
         d = dict(d or {})
         sensor = d.get("sensor")
         try:
@@ -148,7 +149,7 @@ class SessionInfo:
     durable: int | None = None
 
     @classmethod
-    def from_message(cls, msg: Mapping[str, Any]) -> "SessionInfo":
+    def from_message(cls, msg: Mapping[str, Any]) -> SessionInfo:
         if msg.get("type") != "opened":
             raise ProtocolError(f"expected 'opened', got {msg.get('type')!r}")
         durable = msg.get("durable")
@@ -191,7 +192,7 @@ class Result:
         return self.top[0][0] if self.top else None
 
     @classmethod
-    def from_message(cls, msg: Mapping[str, Any], latency_s: float = 0.0) -> "Result":
+    def from_message(cls, msg: Mapping[str, Any], latency_s: float = 0.0) -> Result:
         try:
             top = [(entry[0], float(entry[1])) for entry in (msg.get("top") or [])]
             t = msg.get("t")

@@ -34,9 +34,9 @@ import asyncio
 import collections
 import threading
 import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import (Any, AsyncIterable, AsyncIterator, Callable, Coroutine, Iterable, Iterator,
-                    Mapping, TypeVar)
+from typing import Any, TypeVar
 
 import msgpack
 import numpy as np
@@ -60,8 +60,16 @@ from .errors import (
     server_error,
 )
 from .packets import Packet
-from .protocol import (Result, SessionInfo, auth_headers, decode_frame, encode_message, endpoint_url,
-                       event_columns, sensor_declaration)
+from .protocol import (
+    Result,
+    SessionInfo,
+    auth_headers,
+    decode_frame,
+    encode_message,
+    endpoint_url,
+    event_columns,
+    sensor_declaration,
+)
 
 T = TypeVar("T")
 
@@ -423,7 +431,7 @@ class AsyncStreamSession:
             self._failure = SessionClosed("the session is closed")
         self._notify()
 
-    async def __aenter__(self) -> "AsyncStreamSession":
+    async def __aenter__(self) -> AsyncStreamSession:
         await self.open()
         return self
 
@@ -992,7 +1000,7 @@ class StreamSession:
             self._loop = None
             self._thread = None
 
-    def __enter__(self) -> "StreamSession":
+    def __enter__(self) -> StreamSession:
         self.open()
         return self
 

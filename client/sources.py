@@ -36,14 +36,15 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
-from evssm.models.events import Recording, SensorSpec
 from evssm.models.dataset_facts import DVS_GESTURE_CLASSES, DVS_GESTURE_SIZE, SHD_CHANNELS
+from evssm.models.events import Recording, SensorSpec
 
 from .errors import SourceError
 

@@ -27,8 +27,8 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator
 
 import numpy as np
 
@@ -143,7 +143,7 @@ class UdpReceiver:
         while self._running:
             try:
                 batch = [self._recv(buf)]
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError:
                 return  # closed

@@ -12,7 +12,8 @@ import importlib
 import os
 import re
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 # (words, module, one-line help). Two-word commands ("bench model") come first so they match first.
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [

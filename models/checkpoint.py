@@ -86,7 +86,7 @@ def _served_checkpoint_types() -> tuple[type, type]:
     import orbax.checkpoint as ocp
 
     class ServedCheckpointHandler(ocp.CheckpointHandler):
-        def save(self, directory: Any, args: "ServedSave") -> None:
+        def save(self, directory: Any, args: ServedSave) -> None:
             path = Path(directory)
             with ocp.StandardCheckpointer(multiprocessing_options=this_process_only()) as arrays:
                 arrays.save(path / VARIABLES_DIR, args.tree)

@@ -67,15 +67,15 @@ class SensorSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SensorSpec":
+    def from_dict(cls, d: dict[str, Any]) -> SensorSpec:
         return cls(**{k: d[k] for k in ("kind", "channels", "width", "height") if k in d})
 
     @classmethod
-    def one_d(cls, channels: int) -> "SensorSpec":
+    def one_d(cls, channels: int) -> SensorSpec:
         return cls(kind="1d", channels=channels)
 
     @classmethod
-    def two_d(cls, width: int, height: int) -> "SensorSpec":
+    def two_d(cls, width: int, height: int) -> SensorSpec:
         return cls(kind="2d", width=width, height=height)
 
 
@@ -91,7 +91,7 @@ class Recording:
     def __len__(self) -> int:
         return int(self.t.shape[0])
 
-    def slice(self, start: int, stop: int) -> "Recording":
+    def slice(self, start: int, stop: int) -> Recording:
         cut = lambda a: None if a is None else a[start:stop]  # noqa: E731
         return Recording(self.t[start:stop], self.x[start:stop], cut(self.y), cut(self.p))
 

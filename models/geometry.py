@@ -39,8 +39,9 @@ Declarations arrive as plain data (the wire's ``sensor`` and ``transform`` maps)
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -78,7 +79,7 @@ class Transform:
             raise GeometryError(f"transform.scale must be one of {list(SCALES)}, got {self.scale!r}")
 
     @classmethod
-    def from_dict(cls, d: Any) -> "Transform":
+    def from_dict(cls, d: Any) -> Transform:
         """``{"crop": [x, y, w, h] | {"x", "y", "width", "height"}, "scale": "fit"|"stretch",
         "flip_x": bool, "flip_y": bool}``, every key optional (1-D crops: ``[x, w]``)."""
         if not isinstance(d, Mapping):
@@ -155,7 +156,7 @@ class Axis:
     offset: int
 
     @classmethod
-    def make(cls, lo: int, size: int, flip: bool, target: int, n: int, d: int) -> "Axis":
+    def make(cls, lo: int, size: int, flip: bool, target: int, n: int, d: int) -> Axis:
         """An axis of a crop of ``size`` onto ``target`` cells at scale ``n/d``, centred."""
         return cls(lo, size, flip, n, d, target * d - size * n)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -36,7 +36,7 @@ class Batch:
     def num_events(self) -> int:
         return int(self.lengths.sum())
 
-    def rows(self, index: slice) -> "Batch":
+    def rows(self, index: slice) -> Batch:
         """The batch of rows ``index`` (one process's share of a global batch)."""
         return Batch(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
 

@@ -26,8 +26,15 @@ import numpy as np
 
 from .config import DISCRETIZATIONS, GELUS, HEAD_DIVISORS, NORMS, ModelConfig
 from .model import EventSSM, InferenceTables
-from .native_build import (COMPILE_FLAGS, KERNEL_SOURCE, MODULE_NAME, NativeUnavailable,  # noqa: F401
-                           build_library, cache_dir, load_library)
+from .native_build import (  # noqa: F401
+    COMPILE_FLAGS,
+    KERNEL_SOURCE,
+    MODULE_NAME,
+    NativeUnavailable,
+    build_library,
+    cache_dir,
+    load_library,
+)
 from .pooling import TIMEPOOL_EPS
 from .ssm import input_gain
 

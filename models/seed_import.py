@@ -25,17 +25,17 @@ import argparse
 import hashlib
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import yaml
 
 from .config import ModelConfig
 from .data.base import make_recording
-from .dataset_facts import (DVS_GESTURE_CLASSES, DVS_GESTURE_SIZE, SHD_CHANNELS, SHD_CLASSES,
-                            SSC_CLASSES)
+from .dataset_facts import DVS_GESTURE_CLASSES, DVS_GESTURE_SIZE, SHD_CHANNELS, SHD_CLASSES, SSC_CLASSES
 from .events import Recording, SensorSpec
 
 

@@ -121,7 +121,7 @@ class DecayTable(NamedTuple):
     values: Array
 
     @classmethod
-    def build(cls, step: Array, scale: float, size: int) -> "DecayTable":
+    def build(cls, step: Array, scale: float, size: int) -> DecayTable:
         return cls(cexp(step * (jnp.arange(size, dtype=jnp.float32) * scale)[:, None]))
 
 

@@ -186,14 +186,14 @@ class StreamingModel:
     # --- constructors ------------------------------------------------------------------------
     @classmethod
     def from_config(cls, config: ModelConfig, seed: int = 0, *,
-                    backend: str | None = None) -> "StreamingModel":
+                    backend: str | None = None) -> StreamingModel:
         """A randomly initialised model (deterministic per ``seed``)."""
         return cls(config, init_variables(config, seed),
                    info={"source": f"random-init(seed={seed})", "trained": False},
                    backend=backend)
 
     @classmethod
-    def load(cls, directory: str | Path, *, backend: str | None = None) -> "StreamingModel":
+    def load(cls, directory: str | Path, *, backend: str | None = None) -> StreamingModel:
         """Load a checkpoint directory written by the trainer."""
         from .checkpoint import load_checkpoint
 

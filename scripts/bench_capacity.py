@@ -31,8 +31,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
-
-from bench_durability import Process, metrics, packet, redis, redis_command, serve
+from bench_durability import metrics, packet, redis, redis_command, serve
 from benchtools import free_port, wait_ready
 
 # model name -> `--model` value: the default model (event-mnist) and the DVS-sized one.

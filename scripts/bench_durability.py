@@ -36,7 +36,6 @@ from typing import Any
 
 import msgpack
 import numpy as np
-
 from benchtools import free_port, wait_ready
 
 EVSSM = [sys.executable, "-m", "evssm.cli"]

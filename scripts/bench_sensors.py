@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from benchtools import free_port, wait_ready
 
 EVSSM = [sys.executable, "-m", "evssm.cli"]

@@ -39,7 +39,6 @@ from typing import Any
 
 import msgpack
 import numpy as np
-
 from benchtools import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]

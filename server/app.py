@@ -11,10 +11,11 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
+from collections.abc import AsyncIterator, Coroutine, Generator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from collections import deque
-from typing import TYPE_CHECKING, Any, AsyncIterator, Coroutine, Generator
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import numpy as np
@@ -26,16 +27,34 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from evssm.models.wire import class_order
 
-from .engine import Engine
-from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .metrics import HISTORY_INTERVAL_S, Metrics
 from .decoding import Decoders
 from .durability import SnapshotIncompatible
+from .engine import Engine
 from .limits import BodyTimeout, BodyTooLarge, ClientDisconnect, Gate, read_body
-from .protocol import (CLOSE_POLICY_VIOLATION, CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER, MSGPACK,
-                       MSGPACK_TYPES, ClassifyLimits, Code, ProtocolError, adapt, cap_message, decode_events,
-                       decode_frame, encode_frame, error_frame, frame_type, parse_geometry, parse_open,
-                       parse_seq, prepare, shorten)
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import HISTORY_INTERVAL_S, Metrics
+from .protocol import (
+    CLOSE_POLICY_VIOLATION,
+    CLOSE_SERVICE_RESTART,
+    CLOSE_TRY_AGAIN_LATER,
+    MSGPACK,
+    MSGPACK_TYPES,
+    ClassifyLimits,
+    Code,
+    ProtocolError,
+    adapt,
+    cap_message,
+    decode_events,
+    decode_frame,
+    encode_frame,
+    error_frame,
+    frame_type,
+    parse_geometry,
+    parse_open,
+    parse_seq,
+    prepare,
+    shorten,
+)
 from .security import Access, AuthMiddleware
 from .sessions import ClientFull, Close, Item, Packet, Reset, ServerFull, Session
 from .settings import Settings
@@ -137,7 +156,7 @@ class _Reply:
 
     __slots__ = ("conn", "binary", "data", "close")
 
-    def __init__(self, conn: "Connection", binary: bool):
+    def __init__(self, conn: Connection, binary: bool):
         self.conn, self.binary = conn, binary
         self.data: bytes | str | None = None
         self.close: tuple[int, str] | None = None
@@ -249,7 +268,7 @@ class Connection:
             self._flush()
             try:
                 await asyncio.wait_for(asyncio.shield(self._flushed), timeout=5.0)
-            except (asyncio.TimeoutError, asyncio.CancelledError):
+            except (TimeoutError, asyncio.CancelledError):
                 pass
         self._dead = True
         if self._sending is not None:
@@ -704,7 +723,7 @@ async def _classify(request: Request, engine: Engine, settings: Settings, metric
 
 
 def create_app(settings: Settings | None = None, *,
-               models: dict[str, "StreamingModel"] | None = None) -> FastAPI:
+               models: dict[str, StreamingModel] | None = None) -> FastAPI:
     """A new server instance. ``models`` (name -> loaded model) replaces ``settings.models``
     (tests and embedding: reuse a loaded model's compiled executables)."""
     settings = settings or Settings.from_env()

@@ -18,8 +18,9 @@ import multiprocessing
 import os
 import select
 import threading
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 from evssm.models.events import SensorSpec
 

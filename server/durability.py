@@ -27,8 +27,9 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Mapping, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -37,8 +38,17 @@ from evssm.models.geometry import Adapter, GeometryError, adapter_for
 
 from .metrics import Metrics
 from .sessions import Captured, Session
-from .snapshots import (CorruptSnapshot, DiskStore, RedisStore, SnapshotRecord, SnapshotStore,
-                        StoreUnavailable, decode, encode, token_key)
+from .snapshots import (
+    CorruptSnapshot,
+    DiskStore,
+    RedisStore,
+    SnapshotRecord,
+    SnapshotStore,
+    StoreUnavailable,
+    decode,
+    encode,
+    token_key,
+)
 
 log = logging.getLogger("evssm.server.durability")
 

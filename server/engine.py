@@ -51,7 +51,7 @@ class Engine:
     """Everything behind the API of one server instance."""
 
     def __init__(self, settings: Settings, metrics: Metrics, outputs: Outputs,
-                 models: dict[str, "StreamingModel"] | None = None):
+                 models: dict[str, StreamingModel] | None = None):
         self.settings = settings
         self.metrics = metrics
         self.outputs = outputs
@@ -150,8 +150,8 @@ class Engine:
             log.error("loading models failed: %s", self.load_error)
             log.debug("loading models failed", exc_info=True)
 
-    def _load_one(self, name: str | None, source: str | None, model: "StreamingModel | None",
-                  kwargs: dict[str, Any]) -> "ModelRunner":
+    def _load_one(self, name: str | None, source: str | None, model: StreamingModel | None,
+                  kwargs: dict[str, Any]) -> ModelRunner:
         """Load one model and make it ready to stream (a worker thread); logs what each phase
         cost."""
         from .runner import load_runner
@@ -169,7 +169,7 @@ class Engine:
                  runner.num_slots)
         return runner
 
-    async def _warm_classify(self, runner: "ModelRunner") -> None:
+    async def _warm_classify(self, runner: ModelRunner) -> None:
         """Compile ``runner``'s classify shapes on its classify thread (POST /v1/classify answers
         ``busy`` for the model until then)."""
         loop = asyncio.get_running_loop()

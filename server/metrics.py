@@ -122,7 +122,7 @@ class ModelMetrics:
     """One model's labelled children, looked up once (a ``labels()`` call costs a lock and a
     dict lookup; the streaming path records a step's figures through these)."""
 
-    def __init__(self, metrics: "Metrics", model: str):
+    def __init__(self, metrics: Metrics, model: str):
         self.model = model
         self.metrics = metrics
         self.events = metrics.events.labels(model=model)

@@ -32,10 +32,21 @@ import numpy as np
 from evssm.models import native_build
 from evssm.models.events import EventError, SensorSpec, time_gaps, tokenize
 from evssm.models.geometry import Adapter, GeometryError, adapter_for
+
 # The contract's names, re-exported for the API layer (app, engine, scheduler).
-from evssm.models.wire import (CLOSE_GOING_AWAY, CLOSE_NORMAL, CLOSE_POLICY_VIOLATION,  # noqa: F401
-                               CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER, COLUMN_DTYPES,
-                               FRAME_TYPES, MSGPACK, MSGPACK_TYPES, RECORD_DTYPE, Code)
+from evssm.models.wire import (  # noqa: F401
+    CLOSE_GOING_AWAY,
+    CLOSE_NORMAL,
+    CLOSE_POLICY_VIOLATION,
+    CLOSE_SERVICE_RESTART,
+    CLOSE_TRY_AGAIN_LATER,
+    COLUMN_DTYPES,
+    FRAME_TYPES,
+    MSGPACK,
+    MSGPACK_TYPES,
+    RECORD_DTYPE,
+    Code,
+)
 
 
 class ProtocolError(Exception):

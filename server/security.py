@@ -22,9 +22,10 @@ import logging
 import os
 import re
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from evssm.models.wire import Code
@@ -49,7 +50,7 @@ class ApiKeys:
     digests: tuple[bytes, ...]
 
     @classmethod
-    def parse(cls, lines: Iterable[str], source: str = "the key file") -> "ApiKeys":
+    def parse(cls, lines: Iterable[str], source: str = "the key file") -> ApiKeys:
         digests: list[bytes] = []
         for number, line in enumerate(lines, 1):
             key = line.strip()
@@ -68,7 +69,7 @@ class ApiKeys:
         return cls(tuple(dict.fromkeys(digests)))
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "ApiKeys":
+    def load(cls, path: str | os.PathLike[str]) -> ApiKeys:
         path = Path(path)
         try:
             text = path.read_text(encoding="utf-8")
@@ -209,7 +210,7 @@ class Access:
     open_paths: frozenset[str]
 
     @classmethod
-    def create(cls, api_keys: str | None, allowed_origins: Iterable[str], public_metrics: bool) -> "Access":
+    def create(cls, api_keys: str | None, allowed_origins: Iterable[str], public_metrics: bool) -> Access:
         return cls(keys=None if api_keys is None else ApiKeys.load(api_keys),
                    allowed_origins=normalize_origins(allowed_origins),
                    open_paths=OPEN_PATHS | METRICS_PATHS if public_metrics else OPEN_PATHS)

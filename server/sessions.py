@@ -124,7 +124,7 @@ class Captured:
     ``version`` (changes of the row so far), ``probs`` float32 [C] or None, and the session's
     ``last_active`` then."""
 
-    session: "Session"
+    session: Session
     version: int
     epoch: int
     active: float
@@ -137,7 +137,7 @@ class Captured:
 class Attachment(Protocol):
     """What a session knows of the connection it is attached to (see ``app.Connection``)."""
 
-    def detach(self, session: "Session", frame: dict[str, Any] | None) -> None:
+    def detach(self, session: Session, frame: dict[str, Any] | None) -> None:
         """Forget ``session`` (evicted, resumed elsewhere, failed) and send ``frame`` if given."""
         ...
 

@@ -36,7 +36,7 @@ class ModelSpec:
     source: str | None
 
     @classmethod
-    def parse(cls, text: str) -> "ModelSpec":
+    def parse(cls, text: str) -> ModelSpec:
         """``NAME=SOURCE`` or ``SOURCE`` (``config:tiny``, ``/ckpt/dir``, ``default``)."""
         text = text.strip()
         name, sep, source = text.partition("=")
@@ -266,12 +266,12 @@ class Settings(BaseSettings):
         to trail the session's last activity by up to two intervals."""
         return self.session_idle_timeout + 2 * self.snapshot_interval
 
-    def replace(self, **changes: Any) -> "Settings":
+    def replace(self, **changes: Any) -> Settings:
         """A copy with ``changes``, validated (the environment is not read again)."""
         return type(self).model_validate({**dict(self), **changes})
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Settings from ``overrides`` (None values are ignored), then ``EVSSM_*`` variables of
         ``env`` (default: the process environment), then defaults.
 

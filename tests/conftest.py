@@ -23,9 +23,10 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Self
+from typing import Any, Self
 
 import pytest
 

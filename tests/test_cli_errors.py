@@ -13,12 +13,11 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
-
 from conftest import key_file
 from test_server_limits import Server, evssm_serve
 

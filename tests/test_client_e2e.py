@@ -20,14 +20,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
+
+from conftest import LoopThread, free_port, stop_process, wait_process_ready  # noqa: E402
+from numeric import assert_close  # noqa: E402
 
 from evssm.client import (  # noqa: E402
     AsyncStreamSession,
@@ -40,9 +44,6 @@ from evssm.client import (  # noqa: E402
     save_events,
 )
 from evssm.models.events import Recording, SensorSpec  # noqa: E402
-
-from conftest import LoopThread, free_port, stop_process, wait_process_ready  # noqa: E402
-from numeric import assert_close  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -9,7 +9,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from evssm.client.packets import Pacer, apaced, packetize, paced
+from evssm.client.packets import Pacer, apaced, paced, packetize
 from evssm.client.protocol import (
     ModelInfo,
     Result,

@@ -14,11 +14,14 @@ import asyncio
 import contextlib
 import json
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import msgpack
 import numpy as np
 import pytest
+from conftest import LoopThread
+from numeric import assert_close
 from websockets.asyncio.server import ServerConnection, serve
 
 from evssm.client import (
@@ -32,9 +35,6 @@ from evssm.client import (
 )
 from evssm.client.errors import ConnectionLost, NothingInFlight
 from evssm.models.events import Recording, SensorSpec
-
-from conftest import LoopThread
-from numeric import assert_close
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -70,7 +70,7 @@ class _State:
         self.durable = 0  # reported in results: the last snapshot's count, one packet late
         self.snapshotted: int | None = None
 
-    def copy(self) -> "_State":
+    def copy(self) -> _State:
         other = _State(self.sid)
         other.counts, other.events, other.last_t = self.counts.copy(), self.events, self.last_t
         other.durable = other.snapshotted = self.events

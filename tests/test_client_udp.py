@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 from evssm.client.errors import SourceError
-from evssm.client.udp import (UDP_FORMATS, UdpReceiver, UdpStats, decode_datagram, live_packets,
-                              parse_udp_url)
+from evssm.client.udp import UDP_FORMATS, UdpReceiver, UdpStats, decode_datagram, live_packets, parse_udp_url
 
 
 def datagram(t: np.ndarray, x: np.ndarray, y: np.ndarray, p: np.ndarray, fmt: str) -> bytes:

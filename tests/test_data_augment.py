@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from numeric import assert_close
 
 from evssm.models.data import augment as A
 from evssm.models.data import make_recording
 from evssm.models.events import Recording, SensorSpec, time_gaps, tokenize
-from numeric import assert_close
 
 S1 = SensorSpec.one_d(700)
 S2 = SensorSpec.two_d(34, 34)

@@ -10,11 +10,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from numeric import assert_close
 
 from evssm.cli import main
 from evssm.models.data import load_dataset
 from evssm.models.data import spoken_digits as sd
-from numeric import assert_close
 
 P = sd.SpokenDigitsParams()
 HAVE_TOOLS = shutil.which("espeak-ng") is not None and shutil.which("flite") is not None

@@ -25,16 +25,16 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import msgpack
 import numpy as np
 import pytest
 import yaml
-from websockets.sync.client import connect
-
 from conftest import free_port, haproxy_test_config, require_tool, wait_process_ready
+from websockets.sync.client import connect
 
 pytestmark = pytest.mark.slow
 
@@ -211,7 +211,7 @@ class Load:
         self.lock = threading.Lock()
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(sessions)]
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         for thread in self.threads:
             thread.start()
         return self

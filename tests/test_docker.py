@@ -22,22 +22,22 @@ import shutil
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import msgpack
 import numpy as np
 import pytest
 import websockets
+from conftest import SHARED_DIR
+from numeric import assert_close
 from websockets.asyncio.client import connect
 
-from conftest import SHARED_DIR
 from evssm.client import StreamSession, open_source, packetize, save_events
 from evssm.client.http_api import classify
 from evssm.client.sources import SimulatedSensor
 from evssm.models.events import SensorSpec
-from numeric import assert_close
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(2400)]
 

@@ -26,17 +26,16 @@ import httpx
 import msgpack
 import numpy as np
 import pytest
+from conftest import free_port, redis_server, wait_ready
+from numeric import assert_close
 from websockets.asyncio.client import connect
 
 from evssm.client import AsyncStreamSession, SessionExpired, SimulatedSensor, classify, packetize
-from evssm.models.streaming import softmax
 from evssm.models.events import Recording, SensorSpec, time_gaps, tokenize
+from evssm.models.streaming import softmax
 from evssm.server.app import create_app
 from evssm.server.settings import Settings
 from evssm.server.snapshots import DiskStore, decode, token_key
-
-from conftest import free_port, redis_server, wait_ready
-from numeric import assert_close
 
 pytestmark = pytest.mark.timeout(300)
 

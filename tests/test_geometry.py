@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from evssm.models.events import EventError, SensorSpec
-from evssm.models.geometry import (GeometryError, Transform, adapter_for, build_adapter,
-                                   sensor_from_dict)
+from evssm.models.geometry import GeometryError, Transform, adapter_for, build_adapter, sensor_from_dict
 
 S = SensorSpec.two_d
 

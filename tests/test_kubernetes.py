@@ -22,7 +22,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from conftest import require_tool
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,13 +18,12 @@ import sys
 import jax
 import numpy as np
 import pytest
+from numeric import assert_close
+from test_streaming_invariant import SMALL, VARIANTS, perturbed_model
 
 from evssm.models import native
 from evssm.models.config import ModelConfig, load_model_config
 from evssm.models.streaming import StreamingModel, init_variables
-
-from test_streaming_invariant import SMALL, VARIANTS, perturbed_model
-from numeric import assert_close
 
 try:
     native.load_library()

@@ -14,12 +14,11 @@ import shlex
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
-
 from conftest import free_port, wait_process_ready
 
 pytestmark = pytest.mark.slow

@@ -29,15 +29,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import shared_path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from numeric import assert_close, assert_finite
 
 from evssm.models import native
 from evssm.models.events import time_gaps
 from evssm.models.streaming import StreamingModel, load_model, pad_rows
-
-from conftest import shared_path
-from numeric import assert_close, assert_finite
 
 TOL_REL = 1e-4
 PACKET_BUCKET = 512  # streamed packets are padded to this (one XLA shape per model)
@@ -62,8 +61,12 @@ def model(name: str, backend: str) -> StreamingModel:
     if name == "default":
         return load_model(None, backend=backend)
     if name in PAPER:
-        from evssm.models.seed_import import (config_from_seed, convert_variables,
-                                              read_seed_checkpoint, read_seed_model_yaml)
+        from evssm.models.seed_import import (
+            config_from_seed,
+            convert_variables,
+            read_seed_checkpoint,
+            read_seed_model_yaml,
+        )
 
         folder, task = PAPER[name]
         src: Path = shared_path("fixtures", "seed-checkpoints", folder)

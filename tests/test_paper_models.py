@@ -15,12 +15,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import shared_path, wait_ready
 from numeric import assert_close
 

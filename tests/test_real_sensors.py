@@ -25,10 +25,10 @@ import httpx
 import msgpack
 import numpy as np
 import pytest
-from websockets.asyncio.client import connect
-
 from conftest import serve_app, shared_path, wait_ready
 from numeric import assert_close
+from websockets.asyncio.client import connect
+
 from evssm.client import StreamSession, classify, packetize
 from evssm.client.sources import Sample, open_source
 from evssm.models.events import Recording, SensorSpec

@@ -17,20 +17,20 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import numpy as np
 import pytest
+from conftest import HAPROXY_RISE_S, free_port, haproxy_balancer, redis_server
+from numeric import assert_close
+from test_server_restart import ATOL, PATIENT, RTOL, Serve, metric
 
 from evssm.client import AsyncStreamSession, SimulatedSensor, apaced, classify, packetize
 from evssm.client.packets import Packet
 from evssm.models.events import Recording, SensorSpec
-
-from conftest import HAPROXY_RISE_S, free_port, haproxy_balancer, redis_server
-from numeric import assert_close
-from test_server_restart import ATOL, PATIENT, RTOL, Serve, metric
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

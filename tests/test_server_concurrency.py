@@ -18,10 +18,9 @@ import httpx
 import msgpack
 import numpy as np
 import pytest
-from websockets.asyncio.client import connect
-
 from conftest import free_port, stop_process, wait_process_ready
 from numeric import assert_close, assert_finite
+from websockets.asyncio.client import connect
 
 W = H = 34  # both models read the default model's 34x34 sensor
 MODELS = ("default", "other")  # the shipped model, and the same architecture at random init

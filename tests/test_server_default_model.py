@@ -7,19 +7,17 @@ batches of concurrent sessions take different compiled shapes.
 from __future__ import annotations
 
 import asyncio
-import time
 
 import httpx
 import msgpack
 import numpy as np
+from conftest import wait_ready
+from numeric import assert_close
 from websockets.asyncio.client import connect
 
 from evssm.server.app import create_app
 from evssm.server.protocol import RECORD_DTYPE
 from evssm.server.settings import Settings
-from numeric import assert_close
-
-from conftest import wait_ready
 
 SETTINGS = Settings(batch_buckets=(1, 4), length_buckets=(128,), classify_length_buckets=(),
                     slots_per_model=8, max_sessions=8, max_packet_events=4096)

@@ -15,9 +15,8 @@ import msgpack
 import numpy as np
 import pytest
 import websockets
-from websockets.asyncio.client import connect
-
 from conftest import free_port, wait_process_ready
+from websockets.asyncio.client import connect
 
 
 def test_sigterm_drains_in_flight_packets_and_exits_cleanly(tmp_path):

@@ -10,17 +10,17 @@ import asyncio
 import socket
 import struct
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import msgpack
 import numpy as np
 import pytest
 import websockets
-from websockets.asyncio.client import connect
-
 from conftest import key_file
 from test_server_limits import SERVE, Server, evssm_serve, ws_handshake
+from websockets.asyncio.client import connect
 
 KEY = "edge-" + "d4" * 12
 LEAK = "query-" + "e5" * 12  # sent only as ?access_token=...

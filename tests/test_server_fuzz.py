@@ -27,6 +27,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
+from numeric import assert_close
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
@@ -34,7 +35,6 @@ from evssm.server.app import create_app
 from evssm.server.cli import uvicorn_options
 from evssm.server.protocol import RECORD_DTYPE, Code
 from evssm.server.settings import Settings
-from numeric import assert_close
 
 CHANNELS = 700
 MAX_PACKET = 512
@@ -54,6 +54,7 @@ CODES = {c.value for c in Code} - {Code.INTERNAL_ERROR.value}
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory):
     from conftest import serve_app, wait_ready
+
     from evssm.models.streaming import load_model
 
     keys = tmp_path_factory.mktemp("fuzz") / "keys"

@@ -18,14 +18,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import msgpack
 import numpy as np
 import pytest
-
 from conftest import free_port, stop_process, wait_process_ready
 from numeric import assert_close
 
@@ -161,7 +160,7 @@ class HealthProbe:
                 self.count += 1
                 time.sleep(0.02)
 
-    def __enter__(self) -> "HealthProbe":
+    def __enter__(self) -> HealthProbe:
         self._thread.start()
         return self
 

@@ -19,12 +19,11 @@ import httpx
 import msgpack
 import numpy as np
 import pytest
+from test_server_stream import BASE, metric_value, wait_ready
 from websockets.asyncio.client import connect
 
 from evssm.models.streaming import StreamingModel
 from evssm.server.app import create_app
-
-from test_server_stream import BASE, metric_value, wait_ready
 
 
 def strict_json(text: str) -> Any:

@@ -26,20 +26,19 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-
-from evssm.client import (AsyncStreamSession, SessionExpired, SimulatedSensor, apaced, classify,
-                          packetize)
-from evssm.models.events import Recording, SensorSpec
-from evssm.server.snapshots import DiskStore, token_key
-
 from conftest import free_port, haproxy_balancer, redis_server, wait_process_ready
 from numeric import assert_close
+
+from evssm.client import AsyncStreamSession, SessionExpired, SimulatedSensor, apaced, classify, packetize
+from evssm.models.events import Recording, SensorSpec
+from evssm.server.snapshots import DiskStore, token_key
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -83,7 +82,7 @@ class Serve:
     def ws(self) -> str:
         return f"ws://127.0.0.1:{self.port}"
 
-    def ready(self, classify: bool = True) -> "Serve":
+    def ready(self, classify: bool = True) -> Serve:
         """Wait until it streams (and, with ``classify``, its classify shapes are compiled)."""
         wait_process_ready(self.proc, self.http, self.log_path, READY_TIMEOUT_S, classify)
         return self

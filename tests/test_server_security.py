@@ -11,16 +11,16 @@ import json
 import os
 import socket
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import msgpack
 import pytest
 import websockets
-from websockets.asyncio.client import connect
-
-from test_server_limits import SERVE, Server, evssm_serve
 from numeric import assert_close
+from test_server_limits import SERVE, Server, evssm_serve
+from websockets.asyncio.client import connect
 
 KEY_A = "alpha-" + "a1" * 12
 KEY_B = "beta-" + "b2" * 12
@@ -305,10 +305,10 @@ def test_connection_limit(keyed):
 
 
 def test_the_client_library_sends_the_key(keyed, monkeypatch):
+    import numpy as np
+
     from evssm.client import AsyncStreamSession, Unauthorized, classify, list_models
     from evssm.models.events import Recording
-
-    import numpy as np
 
     url = f"ws://127.0.0.1:{keyed.port}"
     rec = Recording(t=np.arange(0, 6400, 100, dtype=np.int64), x=np.arange(64, dtype=np.int64) % 700)

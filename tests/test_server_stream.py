@@ -18,14 +18,13 @@ import msgpack
 import numpy as np
 import pytest
 import websockets
+from conftest import wait_ready
+from numeric import assert_close
 from websockets.asyncio.client import connect
 
 from evssm.server.app import create_app
 from evssm.server.protocol import RECORD_DTYPE
 from evssm.server.settings import Settings
-from numeric import assert_close
-
-from conftest import wait_ready
 
 CHANNELS = 700
 BASE = Settings(batch_buckets=(8,), length_buckets=(128,), classify_length_buckets=(1024,),

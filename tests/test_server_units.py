@@ -10,18 +10,30 @@ import sys
 import msgpack
 import numpy as np
 import pytest
+from numeric import assert_close
 
 from evssm.models.events import SensorSpec
 from evssm.server.metrics import Metrics
-from evssm.server.protocol import (RECORD_DTYPE, ClassifyLimits, ClassifyRequest, Code, ProtocolError,
-                                   decode_events, decode_frame, error_frame, frame_type, parse_classify,
-                                   parse_open, parse_seq, prepare, shorten)
-from evssm.server.security import (ApiKeys, KeyFileError, bearer_token, normalize_origins, origin_allowed,
-                                   query_token)
+from evssm.server.protocol import (
+    RECORD_DTYPE,
+    ClassifyLimits,
+    ClassifyRequest,
+    Code,
+    ProtocolError,
+    decode_events,
+    decode_frame,
+    error_frame,
+    frame_type,
+    parse_classify,
+    parse_open,
+    parse_seq,
+    prepare,
+    shorten,
+)
+from evssm.server.security import ApiKeys, KeyFileError, bearer_token, normalize_origins, origin_allowed, query_token
 from evssm.server.sessions import ClientFull, SessionTable, SlotError, SlotPool
-from evssm.server.staging import StagingBuffer
 from evssm.server.settings import ModelSpec, Settings, parse_ints
-from numeric import assert_close
+from evssm.server.staging import StagingBuffer
 
 D1 = SensorSpec.one_d(700)
 D2 = SensorSpec.two_d(34, 34)

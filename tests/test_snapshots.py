@@ -12,12 +12,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from evssm.server.snapshots import (CorruptSnapshot, DiskStore, RedisStore, SnapshotRecord,
-                                    StoreLocked, StoreUnavailable, decode, encode, token_key,
-                                    weights_fingerprint)
-
 from conftest import free_port, redis_server
+
+from evssm.server.snapshots import (
+    CorruptSnapshot,
+    DiskStore,
+    RedisStore,
+    SnapshotRecord,
+    StoreLocked,
+    StoreUnavailable,
+    decode,
+    encode,
+    token_key,
+    weights_fingerprint,
+)
 
 TOKEN = "Xq3-a-resume-token-of-the-usual-length-Zk"
 

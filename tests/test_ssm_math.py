@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
+from numeric import assert_close
 
 from evssm.models import pooling, ssm
 from evssm.models.ssm import cexp, discretize, window_states
 from evssm.models.ssm_init import hippo_legs, hippo_n_init
-from numeric import assert_close
 
 
 def test_hippo_legs_matrix_entries() -> None:

@@ -13,11 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from numeric import assert_close
 
 from evssm.models.config import load_model_config
 from evssm.models.model import state_spec
 from evssm.models.streaming import StreamingModel, init_variables
-from numeric import assert_close
 
 PACKET_BUCKET = 64
 

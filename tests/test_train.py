@@ -11,14 +11,13 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from numeric import assert_close
 
 from evssm.cli import main as cli_main
 from evssm.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from evssm.models.config import load_model_config
 from evssm.models.streaming import StreamingModel, init_variables
 from evssm.models.train import EpochBar, load_task_config, train
-
-from numeric import assert_close
 
 TINY = ["task=event-mnist", "model.d_model=16", "model.d_state=16", "model.num_stages=1",
         "model.layers_per_stage=2", "model.pooling_stride=16", "train.batch_size=16",

@@ -64,7 +64,7 @@ class Chromium:
         self.console: list[str] = []
 
     # -- life cycle ---------------------------------------------------------------------------
-    def __enter__(self) -> "Chromium":
+    def __enter__(self) -> Chromium:
         self.start()
         return self
 

@@ -14,8 +14,9 @@ needs a second sample and mixes the labels).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -79,7 +80,7 @@ class AugmentConfig:
             raise ValueError("augment: crop_max_events must be >= 1 or None")
 
     @classmethod
-    def default(cls, sensor: SensorSpec | str, **overrides: Any) -> "AugmentConfig":
+    def default(cls, sensor: SensorSpec | str, **overrides: Any) -> AugmentConfig:
         """Sane defaults for a sensor kind ("1d" audio cochleas, "2d" event cameras)."""
         kind = sensor if isinstance(sensor, str) else sensor.kind
         if kind == "1d":
@@ -94,7 +95,7 @@ class AugmentConfig:
         return cls(**base)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], sensor: SensorSpec | str | None = None) -> "AugmentConfig":
+    def from_dict(cls, d: Mapping[str, Any], sensor: SensorSpec | str | None = None) -> AugmentConfig:
         """From a config mapping; starts from :meth:`default` for ``sensor`` when given."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)

@@ -14,9 +14,10 @@ import importlib
 import inspect
 import os
 import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -160,7 +161,7 @@ class ArrayDataset(EventDataset):
     def event_counts(self) -> np.ndarray:
         return np.diff(self._offsets)
 
-    def take(self, indices: Sequence[int] | np.ndarray) -> "ArrayDataset":
+    def take(self, indices: Sequence[int] | np.ndarray) -> ArrayDataset:
         """A new ArrayDataset holding the samples ``indices`` (in that order)."""
         idx = np.asarray(indices, dtype=np.int64)
         recs = [self._get(int(i))[0] for i in idx]

@@ -36,9 +36,9 @@ from typing import BinaryIO
 
 import numpy as np
 
-from ..events import Recording, SensorSpec
 from ..dataset_facts import DVS_GESTURE_CLASSES as CLASS_NAMES
 from ..dataset_facts import DVS_GESTURE_SIZE
+from ..events import Recording, SensorSpec
 from .base import EventDataset, make_recording, missing_files_error
 
 SENSOR = SensorSpec.two_d(*DVS_GESTURE_SIZE)

@@ -17,13 +17,14 @@ overflow), and events are sorted by time with a stable sort.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from ..events import Recording, SensorSpec
 from ..dataset_facts import SHD_CHANNELS, SHD_CLASSES, SSC_CLASSES
+from ..events import Recording, SensorSpec
 from .base import XY_DTYPE, EventDataset, make_recording, missing_files_error
 
 _HOW = "gunzip the .h5.gz files from https://zenkelab.org/datasets/"
