@@ -28,8 +28,11 @@ from .errors import (
 from .http_api import Classification, aclassify, classify, list_models
 from .packets import Pacer, Packet, apaced, paced, packetize
 from .protocol import ModelInfo, Result, SessionInfo
-from .session import AsyncStreamSession, ConnectFailed, Resume, StreamSession
+from .resync import Resume
+from .session import AsyncStreamSession
 from .sources import Sample, SimulatedSensor, open_source, save_events
+from .sync_session import StreamSession
+from .transport import ConnectFailed
 
 __all__ = [
     "AsyncStreamSession", "StreamSession", "Resume", "Result", "SessionInfo", "ModelInfo",

@@ -18,23 +18,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .cli_options import add_server_options, add_source_arguments, check_sensor, explain, transform_of
 from .errors import ClientError, SourceError, error_line, exit_code
 from .http_api import Classification, classify, list_models
 from .protocol import ModelInfo
 from .sources import Sample, open_source, source_count
-from .stream_command import DEFAULT_URL, add_source_arguments, check_sensor, explain, transform_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     explain(parser, __doc__)
     parser.add_argument("files", nargs="+", metavar="FILES",
                         help="event files, dataset:NAME or sim[:...] sources")
-    parser.add_argument("--url", default=DEFAULT_URL,
-                        help="server, http://HOST:PORT or ws://HOST:PORT (env EVSSM_URL)")
-    parser.add_argument("--model", default=None, help="model name (default: the server's)")
-    parser.add_argument("--api-key", default=None, metavar="KEY",
-                        help="API key of a server started with --api-keys (default: $EVSSM_API_KEY; "
-                             "prefer the variable, options show in process lists)")
+    add_server_options(parser)
     parser.add_argument("--index", default="0", metavar="SPEC",
                         help="samples of many-sample sources: N, a list 0,3,10-19, or all")
     add_source_arguments(parser)
@@ -149,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     except ClientError as exc:
         print(f"evssm classify: {error_line(exc)}", file=sys.stderr)
         return exit_code(exc)
-    rows = [_row(s, r, model, args.top) for s, r in zip(samples, results)]
+    rows = [_row(s, r, model, args.top) for s, r in zip(samples, results, strict=True)]
     judged = [r["correct"] for r in rows if r["correct"] is not None]
     events = sum(r["events"] for r in rows)
     report = {

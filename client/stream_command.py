@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import os
 import shlex
 import signal
 import sys
@@ -38,84 +37,22 @@ from typing import Any
 
 import numpy as np
 
-from evssm.models.events import Recording, SensorSpec
+from evssm.models.events import Recording
+from evssm.models.wire import Code
 
+from .cli_options import add_server_options, add_source_arguments, check_sensor, explain, transform_of
 from .errors import ClientError, ConnectionLost, ServerUnavailable, error_line, exit_code
 from .packets import apaced, packetize
 from .protocol import Result, SessionInfo
-from .session import AsyncStreamSession, ConnectFailed, Resume
-from .sources import FORMATS, Sample, SourceError, open_source, parse_sensor
+from .resync import Resume
+from .session import AsyncStreamSession
+from .sources import Sample, open_source
 from .stats import RateMeter, percentiles_ms
+from .transport import ConnectFailed
 from .udp import UDP_FORMATS, UdpReceiver, UdpStats, live_packets, parse_udp_url
 
-DEFAULT_URL = os.environ.get("EVSSM_URL", "ws://127.0.0.1:8000")
 RECONNECT_TIMEOUT_S = 300.0  # a restart of a server with several models may take minutes
 RECONNECT_BACKOFF_S = (0.1, 3.0)  # first and largest pause between attempts
-
-
-def explain(parser: argparse.ArgumentParser, doc: str | None) -> None:
-    """Show a command module's docstring (after its first line) below the options in --help
-    (``evssm``'s help formatter keeps its paragraphs and lines)."""
-    parser.epilog = "\n".join((doc or "").strip().splitlines()[1:]).strip() or None
-
-
-def add_source_arguments(parser: argparse.ArgumentParser, udp: bool = False) -> None:
-    """Options that pick a sample from a source and say how its sensor maps onto the model's
-    (shared with ``evssm classify``)."""
-    parser.add_argument("--format", choices=FORMATS + (tuple(UDP_FORMATS) if udp else ()),
-                        default=None,
-                        help="file format (default: from the file suffix; an N x 4 .npy is read "
-                             "as DVS Gesture)" + ("; for udp:// the datagram layout (default "
-                                                   "t64_x16_y16_on8)" if udp else ""))
-    parser.add_argument("--split", default="test", help="split of a dataset:NAME source")
-    parser.add_argument("--data-dir", default=None,
-                        help="directory of the project's data sets (dataset:NAME sources)")
-    geometry = parser.add_argument_group("source geometry (declared to the server, which maps "
-                                         "the source onto the model's sensor)")
-    geometry.add_argument("--sensor", type=_sensor_arg, default=None, metavar="WxH",
-                          help="the source sensor, WIDTHxHEIGHT (or CHANNELS for 1-D): for files "
-                               "that do not state it (EVT 2 .raw, .dat, .csv, .npy), or to "
-                               "override the file")
-    geometry.add_argument("--crop", type=_crop_arg, default=None, metavar="X,Y,W,H",
-                          help="use only this rectangle of the source (events outside are "
-                               "dropped by the server and counted)")
-    geometry.add_argument("--scale", choices=("fit", "stretch"), default=None,
-                          help="fit: keep the aspect ratio, centred (the default); stretch: fill "
-                               "the model's sensor")
-    geometry.add_argument("--flip-x", action="store_true", help="mirror left-right")
-    geometry.add_argument("--flip-y", action="store_true", help="mirror top-bottom")
-
-
-def _sensor_arg(text: str) -> SensorSpec:
-    try:
-        return parse_sensor(text)
-    except SourceError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _crop_arg(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        values = []
-    if len(values) not in (2, 4):
-        raise argparse.ArgumentTypeError(f"bad crop {text!r}: use X,Y,WIDTH,HEIGHT (X,WIDTH "
-                                         "for a 1-D sensor)")
-    return values
-
-
-def transform_of(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The ``transform`` the options ask for (None: the server's default)."""
-    out: dict[str, Any] = {}
-    if args.crop is not None:
-        out["crop"] = args.crop
-    if args.scale is not None:
-        out["scale"] = args.scale
-    if args.flip_x:
-        out["flip_x"] = True
-    if args.flip_y:
-        out["flip_y"] = True
-    return out or None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -123,12 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="SOURCE",
                         help="event file, dataset:NAME, sim[:rate=R,duration=S,label=K,...], or "
                              "udp://HOST:PORT")
-    parser.add_argument("--url", default=DEFAULT_URL,
-                        help="server, ws://HOST:PORT (env EVSSM_URL sets the default)")
-    parser.add_argument("--model", default=None, help="model name (default: the server's)")
-    parser.add_argument("--api-key", default=None, metavar="KEY",
-                        help="API key of a server started with --api-keys (default: $EVSSM_API_KEY; "
-                             "prefer the variable, options show in process lists)")
+    add_server_options(parser)
     parser.add_argument("--index", type=int, default=0,
                         help="sample of a many-sample source (HDF5 file, data set)")
     add_source_arguments(parser, udp=True)
@@ -165,32 +97,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true",
                         help="no live view; print one JSON object with the final answer")
     parser.add_argument("--refresh", type=float, default=10.0, help="live view refreshes per s")
-
-
-def check_sensor(rec: Recording, sensor: SensorSpec | None,
-                 declared: SensorSpec | None = None) -> str | None:
-    """Why ``rec`` cannot be read by a model with ``sensor`` (None when it can). With a
-    ``declared`` source sensor the server maps addresses, so only the kinds must agree."""
-    if declared is not None and sensor is not None:
-        if declared.kind != sensor.kind:
-            return (f"the source is a {declared.kind.upper()} sensor but the model reads a "
-                    f"{sensor.kind.upper()} one; they cannot be mapped onto each other")
-        return None
-    if sensor is None or len(rec) == 0:
-        return None
-    if sensor.kind == "1d":
-        if rec.y is not None:
-            return "the recording is 2-D (x, y, p) but the model reads a 1-D sensor"
-        if int(rec.x.max()) >= sensor.channels:
-            return f"channel {int(rec.x.max())} exceeds the model's {sensor.channels} channels"
-        return None
-    if rec.y is None or rec.p is None:
-        return "the recording is 1-D (x only) but the model reads a 2-D sensor (x, y, p)"
-    if int(rec.x.max()) >= sensor.width or int(rec.y.max()) >= sensor.height:
-        return (f"addresses up to {int(rec.x.max())}x{int(rec.y.max())} exceed the model's "
-                f"{sensor.width}x{sensor.height} sensor; give the source's geometry with "
-                f"--sensor WxH and the server maps it onto the model's")
-    return None
 
 
 class _View:
@@ -325,7 +231,7 @@ async def open_patiently(session: AsyncStreamSession, args: argparse.Namespace) 
         try:
             return await session.open()
         except (ServerUnavailable, ConnectFailed) as exc:
-            starting = isinstance(exc, ServerUnavailable) and exc.code in ("not_ready", "draining")
+            starting = isinstance(exc, ServerUnavailable) and exc.code in (Code.NOT_READY, Code.DRAINING)
             if args.no_reconnect or time.monotonic() + delay > deadline or not (
                     starting or (args.resume is not None and isinstance(exc, ConnectFailed))):
                 raise

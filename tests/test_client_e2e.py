@@ -151,7 +151,7 @@ def test_any_packetisation_gives_the_offline_answer(server: dict[str, Any]) -> N
     rng = np.random.default_rng(0)
     cuts = np.sort(rng.choice(np.arange(1, len(rec)), 25, replace=False))
     bounds = [0, *cuts.tolist(), len(rec)]
-    packets = [rec.slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    packets = [rec.slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     packets.insert(3, rec.slice(0, 0))  # an empty packet too
     with StreamSession(server["ws"], max_in_flight=4) as s:
         results = list(s.stream(packets))

@@ -561,8 +561,7 @@ def test_stream_command_into_a_pipe_prints_whole_lines(server: FakeServer, tmp_p
     rec = Recording(np.arange(300, dtype=np.int64) * 100, (np.arange(300) % CHANNELS).astype(np.uint16))
     path = save_events(tmp_path / "rec.npz", rec, label="b")
     proc = subprocess.run([sys.executable, "-m", "evssm.cli", "stream", str(path), "--url",
-                           server.url, "--fast"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, timeout=120)
+                           server.url, "--fast"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     assert "true label: b" in lines, lines

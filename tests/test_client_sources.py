@@ -260,7 +260,7 @@ def test_broken_camera_file_is_a_source_error(tmp_path: Path) -> None:
 def write_nmnist(path: Path, rec: Recording, overflow_after: int | None = None) -> None:
     """5 bytes per event: x, y, p << 7 | t >> 16, t >> 8, t (t < 2**23 us)."""
     rows = []
-    for i, (t, x, y, p) in enumerate(zip(rec.t, rec.x, rec.y, rec.p)):
+    for i, (t, x, y, p) in enumerate(zip(rec.t, rec.x, rec.y, rec.p, strict=True)):
         if i == overflow_after:  # the layout's overflow marker (y = 240): later t += 2**13
             rows.append(bytes([0, 240, 0, 0, 0]))
         t = int(t) - (8192 if overflow_after is not None and i >= overflow_after else 0)
@@ -372,7 +372,7 @@ def test_label_checks() -> None:
 
 
 def test_stream_command_sensor_checks() -> None:
-    from evssm.client.stream_command import check_sensor
+    from evssm.client.cli_options import check_sensor
 
     rec = rec_2d(50, w=640, h=480)
     model = SensorSpec.two_d(34, 34)

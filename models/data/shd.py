@@ -159,7 +159,7 @@ def write_spikes_h5(path: str | os.PathLike[str], times: Sequence[np.ndarray], u
         dt_u = h5py.vlen_dtype(np.dtype(np.uint16))
         ds_t = g.create_dataset("times", (len(times),), dtype=dt_t)
         ds_u = g.create_dataset("units", (len(units),), dtype=dt_u)
-        for i, (ti, ui) in enumerate(zip(times, units)):
+        for i, (ti, ui) in enumerate(zip(times, units, strict=True)):
             ds_t[i] = np.asarray(ti, dtype=np.float16)
             ds_u[i] = np.asarray(ui, dtype=np.uint16)
         f.create_dataset("labels", data=np.asarray(labels, dtype=np.uint16))
