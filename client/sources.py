@@ -39,7 +39,7 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -47,6 +47,9 @@ from evssm.models.dataset_facts import DVS_GESTURE_CLASSES, DVS_GESTURE_SIZE, SH
 from evssm.models.events import Recording, SensorSpec
 
 from .errors import SourceError
+
+if TYPE_CHECKING:
+    from evssm.models.data.shd import SpikesH5Dataset
 
 DVS_GESTURE_SENSOR = SensorSpec.two_d(*DVS_GESTURE_SIZE)
 
@@ -268,46 +271,45 @@ def load_dvs_gesture(path: str | Path) -> Sample:
     return _dvs_gesture(arr, path)
 
 
-def _h5py() -> Any:
+def _spikes_file(path: Path) -> SpikesH5Dataset:
+    """The SHD-layout file at ``path``, read by the data sets' own reader; a SourceError when h5py
+    is missing or the file is not of that layout."""
+    from evssm.models.data.shd import SpikesH5Dataset
+
     try:
-        import h5py
+        return SpikesH5Dataset(path, path.name, "file")
     except ImportError as exc:
         raise SourceError("reading SHD/SSC HDF5 files needs h5py: pip install h5py "
                           "(or evssm[train])") from exc
-    return h5py
+    except (KeyError, OSError, ValueError) as exc:
+        raise SourceError(f"{path}: not an SHD/SSC HDF5 file ({exc})") from exc
 
 
 def hdf5_size(path: str | Path) -> int:
     """How many samples an SHD/SSC HDF5 file holds."""
-    h5py = _h5py()
-    with h5py.File(path, "r") as f:
-        return int(f["labels"].shape[0])
+    spikes = _spikes_file(Path(path))
+    spikes.close()
+    return len(spikes)
 
 
 def load_hdf5(path: str | Path, index: int = 0) -> Sample:
     """Sample ``index`` of an SHD/SSC HDF5 file (``spikes/times`` seconds, ``spikes/units``
     channels, ``labels``; class names from ``extra/keys`` when present)."""
-    h5py = _h5py()
     path = Path(path)
+    spikes = _spikes_file(path)
     try:
-        with h5py.File(path, "r") as f:
-            n = int(f["labels"].shape[0])
-            if not -n <= index < n:
-                raise SourceError(f"{path}: sample {index} out of range (file holds {n})")
-            # float16 seconds in the real files: widen before scaling or microseconds are lost.
-            times = np.asarray(f["spikes"]["times"][index], dtype=np.float64)
-            units = np.asarray(f["spikes"]["units"][index])
-            label = _label_of(f["labels"][index])
-            names: tuple[str, ...] = ()
-            if "extra" in f and "keys" in f["extra"]:
-                names = tuple(k.decode() if isinstance(k, bytes) else str(k)
-                              for k in f["extra"]["keys"][()])
-    except (KeyError, OSError) as exc:
-        raise SourceError(f"{path}: not an SHD/SSC HDF5 file ({exc})") from exc
-    t_us = np.rint(times * 1e6).astype(np.int64)
-    rec = _recording(t_us, units, where=f"{path}[{index}]")
-    return Sample(rec, label=label, name=f"{path.name}[{index}]",
-                  sensor=SensorSpec.one_d(SHD_CHANNELS), class_names=names, geometry="format")
+        n = len(spikes)
+        if not -n <= index < n:
+            raise SourceError(f"{path}: sample {index} out of range (file holds {n})")
+        rec, label = spikes[index]
+    except (KeyError, OSError, ValueError) as exc:
+        if isinstance(exc, SourceError):
+            raise
+        raise SourceError(f"{path}[{index}]: {exc}") from exc
+    finally:
+        spikes.close()
+    return Sample(rec, label=label, name=f"{path.name}[{index}]", sensor=spikes.sensor,
+                  class_names=spikes.class_names if spikes.names_in_file else (), geometry="format")
 
 
 def _faery(what: str) -> Any:
