@@ -128,10 +128,11 @@ def run(args: argparse.Namespace) -> int:
         samples = _load_samples(args, model)
         started = time.monotonic()
         transform = transform_of(args)
-        for s in samples if model is not None else ():
-            problem = check_sensor(s.recording, model.sensor, s.declared_sensor)
-            if problem:
-                raise SourceError(f"{s.name}: {problem}")
+        if model is not None:
+            for s in samples:
+                problem = check_sensor(s.recording, model.sensor, s.declared_sensor)
+                if problem:
+                    raise SourceError(f"{s.name}: {problem}")
         undeclared = [s.name for s in samples if s.declared_sensor is None]
         if transform is not None and undeclared:
             raise SourceError(f"{undeclared[0]}: the file does not state its sensor geometry; "

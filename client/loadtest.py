@@ -16,6 +16,9 @@ load generator's own CPU use (all its processes): near one full core per process
 not the server, may be the bottleneck.
 """
 
+# About 400 lines as one module on purpose: the options, one session's driver, the spread over
+# processes and the report are one measurement, read together.
+
 from __future__ import annotations
 
 import argparse

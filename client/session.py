@@ -28,12 +28,16 @@ Typical use::
             ...
 """
 
+# Over 400 lines on purpose: this is the session's public API (open, send, recv, poll, drain,
+# results, stream, reset, close, each documented) and the reader task that owns the connection's
+# lifetime. Its parts live beside it: transport.py (the socket), window.py (in-flight packets and
+# unread answers), ledger.py (the replay ledger), resync.py (the resync policy), state.py.
+
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
-from enum import Enum
 from typing import Any
 
 import msgpack
@@ -68,32 +72,12 @@ from .protocol import (
     sensor_declaration,
 )
 from .resync import Resume, Retries, lost_result, resync
+from .state import State, moved
 from .transport import ConnectFailed, Transport, close_code
 from .window import InFlight, ResultQueue
 
 __all__ = ["AsyncStreamSession", "ConnectFailed", "Resume", "State"]
 
-
-class State(Enum):
-    """Where a session is. ``send`` and ``reset`` go out only when ``OPEN``; every other state
-    makes them wait (``NEW``, ``RECONNECTING``, ``CLOSING``) or raise (``FAILED``, ``CLOSED``)."""
-
-    NEW = "new"  # not opened yet (or its open failed: open() may be called again)
-    OPEN = "open"  # connected and attached to the server's session
-    RECONNECTING = "reconnecting"  # the connection dropped; re-attaching and resyncing
-    FAILED = "failed"  # a failure ended it (the session's failure says which); close() remains
-    CLOSING = "closing"  # close() under way (or the caller walked away): a drop ends the reader
-    CLOSED = "closed"
-
-
-_TRANSITIONS: dict[State, frozenset[State]] = {
-    State.NEW: frozenset({State.OPEN, State.CLOSING}),
-    State.OPEN: frozenset({State.RECONNECTING, State.FAILED, State.CLOSING}),
-    State.RECONNECTING: frozenset({State.OPEN, State.FAILED, State.CLOSING}),
-    State.FAILED: frozenset({State.CLOSING}),
-    State.CLOSING: frozenset({State.CLOSED}),
-    State.CLOSED: frozenset(),
-}
 
 # Codes that end a session on this connection when not tied to a packet; codes a new session can
 # replace when the client still holds the whole stream.
@@ -409,10 +393,7 @@ class AsyncStreamSession:
     # -- state -----------------------------------------------------------------------------
 
     def _to(self, state: State) -> None:
-        """Move to ``state``; a move the table does not allow is a bug here, not the caller's."""
-        if state not in _TRANSITIONS[self._state]:
-            raise RuntimeError(f"session state {self._state.value} -> {state.value} is not allowed")
-        self._state = state
+        self._state = moved(self._state, state)
 
     @property
     def _ws(self) -> ClientConnection | None:

@@ -53,7 +53,7 @@ class SimulatedSensor:
         dy = self._rng.normal(0.0, max(h / 16, 1.0), n)
         x = np.rint(cx + dx).astype(np.int64) % w
         y = np.rint(cy + dy).astype(np.int64) % h
-        leading = dx * math.cos(angle) + dy * math.sin(angle) > 0
+        leading = np.asarray(dx * math.cos(angle) + dy * math.sin(angle) > 0)
         return x.astype(np.uint16), y.astype(np.uint16), leading.astype(np.uint8)
 
     def _window(self, start_us: int, span_us: int) -> Recording:

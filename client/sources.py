@@ -34,7 +34,6 @@ the server, which maps it onto the model's sensor.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -270,17 +269,16 @@ def load_dataset_sample(name: str, split: str = "test", index: int = 0,
         raise SourceError(f"data set {name!r} needs the project's data sets "
                           f"(evssm.models.data, installed with evssm[train]): {exc}") from exc
     try:
-        samples: Sequence[Any] = load_dataset(name, split, data_dir)
+        samples = load_dataset(name, split, data_dir)
     except (KeyError, ValueError, FileNotFoundError) as exc:
         raise SourceError(f"data set {name!r} split {split!r}: {exc}") from exc
     n = len(samples)
     if not -n <= index < n:
         raise SourceError(f"data set {name}/{split}: sample {index} out of range (holds {n})")
     rec, label = samples[index]
-    sensor = getattr(samples, "sensor", None)
+    sensor = samples.sensor
     return Sample(rec, label=label_of(label), name=f"{name}/{split}[{index}]", sensor=sensor,
-                  class_names=tuple(getattr(samples, "class_names", ()) or ()),
-                  geometry="extent" if sensor is None else "format")
+                  class_names=tuple(samples.class_names), geometry="format")
 
 
 def dataset_size(name: str, split: str = "test", data_dir: str | Path | None = None) -> int:

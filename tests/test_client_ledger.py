@@ -1,5 +1,6 @@
 """The session's bookkeeping without a socket: the replay ledger (what is kept, trimmed on
-snapshots, what a resync replays), the in-flight window, the result queue and packet merging.
+snapshots, what a resync replays), the in-flight window, the result queue, packet merging and the
+state table.
 
 The socket-level behaviour (drops, restarts, resumes) is in test_client_session.py."""
 
@@ -13,6 +14,7 @@ from evssm.client.errors import ProtocolError, ServerError, SessionExpired
 from evssm.client.ledger import ReplayLedger, Sent
 from evssm.client.protocol import Result, encode_events
 from evssm.client.resync import merge_packets
+from evssm.client.state import TRANSITIONS, State, moved
 from evssm.client.window import InFlight, ResultQueue
 from evssm.models.events import Recording
 
@@ -280,3 +282,14 @@ def test_merged_packets_carry_the_same_events_in_order() -> None:
     np.testing.assert_array_equal(got_t, t)
     np.testing.assert_array_equal(got_x, x)
     assert merge_packets([], 20) == []
+
+
+def test_every_state_can_close_and_closed_is_final() -> None:
+    for state in State:
+        if state is not State.CLOSED:
+            assert moved(moved(state, State.CLOSING) if state is not State.CLOSING else state,
+                         State.CLOSED) is State.CLOSED
+    assert TRANSITIONS[State.CLOSED] == frozenset()
+    for bad in ((State.NEW, State.RECONNECTING), (State.FAILED, State.OPEN), (State.CLOSED, State.OPEN)):
+        with pytest.raises(RuntimeError, match="not allowed"):
+            moved(*bad)

@@ -33,7 +33,8 @@ from evssm.client import (
     UnknownModel,
     packetize,
 )
-from evssm.client.errors import ConnectionLost, NothingInFlight
+from evssm.client.errors import ConnectionLost, NothingInFlight, SessionClosed
+from evssm.client.state import State
 from evssm.models.events import Recording, SensorSpec
 
 pytestmark = pytest.mark.timeout(120)
@@ -469,6 +470,26 @@ def test_resume_token_reattaches_to_the_same_state(server: FakeServer) -> None:
     last = run(main())
     assert last.events == 300
     assert_close(last.probs, offline_probs(rec))
+
+
+def test_session_states_from_open_to_closed(server: FakeServer) -> None:
+    async def main() -> list[State]:
+        s = AsyncStreamSession(server.url)
+        seen = [s.state]
+        await s.open()
+        seen.append(s.state)
+        async for _ in s.stream(packetize(make_recording(40), events=10)):
+            pass
+        seen.append(s.state)
+        await s.close()
+        seen.append(s.state)
+        with pytest.raises(SessionClosed):
+            await s.send(make_recording(5))
+        await s.close()  # a second close changes nothing
+        seen.append(s.state)
+        return seen
+
+    assert run(main()) == [State.NEW, State.OPEN, State.OPEN, State.CLOSED, State.CLOSED]
 
 
 def test_reset_starts_over(server: FakeServer) -> None:
