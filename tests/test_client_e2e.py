@@ -100,7 +100,7 @@ class DroppingProxy(LoopThread):
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        self._transports += [writer.transport, up_writer.transport]  # type: ignore[list-item]
+        self._transports += [writer.transport, up_writer.transport]
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             try:
@@ -243,7 +243,9 @@ def test_resume_token_from_a_new_client(server: dict[str, Any]) -> None:
     first.open()
     list(first.stream(packetize(rec.slice(0, half), events=200)))
     token = first.resume_token
-    first._run(first._s._ws.close())  # walk away without closing the server session
+    ws = first._s._ws
+    assert ws is not None
+    first._run(ws.close())  # walk away without closing the server session
     first._stop_loop()
     with StreamSession(server["ws"], resume=token) as second:
         assert second.info is not None and second.info.events == half

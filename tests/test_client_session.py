@@ -548,6 +548,7 @@ def test_stream_command_json(server: FakeServer, tmp_path: Any, capsys: Any) -> 
                  "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     probs = offline_probs(rec)
+    assert probs is not None
     assert out["events"] == 400 and out["packets"] == 8
     assert_close(out["probs"], probs)
     assert out["prediction"] == CLASSES[int(np.argmax(probs))]

@@ -66,6 +66,7 @@ def test_npy_npz_round_trip(tmp_path: Path, suffix: str, make: Any) -> None:
 
 def test_npz_with_a_structured_array_and_bool_polarity(tmp_path: Path) -> None:
     rec = rec_2d(50)
+    assert rec.y is not None and rec.p is not None
     arr = np.zeros(50, dtype=[("t", "<u8"), ("x", "<i2"), ("y", "<i2"), ("on", "?")])
     arr["t"], arr["x"], arr["y"], arr["on"] = rec.t, rec.x, rec.y, rec.p.astype(bool)
     np.savez(tmp_path / "s.npz", events=arr)
@@ -107,6 +108,7 @@ def test_bad_files_raise_source_error(tmp_path: Path) -> None:
 
 def test_dvs_gesture_npy_round_trip(tmp_path: Path) -> None:
     rec = rec_2d(400)
+    assert rec.y is not None and rec.p is not None
     # The common tools' layout: N x 4 columns x, y, p, t with t in milliseconds.
     arr = np.stack([rec.x, rec.y, rec.p, rec.t / 1000.0], axis=1).astype(np.float64)
     folder = tmp_path / "user01_fluorescent"
@@ -182,6 +184,7 @@ def test_hdf5_without_h5py_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 def faery_events(rec: Recording) -> np.ndarray:
     faery = pytest.importorskip("faery")
+    assert rec.y is not None and rec.p is not None
     arr = np.zeros(len(rec), faery.EVENTS_DTYPE)
     arr["t"], arr["x"], arr["y"], arr["on"] = rec.t, rec.x, rec.y, rec.p.astype(bool)
     return arr
@@ -260,6 +263,7 @@ def test_broken_camera_file_is_a_source_error(tmp_path: Path) -> None:
 def write_nmnist(path: Path, rec: Recording, overflow_after: int | None = None) -> None:
     """5 bytes per event: x, y, p << 7 | t >> 16, t >> 8, t (t < 2**23 us)."""
     rows = []
+    assert rec.y is not None and rec.p is not None
     for i, (t, x, y, p) in enumerate(zip(rec.t, rec.x, rec.y, rec.p, strict=True)):
         if i == overflow_after:  # the layout's overflow marker (y = 240): later t += 2**13
             rows.append(bytes([0, 240, 0, 0, 0]))
@@ -330,6 +334,7 @@ def test_simulated_sensor_rate_range_and_determinism(sensor: SensorSpec) -> None
     if sensor.kind == "1d":
         assert rec.y is None and rec.x.max() < 700
     else:
+        assert rec.y is not None and rec.p is not None
         assert rec.x.max() < 32 and rec.y.max() < 24 and set(np.unique(rec.p)) <= {0, 1}
     again = SimulatedSensor(sensor, 50_000, label=3, num_classes=5, seed=1).recording(2.0)
     assert_same(rec, again)
