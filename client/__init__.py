@@ -31,11 +31,12 @@ from .protocol import ModelInfo, Result, SessionInfo
 from .resync import Resume
 from .session import AsyncStreamSession
 from .sources import Sample, SimulatedSensor, open_source, save_events
+from .state import SessionState
 from .sync_session import StreamSession
 from .transport import ConnectFailed
 
 __all__ = [
-    "AsyncStreamSession", "StreamSession", "Resume", "Result", "SessionInfo", "ModelInfo",
+    "AsyncStreamSession", "StreamSession", "SessionState", "Resume", "Result", "SessionInfo", "ModelInfo",
     "classify", "aclassify", "list_models", "Classification",
     "Packet", "Pacer", "packetize", "paced", "apaced",
     "Sample", "SimulatedSensor", "open_source", "save_events",

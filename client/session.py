@@ -72,11 +72,11 @@ from .protocol import (
     sensor_declaration,
 )
 from .resync import Resume, Retries, lost_result, resync
-from .state import State, moved
+from .state import SessionState, moved
 from .transport import ConnectFailed, Transport, close_code
 from .window import InFlight, ResultQueue
 
-__all__ = ["AsyncStreamSession", "ConnectFailed", "Resume", "State"]
+__all__ = ["AsyncStreamSession", "ConnectFailed", "Resume", "SessionState"]
 
 
 # Codes that end a session on this connection when not tied to a packet; codes a new session can
@@ -161,7 +161,7 @@ class AsyncStreamSession:
         self.resumes: list[Resume] = []  # every re-attachment, in order
         self._resume = resume
         self._transport = Transport(self.url, headers=auth_headers(api_key), open_timeout=open_timeout)
-        self._state = State.NEW
+        self._state = SessionState.NEW
         self._failure: ClientError | None = None  # raised by every call once set
         self._reader: asyncio.Task[None] | None = None
         self._next_seq = 0
@@ -173,7 +173,7 @@ class AsyncStreamSession:
     # -- public API ------------------------------------------------------------------------
 
     @property
-    def state(self) -> State:
+    def state(self) -> SessionState:
         return self._state
 
     @property
@@ -207,7 +207,7 @@ class AsyncStreamSession:
 
     async def open(self) -> SessionInfo:
         """Connect and open the session (or resume it); returns the server's ``opened`` info."""
-        if self._state is State.CLOSED:
+        if self._state is SessionState.CLOSED:
             raise SessionClosed("the session is closed")
         if self.info is not None:
             return self.info
@@ -222,7 +222,7 @@ class AsyncStreamSession:
         await self._transport.adopt(ws)
         self.info = info
         self._ledger.start(info.events + info.cropped, info.durable)  # events sent: kept + cropped
-        self._to(State.OPEN)
+        self._to(SessionState.OPEN)
         self._reader = asyncio.create_task(self._read_loop(), name=f"evssm-reader-{info.session}")
         return info
 
@@ -239,11 +239,11 @@ class AsyncStreamSession:
         while True:
             changed = self._wait_token()
             self._raise_if_failed()
-            if self._window.full or self._state is not State.OPEN:
+            if self._window.full or self._state is not SessionState.OPEN:
                 await changed.wait()
                 continue
             async with self._send_lock:
-                if self._window.full or self._state is not State.OPEN:
+                if self._window.full or self._state is not SessionState.OPEN:
                     continue
                 seq = self._next_seq
                 self._next_seq += 1
@@ -349,11 +349,11 @@ class AsyncStreamSession:
         while True:
             changed = self._wait_token()
             self._raise_if_failed()
-            if self._window or self._state is not State.OPEN:
+            if self._window or self._state is not SessionState.OPEN:
                 await changed.wait()
                 continue
             async with self._send_lock:
-                if self._window or self._state is not State.OPEN:
+                if self._window or self._state is not SessionState.OPEN:
                     continue
                 self._ledger.reset_sent()
                 await self._transport.send(encode_message("reset"))
@@ -361,10 +361,10 @@ class AsyncStreamSession:
 
     async def close(self) -> None:
         """End the session on the server and close the connection. Unread results are dropped."""
-        if self._state is State.CLOSED:
+        if self._state is SessionState.CLOSED:
             return
-        if self._state is not State.CLOSING:
-            self._to(State.CLOSING)
+        if self._state is not SessionState.CLOSING:
+            self._to(SessionState.CLOSING)
         ws = self._transport.ws
         if ws is not None:
             try:
@@ -378,7 +378,7 @@ class AsyncStreamSession:
                 await self._reader
             except (asyncio.CancelledError, Exception):
                 pass
-        self._to(State.CLOSED)
+        self._to(SessionState.CLOSED)
         if self._failure is None:
             self._failure = SessionClosed("the session is closed")
         self._notify()
@@ -392,7 +392,7 @@ class AsyncStreamSession:
 
     # -- state -----------------------------------------------------------------------------
 
-    def _to(self, state: State) -> None:
+    def _to(self, state: SessionState) -> None:
         self._state = moved(self._state, state)
 
     @property
@@ -401,14 +401,14 @@ class AsyncStreamSession:
 
     @property
     def _closing(self) -> bool:
-        return self._state in (State.CLOSING, State.CLOSED)
+        return self._state in (SessionState.CLOSING, SessionState.CLOSED)
 
     @_closing.setter
     def _closing(self, value: bool) -> None:
         """``True``: walk away without closing the server's session (the connection may then be
         dropped without a reconnect; tests use it to leave a session for a resume)."""
         if value and not self._closing:
-            self._to(State.CLOSING)
+            self._to(SessionState.CLOSING)
 
     def _notify(self) -> None:
         """Wake every waiter: set the current event and start a new one for later waiters."""
@@ -432,8 +432,8 @@ class AsyncStreamSession:
     def _fail(self, exc: ClientError) -> None:
         if self._failure is None:
             self._failure = exc
-        if self._state in (State.OPEN, State.RECONNECTING):
-            self._to(State.FAILED)
+        if self._state in (SessionState.OPEN, SessionState.RECONNECTING):
+            self._to(SessionState.FAILED)
         self._notify()
 
     async def _next_result(self) -> Result:
@@ -507,7 +507,7 @@ class AsyncStreamSession:
 
     async def _reconnect(self, cause: BaseException) -> None:
         """Re-attach to the same session after a drop and resend what the server lacks."""
-        self._to(State.RECONNECTING)
+        self._to(SessionState.RECONNECTING)
         self._notify()
         last: BaseException = cause
         assert self.info is not None and self._send_lock is not None
@@ -542,8 +542,8 @@ class AsyncStreamSession:
                     last = exc
                     continue
                 self.info = info
-                if self._state is State.RECONNECTING:
-                    self._to(State.OPEN)
+                if self._state is SessionState.RECONNECTING:
+                    self._to(SessionState.OPEN)
             self.reconnects += 1
             self.resumes.append(resume)
             self._notify()

@@ -12,7 +12,7 @@ from __future__ import annotations
 from enum import Enum
 
 
-class State(Enum):
+class SessionState(Enum):
     """Where a session is. ``send`` and ``reset`` go out only when ``OPEN``; every other state
     makes them wait (``NEW``, ``RECONNECTING``, ``CLOSING``) or raise (``FAILED``, ``CLOSED``)."""
 
@@ -24,17 +24,17 @@ class State(Enum):
     CLOSED = "closed"
 
 
-TRANSITIONS: dict[State, frozenset[State]] = {
-    State.NEW: frozenset({State.OPEN, State.CLOSING}),
-    State.OPEN: frozenset({State.RECONNECTING, State.FAILED, State.CLOSING}),
-    State.RECONNECTING: frozenset({State.OPEN, State.FAILED, State.CLOSING}),
-    State.FAILED: frozenset({State.CLOSING}),
-    State.CLOSING: frozenset({State.CLOSED}),
-    State.CLOSED: frozenset(),
+TRANSITIONS: dict[SessionState, frozenset[SessionState]] = {
+    SessionState.NEW: frozenset({SessionState.OPEN, SessionState.CLOSING}),
+    SessionState.OPEN: frozenset({SessionState.RECONNECTING, SessionState.FAILED, SessionState.CLOSING}),
+    SessionState.RECONNECTING: frozenset({SessionState.OPEN, SessionState.FAILED, SessionState.CLOSING}),
+    SessionState.FAILED: frozenset({SessionState.CLOSING}),
+    SessionState.CLOSING: frozenset({SessionState.CLOSED}),
+    SessionState.CLOSED: frozenset(),
 }
 
 
-def moved(state: State, to: State) -> State:
+def moved(state: SessionState, to: SessionState) -> SessionState:
     """``to``, when the table allows the move from ``state``; a move it does not allow is a bug in
     the session, not its caller's."""
     if to not in TRANSITIONS[state]:

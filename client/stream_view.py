@@ -15,7 +15,7 @@ from .udp import UdpStats
 
 
 class View:
-    """State of a streaming run and its rich rendering."""
+    """SessionState of a streaming run and its rich rendering."""
 
     def __init__(self, sample: Sample, info: SessionInfo, url: str, speed: float | None, top: int,
                  live: UdpStats | None = None):

@@ -14,7 +14,7 @@ from evssm.client.errors import ProtocolError, ServerError, SessionExpired
 from evssm.client.ledger import ReplayLedger, Sent
 from evssm.client.protocol import Result, encode_events
 from evssm.client.resync import merge_packets
-from evssm.client.state import TRANSITIONS, State, moved
+from evssm.client.state import TRANSITIONS, SessionState, moved
 from evssm.client.window import InFlight, ResultQueue
 from evssm.models.events import Recording
 
@@ -285,11 +285,12 @@ def test_merged_packets_carry_the_same_events_in_order() -> None:
 
 
 def test_every_state_can_close_and_closed_is_final() -> None:
-    for state in State:
-        if state is not State.CLOSED:
-            assert moved(moved(state, State.CLOSING) if state is not State.CLOSING else state,
-                         State.CLOSED) is State.CLOSED
-    assert TRANSITIONS[State.CLOSED] == frozenset()
-    for bad in ((State.NEW, State.RECONNECTING), (State.FAILED, State.OPEN), (State.CLOSED, State.OPEN)):
+    S = SessionState
+    for state in S:
+        if state is not S.CLOSED:
+            closing = state if state is S.CLOSING else moved(state, S.CLOSING)
+            assert moved(closing, S.CLOSED) is S.CLOSED
+    assert TRANSITIONS[S.CLOSED] == frozenset()
+    for bad in ((S.NEW, S.RECONNECTING), (S.FAILED, S.OPEN), (S.CLOSED, S.OPEN)):
         with pytest.raises(RuntimeError, match="not allowed"):
             moved(*bad)

@@ -34,7 +34,7 @@ from evssm.client import (
     packetize,
 )
 from evssm.client.errors import ConnectionLost, NothingInFlight, SessionClosed
-from evssm.client.state import State
+from evssm.client.state import SessionState
 from evssm.models.events import Recording, SensorSpec
 
 pytestmark = pytest.mark.timeout(120)
@@ -473,7 +473,7 @@ def test_resume_token_reattaches_to_the_same_state(server: FakeServer) -> None:
 
 
 def test_session_states_from_open_to_closed(server: FakeServer) -> None:
-    async def main() -> list[State]:
+    async def main() -> list[SessionState]:
         s = AsyncStreamSession(server.url)
         seen = [s.state]
         await s.open()
@@ -489,7 +489,8 @@ def test_session_states_from_open_to_closed(server: FakeServer) -> None:
         seen.append(s.state)
         return seen
 
-    assert run(main()) == [State.NEW, State.OPEN, State.OPEN, State.CLOSED, State.CLOSED]
+    S = SessionState
+    assert run(main()) == [S.NEW, S.OPEN, S.OPEN, S.CLOSED, S.CLOSED]
 
 
 def test_reset_starts_over(server: FakeServer) -> None:
