@@ -86,7 +86,10 @@ def _row(sample: Sample, result: Classification, model: ModelInfo | None, top: i
     classes = model.classes if model is not None else ()
     probs = result.probs or []  # None: too short for one output window, no prediction
     order = sorted(range(len(probs)), key=lambda i: -probs[i])
-    name = lambda i: classes[i] if i < len(classes) else i  # noqa: E731
+
+    def name(i: int) -> Any:
+        return classes[i] if i < len(classes) else i
+
     prediction = result.label if result.label is not None else (name(order[0]) if order else None)
     return {
         "source": sample.name,
@@ -169,9 +172,9 @@ def _print_table(report: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(title=f"evssm classify — model {report['model']}", header_style="bold")
-    for column, justify in (("source", "left"), ("events", "right"), ("label", "left"),
-                            ("prediction", "left"), ("p", "right"), ("top classes", "left")):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    right = ("events", "p")
+    for column in ("source", "events", "label", "prediction", "p", "top classes"):
+        table.add_column(column, justify="right" if column in right else "left")
     for r in report["results"]:
         mark = {True: "[green]✓[/] ", False: "[red]✗[/] ", None: ""}[r["correct"]]
         table.add_row(r["source"], f"{r['events']:,}", str(r["label_name"] or "-"),

@@ -91,7 +91,10 @@ class View:
                              f"{self.answered:,}/{self.total:,} events",
                              f"{rec_pos:6.2f}/{self.span_s:.2f} s of recording",
                              f"wall {wall:6.2f} s", self._speed_text())
-        fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+
+        def fmt(v: float | None) -> str:
+            return "-" if v is None else f"{v:.1f}"
+
         stats = Text(f"events/s {self.meter.rate():>10,.0f}   latency ms last {fmt(last_ms)}  "
                      f"p50 {fmt(lat['p50'])}  p95 {fmt(lat['p95'])}  p99 {fmt(lat['p99'])}   "
                      f"packets {self.packets:,}   reconnects {self.reconnects}")

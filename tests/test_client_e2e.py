@@ -29,6 +29,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
+# noqa: E402 below: the imports follow the skips, so the file skips cleanly without the server extra.
 
 from conftest import LoopThread, free_port, stop_process, wait_process_ready  # noqa: E402
 from numeric import assert_close  # noqa: E402

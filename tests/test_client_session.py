@@ -462,7 +462,9 @@ def test_resume_token_reattaches_to_the_same_state(server: FakeServer) -> None:
             pass
         token = s1.resume_token
         s1._closing = True  # walk away without closing the server session
-        await s1._ws.close()  # type: ignore[union-attr]
+        ws = s1._ws
+        assert ws is not None
+        await ws.close()
         async with AsyncStreamSession(server.url, resume=token) as s2:
             assert s2.info is not None and s2.info.events == 120
             return [r async for r in s2.stream(packetize(b, events=40))][-1]

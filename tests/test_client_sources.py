@@ -310,7 +310,7 @@ def test_dataset_source(monkeypatch: pytest.MonkeyPatch) -> None:
         return Split([(r, i % 3) for i, r in enumerate(recs)])
 
     fake = types.ModuleType("evssm.models.data")
-    fake.load_dataset = load_dataset  # type: ignore[attr-defined]
+    fake.load_dataset = load_dataset  # type: ignore[attr-defined]  # a stand-in module, set by hand
     monkeypatch.setitem(sys.modules, "evssm.models.data", fake)
     sample = open_source("dataset:tiny", index=2, split="train", data_dir="/d")
     assert calls[-1] == ("tiny", "train", "/d")
