@@ -171,6 +171,36 @@ def test_hdf5_float16_times_are_widened_before_scaling(tmp_path: Path) -> None:
     np.testing.assert_array_equal(got, [500000, 999512])
 
 
+def test_the_client_reads_shd_as_the_data_sets_do(tmp_path: Path) -> None:
+    """One SHD reader: a sample the client streams is the data set's sample, event for event."""
+    pytest.importorskip("h5py")
+    from evssm.models.data import load_dataset
+    from evssm.models.data.shd import write_spikes_h5
+
+    rng = np.random.default_rng(5)
+    times = [rng.uniform(0, 1, n) for n in (30, 0, 12)]
+    units = [rng.integers(0, 700, t.size) for t in times]
+    (tmp_path / "shd").mkdir()
+    write_spikes_h5(tmp_path / "shd" / "shd_test.h5", times, units, [3, 0, 19],
+                    [f"w{i}" for i in range(20)])
+    data_set = load_dataset("shd", "test", tmp_path)
+    for i in range(len(data_set)):
+        rec, label = data_set[i]
+        sample = open_source(str(tmp_path / "shd" / "shd_test.h5"), index=i)
+        assert_same(sample.recording, rec)
+        assert sample.label == label and sample.label_name() == data_set.class_names[label]
+
+
+def test_an_shd_channel_beyond_the_sensor_is_named(tmp_path: Path) -> None:
+    pytest.importorskip("h5py")
+    from evssm.models.data.shd import write_spikes_h5
+
+    path = tmp_path / "bad.h5"
+    write_spikes_h5(path, [np.array([0.1, 0.2])], [np.array([3, 700])], [0], ["a"])
+    with pytest.raises(SourceError, match="channel 700"):
+        open_source(str(path))
+
+
 def test_hdf5_without_h5py_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "x.h5"
     path.write_bytes(b"")
