@@ -144,7 +144,6 @@ class AsyncStreamSession:
         self.url = endpoint_url(url, "stream")
         self.model = model
         self.top_k = top_k
-        self.max_in_flight = max_in_flight
         self.reconnect = reconnect
         self.max_reconnect_attempts = max_reconnect_attempts
         self.reconnect_timeout = reconnect_timeout
@@ -175,6 +174,11 @@ class AsyncStreamSession:
     @property
     def state(self) -> SessionState:
         return self._state
+
+    @property
+    def max_in_flight(self) -> int:
+        """Most packets sent and not yet answered; ``send`` waits beyond that."""
+        return self._window.limit
 
     @property
     def session_id(self) -> str | None:
