@@ -28,11 +28,15 @@ from .errors import (
 from .http_api import Classification, aclassify, classify, list_models
 from .packets import Pacer, Packet, apaced, paced, packetize
 from .protocol import ModelInfo, Result, SessionInfo
-from .session import AsyncStreamSession, ConnectFailed, Resume, StreamSession
+from .resync import Resume
+from .session import AsyncStreamSession
 from .sources import Sample, SimulatedSensor, open_source, save_events
+from .state import SessionState
+from .sync_session import StreamSession
+from .transport import ConnectFailed
 
 __all__ = [
-    "AsyncStreamSession", "StreamSession", "Resume", "Result", "SessionInfo", "ModelInfo",
+    "AsyncStreamSession", "StreamSession", "SessionState", "Resume", "Result", "SessionInfo", "ModelInfo",
     "classify", "aclassify", "list_models", "Classification",
     "Packet", "Pacer", "packetize", "paced", "apaced",
     "Sample", "SimulatedSensor", "open_source", "save_events",

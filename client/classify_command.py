@@ -18,23 +18,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .cli_options import add_server_options, add_source_arguments, check_sensor, explain, transform_of
 from .errors import ClientError, SourceError, error_line, exit_code
 from .http_api import Classification, classify, list_models
 from .protocol import ModelInfo
 from .sources import Sample, open_source, source_count
-from .stream_command import DEFAULT_URL, add_source_arguments, check_sensor, explain, transform_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     explain(parser, __doc__)
     parser.add_argument("files", nargs="+", metavar="FILES",
                         help="event files, dataset:NAME or sim[:...] sources")
-    parser.add_argument("--url", default=DEFAULT_URL,
-                        help="server, http://HOST:PORT or ws://HOST:PORT (env EVSSM_URL)")
-    parser.add_argument("--model", default=None, help="model name (default: the server's)")
-    parser.add_argument("--api-key", default=None, metavar="KEY",
-                        help="API key of a server started with --api-keys (default: $EVSSM_API_KEY; "
-                             "prefer the variable, options show in process lists)")
+    add_server_options(parser)
     parser.add_argument("--index", default="0", metavar="SPEC",
                         help="samples of many-sample sources: N, a list 0,3,10-19, or all")
     add_source_arguments(parser)
@@ -91,7 +86,10 @@ def _row(sample: Sample, result: Classification, model: ModelInfo | None, top: i
     classes = model.classes if model is not None else ()
     probs = result.probs or []  # None: too short for one output window, no prediction
     order = sorted(range(len(probs)), key=lambda i: -probs[i])
-    name = lambda i: classes[i] if i < len(classes) else i  # noqa: E731
+
+    def name(i: int) -> Any:
+        return classes[i] if i < len(classes) else i
+
     prediction = result.label if result.label is not None else (name(order[0]) if order else None)
     return {
         "source": sample.name,
@@ -133,10 +131,11 @@ def run(args: argparse.Namespace) -> int:
         samples = _load_samples(args, model)
         started = time.monotonic()
         transform = transform_of(args)
-        for s in samples if model is not None else ():
-            problem = check_sensor(s.recording, model.sensor, s.declared_sensor)
-            if problem:
-                raise SourceError(f"{s.name}: {problem}")
+        if model is not None:
+            for s in samples:
+                problem = check_sensor(s.recording, model.sensor, s.declared_sensor)
+                if problem:
+                    raise SourceError(f"{s.name}: {problem}")
         undeclared = [s.name for s in samples if s.declared_sensor is None]
         if transform is not None and undeclared:
             raise SourceError(f"{undeclared[0]}: the file does not state its sensor geometry; "
@@ -149,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     except ClientError as exc:
         print(f"evssm classify: {error_line(exc)}", file=sys.stderr)
         return exit_code(exc)
-    rows = [_row(s, r, model, args.top) for s, r in zip(samples, results)]
+    rows = [_row(s, r, model, args.top) for s, r in zip(samples, results, strict=True)]
     judged = [r["correct"] for r in rows if r["correct"] is not None]
     events = sum(r["events"] for r in rows)
     report = {
@@ -173,9 +172,9 @@ def _print_table(report: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(title=f"evssm classify — model {report['model']}", header_style="bold")
-    for column, justify in (("source", "left"), ("events", "right"), ("label", "left"),
-                            ("prediction", "left"), ("p", "right"), ("top classes", "left")):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    right = ("events", "p")
+    for column in ("source", "events", "label", "prediction", "p", "top classes"):
+        table.add_column(column, justify="right" if column in right else "left")
     for r in report["results"]:
         mark = {True: "[green]✓[/] ", False: "[red]✗[/] ", None: ""}[r["correct"]]
         table.add_row(r["source"], f"{r['events']:,}", str(r["label_name"] or "-"),

@@ -8,7 +8,16 @@ the subclass from the code, so callers can ``except InvalidEvents`` or test ``er
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 from evssm.models.wire import Code
+
+
+class ClientCode(StrEnum):
+    """Codes the client gives errors the server did not name (beside the contract's :class:`Code`)."""
+
+    RESUME_MISMATCH = "resume_mismatch"  # a resumed session's count matches no packet boundary
+    UNAVAILABLE = "unavailable"  # HTTP 503 or close code 1013 without an error frame
 
 
 class ClientError(Exception):
@@ -58,7 +67,7 @@ class SessionExpired(ServerError):
 
 
 # Codes of the contract mapped to the subclass that carries them; other codes (no_session,
-# internal_error, ...) get ServerError itself. resume_mismatch is the client's own (session.py).
+# internal_error, ...) get ServerError itself.
 _CODE_CLASSES: dict[str, type[ServerError]] = {
     **dict.fromkeys(
         (Code.MALFORMED_FRAME, Code.UNKNOWN_TYPE, Code.INVALID_FIELD, Code.MISSING_COLUMN,
@@ -71,7 +80,7 @@ _CODE_CLASSES: dict[str, type[ServerError]] = {
     **dict.fromkeys((Code.NOT_READY, Code.DRAINING, Code.BUSY, Code.STORE_UNAVAILABLE), ServerUnavailable),
     Code.UNAUTHORIZED: Unauthorized,
     **dict.fromkeys((Code.UNKNOWN_SESSION, Code.SESSION_EXPIRED, Code.SESSION_RESUMED_ELSEWHERE,
-                     Code.SNAPSHOT_INCOMPATIBLE, "resume_mismatch"), SessionExpired),
+                     Code.SNAPSHOT_INCOMPATIBLE, ClientCode.RESUME_MISMATCH), SessionExpired),
 }
 
 

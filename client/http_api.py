@@ -19,7 +19,7 @@ import msgpack
 from evssm.models.events import Recording, SensorSpec
 from evssm.models.wire import MSGPACK, MSGPACK_TYPES
 
-from .errors import ClientError, ConnectionLost, ProtocolError, ServerUnavailable, server_error
+from .errors import ClientCode, ClientError, ConnectionLost, ProtocolError, ServerUnavailable, server_error
 from .protocol import ModelInfo, auth_headers, endpoint_url, event_columns, sensor_declaration
 
 _HEADERS = {"content-type": MSGPACK, "accept": MSGPACK}
@@ -63,7 +63,7 @@ def _raise_for(response: httpx.Response) -> None:
         # FastAPI's own errors put a list or dict under "detail"; ours put a code under "error".
         raise server_error(str(code), str(body.get("message", "")), status=response.status_code)
     if response.status_code == 503:
-        raise ServerUnavailable("unavailable", response.text[:200], status=503)
+        raise ServerUnavailable(ClientCode.UNAVAILABLE, response.text[:200], status=503)
     raise server_error(f"http_{response.status_code}", response.text[:500],
                        status=response.status_code)
 
@@ -72,7 +72,7 @@ def _request_body(recordings: Sequence[Recording], model: str | None, binary: bo
                   sensors: Sequence[SensorSpec | None] | None = None,
                   transform: Mapping[str, Any] | None = None) -> bytes:
     streams = [event_columns(r, binary=binary) for r in recordings]
-    for stream, sensor in zip(streams, sensors or ()):
+    for stream, sensor in zip(streams, sensors or (), strict=False):  # no sensors: none declared
         if sensor is not None:
             stream["sensor"] = sensor_declaration(sensor)
     body: dict[str, Any] = {"streams": streams}

@@ -16,6 +16,9 @@ load generator's own CPU use (all its processes): near one full core per process
 not the server, may be the bottleneck.
 """
 
+# About 400 lines as one module on purpose: the options, one session's driver, the spread over
+# processes and the report are one measurement, read together.
+
 from __future__ import annotations
 
 import argparse
@@ -33,13 +36,14 @@ from typing import Any
 from evssm import __version__
 from evssm.models.dataset_facts import SHD_CHANNELS
 
+from .cli_options import add_server_options, explain
 from .errors import ClientError, ConnectionLost, ServerError, error_line, exit_code
 from .packets import Packet
 from .protocol import Result, SessionInfo, endpoint_url
 from .session import AsyncStreamSession
 from .sources import SensorSpec, SimulatedSensor
 from .stats import percentiles_ms
-from .stream_command import DEFAULT_URL, RECONNECT_BACKOFF_S, RECONNECT_TIMEOUT_S, explain
+from .stream_command import RECONNECT_BACKOFF_S, RECONNECT_TIMEOUT_S
 
 MAX_RATE_TIMESTAMPS = 100_000.0  # event rate written into timestamps when --rate max
 
@@ -55,12 +59,7 @@ def _rate(value: str) -> float | None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     explain(parser, __doc__)
-    parser.add_argument("--url", default=DEFAULT_URL,
-                        help="server, ws://HOST:PORT (env EVSSM_URL sets the default)")
-    parser.add_argument("--model", default=None, help="model name (default: the server's)")
-    parser.add_argument("--api-key", default=None, metavar="KEY",
-                        help="API key of a server started with --api-keys (default: $EVSSM_API_KEY; "
-                             "prefer the variable, options show in process lists)")
+    add_server_options(parser)
     parser.add_argument("--sessions", type=int, default=8, help="concurrent sessions N")
     parser.add_argument("--rate", type=_rate, default=10000.0, metavar="EVENTS_PER_S",
                         help="events per second each session offers in real time, or 'max'")
@@ -310,8 +309,8 @@ def _spread(args: argparse.Namespace) -> tuple[list[SessionReport], list[float],
         done = list(pool.map(_worker, [args] * workers, shares, [start] * workers))
     wall = time.time() - start
     reports: list[SessionReport | None] = [None] * args.sessions
-    for share, (part, _) in zip(shares, done):
-        for i, report in zip(share, part):
+    for share, (part, _) in zip(shares, done, strict=True):
+        for i, report in zip(share, part, strict=True):
             reports[i] = report
     return [r for r in reports if r is not None], [cpu for _, cpu in done], wall
 

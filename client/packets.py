@@ -62,7 +62,7 @@ def packetize(rec: Recording, *, events: int | None = None, window_us: int | Non
     starts = np.concatenate(([0], np.flatnonzero(np.diff(window)) + 1))
     stops = np.concatenate((starts[1:], [n]))
     index = 0
-    for start, stop in zip(starts.tolist(), stops.tolist()):
+    for start, stop in zip(starts.tolist(), stops.tolist(), strict=True):
         due = t0 + (int(window[start]) + 1) * window_us
         step = stop - start if max_events is None else max_events
         for a in range(start, stop, step):

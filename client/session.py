@@ -28,37 +28,38 @@ Typical use::
             ...
 """
 
+# Over 400 lines on purpose: this is the session's public API (open, send, recv, poll, drain,
+# results, stream, reset, close, each documented) and the reader task that owns the connection's
+# lifetime. Its parts live beside it: transport.py (the socket), window.py (in-flight packets and
+# unread answers), ledger.py (the replay ledger), resync.py (the resync policy), state.py.
+
 from __future__ import annotations
 
 import asyncio
-import collections
-import threading
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
+from typing import Any
 
 import msgpack
-import numpy as np
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
 
 from evssm.models.events import Recording, SensorSpec
-from evssm.models.wire import CLOSE_POLICY_VIOLATION, CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER, Code
+from evssm.models.wire import CLOSE_TRY_AGAIN_LATER, Code
 
 from .errors import (
+    ClientCode,
     ClientError,
     ConnectionLost,
     NothingInFlight,
     ProtocolError,
     ServerError,
-    ServerFull,
     ServerUnavailable,
     SessionClosed,
     SessionExpired,
-    Unauthorized,
     server_error,
 )
+from .ledger import ReplayLedger, Sent
 from .packets import Packet
 from .protocol import (
     Result,
@@ -70,45 +71,17 @@ from .protocol import (
     event_columns,
     sensor_declaration,
 )
+from .resync import Resume, Retries, lost_result, resync
+from .state import SessionState, moved
+from .transport import ConnectFailed, Transport, close_code
+from .window import InFlight, ResultQueue
 
-T = TypeVar("T")
-
-_EMPTY_COLUMNS = {"t": b"", "x": b""}
-
-
-class ConnectFailed(ConnectionLost):
-    """The server could not be reached (refused, timed out, or the handshake failed)."""
+__all__ = ["AsyncStreamSession", "ConnectFailed", "Resume", "SessionState"]
 
 
-@dataclass
-class _Pending:
-    """A packet sent but not yet answered, kept so it can be resent after a reconnect (and, once
-    answered, kept for a replay until a snapshot covers it)."""
-
-    seq: int
-    frame: bytes
-    n: int
-    sent_at: float
-    recovering: bool = False  # an empty stand-in asking for a processed packet's lost answer
-
-
-@dataclass(frozen=True)
-class Resume:
-    """One re-attachment of a session after its connection dropped.
-
-    ``events`` is the server's count for the session when it re-attached (events sent, kept or
-    cropped by a declared geometry); ``restored`` says it came from a snapshot (the server had
-    restarted, or another replica took the session over); ``new_session`` that the session was
-    gone and a new one was opened to replay the stream from its start. ``replayed`` events had been answered before and were sent again (the part the
-    snapshot did not cover); ``resent`` packets were in flight and sent again.
-    """
-
-    at: float  # Unix time
-    events: int
-    restored: bool
-    new_session: bool
-    replayed: int
-    resent: int
+# Codes that end a session on this connection when not tied to a packet; codes a new session can
+# replace when the client still holds the whole stream.
+_GONE = (Code.UNKNOWN_SESSION, Code.SNAPSHOT_INCOMPATIBLE)
 
 
 def _as_recording(packet: Recording | Packet | Any) -> Recording:
@@ -165,14 +138,12 @@ class AsyncStreamSession:
                  sensor: SensorSpec | None = None, transform: Mapping[str, Any] | None = None,
                  max_replay_events: int = 1 << 22, replay_packet_events: int = 16384,
                  api_key: str | None = None):
-        if max_in_flight < 1:
-            raise ValueError("max_in_flight must be >= 1")
+        self._window = InFlight(max_in_flight)
         if replay_packet_events < 1 or max_replay_events < 0:
             raise ValueError("replay_packet_events must be >= 1 and max_replay_events >= 0")
         self.url = endpoint_url(url, "stream")
         self.model = model
         self.top_k = top_k
-        self.max_in_flight = max_in_flight
         self.reconnect = reconnect
         self.max_reconnect_attempts = max_reconnect_attempts
         self.reconnect_timeout = reconnect_timeout
@@ -184,35 +155,30 @@ class AsyncStreamSession:
         self.transform = None if transform is None else dict(transform)
         self.max_replay_events = max_replay_events
         self.replay_packet_events = replay_packet_events
-        self._headers = auth_headers(api_key)
         self.info: SessionInfo | None = None
         self.reconnects = 0  # successful re-attachments so far
         self.resumes: list[Resume] = []  # every re-attachment, in order
         self._resume = resume
-        self._ws: ClientConnection | None = None
-        self._connected = False
-        self._closing = False
-        self._closed = False
-        self._failure: ClientError | None = None
+        self._transport = Transport(self.url, headers=auth_headers(api_key), open_timeout=open_timeout)
+        self._state = SessionState.NEW
+        self._failure: ClientError | None = None  # raised by every call once set
         self._reader: asyncio.Task[None] | None = None
         self._next_seq = 0
-        self._pending: collections.deque[_Pending] = collections.deque()
-        self._results: collections.deque[Result | ServerError] = collections.deque()
-        self._acked_events = 0  # the server's event count after the last answered packet
-        self._unconfirmed_reset: int | None = None  # event count before a reset not yet confirmed
-        # Answered packets after the last snapshot (``_durable`` events of the current stream);
-        # they end at ``_acked_events``. ``_durable`` None: the server keeps no snapshots.
-        self._kept: collections.deque[_Pending] = collections.deque()
-        self._kept_events = 0
-        self._kept_dropped = False  # the replay buffer overflowed at least once
-        self._durable: int | None = None
-        # A reset was sent and no snapshot of the new stream is known yet: a restored state may
-        # predate the reset.
-        self._reset_unsnapshotted = False
+        self._results = ResultQueue()
+        self._ledger = ReplayLedger(max_replay_events)
         self._send_lock: asyncio.Lock | None = None
         self._changed: asyncio.Event | None = None  # replaced on every notify (see _notify)
 
     # -- public API ------------------------------------------------------------------------
+
+    @property
+    def state(self) -> SessionState:
+        return self._state
+
+    @property
+    def max_in_flight(self) -> int:
+        """Most packets sent and not yet answered; ``send`` waits beyond that."""
+        return self._window.limit
 
     @property
     def session_id(self) -> str | None:
@@ -225,41 +191,42 @@ class AsyncStreamSession:
     @property
     def acked_events(self) -> int:
         """Events of the stream the server has answered: its count, cropped events included."""
-        return self._acked_events
+        return self._ledger.acked
 
     @property
     def in_flight(self) -> int:
         """Packets sent and not yet answered by the server."""
-        return len(self._pending)
+        return len(self._window)
 
     @property
     def durable(self) -> int | None:
         """Events of the current stream covered by the server's last snapshot of the session
         (None: the server keeps no snapshots)."""
-        return self._durable
+        return self._ledger.durable
 
     @property
     def replay_events(self) -> int:
         """Answered events kept for a replay after a restart (those after :attr:`durable`)."""
-        return self._kept_events
+        return self._ledger.kept_events
 
     async def open(self) -> SessionInfo:
         """Connect and open the session (or resume it); returns the server's ``opened`` info."""
-        if self._closed:
+        if self._state is SessionState.CLOSED:
             raise SessionClosed("the session is closed")
         if self.info is not None:
             return self.info
         self._send_lock = asyncio.Lock()
         self._changed = asyncio.Event()
-        ws = await self._connect()
+        ws = await self._transport.connect()
         try:
-            info = await self._handshake(ws, self._resume)
+            info = await self._transport.handshake(ws, self._open_frame(self._resume))
         except BaseException:
             await ws.close()
             raise
-        self._ws, self.info, self._connected = ws, info, True
-        self._acked_events = info.events + info.cropped  # events sent: kept + cropped
-        self._durable = info.durable
+        await self._transport.adopt(ws)
+        self.info = info
+        self._ledger.start(info.events + info.cropped, info.durable)  # events sent: kept + cropped
+        self._to(SessionState.OPEN)
         self._reader = asyncio.create_task(self._read_loop(), name=f"evssm-reader-{info.session}")
         return info
 
@@ -276,17 +243,17 @@ class AsyncStreamSession:
         while True:
             changed = self._wait_token()
             self._raise_if_failed()
-            if len(self._pending) >= self.max_in_flight or not self._connected:
+            if self._window.full or self._state is not SessionState.OPEN:
                 await changed.wait()
                 continue
             async with self._send_lock:
-                if len(self._pending) >= self.max_in_flight or not self._connected:
+                if self._window.full or self._state is not SessionState.OPEN:
                     continue
                 seq = self._next_seq
                 self._next_seq += 1
                 frame = msgpack.packb({"type": "events", "seq": seq, **columns})
-                self._pending.append(_Pending(seq, frame, n, time.perf_counter()))
-                await self._send_frame(frame)
+                self._window.add(Sent(seq, frame, n, time.perf_counter()))
+                await self._transport.send(frame)
                 return seq
 
     async def recv(self, timeout: float | None = None) -> Result:
@@ -303,15 +270,7 @@ class AsyncStreamSession:
     def poll(self) -> list[Result]:
         """The results that have arrived, without waiting. An error at the head is raised; one
         behind results is kept for the next call, so no result is lost."""
-        out: list[Result] = []
-        while self._results:
-            item = self._results[0]
-            if isinstance(item, ServerError):
-                if out:
-                    break
-                self._results.popleft()
-                raise item
-            out.append(self._results.popleft())  # type: ignore[arg-type]
+        out = self._results.poll()
         if not out:
             self._raise_if_failed()
         return out
@@ -323,8 +282,8 @@ class AsyncStreamSession:
         """
         async def collect() -> list[Result]:
             out: list[Result] = []
-            while self._pending or self._results:
-                if out and self._results and isinstance(self._results[0], ServerError):
+            while self._window or self._results:
+                if out and self._results.error_next:
                     break
                 out.append(await self._next_result())
             return out
@@ -333,7 +292,7 @@ class AsyncStreamSession:
 
     async def results(self) -> AsyncIterator[Result]:
         """Iterate over results until every packet sent so far is answered."""
-        while self._pending or self._results:
+        while self._window or self._results:
             yield await self._next_result()
 
     async def stream(self, packets: Iterable[Recording | Packet] | AsyncIterable[Recording | Packet],
@@ -369,11 +328,13 @@ class AsyncStreamSession:
                         item = exc
                     yield item
                     continue
-                if sender.done() and (sender.exception() is not None or not self._pending):
-                    if sender.exception() is not None:
-                        raise sender.exception()  # type: ignore[misc]
-                    self._raise_if_failed()
-                    return
+                if sender.done():
+                    failed = sender.exception()
+                    if failed is not None:
+                        raise failed
+                    if not self._window:
+                        self._raise_if_failed()
+                        return
                 self._raise_if_failed()
                 await changed.wait()
         finally:
@@ -392,27 +353,23 @@ class AsyncStreamSession:
         while True:
             changed = self._wait_token()
             self._raise_if_failed()
-            if self._pending or not self._connected:
+            if self._window or self._state is not SessionState.OPEN:
                 await changed.wait()
                 continue
             async with self._send_lock:
-                if self._pending or not self._connected:
+                if self._window or self._state is not SessionState.OPEN:
                     continue
-                self._unconfirmed_reset = self._acked_events
-                self._acked_events = 0
-                self._drop_kept()  # the old stream will never be replayed
-                if self._durable is not None:
-                    self._durable = 0
-                    self._reset_unsnapshotted = True
-                await self._send_frame(encode_message("reset"))
+                self._ledger.reset_sent()
+                await self._transport.send(encode_message("reset"))
                 return
 
     async def close(self) -> None:
         """End the session on the server and close the connection. Unread results are dropped."""
-        if self._closed:
+        if self._state is SessionState.CLOSED:
             return
-        self._closing = True
-        ws = self._ws
+        if self._state is not SessionState.CLOSING:
+            self._to(SessionState.CLOSING)
+        ws = self._transport.ws
         if ws is not None:
             try:
                 await ws.send(encode_message("close"))
@@ -425,8 +382,7 @@ class AsyncStreamSession:
                 await self._reader
             except (asyncio.CancelledError, Exception):
                 pass
-        self._closed = True
-        self._connected = False
+        self._to(SessionState.CLOSED)
         if self._failure is None:
             self._failure = SessionClosed("the session is closed")
         self._notify()
@@ -438,7 +394,25 @@ class AsyncStreamSession:
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.close()
 
-    # -- internals -------------------------------------------------------------------------
+    # -- state -----------------------------------------------------------------------------
+
+    def _to(self, state: SessionState) -> None:
+        self._state = moved(self._state, state)
+
+    @property
+    def _ws(self) -> ClientConnection | None:
+        return self._transport.ws
+
+    @property
+    def _closing(self) -> bool:
+        return self._state in (SessionState.CLOSING, SessionState.CLOSED)
+
+    @_closing.setter
+    def _closing(self, value: bool) -> None:
+        """``True``: walk away without closing the server's session (the connection may then be
+        dropped without a reconnect; tests use it to leave a session for a resume)."""
+        if value and not self._closing:
+            self._to(SessionState.CLOSING)
 
     def _notify(self) -> None:
         """Wake every waiter: set the current event and start a new one for later waiters."""
@@ -462,87 +436,38 @@ class AsyncStreamSession:
     def _fail(self, exc: ClientError) -> None:
         if self._failure is None:
             self._failure = exc
-        self._connected = False
+        if self._state in (SessionState.OPEN, SessionState.RECONNECTING):
+            self._to(SessionState.FAILED)
         self._notify()
 
     async def _next_result(self) -> Result:
         while True:
             changed = self._wait_token()
             if self._results:
-                item = self._results.popleft()
-                if isinstance(item, ServerError):
-                    raise item
-                return item
+                return self._results.pop()
             self._raise_if_failed()
-            if not self._pending:
+            if not self._window:
                 raise NothingInFlight("no packet is waiting for an answer")
             await changed.wait()
 
-    async def _send_frame(self, frame: bytes) -> None:
-        assert self._ws is not None
-        try:
-            await self._ws.send(frame)
-        except ConnectionClosed:
-            pass  # the reader sees the drop, reconnects and resends what is unanswered
+    def _open_frame(self, resume: str | None, model: str | None = None) -> bytes:
+        sensor = None if self.sensor is None else sensor_declaration(self.sensor)
+        return encode_message("open", model=model or self.model, resume=resume, top_k=self.top_k,
+                              sensor=sensor, transform=self.transform)
 
-    async def _connect(self) -> ClientConnection:
-        try:
-            return await connect(self.url, open_timeout=self.open_timeout, compression=None,
-                                 max_size=16 * 2**20, ping_interval=20, ping_timeout=60,
-                                 close_timeout=2, additional_headers=self._headers)
-        except InvalidStatus as exc:
-            status = exc.response.status_code
-            if status == 503:
-                raise ServerUnavailable("unavailable", f"{self.url} answered HTTP 503",
-                                        status=status) from exc
-            raise ConnectFailed(f"{self.url} refused the WebSocket upgrade: HTTP {status}") from exc
-        except InvalidURI as exc:
-            raise ValueError(f"invalid server URL {self.url!r}: {exc}") from exc
-        except (TimeoutError, OSError, InvalidHandshake) as exc:
-            raise ConnectFailed(f"cannot connect to {self.url}: {exc or type(exc).__name__}"
-                                ) from exc
-
-    async def _handshake(self, ws: ClientConnection, resume: str | None,
-                         model: str | None = None) -> SessionInfo:
-        """Send ``open`` and wait for ``opened`` (or a typed error)."""
-        try:
-            sensor = None if self.sensor is None else sensor_declaration(self.sensor)
-            await ws.send(encode_message("open", model=model or self.model, resume=resume,
-                                         top_k=self.top_k, sensor=sensor,
-                                         transform=self.transform))
-            async with asyncio.timeout(self.open_timeout):
-                while True:
-                    msg = decode_frame(await ws.recv())
-                    if msg["type"] == "opened":
-                        return SessionInfo.from_message(msg)
-                    if msg["type"] == "error":
-                        raise server_error(str(msg.get("code")), str(msg.get("message", "")),
-                                           seq=msg.get("seq"))
-                    # anything else is a leftover of an earlier connection: skip it
-        except ConnectionClosed as exc:
-            code, reason = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else (None, "")
-            if code == CLOSE_TRY_AGAIN_LATER:  # the contract's "server full, retry later"
-                raise ServerFull(Code.SERVER_FULL, reason or "server full, retry later") from exc
-            if code == CLOSE_SERVICE_RESTART:
-                raise ServerUnavailable(Code.DRAINING, reason or "server restarting") from exc
-            if code == CLOSE_POLICY_VIOLATION:
-                raise Unauthorized(Code.UNAUTHORIZED, reason or "the server refused this client") from exc
-            raise ConnectFailed(f"the server closed the connection while opening: {exc}") from exc
-        except TimeoutError as exc:
-            raise ConnectFailed(f"no 'opened' reply within {self.open_timeout} s") from exc
+    # -- the reader ------------------------------------------------------------------------
 
     async def _read_loop(self) -> None:
         try:
             while True:
-                assert self._ws is not None
                 try:
-                    frame = await self._ws.recv()
+                    frame = await self._transport.recv()
                 except ConnectionClosed as exc:
                     if self._closing:
                         return
-                    code, reason = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else (None, "")
+                    code, reason = close_code(exc)
                     if code == CLOSE_TRY_AGAIN_LATER:
-                        raise ServerUnavailable("unavailable", "the server closed the session "
+                        raise ServerUnavailable(ClientCode.UNAVAILABLE, "the server closed the session "
                                                 f"(1013: {reason or 'try again later'})") from exc
                     if not self.reconnect:
                         raise ConnectionLost(f"connection lost: {exc}") from exc
@@ -559,28 +484,20 @@ class AsyncStreamSession:
     def _dispatch(self, msg: dict[str, Any]) -> None:
         kind = msg["type"]
         if kind == "result":
-            entry = self._pending[0] if self._pending else None
-            if entry is None or entry.seq != msg.get("seq"):
-                raise ProtocolError(f"result for packet {msg.get('seq')} arrived, expected "
-                                    f"{entry.seq if entry else 'none'}")
-            self._pending.popleft()
+            entry = self._window.answer(msg.get("seq"))
             result = Result.from_message(msg, time.perf_counter() - entry.sent_at)
-            self._acked_events = result.events + result.cropped
-            self._unconfirmed_reset = None  # a result after a reset proves it was applied
-            self._note_durable(result.durable)
-            self._keep(entry)
+            self._ledger.answered(entry, result.events + result.cropped, result.durable)
             self._results.append(result)
         elif kind == "error":
             seq = msg.get("seq")
             err = server_error(str(msg.get("code")), str(msg.get("message", "")), seq=seq)
-            entry = next((p for p in self._pending if p.seq == seq), None) if seq is not None \
-                else None
-            if entry is not None and err.code == "draining" and self.reconnect:
+            sent = self._window.find(seq) if seq is not None else None
+            if sent is not None and err.code == Code.DRAINING and self.reconnect:
                 pass  # not processed; the server closes after its drain, and it is sent again
-            elif entry is not None:
-                self._pending.remove(entry)
-                if entry.recovering:  # the server would not answer the stand-in: answer lost
-                    self._results.append(self._lost_result(entry))
+            elif sent is not None:
+                self._window.remove(sent)
+                if sent.recovering:  # the server would not answer the stand-in: answer lost
+                    self._results.append(lost_result(sent, self._ledger.acked))
                 else:
                     self._results.append(err)
             elif isinstance(err, (ServerUnavailable, SessionExpired)):
@@ -588,83 +505,30 @@ class AsyncStreamSession:
             else:
                 self._results.append(err)
         elif kind == "reset_done":
-            self._unconfirmed_reset = None
+            self._ledger.reset_confirmed()
         # "opened" is handled by the handshake; "closed" and unknown types need nothing
         self._notify()
 
-    # -- the replay buffer -----------------------------------------------------------------
-
-    def _note_durable(self, durable: int | None) -> None:
-        if durable is None:  # the server keeps no snapshots: keep nothing
-            self._durable = None
-            self._drop_kept()
-        else:
-            self._durable = max(self._durable or 0, durable)
-            if self._durable > 0:
-                self._reset_unsnapshotted = False
-
-    def _keep(self, entry: _Pending) -> None:
-        """Keep an answered packet for a replay, while the server reports snapshots."""
-        if self._durable is None or entry.n == 0:
-            return
-        self._kept.append(entry)
-        self._kept_events += entry.n
-        self._trim()
-
-    def _trim(self) -> None:
-        """Drop kept packets a snapshot covers, then the oldest beyond ``max_replay_events``."""
-        base = self._acked_events - self._kept_events  # the count before the first kept packet
-        while self._kept and (base + self._kept[0].n <= (self._durable or 0)
-                              or self._kept_events > self.max_replay_events):
-            if base + self._kept[0].n > (self._durable or 0):
-                self._kept_dropped = True
-            dropped = self._kept.popleft()
-            self._kept_events -= dropped.n
-            base += dropped.n
-
-    def _drop_kept(self) -> None:
-        self._kept.clear()
-        self._kept_events = 0
-
-    def _lost_result(self, entry: _Pending) -> Result:
-        return Result(seq=entry.seq, events=self._acked_events, t=None, probs=None, top=[],
-                      latency_s=time.perf_counter() - entry.sent_at, lost=True)
-
     async def _reconnect(self, cause: BaseException) -> None:
         """Re-attach to the same session after a drop and resend what the server lacks."""
-        self._connected = False
+        self._to(SessionState.RECONNECTING)
         self._notify()
-        delay, largest = self.backoff
         last: BaseException = cause
         assert self.info is not None and self._send_lock is not None
-        started = time.monotonic()
-        attempt = 0
-        while self._may_retry(attempt, started):
-            if attempt:
-                if attempt == 1 and self.on_reconnect_wait is not None:
-                    self.on_reconnect_wait(self._retry_left(started), last)
-                await asyncio.sleep(delay if self.reconnect_timeout is None
-                                    else min(delay, max(self._retry_left(started), 0.0)))
-                delay = min(delay * 2, largest)
-            attempt += 1
+        retries = Retries(self.max_reconnect_attempts, self.reconnect_timeout, self.backoff)
+        while retries.allowed():
+            if retries.attempt:
+                if retries.attempt == 1 and self.on_reconnect_wait is not None:
+                    self.on_reconnect_wait(retries.left(), last)
+                await retries.pause()
+            retries.attempt += 1
             try:
-                ws = await self._connect()
+                ws = await self._transport.connect()
             except (ConnectFailed, ServerUnavailable) as exc:
                 last = exc
                 continue
-            fresh = False
             try:
-                try:
-                    info = await self._handshake(ws, self.info.resume)
-                except SessionExpired as exc:
-                    # The session is gone, with no usable snapshot (the server died before its
-                    # first one): if the client still holds the whole stream, a new session
-                    # replays it from the start. Only where the server keeps snapshots.
-                    if exc.code not in ("unknown_session", "snapshot_incompatible") or \
-                            self._durable is None or self._acked_events != self._kept_events:
-                        raise
-                    info = await self._handshake(ws, None, self.info.model.name or None)
-                    fresh = True
+                info, fresh = await self._attach(ws, self.info)
             except (ConnectFailed, ServerUnavailable) as exc:
                 last = exc
                 await ws.close()
@@ -673,336 +537,31 @@ class AsyncStreamSession:
                 await ws.close()
                 raise
             async with self._send_lock:
-                old, self._ws = self._ws, ws
-                if old is not None:
-                    await old.close()
+                await self._transport.adopt(ws)
                 try:
-                    resume = await self._resync(info, fresh)
+                    resume = await resync(ws, info, fresh=fresh, ledger=self._ledger,
+                                          window=self._window, results=self._results,
+                                          replay_packet_events=self.replay_packet_events)
                 except ConnectionClosed as exc:  # gone again while replaying: start over
                     last = exc
                     continue
                 self.info = info
-                self._connected = True
+                if self._state is SessionState.RECONNECTING:
+                    self._to(SessionState.OPEN)
             self.reconnects += 1
             self.resumes.append(resume)
             self._notify()
             return
-        tried = (f"{attempt} reconnect attempts" if self.reconnect_timeout is None else
-                 f"{attempt} reconnect attempts in {time.monotonic() - started:.0f} s")
-        raise ConnectionLost(f"connection lost and {tried} failed; last: {last}") from last
+        raise ConnectionLost(f"connection lost and {retries.describe()} failed; last: {last}") from last
 
-    def _retry_left(self, started: float) -> float:
-        """Seconds left to reconnect (``reconnect_timeout`` counts from the drop)."""
-        assert self.reconnect_timeout is not None
-        return self.reconnect_timeout - (time.monotonic() - started)
-
-    def _may_retry(self, attempt: int, started: float) -> bool:
-        """Another reconnect attempt is allowed: the first always; then within the attempts or
-        the time allowed."""
-        if attempt == 0:
-            return True
-        if self.reconnect_timeout is None:
-            return attempt < self.max_reconnect_attempts
-        return self._retry_left(started) > 0
-
-    async def _resync(self, info: SessionInfo, fresh: bool) -> Resume:
-        """Work out which packets the server holds; send again what it lacks.
-
-        Packets are atomic and processed in order. A session that stayed live on its server holds
-        ``E`` events: the acknowledged count plus the sizes of a prefix of the unanswered packets.
-        That prefix was processed: resending it would apply it twice. Its answers are lost, except
-        the last one, which is the session's current state: an empty packet with the same ``seq``
-        asks for it.
-
-        A session restored from a snapshot may hold fewer events than were acknowledged, but never
-        fewer than the last ``durable`` seen: the kept answered packets after ``E`` are replayed
-        first (their answers dropped), then the unanswered ones are sent. While no snapshot of
-        the current stream is known after a reset (``durable`` still 0, or the reset not yet
-        confirmed) the restored state may predate the reset, so it is reset and the whole stream
-        is replayed; a new session (``fresh``) starts from zero the same way.
-        """
-        assert self._ws is not None
-        served = info.events + info.cropped  # every event sent, kept or cropped
-        base = self._acked_events - self._kept_events  # the count before the first kept packet
-        whole = fresh or (info.restored and (self._unconfirmed_reset is not None
-                                             or self._reset_unsnapshotted))
-        reset_again = False  # the server's state (and its ``durable``) may predate our reset
-        if whole:
-            if base != 0:
-                raise self._mismatch(served)
-            if fresh:
-                self._unconfirmed_reset = None  # a new session is zero already
-                self._reset_unsnapshotted = False
-            elif served or self._unconfirmed_reset is not None:
-                await self._ws.send(encode_message("reset"))
-                self._reset_unsnapshotted = True
-            served = 0
-        elif self._unconfirmed_reset and served == self._unconfirmed_reset:
-            # The reset sent just before the drop never arrived (the count is still the old one).
-            await self._ws.send(encode_message("reset"))
-            served = 0
-            reset_again = True
-            self._reset_unsnapshotted = self._durable is not None
-        replayed = 0
-        if served < self._acked_events:  # restored from an older state: replay answered packets
-            if not (info.restored or whole):
-                raise self._mismatch(served)
-            kept = list(self._kept)
-            count, start = base, 0
-            while start < len(kept) and count < served:
-                count += kept[start].n
-                start += 1
-            if count != served:
-                raise self._mismatch(served)
-            replayed = await self._replay(kept[start:])
-            served = self._acked_events
-        count, prefix = self._acked_events, 0
-        pending = list(self._pending)
-        while prefix < len(pending) and count < served:
-            count += pending[prefix].n
-            prefix += 1
-        if count != served:
-            raise self._mismatch(served)
-        for i, entry in enumerate(pending[:prefix]):  # processed, answers lost
-            self._pending.popleft()
-            self._acked_events += entry.n
-            self._keep(entry)
-            if i < prefix - 1:
-                self._results.append(self._lost_result(entry))
-            else:  # the last one's answer is the current state: ask for it with an empty packet
-                self._pending.appendleft(_Pending(
-                    entry.seq, msgpack.packb({"type": "events", "seq": entry.seq, **_EMPTY_COLUMNS}),
-                    0, entry.sent_at, recovering=True))
-        if info.durable is None:  # this server keeps no snapshots
-            self._note_durable(None)
-        elif not (whole or reset_again):
-            self._note_durable(info.durable)
-        elif self._durable is None:
-            self._durable = 0  # snapshots from now on; the stream's start is all that is known
-        self._trim()
-        for entry in list(self._pending):
-            await self._send_frame(entry.frame)
-        return Resume(at=time.time(), events=info.events + info.cropped, restored=info.restored,
-                      new_session=fresh,
-                      replayed=replayed, resent=len(self._pending))
-
-    async def _replay(self, entries: list[_Pending]) -> int:
-        """Send answered packets again, merged into packets of at most ``replay_packet_events``
-        events, within the in-flight window, and drop their answers. Runs in the reader task
-        before anything else is sent on the new connection. Returns the events sent."""
-        assert self._ws is not None
-        chunks = _merge_packets(entries, self.replay_packet_events)
-        ends = np.cumsum([n for _, _, n in chunks]) + (self._acked_events - sum(e.n for e in entries))
-        sent = answered = 0
-        while answered < len(chunks):
-            while sent < len(chunks) and sent - answered < self.max_in_flight:
-                await self._ws.send(chunks[sent][1])
-                sent += 1
-            msg = decode_frame(await self._ws.recv())
-            if msg["type"] == "result":
-                count = int(msg.get("events") or 0) + int(msg.get("cropped") or 0)
-                if msg.get("seq") != chunks[answered][0] or count != int(ends[answered]):
-                    raise ProtocolError(f"replayed packet {chunks[answered][0]} answered as "
-                                        f"{msg.get('seq')} at {count} events, expected "
-                                        f"{int(ends[answered])}")
-                answered += 1
-                if msg.get("durable") is not None and self._durable is not None:
-                    self._note_durable(int(msg["durable"]))
-            elif msg["type"] == "error":
-                raise SessionExpired("resume_mismatch", "the server refused a replayed packet: "
-                                     f"{msg.get('code')}: {msg.get('message')}")
-            elif msg["type"] == "reset_done":
-                self._unconfirmed_reset = None
-        return int(sum(e.n for e in entries))
-
-    def _mismatch(self, served: int) -> SessionExpired:
-        base = self._acked_events - self._kept_events
-        in_flight = sum(p.n for p in self._pending)
-        why = (" (the replay buffer overflowed: raise max_replay_events)" if self._kept_dropped
-               else "")
-        return SessionExpired(
-            "resume_mismatch",
-            f"the resumed session holds {served} events but the client accounts for "
-            f"{self._acked_events} answered (it keeps those from {base} on) plus {in_flight} "
-            f"in flight{why}")
-
-
-def _merge_packets(entries: list[_Pending], limit: int) -> list[tuple[int, bytes, int]]:
-    """``(seq, frame, events)`` of packets that carry ``entries``' events in order, merging
-    neighbours up to ``limit`` events (a larger packet stays whole); a merged packet takes its last
-    packet's ``seq``."""
-    out: list[tuple[int, bytes, int]] = []
-    group: list[_Pending] = []
-    size = 0
-
-    def flush() -> None:
-        messages = [msgpack.unpackb(e.frame) for e in group]
-        columns: dict[str, Any] = {}
-        for key in messages[0]:
-            if key in ("type", "seq"):
-                continue
-            parts = [m[key] for m in messages]
-            columns[key] = (b"".join(parts) if isinstance(parts[0], bytes)
-                            else [v for part in parts for v in part])
-        seq = group[-1].seq
-        out.append((seq, msgpack.packb({"type": "events", "seq": seq, **columns}), size))
-
-    for entry in entries:
-        if group and size + entry.n > limit:
-            flush()
-            group, size = [], 0
-        group.append(entry)
-        size += entry.n
-    if group:
-        flush()
-    return out
-
-
-class StreamSession:
-    """Synchronous streaming session: the asyncio session driven by a private event-loop thread.
-
-    Same parameters and semantics as :class:`AsyncStreamSession`; calls block. The thread keeps
-    the connection alive (pings, reconnects) between calls. Use it from one thread at a time.
-    """
-
-    def __init__(self, url: str, **options: Any):
-        self._options = options
-        self._url = url
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._session: AsyncStreamSession | None = None
-
-    # -- plumbing --------------------------------------------------------------------------
-
-    def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        if self._loop is None:
-            coro.close()
-            raise SessionClosed("the session is not open; call open() first")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
-
-    @property
-    def _s(self) -> AsyncStreamSession:
-        if self._session is None:
-            raise SessionClosed("the session is not open; call open() first")
-        return self._session
-
-    # -- public API ------------------------------------------------------------------------
-
-    @property
-    def info(self) -> SessionInfo | None:
-        return self._session.info if self._session else None
-
-    @property
-    def session_id(self) -> str | None:
-        return self._session.session_id if self._session else None
-
-    @property
-    def resume_token(self) -> str | None:
-        return self._session.resume_token if self._session else None
-
-    @property
-    def in_flight(self) -> int:
-        return self._session.in_flight if self._session else 0
-
-    @property
-    def reconnects(self) -> int:
-        return self._session.reconnects if self._session else 0
-
-    @property
-    def resumes(self) -> list[Resume]:
-        """Every re-attachment after a dropped connection (see :class:`Resume`)."""
-        return list(self._session.resumes) if self._session else []
-
-    @property
-    def durable(self) -> int | None:
-        return self._session.durable if self._session else None
-
-    @property
-    def replay_events(self) -> int:
-        return self._session.replay_events if self._session else 0
-
-    def open(self) -> SessionInfo:
-        """Start the loop thread, connect and open the session."""
-        if self._loop is None:
-            self._loop = asyncio.new_event_loop()
-            self._thread = threading.Thread(target=self._loop.run_forever,
-                                            name="evssm-stream-session", daemon=True)
-            self._thread.start()
-
-        async def make_and_open() -> SessionInfo:
-            # Created on the loop's thread: its asyncio objects belong to that loop.
-            if self._session is None:
-                self._session = AsyncStreamSession(self._url, **self._options)
-            return await self._session.open()
-
+    async def _attach(self, ws: ClientConnection, was: SessionInfo) -> tuple[SessionInfo, bool]:
+        """Resume session ``was`` on ``ws``; ``True`` beside the info when it was gone, with no
+        usable snapshot (the server died before its first one), and a new session was opened to
+        replay the stream from its start: only where the server keeps snapshots and the client
+        still holds the whole stream."""
         try:
-            return self._run(make_and_open())
-        except BaseException:
-            self._stop_loop()
-            self._session = None  # bound to the stopped loop; a retry starts afresh
-            raise
-
-    def send(self, events: Recording | Packet) -> int:
-        """Send one packet; blocks while the in-flight window is full. Returns its ``seq``."""
-        return self._run(self._s.send(events))
-
-    def recv(self, timeout: float | None = None) -> Result:
-        """The next result in order (blocks); see :meth:`AsyncStreamSession.recv`."""
-        return self._run(self._s.recv(timeout))
-
-    def poll(self) -> list[Result]:
-        """Results that have arrived, without waiting."""
-        async def poll() -> list[Result]:
-            return self._s.poll()
-        return self._run(poll())
-
-    def drain(self, timeout: float | None = None) -> list[Result]:
-        """Wait for every packet in flight to be answered; return the unread results."""
-        return self._run(self._s.drain(timeout))
-
-    def results(self) -> Iterator[Result]:
-        """Iterate over results until every packet sent so far is answered."""
-        while True:
-            try:
-                yield self.recv()
-            except NothingInFlight:
-                return
-
-    def stream(self, packets: Iterable[Recording | Packet]) -> Iterator[Result]:
-        """Send ``packets`` (pipelined within the window) and yield their results in order.
-
-        Results are yielded between sends; pace the iterable (see :func:`packets.paced`) for
-        real-time replay.
-        """
-        for packet in packets:
-            self.send(packet)
-            yield from self.poll()
-        yield from self.results()
-
-    def reset(self) -> None:
-        """Zero the session's state (after the packets in flight are answered)."""
-        self._run(self._s.reset())
-
-    def close(self) -> None:
-        """Close the session and stop the loop thread."""
-        if self._session is not None and self._loop is not None:
-            try:
-                self._run(self._session.close(), timeout=30)
-            finally:
-                self._stop_loop()
-
-    def _stop_loop(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            if self._thread is not None:
-                self._thread.join(timeout=10)
-            self._loop.close()
-            self._loop = None
-            self._thread = None
-
-    def __enter__(self) -> StreamSession:
-        self.open()
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.close()
+            return await self._transport.handshake(ws, self._open_frame(was.resume)), False
+        except SessionExpired as exc:
+            if exc.code not in _GONE or not self._ledger.holds_whole_stream:
+                raise
+        return await self._transport.handshake(ws, self._open_frame(None, was.model.name or None)), True

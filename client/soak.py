@@ -38,18 +38,18 @@ import numpy as np
 from evssm import __version__
 from evssm.models.events import Recording, SensorSpec
 
+from .cli_options import add_server_options, explain
 from .errors import ClientError, ServerUnavailable
 from .http_api import aclassify
 from .protocol import auth_headers, endpoint_url
 from .session import AsyncStreamSession
-from .stream_command import DEFAULT_URL, explain
 
 RSS_METRIC = "evssm_process_resident_memory_bytes"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     explain(parser, __doc__)
-    parser.add_argument("--url", default=DEFAULT_URL, help="a running server (unless --serve)")
+    add_server_options(parser, model=False, url_note="; a running server, unless --serve")
     parser.add_argument("--serve", default=None, metavar="ARGS", help="start `evssm serve ARGS` for the run")
     parser.add_argument("--minutes", type=float, default=30.0, help="how long to run")
     parser.add_argument("--sessions", type=int, default=4, help="concurrent streaming workers")
@@ -66,7 +66,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "streamed through scratch rows)")
     parser.add_argument("--sample-s", type=float, default=10.0, help="seconds between RSS samples")
     parser.add_argument("--warmup-min", type=float, default=3.0, help="minutes left out of the trend")
-    parser.add_argument("--api-key", default=None, metavar="KEY", help="API key (default: $EVSSM_API_KEY)")
     parser.add_argument("--out", default=None, help="also write the JSON report to this file")
     parser.add_argument("--seed", type=int, default=0)
 

@@ -17,7 +17,7 @@ def percentiles_ms(latencies_s: Iterable[float], qs: tuple[int, ...] = (50, 95, 
     if arr.size == 0:
         return dict.fromkeys(keys, None)
     vals = list(np.percentile(arr, qs)) + [arr.max(), arr.mean()]
-    return {k: round(float(v) * 1e3, 3) for k, v in zip(keys, vals)}
+    return {k: round(float(v) * 1e3, 3) for k, v in zip(keys, vals, strict=True)}
 
 
 class RateMeter:

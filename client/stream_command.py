@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import os
 import shlex
 import signal
 import sys
@@ -38,84 +37,21 @@ from typing import Any
 
 import numpy as np
 
-from evssm.models.events import Recording, SensorSpec
+from evssm.models.events import Recording
+from evssm.models.wire import Code
 
+from .cli_options import add_server_options, add_source_arguments, check_sensor, explain, transform_of
 from .errors import ClientError, ConnectionLost, ServerUnavailable, error_line, exit_code
 from .packets import apaced, packetize
-from .protocol import Result, SessionInfo
-from .session import AsyncStreamSession, ConnectFailed, Resume
-from .sources import FORMATS, Sample, SourceError, open_source, parse_sensor
-from .stats import RateMeter, percentiles_ms
+from .protocol import SessionInfo
+from .session import AsyncStreamSession
+from .sources import Sample, open_source
+from .stream_view import View, print_final, summary_of
+from .transport import ConnectFailed
 from .udp import UDP_FORMATS, UdpReceiver, UdpStats, live_packets, parse_udp_url
 
-DEFAULT_URL = os.environ.get("EVSSM_URL", "ws://127.0.0.1:8000")
 RECONNECT_TIMEOUT_S = 300.0  # a restart of a server with several models may take minutes
 RECONNECT_BACKOFF_S = (0.1, 3.0)  # first and largest pause between attempts
-
-
-def explain(parser: argparse.ArgumentParser, doc: str | None) -> None:
-    """Show a command module's docstring (after its first line) below the options in --help
-    (``evssm``'s help formatter keeps its paragraphs and lines)."""
-    parser.epilog = "\n".join((doc or "").strip().splitlines()[1:]).strip() or None
-
-
-def add_source_arguments(parser: argparse.ArgumentParser, udp: bool = False) -> None:
-    """Options that pick a sample from a source and say how its sensor maps onto the model's
-    (shared with ``evssm classify``)."""
-    parser.add_argument("--format", choices=FORMATS + (tuple(UDP_FORMATS) if udp else ()),
-                        default=None,
-                        help="file format (default: from the file suffix; an N x 4 .npy is read "
-                             "as DVS Gesture)" + ("; for udp:// the datagram layout (default "
-                                                   "t64_x16_y16_on8)" if udp else ""))
-    parser.add_argument("--split", default="test", help="split of a dataset:NAME source")
-    parser.add_argument("--data-dir", default=None,
-                        help="directory of the project's data sets (dataset:NAME sources)")
-    geometry = parser.add_argument_group("source geometry (declared to the server, which maps "
-                                         "the source onto the model's sensor)")
-    geometry.add_argument("--sensor", type=_sensor_arg, default=None, metavar="WxH",
-                          help="the source sensor, WIDTHxHEIGHT (or CHANNELS for 1-D): for files "
-                               "that do not state it (EVT 2 .raw, .dat, .csv, .npy), or to "
-                               "override the file")
-    geometry.add_argument("--crop", type=_crop_arg, default=None, metavar="X,Y,W,H",
-                          help="use only this rectangle of the source (events outside are "
-                               "dropped by the server and counted)")
-    geometry.add_argument("--scale", choices=("fit", "stretch"), default=None,
-                          help="fit: keep the aspect ratio, centred (the default); stretch: fill "
-                               "the model's sensor")
-    geometry.add_argument("--flip-x", action="store_true", help="mirror left-right")
-    geometry.add_argument("--flip-y", action="store_true", help="mirror top-bottom")
-
-
-def _sensor_arg(text: str) -> SensorSpec:
-    try:
-        return parse_sensor(text)
-    except SourceError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _crop_arg(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        values = []
-    if len(values) not in (2, 4):
-        raise argparse.ArgumentTypeError(f"bad crop {text!r}: use X,Y,WIDTH,HEIGHT (X,WIDTH "
-                                         "for a 1-D sensor)")
-    return values
-
-
-def transform_of(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The ``transform`` the options ask for (None: the server's default)."""
-    out: dict[str, Any] = {}
-    if args.crop is not None:
-        out["crop"] = args.crop
-    if args.scale is not None:
-        out["scale"] = args.scale
-    if args.flip_x:
-        out["flip_x"] = True
-    if args.flip_y:
-        out["flip_y"] = True
-    return out or None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -123,12 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="SOURCE",
                         help="event file, dataset:NAME, sim[:rate=R,duration=S,label=K,...], or "
                              "udp://HOST:PORT")
-    parser.add_argument("--url", default=DEFAULT_URL,
-                        help="server, ws://HOST:PORT (env EVSSM_URL sets the default)")
-    parser.add_argument("--model", default=None, help="model name (default: the server's)")
-    parser.add_argument("--api-key", default=None, metavar="KEY",
-                        help="API key of a server started with --api-keys (default: $EVSSM_API_KEY; "
-                             "prefer the variable, options show in process lists)")
+    add_server_options(parser)
     parser.add_argument("--index", type=int, default=0,
                         help="sample of a many-sample source (HDF5 file, data set)")
     add_source_arguments(parser, udp=True)
@@ -167,142 +98,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refresh", type=float, default=10.0, help="live view refreshes per s")
 
 
-def check_sensor(rec: Recording, sensor: SensorSpec | None,
-                 declared: SensorSpec | None = None) -> str | None:
-    """Why ``rec`` cannot be read by a model with ``sensor`` (None when it can). With a
-    ``declared`` source sensor the server maps addresses, so only the kinds must agree."""
-    if declared is not None and sensor is not None:
-        if declared.kind != sensor.kind:
-            return (f"the source is a {declared.kind.upper()} sensor but the model reads a "
-                    f"{sensor.kind.upper()} one; they cannot be mapped onto each other")
-        return None
-    if sensor is None or len(rec) == 0:
-        return None
-    if sensor.kind == "1d":
-        if rec.y is not None:
-            return "the recording is 2-D (x, y, p) but the model reads a 1-D sensor"
-        if int(rec.x.max()) >= sensor.channels:
-            return f"channel {int(rec.x.max())} exceeds the model's {sensor.channels} channels"
-        return None
-    if rec.y is None or rec.p is None:
-        return "the recording is 1-D (x only) but the model reads a 2-D sensor (x, y, p)"
-    if int(rec.x.max()) >= sensor.width or int(rec.y.max()) >= sensor.height:
-        return (f"addresses up to {int(rec.x.max())}x{int(rec.y.max())} exceed the model's "
-                f"{sensor.width}x{sensor.height} sensor; give the source's geometry with "
-                f"--sensor WxH and the server maps it onto the model's")
-    return None
-
-
-class _View:
-    """State of a streaming run and its rich rendering."""
-
-    def __init__(self, sample: Sample, info: SessionInfo, url: str, speed: float | None, top: int,
-                 live: UdpStats | None = None):
-        self.sample, self.info, self.url, self.speed, self.top = sample, info, url, speed, top
-        self.live = live  # a UDP stream: no known total
-        self.total = len(sample.recording)
-        rec_t = sample.recording.t
-        self.t0 = int(rec_t[0]) if self.total else 0
-        self.span_s = (int(rec_t[-1]) - self.t0) / 1e6 if self.total else 0.0
-        self.started = time.monotonic()
-        self.meter = RateMeter(1.0)
-        self.latencies: list[float] = []
-        # A resumed session counts the events it had before; cropped events were sent too.
-        self.base = info.events + info.cropped
-        self.answered = 0  # events sent and answered (kept by the server or cropped)
-        self.processed = 0  # events the model read
-        self.cropped = 0
-        self.packets = 0
-        self.lost = 0
-        self.last: Result | None = None  # last result that carries probabilities
-        self.last_any: Result | None = None
-        self.reconnects = 0
-        self.resumes: list[Resume] = []
-
-    def add(self, result: Result) -> None:
-        self.packets += 1
-        events = result.events + result.cropped - self.base
-        self.meter.add(max(events - self.answered, 0))
-        self.answered = events
-        self.cropped = result.cropped - self.info.cropped
-        self.processed = events - self.cropped
-        self.last_any = result
-        if result.lost:
-            self.lost += 1
-            return
-        self.latencies.append(result.latency_s)
-        if result.probs is not None or result.top:
-            self.last = result
-
-    def recording_s(self) -> float:
-        """Seconds of the recording answered so far (its last answered event's time)."""
-        last = self.last_any
-        return (last.t - self.t0) / 1e6 if last is not None and last.t is not None else 0.0
-
-    def speed_reached(self) -> float | None:
-        """Recording seconds answered per wall second: 1 is real time (None before any answer)."""
-        wall = time.monotonic() - self.started
-        return self.recording_s() / wall if wall > 0 and self.last_any is not None else None
-
-    def render(self) -> Any:
-        from rich.console import Group
-        from rich.progress_bar import ProgressBar
-        from rich.table import Table
-        from rich.text import Text
-
-        wall = time.monotonic() - self.started
-        lat = percentiles_ms(self.latencies[-2000:])
-        last_ms = self.latencies[-1] * 1e3 if self.latencies else None
-        head = Text.assemble(
-            ("evssm stream ", "bold"), (self.sample.name or "recording", "cyan"), " → ",
-            (self.url, "dim"), "  model ", (self.info.model.name or "?", "magenta"),
-            "  session ", (self.info.session, "dim"))
-        rec_pos = self.recording_s()
-        progress = Table.grid(padding=(0, 1))
-        if self.live is not None:
-            progress.add_row(f"received {self.live.events_received:,} events in "
-                             f"{self.live.datagrams:,} datagrams", f"forwarded {self.answered:,}",
-                             f"out of order {self.live.events_out_of_order:,}",
-                             f"wall {wall:6.2f} s   (Ctrl-C stops)")
-        else:
-            progress.add_row(ProgressBar(total=max(self.total, 1), completed=self.answered,
-                                         width=40),
-                             f"{self.answered:,}/{self.total:,} events",
-                             f"{rec_pos:6.2f}/{self.span_s:.2f} s of recording",
-                             f"wall {wall:6.2f} s", self._speed_text())
-        fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
-        stats = Text(f"events/s {self.meter.rate():>10,.0f}   latency ms last {fmt(last_ms)}  "
-                     f"p50 {fmt(lat['p50'])}  p95 {fmt(lat['p95'])}  p99 {fmt(lat['p99'])}   "
-                     f"packets {self.packets:,}   reconnects {self.reconnects}")
-        classes = Table(box=None, padding=(0, 1), show_header=True, header_style="bold")
-        classes.add_column("#", justify="right")
-        classes.add_column("class")
-        classes.add_column("prob", justify="right")
-        classes.add_column("")
-        if self.last is not None:
-            for i, (label, prob) in enumerate(_top(self.last, self.info, self.top), 1):
-                classes.add_row(str(i), str(label), f"{prob:.3f}",
-                                ProgressBar(total=1.0, completed=prob, width=30))
-        else:
-            classes.add_row("", Text(f"no prediction yet: {self.info.model.too_few_events()}",
-                                     "dim"), "", "")
-        parts: list[Any] = [head, progress, stats]
-        if self.resumes:
-            times = f" ({len(self.resumes)} resumes; the last)" if len(self.resumes) > 1 else ""
-            parts.append(Text(describe_resume(self.resumes[-1]) + times, "yellow"))
-        parts.append(classes)
-        true_name = self.sample.label_name(self.info.model.classes)
-        if true_name is not None:
-            parts.append(Text(f"true label: {true_name}", "dim"))
-        return Group(*parts)
-
-    def _speed_text(self) -> str:
-        """The speed reached, beside the one asked for: ``speed 0.04x (asked 1x)``."""
-        reached = self.speed_reached()
-        shown = "-" if reached is None else f"{reached:.2f}x"
-        return f"speed {shown} (asked {'fast' if self.speed is None else f'{self.speed:g}x'})"
-
-
 def reconnect_options(args: argparse.Namespace) -> dict[str, Any]:
     """The session's reconnect options of ``evssm stream``: try for ``--reconnect-timeout``
     seconds, with backoff, saying once on stderr that it waits and why."""
@@ -325,7 +120,7 @@ async def open_patiently(session: AsyncStreamSession, args: argparse.Namespace) 
         try:
             return await session.open()
         except (ServerUnavailable, ConnectFailed) as exc:
-            starting = isinstance(exc, ServerUnavailable) and exc.code in ("not_ready", "draining")
+            starting = isinstance(exc, ServerUnavailable) and exc.code in (Code.NOT_READY, Code.DRAINING)
             if args.no_reconnect or time.monotonic() + delay > deadline or not (
                     starting or (args.resume is not None and isinstance(exc, ConnectFailed))):
                 raise
@@ -366,71 +161,6 @@ class StreamLost(ClientError):
                 "events_answered": self.events, "continue": self.command}
 
 
-def describe_resume(r: Resume) -> str:
-    """One line saying where a session resumed after its connection dropped."""
-    how = ("in a new session (the old one was gone), replaying the stream from its start"
-           if r.new_session else "from a snapshot (the server had restarted, or another replica "
-           "took over)" if r.restored else "on the same server")
-    replay = f", replayed {r.replayed:,} answered events" if r.replayed else ""
-    return f"resumed at event {r.events:,} {how}{replay}, resent {r.resent} packets in flight"
-
-
-def _top(result: Result, info: SessionInfo, k: int) -> list[tuple[Any, float]]:
-    """Top-k (label, prob): the server's ``top``, else computed from ``probs``."""
-    if result.top:
-        return result.top[:k]
-    if result.probs is None:
-        return []
-    order = sorted(range(len(result.probs)), key=lambda i: -result.probs[i])[:k]  # type: ignore[index]
-    names = info.model.classes
-    return [(names[i] if i < len(names) else i, result.probs[i]) for i in order]  # type: ignore[index]
-
-
-def _summary(view: _View, sample: Sample, info: SessionInfo, args: argparse.Namespace
-             ) -> dict[str, Any]:
-    wall = time.monotonic() - view.started
-    final = view.last
-    top = _top(final, info, args.top) if final is not None else []
-    prediction = top[0][0] if top else None
-    reached = None if view.live is not None else view.speed_reached()
-    return {
-        "source": sample.name,
-        "url": view.url,
-        "model": info.model.name,
-        "session": info.session,
-        "resume": info.resume,
-        "label": sample.label,
-        "label_name": sample.label_name(info.model.classes),
-        "prediction": prediction,
-        "probability": top[0][1] if top else None,
-        "correct": sample.is_correct(prediction, info.model.classes),
-        "top": [[label, p] for label, p in top],
-        "probs": final.probs if final is not None else None,
-        "events": view.answered,  # read from the source and sent (all answered)
-        "events_processed": view.processed,
-        "cropped": view.cropped,
-        "recording_events": None if view.live is not None else view.total,
-        "sensor": None if sample.sensor is None else sample.sensor.to_dict(),
-        "sensor_from": sample.geometry,
-        "geometry": info.geometry,
-        "packets": view.packets,
-        "lost_results": view.lost,
-        "reconnects": view.reconnects,
-        "resumes": [{"events": r.events, "restored": r.restored, "new_session": r.new_session,
-                     "replayed": r.replayed, "resent": r.resent} for r in view.resumes],
-        "wall_s": round(wall, 4),
-        "recording_s": round(view.span_s, 4),
-        "events_per_s": round(view.answered / wall, 1) if wall > 0 else None,
-        "speed": None if args.fast else args.speed,
-        "speed_reached": None if reached is None else round(reached, 4),
-        "no_answer": None if final is not None else info.model.too_few_events(),
-        "latency_ms": percentiles_ms(view.latencies),
-        **({} if view.live is None else {"udp": view.live.to_dict(),
-                                          "events_received": view.live.events_received,
-                                          "events_forwarded": view.answered}),
-    }
-
-
 async def _stream(args: argparse.Namespace) -> int:
     if args.source.startswith("udp://"):
         return await _stream_udp(args)
@@ -465,7 +195,7 @@ async def _stream(args: argparse.Namespace) -> int:
                                 max_events=args.max_packet_events)
         else:
             packets = packetize(sample.recording, events=args.packet_events or 256)
-        view = _View(sample, info, session.url, speed, args.top)
+        view = View(sample, info, session.url, speed, args.top)
         try:
             if args.json:
                 async for result in session.stream(apaced(packets, speed)):
@@ -476,13 +206,13 @@ async def _stream(args: argparse.Namespace) -> int:
         except ConnectionLost as exc:
             raise StreamLost(exc, session, args) from exc
         view.reconnects, view.resumes = session.reconnects, session.resumes
-        summary = _summary(view, sample, info, args)
+        summary = summary_of(view, sample, info, args)
     finally:
         await session.close()
     if args.json:
         print(json.dumps(summary))
     else:
-        _print_final(summary)
+        print_final(summary)
     return 0
 
 
@@ -523,7 +253,7 @@ async def _stream_udp(args: argparse.Namespace) -> int:
                                    events=None if window else (args.packet_events or 256),
                                    max_events=args.max_packet_events, idle_timeout=idle,
                                    stop=stop)
-            view = _View(sample, info, session.url, None, args.top, live=stats)
+            view = View(sample, info, session.url, None, args.top, live=stats)
             try:
                 if args.json:
                     async for result in session.stream(packets):
@@ -533,7 +263,7 @@ async def _stream_udp(args: argparse.Namespace) -> int:
             except ConnectionLost as exc:
                 raise StreamLost(exc, session, args) from exc
             view.reconnects = session.reconnects
-            summary = _summary(view, sample, info, args)
+            summary = summary_of(view, sample, info, args)
         finally:
             await session.close()
     finally:
@@ -543,11 +273,11 @@ async def _stream_udp(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
-        _print_final(summary)
+        print_final(summary)
     return 0
 
 
-async def _live(session: AsyncStreamSession, view: _View, packets: Any, refresh: float) -> None:
+async def _live(session: AsyncStreamSession, view: View, packets: Any, refresh: float) -> None:
     from rich.console import Console
     from rich.live import Live
 
@@ -571,27 +301,6 @@ async def _live(session: AsyncStreamSession, view: _View, packets: Any, refresh:
                 live.update(view.render(), refresh=True)
                 next_draw = now + period
         live.update(view.render(), refresh=True)
-
-
-def _print_final(summary: dict[str, Any]) -> None:
-    from rich.console import Console
-
-    console = Console()
-    lat = summary["latency_ms"]
-    if summary["prediction"] is None:
-        console.print(f"[bold]no prediction[/]: {summary['no_answer'] or 'no answer'}")
-    else:
-        verdict = {True: " [green]✓ correct[/]", False: " [red]✗ wrong[/]", None: ""}[
-            summary["correct"]]
-        truth = f" (true label: {summary['label_name']})" if summary["label_name"] else ""
-        console.print(f"[bold]prediction:[/] {summary['prediction']} "
-                      f"p={summary['probability']:.3f}{truth}{verdict}")
-    console.print(f"{summary['events']:,} events in {summary['packets']:,} packets, "
-                  f"{summary['wall_s']:.2f} s wall, {summary['events_per_s'] or 0:,.0f} events/s, "
-                  f"latency p50 {lat['p50']} ms p95 {lat['p95']} ms p99 {lat['p99']} ms, "
-                  f"reconnects {summary['reconnects']}")
-    for r in summary["resumes"]:
-        console.print(describe_resume(Resume(at=0.0, **r)))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -218,7 +218,9 @@ def _accept(buf: _Buffer, events: Recording, fmt: str, stats: UdpStats) -> Recor
     events = Recording(t, events.x, events.y, events.p)
     if len(t) > 1 and (np.diff(t) < 0).any():  # a sensor may interleave slightly within a datagram
         order = np.argsort(t, kind="stable")
-        events = Recording(t[order], events.x[order], events.y[order], events.p[order])  # type: ignore[index]
+        y, p = events.y, events.p
+        assert y is not None and p is not None  # datagrams carry 2-D events
+        events = Recording(t[order], events.x[order], y[order], p[order])
     buf.last_t = int(events.t[-1])
     return events
 

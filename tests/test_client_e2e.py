@@ -29,6 +29,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
+# noqa: E402 below: the imports follow the skips, so the file skips cleanly without the server extra.
 
 from conftest import LoopThread, free_port, stop_process, wait_process_ready  # noqa: E402
 from numeric import assert_close  # noqa: E402
@@ -100,7 +101,7 @@ class DroppingProxy(LoopThread):
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        self._transports += [writer.transport, up_writer.transport]  # type: ignore[list-item]
+        self._transports += [writer.transport, up_writer.transport]
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             try:
@@ -151,7 +152,7 @@ def test_any_packetisation_gives_the_offline_answer(server: dict[str, Any]) -> N
     rng = np.random.default_rng(0)
     cuts = np.sort(rng.choice(np.arange(1, len(rec)), 25, replace=False))
     bounds = [0, *cuts.tolist(), len(rec)]
-    packets = [rec.slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    packets = [rec.slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     packets.insert(3, rec.slice(0, 0))  # an empty packet too
     with StreamSession(server["ws"], max_in_flight=4) as s:
         results = list(s.stream(packets))
@@ -243,7 +244,9 @@ def test_resume_token_from_a_new_client(server: dict[str, Any]) -> None:
     first.open()
     list(first.stream(packetize(rec.slice(0, half), events=200)))
     token = first.resume_token
-    first._run(first._s._ws.close())  # walk away without closing the server session
+    ws = first._s._ws
+    assert ws is not None
+    first._run(ws.close())  # walk away without closing the server session
     first._stop_loop()
     with StreamSession(server["ws"], resume=token) as second:
         assert second.info is not None and second.info.events == half

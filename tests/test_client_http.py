@@ -68,7 +68,7 @@ def test_classify_batches_and_answers_in_order() -> None:
     out = classify("ws://server:1", rs, batch_size=2, transport=httpx.MockTransport(handler))
     assert [len(r["streams"]) for r in handler.requests] == [2, 2, 1]
     assert [o.events for o in out] == [30, 31, 32, 33, 34]
-    for o, r in zip(out, rs):
+    for o, r in zip(out, rs, strict=True):
         assert o.probs == toy(r.t, r.x) and o.model == "toy"
 
 
@@ -121,7 +121,7 @@ def test_classify_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsy
     assert report["model"] == "toy"
     rows = report["results"]
     assert [r["events"] for r in rows] == [30, 31, 32]
-    for row, r, i in zip(rows, rs, range(3)):
+    for row, r, i in zip(rows, rs, range(3), strict=True):
         assert row["probs"] == toy(r.t, r.x) and row["label_name"] == CLASSES[i]
         assert row["correct"] == (row["prediction"] == CLASSES[i])
     assert report["accuracy"] == sum(r["correct"] for r in rows) / 3

@@ -33,7 +33,8 @@ from evssm.client import (
     UnknownModel,
     packetize,
 )
-from evssm.client.errors import ConnectionLost, NothingInFlight
+from evssm.client.errors import ConnectionLost, NothingInFlight, SessionClosed
+from evssm.client.state import SessionState
 from evssm.models.events import Recording, SensorSpec
 
 pytestmark = pytest.mark.timeout(120)
@@ -461,7 +462,9 @@ def test_resume_token_reattaches_to_the_same_state(server: FakeServer) -> None:
             pass
         token = s1.resume_token
         s1._closing = True  # walk away without closing the server session
-        await s1._ws.close()  # type: ignore[union-attr]
+        ws = s1._ws
+        assert ws is not None
+        await ws.close()
         async with AsyncStreamSession(server.url, resume=token) as s2:
             assert s2.info is not None and s2.info.events == 120
             return [r async for r in s2.stream(packetize(b, events=40))][-1]
@@ -469,6 +472,27 @@ def test_resume_token_reattaches_to_the_same_state(server: FakeServer) -> None:
     last = run(main())
     assert last.events == 300
     assert_close(last.probs, offline_probs(rec))
+
+
+def test_session_states_from_open_to_closed(server: FakeServer) -> None:
+    async def main() -> list[SessionState]:
+        s = AsyncStreamSession(server.url)
+        seen = [s.state]
+        await s.open()
+        seen.append(s.state)
+        async for _ in s.stream(packetize(make_recording(40), events=10)):
+            pass
+        seen.append(s.state)
+        await s.close()
+        seen.append(s.state)
+        with pytest.raises(SessionClosed):
+            await s.send(make_recording(5))
+        await s.close()  # a second close changes nothing
+        seen.append(s.state)
+        return seen
+
+    S = SessionState
+    assert run(main()) == [S.NEW, S.OPEN, S.OPEN, S.CLOSED, S.CLOSED]
 
 
 def test_reset_starts_over(server: FakeServer) -> None:
@@ -527,6 +551,7 @@ def test_stream_command_json(server: FakeServer, tmp_path: Any, capsys: Any) -> 
                  "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     probs = offline_probs(rec)
+    assert probs is not None
     assert out["events"] == 400 and out["packets"] == 8
     assert_close(out["probs"], probs)
     assert out["prediction"] == CLASSES[int(np.argmax(probs))]
@@ -561,8 +586,7 @@ def test_stream_command_into_a_pipe_prints_whole_lines(server: FakeServer, tmp_p
     rec = Recording(np.arange(300, dtype=np.int64) * 100, (np.arange(300) % CHANNELS).astype(np.uint16))
     path = save_events(tmp_path / "rec.npz", rec, label="b")
     proc = subprocess.run([sys.executable, "-m", "evssm.cli", "stream", str(path), "--url",
-                           server.url, "--fast"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, timeout=120)
+                           server.url, "--fast"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     assert "true label: b" in lines, lines

@@ -66,6 +66,7 @@ def test_npy_npz_round_trip(tmp_path: Path, suffix: str, make: Any) -> None:
 
 def test_npz_with_a_structured_array_and_bool_polarity(tmp_path: Path) -> None:
     rec = rec_2d(50)
+    assert rec.y is not None and rec.p is not None
     arr = np.zeros(50, dtype=[("t", "<u8"), ("x", "<i2"), ("y", "<i2"), ("on", "?")])
     arr["t"], arr["x"], arr["y"], arr["on"] = rec.t, rec.x, rec.y, rec.p.astype(bool)
     np.savez(tmp_path / "s.npz", events=arr)
@@ -107,6 +108,7 @@ def test_bad_files_raise_source_error(tmp_path: Path) -> None:
 
 def test_dvs_gesture_npy_round_trip(tmp_path: Path) -> None:
     rec = rec_2d(400)
+    assert rec.y is not None and rec.p is not None
     # The common tools' layout: N x 4 columns x, y, p, t with t in milliseconds.
     arr = np.stack([rec.x, rec.y, rec.p, rec.t / 1000.0], axis=1).astype(np.float64)
     folder = tmp_path / "user01_fluorescent"
@@ -169,6 +171,36 @@ def test_hdf5_float16_times_are_widened_before_scaling(tmp_path: Path) -> None:
     np.testing.assert_array_equal(got, [500000, 999512])
 
 
+def test_the_client_reads_shd_as_the_data_sets_do(tmp_path: Path) -> None:
+    """One SHD reader: a sample the client streams is the data set's sample, event for event."""
+    pytest.importorskip("h5py")
+    from evssm.models.data import load_dataset
+    from evssm.models.data.shd import write_spikes_h5
+
+    rng = np.random.default_rng(5)
+    times = [rng.uniform(0, 1, n) for n in (30, 0, 12)]
+    units = [rng.integers(0, 700, t.size) for t in times]
+    (tmp_path / "shd").mkdir()
+    write_spikes_h5(tmp_path / "shd" / "shd_test.h5", times, units, [3, 0, 19],
+                    [f"w{i}" for i in range(20)])
+    data_set = load_dataset("shd", "test", tmp_path)
+    for i in range(len(data_set)):
+        rec, label = data_set[i]
+        sample = open_source(str(tmp_path / "shd" / "shd_test.h5"), index=i)
+        assert_same(sample.recording, rec)
+        assert sample.label == label and sample.label_name() == data_set.class_names[label]
+
+
+def test_an_shd_channel_beyond_the_sensor_is_named(tmp_path: Path) -> None:
+    pytest.importorskip("h5py")
+    from evssm.models.data.shd import write_spikes_h5
+
+    path = tmp_path / "bad.h5"
+    write_spikes_h5(path, [np.array([0.1, 0.2])], [np.array([3, 700])], [0], ["a"])
+    with pytest.raises(SourceError, match="channel 700"):
+        open_source(str(path))
+
+
 def test_hdf5_without_h5py_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "x.h5"
     path.write_bytes(b"")
@@ -182,6 +214,7 @@ def test_hdf5_without_h5py_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 def faery_events(rec: Recording) -> np.ndarray:
     faery = pytest.importorskip("faery")
+    assert rec.y is not None and rec.p is not None
     arr = np.zeros(len(rec), faery.EVENTS_DTYPE)
     arr["t"], arr["x"], arr["y"], arr["on"] = rec.t, rec.x, rec.y, rec.p.astype(bool)
     return arr
@@ -260,7 +293,8 @@ def test_broken_camera_file_is_a_source_error(tmp_path: Path) -> None:
 def write_nmnist(path: Path, rec: Recording, overflow_after: int | None = None) -> None:
     """5 bytes per event: x, y, p << 7 | t >> 16, t >> 8, t (t < 2**23 us)."""
     rows = []
-    for i, (t, x, y, p) in enumerate(zip(rec.t, rec.x, rec.y, rec.p)):
+    assert rec.y is not None and rec.p is not None
+    for i, (t, x, y, p) in enumerate(zip(rec.t, rec.x, rec.y, rec.p, strict=True)):
         if i == overflow_after:  # the layout's overflow marker (y = 240): later t += 2**13
             rows.append(bytes([0, 240, 0, 0, 0]))
         t = int(t) - (8192 if overflow_after is not None and i >= overflow_after else 0)
@@ -306,7 +340,7 @@ def test_dataset_source(monkeypatch: pytest.MonkeyPatch) -> None:
         return Split([(r, i % 3) for i, r in enumerate(recs)])
 
     fake = types.ModuleType("evssm.models.data")
-    fake.load_dataset = load_dataset  # type: ignore[attr-defined]
+    fake.load_dataset = load_dataset  # type: ignore[attr-defined]  # a stand-in module, set by hand
     monkeypatch.setitem(sys.modules, "evssm.models.data", fake)
     sample = open_source("dataset:tiny", index=2, split="train", data_dir="/d")
     assert calls[-1] == ("tiny", "train", "/d")
@@ -330,6 +364,7 @@ def test_simulated_sensor_rate_range_and_determinism(sensor: SensorSpec) -> None
     if sensor.kind == "1d":
         assert rec.y is None and rec.x.max() < 700
     else:
+        assert rec.y is not None and rec.p is not None
         assert rec.x.max() < 32 and rec.y.max() < 24 and set(np.unique(rec.p)) <= {0, 1}
     again = SimulatedSensor(sensor, 50_000, label=3, num_classes=5, seed=1).recording(2.0)
     assert_same(rec, again)
@@ -372,7 +407,7 @@ def test_label_checks() -> None:
 
 
 def test_stream_command_sensor_checks() -> None:
-    from evssm.client.stream_command import check_sensor
+    from evssm.client.cli_options import check_sensor
 
     rec = rec_2d(50, w=640, h=480)
     model = SensorSpec.two_d(34, 34)

@@ -9,7 +9,9 @@ File layout (Cramer et al. 2020, https://zenkelab.org/datasets/), one file per s
     extra/keys     bytes [C]          class names, index = label (optional here)
     extra/speaker  uint16 [N]         speaker id (optional)
 
-Samples are read lazily (one vlen row per ``ds[i]``); times are cast to float64 before scaling to
+This is the one reader of the layout: the client reads single samples of such files through it
+(``evssm stream shd_test.h5 --index 3``), so it needs NumPy and h5py only (h5py imported when a file
+is opened). Samples are read lazily (one vlen row per ``ds[i]``); times are cast to float64 before scaling to
 integer microseconds (float16 seconds has ~0.5 ms resolution near 1 s; scaling in float16 would
 overflow), and events are sorted by time with a stable sort.
 """
@@ -65,6 +67,7 @@ class SpikesH5Dataset(EventDataset):
         else:
             names = tuple(str(i) for i in range(int(self._labels.max(initial=-1)) + 1))
         self.class_names = names
+        self.names_in_file = keys is not None  # class names read from extra/keys, not assumed
         if self._labels.size and (self._labels.min() < 0 or self._labels.max() >= len(names)):
             raise ValueError(f"{self.path}: labels outside 0..{len(names) - 1} (the classes in extra/keys)")
         self._file: Any = None
@@ -159,7 +162,7 @@ def write_spikes_h5(path: str | os.PathLike[str], times: Sequence[np.ndarray], u
         dt_u = h5py.vlen_dtype(np.dtype(np.uint16))
         ds_t = g.create_dataset("times", (len(times),), dtype=dt_t)
         ds_u = g.create_dataset("units", (len(units),), dtype=dt_u)
-        for i, (ti, ui) in enumerate(zip(times, units)):
+        for i, (ti, ui) in enumerate(zip(times, units, strict=True)):
             ds_t[i] = np.asarray(ti, dtype=np.float16)
             ds_u[i] = np.asarray(ui, dtype=np.uint16)
         f.create_dataset("labels", data=np.asarray(labels, dtype=np.uint16))
