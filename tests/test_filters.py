@@ -227,3 +227,24 @@ def test_the_rate_cap_holds_over_every_interval(
         j = np.arange(i, kept.size)
         span = np.minimum(kept[j] - kept[i], 10**9)  # beyond 1000 s the bound binds nothing here
         assert np.all((j - i + 1) * filters.UNIT <= spec.cap + span * spec.max_rate)
+
+
+def test_the_benchmark_script_runs_and_reports_each_filter() -> None:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_filters.py"
+    done = subprocess.run([sys.executable, str(script), "--rates", "20000", "--seconds", "0.05",
+                           "--rounds", "1", "--reference-events", "200"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    row = json.loads(done.stdout)["rows"][0]
+    assert row["events"] == 1000
+    for name in ("refractory", "denoise", "max_rate", "chain"):
+        assert row[name]["native_ns" if NATIVE else "reference_ns"] > 0
+        assert 0 <= row[name]["removed"] <= 1
+    bad = subprocess.run([sys.executable, str(script), "--packet", "0"], capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and "must be positive" in bad.stderr and "Traceback" not in bad.stderr
