@@ -174,6 +174,15 @@ class FilterState:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.refractory, self.denoise, self.scalars) if a is not None)
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for a snapshot (msgpack-ready): per-pixel tables as little-endian int64
+        bytes; :meth:`FilterBank.restore` reads it back."""
+        def table(a: np.ndarray | None) -> bytes | None:
+            return None if a is None else a.astype("<i8").tobytes()
+
+        return {"refractory": table(self.refractory), "denoise": table(self.denoise),
+                "scalars": [int(v) for v in self.scalars], "removed": list(self.removed.to_dict().values())}
+
     def copy(self) -> FilterState:
         return FilterState(None if self.refractory is None else self.refractory.copy(),
                            None if self.denoise is None else self.denoise.copy(),
@@ -209,6 +218,37 @@ class FilterBank:
         return FilterState(times() if self.spec.refractory_us else None,
                            times() if self.spec.denoise_us else None,
                            np.array([NEVER, NEVER, self.spec.cap, 0], dtype=np.int64))
+
+    def restore(self, d: Any) -> FilterState:
+        """A state from :meth:`FilterState.to_dict`, checked against this bank's filters and
+        sensor (:class:`FilterError` says what does not fit)."""
+        if not isinstance(d, Mapping) or set(d) != {"refractory", "denoise", "scalars", "removed"}:
+            raise FilterError("filters snapshot: expected the fields refractory, denoise, scalars, removed")
+
+        def table(name: str, enabled: bool) -> np.ndarray | None:
+            data = d[name]
+            if not enabled:
+                if data is not None:
+                    raise FilterError(f"filters snapshot: {name} holds a table, but that filter is off")
+                return None
+            if not isinstance(data, bytes) or len(data) != 8 * self.grid.pixels:
+                raise FilterError(f"filters snapshot: {name} must be {8 * self.grid.pixels} bytes "
+                                  f"({self.grid.width} x {self.grid.height} int64)")
+            return np.frombuffer(data, dtype="<i8").astype(np.int64)
+
+        def ints(name: str, size: int) -> list[int]:
+            v = d[name]
+            if not isinstance(v, (list, tuple)) or len(v) != size or not all(
+                    isinstance(x, int) and not isinstance(x, bool) and NEVER <= x < -NEVER for x in v):
+                raise FilterError(f"filters snapshot: {name} must be {size} int64 integers")
+            return list(v)
+
+        removed = ints("removed", 3)
+        if min(removed) < 0:
+            raise FilterError("filters snapshot: removed counts must not be negative")
+        return FilterState(table("refractory", self.spec.refractory_us is not None),
+                           table("denoise", self.spec.denoise_us is not None),
+                           np.array(ints("scalars", 4), dtype=np.int64), FilterCounts(*removed))
 
     def apply(self, state: FilterState, t: np.ndarray, tokens: np.ndarray
               ) -> tuple[np.ndarray, FilterCounts]:

@@ -248,3 +248,36 @@ def test_the_benchmark_script_runs_and_reports_each_filter() -> None:
     bad = subprocess.run([sys.executable, str(script), "--packet", "0"], capture_output=True, text=True,
                          timeout=300)
     assert bad.returncode == 2 and "must be positive" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("native", [False, pytest.param(True, marks=needs_native)])
+def test_a_snapshot_resumes_the_stream_exactly(native: bool) -> None:
+    import msgpack
+
+    sensor = SensorSpec("2d", width=16, height=12)
+    spec = FilterSpec(refractory_us=40, denoise_us=300, max_rate=50_000)
+    rng = np.random.default_rng(3)
+    t = np.cumsum(rng.integers(0, 30, 4000)).astype(np.int64)
+    tok = rng.integers(0, sensor.num_tokens, 4000).astype(np.int32)
+    b = bank(spec, sensor, native)
+    whole, whole_state = run_packets(b, t, tok, [])
+    state = b.new_state()
+    first = b.apply(state, t[:1500], tok[:1500])[0]
+    resumed = b.restore(msgpack.unpackb(msgpack.packb(state.to_dict())))
+    second = b.apply(resumed, t[1500:], tok[1500:])[0]
+    np.testing.assert_array_equal(np.concatenate([first, second]), whole)
+    assert_same_state(resumed, whole_state)
+
+
+def test_a_snapshot_that_does_not_fit_is_refused() -> None:
+    sensor = SensorSpec("2d", width=4, height=4)
+    b = bank(FilterSpec(refractory_us=5), sensor, False)
+    good = b.new_state().to_dict()
+    with pytest.raises(FilterError, match=r"refractory must be 256 bytes \(8 x 4 int64\)"):
+        bank(FilterSpec(refractory_us=5), SensorSpec("2d", width=8, height=4), False).restore(good)
+    with pytest.raises(FilterError, match="denoise holds a table, but that filter is off"):
+        b.restore({**good, "denoise": good["refractory"]})
+    with pytest.raises(FilterError, match="scalars must be 4 int64 integers"):
+        b.restore({**good, "scalars": [0, 0, 1 << 63, 0]})
+    with pytest.raises(FilterError, match="expected the fields"):
+        b.restore({"refractory": None})

@@ -85,3 +85,21 @@ def test_decide_field_validation(field: object, message: str) -> None:
 def test_decide_field_round_trip() -> None:
     spec = DecideSpec.from_dict({"min_prob": 0.8, "hold_ms": 2.5})
     assert spec.hold_us == 2500 and spec.to_dict() == {"min_prob": 0.8, "hold_ms": 2.5}
+
+
+def test_a_snapshot_resumes_the_tracker() -> None:
+    import msgpack
+
+    answers = [("wave", 0.9, 0), ("wave", 0.9, 6_000), ("wave", 0.9, 10_000), ("clap", 0.9, 12_000),
+               ("clap", 0.9, 30_000)]
+    whole = feed(tracker(), answers)
+    first = tracker()
+    part = feed(first, answers[:2])
+    resumed = tracker()
+    resumed.restore(msgpack.unpackb(msgpack.packb(first.to_dict())))
+    assert part + feed(resumed, answers[2:]) == whole
+    with pytest.raises(DecisionError, match="since must be an integer time"):
+        resumed.restore({**first.to_dict(), "since": None})
+    with pytest.raises(DecisionError, match="decided must be a class name or null"):
+        resumed.restore({**first.to_dict(), "decided": 3})
+    assert resumed.decided == "clap"  # a refused snapshot changed nothing

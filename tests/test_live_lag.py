@@ -76,3 +76,19 @@ def test_overload_defaults() -> None:
     assert OverloadPolicy.from_fields("drop").max_lag_ms == DEFAULT_MAX_LAG_MS
     with pytest.raises(LagError, match="positive number of seconds"):
         ClockSync(window_s=0)
+
+
+def test_a_snapshot_keeps_the_learned_offset() -> None:
+    import msgpack
+
+    clock = ClockSync(window_s=10.0)
+    for k, delay in enumerate([7.0, 3.0, 5.0]):
+        clock.observe(arrival(SENSOR_ORIGIN_US + k * 10_000, delay), SENSOR_ORIGIN_US + k * 10_000)
+    again = ClockSync.from_dict(msgpack.unpackb(msgpack.packb(clock.to_dict())))
+    assert again.offset_us == clock.offset_us and again.window_us == clock.window_us
+    t = SENSOR_ORIGIN_US + 20_000
+    assert again.lag_ms(arrival(t, 30.0), t) == clock.lag_ms(arrival(t, 30.0), t)
+    with pytest.raises(LagError, match="offsets must increase"):
+        ClockSync.from_dict({"window_us": None, "candidates": [[0, 5], [1, 5]]})
+    with pytest.raises(LagError, match="window_us must be a positive integer"):
+        ClockSync.from_dict({"window_us": 0, "candidates": []})

@@ -146,3 +146,24 @@ def test_window_field_round_trip_and_tumbling_default() -> None:
     tumbling = WindowSpec.from_dict({"events": 7})
     assert tumbling.hop == 7 and tumbling.lanes == 1
     assert WindowSpec.from_dict({"events": 64, "hop": 1}).lanes == MAX_LANES
+
+
+def test_a_snapshot_resumes_the_lanes_exactly() -> None:
+    import msgpack
+
+    spec = WindowSpec("us", 5000, 1500)
+    plan = WindowPlan(spec)
+    t = np.cumsum(np.random.default_rng(5).integers(0, 400, 300)).astype(np.int64)
+    whole = [plan.plan(state := plan.new_state(), t[:120]), plan.plan(state, t[120:])]
+    part = plan.new_state()
+    plan.plan(part, t[:120])
+    resumed = plan.restore(msgpack.unpackb(msgpack.packb(part.to_dict())))
+    after = plan.plan(resumed, t[120:])
+    assert after.window() == whole[1].window() and (after.restarts == whole[1].restarts).all()
+    assert resumed.to_dict() == state.to_dict()
+    with pytest.raises(WindowError, match="starts must be 4 int64 integers"):
+        plan.restore({**part.to_dict(), "starts": [0, 0, 0]})
+    with pytest.raises(WindowError, match="seen must be an int64 integer"):
+        plan.restore({**part.to_dict(), "seen": 1 << 64})
+    with pytest.raises(WindowError, match="expected the fields"):
+        plan.restore({"origin": 0})

@@ -77,6 +77,25 @@ class DecisionTracker:
         self.since: int = 0
         self.last_t: int | None = None
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for a snapshot; :meth:`restore` reads it back."""
+        return {"decided": self.decided, "candidate": self.candidate, "since": self.since,
+                "last_t": self.last_t}
+
+    def restore(self, d: Any) -> None:
+        """Take the state of :meth:`to_dict` (checked first: a bad one changes nothing)."""
+        if not isinstance(d, Mapping) or set(d) != {"decided", "candidate", "since", "last_t"}:
+            raise DecisionError("decide snapshot: expected the fields decided, candidate, since, last_t")
+        for name in ("decided", "candidate"):
+            if d[name] is not None and not isinstance(d[name], str):
+                raise DecisionError(f"decide snapshot: {name} must be a class name or null")
+        for name in ("since", "last_t"):
+            v = d[name]
+            if (v is not None or name == "since") and (isinstance(v, bool) or not isinstance(v, int)):
+                raise DecisionError(f"decide snapshot: {name} must be an integer time")
+        self.decided, self.candidate, self.since, self.last_t = (
+            d["decided"], d["candidate"], d["since"], d["last_t"])
+
     def update(self, label: str | None, prob: float, t: int) -> Decision | None:
         """Feed one answer (``label`` None: no prediction yet) -> the decision it completes, if
         any. Times must not go back."""

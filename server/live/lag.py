@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +66,31 @@ class ClockSync:
         if self.window_us is not None:
             while self._candidates[0][0] < arrival - self.window_us:
                 self._candidates.popleft()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for a snapshot: the window and the candidate minima (arrival, offset), in
+        µs of the server's monotonic clock. Only a server of the same boot shares that clock, so a
+        snapshot restored elsewhere should start a fresh :class:`ClockSync` instead."""
+        return {"window_us": self.window_us, "candidates": [list(c) for c in self._candidates]}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> ClockSync:
+        if not isinstance(d, Mapping) or set(d) != {"window_us", "candidates"}:
+            raise LagError("lag snapshot: expected the fields window_us, candidates")
+        window, candidates = d["window_us"], d["candidates"]
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
+            raise LagError("lag snapshot: window_us must be a positive integer or null")
+        if not isinstance(candidates, (list, tuple)) or not all(
+                isinstance(c, (list, tuple)) and len(c) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in c) for c in candidates):
+            raise LagError("lag snapshot: candidates must be [arrival_us, offset_us] pairs")
+        offsets = [c[1] for c in candidates]
+        if any(b <= a for a, b in zip(offsets, offsets[1:], strict=False)):
+            raise LagError("lag snapshot: candidate offsets must increase (the front is the minimum)")
+        clock = cls()
+        clock.window_us = window
+        clock._candidates.extend((int(a), int(o)) for a, o in candidates)
+        return clock
 
     @property
     def offset_us(self) -> int | None:

@@ -147,6 +147,11 @@ class LaneState:
         return cls(NEVER, NEVER, 0, NEVER, np.zeros(lanes, dtype=np.int64),
                    np.full(lanes, NEVER, dtype=np.int64), np.zeros(lanes, dtype=np.int64))
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for a snapshot; :meth:`WindowPlan.restore` reads it back."""
+        return {"origin": self.origin, "last_t": self.last_t, "seen": self.seen, "clock": self.clock,
+                "starts": self.starts.tolist(), "t0": self.t0.tolist(), "counts": self.counts.tolist()}
+
     def copy(self) -> LaneState:
         return LaneState(self.origin, self.last_t, self.seen, self.clock, self.starts.copy(), self.t0.copy(),
                          self.counts.copy())
@@ -178,6 +183,28 @@ class WindowPlan:
 
     def new_state(self) -> LaneState:
         return LaneState.new(self.spec.lanes)
+
+    def restore(self, d: Any) -> LaneState:
+        """A state from :meth:`LaneState.to_dict`, checked against this plan's lane count."""
+        fields = ("origin", "last_t", "seen", "clock", "starts", "t0", "counts")
+        if not isinstance(d, Mapping) or set(d) != set(fields):
+            raise WindowError(f"window snapshot: expected the fields {list(fields)}")
+        lanes = self.spec.lanes
+
+        def int64(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and NEVER <= v < -NEVER
+
+        for name in fields[:4]:
+            if not int64(d[name]):
+                raise WindowError(f"window snapshot: {name} must be an int64 integer")
+        for name in fields[4:]:
+            v = d[name]
+            if not isinstance(v, (list, tuple)) or len(v) != lanes or not all(map(int64, v)):
+                raise WindowError(f"window snapshot: {name} must be {lanes} int64 integers (one a lane)")
+        if d["seen"] < 0 or min(d["counts"]) < 0:
+            raise WindowError("window snapshot: counts must not be negative")
+        return LaneState(d["origin"], d["last_t"], d["seen"], d["clock"],
+                         *(np.array(d[name], dtype=np.int64) for name in fields[4:]))
 
     def plan(self, state: LaneState, t: np.ndarray) -> PacketPlan:
         """One packet's event times ``t`` int64[n] (non-decreasing, not before the stream's
