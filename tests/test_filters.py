@@ -167,6 +167,8 @@ def test_the_native_pass_refuses_what_it_does_not_implement() -> None:
         lib.apply(t, tok, keep, 4, 4, 3, 0, 0, 5, None, None, scalars)
     with pytest.raises(ValueError, match="t: expected a 1-d array of 8-byte items"):
         lib.apply(t.astype(np.float64), tok, keep, 4, 4, 2, 0, 0, 5, None, None, scalars)
+    with pytest.raises(ValueError, match=r"t: expected a 1-d array of 8-byte items \(ql\)"):
+        lib.apply(t.astype(np.uint64), tok, keep, 4, 4, 2, 0, 0, 5, None, None, scalars)
     with pytest.raises(ValueError, match="tokens: expected a 1-d array of 4-byte items"):
         lib.apply(t, tok.astype(np.int64), keep, 4, 4, 2, 0, 0, 5, None, None, scalars)
     with pytest.raises(ValueError, match="a state array for each enabled"):

@@ -136,7 +136,7 @@ PyObject* py_apply(PyObject*, PyObject* args) {
     return nullptr;
   }
   Buffer t, tok, keep, refr, den, sc;
-  if (!t.get(t_o, "t", 8, "qlL", false) || !tok.get(tok_o, "tokens", 4, "il", false) ||
+  if (!t.get(t_o, "t", 8, "ql", false) || !tok.get(tok_o, "tokens", 4, "il", false) ||
       !keep.get(keep_o, "keep", 1, "B?b", true) || !sc.get(sc_o, "scalars", 8, "ql", true))
     return nullptr;
   const Params g{width, height, width * height, static_cast<uint64_t>(refractory_us),
