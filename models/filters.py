@@ -10,9 +10,12 @@ against event for event) and the native pass agree bit for bit.
 
 **Addresses.** The filters work on *pixels*: ``(x, y)`` of a ``W x H`` sensor, polarity ignored
 (a pixel that fires is dead whatever the sign of its next change, and its neighbours' activity
-supports it whatever their sign: the convention of libcaer's and tonic's filters). A token
+supports it whatever their sign: tonic's ``Denoise`` keeps one time per pixel too, and libcaer's
+background-activity filter checks polarity only as an option). A token
 ``x + W y + W H p`` is pixel ``token mod W H``. A 1-D sensor of ``C`` channels is a ``C x 1``
-sensor: the channel is the pixel.
+sensor: the channel is the pixel. The sensor is the *source's* (the camera's own geometry, before
+any adapter maps it onto the model's sensor, ``models/geometry.py``): dead time and background
+activity are properties of physical pixels, and many of those share one pixel of a smaller model.
 
 **The chain.** The enabled filters run in this order; each sees only the events the previous one
 kept, and the model sees what the last one keeps. For event ``i`` at time ``t_i`` on pixel
@@ -21,7 +24,8 @@ kept, and the model sees what the last one keeps. For event ``i`` at time ``t_i`
 1. ``refractory_us = R``: with ``k(a)`` the time of the last event *kept* by this filter on pixel
    ``a`` (none at the start), keep ``i`` iff ``k(a_i)`` is none or ``t_i - k(a_i) >= R``; then
    ``k(a_i) = t_i`` for a kept event. Every pixel emits at most one event per ``R`` us; a dropped
-   event does not extend the dead time (the pixel did not fire).
+   event does not extend the dead time (the pixel did not fire: libcaer's refractory filter
+   likewise inhibits a pixel for ``R`` after the last event it let through).
 2. ``denoise_us = D``: with ``s(a)`` the time of the last event on pixel ``a`` *seen* by this
    filter (kept or not), keep ``i`` iff some neighbour ``b`` of ``a_i`` (the 8 around it on a 2-D
    sensor, the 2 beside it on a 1-D one; fewer at the edges; never ``a_i`` itself) has
@@ -32,8 +36,8 @@ kept, and the model sees what the last one keeps. For event ``i`` at time ``t_i`
    one event); before each event it refills by the stream time since this filter's previous
    event: ``c = min(cap, c + E (t_i - t_prev))``; the event is kept iff ``c >= 1e6``, which
    then costs ``1e6``. Over any interval of ``L`` us at most ``cap / 1e6 + E L / 1e6`` events
-   pass, and a dense burst is thinned to one event per ``1e6 / E`` us, spread over the burst,
-   not cut at its end.
+   pass; a dense burst keeps the bucket's millisecond at its start, then one event per
+   ``1e6 / E`` us spread over the burst (not a cut at its end).
 
 Equal timestamps are fine (an event sees every earlier event of the stream, even at the same
 time); gaps of hours are fine (times are int64 and differences are taken without overflow).
