@@ -24,12 +24,16 @@ from types import ModuleType
 
 KERNEL_SOURCE = Path(__file__).parent / "kernels" / "streaming_step.cc"
 MODULE_NAME = "evssm_native_step"  # PyInit_evssm_native_step in the source
+# The input filters' pass (models/filters.py), a module of its own built the same way.
+FILTERS_SOURCE = Path(__file__).parent / "kernels" / "filters.cc"
+FILTERS_MODULE = "evssm_native_filters"
 COMPILE_FLAGS = ["-std=c++17", "-O3", "-ffast-math", "-fopenmp-simd", "-fno-strict-aliasing",
                  "-fPIC", "-w"]
 
 log = logging.getLogger("evssm.models.native")
 _lock = threading.Lock()
 _library: ModuleType | None = None
+_extensions: dict[str, ModuleType] = {}
 
 
 class NativeUnavailable(RuntimeError):
@@ -40,8 +44,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EVSSM_CACHE_DIR") or Path.home() / ".cache" / "evssm")
 
 
-def build_library() -> Path:
-    """Compile the kernel (once per source and target) -> the shared library's path.
+def build_library(source: Path = KERNEL_SOURCE) -> Path:
+    """Compile the kernel ``source`` (once per source and target) -> the shared library's path.
 
     The target instruction set is ``$EVSSM_NATIVE_ARCH`` (a ``-march`` value; default
     ``native``, this machine's own). A library already in the cache is used without a compiler,
@@ -54,9 +58,9 @@ def build_library() -> Path:
     include = sysconfig.get_paths()["include"]
     flags = [*COMPILE_FLAGS, f"-march={arch}", f"-I{include}"]
     abi = sysconfig.get_config_var("EXT_SUFFIX") or sys.version
-    key = hashlib.sha256("\0".join([KERNEL_SOURCE.read_text(), abi, *flags]).encode()
+    key = hashlib.sha256("\0".join([source.read_text(), abi, *flags]).encode()
                          ).hexdigest()[:16]
-    target = cache_dir() / f"streaming_step-{arch}-{key}.so"
+    target = cache_dir() / f"{source.stem}-{arch}-{key}.so"
     if target.exists():
         return target
     cxx = os.environ.get("CXX") or "g++"
@@ -71,7 +75,7 @@ def build_library() -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             obj, lib = Path(tmp) / "step.o", Path(tmp) / "step.so"
-            _run([cxx, *flags, "-c", str(KERNEL_SOURCE), "-o", str(obj)])
+            _run([cxx, *flags, "-c", str(source), "-o", str(obj)])
             try:  # glibc's vector maths (libmvec) where there is one
                 _run([cxx, "-shared", str(obj), "-o", str(lib), "-lmvec", "-lm"])
             except NativeUnavailable:
@@ -95,16 +99,31 @@ def load_library() -> ModuleType:
     with _lock:
         if _library is not None:
             return _library
-        path = build_library()
-        try:
-            loader = importlib.machinery.ExtensionFileLoader(MODULE_NAME, str(path))
-            spec = importlib.util.spec_from_file_location(MODULE_NAME, path, loader=loader)
-            module = importlib.util.module_from_spec(spec)
-            loader.exec_module(module)
-        except (ImportError, OSError) as exc:
-            raise NativeUnavailable(f"cannot load the native step {path}: {exc}") from exc
-        _library = module
+        _library = _import(build_library(), MODULE_NAME)
+        return _library
+
+
+def load_extension(source: Path, module_name: str) -> ModuleType:
+    """Build (if needed) and import another kernel's extension module (its ``PyInit_`` function
+    named ``module_name``), once per process."""
+    with _lock:
+        if module_name in _extensions:
+            return _extensions[module_name]
+        module = _extensions[module_name] = _import(build_library(source), module_name)
         return module
+
+
+def _import(path: Path, module_name: str) -> ModuleType:
+    try:
+        loader = importlib.machinery.ExtensionFileLoader(module_name, str(path))
+        spec = importlib.util.spec_from_file_location(module_name, path, loader=loader)
+        if spec is None:
+            raise ImportError(f"no module spec for {path}")
+        module = importlib.util.module_from_spec(spec)
+        loader.exec_module(module)
+    except (ImportError, OSError) as exc:
+        raise NativeUnavailable(f"cannot load the native module {path}: {exc}") from exc
+    return module
 
 
 
