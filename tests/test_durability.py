@@ -35,7 +35,7 @@ from evssm.models.events import Recording, SensorSpec, time_gaps, tokenize
 from evssm.models.streaming import softmax
 from evssm.server.app import create_app
 from evssm.server.settings import Settings
-from evssm.server.snapshots import DiskStore, decode, token_key
+from evssm.server.core.snapshots import DiskStore, decode, token_key
 
 pytestmark = pytest.mark.timeout(300)
 

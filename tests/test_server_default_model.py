@@ -16,7 +16,7 @@ from numeric import assert_close
 from websockets.asyncio.client import connect
 
 from evssm.server.app import create_app
-from evssm.server.protocol import RECORD_DTYPE
+from evssm.server.api.protocol import RECORD_DTYPE
 from evssm.server.settings import Settings
 
 SETTINGS = Settings(batch_buckets=(1, 4), length_buckets=(128,), classify_length_buckets=(),

@@ -33,7 +33,7 @@ from websockets.sync.client import connect
 
 from evssm.server.app import create_app
 from evssm.server.cli import uvicorn_options
-from evssm.server.protocol import RECORD_DTYPE, Code
+from evssm.server.api.protocol import RECORD_DTYPE, Code
 from evssm.server.settings import Settings
 
 CHANNELS = 700

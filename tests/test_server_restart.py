@@ -38,7 +38,7 @@ from numeric import assert_close
 
 from evssm.client import AsyncStreamSession, SessionExpired, SimulatedSensor, apaced, classify, packetize
 from evssm.models.events import Recording, SensorSpec
-from evssm.server.snapshots import DiskStore, token_key
+from evssm.server.core.snapshots import DiskStore, token_key
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

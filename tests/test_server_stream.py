@@ -23,7 +23,7 @@ from numeric import assert_close
 from websockets.asyncio.client import connect
 
 from evssm.server.app import create_app
-from evssm.server.protocol import RECORD_DTYPE
+from evssm.server.api.protocol import RECORD_DTYPE
 from evssm.server.settings import Settings
 
 CHANNELS = 700

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import free_port, redis_server
 
-from evssm.server.snapshots import (
+from evssm.server.core.snapshots import (
     CorruptSnapshot,
     DiskStore,
     RedisStore,
