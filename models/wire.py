@@ -229,7 +229,8 @@ class ResultFrame:
     @classmethod
     def from_wire(cls, msg: Mapping[str, Any]) -> ResultFrame:
         return _read(cls.TYPE, msg, lambda: cls(
-            seq=None if msg["seq"] is None else int(msg["seq"]), events=_int(msg, "events"), t=_opt_int(msg, "t"), probs=_probs(msg.get("probs")),
+            seq=None if msg["seq"] is None else int(msg["seq"]), events=_int(msg, "events"), t=_opt_int(msg, "t"),
+            probs=_probs(msg.get("probs")),
             top=[[entry[0], float(entry[1])] for entry in (msg.get("top") or [])],
             cropped=_opt_int(msg, "cropped"), durable=_opt_int(msg, "durable")))
 

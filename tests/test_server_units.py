@@ -13,7 +13,7 @@ import pytest
 from numeric import assert_close
 
 from evssm.models.events import SensorSpec
-from evssm.server.metrics import Metrics
+from evssm.models.wire import ErrorFrame
 from evssm.server.api.protocol import (
     RECORD_DTYPE,
     ClassifyLimits,
@@ -22,7 +22,6 @@ from evssm.server.api.protocol import (
     ProtocolError,
     decode_events,
     decode_frame,
-    error_frame,
     frame_type,
     parse_classify,
     parse_open,
@@ -30,10 +29,18 @@ from evssm.server.api.protocol import (
     prepare,
     shorten,
 )
-from evssm.server.api.security import ApiKeys, KeyFileError, bearer_token, normalize_origins, origin_allowed, query_token
-from evssm.server.core.sessions import ClientFull, SessionTable, SlotError, SlotPool
-from evssm.server.settings import ModelSpec, Settings, parse_ints
+from evssm.server.api.security import (
+    ApiKeys,
+    KeyFileError,
+    bearer_token,
+    normalize_origins,
+    origin_allowed,
+    query_token,
+)
+from evssm.server.core.sessions import ClientFull, ServerFull, SessionTable, SlotError, SlotPool
 from evssm.server.core.staging import StagingBuffer
+from evssm.server.metrics import Metrics
+from evssm.server.settings import ModelSpec, Settings, parse_ints
 
 D1 = SensorSpec.one_d(700)
 D2 = SensorSpec.two_d(34, 34)
@@ -153,7 +160,7 @@ def test_error_messages_never_grow_with_the_bad_value():
         with pytest.raises(ProtocolError) as info:
             frame_type(msg)
         assert len(info.value.message) < 200, len(info.value.message)
-    assert len(error_frame("malformed_frame", "y" * 100_000)["message"]) == 400
+    assert len(ErrorFrame("malformed_frame", "y" * 100_000).to_wire()["message"]) == 400
     assert shorten("abc") == "'abc'" and len(shorten("z" * 10_000)) == 60
 
 
@@ -223,7 +230,8 @@ def test_security_settings_from_env():
     assert [Settings(max_sessions=n).sessions_per_client for n in (3, 8, 16, 40, 256)] == [3, 8, 8, 10, 64]
     assert s.api_keys == "/run/secrets/keys" and s.public_metrics is False and s.header_timeout == 3.0
     assert s.allowed_origins == ("https://a.example", "https://b.example")
-    assert s.sessions_per_client == 10 and Settings(max_sessions=40, max_sessions_per_client=99).sessions_per_client == 40
+    assert s.sessions_per_client == 10
+    assert Settings(max_sessions=40, max_sessions_per_client=99).sessions_per_client == 40
     assert Settings().public_metrics is True and Settings().api_keys is None
     with pytest.raises(ValueError, match=r"public_metrics=.maybe. \(EVSSM_PUBLIC_METRICS\): .*valid boolean"):
         Settings.from_env({"EVSSM_PUBLIC_METRICS": "maybe"})
@@ -423,7 +431,7 @@ def test_session_table_capacity_and_dirty_reuse():
     s1 = table.open("m", 3)
     s2 = table.open("m", 3)
     assert not table.pools["m"].is_dirty(s1.slot) and s1.slot != s2.slot and s1.token != s2.token
-    with pytest.raises(Exception):
+    with pytest.raises(ServerFull):
         table.open("m", 3)
     assert table.by_token(s1.token) is s1 and table.by_token(s1.id) is None
     table.release(s1, idle=True)

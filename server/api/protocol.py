@@ -32,25 +32,7 @@ import numpy as np
 from evssm.models import native_build
 from evssm.models.events import EventError, SensorSpec, time_gaps, tokenize
 from evssm.models.geometry import Adapter, GeometryError, adapter_for
-
-# The contract's names the API layer's modules and tests take from here, re-exported.
-from evssm.models.wire import (  # noqa: F401
-    CLOSE_GOING_AWAY,
-    CLOSE_NORMAL,
-    CLOSE_POLICY_VIOLATION,
-    CLOSE_SERVICE_RESTART,
-    CLOSE_TRY_AGAIN_LATER,
-    COLUMN_DTYPES,
-    FRAME_TYPES,
-    MAX_MESSAGE,
-    MSGPACK,
-    MSGPACK_TYPES,
-    RECORD_DTYPE,
-    TOP_K_MAX,
-    Code,
-    ErrorFrame,
-    cap_message,
-)
+from evssm.models.wire import COLUMN_DTYPES, FRAME_TYPES, RECORD_DTYPE, TOP_K_MAX, Code
 
 
 class ProtocolError(Exception):
@@ -110,11 +92,6 @@ def shorten(value: Any, limit: int = MAX_ECHO) -> str:
         return f"<{type(value).__name__} of {len(value)} items>"
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def error_frame(code: Code | str, message: str, seq: int | None = None) -> dict[str, Any]:
-    """The map of an ``error`` frame (:class:`~evssm.models.wire.ErrorFrame`)."""
-    return ErrorFrame(str(code), message, seq).to_wire()
 
 
 def _seq_or_none(msg: dict[str, Any]) -> int | None:

@@ -27,6 +27,10 @@ or frees a slot, and frees it only when nothing of the session is queued or in a
 session restored from a snapshot: its ``Restore`` item, after the plan's zeroings, before its
 step) and rows to *read* after its step; the bookkeeping of what each row holds and what its
 snapshots cover is the :class:`~.ledger.SnapshotLedger`, fed each finished plan.
+
+Longer than 400 lines for a reason: planning, the update after a step and the failure path all
+keep the same invariants of a lane (its queue, the chunks in flight, the offset into its head
+packet, its slot's dirtiness); in one class they are read and checked together.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ import numpy as np
 from evssm.models.wire import class_order
 
 from ..metrics import ModelMetrics
-from .ledger import READ_CHUNK, SnapshotLedger, Snapshots, StepChanges
+from .lanes import Handoff, Lane, PlanBuilder, plannable
+from .ledger import READ_CHUNK, SnapshotLedger, Snapshots
 from .outputs import Answered, Ended, EndReason, OutputSink, StepOutputs
 from .plan import StepPlan, StepResult
 from .sessions import Captured, Close, Item, Packet, Reset, Restore, Session, SessionStatus, SessionTable, SlotError
@@ -76,103 +81,6 @@ class StepRunner(Protocol):
         ...
 
 
-class _Lane:
-    """One session's work, as the scheduler sees it (event loop only). With snapshots the ledger
-    keeps what its row holds (keyed by the lane)."""
-
-    __slots__ = ("session", "slot", "queue", "inflight", "offset", "builder", "ready", "failed")
-
-    def __init__(self, session: Session):
-        self.session = session
-        self.slot = session.slot
-        self.queue: deque[Item] = deque()  # not yet wholly planned, in order
-        self.inflight: deque[Item] = deque()  # planned (one entry per chunk or zeroing), in order
-        self.offset = 0  # events of queue[0] already planned
-        self.builder: _Builder | None = None  # the last plan it joined
-        self.ready = False  # in the scheduler's ready line
-        self.failed = False
-
-    @property
-    def idle(self) -> bool:
-        return not self.queue and not self.inflight
-
-
-def _plannable(lane: _Lane) -> bool:
-    """The lane's head needs the device: a zeroing, a restore or a packet with events."""
-    head = lane.queue[0] if lane.queue else None
-    return isinstance(head, (Reset, Restore)) or (isinstance(head, Packet) and head.size > 0)
-
-
-class _Builder:
-    """The next step plan while it is gathered (lists; arrays once the step thread takes it).
-    The event loop appends and the step thread takes it, both under the step thread's lock."""
-
-    __slots__ = ("zero", "slots", "starts", "lengths", "rows", "zeros", "writes", "reads",
-                 "published", "taken", "oldest")
-
-    def __init__(self) -> None:
-        self.zero: list[int] = []
-        self.slots: list[int] = []
-        self.starts: list[int] = []
-        self.lengths: list[int] = []
-        self.rows: list[tuple[_Lane, Packet, bool, bool]] = []  # (lane, packet, first, last chunk)
-        self.zeros: list[tuple[_Lane, Reset]] = []
-        self.writes: list[tuple[_Lane, Restore]] = []
-        self.reads: list[Hashable] = []  # lanes whose rows are copied out after the step (snapshots)
-        self.published = False  # offered to the step thread
-        self.taken = False  # the step thread has it: no more rows
-        self.oldest = float("inf")  # earliest arrival among its packets
-
-    @property
-    def empty(self) -> bool:
-        return not (self.slots or self.zero or self.writes or self.reads)
-
-    def plan(self, staging: StagingBuffer, words: int) -> StepPlan:
-        write_rows = (np.stack([item.row for _, item in self.writes]).astype(np.int32, copy=False)
-                      if self.writes else np.zeros((0, words), np.int32))
-        return StepPlan(np.array(self.zero, np.int32),
-                        np.array([lane.slot for lane, _ in self.writes], np.int32), write_rows,
-                        np.array(self.slots, np.int32), np.array(self.starts, np.int64),
-                        np.array(self.lengths, np.int32), staging.tokens, staging.gaps,
-                        np.array([lane.slot for lane in self.reads if isinstance(lane, _Lane)], np.int32))
-
-    def changes(self) -> StepChanges:
-        return StepChanges([lane for lane, _ in self.zeros], [(lane, item) for lane, item in self.writes],
-                           [(lane, packet, last) for lane, packet, _, last in self.rows])
-
-
-class _Handoff:
-    """The one-plan mailbox between the event loop (which offers) and the step thread (which
-    takes), under one lock: the plan gathered while a step runs is taken the moment it ends."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Condition()
-        self.next: _Builder | None = None  # published, not yet taken
-        self.stopping = False
-
-    def offer(self, builder: _Builder) -> None:
-        """Publish ``builder`` (call with :attr:`lock` held)."""
-        builder.published = True
-        self.next = builder
-        self.lock.notify()
-
-    def take(self) -> _Builder | None:
-        """The next published plan, waiting for one; None once stopping."""
-        with self.lock:
-            while self.next is None and not self.stopping:
-                self.lock.wait()
-            builder, self.next = self.next, None
-            if self.stopping or builder is None:
-                return None
-            builder.taken = True
-            return builder
-
-    def stop(self) -> None:
-        with self.lock:
-            self.stopping = True
-            self.lock.notify()
-
-
 class Scheduler:
     """Batches one model's sessions' work into pipelined steps (see module docstring)."""
 
@@ -196,14 +104,14 @@ class Scheduler:
         # What each row holds and its snapshots cover; None without snapshots (the frames then
         # carry no ``durable``).
         self.ledger = None if snapshots is None else SnapshotLedger(runner.name, slots, snapshots)
-        self.lanes: dict[str, _Lane] = {}  # session id -> lane, live sessions only
+        self.lanes: dict[str, Lane] = {}  # session id -> lane, live sessions only
         self.queued_packets = 0  # accepted, not yet answered
         self.steps = 0
-        self._ready: deque[_Lane] = deque()  # lanes with work to plan, first come first served
-        self._builder: _Builder | None = None  # the plan being gathered
+        self._ready: deque[Lane] = deque()  # lanes with work to plan, first come first served
+        self._builder: PlanBuilder | None = None  # the plan being gathered
         self._busy = 0  # plans published and not yet reported back
         self._timer: asyncio.TimerHandle | None = None
-        self._handoff: _Handoff | None = None
+        self._handoff: Handoff | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._released: list[Session] = []  # released while outputs were gathered: reported after them
@@ -228,7 +136,7 @@ class Scheduler:
             return False
         return True
 
-    def _execute(self, plan: _Builder) -> tuple[StepResult | BaseException, bool]:
+    def _execute(self, plan: PlanBuilder) -> tuple[StepResult | BaseException, bool]:
         """Run ``plan`` (step thread): its result, or the exception and whether the runner
         re-created its pool (every session's row is lost then)."""
         try:
@@ -240,7 +148,7 @@ class Scheduler:
                 log.exception("runner %s: recovery failed", self.model)
                 return exc, False
 
-    def _after_step(self, plan: _Builder, result: StepResult | BaseException, recovered: bool) -> None:
+    def _after_step(self, plan: PlanBuilder, result: StepResult | BaseException, recovered: bool) -> None:
         """Step 3 (event loop)."""
         self._busy -= 1
         try:
@@ -258,7 +166,7 @@ class Scheduler:
         for session in released:
             self.on_release(session)
 
-    def update_from_result(self, plan: _Builder, result: StepResult | BaseException,
+    def update_from_result(self, plan: PlanBuilder, result: StepResult | BaseException,
                            recovered: bool) -> StepOutputs:
         """What a finished plan did (event loop): the lanes advanced, the answers as arrays."""
         out = StepOutputs(self.model)
@@ -269,7 +177,7 @@ class Scheduler:
         self.steps += 1
         if self.ledger is not None:
             self.ledger.update(plan.changes())
-        touched: list[_Lane] = []
+        touched: list[Lane] = []
         for lane, reset in plan.zeros:
             lane.inflight.popleft()
             self.ready[lane.slot] = False
@@ -315,7 +223,7 @@ class Scheduler:
 
     # --- called from the API layer (event loop) ------------------------------------------------
     def add(self, session: Session) -> None:
-        lane = self.lanes[session.id] = _Lane(session)
+        lane = self.lanes[session.id] = Lane(session)
         dirty = self.pool.is_dirty(lane.slot)
         if self.ledger is not None:
             self.ledger.add(lane, session, None, zero_first=dirty)
@@ -329,7 +237,7 @@ class Scheduler:
         snapshot it came from covers that state already."""
         if self.ledger is None:
             raise SlotError("a session restored without snapshots")
-        lane = self.lanes[session.id] = _Lane(session)
+        lane = self.lanes[session.id] = Lane(session)
         self.ledger.add(lane, session, item, zero_first=False)
         lane.queue.append(item)
         self._mark_ready(lane)
@@ -409,7 +317,7 @@ class Scheduler:
 
     def _wanted(self, key: Hashable) -> bool:
         """A lane whose row is still worth a snapshot: live, healthy and open."""
-        return isinstance(key, _Lane) and not key.failed and key.session.open
+        return isinstance(key, Lane) and not key.failed and key.session.open
 
     @property
     def pending(self) -> int:
@@ -418,7 +326,7 @@ class Scheduler:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._handoff = _Handoff()
+        self._handoff = Handoff()
         self._thread = threading.Thread(target=self._run_steps, name=f"evssm-step-{self.model}", daemon=True)
         self._thread.start()
 
@@ -435,12 +343,12 @@ class Scheduler:
             self._thread = None
 
     # --- planning (event loop) -------------------------------------------------------------------
-    def _mark_ready(self, lane: _Lane) -> None:
+    def _mark_ready(self, lane: Lane) -> None:
         if not lane.ready and not lane.failed:
             lane.ready = True
             self._ready.append(lane)
 
-    def _advance(self, lane: _Lane, out: StepOutputs) -> None:
+    def _advance(self, lane: Lane, out: StepOutputs) -> None:
         """Answer the heads that need no device work once everything before them is answered;
         line the lane up for planning if its head needs a step."""
         queue = lane.queue
@@ -457,7 +365,7 @@ class Scheduler:
                 out.closed.append((lane.session, head))
             else:
                 break
-        if _plannable(lane):
+        if plannable(lane):
             self._mark_ready(lane)
         elif lane.idle:
             self.release_if_done(lane.session)
@@ -471,12 +379,12 @@ class Scheduler:
         with handoff.lock:
             builder = self._builder
             if builder is None or builder.taken:
-                builder = self._builder = _Builder()
-            later: list[_Lane] = []
+                builder = self._builder = PlanBuilder()
+            later: list[Lane] = []
             while self._ready and len(builder.slots) < max_batch:
                 lane = self._ready.popleft()
                 lane.ready = False
-                if lane.failed or not _plannable(lane):
+                if lane.failed or not plannable(lane):
                     continue
                 if lane.builder is builder:  # one chunk per session and plan: the next plan
                     later.append(lane)
@@ -495,7 +403,7 @@ class Scheduler:
                     delay = max(0.0, deadline - time.perf_counter())
                     self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
 
-    def _plan_lane(self, lane: _Lane, builder: _Builder) -> None:
+    def _plan_lane(self, lane: Lane, builder: PlanBuilder) -> None:
         """Put the lane's next zeroing or restore and/or chunk into ``builder``."""
         lane.builder = builder
         head: Item | None = lane.queue[0]
@@ -512,7 +420,7 @@ class Scheduler:
             if not (isinstance(head, Packet) and head.size > 0):
                 # Nothing, an empty packet or a close: answered after it. Another reset: in a
                 # later plan (a plan zeroes a row once).
-                if _plannable(lane):
+                if plannable(lane):
                     self._mark_ready(lane)
                 return
         assert isinstance(head, Packet)
@@ -531,10 +439,10 @@ class Scheduler:
         if last:
             lane.queue.popleft()
             lane.offset = 0
-        if _plannable(lane):
+        if plannable(lane):
             self._mark_ready(lane)  # its next chunk goes into a later plan
 
-    def _should_publish(self, builder: _Builder) -> bool:
+    def _should_publish(self, builder: PlanBuilder) -> bool:
         """Publish now unless the step thread is idle and company may come (see module)."""
         if self._busy or self.batch_wait_s <= 0 or len(builder.slots) >= self.runner.max_batch:
             return True
@@ -544,7 +452,7 @@ class Scheduler:
         return not any(lane.session.attachment is not None and lane.idle and lane.session.open
                        for lane in self.lanes.values())
 
-    def _publish(self, builder: _Builder) -> None:
+    def _publish(self, builder: PlanBuilder) -> None:
         assert self._handoff is not None
         self._busy += 1
         if self._timer is not None:
@@ -561,7 +469,7 @@ class Scheduler:
                     self._publish(builder)
 
     # --- after a step (event loop) ---------------------------------------------------------------
-    def _restored(self, lane: _Lane, item: Restore) -> None:
+    def _restored(self, lane: Lane, item: Restore) -> None:
         """A restore is done: the per-slot answer is the snapshot's."""
         s = lane.slot
         self.ready[s] = item.probs is not None
@@ -569,12 +477,12 @@ class Scheduler:
             self.probs[s] = item.probs
             self.order[s] = class_order(item.probs)
 
-    def _fail_plan(self, builder: _Builder, exc: BaseException, recovered: bool, out: StepOutputs) -> None:
+    def _fail_plan(self, builder: PlanBuilder, exc: BaseException, recovered: bool, out: StepOutputs) -> None:
         """A step failed: the rows' states are unknown, so end these sessions (all of the model's
         sessions if the call consumed the pool). Rows it was to read are read after a later plan."""
         if self.ledger is not None:
             self.ledger.retry(builder.reads)
-        stepped: dict[_Lane, list[Item]] = {}  # each lane's items in this plan, in order
+        stepped: dict[Lane, list[Item]] = {}  # each lane's items in this plan, in order
         for lane, _ in builder.zeros:
             stepped.setdefault(lane, []).append(lane.inflight.popleft())
         for lane, _ in builder.writes:
@@ -589,7 +497,7 @@ class Scheduler:
             self._fail_lane(lane, reason, stepped.get(lane, []), out)
             self._release_failed(lane)
 
-    def _fail_lane(self, lane: _Lane, reason: str, stepped: list[Item], out: StepOutputs) -> None:
+    def _fail_lane(self, lane: Lane, reason: str, stepped: list[Item], out: StepOutputs) -> None:
         """End the lane's session: every unanswered item of it (``stepped``: those of the failed
         plan) is reported with the :class:`Ended` record, and nothing more is planned for it."""
         if lane.failed:
@@ -607,7 +515,7 @@ class Scheduler:
         self.table.end(lane.session)
         out.ended.append(Ended(lane.session, EndReason.FAILED, reason, tuple(items)))
 
-    def _release_failed(self, lane: _Lane) -> None:
+    def _release_failed(self, lane: Lane) -> None:
         """A failed lane frees its slot once no plan holds a chunk of it."""
         if not lane.inflight and lane.session.id in self.lanes:
             self.release_if_done(lane.session)

@@ -164,7 +164,8 @@ class Session:
       (what the client has sent and declared); a restored session's start as its snapshot's, set
       by the table at creation;
     - ``attachment``, ``last_active``: the API layer (the connection it streams on, its activity);
-    - ``answer``: the API layer's output processor (it knows the labels).
+    - ``answer``: the API layer (its output processor sets it from each result, knowing the
+      labels; the stream handler clears it on a reset).
 
     The scheduler keeps the session's work queue and its model's per-slot arrays (probabilities,
     readiness) itself, keyed by ``slot``. Issue 21's staggered lanes would give a session several

@@ -8,6 +8,9 @@ model's name and a fingerprint of the model's weights (a row is meaningless unde
 Nothing here knows of sessions, slots or the scheduler; the engine's glue is
 :mod:`evssm.server.core.durability`.
 
+Longer than 400 lines for a reason: the record's format and the two stores that keep it (SQLite,
+Redis) are one contract, checked together by ``tests/test_snapshots.py``.
+
 **Keys.** A snapshot is stored under the SHA-256 of the session's resume token, never the token:
 whoever can read the store (a backup of the state directory, a shared Redis) must not be able to
 take over a stream. The token holds 144 random bits, so a plain hash cannot be inverted by search.
