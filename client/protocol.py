@@ -19,7 +19,7 @@ import msgpack
 import numpy as np
 
 from evssm.models.events import Recording, SensorSpec
-from evssm.models.wire import CLASSIFY_PATH, COLUMN_DTYPES, MODELS_PATH, STREAM_PATH
+from evssm.models.wire import CLASSIFY_PATH, COLUMN_DTYPES, MODELS_PATH, STREAM_PATH, FrameError, Opened, ResultFrame
 
 from .errors import ProtocolError
 
@@ -86,14 +86,6 @@ def decode_frame(frame: bytes | str) -> dict[str, Any]:
     return msg
 
 
-def _probs(value: Any) -> list[float] | None:
-    if value is None:
-        return None
-    if isinstance(value, (bytes, bytearray)):  # tolerate float32 bin, though the contract says list
-        return np.frombuffer(value, dtype="<f4").astype(float).tolist()
-    return [float(v) for v in value]
-
-
 @dataclass(frozen=True)
 class ModelInfo:
     """What the server says about the model behind a session (the ``model`` of ``opened``)."""
@@ -108,7 +100,7 @@ class ModelInfo:
         d = dict(d or {})
         sensor = d.get("sensor")
         try:
-            spec = SensorSpec.from_dict(sensor) if isinstance(sensor, Mapping) else None
+            spec = SensorSpec.from_dict(dict(sensor)) if isinstance(sensor, Mapping) else None
         except (TypeError, ValueError):
             spec = None
         classes = d.get("classes") or d.get("labels") or ()
@@ -150,16 +142,14 @@ class SessionInfo:
 
     @classmethod
     def from_message(cls, msg: Mapping[str, Any]) -> SessionInfo:
-        if msg.get("type") != "opened":
-            raise ProtocolError(f"expected 'opened', got {msg.get('type')!r}")
-        durable = msg.get("durable")
-        return cls(session=str(msg.get("session", "")),
-                   resume=None if msg.get("resume") is None else str(msg["resume"]),
-                   events=int(msg.get("events") or 0),
-                   model=ModelInfo.from_dict(msg.get("model")),
-                   cropped=int(msg.get("cropped") or 0), geometry=msg.get("geometry"),
-                   restored=bool(msg.get("restored", False)),
-                   durable=None if durable is None else int(durable))
+        """Read an ``opened`` frame (:class:`~evssm.models.wire.Opened`)."""
+        try:
+            frame = Opened.from_wire(msg)
+        except FrameError as exc:
+            raise ProtocolError(str(exc)) from exc
+        return cls(session=frame.session, resume=frame.resume, events=frame.events,
+                   model=ModelInfo.from_dict(frame.model), cropped=frame.cropped or 0, geometry=frame.geometry,
+                   restored=frame.restored, durable=frame.durable)
 
 
 @dataclass(frozen=True)
@@ -193,16 +183,16 @@ class Result:
 
     @classmethod
     def from_message(cls, msg: Mapping[str, Any], latency_s: float = 0.0) -> Result:
+        """Read a ``result`` frame (:class:`~evssm.models.wire.ResultFrame`)."""
         try:
-            top = [(entry[0], float(entry[1])) for entry in (msg.get("top") or [])]
-            t = msg.get("t")
-            durable = msg.get("durable")
-            return cls(seq=int(msg["seq"]), events=int(msg.get("events") or 0),
-                       t=None if t is None else int(t), probs=_probs(msg.get("probs")),
-                       top=top, latency_s=latency_s, cropped=int(msg.get("cropped") or 0),
-                       durable=None if durable is None else int(durable))
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise ProtocolError(f"malformed result frame: {exc}") from exc
+            frame = ResultFrame.from_wire(msg)
+        except FrameError as exc:
+            raise ProtocolError(str(exc)) from exc
+        if frame.seq is None:  # the client numbers every packet it sends
+            raise ProtocolError("malformed result frame: its seq is null")
+        return cls(seq=frame.seq, events=frame.events, t=frame.t, probs=frame.probs,
+                   top=[(label, p) for label, p in frame.top], latency_s=latency_s, cropped=frame.cropped or 0,
+                   durable=frame.durable)
 
     def to_dict(self) -> dict[str, Any]:
         return {"seq": self.seq, "events": self.events, "t": self.t, "probs": self.probs,

@@ -8,7 +8,10 @@ answers are called.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -60,6 +63,32 @@ class Code(StrEnum):
     REQUEST_TIMEOUT = "request_timeout"  # the body took longer than --body-timeout: 408
 
 
+# The HTTP status of each code an HTTP endpoint answers with; every other code is a 400.
+HTTP_STATUS: dict[Code, int] = {
+    Code.UNKNOWN_MODEL: 404, Code.NOT_FOUND: 404, Code.METHOD_NOT_ALLOWED: 405,
+    Code.REQUEST_TOO_LARGE: 413, Code.PACKET_TOO_LARGE: 413, Code.UNSUPPORTED_MEDIA_TYPE: 415,
+    Code.NOT_READY: 503, Code.DRAINING: 503, Code.INTERNAL_ERROR: 500, Code.UNAUTHORIZED: 401,
+    Code.BUSY: 503, Code.REQUEST_TIMEOUT: 408, Code.NON_FINITE_OUTPUT: 422,
+}
+
+
+def http_status(code: Code | str) -> int:
+    """The HTTP status an error body with ``code`` goes out with."""
+    try:
+        return HTTP_STATUS.get(Code(code), 400)
+    except ValueError:  # not a code of the contract
+        return 400
+
+
+TOP_K_MAX = 1000  # ``top_k`` of an open frame or a classify body: an integer in 0..TOP_K_MAX
+MAX_MESSAGE = 400  # characters of an error message: a reply never grows with the bad input
+
+
+def cap_message(message: str) -> str:
+    """``message`` cut to :data:`MAX_MESSAGE` characters."""
+    return message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE - 3] + "..."
+
+
 # WebSocket close codes (RFC 6455 section 7.4 and the IANA registry).
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001  # end of a drain
@@ -89,3 +118,237 @@ COLUMN_DTYPES: dict[str, np.dtype] = {
 # as event-camera tools (faery, AEStream) stream it over UDP.
 RECORD_DTYPE = np.dtype([("t", "<u8"), ("x", "<u2"), ("y", "<u2"), ("on", "u1")])
 assert RECORD_DTYPE.itemsize == 13
+
+
+# --- frames the server sends -----------------------------------------------------------------------
+# One frozen dataclass per frame: ``to_wire()`` is the map that goes out (its keys in the order the
+# contract shows them, so the bytes never change), ``from_wire()`` reads one back and raises
+# :class:`FrameError` naming what is wrong. ``docs/protocol.md`` shows each with an example.
+class FrameError(ValueError):
+    """A frame that does not hold what its type promises."""
+
+
+def _int(msg: Mapping[str, Any], key: str) -> int:
+    """An integer field; missing or null reads 0 (as every reader of the contract has)."""
+    value = msg.get(key)
+    return 0 if value is None else int(value)
+
+
+def _opt_int(msg: Mapping[str, Any], key: str) -> int | None:
+    value = msg.get(key)
+    return None if value is None else int(value)
+
+
+def _check_type(cls_type: str, msg: Mapping[str, Any]) -> None:
+    if msg.get("type") != cls_type:
+        raise FrameError(f"expected {cls_type!r}, got {msg.get('type')!r}")
+
+
+def _read(kind: str, msg: Mapping[str, Any], build: Any) -> Any:
+    """``build()``, with what a malformed field raises turned into a :class:`FrameError`."""
+    try:
+        return build()
+    except FrameError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise FrameError(f"malformed {kind} frame: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """``opened``: the session is open (or resumed, or restored from a snapshot). ``durable``:
+    events sent its last snapshot covers (None: no snapshots kept); ``geometry``/``cropped`` only
+    for a session that declared its source sensor."""
+
+    TYPE: ClassVar[str] = "opened"
+    session: str
+    resume: str | None
+    resumed: bool
+    restored: bool
+    events: int
+    t: int | None
+    durable: int | None
+    top_k: int
+    model: dict[str, Any]
+    geometry: dict[str, Any] | None = None
+    cropped: int | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.TYPE, "session": self.session, "resume": self.resume,
+                               "resumed": self.resumed, "restored": self.restored, "events": self.events,
+                               "t": self.t, "durable": self.durable, "top_k": self.top_k, "model": self.model}
+        if self.geometry is not None:
+            out.update(geometry=self.geometry, cropped=self.cropped)
+        return out
+
+    @classmethod
+    def from_wire(cls, msg: Mapping[str, Any]) -> Opened:
+        _check_type(cls.TYPE, msg)
+        model, geometry = msg.get("model"), msg.get("geometry")
+        return _read(cls.TYPE, msg, lambda: cls(
+            session=str(msg.get("session", "")), resume=None if msg.get("resume") is None else str(msg["resume"]),
+            resumed=bool(msg.get("resumed", False)), restored=bool(msg.get("restored", False)),
+            events=_int(msg, "events"), t=_opt_int(msg, "t"), durable=_opt_int(msg, "durable"),
+            top_k=_int(msg, "top_k"), model=dict(model) if isinstance(model, Mapping) else {},
+            geometry=dict(geometry) if isinstance(geometry, Mapping) else None, cropped=_opt_int(msg, "cropped")))
+
+
+def _probs(value: Any) -> list[float] | None:
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray)):  # tolerated as float32 bin, though the contract says list
+        return np.frombuffer(value, dtype="<f4").astype(float).tolist()
+    return [float(v) for v in value]
+
+
+@dataclass(frozen=True, slots=True)
+class ResultFrame:
+    """``result``: the answer to packet ``seq``. ``events``/``t``: the session's count and last
+    timestamp after it; ``probs`` None (and ``top`` empty) until the model has a complete output
+    window; ``top``: ``[label, probability]`` pairs by :func:`class_order`. ``cropped`` only for a
+    session that declared its source sensor, ``durable`` only when the server keeps snapshots."""
+
+    TYPE: ClassVar[str] = "result"
+    seq: int | None
+    events: int
+    t: int | None
+    probs: list[float] | None
+    top: list[list[Any]]
+    cropped: int | None = None
+    durable: int | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.TYPE, "seq": self.seq, "events": self.events, "t": self.t,
+                               "probs": self.probs, "top": self.top}
+        if self.cropped is not None:
+            out["cropped"] = self.cropped
+        if self.durable is not None:
+            out["durable"] = self.durable
+        return out
+
+    @classmethod
+    def from_wire(cls, msg: Mapping[str, Any]) -> ResultFrame:
+        return _read(cls.TYPE, msg, lambda: cls(
+            seq=None if msg["seq"] is None else int(msg["seq"]), events=_int(msg, "events"), t=_opt_int(msg, "t"),
+            probs=_probs(msg.get("probs")),
+            top=[[entry[0], float(entry[1])] for entry in (msg.get("top") or [])],
+            cropped=_opt_int(msg, "cropped"), durable=_opt_int(msg, "durable")))
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorFrame:
+    """``error``: a frame (``seq``, when it had one) or the session failed; ``code`` a :class:`Code`."""
+
+    TYPE: ClassVar[str] = "error"
+    code: str
+    message: str
+    seq: int | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "seq": self.seq, "code": str(self.code), "message": cap_message(self.message)}
+
+    @classmethod
+    def from_wire(cls, msg: Mapping[str, Any]) -> ErrorFrame:
+        _check_type(cls.TYPE, msg)
+        return _read(cls.TYPE, msg, lambda: cls(code=str(msg.get("code", "")), message=str(msg.get("message", "")),
+                                                seq=_opt_int(msg, "seq")))
+
+
+@dataclass(frozen=True, slots=True)
+class ResetDone:
+    """``reset_done``: the session's state is zeroed; it counts ``events`` (0) again."""
+
+    TYPE: ClassVar[str] = "reset_done"
+    session: str
+    events: int = 0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "session": self.session, "events": self.events}
+
+    @classmethod
+    def from_wire(cls, msg: Mapping[str, Any]) -> ResetDone:
+        _check_type(cls.TYPE, msg)
+        return _read(cls.TYPE, msg, lambda: cls(session=str(msg.get("session", "")), events=_int(msg, "events")))
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    """``closed``: the session ended after ``events`` events; everything before was answered."""
+
+    TYPE: ClassVar[str] = "closed"
+    session: str
+    events: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": self.TYPE, "session": self.session, "events": self.events}
+
+    @classmethod
+    def from_wire(cls, msg: Mapping[str, Any]) -> Closed:
+        _check_type(cls.TYPE, msg)
+        return _read(cls.TYPE, msg, lambda: cls(session=str(msg.get("session", "")), events=_int(msg, "events")))
+
+
+ServerFrame = Opened | ResultFrame | ErrorFrame | ResetDone | Closed  # what the server sends on /v1/stream
+SERVER_FRAMES: tuple[type[ServerFrame], ...] = (Opened, ResultFrame, ErrorFrame, ResetDone, Closed)
+
+
+# --- HTTP bodies -----------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class HttpError:
+    """The JSON body of every HTTP error: ``{"error": CODE, "message": TEXT}``, sent with
+    :attr:`status` (:data:`HTTP_STATUS`; a 400 for the codes it does not list)."""
+
+    code: str
+    message: str
+
+    @property
+    def status(self) -> int:
+        return http_status(self.code)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"error": str(self.code), "message": cap_message(self.message)}
+
+    @classmethod
+    def from_wire(cls, body: Mapping[str, Any]) -> HttpError:
+        return _read("HTTP error", body, lambda: cls(code=str(body["error"]), message=str(body.get("message", ""))))
+
+
+@dataclass(frozen=True, slots=True)
+class Classified:
+    """One recording's answer in a classify reply: as a stream's last ``result``, plus ``label``."""
+
+    probs: list[float] | None
+    label: Any
+    events: int
+    t: int | None
+    top: list[list[Any]]
+    cropped: int | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"probs": self.probs, "label": self.label, "events": self.events, "t": self.t,
+                               "top": self.top}
+        if self.cropped is not None:
+            out["cropped"] = self.cropped
+        return out
+
+    @classmethod
+    def from_wire(cls, msg: Mapping[str, Any]) -> Classified:
+        return _read("classify result", msg, lambda: cls(
+            probs=_probs(msg.get("probs")), label=msg.get("label"), events=_int(msg, "events"), t=_opt_int(msg, "t"),
+            top=[[entry[0], float(entry[1])] for entry in (msg.get("top") or [])], cropped=_opt_int(msg, "cropped")))
+
+
+@dataclass(frozen=True, slots=True)
+class ClassifyReply:
+    """The body of a ``POST /v1/classify`` answer: the model and one :class:`Classified` per stream."""
+
+    model: str
+    results: list[Classified]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"model": self.model, "results": [r.to_wire() for r in self.results]}
+
+    @classmethod
+    def from_wire(cls, body: Mapping[str, Any]) -> ClassifyReply:
+        return _read("classify reply", body, lambda: cls(
+            model=str(body["model"]), results=[Classified.from_wire(r) for r in body["results"]]))

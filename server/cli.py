@@ -22,7 +22,7 @@ from typing import Any
 
 import uvicorn
 
-from .engine import Engine
+from .core.engine import Engine
 from .settings import Settings, env_name
 
 log = logging.getLogger("evssm.server")
@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         origin = f"env: {env_name(field)}" if default is None else \
             f"default: {shown}; env: {env_name(field)}"
         # A switch off by default is a flag (--access-log), and still takes a value (true|false).
-        flag = {"nargs": "?", "const": "true"} if default is False else {}
+        flag: dict[str, Any] = {"nargs": "?", "const": "true"} if default is False else {}
         parser.add_argument(option, dest=field, default=argparse.SUPPRESS, metavar=field.upper(),
                             help=f"{info.description} ({origin})", **flag)
 
@@ -73,9 +73,9 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("absl").setLevel(logging.WARNING)
         logging.getLogger("jax").setLevel(logging.WARNING)
 
+    from .api.limits import ConnectionCap
+    from .api.security import OPEN_PATHS, KeyFileError, install_log_redaction
     from .app import create_app
-    from .limits import ConnectionCap
-    from .security import OPEN_PATHS, KeyFileError, install_log_redaction
 
     try:
         app = create_app(settings)
@@ -120,7 +120,7 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     :class:`~.limits.ConnectionCap`'s, not uvicorn's: uvicorn's also refuses the probes."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    from .limits import header_timeout_protocol
+    from .api.limits import header_timeout_protocol
 
     proxies = settings.forwarded_allow_ips
     return dict(http=header_timeout_protocol(H11Protocol, settings.header_timeout),

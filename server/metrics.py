@@ -72,7 +72,7 @@ class BatchHistogram(Collector):
             series = [(k, counts.copy(), total) for k, (counts, total) in self._series.items()]
         for value, counts, total in series:
             cumulative = np.cumsum(counts)
-            buckets = [(_le(b), float(c)) for b, c in zip(self.bounds, cumulative[:-1])]
+            buckets = [(_le(b), float(c)) for b, c in zip(self.bounds, cumulative[:-1], strict=True)]
             buckets.append(("+Inf", float(cumulative[-1])))
             family.add_metric([value], buckets, total)
         return [family]
@@ -223,7 +223,8 @@ class Metrics:
         cached children."""
         for metric in (self.events, self.packets, self.compilations, self.sessions_opened, self.cropped,
                        self.sessions_resumed, self.sessions_evicted, self.steps, self.classify_streams,
-                       self.non_finite, self.step_latency, self.batch_size, self.snapshots_written, self.sessions_restored):
+                       self.non_finite, self.step_latency, self.batch_size, self.snapshots_written,
+                       self.sessions_restored):
             metric.labels(model=model)
         self.packet_latency.init(model)
         self.queue_wait.init(model)

@@ -39,8 +39,9 @@ class ModelSpec:
     def parse(cls, text: str) -> ModelSpec:
         """``NAME=SOURCE`` or ``SOURCE`` (``config:tiny``, ``/ckpt/dir``, ``default``)."""
         text = text.strip()
-        name, sep, source = text.partition("=")
-        if not sep or not _NAME.match(name):  # "a/b=c" is a path, not a name
+        head, sep, source = text.partition("=")
+        name: str | None = head
+        if not sep or not _NAME.match(head):  # "a/b=c" is a path, not a name
             name, source = None, text
         if not source:
             raise ValueError(f"empty model source in {text!r}")

@@ -34,8 +34,8 @@ from evssm.client import AsyncStreamSession, SessionExpired, SimulatedSensor, cl
 from evssm.models.events import Recording, SensorSpec, time_gaps, tokenize
 from evssm.models.streaming import softmax
 from evssm.server.app import create_app
+from evssm.server.core.snapshots import DiskStore, decode, token_key
 from evssm.server.settings import Settings
-from evssm.server.snapshots import DiskStore, decode, token_key
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -124,10 +124,10 @@ def test_snapshots_taken_under_load_are_states_of_their_streams(start, tiny_mode
         watcher.join(10)
     sensor = SensorSpec.one_d(700)
     checked = 0
-    for rec, (token, results) in zip(recs, outcome):
+    for rec, (token, results) in zip(recs, outcome, strict=False):
         # durable: present, never ahead of the answer, never decreasing, and it moved.
         durable = [r.durable for r in results]
-        assert all(d is not None and 0 <= d <= r.events for d, r in zip(durable, results))
+        assert all(d is not None and 0 <= d <= r.events for d, r in zip(durable, results, strict=False))
         assert durable == sorted(durable) and durable[-1] > 0
         tokens = tokenize(sensor, rec.x)
         gaps = time_gaps(rec.t)
@@ -335,8 +335,7 @@ def test_a_declared_sensor_and_its_crop_survive_a_restore(start, tmp_path: Path)
     async def part_one() -> tuple[str, int, int]:
         s = AsyncStreamSession(first.ws, sensor=source, transform=transform, reconnect=False)
         await s.open()
-        async for r in s.stream(packetize(rec.slice(0, 3000), events=250)):
-            pass
+        r = [answer async for answer in s.stream(packetize(rec.slice(0, 3000), events=250))][-1]
         assert r.cropped > 0 and r.events + r.cropped == 3000
         deadline = time.monotonic() + 10
         while True:  # until a snapshot covers everything sent

@@ -126,6 +126,6 @@ def test_source_addresses_are_checked_against_the_declared_sensor() -> None:
 
 def test_geometry_imports_without_jax() -> None:
     code = ("import sys\nfor m in ('jax', 'flax', 'jaxlib'):\n    sys.modules[m] = None\n"
-            "import evssm.models.geometry, evssm.server.protocol\nprint('ok')\n")
+            "import evssm.models.geometry, evssm.server.api.protocol\nprint('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "ok", out.stderr

@@ -15,8 +15,8 @@ from conftest import wait_ready
 from numeric import assert_close
 from websockets.asyncio.client import connect
 
+from evssm.server.api.protocol import RECORD_DTYPE
 from evssm.server.app import create_app
-from evssm.server.protocol import RECORD_DTYPE
 from evssm.server.settings import Settings
 
 SETTINGS = Settings(batch_buckets=(1, 4), length_buckets=(128,), classify_length_buckets=(),
@@ -67,7 +67,7 @@ def test_default_model_streams_2d_events_like_classify(serve):
             n = len(rec["t"])
             cuts = [0, 100, 101, 101, 300, n]
             reply = None
-            for k, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+            for k, (a, b) in enumerate(zip(cuts[:-1], cuts[1:], strict=False)):
                 cols = records(rec, a, b) if k % 2 else bins(rec, a, b)
                 reply = await request(ws, {"type": "events", "seq": k, **cols})
                 assert reply["type"] == "result" and reply["events"] == b
@@ -88,6 +88,6 @@ def test_default_model_streams_2d_events_like_classify(serve):
 
     lone = asyncio.run(session(recs[0]))  # batch bucket 1
     finals = asyncio.run(together())  # batch bucket 4
-    for got, want in zip([lone] + finals, [expected[0]] + expected):
+    for got, want in zip([lone] + finals, [expected[0]] + expected, strict=False):
         assert_close(got["probs"], want["probs"], rtol=1e-3, atol=2e-6)
         assert got["top"][0][0] == want["label"] and len(got["top"]) == 1

@@ -31,9 +31,9 @@ from numeric import assert_close
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from evssm.server.api.protocol import RECORD_DTYPE, Code
 from evssm.server.app import create_app
 from evssm.server.cli import uvicorn_options
-from evssm.server.protocol import RECORD_DTYPE, Code
 from evssm.server.settings import Settings
 
 CHANNELS = 700

@@ -38,7 +38,7 @@ from numeric import assert_close
 
 from evssm.client import AsyncStreamSession, SessionExpired, SimulatedSensor, apaced, classify, packetize
 from evssm.models.events import Recording, SensorSpec
-from evssm.server.snapshots import DiskStore, token_key
+from evssm.server.core.snapshots import DiskStore, token_key
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -173,7 +173,7 @@ def test_sigterm_then_restart_every_session_resumes_exactly(tmp_path: Path, cach
 
     outcome = asyncio.run(asyncio.wait_for(main(), 600))
     assert "drain: 3 session snapshots written" in servers[0].log()
-    for rec, want, (results, session) in zip(recs, expected, outcome):
+    for rec, want, (results, session) in zip(recs, expected, outcome, strict=False):
         assert results[-1].events == len(rec)
         assert_close(results[-1].probs, want, rtol=RTOL, atol=ATOL)
         (resume,) = session.resumes
@@ -213,7 +213,7 @@ def test_sigkill_mid_stream_replays_from_durable(tmp_path: Path, cache: Path, se
     outcome = asyncio.run(asyncio.wait_for(main(), 600))
     assert killed.is_set()
     assert servers[0].proc.returncode == -signal.SIGKILL
-    for i, (rec, want, (results, session)) in enumerate(zip(recs, expected, outcome)):
+    for i, (rec, want, (results, session)) in enumerate(zip(recs, expected, outcome, strict=False)):
         assert results[-1].events == len(rec)
         assert_close(results[-1].probs, want, rtol=RTOL, atol=ATOL)
         assert [r.seq for r in results] == list(range(len(results)))  # every packet answered once
@@ -369,7 +369,7 @@ def drained(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> dict[str, 
 
         async def main() -> list[str]:
             sessions = [AsyncStreamSession(srv.ws, reconnect=False) for _ in recs]
-            for s, rec in zip(sessions, recs):
+            for s, rec in zip(sessions, recs, strict=False):
                 await s.open()
                 async for _ in s.stream(packetize(rec.slice(0, 5000), events=500)):
                     pass

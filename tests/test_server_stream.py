@@ -22,8 +22,8 @@ from conftest import wait_ready
 from numeric import assert_close
 from websockets.asyncio.client import connect
 
+from evssm.server.api.protocol import RECORD_DTYPE
 from evssm.server.app import create_app
-from evssm.server.protocol import RECORD_DTYPE
 from evssm.server.settings import Settings
 
 CHANNELS = 700
@@ -136,7 +136,7 @@ def test_random_packets_match_classify_of_every_prefix(server):
             opened = await c.open(top_k=2)
             assert opened["model"]["name"] == "tiny" and opened["events"] == 0
             results = []
-            for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+            for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:], strict=False)):
                 form = forms[i % 4]
                 msg = {"type": "events", "seq": i,
                        **columns(t[a:b], x[a:b], "lists" if form == "json" else form)}
@@ -148,7 +148,7 @@ def test_random_packets_match_classify_of_every_prefix(server):
     assert [r["events"] for r in results] == cuts[1:]
     prefixes = [(t[:b], x[:b]) for b in cuts[1:]]
     expected = classify(server.http, prefixes)
-    for got, want, b in zip(results, expected, cuts[1:]):
+    for got, want, b in zip(results, expected, cuts[1:], strict=False):
         assert got["t"] == (int(t[b - 1]) if b else None)
         assert_probs_equal(got["probs"], want["probs"])
         if got["probs"] is not None:
@@ -174,7 +174,7 @@ def test_xla_step_pads_the_staged_rows_into_its_buckets(serve, tiny_model):
             c = Client(ws)
             await c.open()
             cuts = random_cuts(rng, len(t), 300)
-            for k, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+            for k, (a, b) in enumerate(zip(cuts[:-1], cuts[1:], strict=False)):
                 await c.send({"type": "events", "seq": k, **columns(t[a:b], x[a:b], "bin")})
             return [await c.recv() for _ in cuts[1:]]
 
@@ -182,7 +182,7 @@ def test_xla_step_pads_the_staged_rows_into_its_buckets(serve, tiny_model):
         return await asyncio.gather(*(session(t, x) for t, x in recs))
 
     finals = [replies[-1] for replies in asyncio.run(run())]
-    for got, want, (t, _) in zip(finals, classify(server.http, recs), recs):
+    for got, want, (t, _) in zip(finals, classify(server.http, recs), recs, strict=False):
         assert got["events"] == len(t)
         assert_probs_equal(got["probs"], want["probs"])
     assert httpx.get(f"{server.http}/readyz").json()["compilations"]["tiny"] == before
@@ -281,7 +281,7 @@ def test_64_concurrent_sessions_each_get_their_own_answer(server):
         async with connect(f"{server.ws}/v1/stream") as ws:
             c = Client(ws)
             await c.open()
-            packets = list(zip(cuts[i][:-1], cuts[i][1:]))
+            packets = list(zip(cuts[i][:-1], cuts[i][1:], strict=False))
             for k, (a, b) in enumerate(packets):  # pipelined: all sent before any answer is read
                 await c.send({"type": "events", "seq": k, **columns(t[a:b], x[a:b], "bin")})
                 await asyncio.sleep(0)
@@ -295,7 +295,7 @@ def test_64_concurrent_sessions_each_get_their_own_answer(server):
 
     finals = asyncio.run(all_sessions())
     expected = classify(server.http, recs)
-    for got, want, (t, _) in zip(finals, expected, recs):
+    for got, want, (t, _) in zip(finals, expected, recs, strict=False):
         assert got["events"] == len(t)
         assert_probs_equal(got["probs"], want["probs"])
     metrics = httpx.get(f"{server.http}/metrics").text
@@ -593,7 +593,8 @@ def test_every_bad_input_gets_an_error_and_leaves_the_state_untouched(server):
                 else:
                     await c.ws.send(frame)
                 reply = await c.recv()
-                assert reply["type"] == "error" and reply["code"] == code, (frame if len(str(frame)) < 200 else code, reply)
+                assert reply["type"] == "error" and reply["code"] == code, \
+                    (frame if len(str(frame)) < 200 else code, reply)
                 assert isinstance(reply["message"], str) and reply["message"]
                 if isinstance(frame, dict) and isinstance(frame.get("seq"), int):
                     assert reply["seq"] == frame["seq"]
@@ -628,7 +629,8 @@ def test_http_bad_input_is_4xx_json(server):
     ]
     for kwargs, status, code in cases:
         r = httpx.post(f"{h}/v1/classify", timeout=60, **kwargs)
-        assert r.status_code == status and r.json()["error"] == code, (kwargs.get("json", "")[:1] if False else code, r.text)
+        assert r.status_code == status and r.json()["error"] == code, \
+            (kwargs.get("json", "")[:1] if False else code, r.text)
         assert r.json()["message"]
     r = httpx.get(f"{h}/v1/classify")
     assert r.status_code == 405 and r.json()["error"] == "method_not_allowed"

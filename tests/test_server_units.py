@@ -13,8 +13,8 @@ import pytest
 from numeric import assert_close
 
 from evssm.models.events import SensorSpec
-from evssm.server.metrics import Metrics
-from evssm.server.protocol import (
+from evssm.models.wire import ErrorFrame
+from evssm.server.api.protocol import (
     RECORD_DTYPE,
     ClassifyLimits,
     ClassifyRequest,
@@ -22,7 +22,6 @@ from evssm.server.protocol import (
     ProtocolError,
     decode_events,
     decode_frame,
-    error_frame,
     frame_type,
     parse_classify,
     parse_open,
@@ -30,10 +29,18 @@ from evssm.server.protocol import (
     prepare,
     shorten,
 )
-from evssm.server.security import ApiKeys, KeyFileError, bearer_token, normalize_origins, origin_allowed, query_token
-from evssm.server.sessions import ClientFull, SessionTable, SlotError, SlotPool
+from evssm.server.api.security import (
+    ApiKeys,
+    KeyFileError,
+    bearer_token,
+    normalize_origins,
+    origin_allowed,
+    query_token,
+)
+from evssm.server.core.sessions import ClientFull, ServerFull, SessionTable, SlotError, SlotPool
+from evssm.server.core.staging import StagingBuffer
+from evssm.server.metrics import Metrics
 from evssm.server.settings import ModelSpec, Settings, parse_ints
-from evssm.server.staging import StagingBuffer
 
 D1 = SensorSpec.one_d(700)
 D2 = SensorSpec.two_d(34, 34)
@@ -153,7 +160,7 @@ def test_error_messages_never_grow_with_the_bad_value():
         with pytest.raises(ProtocolError) as info:
             frame_type(msg)
         assert len(info.value.message) < 200, len(info.value.message)
-    assert len(error_frame("malformed_frame", "y" * 100_000)["message"]) == 400
+    assert len(ErrorFrame("malformed_frame", "y" * 100_000).to_wire()["message"]) == 400
     assert shorten("abc") == "'abc'" and len(shorten("z" * 10_000)) == 60
 
 
@@ -223,7 +230,8 @@ def test_security_settings_from_env():
     assert [Settings(max_sessions=n).sessions_per_client for n in (3, 8, 16, 40, 256)] == [3, 8, 8, 10, 64]
     assert s.api_keys == "/run/secrets/keys" and s.public_metrics is False and s.header_timeout == 3.0
     assert s.allowed_origins == ("https://a.example", "https://b.example")
-    assert s.sessions_per_client == 10 and Settings(max_sessions=40, max_sessions_per_client=99).sessions_per_client == 40
+    assert s.sessions_per_client == 10
+    assert Settings(max_sessions=40, max_sessions_per_client=99).sessions_per_client == 40
     assert Settings().public_metrics is True and Settings().api_keys is None
     with pytest.raises(ValueError, match=r"public_metrics=.maybe. \(EVSSM_PUBLIC_METRICS\): .*valid boolean"):
         Settings.from_env({"EVSSM_PUBLIC_METRICS": "maybe"})
@@ -252,7 +260,7 @@ def test_edge_settings_reach_uvicorn_and_default_closed():
 def test_log_redaction_hides_keys_in_any_shape(msg, args):
     import logging
 
-    from evssm.server.security import RedactSecrets
+    from evssm.server.api.security import RedactSecrets
 
     record = logging.LogRecord("websockets", logging.DEBUG, __file__, 1, msg, args, None)
     assert RedactSecrets().filter(record)
@@ -393,7 +401,7 @@ def test_serve_help_lists_every_option_and_env_var():
 
 
 def test_api_layer_imports_no_jax():
-    code = ("import sys; import evssm.server.app, evssm.server.cli, evssm.server.engine; "
+    code = ("import sys; import evssm.server.app, evssm.server.cli, evssm.server.core.engine; "
             "print(any(m == 'jax' or m.startswith('jax.') for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "False"
@@ -422,8 +430,8 @@ def test_session_table_capacity_and_dirty_reuse():
     table = SessionTable(max_sessions=2, slots_per_model={"m": 2})
     s1 = table.open("m", 3)
     s2 = table.open("m", 3)
-    assert not s1.dirty and s1.slot != s2.slot and s1.token != s2.token
-    with pytest.raises(Exception):
+    assert not table.pools["m"].is_dirty(s1.slot) and s1.slot != s2.slot and s1.token != s2.token
+    with pytest.raises(ServerFull):
         table.open("m", 3)
     assert table.by_token(s1.token) is s1 and table.by_token(s1.id) is None
     table.release(s1, idle=True)
@@ -431,7 +439,7 @@ def test_session_table_capacity_and_dirty_reuse():
         table.release(s1, idle=True)
     assert table.by_token(s1.token) is None
     s3 = table.open("m", 3)
-    assert s3.slot == s1.slot and s3.dirty  # the scheduler zeroes the reused row first
+    assert s3.slot == s1.slot and table.pools["m"].is_dirty(s3.slot)  # the scheduler zeroes the reused row first
     with pytest.raises(SlotError):
         table.release(s3, idle=False)  # never while work is queued
 
@@ -490,7 +498,7 @@ def test_staging_waiters_get_room_first_come_first_served():
 
 # --- buckets, softmax, metrics -------------------------------------------------------------------
 def test_bucket_and_softmax():
-    from evssm.server.runner import bucket, softmax
+    from evssm.server.core.runner import bucket, softmax
 
     assert [bucket(v, (1, 8, 64)) for v in (1, 2, 8, 9, 64)] == [1, 8, 8, 64, 64]
     with pytest.raises(ValueError):
@@ -546,19 +554,20 @@ def test_every_queued_reply_counts_against_the_bound_and_order_holds():
     send that must wait holds the rest; past the bound the receive loop waits for room."""
     import msgpack
 
-    from evssm.server.app import Connection
+    from evssm.models.wire import ErrorFrame
+    from evssm.server.api.connection import Connection
 
     async def run() -> None:
         ws = _SlowSocket()
         conn = Connection(ws, bound=3)  # type: ignore[arg-type]
         result = conn.reply()  # a result: filled after its step
-        conn.send({"type": "error", "seq": 1})
+        conn.send(ErrorFrame("internal_error", "", 1))
         assert ws.sent == [] and conn.queued == 2  # the error waits behind the result
         conn.fill(result, msgpack.packb({"type": "result", "seq": 0}))
         assert [msgpack.unpackb(m)["seq"] for m in ws.sent] == [0, 1] and conn.queued == 0
         ws.open.clear()  # the client stops reading
         for seq in range(2, 6):
-            conn.send({"type": "error", "seq": seq})
+            conn.send(ErrorFrame("internal_error", "", seq))
         assert conn.queued == 4  # one waiting on the socket, three behind it
         room = asyncio.create_task(conn.wait_room())
         await asyncio.sleep(0.01)
@@ -568,7 +577,7 @@ def test_every_queued_reply_counts_against_the_bound_and_order_holds():
         await asyncio.sleep(0.01)
         assert [msgpack.unpackb(m)["seq"] for m in ws.sent] == [0, 1, 2, 3, 4, 5]
         conn.close_after_flush(1001, "bye")
-        conn.send({"type": "error", "seq": 6})  # after the close: never sent
+        conn.send(ErrorFrame("internal_error", "", 6))  # after the close: never sent
         await conn.stop()
         assert ws.sent[-1] == b"close 1001" and len(ws.sent) == 7
 

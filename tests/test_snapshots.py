@@ -1,6 +1,6 @@
-"""Session snapshot records and stores (``server/snapshots.py``): encoding, damage detection,
-fingerprints, the SQLite disk store and the Redis store against a real ``redis-server``. No JAX, no server: the engine's use of them is in test_durability.py and
-test_server_restart.py."""
+"""Session snapshot records and stores (``server/core/snapshots.py``): encoding, damage detection,
+fingerprints, the SQLite disk store and the Redis store against a real ``redis-server``. No JAX,
+no server: the engine's use of them is in test_durability.py and test_server_restart.py."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import free_port, redis_server
 
-from evssm.server.snapshots import (
+from evssm.server.core.snapshots import (
     CorruptSnapshot,
     DiskStore,
     RedisStore,

@@ -11,7 +11,7 @@ from evssm.client import errors as client_errors
 from evssm.client.protocol import event_columns
 from evssm.models import wire
 from evssm.models.events import Recording, SensorSpec
-from evssm.server import protocol as server_protocol
+from evssm.server.api import protocol as server_protocol
 
 
 def test_the_contract_module_imports_numpy_only() -> None:

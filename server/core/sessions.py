@@ -21,6 +21,7 @@ import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Protocol
 
 import numpy as np
@@ -134,38 +135,63 @@ class Captured:
     probs: np.ndarray | None
 
 
-class Attachment(Protocol):
-    """What a session knows of the connection it is attached to (see ``app.Connection``)."""
+class Client(Protocol):
+    """The core's view of a client connection (the API layer's ``Connection``)."""
 
-    def detach(self, session: Session, frame: dict[str, Any] | None) -> None:
-        """Forget ``session`` (evicted, resumed elsewhere, failed) and send ``frame`` if given."""
+    def going_away(self) -> None:
+        """The server is draining: close the connection once what is queued for it is sent."""
         ...
+
+
+class SessionStatus(Enum):
+    """Where a session is in its life: ``OPEN`` takes work; ``CLOSING`` (closed by its client,
+    evicted, taken over or failed) takes none and cannot be resumed, and is released once its
+    queued work is answered; ``RELEASED``: its slot is free and the table has forgotten it."""
+
+    OPEN = "open"
+    CLOSING = "closing"
+    RELEASED = "released"
 
 
 @dataclass(eq=False)
 class Session:
-    """One client's stream, as the API layer sees it. Every field here is written by the API
-    layer (and the engine's eviction) only; the scheduler keeps the session's work queue and its
-    model's per-slot arrays (probabilities, readiness) itself, keyed by ``slot``."""
+    """One client's stream. Each field has one writer:
+
+    - ``id``, ``token``, ``model``, ``slot``, ``owner``, ``key_id``, ``opened``: the
+      :class:`SessionTable`, when it creates the session;
+    - ``status``: the :class:`SessionTable` (:meth:`SessionTable.end`, :meth:`SessionTable.release`);
+    - ``events``, ``last_t``, ``cropped``, ``geometry``, ``top_k``: the API layer's stream handler
+      (what the client has sent and declared); a restored session's start as its snapshot's, set
+      by the table at creation;
+    - ``attachment``, ``last_active``: the API layer (the connection it streams on, its activity);
+    - ``answer``: the API layer (its output processor sets it from each result, knowing the
+      labels; the stream handler clears it on a reset).
+
+    The scheduler keeps the session's work queue and its model's per-slot arrays (probabilities,
+    readiness) itself, keyed by ``slot``. Issue 21's staggered lanes would give a session several
+    rows: ``slot`` is its first."""
 
     id: str
     token: str  # the resume secret; never shown to anyone but the session's client
     model: str
     slot: int
     top_k: int
-    dirty: bool = False  # its slot must be zeroed before its first step (the scheduler does)
+    status: SessionStatus = SessionStatus.OPEN
     events: int = 0  # events accepted (validated, queued or done)
     last_t: int | None = None  # timestamp of the last accepted event
-    attachment: Attachment | None = None
+    attachment: Client | None = None
     last_active: float = field(default_factory=time.monotonic)
-    closing: bool = False  # close requested, evicted or failed: no new items
-    released: bool = False  # written by SessionTable.release only
     geometry: Any = None  # the declared source's adapter (evssm.models.geometry.Adapter) or None
     cropped: int = 0  # events the declared crop removed since the session's start or last reset
     owner: str | None = None  # who holds it, for per-client caps: API key id or client address
     key_id: str | None = None  # the API key that opened it; only that key may resume it
     opened: float = field(default_factory=time.monotonic)
     answer: tuple[str, float] | None = None  # top class and its probability after the last result
+
+    @property
+    def open(self) -> bool:
+        """It takes work (not closing, not released)."""
+        return self.status is SessionStatus.OPEN
 
 
 class ServerFull(Exception):
@@ -200,22 +226,25 @@ class SessionTable:
         """A new session with a slot; raises :class:`ServerFull` at ``max_sessions`` and
         :class:`ClientFull` when ``owner`` holds ``owner_limit`` sessions already.
 
-        When the slot is dirty (``session.dirty``), the scheduler zeroes it before the session's
-        first step.
+        When the slot is dirty (``pools[model].is_dirty(slot)``), the scheduler zeroes it before
+        the session's first step.
         """
         return self._add(model, top_k, secrets.token_hex(8), secrets.token_urlsafe(24), owner=owner,
-                         owner_limit=owner_limit, key_id=key_id, restored=False)
+                         owner_limit=owner_limit, key_id=key_id)
 
     def restore(self, model: str, top_k: int, sid: str, token: str, *, owner: str | None = None,
-                owner_limit: int | None = None, key_id: str | None = None) -> Session:
+                owner_limit: int | None = None, key_id: str | None = None, events: int = 0,
+                last_t: int | None = None, cropped: int = 0, geometry: Any = None) -> Session:
         """A session restored from a snapshot: the same id (unless a live session has it) and
-        token, a slot that is never marked dirty (its ``Restore`` item writes the whole row); the
-        same limits and errors as :meth:`open`."""
-        return self._add(model, top_k, sid, token, owner=owner, owner_limit=owner_limit, key_id=key_id,
-                         restored=True)
+        token, and the counts the snapshot holds (the baseline its next packet is checked
+        against); its ``Restore`` item writes the whole row, so a dirty slot needs no zeroing.
+        The same limits and errors as :meth:`open`."""
+        session = self._add(model, top_k, sid, token, owner=owner, owner_limit=owner_limit, key_id=key_id)
+        session.events, session.last_t, session.cropped, session.geometry = events, last_t, cropped, geometry
+        return session
 
     def _add(self, model: str, top_k: int, sid: str, token: str, *, owner: str | None,
-             owner_limit: int | None, key_id: str | None, restored: bool) -> Session:
+             owner_limit: int | None, key_id: str | None) -> Session:
         pool = self.pools[model]
         if len(self.sessions) >= self.max_sessions or not pool._free:
             raise ServerFull(f"the server holds its maximum of {self.max_sessions} sessions")
@@ -225,9 +254,8 @@ class SessionTable:
             raise SlotError("a live session holds this token already")
         while sid in self.sessions:
             sid = secrets.token_hex(8)
-        slot, dirty = pool.allocate(sid)
-        session = Session(id=sid, token=token, model=model, slot=slot, top_k=top_k,
-                          dirty=dirty and not restored, owner=owner, key_id=key_id)
+        slot, _ = pool.allocate(sid)
+        session = Session(id=sid, token=token, model=model, slot=slot, top_k=top_k, owner=owner, key_id=key_id)
         if owner is not None:
             self._by_owner[owner] = self._by_owner.get(owner, 0) + 1
         self.sessions[sid] = session
@@ -240,22 +268,29 @@ class SessionTable:
 
     def by_token(self, token: str) -> Session | None:
         session = self._by_token.get(token)
-        if session is None or session.closing or session.released:
+        if session is None or not session.open:
             return None
         # Constant-time compare: the dict lookup found it, the compare guards against misuse.
         return session if secrets.compare_digest(session.token, token) else None
 
+    @staticmethod
+    def end(session: Session) -> bool:
+        """The session takes no more work and cannot be resumed (closed by its client, evicted,
+        taken over, failed). True if it was open."""
+        if session.status is not SessionStatus.OPEN:
+            return False
+        session.status = SessionStatus.CLOSING
+        return True
+
     def release(self, session: Session, idle: bool) -> None:
         """Free the session's slot and forget it. Exactly once; only when it has no work
         (``idle``: the scheduler says none is queued or running)."""
-        if session.released:
+        if session.status is SessionStatus.RELEASED:
             raise SlotError(f"session {session.id} released twice")
         if not idle:
             raise SlotError(f"session {session.id} released with work queued or running")
         self.pools[session.model].free(session.slot, session.id)
-        session.released = True
-        session.closing = True
-        session.attachment = None
+        session.status = SessionStatus.RELEASED
         self.sessions.pop(session.id, None)
         self._by_token.pop(session.token, None)
         if session.owner is not None:

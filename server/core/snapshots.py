@@ -4,8 +4,12 @@ A snapshot holds what a session needs to go on after its server is gone: the pac
 the event count and last timestamp the row covers, the last probabilities (so that an empty packet
 is answered at once), top-k, the declared source sensor and the count its crop removed, the id of
 the API key that opened the session (only that key may resume it; never the key itself), the
-model's name and a fingerprint of the model's weights (a row is meaningless under other weights). Nothing here knows of sessions, slots or the scheduler; the
-engine's glue is :mod:`evssm.server.durability`.
+model's name and a fingerprint of the model's weights (a row is meaningless under other weights).
+Nothing here knows of sessions, slots or the scheduler; the engine's glue is
+:mod:`evssm.server.core.durability`.
+
+Longer than 400 lines for a reason: the record's format and the two stores that keep it (SQLite,
+Redis) are one contract, checked together by ``tests/test_snapshots.py``.
 
 **Keys.** A snapshot is stored under the SHA-256 of the session's resume token, never the token:
 whoever can read the store (a backup of the state directory, a shared Redis) must not be able to

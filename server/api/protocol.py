@@ -32,21 +32,7 @@ import numpy as np
 from evssm.models import native_build
 from evssm.models.events import EventError, SensorSpec, time_gaps, tokenize
 from evssm.models.geometry import Adapter, GeometryError, adapter_for
-
-# The contract's names, re-exported for the API layer (app, engine, scheduler).
-from evssm.models.wire import (  # noqa: F401
-    CLOSE_GOING_AWAY,
-    CLOSE_NORMAL,
-    CLOSE_POLICY_VIOLATION,
-    CLOSE_SERVICE_RESTART,
-    CLOSE_TRY_AGAIN_LATER,
-    COLUMN_DTYPES,
-    FRAME_TYPES,
-    MSGPACK,
-    MSGPACK_TYPES,
-    RECORD_DTYPE,
-    Code,
-)
+from evssm.models.wire import COLUMN_DTYPES, FRAME_TYPES, RECORD_DTYPE, TOP_K_MAX, Code
 
 
 class ProtocolError(Exception):
@@ -95,7 +81,6 @@ def encode_frame(frame: dict[str, Any], binary: bool) -> bytes | str:
     return json.dumps(frame, separators=(",", ":"))
 
 
-MAX_MESSAGE = 400  # characters of an error message: a reply never grows with the bad input
 MAX_ECHO = 60  # characters of a client's value quoted in a message
 
 
@@ -107,14 +92,6 @@ def shorten(value: Any, limit: int = MAX_ECHO) -> str:
         return f"<{type(value).__name__} of {len(value)} items>"
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def cap_message(message: str) -> str:
-    return message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE - 3] + "..."
-
-
-def error_frame(code: Code | str, message: str, seq: int | None = None) -> dict[str, Any]:
-    return {"type": "error", "seq": seq, "code": str(code), "message": cap_message(message)}
 
 
 def _seq_or_none(msg: dict[str, Any]) -> int | None:
@@ -141,7 +118,7 @@ class OpenRequest:
     top_k: int
 
 
-def parse_open(msg: dict[str, Any], default_top_k: int = 3, max_top_k: int = 1000) -> OpenRequest:
+def parse_open(msg: dict[str, Any], default_top_k: int = 3, max_top_k: int = TOP_K_MAX) -> OpenRequest:
     """Validate an ``open`` frame's fields (``model``, ``resume``, ``top_k``; all optional)."""
     model, resume, top_k = msg.get("model"), msg.get("resume"), msg.get("top_k", default_top_k)
     if model is not None and not isinstance(model, str):
@@ -361,8 +338,8 @@ def parse_classify(body: bytes, is_msgpack: bool, sensors: dict[str, SensorSpec]
         raise ProtocolError(Code.REQUEST_TOO_LARGE,
                             f"{len(streams)} streams, more than the limit of {limits.max_streams}")
     top_k = data.get("top_k", limits.default_top_k)
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 0 <= top_k <= 1000:
-        raise ProtocolError(Code.INVALID_FIELD, "top_k must be an integer in 0..1000")
+    if not _is_int(top_k) or not 0 <= top_k <= TOP_K_MAX:
+        raise ProtocolError(Code.INVALID_FIELD, f"top_k must be an integer in 0..{TOP_K_MAX}")
     sensor = sensors[model]
     req = ClassifyRequest(model=model, top_k=top_k, tokens=[], gaps=[], last_t=[], events=0, cropped=[])
     for i, stream in enumerate(streams):

@@ -46,7 +46,7 @@ _listener_installed = False
 _listener_lock = threading.Lock()
 
 
-def _on_jax_event(event: str, duration: float, **kwargs: Any) -> None:
+def _on_jax_event(event: str, duration_secs: float, **kwargs: str | int) -> None:
     if event == _BACKEND_COMPILE_EVENT:
         runner = getattr(_local, "runner", None)
         if runner is not None:
@@ -191,7 +191,7 @@ class ModelRunner:
         tok = np.full((batch, length), PAD_TOKEN, np.int32)
         gap = np.zeros((batch, length), np.int32)
         lengths = np.zeros(batch, np.int32)
-        for i, (t, g) in enumerate(zip(tokens, gaps)):
+        for i, (t, g) in enumerate(zip(tokens, gaps, strict=True)):
             n = t.shape[0]
             tok[i, :n] = t
             gap[i, :n] = g
@@ -224,10 +224,10 @@ class ModelRunner:
             longest = max(1, int(plan.lengths.max()))
             shape = (bucket(batch, self.batch_buckets), bucket(longest, self.length_buckets))
         with self._attributed():
-            self.pool, logits, ready = self.model.step_slots_ragged(
+            self.pool, logits_dev, ready_dev = self.model.step_slots_ragged(
                 self.pool, plan.slots, plan.tokens, plan.gaps, plan.starts, plan.lengths, shape)
-            logits = np.asarray(logits)[:batch]
-            ready = np.asarray(ready)[:batch]
+            logits = np.asarray(logits_dev)[:batch]
+            ready = np.asarray(ready_dev)[:batch]
         probs = softmax(logits)
         order = class_order(probs)
         return probs, ready, order
@@ -342,8 +342,8 @@ class ModelRunner:
             chunk_g = [gaps[i][off:off + self.max_length] if i in live else gaps[i][:0] for i in range(B)]
             L = bucket(max(1, max(c.shape[0] for c in chunk_t)), self.length_buckets)
             tok, gap, lens = self._pad(chunk_t, chunk_g, Bb, L)
-            scratch, logits, rdy = self.model.step_slots(scratch, slot_arr, tok, gap, lens)
-            logits, rdy = np.asarray(logits), np.asarray(rdy)
+            scratch, logits_dev, ready_dev = self.model.step_slots(scratch, slot_arr, tok, gap, lens)
+            logits, rdy = np.asarray(logits_dev), np.asarray(ready_dev)
             logits_out[live] = logits[live]
             ready_out[live] = rdy[live]
         return softmax(logits_out), ready_out

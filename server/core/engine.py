@@ -1,11 +1,12 @@
-"""The engine: models, the session table and one scheduler per model (no JAX at import).
+"""The engine: models, the session table and one scheduler per model (no JAX at import, no wire).
 
 The API layer talks to the engine only: open/resume sessions, the staging buffer a packet is
 written into, submit work, classify, drain. The engine loads models (importing the JAX runner
 lazily, in a background thread, so ``/healthz`` answers while models compile), evicts idle
-sessions, and keeps the session metrics. Answers leave through the :class:`~.scheduler.Outputs`
-the API layer gives it. With ``--state-dir``/``--state-store`` it snapshots sessions
-(``server/durability.py``) and restores, on resume, a token it does not hold from its snapshot.
+sessions, and keeps the session metrics. Answers leave as plain records
+(:class:`~.outputs.StepOutputs`, :class:`~.outputs.Ended`) through the sink the API layer gives
+it. With ``--state-dir``/``--state-store`` it snapshots sessions (``server/core/durability.py``)
+and restores, on resume, a token it does not hold from its snapshot.
 """
 
 from __future__ import annotations
@@ -16,15 +17,16 @@ import logging
 import secrets
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .metrics import Metrics
-from .protocol import CLOSE_GOING_AWAY, Code, error_frame
-from .scheduler import Outputs, Scheduler
-from .sessions import Item, Restore, Session, SessionTable
-from .settings import ModelSpec, Settings
+from ..metrics import Metrics
+from ..settings import ModelSpec, Settings
+from .outputs import Ended, EndReason, OutputSink
+from .scheduler import Scheduler
+from .sessions import Client, Close, Item, Restore, Session, SessionTable
 from .snapshots import open_store, token_key
 from .staging import StagingBuffer
 
@@ -39,22 +41,14 @@ log = logging.getLogger("evssm.server.engine")
 RECENT_SESSIONS = 10  # sessions the live page lists with their answers
 
 
-class Connection(Protocol):
-    """The engine's view of a client connection (``app.Connection``)."""
-
-    def detach(self, session: Session, frame: dict[str, Any] | None) -> None: ...
-
-    def close_after_flush(self, code: int, reason: str) -> None: ...
-
-
 class Engine:
     """Everything behind the API of one server instance."""
 
-    def __init__(self, settings: Settings, metrics: Metrics, outputs: Outputs,
+    def __init__(self, settings: Settings, metrics: Metrics, sink: OutputSink,
                  models: dict[str, StreamingModel] | None = None):
         self.settings = settings
         self.metrics = metrics
-        self.outputs = outputs
+        self.sink = sink
         self._preloaded = models
         self.runners: dict[str, ModelRunner] = {}
         self.schedulers: dict[str, Scheduler] = {}
@@ -64,7 +58,7 @@ class Engine:
         self.ready = False
         self.draining = False
         self.load_error: str | None = None
-        self.connections: set[Connection] = set()
+        self.connections: set[Client] = set()
         self.started_at = time.monotonic()
         self.ready_after_s: float | None = None
         self._tasks: list[asyncio.Task] = []
@@ -99,6 +93,7 @@ class Engine:
                           classify_length_buckets=s.classify_length_buckets,
                           classify_batch_events=s.classify_batch_events, backend=s.backend,
                           on_compile=lambda name: self.metrics.compilations.labels(model=name).inc())
+            jobs: list[tuple[str | None, str | None, StreamingModel | None]]
             if self._preloaded is not None:
                 jobs = [(name, None, model) for name, model in self._preloaded.items()]
             else:
@@ -111,7 +106,7 @@ class Engine:
                 if runner.name in self.runners:
                     raise ValueError(f"two models are named {runner.name!r}; name them with NAME=SOURCE")
                 self.metrics.init_model(runner.name, runner.state_bytes, runner.num_slots)
-                self.outputs.model_loaded(runner.name, runner.labels)
+                self.sink.model_loaded(runner.name, runner.labels)
                 self.runners[runner.name] = runner
                 self.default_model = self.default_model or runner.name
             self.table = SessionTable(s.max_sessions, {n: r.num_slots for n, r in self.runners.items()})
@@ -123,11 +118,10 @@ class Engine:
                                              self._taken_over)
             for name, runner in self.runners.items():
                 self.staging[name] = StagingBuffer(capacity)
-                sched = Scheduler(runner, self.table, self.staging[name], self.outputs,
+                sched = Scheduler(runner, self.table, self.staging[name], self.sink,
                                   self.metrics.model(name), s.batch_wait_ms / 1000.0, self._released,
                                   self.durability)
-                self.metrics.queue_depth.labels(model=name).set_function(
-                    lambda sched=sched: sched.queued_packets)
+                self.metrics.queue_depth.labels(model=name).set_function(_queued_packets(sched))
                 sched.start()
                 self.schedulers[name] = sched
             if self.durability is not None:
@@ -244,10 +238,9 @@ class Engine:
                 return None
             rec, blob, adapter = found
             session = self.table.restore(rec.model, rec.top_k, rec.session, token, owner=owner,
-                                         owner_limit=self.settings.sessions_per_client, key_id=rec.key_id)
-            # What the client has sent: the baseline its next packet is checked against.
-            session.events, session.last_t = rec.events, rec.last_t
-            session.cropped, session.geometry = rec.cropped, adapter
+                                         owner_limit=self.settings.sessions_per_client, key_id=rec.key_id,
+                                         events=rec.events, last_t=rec.last_t, cropped=rec.cropped,
+                                         geometry=adapter)
             self.schedulers[rec.model].restore(session, Restore(
                 row=rec.row, events=rec.events, last_t=rec.last_t, probs=rec.probs, cropped=rec.cropped))
             self.metrics.model(rec.model).sessions_active.inc()
@@ -266,6 +259,13 @@ class Engine:
     def submit(self, session: Session, item: Item) -> None:
         self.schedulers[session.model].submit(session, item)
 
+    def close(self, session: Session, reply: Any) -> None:
+        """The client closes ``session``: no more work, no resume; it is freed once everything
+        before the close is answered (``reply``: the close's place in the client's outbox)."""
+        assert self.table is not None
+        self.table.end(session)
+        self.submit(session, Close(reply=reply, events=session.events))
+
     def idle(self, session: Session) -> bool:
         """No work of ``session`` queued or running."""
         return self.schedulers[session.model].idle(session)
@@ -283,13 +283,10 @@ class Engine:
 
     def _taken_over(self, session: Session) -> None:
         """Another server restored this session from the shared store: end it here."""
-        if session.released or session.closing:
+        if not SessionTable.end(session):
             return
-        session.closing = True
-        if session.attachment is not None:
-            session.attachment.detach(session, error_frame(
-                Code.SESSION_RESUMED_ELSEWHERE, f"session {session.id} was resumed on another server"))
-        self.schedulers[session.model].release_if_done(session)
+        self.sink.ended(Ended(session, EndReason.TAKEN_OVER, f"session {session.id} was resumed on another server"))
+        self.schedulers[session.model].release_now(session)
 
     def recent_sessions(self) -> list[dict[str, Any]]:
         """The ``RECENT_SESSIONS`` sessions active last, live or ended, newest first, with their
@@ -319,14 +316,12 @@ class Engine:
         assert self.table is not None
         evicted = 0
         for session in list(self.table.sessions.values()):
-            if session.closing or not self.idle(session) or session.last_active >= before:
+            if not session.open or not self.idle(session) or session.last_active >= before:
                 continue
-            session.closing = True
-            if session.attachment is not None:
-                session.attachment.detach(session, error_frame(
-                    Code.SESSION_EXPIRED,
-                    f"session {session.id} was evicted after {self.settings.session_idle_timeout:g} s idle"))
-            if self.schedulers[session.model].release_if_done(session):
+            self.table.end(session)
+            self.sink.ended(Ended(session, EndReason.EXPIRED, f"session {session.id} was evicted after "
+                                  f"{self.settings.session_idle_timeout:g} s idle"))
+            if self.schedulers[session.model].release_now(session):
                 self.metrics.sessions_evicted.labels(model=session.model).inc()
                 evicted += 1
         return evicted
@@ -366,7 +361,7 @@ class Engine:
                 finished = False
                 log.error("drain: the snapshots did not finish within the drain timeout")
         for conn in list(self.connections):
-            conn.close_after_flush(CLOSE_GOING_AWAY, "server shutting down")
+            conn.going_away()
         while self.connections and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         self._drained.set()
@@ -379,6 +374,11 @@ class Engine:
         n = await self.durability.snapshot(everything=True)
         await self.durability.flush()
         log.info("drain: %d session snapshots written in %.2f s", n, time.perf_counter() - t0)
+
+
+def _queued_packets(sched: Scheduler) -> Callable[[], float]:
+    """The queue-depth gauge's reading of ``sched`` (bound now, not when the loop ends)."""
+    return lambda: sched.queued_packets
 
 
 def session_summary(session: Session, *, live: bool) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -215,7 +215,7 @@ class Access:
                    allowed_origins=normalize_origins(allowed_origins),
                    open_paths=OPEN_PATHS | METRICS_PATHS if public_metrics else OPEN_PATHS)
 
-    def authenticate(self, scope: dict) -> tuple[bool, str | None]:
+    def authenticate(self, scope: MutableMapping[str, Any]) -> tuple[bool, str | None]:
         """(allowed, API key id) of a request or WebSocket; always allowed without keys."""
         if self.keys is None:
             return True, None
@@ -225,12 +225,12 @@ class Access:
         key_id = self.keys.identify(token)
         return key_id is not None, key_id
 
-    def origin_ok(self, scope: dict) -> bool:
+    def origin_ok(self, scope: MutableMapping[str, Any]) -> bool:
         headers = scope.get("headers", ())
         return origin_allowed(header(headers, b"origin"), header(headers, b"host"), self.allowed_origins)
 
     @staticmethod
-    def principal(scope: dict, key_id: str | None) -> str:
+    def principal(scope: MutableMapping[str, Any], key_id: str | None) -> str:
         """Who holds sessions, for per-client caps: the API key, or without keys the address."""
         if key_id is not None:
             return f"key:{key_id}"

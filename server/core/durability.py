@@ -36,7 +36,7 @@ import numpy as np
 from evssm.models.events import SensorSpec
 from evssm.models.geometry import Adapter, GeometryError, adapter_for
 
-from .metrics import Metrics
+from ..metrics import Metrics
 from .sessions import Captured, Session
 from .snapshots import (
     CorruptSnapshot,
@@ -176,7 +176,7 @@ class Durability:
         """Scheduler hook (event loop): ``rows`` int32 [N, words] read after a step, row ``i`` the
         state ``items[i]`` describes; they go to the writer thread."""
         runner = self.runners[model]
-        records = [self._record(c, row, runner) for c, row in zip(items, rows)]
+        records = [self._record(c, row, runner) for c, row in zip(items, rows, strict=True)]
         fut = asyncio.get_running_loop().run_in_executor(self._writer, self._write, records)
         self._pending.add(fut)
         fut.add_done_callback(lambda f: self._written(model, items, records, f))
@@ -211,7 +211,7 @@ class Durability:
         ok: list[bool] = fut.result()
         sched = self.schedulers.get(model)
         written = 0
-        for c, rec, good in zip(items, records, ok):
+        for c, rec, good in zip(items, records, ok, strict=True):
             if not good:  # another server restored the session since: it is theirs now
                 self.metrics.snapshot_failures.labels(reason="taken_over").inc()
                 log.info("session %s was restored by another server; ending it here", c.session.id)
@@ -291,7 +291,7 @@ class Durability:
                 rec.probs is not None and rec.probs.size != runner.num_classes):
             problem = f"its state does not fit model {rec.model!r}"
         adapter = None
-        if problem is None and rec.geometry is not None:
+        if problem is None and runner is not None and rec.geometry is not None:
             try:
                 adapter = adapter_for(runner.sensor, rec.geometry.get("sensor"), rec.geometry.get("transform"))
             except (GeometryError, AttributeError, TypeError) as e:

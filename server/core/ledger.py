@@ -1,0 +1,203 @@
+"""The snapshot ledger: what each session's row holds after the reported steps, and what its
+snapshots cover (no JAX, no wire).
+
+With snapshots (``--state-dir``/``--state-store``; ``server/core/durability.py``) a scheduler
+keeps one :class:`SnapshotLedger`. The step thread is the one thread that touches the rows and
+runs plans in order, so a row read after plan k is exactly the state after plan k; the ledger
+is fed each reported plan (:meth:`SnapshotLedger.update`), so its *done* state of a lane (events,
+last timestamp and cropped count of the last finished packet, resets so far, changes so far) is
+the state after plan k too, and it pairs each row read with it (:class:`~.sessions.Captured`) for
+the snapshot sink, which writes them on its own thread. A row read while its session is between
+two chunks of a packet has no event count and is read again after a later plan. ``durable`` per
+slot: events sent that the last finished write of the session's current stream covers; it goes
+out with each result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from .sessions import Captured, Packet, Restore, Session
+
+READ_CHUNK = 512  # rows one plan reads for snapshots at most: bounds the pause between two steps
+
+
+class Snapshots(Protocol):
+    """Where rows read for snapshots go (``durability.Durability``). Called on the event loop."""
+
+    def captured(self, model: str, items: list[Captured], rows: np.ndarray) -> None:
+        """``rows`` int32 [N, words]: row ``i`` is the state ``items[i]`` describes."""
+        ...
+
+
+@dataclass(eq=False, slots=True)
+class _Done:
+    """One session's done state and its snapshot bookkeeping."""
+
+    session: Session
+    slot: int
+    settled: bool  # the row is exactly the state after ``events`` (no packet half done, no
+    # zeroing or restore pending)
+    events: int = 0  # events of the current stream the finished packets hold
+    last_t: int | None = None
+    cropped: int = 0
+    epoch: int = 0  # resets done
+    version: int = 0  # changes of the row done: packets, resets, a restore
+    snap_version: int = -1  # the version the last finished snapshot write covered
+    snap_active: float = 0.0  # the session's last_active that write saw
+    reading: bool = False  # due for a snapshot read, or in a plan's reads
+
+
+@dataclass(frozen=True, slots=True)
+class StepChanges:
+    """What a finished plan did to its rows, in plan order: the lanes (by key) it zeroed, the
+    restores it wrote, and each packet chunk it stepped with whether it was the packet's last."""
+
+    zeroed: list[Hashable]
+    restored: list[tuple[Hashable, Restore]]
+    stepped: list[tuple[Hashable, Packet, bool]]
+
+
+class SnapshotLedger:
+    """The snapshot bookkeeping of one model's sessions, keyed by the scheduler's lane."""
+
+    def __init__(self, model: str, num_slots: int, sink: Snapshots):
+        self.model = model
+        self.sink = sink
+        self.durable = np.zeros(num_slots, np.int64)
+        self._done: dict[Hashable, _Done] = {}
+        self._due: dict[Hashable, None] = {}  # lanes to read, in request order
+        self._waiters: list[tuple[set[Hashable], asyncio.Future[None]]] = []
+
+    # --- a lane's life ----------------------------------------------------------------------------
+    def add(self, key: Hashable, session: Session, restore: Restore | None, zero_first: bool) -> None:
+        """A new lane: a fresh session (its row is zeroed first when ``zero_first``) or one restored
+        from a snapshot, which that snapshot already covers."""
+        done = self._done[key] = _Done(session, session.slot, settled=restore is None and not zero_first)
+        if restore is None:
+            self.durable[done.slot] = 0
+        else:
+            self.durable[done.slot] = restore.events + restore.cropped
+            done.snap_version = 1  # the version once the Restore is done
+            done.snap_active = session.last_active
+
+    def remove(self, key: Hashable) -> None:
+        """The lane's session was released: a plan's read of it is dropped when the plan is done."""
+        done = self._done.pop(key, None)
+        if done is not None and done.reading:
+            self._due.pop(key, None)
+            self._read_done(key)
+
+    def durable_of(self, key: Hashable) -> int | None:
+        done = self._done.get(key)
+        return None if done is None else int(self.durable[done.slot])
+
+    # --- fed by each finished plan ------------------------------------------------------------------
+    def update(self, changes: StepChanges) -> None:
+        """A plan ran: advance the done state of the lanes it touched."""
+        for key in changes.zeroed:
+            done = self._done[key]
+            done.settled, done.events, done.last_t, done.cropped = True, 0, None, 0
+            done.epoch += 1
+            done.version += 1
+            self.durable[done.slot] = 0  # a new stream: no snapshot covers any of it yet
+        for key, item in changes.restored:
+            done = self._done[key]
+            done.settled, done.events, done.last_t, done.cropped = True, item.events, item.last_t, item.cropped
+            done.version += 1
+        for key, packet, last in changes.stepped:
+            done = self._done[key]
+            done.settled = last
+            if last:
+                done.events, done.last_t = packet.events_after, packet.last_t
+                done.cropped = packet.cropped_after or 0
+                done.version += 1
+
+    def captured(self, reads: list[Hashable], rows: np.ndarray, probs: np.ndarray, ready: np.ndarray,
+                 live: Callable[[Hashable], bool]) -> None:
+        """After a plan: pair each read row (``rows`` int32 [N, words]) with its lane's done state
+        and the slot's answer (``probs`` float32 [slots, C], ``ready`` bool [slots]); ``live``: the
+        lanes still wanted (a failed or closing one is dropped, a released one is gone)."""
+        items: list[Captured] = []
+        keep: list[int] = []
+        for i, key in enumerate(reads):
+            done = self._done.get(key)
+            if done is None:
+                continue  # released meanwhile (its waiters were told then)
+            if not live(key):
+                self._read_done(key)
+                continue
+            if not done.settled:
+                self._due[key] = None
+                continue
+            s = done.slot
+            items.append(Captured(done.session, done.version, done.epoch, done.session.last_active, done.events,
+                                  done.last_t, done.cropped, probs[s].copy() if ready[s] else None))
+            keep.append(i)
+            self._read_done(key)
+        if items:
+            self.sink.captured(self.model, items, rows[keep])
+
+    def retry(self, reads: Iterable[Hashable]) -> None:
+        """A plan failed: the rows it was to read are read after a later plan."""
+        for key in reads:
+            if key in self._done:
+                self._due[key] = None
+
+    # --- reads --------------------------------------------------------------------------------------
+    @property
+    def due(self) -> bool:
+        return bool(self._due)
+
+    def next_reads(self, limit: int) -> list[Hashable]:
+        """Up to ``limit`` lanes to read after the plan being gathered, oldest request first."""
+        out: list[Hashable] = []
+        while self._due and len(out) < limit:
+            key = next(iter(self._due))
+            del self._due[key]
+            out.append(key)
+        return out
+
+    def request(self, candidates: dict[Hashable, Session], everything: bool) -> tuple[int, asyncio.Future[None]]:
+        """Have the rows of ``candidates`` (the live, healthy lanes) that changed since their last
+        snapshot (all with ``everything``) read after the next plans. Returns how many, and a
+        future done once each was read (and handed to the sink) or is gone."""
+        picked = {key for key, session in candidates.items()
+                  if everything or self._done[key].version != self._done[key].snap_version
+                  or session.last_active > self._done[key].snap_active}
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not picked:
+            done.set_result(None)
+            return 0, done
+        for key in picked:
+            state = self._done[key]
+            if not state.reading:
+                state.reading = True
+                self._due[key] = None
+        self._waiters.append((picked, done))
+        return len(picked), done
+
+    def written(self, key: Hashable, item: Captured, covered: int) -> None:
+        """The sink wrote ``item``'s snapshot: ``covered`` events sent (kept and cropped)."""
+        done = self._done.get(key)
+        if done is None or done.session is not item.session:
+            return
+        done.snap_version = max(done.snap_version, item.version)
+        done.snap_active = max(done.snap_active, item.active)
+        if item.epoch == done.epoch:  # a write from before a reset covers nothing of this stream
+            self.durable[done.slot] = max(int(self.durable[done.slot]), covered)
+
+    def _read_done(self, key: Hashable) -> None:
+        done = self._done.get(key)
+        if done is not None:
+            done.reading = False
+        for waiting, fut in self._waiters:
+            waiting.discard(key)
+            if not waiting and not fut.done():
+                fut.set_result(None)
+        self._waiters = [(w, f) for w, f in self._waiters if w]

@@ -1,0 +1,81 @@
+"""The snapshot ledger alone: what a row holds after each reported plan and what its snapshots
+cover (no scheduler, no JAX)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from evssm.server.core.ledger import SnapshotLedger, StepChanges
+from evssm.server.core.sessions import Captured, Packet, Restore, Session
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.items: list[Captured] = []
+        self.rows: list[np.ndarray] = []
+
+    def captured(self, model: str, items: list[Captured], rows: np.ndarray) -> None:
+        assert model == "m" and len(items) == len(rows)
+        self.items += items
+        self.rows += list(rows)
+
+
+def _packet(events_after: int, last_t: int) -> Packet:
+    return Packet(seq=1, region=None, start=0, size=3, events_after=events_after, last_t=last_t,
+                  received=0.0, reply=None)
+
+
+def test_a_row_is_captured_only_when_settled_and_a_reset_starts_a_new_stream() -> None:
+    async def run() -> None:
+        sink = Sink()
+        ledger = SnapshotLedger("m", 4, sink)
+        session = Session(id="a", token="t", model="m", slot=2, top_k=3)
+        key = object()
+        probs, ready = np.full((4, 2), 0.5, np.float32), np.ones(4, bool)
+        ledger.add(key, session, None, zero_first=False)
+        assert ledger.durable_of(key) == 0
+        n, done = ledger.request({key: session}, everything=False)
+        assert n == 1 and not done.done() and ledger.due
+        # Read while a packet is half stepped: no event count, read again later.
+        ledger.update(StepChanges([], [], [(key, _packet(3, 30), False)]))
+        assert ledger.next_reads(8) == [key] and not ledger.due
+        ledger.captured([key], np.zeros((1, 2), np.int32), probs, ready, lambda k: True)
+        assert sink.items == [] and ledger.due and not done.done()
+        ledger.update(StepChanges([], [], [(key, _packet(3, 30), True)]))
+        ledger.captured(ledger.next_reads(8), np.ones((1, 2), np.int32), probs, ready, lambda k: True)
+        assert done.done() and len(sink.items) == 1
+        item = sink.items[0]
+        assert (item.events, item.last_t, item.epoch, item.version) == (3, 30, 0, 1)
+        assert item.probs is not None and np.isfinite(item.probs).all() and item.probs.tolist() == [0.5, 0.5]
+        ledger.written(key, item, covered=3)
+        assert ledger.durable_of(key) == 3
+        # Unchanged since: nothing to read.
+        assert ledger.request({key: session}, everything=False)[0] == 0
+        # A reset: a new stream that no snapshot covers yet; a late write of the old one covers none.
+        ledger.update(StepChanges([key], [], []))
+        assert ledger.durable_of(key) == 0
+        ledger.written(key, item, covered=3)
+        assert ledger.durable_of(key) == 0
+        ledger.remove(key)
+        assert ledger.durable_of(key) is None
+
+    asyncio.run(run())
+
+
+def test_a_restored_lane_starts_covered_and_a_gone_lane_releases_its_waiters() -> None:
+    async def run() -> None:
+        ledger = SnapshotLedger("m", 2, Sink())
+        session = Session(id="b", token="u", model="m", slot=0, top_k=3)
+        key = object()
+        restore = Restore(row=np.zeros(2, np.int32), events=7, last_t=70, probs=None, cropped=2)
+        ledger.add(key, session, restore, zero_first=False)
+        assert ledger.durable_of(key) == 9  # events sent, kept and cropped
+        ledger.update(StepChanges([], [(key, restore)], []))
+        n, done = ledger.request({key: session}, everything=True)
+        assert n == 1
+        ledger.remove(key)  # released before its read
+        assert done.done() and not ledger.due
+
+    asyncio.run(run())
