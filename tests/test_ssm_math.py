@@ -136,5 +136,5 @@ def test_pool_windows_paths_agree(stride: int, monkeypatch: pytest.MonkeyPatch) 
                                    rtol=1e-5, atol=1e-6)
         assert_close(np.asarray(short[1][b, :k]), np.asarray(long[1][b, :k]),
                                    rtol=1e-5, atol=1e-6)
-    for a, b in zip(jax.tree.leaves(short[2]), jax.tree.leaves(long[2])):
+    for a, b in zip(jax.tree.leaves(short[2]), jax.tree.leaves(long[2]), strict=True):
         assert_close(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
