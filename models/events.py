@@ -92,7 +92,9 @@ class Recording:
         return int(self.t.shape[0])
 
     def slice(self, start: int, stop: int) -> Recording:
-        cut = lambda a: None if a is None else a[start:stop]  # noqa: E731
+        def cut(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[start:stop]
+
         return Recording(self.t[start:stop], self.x[start:stop], cut(self.y), cut(self.p))
 
 

@@ -250,7 +250,9 @@ class LoopThread:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._loop.call_soon_threadsafe(self._stop.set_result, None)  # type: ignore[union-attr]
+        stop = self._stop
+        assert stop is not None, "set by the loop thread before _ready"
+        self._loop.call_soon_threadsafe(stop.set_result, None)
         self._thread.join(10)
 
     def _listen(self) -> contextlib.AbstractAsyncContextManager[int]:

@@ -31,7 +31,9 @@ def test_hippo_n_eigenvalues_match_numpy_eig(b: int) -> None:
     want = np.linalg.eigvals(s)
     lre, lim, v = hippo_n_init(b, b, conj_sym=False)
     got = lre + 1j * lim
-    by_imag = lambda z: z[np.argsort(z.imag)]  # noqa: E731  (real parts are all -1/2)
+    def by_imag(z: np.ndarray) -> np.ndarray:  # the real parts are all -1/2
+        return z[np.argsort(z.imag)]
+
     assert_close(by_imag(got), by_imag(want), atol=1e-8)
     assert_close(lre, -0.5)
     # V diagonalises S and is unitary.
