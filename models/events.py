@@ -15,6 +15,7 @@ Padding positions carry token ``PAD_TOKEN`` (-1) and gap 0.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -67,7 +68,7 @@ class SensorSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SensorSpec:
+    def from_dict(cls, d: Mapping[str, Any]) -> SensorSpec:
         return cls(**{k: d[k] for k in ("kind", "channels", "width", "height") if k in d})
 
     @classmethod
