@@ -9,9 +9,8 @@ short gaps (a fast sensor); every measurement runs after its compilation, for ``
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import os
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -19,30 +18,17 @@ from typing import Any
 
 import numpy as np
 
+from . import machine
 from .config import STREAMING_BACKENDS
 
 
 def machine_info() -> dict[str, Any]:
+    """:func:`evssm.models.machine.machine_info` (CPU model, cores, instruction sets) and JAX's
+    backend, devices and version."""
     import jax
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()],
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "numpy": np.__version__,
-    }
+    return {**machine.machine_info(), "backend": jax.default_backend(),
+            "devices": [str(d) for d in jax.devices()], "jax": jax.__version__}
 
 
 def timed(fn: Callable[[], Any], seconds: float) -> tuple[int, float, list[float]]:
@@ -78,10 +64,17 @@ def bench_config(name: str, seconds: float, packet_sizes: list[int], sessions: i
                               "state_bytes_per_session":
                               model.state_bytes, "offline": {}, "streaming_one_session": {},
                               "streaming_many_sessions": {}}
+    # Each measured call binds its inputs now (functools.partial), not the loop's variables.
+    def classify(tokens: np.ndarray, gaps: np.ndarray, lengths: np.ndarray) -> None:
+        jax.block_until_ready(model.classify(tokens, gaps, lengths))
+
+    def step(state: list[Any], tokens: np.ndarray, gaps: np.ndarray, lengths: np.ndarray) -> None:
+        state[0], logits, _ = model.step(state[0], tokens, gaps, lengths)
+        jax.block_until_ready(logits)
+
     for batch in (1, 32) if offline_length > 0 else ():
         tokens, gaps = inputs(batch, offline_length)
-        lengths = np.full(batch, offline_length, np.int32)
-        run = lambda: jax.block_until_ready(model.classify(tokens, gaps, lengths))  # noqa: E731
+        run = functools.partial(classify, tokens, gaps, np.full(batch, offline_length, np.int32))
         run()
         calls, elapsed, _ = timed(run, seconds)
         result["offline"][f"batch_{batch}"] = {
@@ -89,15 +82,10 @@ def bench_config(name: str, seconds: float, packet_sizes: list[int], sessions: i
             "sequence_events": offline_length, "calls": calls}
     for size in packet_sizes:
         tokens, gaps = inputs(1, size)
-        lengths = np.array([size], np.int32)
-        state = [model.init_state(1)]
-
-        def step() -> None:
-            state[0], logits, _ = model.step(state[0], tokens, gaps, lengths)
-            jax.block_until_ready(logits)
-
-        step()
-        calls, elapsed, lat = timed(step, seconds)
+        step_one = functools.partial(step, [model.init_state(1)], tokens, gaps,
+                                     np.array([size], np.int32))
+        step_one()
+        calls, elapsed, lat = timed(step_one, seconds)
         result["streaming_one_session"][f"packet_{size}"] = {
             "events_per_s": calls * size / elapsed, "calls": calls,
             "latency_ms_p50": 1e3 * float(np.percentile(lat, 50)),

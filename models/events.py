@@ -15,6 +15,7 @@ Padding positions carry token ``PAD_TOKEN`` (-1) and gap 0.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -67,7 +68,7 @@ class SensorSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SensorSpec:
+    def from_dict(cls, d: Mapping[str, Any]) -> SensorSpec:
         return cls(**{k: d[k] for k in ("kind", "channels", "width", "height") if k in d})
 
     @classmethod
@@ -92,7 +93,9 @@ class Recording:
         return int(self.t.shape[0])
 
     def slice(self, start: int, stop: int) -> Recording:
-        cut = lambda a: None if a is None else a[start:stop]  # noqa: E731
+        def cut(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[start:stop]
+
         return Recording(self.t[start:stop], self.x[start:stop], cut(self.y), cut(self.p))
 
 

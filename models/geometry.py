@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -104,7 +104,7 @@ class Transform:
         return {"crop": crop, "scale": self.scale, "flip_x": self.flip_x, "flip_y": self.flip_y}
 
 
-def _is_int(v: Any) -> bool:
+def _is_int(v: Any) -> TypeGuard[int | np.integer]:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
@@ -133,12 +133,13 @@ def sensor_from_dict(d: Any) -> SensorSpec:
     kind = d.get("kind") or ("1d" if "channels" in d and "width" not in d else "2d")
     keys = ("channels",) if kind == "1d" else ("width", "height")
     values = {k: d.get(k) for k in keys}
-    if not all(_is_int(v) and 0 < v <= 0xFFFF for v in values.values()):
+    sizes = {k: int(v) for k, v in values.items() if _is_int(v) and 0 < v <= 0xFFFF}
+    if len(sizes) != len(keys):
         raise GeometryError(f"sensor sizes must be integers in 1..65535, got {values}")
     try:
         if kind == "1d":
-            return SensorSpec.one_d(int(values.get("channels", 0)))
-        return SensorSpec.two_d(int(values.get("width", 0)), int(values.get("height", 0)))
+            return SensorSpec.one_d(sizes["channels"])
+        return SensorSpec.two_d(sizes["width"], sizes["height"])
     except ValueError as exc:
         raise GeometryError(f"sensor {dict(d)}: {exc}") from None
 

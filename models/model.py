@@ -215,12 +215,12 @@ def state_spec(config: ModelConfig) -> State:
     layers = []
     for d_in, _, d_state, stride in layer_plan(config):
         num_states = d_state // 2 if config.conj_sym else d_state
-        spec = {"s_last": ssm_state_shapes(num_states)["s_last"]}
+        layer = {"s_last": ssm_state_shapes(num_states)["s_last"]}
         if stride > 1:
-            spec.update(ssm_state_shapes(num_states))
-            spec.update(pool_state_shapes(2 * d_in if config.prenorm else d_in))
-            spec["count"] = ((), jnp.int32)
-        layers.append(spec)
+            layer.update(ssm_state_shapes(num_states))
+            layer.update(pool_state_shapes(2 * d_in if config.prenorm else d_in))
+            layer["count"] = ((), jnp.int32)
+        layers.append(layer)
     width = config.stage_width(config.num_stages - 1)
     # The head's running sums grow with the stream: each carries its Kahan compensation
     # (``*_c``, see :func:`kahan_add`), so hours of windows add up as exactly as a few.
@@ -324,7 +324,7 @@ class EventSSM(nn.Module):
         """``T = sum_i dt_i`` over every event seen [B]: the completed final-rate windows'
         pooled time plus the partial window of every strided layer (in layer order)."""
         total = head_state["sum_dt"]
-        for layer, state in zip(self.layers, layers):
+        for layer, state in zip(self.layers, layers, strict=True):
             if layer.stride > 1:
                 total = total + state["sum_dt"]
         return total
@@ -340,11 +340,11 @@ class EventSSM(nn.Module):
         head's, stays as it was. Exact, and it spares small packets the deeper layers' weights
         (the bulk of a short packet's cost).
         """
-        new_states = []
-        x = None
+        new_states: list[State] = []
+        x: Array | None = None
         for i in range(start, len(self.layers)):
             layer = self.layers[i]
-            if i > start:
+            if x is not None:  # above layer ``start``: the layer below has run
                 if self.layers[i - 1].stride > 1 and not train and not self.is_initializing():
                     later, head_state = nn.cond(
                         jnp.any(lengths > 0), _continue_from(i, scale, tables), _unchanged,
@@ -356,6 +356,7 @@ class EventSSM(nn.Module):
                                                    layer_states[i - start], train, table)
             scale = 1.0
             new_states.append(layer_state)
+        assert x is not None, f"no layers from {start}"  # callers pass start < len(self.layers)
         return new_states, self._pool_head(x, times, lengths, head_state)
 
     def _pool_head(self, z: Array, dt: Array, lengths: Array, state: State) -> State:

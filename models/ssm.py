@@ -131,12 +131,14 @@ def decay(step: Array, times: Array, scale: float, table: DecayTable | None) -> 
     With a table and integer-valued times (microseconds), a packet whose times all fall inside
     the table gathers instead of exponentiating — the same values, computed once per model.
     """
-    direct = lambda: cexp(step * (times * scale)[..., None])  # noqa: E731
+    def direct() -> Array:
+        return cexp(step * (times * scale)[..., None])
+
     if table is None:
         return direct()
-    size = table.values.shape[0]
-    return jax.lax.cond(jnp.all(times < size),
-                        lambda: table.values[times.astype(jnp.int32)], direct)
+    values = table.values
+    return jax.lax.cond(jnp.all(times < values.shape[0]),
+                        lambda: values[times.astype(jnp.int32)], direct)
 
 
 def window_states(step: Array, b: Array, times: Array, scale: float, n: Array, off: Array,

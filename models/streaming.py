@@ -26,8 +26,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import jax
 import jax.numpy as jnp
@@ -41,9 +42,22 @@ from .native import NativeStep, NativeUnavailable
 log = logging.getLogger(__name__)
 
 Array = jax.Array
+# What the public methods take and give: packed state rows are NumPy arrays with the native step
+# (updated in place) and JAX arrays with XLA's; int32 inputs may be either.
+AnyArray = np.ndarray | jax.Array
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "pretrained" / "event-mnist"
 DEFAULT_MODEL_CONFIG = "event-mnist"
+
+
+class _Jitted(Protocol):
+    """A ``jax.jit`` function as :meth:`StreamingModel._call` uses it: callable, with the count
+    of executables it has compiled (a method of JAX's jitted functions that its type
+    annotations do not declare)."""
+
+    def __call__(self, *args: Any) -> Any: ...
+
+    def _cache_size(self) -> int: ...
 
 
 class StateLayout:
@@ -56,18 +70,21 @@ class StateLayout:
     """
 
     def __init__(self, config: ModelConfig):
-        leaves, self.treedef = jax.tree.flatten(state_spec(config), is_leaf=is_spec_leaf)
+        leaves, treedef = jax.tree.flatten(state_spec(config), is_leaf=is_spec_leaf)
+        # A jax.tree_util.PyTreeDef; jaxlib declares none of its methods to type checkers.
+        self.treedef: Any = treedef
         self.leaves = [(tuple(shape), np.dtype(dtype)) for shape, dtype in leaves]
         sizes = [int(np.prod(shape, dtype=np.int64)) for shape, _ in self.leaves]
         self.float_words = sum(n * (2 if dtype == np.complex64 else 1)
-                               for n, (_, dtype) in zip(sizes, self.leaves) if dtype != np.int32)
-        self.words = self.float_words + sum(n for n, (_, dtype) in zip(sizes, self.leaves)
+                               for n, (_, dtype) in zip(sizes, self.leaves, strict=True) if dtype != np.int32)
+        self.words = self.float_words + sum(n for n, (_, dtype) in zip(sizes, self.leaves, strict=True)
                                             if dtype == np.int32)
         # Word offset of every leaf in a row (a complex leaf's real parts; n words later its
         # imaginary parts), in leaf order and as a pytree shaped like the state.
         self.sizes = sizes
-        self.flat_offsets, f_at, i_at = [], 0, self.float_words
-        for n, (_, dtype) in zip(sizes, self.leaves):
+        self.flat_offsets: list[int] = []
+        f_at, i_at = 0, self.float_words
+        for n, (_, dtype) in zip(sizes, self.leaves, strict=True):
             if dtype == np.int32:
                 self.flat_offsets.append(i_at)
                 i_at += n
@@ -79,7 +96,7 @@ class StateLayout:
     def pack(self, state: State) -> Array:
         """Batched state pytree -> int32 [B, words]."""
         floats, ints = [], []
-        for leaf, (_, dtype) in zip(self.treedef.flatten_up_to(state), self.leaves):
+        for leaf, (_, dtype) in zip(self.treedef.flatten_up_to(state), self.leaves, strict=True):
             flat = leaf.reshape(leaf.shape[0], -1)
             if dtype == np.complex64:
                 floats += [flat.real, flat.imag]
@@ -95,7 +112,7 @@ class StateLayout:
         batch = packed.shape[0]
         floats = jax.lax.bitcast_convert_type(packed[:, :self.float_words], jnp.float32)
         leaves = []
-        for (shape, dtype), n, at in zip(self.leaves, self.sizes, self.flat_offsets):
+        for (shape, dtype), n, at in zip(self.leaves, self.sizes, self.flat_offsets, strict=True):
             if dtype == np.complex64:
                 flat = jax.lax.complex(floats[:, at:at + n], floats[:, at + n:at + 2 * n])
             elif dtype == np.int32:
@@ -152,14 +169,16 @@ class StreamingModel:
         # and a call skips ~60 argument buffers. The tables stay arguments: they are large, and
         # a constant would be copied into every shape bucket's executable.
         variables = self.variables
+        def jit(fn: Callable[..., Any], donate: tuple[int, ...] = ()) -> _Jitted:
+            return cast(_Jitted, jax.jit(fn, donate_argnums=donate))  # see _Jitted
+
         self._jitted = {
-            "step": jax.jit(functools.partial(self._step_impl, variables)),
-            "step_slots": jax.jit(functools.partial(self._step_slots_impl, variables),
-                                  donate_argnums=(1,)),
-            "zero_slots": jax.jit(self._zero_slots_impl, donate_argnums=(0,)),
-            "read_slots": jax.jit(self._read_slots_impl),
-            "write_slots": jax.jit(self._write_slots_impl, donate_argnums=(0,)),
-            "classify": jax.jit(functools.partial(self._classify_impl, variables)),
+            "step": jit(functools.partial(self._step_impl, variables)),
+            "step_slots": jit(functools.partial(self._step_slots_impl, variables), (1,)),
+            "zero_slots": jit(self._zero_slots_impl, (0,)),
+            "read_slots": jit(self._read_slots_impl),
+            "write_slots": jit(self._write_slots_impl, (0,)),
+            "classify": jit(functools.partial(self._classify_impl, variables)),
         }
 
     def _resolve_backend(self, backend: str | None) -> NativeStep | None:
@@ -212,7 +231,10 @@ class StreamingModel:
     # --- pure implementations ----------------------------------------------------------------
     def _apply(self, variables: dict, tables: tuple, state: State, tokens: Array, gaps: Array,
                lengths: Array) -> tuple[Array, Array, State]:
-        return self.module.apply(variables, tokens, gaps, lengths, state, tables=tables)
+        # With no mutable collections Flax's apply returns the module's own result; its
+        # annotation also covers the (result, updated variables) form of mutable=...
+        out = self.module.apply(variables, tokens, gaps, lengths, state, tables=tables)
+        return cast(tuple[Array, Array, State], out)
 
     def _step_impl(self, variables, tables, packed, tokens, gaps, lengths):
         state = self.layout.unpack(packed)
@@ -257,14 +279,14 @@ class StreamingModel:
         return out
 
     # --- public API --------------------------------------------------------------------------
-    def init_state(self, batch: int) -> Array:
+    def init_state(self, batch: int) -> AnyArray:
         """Packed zero state (fresh sessions) for ``batch`` sessions: int32 [B, words] (a NumPy
         array with the native backend, a JAX array with XLA's)."""
         if self.native is not None:
             return np.zeros((batch, self.layout.words), np.int32)
         return jnp.zeros((batch, self.layout.words), jnp.int32)
 
-    def unpack_state(self, packed: Array) -> State:
+    def unpack_state(self, packed: AnyArray) -> State:
         """The state pytree (``state_spec``, leading axis B) of packed states [B, words]."""
         return self.layout.unpack(jnp.asarray(packed))
 
@@ -272,8 +294,8 @@ class StreamingModel:
         """Packed int32 [B, words] of a batched state pytree."""
         return self.layout.pack(state)
 
-    def step(self, state: Array, tokens: Array, gaps: Array, lengths: Array
-             ) -> tuple[Array, Array, Array]:
+    def step(self, state: AnyArray, tokens: AnyArray, gaps: AnyArray, lengths: AnyArray
+             ) -> tuple[AnyArray, AnyArray, AnyArray]:
         """Advance ``B`` sessions by one packet each.
 
         state int32 [B, words] (packed, from :meth:`init_state` or an earlier step), tokens int32
@@ -282,9 +304,9 @@ class StreamingModel:
         -> ``(state', logits float32 [B, C], ready bool [B])``. ``state`` itself is unchanged.
         """
         if self.native is not None:
-            state = np.array(state, np.int32, order="C")  # a copy: step returns a new state
-            logits, ready = self.native.step_rows(state, None, tokens, gaps, lengths)
-            return state, logits, ready
+            rows = np.array(state, np.int32, order="C")  # a copy: step returns a new state
+            logits, ready = self.native.step_rows(rows, None, tokens, gaps, lengths)
+            return rows, logits, ready
         return self._call("step", self.tables, state, _i32(tokens), _i32(gaps), _i32(lengths))
 
     def stream(self, tokens: np.ndarray, gaps: np.ndarray, sizes: list[int], bucket: int
@@ -293,7 +315,8 @@ class StreamingModel:
         ``sizes`` events (summing to N), each padded to ``bucket`` events so that one shape is
         compiled. Returns the last packet's ``(logits float32 [C], ready)``."""
         state, pos = self.init_state(1), 0
-        logits, ready = np.zeros((1, self.config.num_classes), np.float32), np.zeros(1, bool)
+        logits: AnyArray = np.zeros((1, self.config.num_classes), np.float32)
+        ready: AnyArray = np.zeros(1, bool)
         for size in sizes:
             tok, gap, lens = pad_rows(tokens, gaps, np.array([pos], np.int64),
                                       np.array([size], np.int32), 1, bucket)
@@ -302,21 +325,22 @@ class StreamingModel:
         assert pos == len(tokens), "packet sizes must sum to the recording's length"
         return np.asarray(logits)[0], bool(np.asarray(ready)[0])
 
-    def step_slots(self, pool: Array, slots: Array, tokens: Array, gaps: Array, lengths: Array
-                   ) -> tuple[Array, Array, Array]:
+    def step_slots(self, pool: AnyArray, slots: AnyArray, tokens: AnyArray, gaps: AnyArray,
+                   lengths: AnyArray) -> tuple[AnyArray, AnyArray, AnyArray]:
         """:meth:`step` on rows ``slots`` (int32 [B]) of a session pool (packed states
         [N, words]), in place (``pool`` is donated; use the pool returned). A slot index equal to
         the pool size marks a padding row."""
         if self.native is not None:
-            pool = _writable_rows(pool)
-            logits, ready = self.native.step_rows(pool, slots, tokens, gaps, lengths)
-            return pool, logits, ready
+            rows = _writable_rows(pool)
+            logits, ready = self.native.step_rows(rows, np.asarray(slots), tokens, gaps, lengths)
+            return rows, logits, ready
         return self._call("step_slots", self.tables, pool, _i32(slots),
                           _i32(tokens), _i32(gaps), _i32(lengths))
 
-    def step_slots_ragged(self, pool: Array, slots: np.ndarray, tokens: np.ndarray,
+    def step_slots_ragged(self, pool: AnyArray, slots: np.ndarray, tokens: np.ndarray,
                           gaps: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
-                          shape: tuple[int, int] | None = None) -> tuple[Array, Array, Array]:
+                          shape: tuple[int, int] | None = None
+                          ) -> tuple[AnyArray, AnyArray, AnyArray]:
         """:meth:`step_slots` on ragged packets: session ``b`` (row ``slots[b]``, int32 [B])
         reads ``tokens/gaps[starts[b] : starts[b] + lengths[b]]`` of flat int32 buffers [E]
         (starts int64 [B], lengths int32 [B]). The native step reads the buffers in place; XLA's
@@ -324,44 +348,42 @@ class StreamingModel:
         max(lengths)) (default: exactly B x max(lengths)); padding rows get the pool size as
         their slot. Returns ``(pool, logits [batch, C], ready [batch])``."""
         if self.native is not None:
-            pool = _writable_rows(pool)
-            logits, ready = self.native.step_ragged(pool, slots, tokens, gaps, starts, lengths)
-            return pool, logits, ready
+            rows = _writable_rows(pool)
+            logits, ready = self.native.step_ragged(rows, slots, tokens, gaps, starts, lengths)
+            return rows, logits, ready
         batch, length = shape or (len(lengths), max(1, int(lengths.max(initial=0))))
         tok, gap, lens = pad_rows(tokens, gaps, starts, lengths, batch, length)
-        rows = np.full(batch, pool.shape[0], np.int32)
-        rows[:len(slots)] = slots
-        return self.step_slots(pool, rows, tok, gap, lens)
+        padded = np.full(batch, pool.shape[0], np.int32)
+        padded[:len(slots)] = slots
+        return self.step_slots(pool, padded, tok, gap, lens)
 
-    def zero_slots(self, pool: Array, slots: Array) -> Array:
+    def zero_slots(self, pool: AnyArray, slots: AnyArray) -> AnyArray:
         """Zero rows ``slots`` (int32 [K]; the pool size marks padding) of a pool (donated)."""
         if self.native is not None:
-            pool = _writable_rows(pool)
-            slots = np.asarray(slots)
-            pool[slots[(slots >= 0) & (slots < pool.shape[0])]] = 0
-            return pool
+            rows, index = _writable_rows(pool), np.asarray(slots)
+            rows[index[(index >= 0) & (index < rows.shape[0])]] = 0
+            return rows
         return self._call("zero_slots", pool, _i32(slots))
 
-    def read_slots(self, pool: Array, slots: Array) -> np.ndarray:
+    def read_slots(self, pool: AnyArray, slots: AnyArray) -> np.ndarray:
         """A host copy of rows ``slots`` (int32 [K]; the pool size marks padding, whose rows are
         unspecified) of a pool: int32 [K, words]. The pool is not donated."""
         if self.native is not None:
-            slots = np.asarray(slots)
-            return np.asarray(pool)[np.minimum(slots, pool.shape[0] - 1)]  # a fancy index copies
+            index = np.asarray(slots)
+            return np.asarray(pool)[np.minimum(index, pool.shape[0] - 1)]  # a fancy index copies
         return np.asarray(self._call("read_slots", pool, _i32(slots)))
 
-    def write_slots(self, pool: Array, slots: Array, rows: Array) -> Array:
+    def write_slots(self, pool: AnyArray, slots: AnyArray, rows: AnyArray) -> AnyArray:
         """Set rows ``slots`` (int32 [K]; the pool size marks padding) of a pool (donated) to
         ``rows`` int32 [K, words]. Returns the pool."""
         if self.native is not None:
-            pool = _writable_rows(pool)
-            slots = np.asarray(slots)
-            keep = (slots >= 0) & (slots < pool.shape[0])
-            pool[slots[keep]] = np.asarray(rows, np.int32)[keep]
-            return pool
+            target, index = _writable_rows(pool), np.asarray(slots)
+            keep = (index >= 0) & (index < target.shape[0])
+            target[index[keep]] = np.asarray(rows, np.int32)[keep]
+            return target
         return self._call("write_slots", pool, _i32(slots), _i32(rows))
 
-    def classify(self, tokens: Array, gaps: Array, lengths: Array) -> tuple[Array, Array]:
+    def classify(self, tokens: AnyArray, gaps: AnyArray, lengths: AnyArray) -> tuple[Array, Array]:
         """Offline form: whole recordings from a zero state.
 
         tokens, gaps int32 [B, L]; lengths int32 [B] -> ``(logits [B, C], ready bool [B])``.
@@ -383,7 +405,7 @@ class StreamingModel:
                 if pool is not None:
                     # Every row is padding (slot index == pool size): nothing is written; the
                     # donated pool comes back and serves the next bucket.
-                    pool, logits, _ = self.step_slots(pool, vec + pool_size, ints, ints, vec)
+                    pool, logits, _ = self.step_slots(pool, vec + pool.shape[0], ints, ints, vec)
                     jax.block_until_ready(logits)
                 if classify:
                     jax.block_until_ready(self.classify(ints, ints, vec))

@@ -120,7 +120,7 @@ def throughput(out: Path, tmp: Path, rounds: int, duration: float) -> dict[str, 
         for name, extra in variants.items():
             port = free_port()
             servers[name] = (serve(port, tmp / f"serve-{name}.log", *common, *extra), port)
-        for name, (_, port) in servers.items():
+        for _, port in servers.values():
             wait_ready(f"http://127.0.0.1:{port}")
         results: dict[str, list[float]] = {name: [] for name in variants}
         names = list(variants)

@@ -86,7 +86,10 @@ def throughput(models: dict[str, Any], sizes: list[int], seconds: float, rounds:
         states = {k: m.init_state(1) for k, m in models.items()}
         for _ in range(rounds):
             for key, model in models.items():
-                def step(model: Any = model, key: str = key) -> None:
+                # Bound now (defaults), not looked up when called: the loop moves on.
+                def step(model: Any = model, key: str = key, states: dict[str, Any] = states,
+                         tokens: np.ndarray = tokens, gaps: np.ndarray = gaps,
+                         lengths: np.ndarray = lengths) -> None:
                     states[key], logits, _ = model.step(states[key], tokens, gaps, lengths)
                     np.asarray(logits)
 

@@ -10,6 +10,10 @@ repository, or ``$EVSSM_SHARED_DIR``) and skips the test where it is absent.
 ``redis_server()`` runs a real ``redis-server`` (Debian's package) on a free port;
 ``haproxy_test_config()`` is the project's HAProxy config pointed at loopback replicas, and
 ``haproxy_balancer()`` runs a real HAProxy with it.
+
+Reproducible randomness: Hypothesis runs derandomized (the profile below; the same examples in
+every run, none remembered between runs), and NumPy generators come from
+``numeric.seeded_rng(name)``; a failed test's report lists the seeds it drew.
 """
 
 from __future__ import annotations
@@ -23,12 +27,35 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
+import numeric
 import pytest
+from hypothesis import settings
+
+# Derandomized: examples derive from each test's own code, so CI and a replay draw the same
+# ones, and no example database carries a case from one run to the next; print_blob adds the
+# @reproduce_failure line to a failure. HYPOTHESIS_PROFILE selects another registered profile.
+settings.register_profile("evssm", derandomize=True, database=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "evssm"))
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    numeric.drawn_seeds.clear()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
+                              ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Under a failed test, the seeds of the generators it drew (``numeric.seeded_rng``)."""
+    report = yield
+    if report.failed and numeric.drawn_seeds:
+        lines = [f"seeded_rng({name!r}): seed {seed}" for name, seed in numeric.drawn_seeds]
+        report.sections.append(("random seeds (the same in every run)", "\n".join(lines)))
+    return report
 
 
 def free_port() -> int:
@@ -223,7 +250,9 @@ class LoopThread:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._loop.call_soon_threadsafe(self._stop.set_result, None)  # type: ignore[union-attr]
+        stop = self._stop
+        assert stop is not None, "set by the loop thread before _ready"
+        self._loop.call_soon_threadsafe(stop.set_result, None)
         self._thread.join(10)
 
     def _listen(self) -> contextlib.AbstractAsyncContextManager[int]:

@@ -15,7 +15,7 @@ def test_2d_tokenisation_is_one_to_one_over_the_sensor() -> None:
     assert tokens.min() == 0 and tokens.max() == sensor.num_tokens - 1
     assert len(np.unique(tokens)) == 34 * 17 * 2 == sensor.num_tokens
     back = untokenize(sensor, tokens)
-    for col, want in zip(back, (x.ravel(), y.ravel(), p.ravel())):
+    for col, want in zip(back, (x.ravel(), y.ravel(), p.ravel()), strict=True):
         np.testing.assert_array_equal(col, want)
 
 

@@ -43,8 +43,9 @@ KEY = "fuzz-key-" + "0123456789abcdef"
 PROFILE = os.environ.get("EVSSM_FUZZ", "ci")
 settings.register_profile("ci", max_examples=20, stateful_step_count=30, deadline=None, derandomize=True,
                           database=None, suppress_health_check=list(HealthCheck))
+# "long" explores new examples on every run (conftest.py's default profile is derandomized).
 settings.register_profile("long", max_examples=int(os.environ.get("EVSSM_FUZZ_EXAMPLES", "400")),
-                          stateful_step_count=50, deadline=None, database=None,
+                          stateful_step_count=50, deadline=None, database=None, derandomize=False,
                           suppress_health_check=list(HealthCheck))
 FRAMES = {"ws": 0, "http": 0}
 LIMIT = pytest.mark.timeout(600 if PROFILE == "ci" else 4 * 3600)

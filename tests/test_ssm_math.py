@@ -31,7 +31,9 @@ def test_hippo_n_eigenvalues_match_numpy_eig(b: int) -> None:
     want = np.linalg.eigvals(s)
     lre, lim, v = hippo_n_init(b, b, conj_sym=False)
     got = lre + 1j * lim
-    by_imag = lambda z: z[np.argsort(z.imag)]  # noqa: E731  (real parts are all -1/2)
+    def by_imag(z: np.ndarray) -> np.ndarray:  # the real parts are all -1/2
+        return z[np.argsort(z.imag)]
+
     assert_close(by_imag(got), by_imag(want), atol=1e-8)
     assert_close(lre, -0.5)
     # V diagonalises S and is unitary.
@@ -136,5 +138,5 @@ def test_pool_windows_paths_agree(stride: int, monkeypatch: pytest.MonkeyPatch) 
                                    rtol=1e-5, atol=1e-6)
         assert_close(np.asarray(short[1][b, :k]), np.asarray(long[1][b, :k]),
                                    rtol=1e-5, atol=1e-6)
-    for a, b in zip(jax.tree.leaves(short[2]), jax.tree.leaves(long[2])):
+    for a, b in zip(jax.tree.leaves(short[2]), jax.tree.leaves(long[2]), strict=True):
         assert_close(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

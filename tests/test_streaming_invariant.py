@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from numeric import assert_close
+from numeric import assert_close, seeded_rng
 
 from evssm.models.config import load_model_config
 from evssm.models.model import state_spec
@@ -124,8 +124,8 @@ VARIANTS = {
 def test_variants_stream_equals_offline(name: str) -> None:
     config = load_model_config("tiny", VARIANTS[name])
     model = perturbed_model(config, seed=1)
-    rng = np.random.default_rng(abs(hash(name)) % 2**32)
-    for trial in range(3):
+    rng = seeded_rng(name)
+    for _ in range(3):
         n = int(rng.integers(20, 300))
         tokens, gaps = random_stream(rng, config.num_embeddings, n)
         assert stream_and_compare(model, tokens, gaps, random_cuts(rng, n), 320) > 0
@@ -195,7 +195,7 @@ def test_batched_sessions_equal_each_alone() -> None:
     before = jax.tree.map(np.asarray, pool)
     pool = model.zero_slots(pool, np.array([slots[2], num + 2], np.int32))
     after = jax.tree.map(np.asarray, pool)
-    for b, a in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    for b, a in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
         assert not np.any(a[slots[2]])
         keep = [s for s in range(num + 2) if s != slots[2]]
         np.testing.assert_array_equal(a[keep], b[keep])
@@ -238,10 +238,10 @@ def test_tabulated_first_layer_equals_direct() -> None:
 def test_initialisation_is_deterministic_per_seed() -> None:
     config = load_model_config("tiny", SMALL)
     a, b, c = (init_variables(config, s) for s in (0, 0, 1))
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert any(not np.array_equal(np.asarray(x), np.asarray(z))
-               for x, z in zip(jax.tree.leaves(a), jax.tree.leaves(c)))
+               for x, z in zip(jax.tree.leaves(a), jax.tree.leaves(c), strict=True))
 
 
 def test_packed_state_round_trips_exactly() -> None:
