@@ -73,7 +73,8 @@ def unsupported(config: ModelConfig) -> str | None:
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if f.name not in IMPLEMENTED:
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+            factory = f.default_factory
+            default = f.default if factory is dataclasses.MISSING else factory()
             if value != default:
                 return f"the native step does not implement the model option {f.name}={value!r}"
         elif IMPLEMENTED[f.name] is not None and value not in IMPLEMENTED[f.name]:  # type: ignore[operator]
@@ -157,7 +158,7 @@ class NativeStep:
             layers.append(rec)
 
         first = bound.layers[0]
-        bu = tables.bu if zoh else tables.bu * gains[0]
+        bu = tables.bu if gains[0] is None else tables.bu * gains[0]  # None exactly with zoh
         head_state = state_offsets["head"]
         header.update(
             version=PLAN_VERSION, layers=len(layers), words=words, prenorm=int(config.prenorm),
@@ -230,5 +231,5 @@ def _i32(a: Any) -> np.ndarray:
 
 def _split(z: Array) -> np.ndarray:
     """Complex [..., n] -> real [..., 2n]: real parts, then imaginary parts."""
-    z = np.asarray(z)
-    return np.concatenate([z.real, z.imag], -1)
+    a = np.asarray(z)
+    return np.concatenate([a.real, a.imag], -1)

@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Collection
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import yaml
@@ -289,7 +289,7 @@ class EpochBar:
             self.bar = self._new(initial=1)
         else:
             self.bar.update(1)
-        self.bar.set_postfix(**postfix)
+        self.bar.set_postfix(postfix)
 
     def close(self) -> None:
         self.bar.close()
@@ -401,8 +401,9 @@ def train(cfg: dict[str, Any], out: Path, *, resume: bool = False, limit_train: 
 
     def eval_step(params, batch_stats, batch):
         state0 = init_state(model_cfg, batch["tokens"].shape[0])
-        logits, ready, _ = module.apply({"params": params, "batch_stats": batch_stats},
-                                        batch["tokens"], batch["gaps"], batch["lengths"], state0)
+        logits, ready, _ = cast(tuple[Any, Any, Any], module.apply(
+            {"params": params, "batch_stats": batch_stats},
+            batch["tokens"], batch["gaps"], batch["lengths"], state0))
         return logits, ready
 
     train_step = jax.jit(train_step, donate_argnums=0)
@@ -478,7 +479,7 @@ def train(cfg: dict[str, Any], out: Path, *, resume: bool = False, limit_train: 
                 save_checkpoint(out / "best", model_cfg, jax.device_get(train_state),
                                 task=cfg["task"], summary={**record, "dataset": cfg["dataset"],
                                                            "valid_split": t["valid_split"]})
-        if primary:
+        if metrics_file is not None and writer is not None:  # process 0
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
             for key, value in record.items():
@@ -488,7 +489,7 @@ def train(cfg: dict[str, Any], out: Path, *, resume: bool = False, limit_train: 
         # The others wait for process 0's writes: a process that resumes or tests next reads them.
         distributed.barrier(f"evssm-epoch-{epoch + 1}")
     states.close()
-    if primary:
+    if metrics_file is not None and writer is not None:
         writer.close()
         metrics_file.close()
     say(f"best {t['valid_split']} accuracy {float(train_state['best_accuracy']):.4f}; "

@@ -41,7 +41,7 @@ def assert_valid(rec: Recording, sensor: SensorSpec) -> None:
 
 def multiset(rec: Recording) -> list[tuple[int, ...]]:
     cols = [rec.t, rec.x] + ([rec.y, rec.p] if rec.y is not None else [])
-    return sorted(zip(*(c.tolist() for c in cols)))
+    return sorted(zip(*(c.tolist() for c in cols), strict=True))
 
 
 def test_crop() -> None:

@@ -52,7 +52,7 @@ def test_events_follow_the_digit(first16: em.ArrayDataset) -> None:
     """Event counts per pixel correlate with the digit's edges, not with noise."""
     images, _ = em.mnist_5k()
     rows = em.split_rows("test")[:16]
-    for (rec, _), row in zip(first16, rows):
+    for (rec, _), row in zip(first16, rows, strict=True):
         counts = np.zeros((34, 34))
         np.add.at(counts, (rec.y, rec.x), 1)
         ink = np.zeros((34, 34))

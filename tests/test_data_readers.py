@@ -177,7 +177,7 @@ def test_gesture_npy_label_conventions(tmp_path: Path) -> None:
     np.save(root / "user03_lab_0_2.npy", _gesture(rng, 10))  # <user>_<lighting>_<k>_<label>
     np.save(root / "7" / "user03_lab_1.npy", _gesture(rng, 10))  # folder named by label wins
     ds = load_dataset("dvs-gesture", "train", tmp_path)
-    assert dict(zip([f.name for f in ds.files], ds.labels.tolist())) == {
+    assert dict(zip([f.name for f in ds.files], ds.labels.tolist(), strict=True)) == {
         "user03_lab_0_2.npy": 2, "user03_lab_1.npy": 7}
     np.save(root / "nolabel.npy", _gesture(rng, 10))
     with pytest.raises(ValueError, match="cannot tell the label"):
@@ -228,7 +228,7 @@ def test_write_aedat31_roundtrip(tmp_path: Path) -> None:
     x, y, p = rng.integers(0, 128, 1000), rng.integers(0, 128, 1000), rng.integers(0, 2, 1000)
     write_aedat31(tmp_path / "b.aedat", t, x, y, p, events_per_packet=100)
     got = read_aedat31(tmp_path / "b.aedat")
-    for a, b in zip(got, (t, x, y, p)):
+    for a, b in zip(got, (t, x, y, p), strict=True):
         np.testing.assert_array_equal(a, b)
 
 

@@ -31,7 +31,7 @@ def test_split_by_voice() -> None:
     spk, test = sd.speakers(P)
     assert len(spk) == 5 + P.espeak_speakers and test.sum() == P.test_speakers
     assert len({s.name for s in spk}) == len(spk)
-    assert {s.engine for s, t in zip(spk, test) if t} == {"flite", "espeak-ng"}
+    assert {s.engine for s, t in zip(spk, test, strict=True) if t} == {"flite", "espeak-ng"}
     train_u, test_u = sd.utterances("train", P), sd.utterances("test", P)
     assert {u.speaker for u in train_u}.isdisjoint({u.speaker for u in test_u})
     assert len(train_u) + len(test_u) == len(spk) * 20 * P.renditions

@@ -217,7 +217,7 @@ def test_server_classify_and_stream_match_the_reference(name: str, models, serve
         finals = []
         for rec in recordings:
             cuts = np.cumsum([0, *packet_sizes(rng, len(rec))])
-            packets = [rec.slice(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
+            packets = [rec.slice(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
             async with AsyncStreamSession(server.ws, model=model_name) as session:
                 results = [r async for r in session.stream(packets)]
             assert results[-1].events == len(rec)
@@ -272,7 +272,7 @@ def test_a_single_msgpack_checkpoint_imports_the_same(tmp_path: Path, imported) 
     _, got, meta = load_checkpoint(tmp_path / "out")
     _, want, _ = load_checkpoint(imported("ssc"))
     assert meta["origin"]["step"] == 7
-    for a, b in zip(*(sorted(jax_leaves(v)) for v in (got, want))):
+    for a, b in zip(*(sorted(jax_leaves(v)) for v in (got, want)), strict=True):
         assert a[0] == b[0]
         np.testing.assert_array_equal(a[1], b[1])
     assert len(jax_leaves(got)) > 60  # every layer's variables, BatchNorm statistics included

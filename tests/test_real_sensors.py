@@ -144,11 +144,11 @@ def test_concurrent_sessions_with_different_geometries_get_their_own_answers(ser
             return [r async for r in session.stream(packetize(rec, events=300))]
 
     async def run() -> list:
-        return await asyncio.gather(*(one(r, s.sensor) for r, s in zip(recs, samples)))
+        return await asyncio.gather(*(one(r, s.sensor) for r, s in zip(recs, samples, strict=True)))
 
     streamed = asyncio.run(run())
     want = classify(server.http, recs, model="dvs", sensors=[s.sensor for s in samples])
-    for results, expected, rec in zip(streamed, want, recs):
+    for results, expected, rec in zip(streamed, want, recs, strict=True):
         assert results[-1].events == len(rec)
         probs_close(results[-1].probs, expected.probs)
     assert len({tuple(np.round(w.probs, 6)) for w in want}) == 4  # four different answers

@@ -124,7 +124,7 @@ def test_rolling_restart_of_three_replicas_loses_no_session(
         for r in replicas:
             r.stop(signal.SIGKILL)
 
-    for run, want in zip(runs, expected):
+    for run, want in zip(runs, expected, strict=True):
         assert run.sent > 0 and run.results, run.key
         last = run.results[-1]
         assert last.events == run.sent, (run.key, last.events, run.sent)

@@ -121,7 +121,7 @@ def test_two_models_with_long_classifies_give_exact_answers(tmp_path) -> None:
         # Alone: the same recordings, one request at a time.
         for m in MODELS:
             alone = classify(base, m, streamed[m])
-            for got, want in zip(got_stream[m], alone):
+            for got, want in zip(got_stream[m], alone, strict=True):
                 assert_close(got, want, rtol=1e-3, atol=2e-6)
             alone_long = classify(base, m, long[m])
             for name, probs in got_classify:

@@ -246,7 +246,7 @@ def test_partial_headers_are_dropped_after_the_header_timeout(keyed):
 
     count = min(1000, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 200)  # the 1,000
     socks = []
-    for i in range(count):
+    for _ in range(count):
         s = socket.create_connection(("127.0.0.1", keyed.port), timeout=10)
         s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
         socks.append(s)
@@ -367,4 +367,4 @@ def test_smaller_holes_over_the_wire(keyed):
     (want,) = httpx.post(f"{h}/v1/classify", headers=headers, json={
         "model": "tiny", "streams": [{"t": [big - 1] + [big] * 63, "x": [7, 8] + [9] * 62}]}).json()["results"]
     assert last["probs"] is not None
-    assert max(abs(a - b) for a, b in zip(last["probs"], want["probs"])) < 1e-5
+    assert max(abs(a - b) for a, b in zip(last["probs"], want["probs"], strict=True)) < 1e-5

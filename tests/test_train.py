@@ -181,7 +181,7 @@ def test_training_learns_resumes_reproducibly_and_evaluates(tmp_path: Path, caps
     final_a, final_b = final_state(straight), final_state(split)
     leaves_a, leaves_b = jax.tree.leaves(final_a["params"]), jax.tree.leaves(final_b["params"])
     assert len(leaves_a) == len(leaves_b) > 10
-    for x, y in zip(leaves_a, leaves_b):
+    for x, y in zip(leaves_a, leaves_b, strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
     model = StreamingModel.load(straight / "best")

@@ -83,6 +83,7 @@ class AugmentConfig:
     def default(cls, sensor: SensorSpec | str, **overrides: Any) -> AugmentConfig:
         """Sane defaults for a sensor kind ("1d" audio cochleas, "2d" event cameras)."""
         kind = sensor if isinstance(sensor, str) else sensor.kind
+        base: dict[str, Any]
         if kind == "1d":
             base = dict(time_skew_p=0.5, drop_chunk_p=0.3, drop_event_p=0.5, jitter_p=0.5, jitter_std=1.0,
                         time_jitter_p=0.3, noise_p=0.3, cut_mix_p=0.5)
@@ -147,6 +148,13 @@ def _need_2d(sensor: SensorSpec, what: str) -> None:
         raise ValueError(f"{what} needs a 2-D sensor")
 
 
+def _rows(rec: Recording, what: str) -> np.ndarray:
+    """The recording's ``y`` column, which a 2-D transform needs."""
+    if rec.y is None:
+        raise ValueError(f"{what} needs 2-D events (a y column)")
+    return rec.y
+
+
 # ---------------------------------------------------------------------------------------------
 # transforms
 
@@ -189,7 +197,7 @@ def drop_events(rec: Recording, rng: np.random.Generator, fraction: float) -> Re
 def jitter_addresses(rec: Recording, sensor: SensorSpec, rng: np.random.Generator, std: float) -> Recording:
     """Per-event Gaussian jitter of the channel (1-D) or of x and y (2-D), rounded; off-sensor dropped."""
     x = rec.x + std * rng.standard_normal(len(rec))
-    y = None if sensor.kind == "1d" else rec.y + std * rng.standard_normal(len(rec))
+    y = None if sensor.kind == "1d" else _rows(rec, "jitter") + std * rng.standard_normal(len(rec))
     return _move(rec, sensor, x, y)
 
 
@@ -198,7 +206,7 @@ def roll(rec: Recording, sensor: SensorSpec, dx: int, dy: int = 0, *, wrap: bool
     x = rec.x.astype(np.int64) + dx
     if sensor.kind == "1d":
         return _move(rec, sensor, x % sensor.channels if wrap else x, None)
-    y = rec.y.astype(np.int64) + dy  # type: ignore[union-attr]
+    y = _rows(rec, "roll").astype(np.int64) + dy
     if wrap:
         x, y = x % sensor.width, y % sensor.height
     return _move(rec, sensor, x, y)
@@ -209,7 +217,7 @@ def rotate(rec: Recording, sensor: SensorSpec, angle_deg: float) -> Recording:
     _need_2d(sensor, "rotate")
     a = np.deg2rad(angle_deg)
     cx, cy = (sensor.width - 1) / 2, (sensor.height - 1) / 2
-    u, v = rec.x - cx, rec.y - cy  # type: ignore[operator]
+    u, v = rec.x - cx, _rows(rec, "rotate") - cy
     return _move(rec, sensor, cx + np.cos(a) * u - np.sin(a) * v, cy + np.sin(a) * u + np.cos(a) * v)
 
 
@@ -217,7 +225,7 @@ def scale(rec: Recording, sensor: SensorSpec, factor: float) -> Recording:
     """Scale 2-D positions about the sensor centre by ``factor``; off-sensor events dropped."""
     _need_2d(sensor, "scale")
     cx, cy = (sensor.width - 1) / 2, (sensor.height - 1) / 2
-    return _move(rec, sensor, cx + factor * (rec.x - cx), cy + factor * (rec.y - cy))  # type: ignore[operator]
+    return _move(rec, sensor, cx + factor * (rec.x - cx), cy + factor * (_rows(rec, "scale") - cy))
 
 
 def time_jitter(rec: Recording, rng: np.random.Generator, std_us: float) -> Recording:

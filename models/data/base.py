@@ -149,8 +149,10 @@ class ArrayDataset(EventDataset):
 
     def _get(self, i: int) -> tuple[Recording, int]:
         a, b = int(self._offsets[i]), int(self._offsets[i + 1])
-        cut = lambda c, dt: None if c is None else c[a:b].astype(dt)  # noqa: E731
-        rec = Recording(self._t[a:b].astype(T_DTYPE), cut(self._x, XY_DTYPE),
+        def cut(c: np.ndarray | None, dt: Any) -> np.ndarray | None:
+            return None if c is None else c[a:b].astype(dt)
+
+        rec = Recording(self._t[a:b].astype(T_DTYPE), self._x[a:b].astype(XY_DTYPE),
                         cut(self._y, XY_DTYPE), cut(self._p, P_DTYPE))
         return rec, int(self._labels[i])
 

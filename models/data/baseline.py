@@ -90,7 +90,7 @@ def softmax_regression(x: np.ndarray, y: np.ndarray, num_classes: int, *, steps:
         prob /= prob.sum(1, keepdims=True)
         g = (prob - onehot) / n
         grads = [x.T @ g + l2 * w, g.sum(0)]
-        for j, (param, grad) in enumerate(zip((w, b), grads)):
+        for j, (param, grad) in enumerate(zip((w, b), grads, strict=True)):
             m[j] = b1 * m[j] + (1 - b1) * grad
             v[j] = b2 * v[j] + (1 - b2) * grad * grad
             param -= lr * (m[j] / (1 - b1 ** k)) / (np.sqrt(v[j] / (1 - b2 ** k)) + eps)

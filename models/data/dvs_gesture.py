@@ -250,7 +250,9 @@ def load_aedat(split: str, directory: Path) -> GestureAedatDataset:
     if not trials.is_file():
         raise missing_files_error("dvs-gesture", directory, [TRIAL_LISTS[split]], _HOW)
     names = [ln.strip() for ln in trials.read_text().splitlines() if ln.strip()]
-    files, rows, missing = [], [], []
+    files: list[Path] = []
+    rows: list[tuple[int, int, int, int]] = []
+    missing: list[str] = []
     for name in names:
         aedat = directory / name
         csv = directory / (Path(name).stem + "_labels.csv")

@@ -273,18 +273,18 @@ def simulate(images: np.ndarray, rngs: Sequence[np.random.Generator],
 
     pix = np.concatenate(out_pix) if out_pix else np.zeros(0, np.int64)
     te = np.concatenate(out_t) if out_t else np.zeros(0)
-    pol = np.concatenate(out_p) if out_p else np.zeros(0, np.uint8)
+    pols = np.concatenate(out_p) if out_p else np.zeros(0, np.uint8)
     owner = pix // NP
     order = np.argsort(owner, kind="stable")  # keeps each sample's events in simulation order
     bounds = np.searchsorted(owner[order], np.arange(B + 1))
 
-    results = []
+    results: list[tuple[np.ndarray, ...]] = []
     for b, rng in enumerate(rngs):
         sel = order[bounds[b]:bounds[b + 1]]
         nt, npix, npol = noise[b]
         t_all = np.concatenate([te[sel], nt])
         pix_all = np.concatenate([pix[sel] % NP, npix])
-        p_all = np.concatenate([pol[sel], npol.astype(np.uint8)])
+        p_all = np.concatenate([pols[sel], npol.astype(np.uint8)])
         t_all = t_all + params.jitter_us * rng.standard_normal(t_all.size)
         t_int = np.maximum(np.rint(t_all), 0).astype(np.int64)
         srt = np.argsort(t_int, kind="stable")
@@ -338,11 +338,18 @@ def cache_path(data_dir: Path, split: str) -> Path:
     return Path(data_dir) / NAME / f"{split}.npz"
 
 
+def _column(c: np.ndarray | None, name: str) -> np.ndarray:
+    """A column the 2-D cache needs (Event-MNIST always has it)."""
+    if c is None:
+        raise ValueError(f"an Event-MNIST data set has a {name} column")
+    return c
+
+
 def _save(ds: ArrayDataset, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
     np.savez_compressed(
-        tmp, t=ds._t.astype(np.int32), x=ds._x, y=ds._y, p=ds._p, offsets=ds._offsets,
+        tmp, t=ds._t.astype(np.int32), x=ds._x, y=_column(ds._y, "y"), p=_column(ds._p, "p"), offsets=ds._offsets,
         labels=ds._labels.astype(np.int16), rows=ds.meta["rows"],
         params_hash=np.array(ds.meta["params_hash"]), params=np.array(json.dumps(ds.meta["params"])))
     os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one

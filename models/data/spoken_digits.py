@@ -467,7 +467,7 @@ def build(data_dir: Path, *, splits: Sequence[str] = SPLITS, params: SpokenDigit
             f.attrs["evssm_params_hash"] = params.hash()
             f.attrs["evssm_params"] = json.dumps(params.to_dict())
             f.attrs["evssm_speakers"] = json.dumps([s.name for s in spk])
-            f.attrs["evssm_test_speakers"] = json.dumps([s.name for s, t in zip(spk, test) if t])
+            f.attrs["evssm_test_speakers"] = json.dumps([s.name for s, t in zip(spk, test, strict=True) if t])
             f.attrs["evssm_tools"] = json.dumps(tool_versions())
         if progress:
             n = sum(t.size for t in times)
