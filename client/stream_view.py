@@ -168,6 +168,8 @@ def summary_of(view: View, sample: Sample, info: SessionInfo, args: argparse.Nam
         "correct": sample.is_correct(prediction, info.model.classes),
         "top": [[label, p] for label, p in top],
         "probs": final.probs if final is not None else None,
+        "window": info.window,  # the session's sliding window (None: everything since the start)
+        "answer_window": final.window if final is not None else None,  # what the last answer covers
         "events": view.answered,  # read from the source and sent (all answered)
         "events_processed": view.processed,
         "cropped": view.cropped,

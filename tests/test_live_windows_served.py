@@ -9,6 +9,7 @@ packets; and ``/v1/classify`` with ``window`` answers for the same last window.
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import httpx
@@ -99,7 +100,7 @@ def check_windows(base: str, t: np.ndarray, x: np.ndarray, cuts: list[int], resu
         assert 0 <= first < b and int(t[first]) == w["t0"], (w, b)
         if length_us is not None:
             assert int(t[b - 1]) - w["t0"] < length_us
-            assert int(np.count_nonzero((t[:b] >= w["t0"]))) == w["events"]
+            assert int(np.count_nonzero(t[:b] >= w["t0"])) == w["events"]
         windows.append((t[first:b], x[first:b]))
     expected = classify(base, windows)
     answered = 0
@@ -237,3 +238,26 @@ def test_a_server_with_snapshots_refuses_windows(start, tmp_path):
 
     reply = asyncio.run(run())
     assert reply["type"] == "error" and reply["code"] == "invalid_field" and "snapshots" in reply["message"]
+
+
+def test_the_stream_command_passes_its_window(server, tmp_path, capsys):
+    """``evssm stream --window`` opens a windowed session; its last answer is classify of the
+    window the result names."""
+    from evssm.cli import main
+    from evssm.client import SimulatedSensor, save_events
+    from evssm.models.events import SensorSpec
+
+    rec = SimulatedSensor(SensorSpec.one_d(CHANNELS), 20_000, label=3, num_classes=20, seed=0).recording(0.4)
+    path = str(save_events(tmp_path / "rec.npz", rec, label=3))
+    assert main(["stream", path, "--url", server.ws, "--fast", "--packet-events", "100",
+                 "--window", "ms=100,hop_ms=25", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["window"] == {"ms": 100, "hop_ms": 25, "lanes": 4} and out["events"] == len(rec)
+    w = out["answer_window"]
+    first = len(rec) - w["events"]
+    assert 0 < first and int(rec.t[first]) == w["t0"] and int(rec.t[-1]) - w["t0"] < 100_000
+    want = classify(server.http, [(rec.t[first:], rec.x[first:].astype(np.int64))])[0]
+    assert_probs_equal(out["probs"], want["probs"])
+    with pytest.raises(SystemExit):
+        main(["stream", path, "--url", server.ws, "--window", "ms=100,every=5"])
+    assert "--window takes ms=T,hop_ms=H" in capsys.readouterr().err
