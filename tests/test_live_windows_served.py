@@ -261,3 +261,83 @@ def test_the_stream_command_passes_its_window(server, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["stream", path, "--url", server.ws, "--window", "ms=100,every=5"])
     assert "--window takes ms=T,hop_ms=H" in capsys.readouterr().err
+
+
+def test_windowed_and_plain_sessions_share_steps(server):
+    """Sessions of 4, 3 and 2 lanes beside plain ones, all at once (batch bucket 8: a plan holds
+    the lanes of a packet or waits for the next): every answer is still its own window's."""
+    rng = np.random.default_rng(13)
+    recs = [live_stream(rng, 8) for _ in range(5)]
+    cuts = [cuts_of(rng, len(t)) for t, _ in recs]
+    windows: list[dict[str, Any] | None] = [{"ms": 2000, "hop_ms": 500}, {"ms": 1500, "hop_ms": 500},
+                                            {"events": 120, "hop": 60}, None, None]
+
+    async def run() -> list[list[dict]]:
+        async def one(i: int) -> list[dict]:
+            t, x = recs[i]
+            async with connect(f"{server.ws}/v1/stream") as ws:
+                c = Client(ws)
+                await c.open(**({} if windows[i] is None else {"window": windows[i]}))
+                for k, (a, b) in enumerate(zip(cuts[i][:-1], cuts[i][1:], strict=False)):
+                    await c.send({"type": "events", "seq": k, **columns(t[a:b], x[a:b], "bin")})
+                return [await c.recv() for _ in cuts[i][1:]]
+        return await asyncio.gather(*(one(i) for i in range(len(recs))))
+
+    results = asyncio.run(run())
+    for (t, x), c, w, res in zip(recs, cuts, windows, results, strict=True):
+        if w is None:
+            assert all("window" not in r for r in res)
+            assert_probs_equal(res[-1]["probs"], classify(server.http, [(t, x)])[0]["probs"])
+        else:
+            check_windows(server.http, t, x, c, res, None if "events" in w else int(w["ms"] * 1000))
+
+
+def test_the_lanes_of_a_packet_are_cut_into_chunks_that_end_together():
+    """``chunk``: rows aligned at the packet's end, at most ``max_length`` long, a restarted row's
+    zero-gap copy stepped alone and zeroed first, every row ending in the last chunk."""
+    from evssm.server.core.lanes import Lane, chunk, span
+    from evssm.server.core.sessions import LaneRows, Packet, Session
+
+    session = Session(id="s", token="k", model="m", slot=3, top_k=1, slots=(3, 4, 5))
+    lane = Lane(session)
+    rows = LaneRows(sizes=(10, 4, 10), resets=(False, True, True), copies=(-1, 100, -1), answer=0,
+                    t0=0, events=10)
+    packet = Packet(seq=0, region=None, start=50, size=10, events_after=10, last_t=9, received=0.0,
+                    reply=None, lanes=rows)
+    chunks = []
+    while lane.offset < span(packet):
+        got, lane.offset = chunk(lane, packet, 4)
+        chunks.append(got)
+    assert chunks == [
+        [(3, 50, 4, False), (5, 50, 4, True)],  # row 5 restarts at the packet's start
+        [(3, 54, 2, False), (5, 54, 2, False)],  # cut where row 4's copy starts
+        [(3, 56, 1, False), (4, 100, 1, True), (5, 56, 1, False)],  # its first event, from its copy
+        [(3, 57, 3, False), (4, 57, 3, False), (5, 57, 3, False)],
+    ]
+
+
+def test_a_rejected_packet_leaves_the_lanes_as_they_were(server):
+    rng = np.random.default_rng(17)
+    t, x = live_stream(rng, 6)
+    half = len(t) // 2
+    bad_x = x[half:].copy()
+    bad_x[-1] = CHANNELS  # out of range: the whole packet is refused
+
+    async def run() -> list[dict]:
+        async with connect(f"{server.ws}/v1/stream") as ws:
+            c = Client(ws)
+            await c.open(window={"ms": 1000, "hop_ms": 250})
+            replies = [await c.request({"type": "events", "seq": 0, **columns(t[:half], x[:half], "bin")})]
+            # Far in the future, then an address out of range: neither moves the window's clock.
+            future = t[half:] + 10 * HOUR_US
+            replies.append(await c.request({"type": "events", "seq": 1, **columns(future, bad_x, "bin")}))
+            back = t[:5]  # before the session's last event
+            replies.append(await c.request({"type": "events", "seq": 2, **columns(back, x[:5], "bin")}))
+            replies.append(await c.request({"type": "events", "seq": 3, **columns(t[half:], x[half:], "bin")}))
+            return replies
+
+    first, bad, back, last = asyncio.run(run())
+    assert bad["type"] == "error" and bad["code"] == "address_out_of_range", bad
+    assert back["type"] == "error" and back["code"] == "timestamps_decreasing", back
+    assert last["events"] == len(t)
+    check_windows(server.http, t, x, [0, half, len(t)], [first, last], 1_000_000)
