@@ -9,6 +9,7 @@ packets; and ``/v1/classify`` with ``window`` answers for the same last window.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any
 
@@ -196,11 +197,22 @@ def test_a_window_counts_as_its_lanes_toward_the_limits(start):
             first = await Client(a).request({"type": "open", "window": {"ms": 1000, "hop_ms": 250}})
             plain = await Client(b).request({"type": "open"})
             refused = await Client(c).request({"type": "open"})
-            return [first, plain, refused]
+            closed = await Client(a).request({"type": "close"})
+        # Closed, the window's four rows are free again: three plain sessions fit beside the one.
+        async with contextlib.AsyncExitStack() as stack:
+            sockets = [await stack.enter_async_context(connect(f"{server.ws}/v1/stream")) for _ in range(4)]
+            again = [await Client(ws).request({"type": "open"}) for ws in sockets[:3]]
+            window = await Client(sockets[3]).request({"type": "open", "window": {"ms": 100, "hop_ms": 50}})
+        return [first, plain, refused, closed, window, *again]
 
-    first, plain, refused = asyncio.run(run())
+    first, plain, refused, closed, window, *again = asyncio.run(run())
     assert first["type"] == "opened" and first["window"]["lanes"] == 4 and plain["type"] == "opened"
     assert refused["type"] == "error" and refused["code"] == "server_full", refused
+    assert "4 window lanes counts as 4" not in refused["message"]  # the plain one was refused
+    assert closed["type"] == "closed" and [r["type"] for r in again] == ["opened"] * 3, again
+    # One row left (the plain session whose connection dropped keeps its own): two lanes do not fit.
+    assert window["type"] == "error" and window["code"] == "server_full", window
+    assert "a session of 2 window lanes counts as 2" in window["message"]
 
 
 def test_a_resume_keeps_the_lanes_and_may_not_change_the_window(server):

@@ -20,6 +20,11 @@ as arrays (this module knows neither frames nor labels). Resets are zeroings at 
 plan; empty packets and closes need no device work and are answered once everything before them
 is.
 
+A session may hold several rows (a sliding window's lanes, ``Packet.lanes``): its chunk of a
+packet is then one row per lane, all in the same plan (the lanes of a packet that do not fit a
+plan wait for the next), a restarted lane zeroed first; the packet is answered from the row of
+its chosen lane once the last chunk is stepped (``lanes.chunk``).
+
 Sessions are served first come, first served. The scheduler is the only code that steps, zeroes
 or frees a slot, and frees it only when nothing of the session is queued or in a plan.
 
