@@ -80,7 +80,8 @@ async def stream(url: str, t: np.ndarray, x: np.ndarray, cuts: list[int], window
         opened = await c.open(window=window)
         results = []
         for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:], strict=False)):
-            results.append(await c.request({"type": "events", "seq": i, **columns(t[a:b], x[a:b], "bin")}))
+            form = ("bin", "records", "lists")[i % 3]
+            results.append(await c.request({"type": "events", "seq": i, **columns(t[a:b], x[a:b], form)}))
         return opened, results
 
 
@@ -353,3 +354,17 @@ def test_a_rejected_packet_leaves_the_lanes_as_they_were(server):
     assert back["type"] == "error" and back["code"] == "timestamps_decreasing", back
     assert last["events"] == len(t)
     check_windows(server.http, t, x, [0, half, len(t)], [first, last], 1_000_000)
+
+
+def test_windows_on_the_xla_step(serve, tiny_model):
+    """The same lanes on a model whose streaming step is XLA's (rows padded into its buckets)."""
+    from evssm.models.streaming import StreamingModel
+
+    xla = StreamingModel(tiny_model.config, tiny_model.variables, backend="xla")
+    server = serve(create_app(BASE.replace(max_sessions=8), models={"tiny": xla}))
+    wait_ready(server.http)
+    rng = np.random.default_rng(4)
+    t, x = live_stream(rng, 10)
+    cuts = cuts_of(rng, len(t))
+    _, results = asyncio.run(stream(server.ws, t, x, cuts, {"ms": 1000, "hop_ms": 250}))
+    assert check_windows(server.http, t, x, cuts, results, 1_000_000) > 0
