@@ -114,6 +114,10 @@ class View:
         if self.resumes:
             times = f" ({len(self.resumes)} resumes; the last)" if len(self.resumes) > 1 else ""
             parts.append(Text(describe_resume(self.resumes[-1]) + times, "yellow"))
+        window = None if self.last is None else self.last.window
+        if window is not None:  # a windowed session: what the answer covers
+            parts.append(Text(f"window: the last {window['events']:,} events, from t = {window['t0']:,} µs",
+                              "dim"))
         parts.append(classes)
         true_name = self.sample.label_name(self.info.model.classes)
         if true_name is not None:
