@@ -368,3 +368,21 @@ def test_windows_on_the_xla_step(serve, tiny_model):
     cuts = cuts_of(rng, len(t))
     _, results = asyncio.run(stream(server.ws, t, x, cuts, {"ms": 1000, "hop_ms": 250}))
     assert check_windows(server.http, t, x, cuts, results, 1_000_000) > 0
+
+
+def test_the_session_table_counts_a_windows_rows():
+    from evssm.server.core.sessions import ClientFull, ServerFull, SessionTable
+
+    table = SessionTable(4, {"m": 4})
+    windowed = table.open("m", 3, owner="k", owner_limit=4, lanes=3)
+    assert len(set(windowed.slots)) == 3 and windowed.slot == windowed.slots[0]
+    with pytest.raises(ServerFull, match="2 window lanes counts as 2"):
+        table.open("m", 3, lanes=2)
+    with pytest.raises(ClientFull):
+        table.open("m", 3, owner="k", owner_limit=3)
+    plain = table.open("m", 3, owner="k", owner_limit=4)
+    assert plain.slots == (plain.slot,) and plain.slot not in windowed.slots
+    table.release(windowed, idle=True)
+    assert table.pools["m"].is_dirty(windowed.slots[2])  # every row is zeroed before its reuse
+    again = table.open("m", 3, owner="k", owner_limit=4, lanes=3)
+    assert set(again.slots) == set(windowed.slots)
