@@ -203,10 +203,9 @@ class Engine:
     def open(self, model: str, top_k: int, *, owner: str | None = None, key_id: str | None = None,
              lanes: int | None = None) -> Session:
         """A new session of ``model`` for ``owner`` (raises ``sessions.ServerFull``, or its
-        subclass ``ClientFull`` past ``Settings.sessions_per_client``). ``lanes``: a sliding
-        window's ``L`` state rows (None: a plain session, one row), counted as ``L`` sessions;
-        ``LanesRefused`` where one step cannot hold them all, or where snapshots are kept (a
-        snapshot holds one row and no window)."""
+        subclass ``ClientFull`` past ``Settings.sessions_per_client``). ``lanes``: a window's ``L``
+        rows (None: one row), counted as ``L`` sessions; ``LanesRefused`` where one step cannot
+        hold them all, or with snapshots (a snapshot holds one row and no window)."""
         assert self.table is not None
         if lanes is not None:
             batch = self.runners[model].max_batch
