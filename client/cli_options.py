@@ -97,6 +97,22 @@ def transform_of(args: argparse.Namespace) -> dict[str, Any] | None:
     return out or None
 
 
+def window_option(text: str) -> dict[str, float]:
+    """``--window ms=2000,hop_ms=500`` (or ``events=N,hop=M``) as the ``open`` frame's ``window``
+    (the server checks the combination and names what is wrong)."""
+    out: dict[str, float] = {}
+    for part in text.split(","):
+        key, eq, value = part.partition("=")
+        if not eq or key.strip() not in ("ms", "hop_ms", "events", "hop"):
+            raise argparse.ArgumentTypeError(f"--window takes ms=T,hop_ms=H or events=N,hop=M; got {part!r}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--window {key}: not a number: {value!r}") from None
+        out[key.strip()] = int(number) if number.is_integer() else number
+    return out
+
+
 def check_sensor(rec: Recording, sensor: SensorSpec | None,
                  declared: SensorSpec | None = None) -> str | None:
     """Why ``rec`` cannot be read by a model with ``sensor`` (None when it can). With a

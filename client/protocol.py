@@ -139,6 +139,7 @@ class SessionInfo:
     geometry: dict[str, Any] | None = None
     restored: bool = False
     durable: int | None = None
+    window: dict[str, Any] | None = None  # a windowed session's window, with its ``lanes``
 
     @classmethod
     def from_message(cls, msg: Mapping[str, Any]) -> SessionInfo:
@@ -149,7 +150,7 @@ class SessionInfo:
             raise ProtocolError(str(exc)) from exc
         return cls(session=frame.session, resume=frame.resume, events=frame.events,
                    model=ModelInfo.from_dict(frame.model), cropped=frame.cropped or 0, geometry=frame.geometry,
-                   restored=frame.restored, durable=frame.durable)
+                   restored=frame.restored, durable=frame.durable, window=frame.window)
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,8 @@ class Result:
     packet the server processed but whose answer was lost with a dropped connection (its
     ``probs``/``top`` are then unknown, not resent: resending would process the events twice).
     ``durable`` is the event count covered by the session's last snapshot when the server answered
-    (None: the server keeps no snapshots).
+    (None: the server keeps no snapshots). ``window``: for a windowed session, the events the
+    answer covers, ``{"t0", "events"}``.
     """
 
     seq: int
@@ -175,6 +177,7 @@ class Result:
     lost: bool = False
     cropped: int = 0
     durable: int | None = None
+    window: dict[str, int] | None = None
 
     @property
     def label(self) -> Any:
@@ -192,12 +195,12 @@ class Result:
             raise ProtocolError("malformed result frame: its seq is null")
         return cls(seq=frame.seq, events=frame.events, t=frame.t, probs=frame.probs,
                    top=[(label, p) for label, p in frame.top], latency_s=latency_s, cropped=frame.cropped or 0,
-                   durable=frame.durable)
+                   durable=frame.durable, window=frame.window)
 
     def to_dict(self) -> dict[str, Any]:
         return {"seq": self.seq, "events": self.events, "t": self.t, "probs": self.probs,
                 "top": [[label, p] for label, p in self.top], "latency_ms": self.latency_s * 1e3,
-                "lost": self.lost, "cropped": self.cropped, "durable": self.durable}
+                "lost": self.lost, "cropped": self.cropped, "durable": self.durable, "window": self.window}
 
 
 def endpoint_url(url: str, kind: str) -> str:

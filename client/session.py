@@ -137,7 +137,7 @@ class AsyncStreamSession:
                  open_timeout: float = 10.0, binary: bool = True,
                  sensor: SensorSpec | None = None, transform: Mapping[str, Any] | None = None,
                  max_replay_events: int = 1 << 22, replay_packet_events: int = 16384,
-                 api_key: str | None = None):
+                 api_key: str | None = None, window: Mapping[str, Any] | None = None):
         self._window = InFlight(max_in_flight)
         if replay_packet_events < 1 or max_replay_events < 0:
             raise ValueError("replay_packet_events must be >= 1 and max_replay_events >= 0")
@@ -153,6 +153,7 @@ class AsyncStreamSession:
         self.binary = binary
         self.sensor = sensor
         self.transform = None if transform is None else dict(transform)
+        self.sliding_window = None if window is None else dict(window)  # the open frame's ``window``
         self.max_replay_events = max_replay_events
         self.replay_packet_events = replay_packet_events
         self.info: SessionInfo | None = None
@@ -453,7 +454,7 @@ class AsyncStreamSession:
     def _open_frame(self, resume: str | None, model: str | None = None) -> bytes:
         sensor = None if self.sensor is None else sensor_declaration(self.sensor)
         return encode_message("open", model=model or self.model, resume=resume, top_k=self.top_k,
-                              sensor=sensor, transform=self.transform)
+                              sensor=sensor, transform=self.transform, window=self.sliding_window)
 
     # -- the reader ------------------------------------------------------------------------
 

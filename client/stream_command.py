@@ -40,7 +40,14 @@ import numpy as np
 from evssm.models.events import Recording
 from evssm.models.wire import Code
 
-from .cli_options import add_server_options, add_source_arguments, check_sensor, explain, transform_of
+from .cli_options import (
+    add_server_options,
+    add_source_arguments,
+    check_sensor,
+    explain,
+    transform_of,
+    window_option,
+)
 from .errors import ClientError, ConnectionLost, ServerUnavailable, error_line, exit_code
 from .packets import apaced, packetize
 from .protocol import SessionInfo
@@ -79,6 +86,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pace.add_argument("--fast", action="store_true",
                       help="send as fast as the server answers (no real-time pacing)")
     parser.add_argument("--top", type=int, default=5, help="classes shown / returned")
+    parser.add_argument("--window", type=window_option, default=None, metavar="ms=T,hop_ms=H",
+                        help="answer for a sliding window of the last T ms (a new answer window "
+                             "every H ms; or events=N,hop=M) instead of everything since the start; "
+                             "costs T/H sessions' worth of server work")
     parser.add_argument("--max-in-flight", type=int, default=8,
                         help="packets sent and not yet answered, at most")
     parser.add_argument("--resume", default=None, metavar="TOKEN",
@@ -179,7 +190,7 @@ async def _stream(args: argparse.Namespace) -> int:
                                  max_in_flight=args.max_in_flight,
                                  reconnect=not args.no_reconnect, sensor=declared,
                                  transform=transform_of(args), api_key=args.api_key,
-                                 **reconnect_options(args))
+                                 window=args.window, **reconnect_options(args))
     info = await open_patiently(session, args)
     try:
         if sample is None:  # the simulated sensor emits for the served model's sensor
@@ -240,7 +251,7 @@ async def _stream_udp(args: argparse.Namespace) -> int:
     session = AsyncStreamSession(args.url, model=args.model, resume=args.resume, top_k=args.top,
                                  max_in_flight=args.max_in_flight, reconnect=not args.no_reconnect,
                                  sensor=args.sensor, transform=transform_of(args),
-                                 api_key=args.api_key, **reconnect_options(args))
+                                 api_key=args.api_key, window=args.window, **reconnect_options(args))
     try:
         receiver.start(loop)
         info = await open_patiently(session, args)

@@ -114,6 +114,10 @@ class View:
         if self.resumes:
             times = f" ({len(self.resumes)} resumes; the last)" if len(self.resumes) > 1 else ""
             parts.append(Text(describe_resume(self.resumes[-1]) + times, "yellow"))
+        window = None if self.last is None else self.last.window
+        if window is not None:  # a windowed session: what the answer covers
+            parts.append(Text(f"window: the last {window['events']:,} events, from t = {window['t0']:,} µs",
+                              "dim"))
         parts.append(classes)
         true_name = self.sample.label_name(self.info.model.classes)
         if true_name is not None:
@@ -168,6 +172,8 @@ def summary_of(view: View, sample: Sample, info: SessionInfo, args: argparse.Nam
         "correct": sample.is_correct(prediction, info.model.classes),
         "top": [[label, p] for label, p in top],
         "probs": final.probs if final is not None else None,
+        "window": info.window,  # the session's sliding window (None: everything since the start)
+        "answer_window": final.window if final is not None else None,  # what the last answer covers
         "events": view.answered,  # read from the source and sent (all answered)
         "events_processed": view.processed,
         "cropped": view.cropped,

@@ -172,6 +172,7 @@ class Opened:
     model: dict[str, Any]
     geometry: dict[str, Any] | None = None
     cropped: int | None = None
+    window: dict[str, Any] | None = None  # only for a windowed session: its window and ``lanes``
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.TYPE, "session": self.session, "resume": self.resume,
@@ -179,6 +180,8 @@ class Opened:
                                "t": self.t, "durable": self.durable, "top_k": self.top_k, "model": self.model}
         if self.geometry is not None:
             out.update(geometry=self.geometry, cropped=self.cropped)
+        if self.window is not None:
+            out["window"] = self.window
         return out
 
     @classmethod
@@ -190,7 +193,8 @@ class Opened:
             resumed=bool(msg.get("resumed", False)), restored=bool(msg.get("restored", False)),
             events=_int(msg, "events"), t=_opt_int(msg, "t"), durable=_opt_int(msg, "durable"),
             top_k=_int(msg, "top_k"), model=dict(model) if isinstance(model, Mapping) else {},
-            geometry=dict(geometry) if isinstance(geometry, Mapping) else None, cropped=_opt_int(msg, "cropped")))
+            geometry=dict(geometry) if isinstance(geometry, Mapping) else None, cropped=_opt_int(msg, "cropped"),
+            window=dict(msg["window"]) if isinstance(msg.get("window"), Mapping) else None))
 
 
 def _probs(value: Any) -> list[float] | None:
@@ -206,7 +210,9 @@ class ResultFrame:
     """``result``: the answer to packet ``seq``. ``events``/``t``: the session's count and last
     timestamp after it; ``probs`` None (and ``top`` empty) until the model has a complete output
     window; ``top``: ``[label, probability]`` pairs by :func:`class_order`. ``cropped`` only for a
-    session that declared its source sensor, ``durable`` only when the server keeps snapshots."""
+    session that declared its source sensor, ``durable`` only when the server keeps snapshots.
+    ``window`` only for a windowed session once it has events: the events the answer covers,
+    ``{"t0": first event's time, "events": count}``."""
 
     TYPE: ClassVar[str] = "result"
     seq: int | None
@@ -216,6 +222,7 @@ class ResultFrame:
     top: list[list[Any]]
     cropped: int | None = None
     durable: int | None = None
+    window: dict[str, int] | None = None
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.TYPE, "seq": self.seq, "events": self.events, "t": self.t,
@@ -224,6 +231,8 @@ class ResultFrame:
             out["cropped"] = self.cropped
         if self.durable is not None:
             out["durable"] = self.durable
+        if self.window is not None:
+            out["window"] = self.window
         return out
 
     @classmethod
@@ -232,7 +241,15 @@ class ResultFrame:
             seq=None if msg["seq"] is None else int(msg["seq"]), events=_int(msg, "events"), t=_opt_int(msg, "t"),
             probs=_probs(msg.get("probs")),
             top=[[entry[0], float(entry[1])] for entry in (msg.get("top") or [])],
-            cropped=_opt_int(msg, "cropped"), durable=_opt_int(msg, "durable")))
+            cropped=_opt_int(msg, "cropped"), durable=_opt_int(msg, "durable"), window=_window(msg)))
+
+
+def _window(msg: Mapping[str, Any]) -> dict[str, int] | None:
+    """A result's ``window`` (``{"t0", "events"}``), None when absent."""
+    w = msg.get("window")
+    if w is None:
+        return None
+    return {"t0": int(w["t0"]), "events": int(w["events"])}
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,19 +340,23 @@ class Classified:
     t: int | None
     top: list[list[Any]]
     cropped: int | None = None
+    window: dict[str, int] | None = None  # a request with ``window``: the events answered for
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"probs": self.probs, "label": self.label, "events": self.events, "t": self.t,
                                "top": self.top}
         if self.cropped is not None:
             out["cropped"] = self.cropped
+        if self.window is not None:
+            out["window"] = self.window
         return out
 
     @classmethod
     def from_wire(cls, msg: Mapping[str, Any]) -> Classified:
         return _read("classify result", msg, lambda: cls(
             probs=_probs(msg.get("probs")), label=msg.get("label"), events=_int(msg, "events"), t=_opt_int(msg, "t"),
-            top=[[entry[0], float(entry[1])] for entry in (msg.get("top") or [])], cropped=_opt_int(msg, "cropped")))
+            top=[[entry[0], float(entry[1])] for entry in (msg.get("top") or [])], cropped=_opt_int(msg, "cropped"),
+            window=_window(msg)))
 
 
 @dataclass(frozen=True, slots=True)

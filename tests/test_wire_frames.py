@@ -36,6 +36,9 @@ FRAMES = [
     ErrorFrame(Code.SESSION_EXPIRED, "evicted"),
     ResetDone("s1"),
     Closed("s1", 42),
+    ResultFrame(6, 500, 9000, [0.5, 0.5], [["a", 0.5]], window={"t0": 7000, "events": 120}),
+    Opened("s2", "tok", False, False, 0, None, None, 3, {"name": "tiny"},
+           window={"ms": 2000, "hop_ms": 500, "lanes": 4}),
 ]
 
 
@@ -63,6 +66,8 @@ def test_the_keys_go_out_in_the_contracts_order() -> None:
     assert list(FRAMES[3].to_wire()) == ["type", "seq", "events", "t", "probs", "top", "cropped", "durable"]
     assert list(FRAMES[2].to_wire()) == ["type", "seq", "events", "t", "probs", "top"]
     assert list(FRAMES[5].to_wire()) == ["type", "seq", "code", "message"]
+    assert list(FRAMES[9].to_wire()) == ["type", "seq", "events", "t", "probs", "top", "window"]
+    assert list(FRAMES[10].to_wire())[-1] == "window"
 
 
 def test_an_error_message_is_capped() -> None:
@@ -117,10 +122,12 @@ def test_http_errors_carry_their_status_once() -> None:
 
 def test_a_classify_reply_round_trips() -> None:
     reply = ClassifyReply("tiny", [Classified([0.5, 0.5], "a", 9, 100, [["a", 0.5]], cropped=1),
-                                   Classified(None, None, 2, None, [])])
+                                   Classified(None, None, 2, None, []),
+                                   Classified([0.5, 0.5], "b", 900, 10**6, [], window={"t0": 10, "events": 40})])
     body = reply.to_wire()
     assert list(body["results"][0]) == ["probs", "label", "events", "t", "top", "cropped"]
-    assert "cropped" not in body["results"][1]
+    assert "cropped" not in body["results"][1] and "window" not in body["results"][1]
+    assert body["results"][2]["window"] == {"t0": 10, "events": 40}
     assert ClassifyReply.from_wire(json.loads(json.dumps(body))) == reply
 
 

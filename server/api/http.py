@@ -141,7 +141,7 @@ async def classify(request: Request, engine: Engine, settings: Settings, metrics
         probs = np.zeros((0, 0), np.float32)
         ready = np.zeros(0, bool)
         if n_streams:
-            probs, ready = await engine.classify(req.model, req.tokens, req.gaps)
+            probs, ready = await engine.classify(req.model, *req.inputs())
             bad = np.flatnonzero(ready & ~np.isfinite(probs).all(1))
             if bad.size:
                 withheld_non_finite(metrics, req.model, f"classify stream(s) {bad.tolist()[:8]}")
@@ -150,13 +150,15 @@ async def classify(request: Request, engine: Engine, settings: Settings, metrics
         results: list[Classified] = []
         for i in range(n_streams):
             n = int(req.tokens[i].shape[0])
+            window = None if req.windows is None else req.windows[i]
             if ready[i]:
                 p = probs[i]
                 order = class_order(p)[:min(req.top_k, p.shape[0])]
                 results.append(Classified(p.tolist(), runner.labels[int(np.argmax(p))], n, req.last_t[i],
-                                          [[runner.labels[j], float(p[j])] for j in order], req.cropped[i]))
+                                          [[runner.labels[j], float(p[j])] for j in order], req.cropped[i],
+                                          window))
             else:
-                results.append(Classified(None, None, n, req.last_t[i], [], req.cropped[i]))
+                results.append(Classified(None, None, n, req.last_t[i], [], req.cropped[i], window))
         if any(req.cropped):
             metrics.cropped.labels(model=req.model).inc(sum(c for c in req.cropped if c))
         n_events = sum(int(t.shape[0]) for t in req.tokens)

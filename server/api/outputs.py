@@ -94,11 +94,20 @@ class OutputProcessor:
                 else:
                     row, top = None, []
                 frame = ResultFrame(packet.seq, packet.events_after, packet.last_t, row, top,
-                                    packet.cropped_after, None if durable_rows is None else durable_rows[i])
+                                    packet.cropped_after, None if durable_rows is None else durable_rows[i],
+                                    _window(packet))
             _reply(packet.reply).answer(frame)
             latencies[i] = now - packet.received
             events += packet.size
         self.metrics.model(model).packets_done(events, latencies)
+
+
+def _window(packet: Packet) -> dict[str, int] | None:
+    """A windowed session's result: the events its answer covers (None before any event)."""
+    lanes = packet.lanes
+    if lanes is None or lanes.t0 is None:
+        return None
+    return {"t0": lanes.t0, "events": lanes.events}
 
 
 def _reply(handle: object) -> Reply:

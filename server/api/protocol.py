@@ -34,6 +34,8 @@ from evssm.models.events import EventError, SensorSpec, time_gaps, tokenize
 from evssm.models.geometry import Adapter, GeometryError, adapter_for
 from evssm.models.wire import COLUMN_DTYPES, FRAME_TYPES, RECORD_DTYPE, TOP_K_MAX, Code
 
+from .windows import WindowError, parse_window, window_suffix
+
 
 class ProtocolError(Exception):
     """A request the server rejects; becomes an error frame or a 4xx JSON body."""
@@ -304,6 +306,22 @@ class ClassifyRequest:
     last_t: list[int | None]
     events: int  # events decoded (before a declared crop)
     cropped: list[int | None]  # per stream: events its declared crop removed (None: nothing declared)
+    # With a top-level ``window``: per stream, its last window ({"t0", "events"}; None: no events).
+    windows: list[dict[str, int] | None] | None = None
+
+    def inputs(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """What the model classifies: each stream, or with a window its last window's events as a
+        stream of their own (its first gap 0)."""
+        if self.windows is None:
+            return self.tokens, self.gaps
+        tokens, gaps = [], []
+        for tok, gap, w in zip(self.tokens, self.gaps, self.windows, strict=True):
+            k = 0 if w is None else w["events"]
+            gap = gap[gap.shape[0] - k:].copy()
+            gap[:1] = 0
+            tokens.append(tok[tok.shape[0] - k:])
+            gaps.append(gap)
+        return tokens, gaps
 
 
 @dataclass(frozen=True)
@@ -340,8 +358,15 @@ def parse_classify(body: bytes, is_msgpack: bool, sensors: dict[str, SensorSpec]
     top_k = data.get("top_k", limits.default_top_k)
     if not _is_int(top_k) or not 0 <= top_k <= TOP_K_MAX:
         raise ProtocolError(Code.INVALID_FIELD, f"top_k must be an integer in 0..{TOP_K_MAX}")
+    window = None
+    if data.get("window") is not None:
+        try:
+            window = parse_window(data["window"])
+        except WindowError as e:
+            raise ProtocolError(Code.INVALID_FIELD, str(e)) from None
     sensor = sensors[model]
-    req = ClassifyRequest(model=model, top_k=top_k, tokens=[], gaps=[], last_t=[], events=0, cropped=[])
+    req = ClassifyRequest(model=model, top_k=top_k, tokens=[], gaps=[], last_t=[], events=0, cropped=[],
+                          windows=None if window is None else [])
     for i, stream in enumerate(streams):
         try:
             if not isinstance(stream, dict):
@@ -363,4 +388,7 @@ def parse_classify(body: bytes, is_msgpack: bool, sensors: dict[str, SensorSpec]
         req.gaps.append(gap)
         req.last_t.append(int(events.t[-1]) if len(events) else None)
         req.cropped.append(None if geometry is None else removed)
+        if req.windows is not None and window is not None:
+            count, t0 = window_suffix(window, events.t)
+            req.windows.append(None if t0 is None else {"t0": t0, "events": count})
     return req

@@ -12,6 +12,7 @@ import logging
 import time
 from typing import Any
 
+import numpy as np
 from fastapi import WebSocket
 
 from evssm.models.wire import (
@@ -25,9 +26,10 @@ from evssm.models.wire import (
 
 from ..core.durability import SnapshotIncompatible
 from ..core.engine import Engine
-from ..core.sessions import ClientFull, Packet, Reset, ServerFull, Session
+from ..core.sessions import ClientFull, LanesRefused, Packet, Reset, ServerFull, Session
 from ..core.snapshots import StoreUnavailable
 from ..core.staging import Region
+from ..live.windows import WindowSpec
 from ..metrics import Metrics
 from ..settings import Settings
 from .connection import Connection
@@ -47,6 +49,7 @@ from .protocol import (
     shorten,
 )
 from .security import Access
+from .windows import SessionWindow, Staged, WindowError, describe, parse_window
 
 log = logging.getLogger("evssm.server.app")
 
@@ -174,6 +177,9 @@ class StreamHandler:
                 parse_geometry(msg, self.engine.runners[session.model].sensor) != session.geometry:
             raise ProtocolError(Code.INVALID_FIELD, "the session was opened with another sensor "
                                 "or transform; a resume must declare the same (or none)")
+        if "window" in msg and _window(msg) != (None if session.window is None else session.window.spec):
+            raise ProtocolError(Code.INVALID_FIELD, "the session was opened with another window "
+                                "(or none); a resume must declare the same (or none)")
 
     def _new_session(self, msg: dict[str, Any], req: OpenRequest, binary: bool) -> Session:
         """A new session of the requested (or default) model with the declared source geometry."""
@@ -183,12 +189,17 @@ class StreamHandler:
             raise ProtocolError(Code.UNKNOWN_MODEL,
                                 f"unknown model {shorten(model)}; served: {sorted(engine.runners)}")
         geometry = parse_geometry(msg, engine.runners[model].sensor)
+        spec = _window(msg)
         try:
-            session = engine.open(model, req.top_k, owner=self.conn.principal, key_id=self.conn.key_id)
+            session = engine.open(model, req.top_k, owner=self.conn.principal, key_id=self.conn.key_id,
+                                  lanes=None if spec is None else spec.lanes)
         except ServerFull as e:
             self._refuse_full(e, binary)
             raise _Refused from None
+        except LanesRefused as e:
+            raise ProtocolError(Code.INVALID_FIELD, f"window: {e}") from None
         session.geometry = geometry
+        session.window = None if spec is None else SessionWindow(spec)
         return session
 
     def _attach(self, session: Session) -> None:
@@ -203,7 +214,8 @@ class StreamHandler:
                       events=session.events, t=session.last_t, durable=self.engine.durable(session),
                       top_k=session.top_k, model=public_info(self.engine.runners[session.model].info),
                       geometry=None if geometry is None else geometry.describe(),
-                      cropped=None if geometry is None else session.cropped)
+                      cropped=None if geometry is None else session.cropped,
+                      window=None if session.window is None else describe(session.window.spec))
 
     def _refuse_full(self, e: ServerFull, binary: bool) -> None:
         """``server_full`` or ``too_many_sessions`` (this client's cap), then close 1013."""
@@ -230,19 +242,30 @@ class StreamHandler:
             raise ProtocolError(Code.NO_SESSION, "the session left this connection while the packet was decoded")
         events, cropped = adapt(events, geometry)
         n = len(events)
+        staged, refused = _stage_window(session.window, events.t)
         region: Region | None = None
+        lanes = None
         if n:
             staging = self.engine.staging[session.model]
-            region = staging.reserve(n) or await staging.reserve_wait(n)
+            size = n + (0 if staged is None else staged.extra)
+            region = staging.reserve(size) or await staging.reserve_wait(size)
             try:
                 if self._session() is not session:  # taken away while waiting for room
                     raise ProtocolError(Code.NO_SESSION, "the session ended while this packet waited")
                 at = slice(region.start, region.start + n)
                 prepare(events, sensor, session.last_t, staging.tokens[at], staging.gaps[at])
+                if refused is not None:  # what prepare took and the window did not (never expected)
+                    raise refused
+                if staged is not None:
+                    lanes = staged.rows(staging.tokens, staging.gaps, region.start, n)
             except BaseException:
                 staging.release(region)
                 raise
             session.last_t = int(events.t[-1])
+        elif staged is not None:
+            lanes = staged.rows(np.zeros(0, np.int32), np.zeros(0, np.int32), 0, 0)
+        if staged is not None:
+            session.window.commit(staged)
         # Accepted: from here to submit there is no await, so no other frame can interleave.
         session.events += n
         session.last_active = time.monotonic()
@@ -252,11 +275,14 @@ class StreamHandler:
         self.engine.submit(session, Packet(seq=seq, region=region, start=region.start if region else 0,
                                            size=n, events_after=session.events, last_t=session.last_t,
                                            received=received, reply=self.conn.reply(),
-                                           cropped_after=None if geometry is None else session.cropped))
+                                           cropped_after=None if geometry is None else session.cropped,
+                                           lanes=lanes))
 
     def _reset(self) -> None:
         session = self._session()
         session.events, session.last_t, session.cropped, session.answer = 0, None, 0, None
+        if session.window is not None:
+            session.window.reset()
         session.last_active = time.monotonic()
         self.engine.submit(session, Reset(reply=self.conn.reply()))
 
@@ -266,6 +292,27 @@ class StreamHandler:
             raise ProtocolError(Code.NO_SESSION, "no open session on this connection: send open first")
         self.conn.session = None
         self.engine.close(session, self.conn.reply())
+
+
+def _window(msg: dict[str, Any]) -> WindowSpec | None:
+    """The frame's ``window`` (None: none declared)."""
+    if msg.get("window") is None:
+        return None
+    try:
+        return parse_window(msg["window"])
+    except WindowError as e:
+        raise ProtocolError(Code.INVALID_FIELD, str(e)) from None
+
+
+def _stage_window(window: SessionWindow | None, t: np.ndarray) -> tuple[Staged | None, ProtocolError | None]:
+    """A windowed session's packet planned onto its lanes, or why the window refuses it (times
+    that go back: ``prepare`` names the event at fault first)."""
+    if window is None:
+        return None, None
+    try:
+        return window.preview(t), None
+    except WindowError as e:
+        return None, ProtocolError(Code.TIMESTAMPS_DECREASING, str(e))
 
 
 async def _refuse(ws: WebSocket, code: int, reason: str) -> None:

@@ -26,7 +26,7 @@ from ..metrics import Metrics
 from ..settings import ModelSpec, Settings
 from .outputs import Ended, EndReason, OutputSink
 from .scheduler import Scheduler
-from .sessions import Client, Close, Item, Restore, Session, SessionTable
+from .sessions import Client, Close, Item, LanesRefused, Restore, Session, SessionTable
 from .snapshots import open_store, token_key
 from .staging import StagingBuffer
 
@@ -200,12 +200,23 @@ class Engine:
             runner.close()
 
     # --- sessions ------------------------------------------------------------------------------
-    def open(self, model: str, top_k: int, *, owner: str | None = None, key_id: str | None = None) -> Session:
+    def open(self, model: str, top_k: int, *, owner: str | None = None, key_id: str | None = None,
+             lanes: int | None = None) -> Session:
         """A new session of ``model`` for ``owner`` (raises ``sessions.ServerFull``, or its
-        subclass ``ClientFull`` past ``Settings.sessions_per_client``)."""
+        subclass ``ClientFull`` past ``Settings.sessions_per_client``). ``lanes``: a window's ``L``
+        rows (None: one row), counted as ``L`` sessions; ``LanesRefused`` where one step cannot
+        hold them all, or with snapshots (a snapshot holds one row and no window)."""
         assert self.table is not None
+        if lanes is not None:
+            batch = self.runners[model].max_batch
+            if lanes > batch:
+                raise LanesRefused(f"the window needs {lanes} lanes; this server steps at most {batch} "
+                                   f"rows at once (its largest batch bucket): raise the hop")
+            if self.durability is not None:
+                raise LanesRefused("this server keeps session snapshots (--state-dir/--state-store), "
+                                   "which do not hold a window's lanes: open the session without a window")
         session = self.table.open(model, top_k, owner=owner, owner_limit=self.settings.sessions_per_client,
-                                  key_id=key_id)
+                                  key_id=key_id, lanes=lanes or 1)
         self.schedulers[model].add(session)
         self.metrics.model(model).sessions_active.inc()
         self.metrics.sessions_opened.labels(model=model).inc()

@@ -24,14 +24,15 @@ class Lane:
     """One session's work, as the scheduler sees it (event loop only). With snapshots the ledger
     keeps what its row holds (keyed by the lane)."""
 
-    __slots__ = ("session", "slot", "queue", "inflight", "offset", "builder", "ready", "failed")
+    __slots__ = ("session", "slot", "slots", "queue", "inflight", "offset", "builder", "ready", "failed")
 
     def __init__(self, session: Session):
         self.session = session
         self.slot = session.slot
+        self.slots = session.slots  # every row it steps (a sliding window's lanes), ``slot`` first
         self.queue: deque[Item] = deque()  # not yet wholly planned, in order
         self.inflight: deque[Item] = deque()  # planned (one entry per chunk or zeroing), in order
-        self.offset = 0  # events of queue[0] already planned
+        self.offset = 0  # events of queue[0] already planned (its longest row's, see ``chunk``)
         self.builder: PlanBuilder | None = None  # the last plan it joined
         self.ready = False  # in the scheduler's ready line
         self.failed = False
@@ -47,6 +48,51 @@ def plannable(lane: Lane) -> bool:
     return isinstance(head, (Reset, Restore)) or (isinstance(head, Packet) and head.size > 0)
 
 
+def span(packet: Packet) -> int:
+    """Events of the packet's longest row: the chunks of a packet cover ``0 .. span``."""
+    return packet.size if packet.lanes is None or not packet.size else max(packet.lanes.sizes)
+
+
+def answer_slot(lane: Lane, packet: Packet) -> int:
+    """The row whose state answers ``packet``."""
+    return lane.slot if packet.lanes is None else lane.slots[packet.lanes.answer]
+
+
+Row = tuple[int, int, int, bool]  # (slot, staging start, events, zero the slot first)
+
+
+def chunk(lane: Lane, packet: Packet, max_length: int) -> tuple[list[Row], int]:
+    """The rows of ``packet``'s next chunk from ``lane.offset`` and the offset after it.
+
+    The rows are aligned at the packet's end: offset ``v`` of the longest row (``S`` events) is
+    event ``n - S + v`` of the packet, and row ``j`` (``sizes[j]`` events) joins from
+    ``S - sizes[j]`` on, zeroed first when it restarts. A chunk is at most ``max_length`` long and
+    ends where a row with a zero-gap copy starts and one event later, so that event is stepped
+    alone from its copy. All rows end in the packet's last chunk."""
+    v = lane.offset
+    rows = packet.lanes
+    if rows is None:
+        n = min(max_length, packet.size - v)
+        return [(lane.slot, packet.start + v, n, False)], v + n
+    longest = max(rows.sizes)
+    base = packet.start + packet.size - longest  # the staging index of offset 0
+    end = min(v + max_length, longest)
+    for size, copy in zip(rows.sizes, rows.copies, strict=True):
+        if copy >= 0:
+            end = min([end] + [b for b in (longest - size, longest - size + 1) if b > v])
+    out: list[Row] = []
+    for slot, size, reset, copy in zip(lane.slots, rows.sizes, rows.resets, rows.copies, strict=True):
+        lo = max(v, longest - size)
+        if lo >= end:
+            continue
+        first = lo == longest - size
+        if first and copy >= 0:  # end == lo + 1 here (the boundaries above)
+            out.append((slot, copy, 1, reset))
+        else:
+            out.append((slot, base + lo, end - lo, first and reset))
+    return out, end
+
+
 class PlanBuilder:
     """The next step plan while it is gathered (lists; arrays once the step thread takes it).
     The event loop appends and the step thread takes it, both under the step thread's lock."""
@@ -59,6 +105,7 @@ class PlanBuilder:
         self.slots: list[int] = []
         self.starts: list[int] = []
         self.lengths: list[int] = []
+        # One entry per lane and plan (its rows are among slots/starts/lengths).
         self.rows: list[tuple[Lane, Packet, bool, bool]] = []  # (lane, packet, first, last chunk)
         self.zeros: list[tuple[Lane, Reset]] = []
         self.writes: list[tuple[Lane, Restore]] = []

@@ -56,8 +56,8 @@ class Answered:
 class StepOutputs:
     """Everything one step (or one submit) of a model finished, for the API layer to answer.
 
-    One batch of ``answered`` rows per step (a session's lanes, when it has several, would be
-    rows of it too), and the resets, closes and ended sessions it completed, each in order per
+    One batch of ``answered`` rows per step (a windowed session's answer is its chosen lane's
+    row), and the resets, closes and ended sessions it completed, each in order per
     session. Replies have their places in each connection's outbox already, so the order between
     these lists does not reach the wire."""
 

@@ -20,6 +20,11 @@ as arrays (this module knows neither frames nor labels). Resets are zeroings at 
 plan; empty packets and closes need no device work and are answered once everything before them
 is.
 
+A session may hold several rows (a sliding window's lanes, ``Packet.lanes``): its chunk of a
+packet is then one row per lane, all in the same plan (the lanes of a packet that do not fit a
+plan wait for the next), a restarted lane zeroed first; the packet is answered from the row of
+its chosen lane once the last chunk is stepped (``lanes.chunk``).
+
 Sessions are served first come, first served. The scheduler is the only code that steps, zeroes
 or frees a slot, and frees it only when nothing of the session is queued or in a plan.
 
@@ -48,7 +53,7 @@ import numpy as np
 from evssm.models.wire import class_order
 
 from ..metrics import ModelMetrics
-from .lanes import Handoff, Lane, PlanBuilder, plannable
+from .lanes import Handoff, Lane, PlanBuilder, answer_slot, chunk, plannable, span
 from .ledger import READ_CHUNK, SnapshotLedger, Snapshots
 from .outputs import Answered, Ended, EndReason, OutputSink, StepOutputs
 from .plan import StepPlan, StepResult
@@ -180,7 +185,7 @@ class Scheduler:
         touched: list[Lane] = []
         for lane, reset in plan.zeros:
             lane.inflight.popleft()
-            self.ready[lane.slot] = False
+            self.ready[list(lane.slots)] = False
             if reset.reply is not None and not lane.failed:
                 out.reset.append((lane.session, reset))
             touched.append(lane)
@@ -190,7 +195,7 @@ class Scheduler:
             touched.append(lane)
         rows = plan.rows
         if rows:
-            slots = np.fromiter((lane.slot for lane, _, _, _ in rows), np.int64, len(rows))
+            slots = np.asarray(plan.slots, np.int64)
             self.probs[slots] = result.probs
             self.ready[slots] = result.ready
             self.order[slots] = result.order
@@ -205,13 +210,14 @@ class Scheduler:
             if last and not lane.failed:
                 done.append(i)
             touched.append(lane)
-        self.metrics.step(result.seconds, len(rows), np.asarray(waits, np.float64))
+        self.metrics.step(result.seconds, len(plan.slots), np.asarray(waits, np.float64))
         if done:
             self.queued_packets -= len(done)
+            # Copies of the answering rows, as they are after this plan.
+            at = np.fromiter((answer_slot(rows[i][0], rows[i][1]) for i in done), np.int64, len(done))
             out.answered.append(Answered(
-                [rows[i][0].session for i in done], [rows[i][1] for i in done], result.probs[done],
-                result.ready[done], result.order[done],
-                None if self.ledger is None else self.ledger.durable[slots[done]]))
+                [rows[i][0].session for i in done], [rows[i][1] for i in done], self.probs[at],
+                self.ready[at], self.order[at], None if self.ledger is None else self.ledger.durable[at]))
         if plan.reads and self.ledger is not None:
             self.ledger.captured(plan.reads, result.rows, self.probs, self.ready, self._wanted)
         for lane in touched:
@@ -223,8 +229,10 @@ class Scheduler:
 
     # --- called from the API layer (event loop) ------------------------------------------------
     def add(self, session: Session) -> None:
+        if self.ledger is not None and len(session.slots) > 1:
+            raise SlotError("a session of several rows on a server that keeps snapshots")
         lane = self.lanes[session.id] = Lane(session)
-        dirty = self.pool.is_dirty(lane.slot)
+        dirty = any(self.pool.is_dirty(slot) for slot in lane.slots)
         if self.ledger is not None:
             self.ledger.add(lane, session, None, zero_first=dirty)
         if dirty:  # a reused row is zeroed before anything else
@@ -357,7 +365,7 @@ class Scheduler:
             if isinstance(head, Packet) and head.size == 0:
                 queue.popleft()
                 self.queued_packets -= 1
-                at = [lane.slot]  # copies of the row: the record must not change with later steps
+                at = [answer_slot(lane, head)]  # copies: the record must not change with later steps
                 out.answered.append(Answered([lane.session], [head], self.probs[at], self.ready[at], self.order[at],
                                              None if self.ledger is None else self.ledger.durable[at]))
             elif isinstance(head, Close):
@@ -386,7 +394,8 @@ class Scheduler:
                 lane.ready = False
                 if lane.failed or not plannable(lane):
                     continue
-                if lane.builder is builder:  # one chunk per session and plan: the next plan
+                # One chunk per session and plan, its rows all in it: else the next plan.
+                if lane.builder is builder or len(builder.slots) + len(lane.slots) > max_batch:
                     later.append(lane)
                     continue
                 self._plan_lane(lane, builder)
@@ -411,11 +420,12 @@ class Scheduler:
             lane.queue.popleft()
             lane.inflight.append(head)
             if isinstance(head, Reset):
-                builder.zero.append(lane.slot)
+                builder.zero.extend(lane.slots)
                 builder.zeros.append((lane, head))
             else:  # written after the plan's zeroings, before its step
                 builder.writes.append((lane, head))
-            self.pool.zeroed(lane.slot)  # everything planned after it runs after it
+            for slot in lane.slots:
+                self.pool.zeroed(slot)  # everything planned after it runs after it
             head = lane.queue[0] if lane.queue else None
             if not (isinstance(head, Packet) and head.size > 0):
                 # Nothing, an empty packet or a close: answered after it. Another reset: in a
@@ -424,15 +434,18 @@ class Scheduler:
                     self._mark_ready(lane)
                 return
         assert isinstance(head, Packet)
-        if self.pool.is_dirty(lane.slot):  # a dirty slot is always zeroed first (sessions.py)
-            raise SlotError(f"session {lane.session.id} would step dirty slot {lane.slot}")
-        n = min(self.runner.max_length, head.size - lane.offset)
-        builder.slots.append(lane.slot)
-        builder.starts.append(head.start + lane.offset)
-        builder.lengths.append(n)
+        if any(self.pool.is_dirty(slot) for slot in lane.slots):  # zeroed first (sessions.py)
+            raise SlotError(f"session {lane.session.id} would step a dirty slot of {lane.slots}")
+        rows, end = chunk(lane, head, self.runner.max_length)
+        for slot, start, n, zero in rows:
+            if zero and slot not in builder.zero:  # a restarted lane: zeroed before the step
+                builder.zero.append(slot)
+            builder.slots.append(slot)
+            builder.starts.append(start)
+            builder.lengths.append(n)
         first = lane.offset == 0
-        lane.offset += n
-        last = lane.offset >= head.size
+        lane.offset = end
+        last = end >= span(head)
         builder.rows.append((lane, head, first, last))
         builder.oldest = min(builder.oldest, head.received)
         lane.inflight.append(head)

@@ -31,6 +31,10 @@ class SlotError(RuntimeError):
     """A slot lifecycle invariant would be broken (a bug, never a client error)."""
 
 
+class LanesRefused(ValueError):
+    """A session asked for more rows than this server can step or snapshot (the message says why)."""
+
+
 class SlotPool:
     """The free/owned bookkeeping of one model's ``n`` state rows."""
 
@@ -83,6 +87,25 @@ class Packet:
     reply: Any
     cropped_after: int | None = None  # the session's cropped count once this packet is in (None:
     # no source sensor declared)
+    lanes: LaneRows | None = None  # a session with several rows: what each steps (None: one row)
+
+
+@dataclass(frozen=True, slots=True)
+class LaneRows:
+    """What one packet of ``n`` events does to a session's ``L`` rows (its lanes). Row ``j`` steps
+    the packet's last ``sizes[j]`` events (``0 < sizes[j] <= n`` when ``n > 0``), after zeroing
+    when ``resets[j]``. ``copies[j]`` (staging index, or -1) holds its first event again with a
+    zero gap: a restarted row starts a stream, whose first gap is 0, while the other rows read the
+    event's real gap in place (the scheduler steps that one event alone, then the rest in place).
+    ``answer``: the row whose state answers the packet; ``t0``/``events``: what it covers (``t0``
+    None before any event). Plain data: the API layer plans it, the scheduler steps it."""
+
+    sizes: tuple[int, ...]
+    resets: tuple[bool, ...]
+    copies: tuple[int, ...]
+    answer: int
+    t0: int | None
+    events: int
 
 
 @dataclass(eq=False, slots=True)
@@ -168,8 +191,9 @@ class Session:
       labels; the stream handler clears it on a reset).
 
     The scheduler keeps the session's work queue and its model's per-slot arrays (probabilities,
-    readiness) itself, keyed by ``slot``. Issue 21's staggered lanes would give a session several
-    rows: ``slot`` is its first."""
+    readiness) itself, keyed by ``slot``. A session with several rows (a sliding window's lanes)
+    holds ``slots`` (``slot`` is the first) and counts as that many sessions toward the limits;
+    ``window`` is the API layer's planner of them (None: one row)."""
 
     id: str
     token: str  # the resume secret; never shown to anyone but the session's client
@@ -187,6 +211,12 @@ class Session:
     key_id: str | None = None  # the API key that opened it; only that key may resume it
     opened: float = field(default_factory=time.monotonic)
     answer: tuple[str, float] | None = None  # top class and its probability after the last result
+    slots: tuple[int, ...] = ()  # every row it holds, ``slot`` first (set by the table)
+    window: Any = None  # the API layer's lane planner (its stream handler writes it)
+
+    def __post_init__(self) -> None:
+        if not self.slots:
+            self.slots = (self.slot,)
 
     @property
     def open(self) -> bool:
@@ -210,7 +240,8 @@ class SessionTable:
         self.pools = {name: SlotPool(n) for name, n in slots_per_model.items()}
         self.sessions: dict[str, Session] = {}
         self._by_token: dict[str, Session] = {}
-        self._by_owner: dict[str, int] = {}  # live sessions per owner
+        self._by_owner: dict[str, int] = {}  # live sessions per owner (a session of L lanes: L)
+        self._held = 0  # slots of live sessions: what counts toward max_sessions
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -222,15 +253,16 @@ class SessionTable:
         return out
 
     def open(self, model: str, top_k: int, *, owner: str | None = None, owner_limit: int | None = None,
-             key_id: str | None = None) -> Session:
-        """A new session with a slot; raises :class:`ServerFull` at ``max_sessions`` and
-        :class:`ClientFull` when ``owner`` holds ``owner_limit`` sessions already.
+             key_id: str | None = None, lanes: int = 1) -> Session:
+        """A new session with ``lanes`` slots; raises :class:`ServerFull` when it would pass
+        ``max_sessions`` and :class:`ClientFull` when ``owner`` would pass ``owner_limit`` (a
+        session of ``L`` lanes counts as ``L`` sessions toward both).
 
-        When the slot is dirty (``pools[model].is_dirty(slot)``), the scheduler zeroes it before
+        When a slot is dirty (``pools[model].is_dirty(slot)``), the scheduler zeroes it before
         the session's first step.
         """
         return self._add(model, top_k, secrets.token_hex(8), secrets.token_urlsafe(24), owner=owner,
-                         owner_limit=owner_limit, key_id=key_id)
+                         owner_limit=owner_limit, key_id=key_id, lanes=lanes)
 
     def restore(self, model: str, top_k: int, sid: str, token: str, *, owner: str | None = None,
                 owner_limit: int | None = None, key_id: str | None = None, events: int = 0,
@@ -244,20 +276,23 @@ class SessionTable:
         return session
 
     def _add(self, model: str, top_k: int, sid: str, token: str, *, owner: str | None,
-             owner_limit: int | None, key_id: str | None) -> Session:
+             owner_limit: int | None, key_id: str | None, lanes: int = 1) -> Session:
         pool = self.pools[model]
-        if len(self.sessions) >= self.max_sessions or not pool._free:
-            raise ServerFull(f"the server holds its maximum of {self.max_sessions} sessions")
-        if owner is not None and owner_limit is not None and self._by_owner.get(owner, 0) >= owner_limit:
-            raise ClientFull(f"this client holds its maximum of {owner_limit} sessions")
+        each = "" if lanes == 1 else f" (a session of {lanes} window lanes counts as {lanes})"
+        if self._held + lanes > self.max_sessions or len(pool._free) < lanes:
+            raise ServerFull(f"the server holds its maximum of {self.max_sessions} sessions{each}")
+        if owner is not None and owner_limit is not None and self._by_owner.get(owner, 0) + lanes > owner_limit:
+            raise ClientFull(f"this client holds its maximum of {owner_limit} sessions{each}")
         if token in self._by_token:
             raise SlotError("a live session holds this token already")
         while sid in self.sessions:
             sid = secrets.token_hex(8)
-        slot, _ = pool.allocate(sid)
-        session = Session(id=sid, token=token, model=model, slot=slot, top_k=top_k, owner=owner, key_id=key_id)
+        slots = tuple(pool.allocate(sid)[0] for _ in range(lanes))
+        session = Session(id=sid, token=token, model=model, slot=slots[0], top_k=top_k, owner=owner,
+                          key_id=key_id, slots=slots)
         if owner is not None:
-            self._by_owner[owner] = self._by_owner.get(owner, 0) + 1
+            self._by_owner[owner] = self._by_owner.get(owner, 0) + lanes
+        self._held += lanes
         self.sessions[sid] = session
         self._by_token[session.token] = session
         return session
@@ -289,11 +324,13 @@ class SessionTable:
             raise SlotError(f"session {session.id} released twice")
         if not idle:
             raise SlotError(f"session {session.id} released with work queued or running")
-        self.pools[session.model].free(session.slot, session.id)
+        for slot in session.slots:
+            self.pools[session.model].free(slot, session.id)
+        self._held -= len(session.slots)
         session.status = SessionStatus.RELEASED
         self.sessions.pop(session.id, None)
         self._by_token.pop(session.token, None)
         if session.owner is not None:
-            left = self._by_owner.pop(session.owner, 1) - 1
+            left = self._by_owner.pop(session.owner, 1) - len(session.slots)
             if left:
                 self._by_owner[session.owner] = left
