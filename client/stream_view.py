@@ -29,10 +29,11 @@ class View:
         self.meter = RateMeter(1.0)
         self.latencies: list[float] = []
         # A resumed session counts the events it had before; cropped events were sent too.
-        self.base = info.events + info.cropped
+        self.base = info.sent
         self.answered = 0  # events sent and answered (kept by the server or cropped)
         self.processed = 0  # events the model read
         self.cropped = 0
+        self.filtered = 0  # events the input filters removed, as the answers tell
         self.packets = 0
         self.lost = 0
         self.last: Result | None = None  # last result that carries probabilities
@@ -42,11 +43,12 @@ class View:
 
     def add(self, result: Result) -> None:
         self.packets += 1
-        events = result.events + result.cropped - self.base
+        self.filtered += result.removed
+        events = result.events + result.cropped + self.info.filtered + self.filtered - self.base
         self.meter.add(max(events - self.answered, 0))
         self.answered = events
         self.cropped = result.cropped - self.info.cropped
-        self.processed = events - self.cropped
+        self.processed = events - self.cropped - self.filtered
         self.last_any = result
         if result.lost:
             self.lost += 1
@@ -171,6 +173,7 @@ def summary_of(view: View, sample: Sample, info: SessionInfo, args: argparse.Nam
         "events": view.answered,  # read from the source and sent (all answered)
         "events_processed": view.processed,
         "cropped": view.cropped,
+        "filtered": view.filtered,
         "recording_events": None if view.live is not None else view.total,
         "sensor": None if sample.sensor is None else sample.sensor.to_dict(),
         "sensor_from": sample.geometry,

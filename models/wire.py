@@ -134,6 +134,11 @@ def _int(msg: Mapping[str, Any], key: str) -> int:
     return 0 if value is None else int(value)
 
 
+def _counts(value: Any) -> dict[str, int] | None:
+    """A map of integers (``filters``, ``filtered``), or None."""
+    return None if value is None else {str(k): int(v) for k, v in dict(value).items()}
+
+
 def _opt_int(msg: Mapping[str, Any], key: str) -> int | None:
     value = msg.get(key)
     return None if value is None else int(value)
@@ -158,7 +163,9 @@ def _read(kind: str, msg: Mapping[str, Any], build: Any) -> Any:
 class Opened:
     """``opened``: the session is open (or resumed, or restored from a snapshot). ``durable``:
     events sent its last snapshot covers (None: no snapshots kept); ``geometry``/``cropped`` only
-    for a session that declared its source sensor."""
+    for a session that declared its source sensor; ``filters`` (the active input filters'
+    parameters) and ``filtered`` (the events each removed from the stream so far, not in
+    ``events``) only for a session that declared filters."""
 
     TYPE: ClassVar[str] = "opened"
     session: str
@@ -172,6 +179,8 @@ class Opened:
     model: dict[str, Any]
     geometry: dict[str, Any] | None = None
     cropped: int | None = None
+    filters: dict[str, int] | None = None
+    filtered: dict[str, int] | None = None
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.TYPE, "session": self.session, "resume": self.resume,
@@ -179,6 +188,8 @@ class Opened:
                                "t": self.t, "durable": self.durable, "top_k": self.top_k, "model": self.model}
         if self.geometry is not None:
             out.update(geometry=self.geometry, cropped=self.cropped)
+        if self.filters is not None:
+            out.update(filters=self.filters, filtered=self.filtered)
         return out
 
     @classmethod
@@ -190,7 +201,9 @@ class Opened:
             resumed=bool(msg.get("resumed", False)), restored=bool(msg.get("restored", False)),
             events=_int(msg, "events"), t=_opt_int(msg, "t"), durable=_opt_int(msg, "durable"),
             top_k=_int(msg, "top_k"), model=dict(model) if isinstance(model, Mapping) else {},
-            geometry=dict(geometry) if isinstance(geometry, Mapping) else None, cropped=_opt_int(msg, "cropped")))
+            geometry=dict(geometry) if isinstance(geometry, Mapping) else None, cropped=_opt_int(msg, "cropped"),
+            filters=_counts(msg.get("filters")), filtered=_counts(msg.get("filtered"))))
+
 
 
 def _probs(value: Any) -> list[float] | None:
@@ -206,7 +219,9 @@ class ResultFrame:
     """``result``: the answer to packet ``seq``. ``events``/``t``: the session's count and last
     timestamp after it; ``probs`` None (and ``top`` empty) until the model has a complete output
     window; ``top``: ``[label, probability]`` pairs by :func:`class_order`. ``cropped`` only for a
-    session that declared its source sensor, ``durable`` only when the server keeps snapshots."""
+    session that declared its source sensor, ``durable`` only when the server keeps snapshots,
+    ``filtered`` (events each input filter removed from this packet: ``refractory``, ``denoise``,
+    ``max_rate``) only for a session that declared filters."""
 
     TYPE: ClassVar[str] = "result"
     seq: int | None
@@ -216,6 +231,7 @@ class ResultFrame:
     top: list[list[Any]]
     cropped: int | None = None
     durable: int | None = None
+    filtered: dict[str, int] | None = None
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.TYPE, "seq": self.seq, "events": self.events, "t": self.t,
@@ -224,6 +240,8 @@ class ResultFrame:
             out["cropped"] = self.cropped
         if self.durable is not None:
             out["durable"] = self.durable
+        if self.filtered is not None:
+            out["filtered"] = self.filtered
         return out
 
     @classmethod
@@ -232,7 +250,8 @@ class ResultFrame:
             seq=None if msg["seq"] is None else int(msg["seq"]), events=_int(msg, "events"), t=_opt_int(msg, "t"),
             probs=_probs(msg.get("probs")),
             top=[[entry[0], float(entry[1])] for entry in (msg.get("top") or [])],
-            cropped=_opt_int(msg, "cropped"), durable=_opt_int(msg, "durable")))
+            cropped=_opt_int(msg, "cropped"), durable=_opt_int(msg, "durable"),
+            filtered=_counts(msg.get("filtered"))))
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,7 +334,8 @@ class HttpError:
 
 @dataclass(frozen=True, slots=True)
 class Classified:
-    """One recording's answer in a classify reply: as a stream's last ``result``, plus ``label``."""
+    """One recording's answer in a classify reply: as a stream's last ``result``, plus ``label``;
+    ``filtered``: the events each input filter removed from the whole recording."""
 
     probs: list[float] | None
     label: Any
@@ -323,19 +343,23 @@ class Classified:
     t: int | None
     top: list[list[Any]]
     cropped: int | None = None
+    filtered: dict[str, int] | None = None
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"probs": self.probs, "label": self.label, "events": self.events, "t": self.t,
                                "top": self.top}
         if self.cropped is not None:
             out["cropped"] = self.cropped
+        if self.filtered is not None:
+            out["filtered"] = self.filtered
         return out
 
     @classmethod
     def from_wire(cls, msg: Mapping[str, Any]) -> Classified:
         return _read("classify result", msg, lambda: cls(
             probs=_probs(msg.get("probs")), label=msg.get("label"), events=_int(msg, "events"), t=_opt_int(msg, "t"),
-            top=[[entry[0], float(entry[1])] for entry in (msg.get("top") or [])], cropped=_opt_int(msg, "cropped")))
+            top=[[entry[0], float(entry[1])] for entry in (msg.get("top") or [])], cropped=_opt_int(msg, "cropped"),
+            filtered=_counts(msg.get("filtered"))))
 
 
 @dataclass(frozen=True, slots=True)

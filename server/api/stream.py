@@ -28,6 +28,7 @@ from ..core.engine import Engine
 from ..core.sessions import ClientFull, Packet, Reset, ServerFull, Session
 from ..core.snapshots import StoreUnavailable
 from ..core.staging import Region
+from ..live.filtering import spec_of
 from ..metrics import Metrics
 from ..settings import Settings
 from .connection import Connection
@@ -37,9 +38,11 @@ from .protocol import (
     OpenRequest,
     ProtocolError,
     adapt,
+    apply_filters,
     decode_events,
     decode_frame,
     frame_type,
+    parse_filter_field,
     parse_geometry,
     parse_open,
     parse_seq,
@@ -174,6 +177,10 @@ class StreamHandler:
                 parse_geometry(msg, self.engine.runners[session.model].sensor) != session.geometry:
             raise ProtocolError(Code.INVALID_FIELD, "the session was opened with another sensor "
                                 "or transform; a resume must declare the same (or none)")
+        if "filters" in msg and spec_of(self._filters(msg, session.model, session.geometry)) != \
+                spec_of(session.filters):
+            raise ProtocolError(Code.INVALID_FIELD, f"the session was opened with filters "
+                                f"{spec_of(session.filters)}; a resume must declare the same (or none)")
 
     def _new_session(self, msg: dict[str, Any], req: OpenRequest, binary: bool) -> Session:
         """A new session of the requested (or default) model with the declared source geometry."""
@@ -183,13 +190,21 @@ class StreamHandler:
             raise ProtocolError(Code.UNKNOWN_MODEL,
                                 f"unknown model {shorten(model)}; served: {sorted(engine.runners)}")
         geometry = parse_geometry(msg, engine.runners[model].sensor)
+        filters = self._filters(msg, model, geometry)
         try:
             session = engine.open(model, req.top_k, owner=self.conn.principal, key_id=self.conn.key_id)
         except ServerFull as e:
             self._refuse_full(e, binary)
             raise _Refused from None
         session.geometry = geometry
+        if filters is not None:
+            session.filters, session.filter_state = filters, filters.new_state()
         return session
+
+    def _filters(self, msg: dict[str, Any], model: str, geometry: Any) -> Any:
+        """The bank an open's ``filters`` declare, over the source (declared, else the model's) sensor."""
+        return parse_filter_field(msg.get("filters"), self.engine.runners[model].sensor
+                                  if geometry is None else geometry.source)
 
     def _attach(self, session: Session) -> None:
         session.attachment = self.conn
@@ -203,7 +218,8 @@ class StreamHandler:
                       events=session.events, t=session.last_t, durable=self.engine.durable(session),
                       top_k=session.top_k, model=public_info(self.engine.runners[session.model].info),
                       geometry=None if geometry is None else geometry.describe(),
-                      cropped=None if geometry is None else session.cropped)
+                      cropped=None if geometry is None else session.cropped, filters=spec_of(session.filters),
+                      filtered=None if session.filters is None else session.filter_state.removed.to_dict())
 
     def _refuse_full(self, e: ServerFull, binary: bool) -> None:
         """``server_full`` or ``too_many_sessions`` (this client's cap), then close 1013."""
@@ -228,6 +244,9 @@ class StreamHandler:
                                            self.settings.max_packet_events)
         if self._session() is not session:  # taken away while decoding
             raise ProtocolError(Code.NO_SESSION, "the session left this connection while the packet was decoded")
+        filtered = None  # on a copy of the filters' state, committed below once accepted
+        if session.filters is not None:
+            events, filtered = apply_filters(events, session.filters, session.filter_state, session.last_t)
         events, cropped = adapt(events, geometry)
         n = len(events)
         region: Region | None = None
@@ -249,14 +268,22 @@ class StreamHandler:
         if geometry is not None:
             session.cropped += cropped
             self.metrics.cropped.labels(model=session.model).inc(cropped)
+        if filtered is not None:
+            session.filter_state = filtered.state
+            self.metrics.count_filtered(session.model, filtered.counts.to_dict())
+        keep_state = filtered is not None and self.engine.durable(session) is not None
         self.engine.submit(session, Packet(seq=seq, region=region, start=region.start if region else 0,
                                            size=n, events_after=session.events, last_t=session.last_t,
                                            received=received, reply=self.conn.reply(),
-                                           cropped_after=None if geometry is None else session.cropped))
+                                           cropped_after=None if geometry is None else session.cropped,
+                                           filtered=None if filtered is None else filtered.counts,
+                                           filters_after=filtered.state if keep_state and filtered else None))
 
     def _reset(self) -> None:
         session = self._session()
         session.events, session.last_t, session.cropped, session.answer = 0, None, 0, None
+        if session.filters is not None:  # a new stream: its filters start afresh
+            session.filter_state = session.filters.new_state()
         session.last_active = time.monotonic()
         self.engine.submit(session, Reset(reply=self.conn.reply()))
 

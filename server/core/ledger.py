@@ -5,7 +5,8 @@ With snapshots (``--state-dir``/``--state-store``; ``server/core/durability.py``
 keeps one :class:`SnapshotLedger`. The step thread is the one thread that touches the rows and
 runs plans in order, so a row read after plan k is exactly the state after plan k; the ledger
 is fed each reported plan (:meth:`SnapshotLedger.update`), so its *done* state of a lane (events,
-last timestamp and cropped count of the last finished packet, resets so far, changes so far) is
+last timestamp, cropped count and filter state of the last finished packet, resets so far,
+changes so far) is
 the state after plan k too, and it pairs each row read with it (:class:`~.sessions.Captured`) for
 the snapshot sink, which writes them on its own thread. A row read while its session is between
 two chunks of a packet has no event count and is read again after a later plan. ``durable`` per
@@ -18,10 +19,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
+from ..live.filtering import removed_total
 from .sessions import Captured, Packet, Restore, Session
 
 READ_CHUNK = 512  # rows one plan reads for snapshots at most: bounds the pause between two steps
@@ -46,6 +48,7 @@ class _Done:
     events: int = 0  # events of the current stream the finished packets hold
     last_t: int | None = None
     cropped: int = 0
+    filters: Any = None  # the FilterState after those events (None: no filters, or a fresh stream)
     epoch: int = 0  # resets done
     version: int = 0  # changes of the row done: packets, resets, a restore
     snap_version: int = -1  # the version the last finished snapshot write covered
@@ -82,7 +85,7 @@ class SnapshotLedger:
         if restore is None:
             self.durable[done.slot] = 0
         else:
-            self.durable[done.slot] = restore.events + restore.cropped
+            self.durable[done.slot] = restore.events + restore.cropped + removed_total(restore.filters)
             done.snap_version = 1  # the version once the Restore is done
             done.snap_active = session.last_active
 
@@ -102,13 +105,14 @@ class SnapshotLedger:
         """A plan ran: advance the done state of the lanes it touched."""
         for key in changes.zeroed:
             done = self._done[key]
-            done.settled, done.events, done.last_t, done.cropped = True, 0, None, 0
+            done.settled, done.events, done.last_t, done.cropped, done.filters = True, 0, None, 0, None
             done.epoch += 1
             done.version += 1
             self.durable[done.slot] = 0  # a new stream: no snapshot covers any of it yet
         for key, item in changes.restored:
             done = self._done[key]
             done.settled, done.events, done.last_t, done.cropped = True, item.events, item.last_t, item.cropped
+            done.filters = item.filters
             done.version += 1
         for key, packet, last in changes.stepped:
             done = self._done[key]
@@ -116,6 +120,7 @@ class SnapshotLedger:
             if last:
                 done.events, done.last_t = packet.events_after, packet.last_t
                 done.cropped = packet.cropped_after or 0
+                done.filters = packet.filters_after
                 done.version += 1
 
     def captured(self, reads: list[Hashable], rows: np.ndarray, probs: np.ndarray, ready: np.ndarray,
@@ -137,7 +142,8 @@ class SnapshotLedger:
                 continue
             s = done.slot
             items.append(Captured(done.session, done.version, done.epoch, done.session.last_active, done.events,
-                                  done.last_t, done.cropped, probs[s].copy() if ready[s] else None))
+                                  done.last_t, done.cropped, probs[s].copy() if ready[s] else None,
+                                  done.filters))
             keep.append(i)
             self._read_done(key)
         if items:
