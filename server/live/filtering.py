@@ -65,9 +65,13 @@ def filter_packet(bank: FilterBank, state: FilterState, last_t: int | None, t: n
 
     Addresses are checked against the source sensor and times against the last event the filters
     saw (kept or not: the stream's contract covers every event sent), raising ``EventError`` with
-    the codes the model's ingest uses (``address_out_of_range``, ``timestamps_decreasing``).
+    the codes the model's ingest uses (``address_out_of_range``, ``timestamps_decreasing``);
+    times beyond int64 raise :class:`FilterError`. Every check the ingest makes of the packet is
+    made here first, so a packet the filters empty is as valid as one they do not touch.
     ``state`` is left as it is; cost: one copy of it (see ``FilterState.nbytes``) and the native pass.
     """
+    if t.dtype == np.uint64 and t.size and t.max() > np.iinfo(np.int64).max:
+        raise FilterError("records: t beyond int64")  # what the ingest says, before any filter
     tokens = tokenize(bank_sensor(bank), x, y, p)
     seen = int(state.scalars[LAST_T])
     time_gaps(t, last_t if seen == NEVER else seen)  # the check only (a few ns/event)
