@@ -48,6 +48,7 @@ BASE = Settings(batch_buckets=(1, 4), length_buckets=(128,), classify_length_buc
                 session_idle_timeout=60.0, snapshot_interval=0.05)
 FILTERS = {"refractory_us": 400, "denoise_us": 3000, "max_rate": 150_000}
 HOUR_US = 3_600_000_000
+MODEL_SENSOR = SensorSpec.one_d(CHANNELS)
 RTOL, ATOL = 1e-3, 2e-6
 
 
@@ -88,7 +89,7 @@ def live_recording(rng: np.random.Generator, channels: int = CHANNELS) -> Record
     return Recording(np.concatenate(parts_t).astype(np.int64), np.concatenate(parts_x).astype(np.uint16))
 
 
-def reference(rec: Recording, cuts: list[int], sensor: SensorSpec = SensorSpec.one_d(CHANNELS),
+def reference(rec: Recording, cuts: list[int], sensor: SensorSpec = MODEL_SENSOR,
               filters: dict[str, int] = FILTERS) -> tuple[np.ndarray, list[FilterCounts]]:
     """The NumPy reference's keep mask over the whole stream and its counts per packet."""
     bank = FilterBank(FilterSpec.from_dict(filters), sensor, native=False)

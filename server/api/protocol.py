@@ -250,8 +250,8 @@ def parse_filter_field(value: Any, source: SensorSpec, where: str = "") -> Filte
 
 def apply_filters(events: Events, bank: FilterBank, state: FilterState, last_t: int | None
                   ) -> tuple[Events, Filtered]:
-    """``events`` (on the source sensor) less what the filters remove, and the filters' outcome
-    (``state`` untouched: the caller commits ``Filtered.state`` once it accepts the packet)."""
+    """``events`` (on the source sensor) less what the filters remove, and the filters' outcome;
+    ``state`` advances (``Filtered.undo`` reverts it for a packet refused later)."""
     try:
         out = filter_packet(bank, state, last_t, events.t, events.x, events.y, events.p)
     except EventError as e:

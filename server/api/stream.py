@@ -244,23 +244,37 @@ class StreamHandler:
                                            self.settings.max_packet_events)
         if self._session() is not session:  # taken away while decoding
             raise ProtocolError(Code.NO_SESSION, "the session left this connection while the packet was decoded")
-        filtered = None  # on a copy of the filters' state, committed below once accepted
-        if session.filters is not None:
-            events, filtered = apply_filters(events, session.filters, session.filter_state, session.last_t)
-        events, cropped = adapt(events, geometry)
-        n = len(events)
+        staging = self.engine.staging[session.model]
+        room: Region | None = None
+        if session.filters is not None and len(events):
+            # The filters advance the session's state in place: room for every event comes first,
+            # so no await falls between them and the commit below (where another packet of the
+            # session could run); the room is cut to what they keep.
+            room = staging.reserve(len(events)) or await staging.reserve_wait(len(events))
+        filtered = None
         region: Region | None = None
-        if n:
-            staging = self.engine.staging[session.model]
-            region = staging.reserve(n) or await staging.reserve_wait(n)
-            try:
+        try:
+            if self._session() is not session:  # taken away while waiting for room
+                raise ProtocolError(Code.NO_SESSION, "the session ended while this packet waited")
+            if session.filters is not None:
+                events, filtered = apply_filters(events, session.filters, session.filter_state, session.last_t)
+            events, cropped = adapt(events, geometry)
+            n = len(events)
+            if n:
+                if room is not None:
+                    staging.shrink(room, n)
+                region, room = room or staging.reserve(n) or await staging.reserve_wait(n), None
                 if self._session() is not session:  # taken away while waiting for room
                     raise ProtocolError(Code.NO_SESSION, "the session ended while this packet waited")
                 at = slice(region.start, region.start + n)
                 prepare(events, sensor, session.last_t, staging.tokens[at], staging.gaps[at])
-            except BaseException:
-                staging.release(region)
-                raise
+        except BaseException:
+            staging.release(room or region)
+            if filtered is not None:  # refused after the filters ran: as if they had not
+                filtered.undo.revert(session.filter_state)
+            raise
+        staging.release(room)  # the filters kept nothing
+        if n:
             session.last_t = int(events.t[-1])
         # Accepted: from here to submit there is no await, so no other frame can interleave.
         session.events += n
@@ -269,15 +283,15 @@ class StreamHandler:
             session.cropped += cropped
             self.metrics.cropped.labels(model=session.model).inc(cropped)
         if filtered is not None:
-            session.filter_state = filtered.state
             self.metrics.count_filtered(session.model, filtered.counts.to_dict())
+        # With snapshots, the state after this packet is what a snapshot of the row after it holds.
         keep_state = filtered is not None and self.engine.durable(session) is not None
         self.engine.submit(session, Packet(seq=seq, region=region, start=region.start if region else 0,
                                            size=n, events_after=session.events, last_t=session.last_t,
                                            received=received, reply=self.conn.reply(),
                                            cropped_after=None if geometry is None else session.cropped,
                                            filtered=None if filtered is None else filtered.counts,
-                                           filters_after=filtered.state if keep_state and filtered else None))
+                                           filters_after=session.filter_state.copy() if keep_state else None))
 
     def _reset(self) -> None:
         session = self._session()

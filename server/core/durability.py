@@ -37,8 +37,8 @@ from evssm.models.events import SensorSpec
 from evssm.models.filters import FilterBank, FilterError, FilterState
 from evssm.models.geometry import Adapter, GeometryError, adapter_for
 
-from ..live.filtering import removed_total, restore_from, snapshot_of
 from ..metrics import Metrics
+from .filter_state import removed_total, restore_from, snapshot_of
 from .sessions import Captured, Session
 from .snapshots import (
     CorruptSnapshot,

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..live.filtering import removed_total
+from .filter_state import removed_total
 from .sessions import Captured, Packet, Restore, Session
 
 READ_CHUNK = 512  # rows one plan reads for snapshots at most: bounds the pause between two steps

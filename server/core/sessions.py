@@ -194,8 +194,8 @@ class Session:
     opened: float = field(default_factory=time.monotonic)
     answer: tuple[str, float] | None = None  # top class and its probability after the last result
     filters: Any = None  # the declared input filters (evssm.models.filters.FilterBank) or None
-    filter_state: Any = None  # their FilterState after the last accepted packet (replaced, never
-    # changed in place: packets and snapshots may hold the previous one)
+    filter_state: Any = None  # their FilterState after the last accepted packet (advanced in place
+    # by the stream handler; packets and snapshots hold copies)
 
     @property
     def open(self) -> bool:

@@ -2,45 +2,32 @@
 events, before any geometry adapter and before the model (no JAX, no wire).
 
 The filters themselves (what each keeps, their state, the native pass) are
-``models/filters.py``; this module binds them to a stream:
+``models/filters.py``; the bank per declaration and the state in snapshots are
+``server/core/filter_state.py``. This module runs one packet through a stream's filters:
 
 - the bank addresses the *source's* sensor (the one declared in ``open`` or a classify stream,
   else the model's): dead time and background activity are properties of physical pixels;
-- a packet is filtered on a copy of the session's state (:func:`filter_packet` never touches the
-  state it is given), so a packet refused later (by the crop, the model's ingest, a session taken
-  away while it waited for room) leaves the session's filters as they were: the caller commits
-  ``Filtered.state`` once it accepts the packet;
-- a classify stream is filtered from a fresh state, the same function as a session's first packet,
-  so a stream cut anywhere is filtered as the whole (the streaming invariant holds with filters);
-- a snapshot keeps the spec and the state after the packets its row holds
-  (:func:`snapshot_of`, :func:`restore_from`).
+- every check the model's ingest makes of a packet is made before the filters run, so a packet
+  the filters empty is as valid as one they do not touch, and a refused packet never reaches them;
+- the pass changes the state in place (a copy of a 1280 x 720 camera's tables per packet would
+  cost more than the events it saves) and returns an :class:`Undo` of what it changed, O(events):
+  a packet refused after the filters ran is reverted with it;
+- a classify stream is filtered from a fresh state by the same function as a session's packets,
+  so a stream cut anywhere is filtered as the whole (the streaming invariant holds with filters).
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from evssm.models.events import SensorSpec, time_gaps, tokenize
-from evssm.models.filters import LAST_T, NEVER, FilterBank, FilterCounts, FilterError, FilterSpec, FilterState
+from evssm.models.filters import LAST_T, NEVER, FilterBank, FilterCounts, FilterError, FilterState
 
+from ..core.filter_state import parse_filters
 
-def parse_filters(value: Any, source: SensorSpec) -> FilterBank | None:
-    """The bank a ``filters`` field declares over the ``source`` sensor (None: absent, null, or
-    every filter off). Raises :class:`FilterError` naming the field at fault."""
-    if value is None:
-        return None
-    spec = FilterSpec.from_dict(value)
-    return bank_for(spec, source) if spec.active else None
-
-
-@functools.lru_cache(maxsize=256)
-def bank_for(spec: FilterSpec, source: SensorSpec) -> FilterBank:
-    """One bank per (spec, sensor): a bank holds no per-stream state, so sessions share it."""
-    return FilterBank(spec, source)
+__all__ = ["Filtered", "Undo", "filter_packet", "parse_filters", "spec_of"]
 
 
 def spec_of(bank: FilterBank | None) -> dict[str, int] | None:
@@ -49,63 +36,65 @@ def spec_of(bank: FilterBank | None) -> dict[str, int] | None:
 
 
 @dataclass(frozen=True, slots=True)
+class Undo:
+    """What one packet's pass changed in a :class:`FilterState`: the previous times of the
+    pixels it touched (``pixels`` int64 [N], repeats allowed: each repeat holds the same old
+    value), its scalars and running totals."""
+
+    pixels: np.ndarray
+    refractory: np.ndarray | None
+    denoise: np.ndarray | None
+    scalars: np.ndarray
+    removed: FilterCounts
+
+    @classmethod
+    def of(cls, state: FilterState, pixels: np.ndarray) -> Undo:
+        return cls(pixels, None if state.refractory is None else state.refractory[pixels],
+                   None if state.denoise is None else state.denoise[pixels], state.scalars.copy(),
+                   state.removed)
+
+    def revert(self, state: FilterState) -> None:
+        """Put ``state`` back as it was before the packet."""
+        if self.refractory is not None and state.refractory is not None:
+            state.refractory[self.pixels] = self.refractory
+        if self.denoise is not None and state.denoise is not None:
+            state.denoise[self.pixels] = self.denoise
+        state.scalars[:] = self.scalars
+        state.removed = self.removed
+
+
+@dataclass(frozen=True, slots=True)
 class Filtered:
     """One packet through a stream's filters: ``keep`` bool [N] (None: every event kept), the
-    events each filter removed, and the state after the packet (a new object)."""
+    events each filter removed, and how to undo the pass."""
 
     keep: np.ndarray | None
     counts: FilterCounts
-    state: FilterState
+    undo: Undo
 
 
 def filter_packet(bank: FilterBank, state: FilterState, last_t: int | None, t: np.ndarray,
                   x: np.ndarray, y: np.ndarray | None, p: np.ndarray | None) -> Filtered:
     """Filter one packet of source events (``t`` int64/uint64 [N], ``x``/``y``/``p`` [N]) after
-    ``state``; ``last_t``: the stream's last accepted (kept) timestamp.
+    ``state``, which advances in place; ``last_t``: the stream's last accepted (kept) timestamp.
 
     Addresses are checked against the source sensor and times against the last event the filters
     saw (kept or not: the stream's contract covers every event sent), raising ``EventError`` with
     the codes the model's ingest uses (``address_out_of_range``, ``timestamps_decreasing``);
-    times beyond int64 raise :class:`FilterError`. Every check the ingest makes of the packet is
-    made here first, so a packet the filters empty is as valid as one they do not touch.
-    ``state`` is left as it is; cost: one copy of it (see ``FilterState.nbytes``) and the native pass.
+    times beyond int64 raise :class:`FilterError`. A refused packet leaves ``state`` as it was.
+    Cost: the native pass, one tokenisation and an O(N) undo record.
     """
     if t.dtype == np.uint64 and t.size and t.max() > np.iinfo(np.int64).max:
         raise FilterError("records: t beyond int64")  # what the ingest says, before any filter
     tokens = tokenize(bank_sensor(bank), x, y, p)
     seen = int(state.scalars[LAST_T])
     time_gaps(t, last_t if seen == NEVER else seen)  # the check only (a few ns/event)
-    after = state.copy()
-    keep, counts = bank.apply(after, np.asarray(t).astype(np.int64, copy=False), tokens)
-    return Filtered(None if counts.total == 0 else keep, counts, after)
+    undo = Undo.of(state, tokens % np.int32(bank.grid.pixels))
+    keep, counts = bank.apply(state, np.asarray(t).astype(np.int64, copy=False), tokens)
+    return Filtered(None if counts.total == 0 else keep, counts, undo)
 
 
 def bank_sensor(bank: FilterBank) -> SensorSpec:
     """The sensor a bank's grid addresses (its tokens are that sensor's)."""
     grid = bank.grid
     return SensorSpec.one_d(grid.width) if grid.planes == 1 else SensorSpec.two_d(grid.width, grid.height)
-
-
-# --- snapshots -----------------------------------------------------------------------------------
-def snapshot_of(bank: FilterBank | None, state: FilterState | None) -> dict[str, Any] | None:
-    """A session's filters for its snapshot (msgpack-ready; None: no filters). ``state`` None:
-    no packet stepped since the stream started (the fresh state)."""
-    if bank is None:
-        return None
-    return {"spec": bank.spec.to_dict(), "state": (state or bank.new_state()).to_dict()}
-
-
-def restore_from(d: Any, source: SensorSpec) -> tuple[FilterBank, FilterState]:
-    """The bank and state :func:`snapshot_of` kept, over ``source``; raises :class:`FilterError`
-    for a record that does not fit."""
-    if not isinstance(d, dict) or set(d) != {"spec", "state"}:
-        raise FilterError("filters snapshot: expected the fields spec and state")
-    bank = parse_filters(d["spec"], source)
-    if bank is None:
-        raise FilterError("filters snapshot: no filter is on")
-    return bank, bank.restore(d["state"])
-
-
-def removed_total(state: FilterState | None) -> int:
-    """Events a stream's filters removed so far (0 for none or a fresh stream)."""
-    return 0 if state is None else state.removed.total
