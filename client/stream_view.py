@@ -30,7 +30,7 @@ class View:
         self.latencies: list[float] = []
         # A resumed session counts the events it had before; cropped events were sent too.
         self.base = info.sent
-        self.answered = 0  # events sent and answered (kept by the server or cropped)
+        self.answered = 0  # events sent and answered (kept by the server, cropped or filtered)
         self.processed = 0  # events the model read
         self.cropped = 0
         self.filtered = 0  # events the input filters removed, as the answers tell
@@ -213,5 +213,7 @@ def print_final(summary: dict[str, Any]) -> None:
                   f"{summary['wall_s']:.2f} s wall, {summary['events_per_s'] or 0:,.0f} events/s, "
                   f"latency p50 {lat['p50']} ms p95 {lat['p95']} ms p99 {lat['p99']} ms, "
                   f"reconnects {summary['reconnects']}")
+    if summary.get("filtered"):
+        console.print(f"filters removed {summary['filtered']:,} events before the model")
     for r in summary["resumes"]:
         console.print(describe_resume(Resume(at=0.0, **r)))

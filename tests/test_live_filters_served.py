@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -29,7 +32,7 @@ from conftest import wait_ready
 from numeric import assert_close, assert_finite, seeded_rng
 from websockets.asyncio.client import connect
 
-from evssm.client import AsyncStreamSession, classify, packetize
+from evssm.client import AsyncStreamSession, classify, packetize, save_events
 from evssm.client.cli_options import filters_arg
 from evssm.models.events import Recording, SensorSpec
 from evssm.models.filters import FilterBank, FilterCounts, FilterSpec
@@ -317,6 +320,30 @@ def test_the_cli_reads_filters() -> None:
     for bad in ("refractory=1", "denoise_us=-2", "max_rate", ""):
         with pytest.raises(Exception, match="filter"):
             filters_arg(bad)
+
+
+def evssm(*argv: str) -> dict[str, Any]:
+    """Run the ``evssm`` command line (a process of its own, as a user runs it); its JSON output."""
+    done = subprocess.run([sys.executable, "-m", "evssm.cli", *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_stream_and_classify_commands_pass_filters(start, tmp_path: Path) -> None:
+    """``evssm stream --filters`` and ``evssm classify --filters``: the same answer, and the
+    summaries count what the filters removed."""
+    server = start()
+    rec = live_recording(seeded_rng("live-filters", "cli")).slice(0, 5500)  # one burst, no hour
+    _, per_packet = reference(rec, [0, len(rec)])
+    path = str(save_events(tmp_path / "rec.npz", rec))
+    flag = ["--filters", ",".join(f"{k}={v}" for k, v in FILTERS.items())]
+    streamed = evssm("stream", path, "--url", server.ws, "--fast", "--packet-events", "300", "--json", *flag)
+    classified = evssm("classify", path, "--url", server.http, "--json", *flag)["results"][0]
+    assert classified["filtered"] == per_packet[0].to_dict()
+    assert streamed["filtered"] == per_packet[0].total
+    assert streamed["events"] == classified["events"] == len(rec)  # read and sent
+    assert streamed["events_processed"] == classified["events_processed"] == len(rec) - per_packet[0].total
+    assert_same_answer(streamed["probs"], classified["probs"])
 
 
 # --- snapshots -----------------------------------------------------------------------------------------
