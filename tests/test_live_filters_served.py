@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ import httpx
 import msgpack
 import numpy as np
 import pytest
-from conftest import wait_ready
+from conftest import LoopThread, wait_ready
 from numeric import assert_close, assert_finite, seeded_rng
 from websockets.asyncio.client import connect
 
@@ -394,3 +395,101 @@ def test_filter_state_survives_a_restore_on_another_server(start, tmp_path: Path
     last = asyncio.run(part_two())
     assert last.events == want.events
     assert_same_answer(last.probs, want.probs)
+
+
+class SwitchingProxy(LoopThread):
+    """A TCP proxy on loopback to ``target_port``, read at each new connection; :meth:`cut`
+    resets every open connection (a server that died, as its client sees it)."""
+
+    def __init__(self, target_port: int):
+        super().__init__()
+        self.target_port = target_port
+        self._transports: list[asyncio.BaseTransport] = []
+
+    def cut(self) -> None:
+        done = threading.Event()
+
+        def abort() -> None:
+            for tr in self._transports:
+                tr.abort()  # type: ignore[attr-defined]
+            self._transports.clear()
+            done.set()
+
+        self._loop.call_soon_threadsafe(abort)
+        assert done.wait(5)
+
+    @contextlib.asynccontextmanager
+    async def _listen(self) -> AsyncIterator[int]:
+        server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        async with server:
+            yield server.sockets[0].getsockname()[1]
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._transports += [writer.transport, up_writer.transport]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+def snapshot_now(server: Any) -> None:
+    """Have ``server`` snapshot every session and wait until the writes are done."""
+    async def both() -> None:
+        await server.engine.durability.snapshot(everything=True)
+        await server.engine.durability.flush()
+
+    server.call(both())
+
+
+def test_a_client_replays_what_an_older_snapshot_lacks_through_the_filters(start, tmp_path: Path) -> None:
+    """The server dies (its connections cut) while its store holds an older snapshot than the
+    answers the client has: the client reconnects to a server restored from that store, replays
+    the answered packets after it (their filtered events count as sent), and ends with classify's
+    answer of the whole recording with the same filters."""
+    rng = seeded_rng("live-filters", "replay")
+    rec = live_recording(rng)
+    n = len(rec)
+    first = start(state_dir=str(tmp_path / "a"), snapshot_interval=3600.0)  # snapshots when asked
+    (want,) = classify(first.http, [rec], filters=FILTERS)
+    packets = list(packetize(rec, events=700))
+    (tmp_path / "b").mkdir()
+
+    async def run(proxy: SwitchingProxy) -> tuple[Any, Any]:
+        async with AsyncStreamSession(proxy.url, filters=FILTERS, reconnect_timeout=120) as s:
+            for packet in packets[:8]:
+                await s.send(packet)
+                await s.recv()
+            await asyncio.get_running_loop().run_in_executor(None, snapshot_now, first)
+            await s.send(rec.slice(0, 0))
+            assert (await s.recv()).durable == 8 * 700  # the last snapshot A writes
+            with contextlib.closing(sqlite3.connect(tmp_path / "a" / DiskStore.FILE)) as db:
+                db.execute(f"VACUUM INTO '{tmp_path / 'b' / DiskStore.FILE}'")  # the store as it is now
+            for packet in packets[8:14]:  # answered, and not in the copied store
+                await s.send(packet)
+                await s.recv()
+            second = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: start(state_dir=str(tmp_path / "b")))
+            proxy.target_port = int(second.http.rsplit(":", 1)[1])
+            proxy.cut()  # the first server is gone, as its client sees it
+            last = None
+            for packet in packets[14:]:
+                await s.send(packet)
+                last = await s.recv()
+            return last, s.resumes
+
+    with SwitchingProxy(int(first.http.rsplit(":", 1)[1])) as proxy:
+        last, resumes = asyncio.run(asyncio.wait_for(run(proxy), 300))
+    (resume,) = resumes
+    assert resume.restored and not resume.new_session and resume.replayed > 0
+    assert last.events == want.events and last.events + sum(want.filtered.values()) == n
+    assert_same_answer(last.probs, want.probs)
+
