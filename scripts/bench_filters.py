@@ -20,8 +20,8 @@ events (it is a specification, loops and all).
 Served (``served_ns`` of the chain): what a session's packet costs the server's ingest with
 filters, per input event: ``server/live/filtering.py``'s ``filter_packet`` (the source's
 addresses and times checked, tokens, the native pass, an undo record) and the kept events picked
-out of the columns; ``served_snapshot_ns`` adds the copy of the state each packet keeps when the
-server writes snapshots (``--state-dir``). The difference to ``native_ns`` is what serving adds.
+out of the columns. The difference to ``native_ns`` is what serving adds (with snapshots too: a
+snapshot copies the state once per ``--snapshot-interval``, not per packet).
 Figures depend on the machine and its load: state both.
 """
 
@@ -83,7 +83,7 @@ def per_event_ns(bank: FilterBank, t: np.ndarray, tok: np.ndarray, packet: int, 
 
 
 def served_ns(bank: FilterBank, sensor: SensorSpec, t: np.ndarray, tok: np.ndarray, packet: int,
-              rounds: int, snapshots: bool) -> float:
+              rounds: int) -> float:
     """Best of ``rounds``: ns per input event of the served pass over the stream in packets, the
     columns ``x``, ``y``, ``p`` as a client sends them (uint16, uint16, uint8)."""
     w, h = (sensor.width, sensor.height) if sensor.kind == "2d" else (sensor.channels, 1)
@@ -100,8 +100,6 @@ def served_ns(bank: FilterBank, sensor: SensorSpec, t: np.ndarray, tok: np.ndarr
             out = filter_packet(bank, state, None, *cols)
             if out.keep is not None:
                 cols = tuple(None if c is None else c[out.keep] for c in cols)  # type: ignore[assignment]
-            if snapshots:
-                state.copy()
         best = min(best, time.perf_counter() - start)
     return best / max(1, t.size) * 1e9
 
@@ -121,8 +119,7 @@ def measure(name: str, sensor: SensorSpec, t: np.ndarray, tok: np.ndarray, args:
         row[filt] = {"native_ns": None if native_ns is None else round(native_ns, 1),
                      "reference_ns": round(ref_ns, 1), "removed": round(removed, 4)}
         if filt == "chain" and native.native:
-            for key, snap in (("served_ns", False), ("served_snapshot_ns", True)):
-                row[filt][key] = round(served_ns(native, sensor, t, tok, args.packet, args.rounds, snap), 1)
+            row[filt]["served_ns"] = round(served_ns(native, sensor, t, tok, args.packet, args.rounds), 1)
     return row
 
 
@@ -143,12 +140,11 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         cells = [f"{'-' if r[f]['native_ns'] is None else round(r[f]['native_ns'])} / "
                  f"{r[f]['reference_ns']:.0f} ({100 * r[f]['removed']:.0f} %)" for f in SPECS]
         lines.append(f"| {r['stream']} | {r['events']:,} | " + " | ".join(cells) + " |")
-    lines += ["", "| stream | chain native ns | served ns | served with snapshots ns |", "|---|---:|---:|---:|"]
+    lines += ["", "| stream | chain native ns | served ns |", "|---|---:|---:|"]
     for r in rows:
         c = r["chain"]
         if "served_ns" in c:
-            lines.append(f"| {r['stream']} | {c['native_ns']:.0f} | {c['served_ns']:.0f} | "
-                         f"{c['served_snapshot_ns']:.0f} |")
+            lines.append(f"| {r['stream']} | {c['native_ns']:.0f} | {c['served_ns']:.0f} |")
     return "\n".join(lines)
 
 

@@ -41,7 +41,8 @@ from evssm.models.wire import Code
 from evssm.server.api import stream
 from evssm.server.api.protocol import RECORD_DTYPE, ProtocolError
 from evssm.server.app import create_app
-from evssm.server.core.snapshots import DiskStore
+from evssm.server.core import ledger
+from evssm.server.core.snapshots import DiskStore, decode, token_key
 from evssm.server.settings import Settings
 
 pytestmark = pytest.mark.timeout(600)
@@ -395,6 +396,73 @@ def test_filter_state_survives_a_restore_on_another_server(start, tmp_path: Path
     last = asyncio.run(part_two())
     assert last.events == want.events
     assert_same_answer(last.probs, want.probs)
+
+
+def stored(state: Path) -> dict[str, bytes]:
+    """The state directory's records by key, read by another connection than the server's."""
+    path = state / DiskStore.FILE
+    if not path.exists():
+        return {}
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)) as db:
+        return {key: bytes(data) for key, data in db.execute("SELECT key, data FROM snapshots")}
+
+
+def test_snapshots_under_load_hold_the_filter_state_of_their_events(start, tmp_path: Path, monkeypatch) -> None:
+    """Three sessions stream with filters as fast as the server answers while snapshots are taken
+    every 10 ms (packets in flight when their rows are read): every snapshot's filter state is
+    the reference's after exactly the events it covers (kept and filtered), a packet boundary."""
+    reverted: list[int] = []  # packets taken out of the live state per capture
+    real = ledger._filters_at
+
+    def counting(done: Any) -> Any:
+        reverted.append(len(done.log))
+        return real(done)
+
+    monkeypatch.setattr(ledger, "_filters_at", counting)
+    server = start(state_dir=str(tmp_path), snapshot_interval=0.01)
+    recs = [live_recording(seeded_rng("live-filters", "load", i)) for i in range(3)]
+    seen: dict[str, dict[int, Any]] = {}
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            for key, data in stored(tmp_path).items():
+                snap = decode(data)
+                if snap.filters is not None:
+                    covered = snap.events + sum(snap.filters["state"]["removed"])
+                    seen.setdefault(key, {})[covered] = snap
+            time.sleep(0.005)
+
+    async def one(rec: Recording) -> str:
+        async with AsyncStreamSession(server.ws, filters=FILTERS, max_in_flight=8) as s:
+            token = s.resume_token
+            assert token is not None
+            async for _ in s.stream(packetize(rec, events=500)):
+                pass
+            return token
+
+    async def main() -> list[str]:
+        return await asyncio.gather(*(one(r) for r in recs))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        tokens = asyncio.run(main())
+    finally:
+        stop.set()
+        watcher.join(10)
+    assert max(reverted) > 0, "no snapshot was read with packets in flight"
+    checked = 0
+    for rec, token in zip(recs, tokens, strict=True):
+        for covered, snap in sorted(seen.get(token_key(token), {}).items()):
+            assert covered % 500 == 0 or covered == len(rec), f"a snapshot at {covered} events sent"
+            bank = FilterBank(FilterSpec.from_dict(FILTERS), MODEL_SENSOR, native=False)
+            want = bank.new_state()
+            keep, _ = bank.apply(want, rec.t[:covered], rec.x[:covered].astype(np.int32))
+            assert snap.events == int(keep.sum())
+            assert snap.filters == {"spec": FILTERS, "state": want.to_dict()}
+            checked += covered > 0
+    assert checked >= 6
 
 
 class SwitchingProxy(LoopThread):

@@ -284,14 +284,14 @@ class StreamHandler:
             self.metrics.cropped.labels(model=session.model).inc(cropped)
         if filtered is not None:
             self.metrics.count_filtered(session.model, filtered.counts.to_dict())
-        # With snapshots, the state after this packet is what a snapshot of the row after it holds.
-        keep_state = filtered is not None and self.engine.durable(session) is not None
+        keep_undo = filtered is not None and self.engine.durable(session) is not None
         self.engine.submit(session, Packet(seq=seq, region=region, start=region.start if region else 0,
                                            size=n, events_after=session.events, last_t=session.last_t,
                                            received=received, reply=self.conn.reply(),
                                            cropped_after=None if geometry is None else session.cropped,
                                            filtered=None if filtered is None else filtered.counts,
-                                           filters_after=session.filter_state.copy() if keep_state else None))
+                                           # with snapshots: how the ledger takes it out of the state
+                                           filters_undo=filtered.undo if filtered and keep_undo else None))
 
     def _reset(self) -> None:
         session = self._session()

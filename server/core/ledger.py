@@ -17,14 +17,17 @@ out with each result.
 from __future__ import annotations
 
 import asyncio
+import functools
+import operator
+from collections import deque
 from collections.abc import Callable, Hashable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
 from .filter_state import removed_total
-from .sessions import Captured, Packet, Restore, Session
+from .sessions import Captured, Item, Packet, Reset, Restore, Session
 
 READ_CHUNK = 512  # rows one plan reads for snapshots at most: bounds the pause between two steps
 
@@ -48,12 +51,16 @@ class _Done:
     events: int = 0  # events of the current stream the finished packets hold
     last_t: int | None = None
     cropped: int = 0
-    filters: Any = None  # the FilterState after those events (None: no filters, or a fresh stream)
     epoch: int = 0  # resets done
     version: int = 0  # changes of the row done: packets, resets, a restore
     snap_version: int = -1  # the version the last finished snapshot write covered
     snap_active: float = 0.0  # the session's last_active that write saw
     reading: bool = False  # due for a snapshot read, or in a plan's reads
+    # With input filters: the packets and resets accepted after the done state, in order (their
+    # undo records take the live filter state back to it), and whether the zeroing of a reused
+    # row, which no client asked for, is still to come.
+    log: deque[Item] = field(default_factory=deque)
+    zero_pending: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +88,8 @@ class SnapshotLedger:
     def add(self, key: Hashable, session: Session, restore: Restore | None, zero_first: bool) -> None:
         """A new lane: a fresh session (its row is zeroed first when ``zero_first``) or one restored
         from a snapshot, which that snapshot already covers."""
-        done = self._done[key] = _Done(session, session.slot, settled=restore is None and not zero_first)
+        done = self._done[key] = _Done(session, session.slot, settled=restore is None and not zero_first,
+                                       zero_pending=zero_first)
         if restore is None:
             self.durable[done.slot] = 0
         else:
@@ -96,6 +104,13 @@ class SnapshotLedger:
             self._due.pop(key, None)
             self._read_done(key)
 
+    def accepted(self, key: Hashable, item: Item) -> None:
+        """The session accepted ``item``: with filters, its packets and resets are logged until
+        done (a packet its filters emptied is never stepped: it stays until a later one is)."""
+        done = self._done.get(key)
+        if done is not None and done.session.filters is not None and isinstance(item, (Packet, Reset)):
+            done.log.append(item)
+
     def durable_of(self, key: Hashable) -> int | None:
         done = self._done.get(key)
         return None if done is None else int(self.durable[done.slot])
@@ -105,14 +120,17 @@ class SnapshotLedger:
         """A plan ran: advance the done state of the lanes it touched."""
         for key in changes.zeroed:
             done = self._done[key]
-            done.settled, done.events, done.last_t, done.cropped, done.filters = True, 0, None, 0, None
+            done.settled, done.events, done.last_t, done.cropped = True, 0, None, 0
+            if done.zero_pending:
+                done.zero_pending = False
+            else:
+                _pop_through(done.log, lambda item: isinstance(item, Reset))
             done.epoch += 1
             done.version += 1
             self.durable[done.slot] = 0  # a new stream: no snapshot covers any of it yet
         for key, item in changes.restored:
             done = self._done[key]
             done.settled, done.events, done.last_t, done.cropped = True, item.events, item.last_t, item.cropped
-            done.filters = item.filters
             done.version += 1
         for key, packet, last in changes.stepped:
             done = self._done[key]
@@ -120,7 +138,7 @@ class SnapshotLedger:
             if last:
                 done.events, done.last_t = packet.events_after, packet.last_t
                 done.cropped = packet.cropped_after or 0
-                done.filters = packet.filters_after
+                _pop_through(done.log, functools.partial(operator.is_, packet))
                 done.version += 1
 
     def captured(self, reads: list[Hashable], rows: np.ndarray, probs: np.ndarray, ready: np.ndarray,
@@ -137,13 +155,13 @@ class SnapshotLedger:
             if not live(key):
                 self._read_done(key)
                 continue
-            if not done.settled:
+            filters = _filters_at(done) if done.settled else False
+            if filters is False:  # not settled, or a reset pending: read again after a later plan
                 self._due[key] = None
                 continue
             s = done.slot
             items.append(Captured(done.session, done.version, done.epoch, done.session.last_active, done.events,
-                                  done.last_t, done.cropped, probs[s].copy() if ready[s] else None,
-                                  done.filters))
+                                  done.last_t, done.cropped, probs[s].copy() if ready[s] else None, filters))
             keep.append(i)
             self._read_done(key)
         if items:
@@ -207,3 +225,27 @@ class SnapshotLedger:
             if not waiting and not fut.done():
                 fut.set_result(None)
         self._waiters = [(w, f) for w, f in self._waiters if w]
+
+
+def _pop_through(log: deque[Item], last: Callable[[Item], bool]) -> None:
+    """Drop the logged items up to the first one ``last`` picks (with it): they are done."""
+    while log:
+        if last(log.popleft()):
+            return
+
+
+def _filters_at(done: _Done) -> Any:
+    """The session's filter state at its done state: the live one with every packet accepted
+    since taken out, newest first (a copy; None: no filters). False while a reset is pending: the
+    live state is the new stream's, so the row is read again after a later plan."""
+    session = done.session
+    if session.filters is None:
+        return None
+    if any(isinstance(item, Reset) for item in done.log):
+        return False
+    state = session.filter_state.copy()
+    for item in reversed(done.log):
+        if isinstance(item, Packet) and item.filters_undo is not None:
+            item.filters_undo.revert(state)
+    return state
+

@@ -251,6 +251,8 @@ class Scheduler:
             raise SlotError(f"work submitted to released session {session.id}")
         if isinstance(item, Packet):
             self.queued_packets += 1
+        if self.ledger is not None:
+            self.ledger.accepted(lane, item)
         lane.queue.append(item)
         if len(lane.queue) == 1:
             out = StepOutputs(self.model)

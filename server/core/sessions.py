@@ -85,8 +85,8 @@ class Packet:
     # no source sensor declared)
     filtered: Any = None  # models.filters.FilterCounts: what the session's filters removed from
     # this packet (None: the session has no filters)
-    filters_after: Any = None  # the session's FilterState once this packet is in (kept only with
-    # snapshots: what a snapshot of the row after it holds); never changed after
+    filters_undo: Any = None  # server.live.filtering.Undo: how to take this packet out of the
+    # session's filter state (the ledger rebuilds the state a snapshot holds with it)
 
 
 @dataclass(eq=False, slots=True)
@@ -195,7 +195,7 @@ class Session:
     answer: tuple[str, float] | None = None  # top class and its probability after the last result
     filters: Any = None  # the declared input filters (evssm.models.filters.FilterBank) or None
     filter_state: Any = None  # their FilterState after the last accepted packet (advanced in place
-    # by the stream handler; packets and snapshots hold copies)
+    # by the stream handler; a new one after a reset)
 
     @property
     def open(self) -> bool:
