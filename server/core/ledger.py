@@ -106,10 +106,17 @@ class SnapshotLedger:
 
     def accepted(self, key: Hashable, item: Item) -> None:
         """The session accepted ``item``: with filters, its packets and resets are logged until
-        done (a packet its filters emptied is never stepped: it stays until a later one is)."""
+        done (stepped, zeroed, or answered without a step)."""
         done = self._done.get(key)
         if done is not None and done.session.filters is not None and isinstance(item, (Packet, Reset)):
             done.log.append(item)
+
+    def answered_empty(self, key: Hashable, packet: Packet) -> None:
+        """An empty packet (its filters removed every event) was answered after everything before
+        it: its row needs no step, its filter state counts as done."""
+        done = self._done.get(key)
+        if done is not None and done.log and done.log[0] is packet:  # all before it are done
+            done.log.popleft()
 
     def durable_of(self, key: Hashable) -> int | None:
         done = self._done.get(key)

@@ -359,6 +359,8 @@ class Scheduler:
             if isinstance(head, Packet) and head.size == 0:
                 queue.popleft()
                 self.queued_packets -= 1
+                if self.ledger is not None:
+                    self.ledger.answered_empty(lane, head)
                 at = [lane.slot]  # copies of the row: the record must not change with later steps
                 out.answered.append(Answered([lane.session], [head], self.probs[at], self.ready[at], self.order[at],
                                              None if self.ledger is None else self.ledger.durable[at]))
