@@ -342,7 +342,7 @@ def test_stream_and_classify_commands_pass_filters(start, tmp_path: Path) -> Non
     streamed = evssm("stream", path, "--url", server.ws, "--fast", "--packet-events", "300", "--json", *flag)
     classified = evssm("classify", path, "--url", server.http, "--json", *flag)["results"][0]
     assert classified["filtered"] == per_packet[0].to_dict()
-    assert streamed["filtered"] == per_packet[0].total
+    assert streamed["filtered"] == per_packet[0].to_dict()
     assert streamed["events"] == classified["events"] == len(rec)  # read and sent
     assert streamed["events_processed"] == classified["events_processed"] == len(rec) - per_packet[0].total
     assert_same_answer(streamed["probs"], classified["probs"])
