@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import sqlite3
 import subprocess
@@ -35,9 +36,10 @@ from websockets.asyncio.client import connect
 
 from evssm.client import AsyncStreamSession, classify, packetize, save_events
 from evssm.client.cli_options import filters_arg
+from evssm.client.protocol import SessionInfo
 from evssm.models.events import Recording, SensorSpec
 from evssm.models.filters import FilterBank, FilterCounts, FilterSpec
-from evssm.models.wire import Code
+from evssm.models.wire import Classified, Code, Opened, ResultFrame
 from evssm.server.api import stream
 from evssm.server.api.protocol import RECORD_DTYPE, ProtocolError
 from evssm.server.app import create_app
@@ -314,6 +316,17 @@ def test_bad_filters_are_refused_naming_the_field_and_the_session_goes_on(start,
     assert_same_answer(last["probs"], want.probs)
     # The refused packets left the filters' running totals as they were.
     assert again["filtered"] == want.filtered and again["events"] == want.events
+
+
+def test_frames_carry_filters_only_for_a_session_that_declared_them() -> None:
+    counts = {"refractory": 4, "denoise": 0, "max_rate": 9}
+    opened = Opened("s", "r", False, False, 0, None, None, 3, {}, filters=FILTERS, filtered=counts)
+    result = ResultFrame(1, 10, 99, None, [], filtered=counts)
+    for frame in (opened, result, Classified(None, None, 10, 99, [], filtered=counts)):
+        assert type(frame).from_wire(frame.to_wire()) == frame
+    assert "filters" not in dataclasses.replace(opened, filters=None, filtered=None).to_wire()
+    assert "filtered" not in dataclasses.replace(result, filtered=None).to_wire()
+    assert SessionInfo.from_message(opened.to_wire()).sent == 13  # kept, cropped and filtered
 
 
 def test_the_cli_reads_filters() -> None:
