@@ -96,6 +96,7 @@ def _row(sample: Sample, result: Classification, model: ModelInfo | None, top: i
         "events": len(sample.recording),  # read and sent
         "events_processed": result.events,
         "cropped": result.cropped,
+        "filtered": result.filtered,
         "sensor": None if sample.sensor is None else sample.sensor.to_dict(),
         "sensor_from": sample.geometry,
         "label": sample.label,
@@ -143,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         results = classify(args.url, [s.recording for s in samples], model=args.model,
                            batch_size=args.batch, timeout=args.timeout, api_key=args.api_key,
                            sensors=[s.declared_sensor for s in samples], transform=transform,
+                           filters=args.filters,
                            on_busy=_say_busy_once())
         elapsed = time.monotonic() - started
     except ClientError as exc:

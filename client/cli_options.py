@@ -1,6 +1,7 @@
 """Options the client's commands share: the server (``--url``, ``--model``, ``--api-key``), the
-source (``--format``, ``--split``, ``--data-dir``) and its geometry (``--sensor``, ``--crop``,
-``--scale``, ``--flip-x``, ``--flip-y``), and the help text below the options."""
+source (``--format``, ``--split``, ``--data-dir``), its geometry (``--sensor``, ``--crop``,
+``--scale``, ``--flip-x``, ``--flip-y``) and input filters (``--filters``), and the help text
+below the options."""
 
 from __future__ import annotations
 
@@ -63,6 +64,11 @@ def add_source_arguments(parser: argparse.ArgumentParser, udp: bool = False) -> 
                                "the model's sensor")
     geometry.add_argument("--flip-x", action="store_true", help="mirror left-right")
     geometry.add_argument("--flip-y", action="store_true", help="mirror top-bottom")
+    parser.add_argument("--filters", type=filters_arg, default=None, metavar="NAME=VALUE,...",
+                        help="input filters the server applies to the source's events before the "
+                             "model: refractory_us=R (a dead time per pixel), denoise_us=D (drop "
+                             "events with no neighbour active within D us), max_rate=E (at most E "
+                             "events/s); e.g. refractory_us=1000,denoise_us=5000")
 
 
 def _sensor_arg(text: str) -> SensorSpec:
@@ -70,6 +76,30 @@ def _sensor_arg(text: str) -> SensorSpec:
         return parse_sensor(text)
     except SourceError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+FILTER_NAMES = ("refractory_us", "denoise_us", "max_rate")
+
+
+def filters_arg(text: str) -> dict[str, int]:
+    """``--filters refractory_us=R,denoise_us=D,max_rate=E`` (any of them) -> the ``filters`` map."""
+    out: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, eq, value = part.partition("=")
+        name = name.strip()
+        if name not in FILTER_NAMES:
+            raise argparse.ArgumentTypeError(f"unknown filter {name!r} in {text!r}; known: "
+                                             f"{', '.join(FILTER_NAMES)}")
+        try:
+            number = int(value)
+        except ValueError:
+            number = 0
+        if not eq or number < 1:
+            raise argparse.ArgumentTypeError(f"bad filter {part!r}: use {name}=N, N a positive integer")
+        out[name] = number
+    if not out:
+        raise argparse.ArgumentTypeError("--filters needs at least one NAME=VALUE")
+    return out
 
 
 def _crop_arg(text: str) -> list[int]:

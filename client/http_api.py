@@ -31,17 +31,22 @@ class Classification:
     """The server's answer for one recording: class probabilities, the predicted label (as the
     server names it) and the number of events it read. ``probs`` and ``label`` are None for a
     recording too short for one complete output window. ``cropped``: events a declared crop
-    removed (not in ``events``)."""
+    removed (not in ``events``); ``filtered``: events each input filter removed (None: no
+    filters declared)."""
 
     probs: list[float] | None
     label: Any
     events: int
     model: str
     cropped: int = 0
+    filtered: dict[str, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"probs": self.probs, "label": self.label, "events": self.events,
-                "model": self.model, "cropped": self.cropped}
+        out = {"probs": self.probs, "label": self.label, "events": self.events,
+               "model": self.model, "cropped": self.cropped}
+        if self.filtered is not None:
+            out["filtered"] = self.filtered
+        return out
 
 
 def _decode_body(response: httpx.Response) -> Any:
@@ -70,7 +75,8 @@ def _raise_for(response: httpx.Response) -> None:
 
 def _request_body(recordings: Sequence[Recording], model: str | None, binary: bool,
                   sensors: Sequence[SensorSpec | None] | None = None,
-                  transform: Mapping[str, Any] | None = None) -> bytes:
+                  transform: Mapping[str, Any] | None = None,
+                  filters: Mapping[str, int] | None = None) -> bytes:
     streams = [event_columns(r, binary=binary) for r in recordings]
     for stream, sensor in zip(streams, sensors or (), strict=False):  # no sensors: none declared
         if sensor is not None:
@@ -80,6 +86,8 @@ def _request_body(recordings: Sequence[Recording], model: str | None, binary: bo
         body["model"] = model
     if transform is not None:
         body["transform"] = dict(transform)
+    if filters is not None:
+        body["filters"] = dict(filters)
     return msgpack.packb(body)
 
 
@@ -90,7 +98,9 @@ def _parse(body: Any, expected: int) -> list[Classification]:
         out = [Classification(probs=None if r.get("probs") is None
                               else [float(v) for v in r["probs"]], label=r.get("label"),
                               events=int(r.get("events", 0)), model=model,
-                              cropped=int(r.get("cropped") or 0)) for r in results]
+                              cropped=int(r.get("cropped") or 0),
+                              filtered=None if r.get("filtered") is None
+                              else {str(k): int(v) for k, v in r["filtered"].items()}) for r in results]
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise ProtocolError(f"malformed classify response: {exc}") from exc
     if len(out) != expected:
@@ -100,7 +110,8 @@ def _parse(body: Any, expected: int) -> list[Classification]:
 
 def _requests(recordings: Sequence[Recording], model: str | None, batch_size: int, binary: bool,
               sensors: Sequence[SensorSpec | None] | None,
-              transform: Mapping[str, Any] | None) -> Iterator[tuple[int, bytes]]:
+              transform: Mapping[str, Any] | None,
+              filters: Mapping[str, int] | None = None) -> Iterator[tuple[int, bytes]]:
     """(streams, msgpack body) of each request of at most ``batch_size`` recordings, made as
     they are sent (a whole data set is never encoded at once)."""
     if batch_size < 1:
@@ -108,7 +119,7 @@ def _requests(recordings: Sequence[Recording], model: str | None, batch_size: in
     starts = range(0, len(recordings), batch_size)
     return ((len(recordings[i:i + batch_size]),
              _request_body(recordings[i:i + batch_size], model, binary,
-                           None if sensors is None else sensors[i:i + batch_size], transform))
+                           None if sensors is None else sensors[i:i + batch_size], transform, filters))
             for i in starts)
 
 
@@ -145,6 +156,7 @@ def classify(url: str, recordings: Sequence[Recording], *, model: str | None = N
              transport: httpx.BaseTransport | None = None,
              sensors: Sequence[SensorSpec | None] | None = None,
              transform: Mapping[str, Any] | None = None,
+             filters: Mapping[str, int] | None = None,
              api_key: str | None = None, busy_timeout: float = BUSY_TIMEOUT_S,
              on_busy: OnBusy | None = None) -> list[Classification]:
     """Classify whole recordings with the offline model, ``batch_size`` per request.
@@ -153,14 +165,16 @@ def classify(url: str, recordings: Sequence[Recording], *, model: str | None = N
     :class:`~evssm.client.errors.ServerError` subclasses for the server's error codes and
     :class:`~evssm.client.errors.ConnectionLost` when it cannot be reached. ``sensors``
     declares each recording's source sensor (None entries: the model's) and ``transform`` how
-    the server maps them (see the protocol). ``api_key`` is sent as ``Authorization: Bearer``
-    (None: ``EVSSM_API_KEY``). A request answered ``busy`` (a server that has just started
-    compiles its classify shapes while it already streams) is sent again after the server's
+    the server maps them (see the protocol); ``filters`` the input filters it applies to every
+    recording before the model (``{"refractory_us", "denoise_us", "max_rate"}``). ``api_key``
+    is sent as ``Authorization: Bearer`` (None: ``EVSSM_API_KEY``). A request answered ``busy``
+    (a server that has just started compiles its classify shapes while it already streams) is
+    sent again after the server's
     ``Retry-After`` for up to ``busy_timeout`` seconds, calling ``on_busy`` before each wait.
     ``transport`` replaces the network (tests).
     """
     target = endpoint_url(url, "classify")
-    requests = _requests(recordings, model, batch_size, binary, sensors, transform)
+    requests = _requests(recordings, model, batch_size, binary, sensors, transform, filters)
     headers = {**_HEADERS, **auth_headers(api_key)}
     deadline = time.monotonic() + busy_timeout
     out: list[Classification] = []
@@ -184,11 +198,12 @@ async def aclassify(url: str, recordings: Sequence[Recording], *, model: str | N
                     transport: httpx.AsyncBaseTransport | None = None,
                     sensors: Sequence[SensorSpec | None] | None = None,
                     transform: Mapping[str, Any] | None = None,
+                    filters: Mapping[str, int] | None = None,
                     api_key: str | None = None, busy_timeout: float = BUSY_TIMEOUT_S,
                     on_busy: OnBusy | None = None) -> list[Classification]:
     """Asyncio twin of :func:`classify`."""
     target = endpoint_url(url, "classify")
-    requests = _requests(recordings, model, batch_size, binary, sensors, transform)
+    requests = _requests(recordings, model, batch_size, binary, sensors, transform, filters)
     headers = {**_HEADERS, **auth_headers(api_key)}
     deadline = time.monotonic() + busy_timeout
     out: list[Classification] = []

@@ -127,8 +127,9 @@ class SessionInfo:
     the session declared a source sensor — the resolved ``geometry`` and events ``cropped``.
 
     ``restored``: the session was resumed from a snapshot (the server had restarted, or another
-    replica held it). ``durable``: the events sent (kept and cropped) its last snapshot covers;
-    None when the server keeps no snapshots.
+    replica held it). ``durable``: the events sent (kept, cropped and filtered) its last snapshot
+    covers; None when the server keeps no snapshots. ``filters``: the session's input filters
+    (None: none), ``filtered``: events they removed from the stream so far (not in ``events``).
     """
 
     session: str
@@ -140,6 +141,13 @@ class SessionInfo:
     restored: bool = False
     durable: int | None = None
     window: dict[str, Any] | None = None  # a windowed session's window, with its ``lanes``
+    filters: dict[str, int] | None = None
+    filtered: int = 0
+
+    @property
+    def sent(self) -> int:
+        """Events of the stream the server holds: kept, cropped and filtered."""
+        return self.events + self.cropped + self.filtered
 
     @classmethod
     def from_message(cls, msg: Mapping[str, Any]) -> SessionInfo:
@@ -150,7 +158,8 @@ class SessionInfo:
             raise ProtocolError(str(exc)) from exc
         return cls(session=frame.session, resume=frame.resume, events=frame.events,
                    model=ModelInfo.from_dict(frame.model), cropped=frame.cropped or 0, geometry=frame.geometry,
-                   restored=frame.restored, durable=frame.durable, window=frame.window)
+                   restored=frame.restored, durable=frame.durable, window=frame.window,
+                   filters=frame.filters, filtered=sum((frame.filtered or {}).values()))
 
 
 @dataclass(frozen=True)
@@ -165,7 +174,8 @@ class Result:
     ``probs``/``top`` are then unknown, not resent: resending would process the events twice).
     ``durable`` is the event count covered by the session's last snapshot when the server answered
     (None: the server keeps no snapshots). ``window``: for a windowed session, the events the
-    answer covers, ``{"t0", "events"}``.
+    answer covers, ``{"t0", "events"}``. ``filtered``: the events each input filter removed
+    from this packet (None: the session has no filters).
     """
 
     seq: int
@@ -178,6 +188,7 @@ class Result:
     cropped: int = 0
     durable: int | None = None
     window: dict[str, int] | None = None
+    filtered: dict[str, int] | None = None
 
     @property
     def label(self) -> Any:
@@ -195,12 +206,21 @@ class Result:
             raise ProtocolError("malformed result frame: its seq is null")
         return cls(seq=frame.seq, events=frame.events, t=frame.t, probs=frame.probs,
                    top=[(label, p) for label, p in frame.top], latency_s=latency_s, cropped=frame.cropped or 0,
-                   durable=frame.durable, window=frame.window)
+                   durable=frame.durable, window=frame.window, filtered=frame.filtered)
+
+    @property
+    def removed(self) -> int:
+        """Events the input filters removed from this packet."""
+        return sum((self.filtered or {}).values())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"seq": self.seq, "events": self.events, "t": self.t, "probs": self.probs,
-                "top": [[label, p] for label, p in self.top], "latency_ms": self.latency_s * 1e3,
-                "lost": self.lost, "cropped": self.cropped, "durable": self.durable, "window": self.window}
+        out: dict[str, Any] = {"seq": self.seq, "events": self.events, "t": self.t, "probs": self.probs,
+                               "top": [[label, p] for label, p in self.top],
+                               "latency_ms": self.latency_s * 1e3, "lost": self.lost, "cropped": self.cropped,
+                               "durable": self.durable, "window": self.window}
+        if self.filtered is not None:
+            out["filtered"] = self.filtered
+        return out
 
 
 def endpoint_url(url: str, kind: str) -> str:

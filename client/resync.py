@@ -31,8 +31,9 @@ _EMPTY_COLUMNS = {"t": b"", "x": b""}
 class Resume:
     """One re-attachment of a session after its connection dropped.
 
-    ``events`` is the server's count for the session when it re-attached (events sent, kept or
-    cropped by a declared geometry); ``restored`` says it came from a snapshot (the server had
+    ``events`` is the server's count for the session when it re-attached (events sent: kept,
+    cropped by a declared geometry or removed by its input filters, ``filtered`` of them once the
+    replay is done); ``restored`` says it came from a snapshot (the server had
     restarted, or another replica took the session over); ``new_session`` that the session was
     gone and a new one was opened to replay the stream from its start. ``replayed`` events had
     been answered before and were sent again (the part the snapshot did not cover); ``resent``
@@ -45,6 +46,7 @@ class Resume:
     new_session: bool
     replayed: int
     resent: int
+    filtered: int = 0
 
 
 class Retries:
@@ -120,10 +122,11 @@ def merge_packets(entries: Sequence[Sent], limit: int) -> list[tuple[int, bytes,
 
 
 async def replay(ws: ClientConnection, entries: Sequence[Sent], ledger: ReplayLedger, *,
-                 max_in_flight: int, packet_events: int) -> int:
+                 max_in_flight: int, packet_events: int, filtered: int = 0) -> tuple[int, int]:
     """Send answered packets again, merged into packets of at most ``packet_events`` events,
     within the in-flight window, and drop their answers. Runs before anything else is sent on the
-    new connection. Returns the events sent."""
+    new connection. ``filtered``: events the session's input filters had removed before. Returns
+    the events sent and the events the filters had removed after the replay."""
     chunks = merge_packets(entries, packet_events)
     ends = ledger.replay_ends([n for _, _, n in chunks])
     sent = answered = 0
@@ -133,7 +136,8 @@ async def replay(ws: ClientConnection, entries: Sequence[Sent], ledger: ReplayLe
             sent += 1
         msg = decode_frame(await ws.recv())
         if msg["type"] == "result":
-            count = int(msg.get("events") or 0) + int(msg.get("cropped") or 0)
+            filtered += sum(int(v) for v in (msg.get("filtered") or {}).values())
+            count = int(msg.get("events") or 0) + int(msg.get("cropped") or 0) + filtered
             if msg.get("seq") != chunks[answered][0] or count != ends[answered]:
                 raise ProtocolError(f"replayed packet {chunks[answered][0]} answered as "
                                     f"{msg.get('seq')} at {count} events, expected {ends[answered]}")
@@ -145,7 +149,7 @@ async def replay(ws: ClientConnection, entries: Sequence[Sent], ledger: ReplayLe
                                  f"{msg.get('code')}: {msg.get('message')}")
         elif msg["type"] == "reset_done":
             ledger.reset_confirmed()
-    return sum(e.n for e in entries)
+    return sum(e.n for e in entries), filtered
 
 
 async def resync(ws: ClientConnection, info: SessionInfo, *, fresh: bool, ledger: ReplayLedger,
@@ -154,14 +158,13 @@ async def resync(ws: ClientConnection, info: SessionInfo, *, fresh: bool, ledger
     and replay, then the window. Of the window's packets the server processed, the answers are
     lost, except the last one's, which is the session's current state: an empty packet with the
     same ``seq`` asks for it."""
-    plan = ledger.plan(info.events + info.cropped, restored=info.restored, fresh=fresh,
-                       window=window.sizes)
+    plan = ledger.plan(info.sent, restored=info.restored, fresh=fresh, window=window.sizes)
     if plan.reset:
         await ws.send(encode_message("reset"))
-    replayed = 0
+    replayed, filtered = 0, 0 if plan.reset else info.filtered
     if plan.replay:
-        replayed = await replay(ws, plan.replay, ledger, max_in_flight=window.limit,
-                                packet_events=replay_packet_events)
+        replayed, filtered = await replay(ws, plan.replay, ledger, max_in_flight=window.limit,
+                                          packet_events=replay_packet_events, filtered=filtered)
     processed = window.take(plan.processed)
     for i, entry in enumerate(processed):
         ledger.processed(entry)
@@ -176,5 +179,5 @@ async def resync(ws: ClientConnection, info: SessionInfo, *, fresh: bool, ledger
             await ws.send(entry.frame)
         except ConnectionClosed:
             break  # the reader sees the drop and resyncs again
-    return Resume(at=time.time(), events=info.events + info.cropped, restored=info.restored,
-                  new_session=fresh, replayed=replayed, resent=len(window))
+    return Resume(at=time.time(), events=info.sent, restored=info.restored,
+                  new_session=fresh, replayed=replayed, resent=len(window), filtered=filtered)

@@ -115,6 +115,8 @@ class AsyncStreamSession:
             model's (None: the source is the model's sensor).
         transform: how the server maps it (``{"crop", "scale", "flip_x", "flip_y"}``; see the
             protocol); None for the default (fit, centred).
+        filters: input filters the server applies to the source's events before the model
+            (``{"refractory_us", "denoise_us", "max_rate"}``; see the protocol); None: none.
         max_replay_events: most answered events kept for a replay after a server restart (only
             when the server keeps snapshots); past it the oldest are dropped, and a restore from a
             snapshot older than what is kept fails with ``resume_mismatch``.
@@ -136,7 +138,8 @@ class AsyncStreamSession:
                  backoff: tuple[float, float] = (0.05, 2.0),
                  open_timeout: float = 10.0, binary: bool = True,
                  sensor: SensorSpec | None = None, transform: Mapping[str, Any] | None = None,
-                 max_replay_events: int = 1 << 22, replay_packet_events: int = 16384,
+                 filters: Mapping[str, int] | None = None, max_replay_events: int = 1 << 22,
+                 replay_packet_events: int = 16384,
                  api_key: str | None = None, window: Mapping[str, Any] | None = None):
         self._window = InFlight(max_in_flight)
         if replay_packet_events < 1 or max_replay_events < 0:
@@ -154,6 +157,7 @@ class AsyncStreamSession:
         self.sensor = sensor
         self.transform = None if transform is None else dict(transform)
         self.sliding_window = None if window is None else dict(window)  # the open frame's ``window``
+        self.filters = None if filters is None else dict(filters)
         self.max_replay_events = max_replay_events
         self.replay_packet_events = replay_packet_events
         self.info: SessionInfo | None = None
@@ -167,6 +171,7 @@ class AsyncStreamSession:
         self._next_seq = 0
         self._results = ResultQueue()
         self._ledger = ReplayLedger(max_replay_events)
+        self._filtered = 0  # events the session's input filters removed from the stream, as answered
         self._send_lock: asyncio.Lock | None = None
         self._changed: asyncio.Event | None = None  # replaced on every notify (see _notify)
 
@@ -226,7 +231,8 @@ class AsyncStreamSession:
             raise
         await self._transport.adopt(ws)
         self.info = info
-        self._ledger.start(info.events + info.cropped, info.durable)  # events sent: kept + cropped
+        self._filtered = info.filtered
+        self._ledger.start(info.sent, info.durable)  # events sent: kept, cropped and filtered
         self._to(SessionState.OPEN)
         self._reader = asyncio.create_task(self._read_loop(), name=f"evssm-reader-{info.session}")
         return info
@@ -454,7 +460,8 @@ class AsyncStreamSession:
     def _open_frame(self, resume: str | None, model: str | None = None) -> bytes:
         sensor = None if self.sensor is None else sensor_declaration(self.sensor)
         return encode_message("open", model=model or self.model, resume=resume, top_k=self.top_k,
-                              sensor=sensor, transform=self.transform, window=self.sliding_window)
+                              sensor=sensor, transform=self.transform, window=self.sliding_window,
+                              filters=self.filters)
 
     # -- the reader ------------------------------------------------------------------------
 
@@ -487,7 +494,8 @@ class AsyncStreamSession:
         if kind == "result":
             entry = self._window.answer(msg.get("seq"))
             result = Result.from_message(msg, time.perf_counter() - entry.sent_at)
-            self._ledger.answered(entry, result.events + result.cropped, result.durable)
+            self._filtered += result.removed
+            self._ledger.answered(entry, result.events + result.cropped + self._filtered, result.durable)
             self._results.append(result)
         elif kind == "error":
             seq = msg.get("seq")
@@ -507,6 +515,7 @@ class AsyncStreamSession:
                 self._results.append(err)
         elif kind == "reset_done":
             self._ledger.reset_confirmed()
+            self._filtered = 0
         # "opened" is handled by the handshake; "closed" and unknown types need nothing
         self._notify()
 
@@ -546,7 +555,7 @@ class AsyncStreamSession:
                 except ConnectionClosed as exc:  # gone again while replaying: start over
                     last = exc
                     continue
-                self.info = info
+                self.info, self._filtered = info, resume.filtered
                 if self._state is SessionState.RECONNECTING:
                     self._to(SessionState.OPEN)
             self.reconnects += 1

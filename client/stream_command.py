@@ -146,7 +146,7 @@ async def open_patiently(session: AsyncStreamSession, args: argparse.Namespace) 
 def continued(sample: Sample, info: SessionInfo) -> Sample:
     """``sample`` after the events a resumed session already holds (``--resume``): the stream
     goes on where it stopped. The session's count includes events a crop dropped."""
-    held = info.events + info.cropped
+    held = info.sent
     total = len(sample.recording)
     if held > total:
         raise ClientError(f"{sample.name}: the resumed session holds {held:,} events but the "
@@ -189,7 +189,7 @@ async def _stream(args: argparse.Namespace) -> int:
     session = AsyncStreamSession(args.url, model=args.model, resume=args.resume, top_k=args.top,
                                  max_in_flight=args.max_in_flight,
                                  reconnect=not args.no_reconnect, sensor=declared,
-                                 transform=transform_of(args), api_key=args.api_key,
+                                 transform=transform_of(args), filters=args.filters, api_key=args.api_key,
                                  window=args.window, **reconnect_options(args))
     info = await open_patiently(session, args)
     try:
@@ -251,7 +251,8 @@ async def _stream_udp(args: argparse.Namespace) -> int:
     session = AsyncStreamSession(args.url, model=args.model, resume=args.resume, top_k=args.top,
                                  max_in_flight=args.max_in_flight, reconnect=not args.no_reconnect,
                                  sensor=args.sensor, transform=transform_of(args),
-                                 api_key=args.api_key, window=args.window, **reconnect_options(args))
+                                 filters=args.filters, api_key=args.api_key, window=args.window,
+                                 **reconnect_options(args))
     try:
         receiver.start(loop)
         info = await open_patiently(session, args)

@@ -29,10 +29,12 @@ class View:
         self.meter = RateMeter(1.0)
         self.latencies: list[float] = []
         # A resumed session counts the events it had before; cropped events were sent too.
-        self.base = info.events + info.cropped
-        self.answered = 0  # events sent and answered (kept by the server or cropped)
+        self.base = info.sent
+        self.answered = 0  # events sent and answered (kept by the server, cropped or filtered)
         self.processed = 0  # events the model read
         self.cropped = 0
+        self.filtered = 0  # events the input filters removed, as the answers tell
+        self.by_filter: dict[str, int] | None = None  # the same by filter (None: no filters)
         self.packets = 0
         self.lost = 0
         self.last: Result | None = None  # last result that carries probabilities
@@ -42,11 +44,14 @@ class View:
 
     def add(self, result: Result) -> None:
         self.packets += 1
-        events = result.events + result.cropped - self.base
+        self.filtered += result.removed
+        if result.filtered is not None:
+            self.by_filter = {k: (self.by_filter or {}).get(k, 0) + v for k, v in result.filtered.items()}
+        events = result.events + result.cropped + self.info.filtered + self.filtered - self.base
         self.meter.add(max(events - self.answered, 0))
         self.answered = events
         self.cropped = result.cropped - self.info.cropped
-        self.processed = events - self.cropped
+        self.processed = events - self.cropped - self.filtered
         self.last_any = result
         if result.lost:
             self.lost += 1
@@ -177,6 +182,7 @@ def summary_of(view: View, sample: Sample, info: SessionInfo, args: argparse.Nam
         "events": view.answered,  # read from the source and sent (all answered)
         "events_processed": view.processed,
         "cropped": view.cropped,
+        "filtered": view.by_filter,  # events each input filter removed (None: no filters)
         "recording_events": None if view.live is not None else view.total,
         "sensor": None if sample.sensor is None else sample.sensor.to_dict(),
         "sensor_from": sample.geometry,
@@ -216,5 +222,8 @@ def print_final(summary: dict[str, Any]) -> None:
                   f"{summary['wall_s']:.2f} s wall, {summary['events_per_s'] or 0:,.0f} events/s, "
                   f"latency p50 {lat['p50']} ms p95 {lat['p95']} ms p99 {lat['p99']} ms, "
                   f"reconnects {summary['reconnects']}")
+    if summary.get("filtered"):
+        removed = ", ".join(f"{name} {n:,}" for name, n in summary["filtered"].items())
+        console.print(f"input filters removed {sum(summary['filtered'].values()):,} events ({removed})")
     for r in summary["resumes"]:
         console.print(describe_resume(Resume(at=0.0, **r)))

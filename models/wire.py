@@ -134,6 +134,11 @@ def _int(msg: Mapping[str, Any], key: str) -> int:
     return 0 if value is None else int(value)
 
 
+def _counts(value: Any) -> dict[str, int] | None:
+    """A map of integers (``filters``, ``filtered``), or None."""
+    return None if value is None else {str(k): int(v) for k, v in dict(value).items()}
+
+
 def _opt_int(msg: Mapping[str, Any], key: str) -> int | None:
     value = msg.get(key)
     return None if value is None else int(value)
@@ -158,7 +163,9 @@ def _read(kind: str, msg: Mapping[str, Any], build: Any) -> Any:
 class Opened:
     """``opened``: the session is open (or resumed, or restored from a snapshot). ``durable``:
     events sent its last snapshot covers (None: no snapshots kept); ``geometry``/``cropped`` only
-    for a session that declared its source sensor."""
+    for a session that declared its source sensor; ``filters`` (the active input filters'
+    parameters) and ``filtered`` (the events each removed from the stream so far, not in
+    ``events``) only for a session that declared filters."""
 
     TYPE: ClassVar[str] = "opened"
     session: str
@@ -173,6 +180,8 @@ class Opened:
     geometry: dict[str, Any] | None = None
     cropped: int | None = None
     window: dict[str, Any] | None = None  # only for a windowed session: its window and ``lanes``
+    filters: dict[str, int] | None = None
+    filtered: dict[str, int] | None = None
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.TYPE, "session": self.session, "resume": self.resume,
@@ -182,6 +191,8 @@ class Opened:
             out.update(geometry=self.geometry, cropped=self.cropped)
         if self.window is not None:
             out["window"] = self.window
+        if self.filters is not None:
+            out.update(filters=self.filters, filtered=self.filtered)
         return out
 
     @classmethod
@@ -194,7 +205,8 @@ class Opened:
             events=_int(msg, "events"), t=_opt_int(msg, "t"), durable=_opt_int(msg, "durable"),
             top_k=_int(msg, "top_k"), model=dict(model) if isinstance(model, Mapping) else {},
             geometry=dict(geometry) if isinstance(geometry, Mapping) else None, cropped=_opt_int(msg, "cropped"),
-            window=dict(msg["window"]) if isinstance(msg.get("window"), Mapping) else None))
+            window=dict(msg["window"]) if isinstance(msg.get("window"), Mapping) else None,
+            filters=_counts(msg.get("filters")), filtered=_counts(msg.get("filtered"))))
 
 
 def _probs(value: Any) -> list[float] | None:
@@ -212,7 +224,9 @@ class ResultFrame:
     window; ``top``: ``[label, probability]`` pairs by :func:`class_order`. ``cropped`` only for a
     session that declared its source sensor, ``durable`` only when the server keeps snapshots.
     ``window`` only for a windowed session once it has events: the events the answer covers,
-    ``{"t0": first event's time, "events": count}``."""
+    ``{"t0": first event's time, "events": count}``. ``filtered`` (events each input filter removed
+    from this packet: ``refractory``, ``denoise``, ``max_rate``) only for a session that declared
+    filters."""
 
     TYPE: ClassVar[str] = "result"
     seq: int | None
@@ -223,6 +237,7 @@ class ResultFrame:
     cropped: int | None = None
     durable: int | None = None
     window: dict[str, int] | None = None
+    filtered: dict[str, int] | None = None
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.TYPE, "seq": self.seq, "events": self.events, "t": self.t,
@@ -233,6 +248,8 @@ class ResultFrame:
             out["durable"] = self.durable
         if self.window is not None:
             out["window"] = self.window
+        if self.filtered is not None:
+            out["filtered"] = self.filtered
         return out
 
     @classmethod
@@ -241,7 +258,8 @@ class ResultFrame:
             seq=None if msg["seq"] is None else int(msg["seq"]), events=_int(msg, "events"), t=_opt_int(msg, "t"),
             probs=_probs(msg.get("probs")),
             top=[[entry[0], float(entry[1])] for entry in (msg.get("top") or [])],
-            cropped=_opt_int(msg, "cropped"), durable=_opt_int(msg, "durable"), window=_window(msg)))
+            cropped=_opt_int(msg, "cropped"), durable=_opt_int(msg, "durable"), window=_window(msg),
+            filtered=_counts(msg.get("filtered"))))
 
 
 def _window(msg: Mapping[str, Any]) -> dict[str, int] | None:
@@ -332,7 +350,8 @@ class HttpError:
 
 @dataclass(frozen=True, slots=True)
 class Classified:
-    """One recording's answer in a classify reply: as a stream's last ``result``, plus ``label``."""
+    """One recording's answer in a classify reply: as a stream's last ``result``, plus ``label``;
+    ``filtered``: the events each input filter removed from the whole recording."""
 
     probs: list[float] | None
     label: Any
@@ -341,6 +360,7 @@ class Classified:
     top: list[list[Any]]
     cropped: int | None = None
     window: dict[str, int] | None = None  # a request with ``window``: the events answered for
+    filtered: dict[str, int] | None = None
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"probs": self.probs, "label": self.label, "events": self.events, "t": self.t,
@@ -349,6 +369,8 @@ class Classified:
             out["cropped"] = self.cropped
         if self.window is not None:
             out["window"] = self.window
+        if self.filtered is not None:
+            out["filtered"] = self.filtered
         return out
 
     @classmethod
@@ -356,7 +378,7 @@ class Classified:
         return _read("classify result", msg, lambda: cls(
             probs=_probs(msg.get("probs")), label=msg.get("label"), events=_int(msg, "events"), t=_opt_int(msg, "t"),
             top=[[entry[0], float(entry[1])] for entry in (msg.get("top") or [])], cropped=_opt_int(msg, "cropped"),
-            window=_window(msg)))
+            window=_window(msg), filtered=_counts(msg.get("filtered"))))
 
 
 @dataclass(frozen=True, slots=True)

@@ -196,6 +196,10 @@ class Metrics:
         self.cropped = Counter("evssm_cropped_events_total",
                                "Events a declared crop removed before the model (streamed and classified).",
                                m, registry=r)
+        self.filtered = Counter("evssm_filtered_events_total",
+                                "Events the declared input filters removed before the model, by filter "
+                                "(refractory, denoise, max_rate; streamed and classified).",
+                                ["model", "filter"], registry=r)
         self.ready = Gauge("evssm_ready", "1 when every model can stream (classify compiles after).", registry=r)
         # Session snapshots (--state-dir / --state-store).
         self.snapshots_written = Counter("evssm_snapshots_written_total", "Session snapshots written.", m,
@@ -237,6 +241,12 @@ class Metrics:
             self._events_by_model.setdefault(model, 0)
             self._packets_by_model.setdefault(model, 0)
         return self.model(model)
+
+    def count_filtered(self, model: str, counts: dict[str, int]) -> None:
+        """Events each input filter removed (a ``filtered`` map of a result or classify stream)."""
+        for name, n in counts.items():
+            if n:
+                self.filtered.labels(model=model, filter=name).inc(n)
 
     def model(self, model: str) -> ModelMetrics:
         """``model``'s cached children (made on first use)."""

@@ -79,3 +79,57 @@ def test_a_restored_lane_starts_covered_and_a_gone_lane_releases_its_waiters() -
         assert done.done() and not ledger.due
 
     asyncio.run(run())
+
+
+def test_a_filtered_lane_is_captured_with_the_filter_state_of_its_done_events() -> None:
+    """With input filters the live state runs ahead of the row (packets accepted, not stepped):
+    a capture takes those packets back out of a copy of it with their undo records; a packet the
+    filters emptied counts as done once answered; a reset not yet done defers the read."""
+    from evssm.models.events import SensorSpec
+    from evssm.models.filters import FilterBank, FilterSpec
+    from evssm.server.core.sessions import Reset
+    from evssm.server.live.filtering import filter_packet
+
+    bank = FilterBank(FilterSpec(refractory_us=100, denoise_us=1000), SensorSpec.one_d(10), native=False)
+
+    async def run() -> None:
+        sink = Sink()
+        ledger = SnapshotLedger("m", 2, sink)
+        session = Session(id="c", token="v", model="m", slot=1, top_k=3)
+        session.filters, session.filter_state = bank, bank.new_state()
+        reference, states = bank.new_state(), [bank.new_state().to_dict()]
+        key = object()
+        probs, ready = np.zeros((2, 2), np.float32), np.zeros(2, bool)
+        ledger.add(key, session, None, zero_first=True)
+        packets = []
+        for t, x in (([0, 1, 2], [1, 2, 3]), ([3], [8])):  # the second: a lone event, removed
+            cols = np.array(t, np.int64), np.array(x, np.uint16)
+            out = filter_packet(bank, session.filter_state, None, cols[0], cols[1], None, None)
+            kept = len(t) if out.keep is None else int(out.keep.sum())
+            packets.append(Packet(seq=len(packets), region=None, start=0, size=kept, events_after=0, last_t=None,
+                                  received=0.0, reply=None, filters_undo=out.undo))
+            ledger.accepted(key, packets[-1])
+            bank.apply(reference, cols[0], cols[1].astype(np.int32))
+            states.append(reference.to_dict())
+        assert packets[1].size == 0
+
+        def capture() -> dict | None:
+            sink.items.clear()
+            ledger.request({key: session}, everything=True)
+            ledger.captured(ledger.next_reads(8), np.zeros((1, 2), np.int32), probs, ready, lambda k: True)
+            return sink.items[0].filters.to_dict() if sink.items else None
+
+        ledger.update(StepChanges([key], [], []))  # the reused row's zeroing: no client reset
+        assert capture() == states[0]  # both packets taken out again
+        ledger.update(StepChanges([], [], [(key, packets[0], True)]))
+        assert capture() == states[1]
+        ledger.answered_empty(key, packets[1])
+        assert capture() == states[2]
+        session.filter_state = bank.new_state()  # a client reset: a new stream
+        ledger.accepted(key, Reset(reply=None))
+        assert capture() is None and ledger.due  # read again once the reset is done
+        ledger.update(StepChanges([key], [], []))
+        ledger.captured(ledger.next_reads(8), np.zeros((1, 2), np.int32), probs, ready, lambda k: True)
+        assert sink.items and sink.items[-1].filters.to_dict() == states[0]
+
+    asyncio.run(run())

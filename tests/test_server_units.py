@@ -475,6 +475,24 @@ def test_staging_regions_never_overlap_and_the_ring_is_reused(capacity):
         buf.reserve(capacity)
 
 
+def test_staging_shrink_gives_back_the_end_of_the_newest_region():
+    """Room reserved for a packet before its filters ran is cut to what they kept: the space
+    after it is free at once; only the newest region shrinks, never to nothing or beyond it."""
+    buf = StagingBuffer(10)
+    a = buf.reserve(6)
+    assert a is not None
+    buf.shrink(a, 2)
+    assert (a.start, a.size, buf.held) == (0, 2, 2)
+    b = buf.reserve(7)
+    assert b is not None and b.start == 2  # the given-back room, right after it
+    for region, size in ((a, 1), (b, 0), (b, 8)):
+        with pytest.raises(ValueError):
+            buf.shrink(region, size)
+    buf.release(a)
+    buf.release(b)
+    assert buf.held == 0
+
+
 def test_staging_waiters_get_room_first_come_first_served():
     async def run() -> list[int]:
         buf = StagingBuffer(10)

@@ -156,11 +156,15 @@ async def classify(request: Request, engine: Engine, settings: Settings, metrics
                 order = class_order(p)[:min(req.top_k, p.shape[0])]
                 results.append(Classified(p.tolist(), runner.labels[int(np.argmax(p))], n, req.last_t[i],
                                           [[runner.labels[j], float(p[j])] for j in order], req.cropped[i],
-                                          window))
+                                          window=window, filtered=req.filtered[i]))
             else:
-                results.append(Classified(None, None, n, req.last_t[i], [], req.cropped[i], window))
+                results.append(Classified(None, None, n, req.last_t[i], [], req.cropped[i], window=window,
+                                          filtered=req.filtered[i]))
         if any(req.cropped):
             metrics.cropped.labels(model=req.model).inc(sum(c for c in req.cropped if c))
+        for counts in req.filtered:
+            if counts:
+                metrics.count_filtered(req.model, counts)
         n_events = sum(int(t.shape[0]) for t in req.tokens)
         metrics.classified(req.model, n_streams, n_events)
         answered = [r.label for r in results if r.label is not None]

@@ -95,7 +95,8 @@ class OutputProcessor:
                     row, top = None, []
                 frame = ResultFrame(packet.seq, packet.events_after, packet.last_t, row, top,
                                     packet.cropped_after, None if durable_rows is None else durable_rows[i],
-                                    _window(packet))
+                                    _window(packet),
+                                    filtered=None if packet.filtered is None else packet.filtered.to_dict())
             _reply(packet.reply).answer(frame)
             latencies[i] = now - packet.received
             events += packet.size

@@ -23,7 +23,7 @@ mathematics is in ``evssm.models.geometry``).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -31,9 +31,11 @@ import numpy as np
 
 from evssm.models import native_build
 from evssm.models.events import EventError, SensorSpec, time_gaps, tokenize
+from evssm.models.filters import FilterBank, FilterError, FilterState
 from evssm.models.geometry import Adapter, GeometryError, adapter_for
 from evssm.models.wire import COLUMN_DTYPES, FRAME_TYPES, RECORD_DTYPE, TOP_K_MAX, Code
 
+from ..live.filtering import Filtered, filter_packet, parse_filters
 from .windows import WindowError, parse_window, window_suffix
 
 
@@ -238,6 +240,32 @@ def parse_geometry(msg: dict[str, Any], model_sensor: SensorSpec, where: str = "
         raise ProtocolError(Code.INVALID_FIELD, f"{where}{e}") from None
 
 
+def parse_filter_field(value: Any, source: SensorSpec, where: str = "") -> FilterBank | None:
+    """The filters a frame's ``filters`` declare over the ``source`` sensor (None: none);
+    ``invalid_field`` naming the field for a declaration that cannot be used."""
+    try:
+        return parse_filters(value, source)
+    except FilterError as e:
+        raise ProtocolError(Code.INVALID_FIELD, f"{where}{e}") from None
+
+
+def apply_filters(events: Events, bank: FilterBank, state: FilterState, last_t: int | None
+                  ) -> tuple[Events, Filtered]:
+    """``events`` (on the source sensor) less what the filters remove, and the filters' outcome;
+    ``state`` advances (``Filtered.undo`` reverts it for a packet refused later)."""
+    try:
+        out = filter_packet(bank, state, last_t, events.t, events.x, events.y, events.p)
+    except EventError as e:
+        raise ProtocolError(Code(e.code), e.message) from None
+    except FilterError as e:
+        raise ProtocolError(Code.INVALID_COLUMN, str(e)) from None
+    keep = out.keep
+    if keep is None:
+        return events, out
+    return Events(t=events.t[keep], x=events.x[keep], y=None if events.y is None else events.y[keep],
+                  p=None if events.p is None else events.p[keep]), out
+
+
 def adapt(events: Events, adapter: Adapter | None) -> tuple[Events, int]:
     """``events`` on the model's sensor, and how many the crop removed.
 
@@ -306,6 +334,8 @@ class ClassifyRequest:
     last_t: list[int | None]
     events: int  # events decoded (before a declared crop)
     cropped: list[int | None]  # per stream: events its declared crop removed (None: nothing declared)
+    filtered: list[dict[str, int] | None] = field(default_factory=list)  # per stream: events each
+    # filter removed (None: no filters declared)
     # With a top-level ``window``: per stream, its last window ({"t0", "events"}; None: no events).
     windows: list[dict[str, int] | None] | None = None
 
@@ -372,7 +402,7 @@ def parse_classify(body: bytes, is_msgpack: bool, sensors: dict[str, SensorSpec]
             if not isinstance(stream, dict):
                 raise ProtocolError(Code.INVALID_FIELD, "a stream must be a map of columns")
             # A stream's own sensor/transform override the request's.
-            declared = {k: stream[k] if k in stream else data.get(k) for k in ("sensor", "transform")}
+            declared = {k: stream[k] if k in stream else data.get(k) for k in ("sensor", "transform", "filters")}
             geometry = parse_geometry(declared, sensor)
             events = decode_events(stream, sensor if geometry is None else geometry.source,
                                    limits.max_events)
@@ -380,6 +410,11 @@ def parse_classify(body: bytes, is_msgpack: bool, sensors: dict[str, SensorSpec]
             if req.events > limits.max_events:
                 raise ProtocolError(Code.REQUEST_TOO_LARGE,
                                     f"more than {limits.max_events} events in one request")
+            bank = parse_filter_field(declared["filters"], sensor if geometry is None else geometry.source)
+            counts = None
+            if bank is not None:  # a fresh stream: as a session's first packets
+                events, filtered = apply_filters(events, bank, bank.new_state(), None)
+                counts = filtered.counts.to_dict()
             events, removed = adapt(events, geometry)
             tok, gap = prepare(events, sensor, None)
         except ProtocolError as e:
@@ -388,6 +423,7 @@ def parse_classify(body: bytes, is_msgpack: bool, sensors: dict[str, SensorSpec]
         req.gaps.append(gap)
         req.last_t.append(int(events.t[-1]) if len(events) else None)
         req.cropped.append(None if geometry is None else removed)
+        req.filtered.append(counts)
         if req.windows is not None and window is not None:
             count, t0 = window_suffix(window, events.t)
             req.windows.append(None if t0 is None else {"t0": t0, "events": count})

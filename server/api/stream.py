@@ -29,6 +29,7 @@ from ..core.engine import Engine
 from ..core.sessions import ClientFull, LanesRefused, Packet, Reset, ServerFull, Session
 from ..core.snapshots import StoreUnavailable
 from ..core.staging import Region
+from ..live.filtering import spec_of
 from ..live.windows import WindowSpec
 from ..metrics import Metrics
 from ..settings import Settings
@@ -39,9 +40,11 @@ from .protocol import (
     OpenRequest,
     ProtocolError,
     adapt,
+    apply_filters,
     decode_events,
     decode_frame,
     frame_type,
+    parse_filter_field,
     parse_geometry,
     parse_open,
     parse_seq,
@@ -180,6 +183,10 @@ class StreamHandler:
         if "window" in msg and _window(msg) != (None if session.window is None else session.window.spec):
             raise ProtocolError(Code.INVALID_FIELD, "the session was opened with another window "
                                 "(or none); a resume must declare the same (or none)")
+        if "filters" in msg and spec_of(self._filters(msg, session.model, session.geometry)) != \
+                spec_of(session.filters):
+            raise ProtocolError(Code.INVALID_FIELD, f"the session was opened with filters "
+                                f"{spec_of(session.filters)}; a resume must declare the same (or none)")
 
     def _new_session(self, msg: dict[str, Any], req: OpenRequest, binary: bool) -> Session:
         """A new session of the requested (or default) model with the declared source geometry."""
@@ -190,6 +197,7 @@ class StreamHandler:
                                 f"unknown model {shorten(model)}; served: {sorted(engine.runners)}")
         geometry = parse_geometry(msg, engine.runners[model].sensor)
         spec = _window(msg)
+        filters = self._filters(msg, model, geometry)
         try:
             session = engine.open(model, req.top_k, owner=self.conn.principal, key_id=self.conn.key_id,
                                   lanes=None if spec is None else spec.lanes)
@@ -200,7 +208,14 @@ class StreamHandler:
             raise ProtocolError(Code.INVALID_FIELD, f"window: {e}") from None
         session.geometry = geometry
         session.window = None if spec is None else SessionWindow(spec)
+        if filters is not None:
+            session.filters, session.filter_state = filters, filters.new_state()
         return session
+
+    def _filters(self, msg: dict[str, Any], model: str, geometry: Any) -> Any:
+        """The bank an open's ``filters`` declare, over the source (declared, else the model's) sensor."""
+        return parse_filter_field(msg.get("filters"), self.engine.runners[model].sensor
+                                  if geometry is None else geometry.source)
 
     def _attach(self, session: Session) -> None:
         session.attachment = self.conn
@@ -215,7 +230,9 @@ class StreamHandler:
                       top_k=session.top_k, model=public_info(self.engine.runners[session.model].info),
                       geometry=None if geometry is None else geometry.describe(),
                       cropped=None if geometry is None else session.cropped,
-                      window=None if session.window is None else describe(session.window.spec))
+                      window=None if session.window is None else describe(session.window.spec),
+                      filters=spec_of(session.filters),
+                      filtered=None if session.filters is None else session.filter_state.removed.to_dict())
 
     def _refuse_full(self, e: ServerFull, binary: bool) -> None:
         """``server_full`` or ``too_many_sessions`` (this client's cap), then close 1013."""
@@ -240,16 +257,32 @@ class StreamHandler:
                                            self.settings.max_packet_events)
         if self._session() is not session:  # taken away while decoding
             raise ProtocolError(Code.NO_SESSION, "the session left this connection while the packet was decoded")
-        events, cropped = adapt(events, geometry)
-        n = len(events)
-        staged, refused = _stage_window(session.window, events.t)
+        staging = self.engine.staging[session.model]
+        window = session.window
+        room: Region | None = None
+        if session.filters is not None and len(events):
+            # The filters advance the session's state in place: room for every event (and a
+            # window's zero-gap copies, at most one per lane) comes first, so no await falls between
+            # them and the commit below (where another packet of the session could run); the room
+            # is cut to what they keep.
+            most = len(events) + (0 if window is None else window.lanes)
+            room = staging.reserve(most) or await staging.reserve_wait(most)
+        filtered = None
         region: Region | None = None
         lanes = None
-        if n:
-            staging = self.engine.staging[session.model]
-            size = n + (0 if staged is None else staged.extra)
-            region = staging.reserve(size) or await staging.reserve_wait(size)
-            try:
+        try:
+            if self._session() is not session:  # taken away while waiting for room
+                raise ProtocolError(Code.NO_SESSION, "the session ended while this packet waited")
+            if session.filters is not None:
+                events, filtered = apply_filters(events, session.filters, session.filter_state, session.last_t)
+            events, cropped = adapt(events, geometry)
+            n = len(events)
+            staged, refused = _stage_window(window, events.t)
+            if n:
+                size = n + (0 if staged is None else staged.extra)
+                if room is not None:
+                    staging.shrink(room, size)
+                region, room = room or staging.reserve(size) or await staging.reserve_wait(size), None
                 if self._session() is not session:  # taken away while waiting for room
                     raise ProtocolError(Code.NO_SESSION, "the session ended while this packet waited")
                 at = slice(region.start, region.start + n)
@@ -258,31 +291,43 @@ class StreamHandler:
                     raise refused
                 if staged is not None:
                     lanes = staged.rows(staging.tokens, staging.gaps, region.start, n)
-            except BaseException:
-                staging.release(region)
-                raise
+        except BaseException:
+            staging.release(room or region)
+            if filtered is not None:  # refused after the filters ran: as if they had not
+                filtered.undo.revert(session.filter_state)
+            raise
+        staging.release(room)  # the filters kept nothing
+        if n:
             session.last_t = int(events.t[-1])
         elif staged is not None:
             lanes = staged.rows(np.zeros(0, np.int32), np.zeros(0, np.int32), 0, 0)
-        if staged is not None:
-            session.window.commit(staged)
+        if staged is not None and window is not None:
+            window.commit(staged)
         # Accepted: from here to submit there is no await, so no other frame can interleave.
         session.events += n
         session.last_active = time.monotonic()
         if geometry is not None:
             session.cropped += cropped
             self.metrics.cropped.labels(model=session.model).inc(cropped)
+        if filtered is not None:
+            self.metrics.count_filtered(session.model, filtered.counts.to_dict())
+        keep_undo = filtered is not None and self.engine.durable(session) is not None
         self.engine.submit(session, Packet(seq=seq, region=region, start=region.start if region else 0,
                                            size=n, events_after=session.events, last_t=session.last_t,
                                            received=received, reply=self.conn.reply(),
                                            cropped_after=None if geometry is None else session.cropped,
-                                           lanes=lanes))
+                                           lanes=lanes,
+                                           filtered=None if filtered is None else filtered.counts,
+                                           # with snapshots: how the ledger takes it out of the state
+                                           filters_undo=filtered.undo if filtered and keep_undo else None))
 
     def _reset(self) -> None:
         session = self._session()
         session.events, session.last_t, session.cropped, session.answer = 0, None, 0, None
         if session.window is not None:
             session.window.reset()
+        if session.filters is not None:  # a new stream: its filters start afresh
+            session.filter_state = session.filters.new_state()
         session.last_active = time.monotonic()
         self.engine.submit(session, Reset(reply=self.conn.reply()))
 

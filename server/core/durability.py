@@ -34,9 +34,11 @@ from typing import Protocol
 import numpy as np
 
 from evssm.models.events import SensorSpec
+from evssm.models.filters import FilterBank, FilterError, FilterState
 from evssm.models.geometry import Adapter, GeometryError, adapter_for
 
 from ..metrics import Metrics
+from .filter_state import removed_total, restore_from, snapshot_of
 from .sessions import Captured, Session
 from .snapshots import (
     CorruptSnapshot,
@@ -188,7 +190,8 @@ class Durability:
             key=token_key(s.token), session=s.id, model=s.model, fingerprint=runner.fingerprint,
             row=row, events=c.events, last_t=c.last_t, probs=c.probs, top_k=s.top_k,
             cropped=c.cropped, key_id=s.key_id, geometry=None if s.geometry is None else {
-                "sensor": s.geometry.source.to_dict(), "transform": s.geometry.transform.to_dict()})
+                "sensor": s.geometry.source.to_dict(), "transform": s.geometry.transform.to_dict()},
+            filters=snapshot_of(s.filters, c.filters))
 
     def _write(self, records: list[SnapshotRecord]) -> list[bool]:
         """Writer thread: encode and store a batch of records."""
@@ -218,8 +221,8 @@ class Durability:
                 self.on_taken_over(c.session)
                 continue
             written += 1
-            if sched is not None:  # events sent: kept and cropped
-                sched.snapshot_written(c, rec.events + rec.cropped)
+            if sched is not None:  # events sent: kept, cropped and filtered
+                sched.snapshot_written(c, rec.events + rec.cropped + removed_total(c.filters))
         self.metrics.snapshots_written.labels(model=model).inc(written)
     def _store_error(self, exc: BaseException, n: int) -> None:
         self.metrics.snapshot_failures.labels(reason="store_error").inc(n)
@@ -256,10 +259,11 @@ class Durability:
 
     # --- restoring ---------------------------------------------------------------------------
     async def lookup(self, token: str, key_id: str | None
-                     ) -> tuple[SnapshotRecord, bytes, Adapter | None] | None:
+                     ) -> tuple[SnapshotRecord, bytes, Adapter | None, tuple[FilterBank, FilterState] | None] | None:
         """The snapshot of ``token`` if there is one this server can restore for a client with
         API key ``key_id`` (None: none, expired, damaged, being deleted, or opened under another
-        key, which is as unknown as a wrong token), its bytes and its declared source's adapter.
+        key, which is as unknown as a wrong token), its bytes, its declared source's adapter and
+        its input filters (bank and state).
         Raises :class:`SnapshotIncompatible` or StoreUnavailable."""
         key = token_key(token)
         if key in self._deleting:
@@ -296,10 +300,16 @@ class Durability:
                 adapter = adapter_for(runner.sensor, rec.geometry.get("sensor"), rec.geometry.get("transform"))
             except (GeometryError, AttributeError, TypeError) as e:
                 problem = f"its declared sensor does not fit model {rec.model!r}: {e}"
+        filters = None
+        if problem is None and runner is not None and rec.filters is not None:
+            try:
+                filters = restore_from(rec.filters, runner.sensor if adapter is None else adapter.source)
+            except FilterError as e:
+                problem = f"its filters do not fit: {e}"
         if problem:
             self.metrics.snapshot_failures.labels(reason="incompatible").inc()
             raise SnapshotIncompatible(f"session {rec.session} cannot be restored: {problem}")
-        return rec, blob, adapter
+        return rec, blob, adapter, filters
 
     def adopt(self, s: Session, rec: SnapshotRecord, blob: bytes) -> None:
         """A session was restored from ``rec``: the store already holds its state; in a shared

@@ -247,13 +247,14 @@ class Engine:
             found = await self.durability.lookup(token, key_id)
             if found is None or self.table.knows(token):
                 return None
-            rec, blob, adapter = found
+            rec, blob, adapter, filters = found
             session = self.table.restore(rec.model, rec.top_k, rec.session, token, owner=owner,
                                          owner_limit=self.settings.sessions_per_client, key_id=rec.key_id,
                                          events=rec.events, last_t=rec.last_t, cropped=rec.cropped,
-                                         geometry=adapter)
+                                         geometry=adapter, filters=filters)
             self.schedulers[rec.model].restore(session, Restore(
-                row=rec.row, events=rec.events, last_t=rec.last_t, probs=rec.probs, cropped=rec.cropped))
+                row=rec.row, events=rec.events, last_t=rec.last_t, probs=rec.probs, cropped=rec.cropped,
+                filters=None if filters is None else filters[1]))
             self.metrics.model(rec.model).sessions_active.inc()
             self.durability.adopt(session, rec, blob)
             log.info("session %s of %s restored from its snapshot at %d events", session.id, rec.model,

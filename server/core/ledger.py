@@ -5,7 +5,8 @@ With snapshots (``--state-dir``/``--state-store``; ``server/core/durability.py``
 keeps one :class:`SnapshotLedger`. The step thread is the one thread that touches the rows and
 runs plans in order, so a row read after plan k is exactly the state after plan k; the ledger
 is fed each reported plan (:meth:`SnapshotLedger.update`), so its *done* state of a lane (events,
-last timestamp and cropped count of the last finished packet, resets so far, changes so far) is
+last timestamp, cropped count and filter state of the last finished packet, resets so far,
+changes so far) is
 the state after plan k too, and it pairs each row read with it (:class:`~.sessions.Captured`) for
 the snapshot sink, which writes them on its own thread. A row read while its session is between
 two chunks of a packet has no event count and is read again after a later plan. ``durable`` per
@@ -16,13 +17,17 @@ out with each result.
 from __future__ import annotations
 
 import asyncio
+import functools
+import operator
+from collections import deque
 from collections.abc import Callable, Hashable, Iterable
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 
-from .sessions import Captured, Packet, Restore, Session
+from .filter_state import removed_total
+from .sessions import Captured, Item, Packet, Reset, Restore, Session
 
 READ_CHUNK = 512  # rows one plan reads for snapshots at most: bounds the pause between two steps
 
@@ -51,6 +56,11 @@ class _Done:
     snap_version: int = -1  # the version the last finished snapshot write covered
     snap_active: float = 0.0  # the session's last_active that write saw
     reading: bool = False  # due for a snapshot read, or in a plan's reads
+    # With input filters: the packets and resets accepted after the done state, in order (their
+    # undo records take the live filter state back to it), and whether the zeroing of a reused
+    # row, which no client asked for, is still to come.
+    log: deque[Item] = field(default_factory=deque)
+    zero_pending: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,11 +88,12 @@ class SnapshotLedger:
     def add(self, key: Hashable, session: Session, restore: Restore | None, zero_first: bool) -> None:
         """A new lane: a fresh session (its row is zeroed first when ``zero_first``) or one restored
         from a snapshot, which that snapshot already covers."""
-        done = self._done[key] = _Done(session, session.slot, settled=restore is None and not zero_first)
+        done = self._done[key] = _Done(session, session.slot, settled=restore is None and not zero_first,
+                                       zero_pending=zero_first)
         if restore is None:
             self.durable[done.slot] = 0
         else:
-            self.durable[done.slot] = restore.events + restore.cropped
+            self.durable[done.slot] = restore.events + restore.cropped + removed_total(restore.filters)
             done.snap_version = 1  # the version once the Restore is done
             done.snap_active = session.last_active
 
@@ -92,6 +103,20 @@ class SnapshotLedger:
         if done is not None and done.reading:
             self._due.pop(key, None)
             self._read_done(key)
+
+    def accepted(self, key: Hashable, item: Item) -> None:
+        """The session accepted ``item``: with filters, its packets and resets are logged until
+        done (stepped, zeroed, or answered without a step)."""
+        done = self._done.get(key)
+        if done is not None and done.session.filters is not None and isinstance(item, (Packet, Reset)):
+            done.log.append(item)
+
+    def answered_empty(self, key: Hashable, packet: Packet) -> None:
+        """An empty packet (its filters removed every event) was answered after everything before
+        it: its row needs no step, its filter state counts as done."""
+        done = self._done.get(key)
+        if done is not None and done.log and done.log[0] is packet:  # all before it are done
+            done.log.popleft()
 
     def durable_of(self, key: Hashable) -> int | None:
         done = self._done.get(key)
@@ -103,6 +128,10 @@ class SnapshotLedger:
         for key in changes.zeroed:
             done = self._done[key]
             done.settled, done.events, done.last_t, done.cropped = True, 0, None, 0
+            if done.zero_pending:
+                done.zero_pending = False
+            else:
+                _pop_through(done.log, lambda item: isinstance(item, Reset))
             done.epoch += 1
             done.version += 1
             self.durable[done.slot] = 0  # a new stream: no snapshot covers any of it yet
@@ -116,6 +145,7 @@ class SnapshotLedger:
             if last:
                 done.events, done.last_t = packet.events_after, packet.last_t
                 done.cropped = packet.cropped_after or 0
+                _pop_through(done.log, functools.partial(operator.is_, packet))
                 done.version += 1
 
     def captured(self, reads: list[Hashable], rows: np.ndarray, probs: np.ndarray, ready: np.ndarray,
@@ -132,12 +162,13 @@ class SnapshotLedger:
             if not live(key):
                 self._read_done(key)
                 continue
-            if not done.settled:
+            filters = _filters_at(done) if done.settled else False
+            if filters is False:  # not settled, or a reset pending: read again after a later plan
                 self._due[key] = None
                 continue
             s = done.slot
             items.append(Captured(done.session, done.version, done.epoch, done.session.last_active, done.events,
-                                  done.last_t, done.cropped, probs[s].copy() if ready[s] else None))
+                                  done.last_t, done.cropped, probs[s].copy() if ready[s] else None, filters))
             keep.append(i)
             self._read_done(key)
         if items:
@@ -201,3 +232,27 @@ class SnapshotLedger:
             if not waiting and not fut.done():
                 fut.set_result(None)
         self._waiters = [(w, f) for w, f in self._waiters if w]
+
+
+def _pop_through(log: deque[Item], last: Callable[[Item], bool]) -> None:
+    """Drop the logged items up to the first one ``last`` picks (with it): they are done."""
+    while log:
+        if last(log.popleft()):
+            return
+
+
+def _filters_at(done: _Done) -> Any:
+    """The session's filter state at its done state: the live one with every packet accepted
+    since taken out, newest first (a copy; None: no filters). False while a reset is pending: the
+    live state is the new stream's, so the row is read again after a later plan."""
+    session = done.session
+    if session.filters is None:
+        return None
+    if any(isinstance(item, Reset) for item in done.log):
+        return False
+    state = session.filter_state.copy()
+    for item in reversed(done.log):
+        if isinstance(item, Packet) and item.filters_undo is not None:
+            item.filters_undo.revert(state)
+    return state
+

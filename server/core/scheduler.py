@@ -259,6 +259,8 @@ class Scheduler:
             raise SlotError(f"work submitted to released session {session.id}")
         if isinstance(item, Packet):
             self.queued_packets += 1
+        if self.ledger is not None:
+            self.ledger.accepted(lane, item)
         lane.queue.append(item)
         if len(lane.queue) == 1:
             out = StepOutputs(self.model)
@@ -365,6 +367,8 @@ class Scheduler:
             if isinstance(head, Packet) and head.size == 0:
                 queue.popleft()
                 self.queued_packets -= 1
+                if self.ledger is not None:
+                    self.ledger.answered_empty(lane, head)
                 at = [answer_slot(lane, head)]  # copies: the record must not change with later steps
                 out.answered.append(Answered([lane.session], [head], self.probs[at], self.ready[at], self.order[at],
                                              None if self.ledger is None else self.ledger.durable[at]))

@@ -88,6 +88,10 @@ class Packet:
     cropped_after: int | None = None  # the session's cropped count once this packet is in (None:
     # no source sensor declared)
     lanes: LaneRows | None = None  # a session with several rows: what each steps (None: one row)
+    filtered: Any = None  # models.filters.FilterCounts: what the session's filters removed from
+    # this packet (None: the session has no filters)
+    filters_undo: Any = None  # server.live.filtering.Undo: how to take this packet out of the
+    # session's filter state (the ledger rebuilds the state a snapshot holds with it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +139,7 @@ class Restore:
     probs: np.ndarray | None
     cropped: int = 0
     reply: Any = None  # never answered: the API layer answers the resume itself
+    filters: Any = None  # the snapshot's FilterState (None: no filters)
 
 
 Item = Packet | Reset | Close | Restore
@@ -156,6 +161,7 @@ class Captured:
     last_t: int | None
     cropped: int
     probs: np.ndarray | None
+    filters: Any = None  # the FilterState after those events (None: no filters, or a fresh stream)
 
 
 class Client(Protocol):
@@ -183,9 +189,9 @@ class Session:
     - ``id``, ``token``, ``model``, ``slot``, ``owner``, ``key_id``, ``opened``: the
       :class:`SessionTable`, when it creates the session;
     - ``status``: the :class:`SessionTable` (:meth:`SessionTable.end`, :meth:`SessionTable.release`);
-    - ``events``, ``last_t``, ``cropped``, ``geometry``, ``top_k``: the API layer's stream handler
-      (what the client has sent and declared); a restored session's start as its snapshot's, set
-      by the table at creation;
+    - ``events``, ``last_t``, ``cropped``, ``geometry``, ``top_k``, ``filters``, ``filter_state``:
+      the API layer's stream handler (what the client has sent and declared); a restored session's
+      start as its snapshot's, set by the table at creation;
     - ``attachment``, ``last_active``: the API layer (the connection it streams on, its activity);
     - ``answer``: the API layer (its output processor sets it from each result, knowing the
       labels; the stream handler clears it on a reset).
@@ -213,6 +219,9 @@ class Session:
     answer: tuple[str, float] | None = None  # top class and its probability after the last result
     slots: tuple[int, ...] = ()  # every row it holds, ``slot`` first (set by the table)
     window: Any = None  # the API layer's lane planner (its stream handler writes it)
+    filters: Any = None  # the declared input filters (evssm.models.filters.FilterBank) or None
+    filter_state: Any = None  # their FilterState after the last accepted packet (advanced in place
+    # by the stream handler; a new one after a reset)
 
     def __post_init__(self) -> None:
         if not self.slots:
@@ -266,13 +275,17 @@ class SessionTable:
 
     def restore(self, model: str, top_k: int, sid: str, token: str, *, owner: str | None = None,
                 owner_limit: int | None = None, key_id: str | None = None, events: int = 0,
-                last_t: int | None = None, cropped: int = 0, geometry: Any = None) -> Session:
+                last_t: int | None = None, cropped: int = 0, geometry: Any = None,
+                filters: tuple[Any, Any] | None = None) -> Session:
         """A session restored from a snapshot: the same id (unless a live session has it) and
         token, and the counts the snapshot holds (the baseline its next packet is checked
         against); its ``Restore`` item writes the whole row, so a dirty slot needs no zeroing.
-        The same limits and errors as :meth:`open`."""
+        ``filters``: the snapshot's (FilterBank, FilterState). The same limits and errors as
+        :meth:`open`."""
         session = self._add(model, top_k, sid, token, owner=owner, owner_limit=owner_limit, key_id=key_id)
         session.events, session.last_t, session.cropped, session.geometry = events, last_t, cropped, geometry
+        if filters is not None:
+            session.filters, session.filter_state = filters
         return session
 
     def _add(self, model: str, top_k: int, sid: str, token: str, *, owner: str | None,

@@ -104,6 +104,14 @@ class StagingBuffer:
         self._tail = start + size
         return region
 
+    def shrink(self, region: Region, size: int) -> None:
+        """Hand back the end of the newest region past its first ``size`` (1 .. its size)
+        events: room reserved for a packet before its filters said how many it keeps."""
+        if not (self._regions and self._regions[-1] is region and region.held and 0 < size <= region.size):
+            raise ValueError("only the newest held region shrinks, to 1 .. its size events")
+        region.size = size
+        self._tail = region.start + size
+
     def release(self, region: Region | None) -> None:
         """Give a region back (once); the head moves past every released region at the front."""
         if region is None or not region.held:
