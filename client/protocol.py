@@ -19,7 +19,17 @@ import msgpack
 import numpy as np
 
 from evssm.models.events import Recording, SensorSpec
-from evssm.models.wire import CLASSIFY_PATH, COLUMN_DTYPES, MODELS_PATH, STREAM_PATH, FrameError, Opened, ResultFrame
+from evssm.models.wire import (
+    CLASSIFY_PATH,
+    COLUMN_DTYPES,
+    MODELS_PATH,
+    STREAM_PATH,
+    Decided,
+    Dropped,
+    FrameError,
+    Opened,
+    ResultFrame,
+)
 
 from .errors import ProtocolError
 
@@ -163,7 +173,10 @@ class Result:
     packet the server processed but whose answer was lost with a dropped connection (its
     ``probs``/``top`` are then unknown, not resent: resending would process the events twice).
     ``durable`` is the event count covered by the session's last snapshot when the server answered
-    (None: the server keeps no snapshots).
+    (None: the server keeps no snapshots). ``decision``: the class changed (a ``decide`` session);
+    ``lag_ms``: how far the answer trails the sensor (a ``realtime`` session); ``dropped``: the
+    packet was dropped unstepped, with the session's totals (``overload: "drop"``).
+    ``probs``/``top`` are None/empty in a compact result without a decision.
     """
 
     seq: int
@@ -175,6 +188,9 @@ class Result:
     lost: bool = False
     cropped: int = 0
     durable: int | None = None
+    decision: Decided | None = None
+    lag_ms: float | None = None
+    dropped: Dropped | None = None
 
     @property
     def label(self) -> Any:
@@ -192,12 +208,14 @@ class Result:
             raise ProtocolError("malformed result frame: its seq is null")
         return cls(seq=frame.seq, events=frame.events, t=frame.t, probs=frame.probs,
                    top=[(label, p) for label, p in frame.top], latency_s=latency_s, cropped=frame.cropped or 0,
-                   durable=frame.durable)
+                   durable=frame.durable, decision=frame.decision, lag_ms=frame.lag_ms, dropped=frame.dropped)
 
     def to_dict(self) -> dict[str, Any]:
         return {"seq": self.seq, "events": self.events, "t": self.t, "probs": self.probs,
                 "top": [[label, p] for label, p in self.top], "latency_ms": self.latency_s * 1e3,
-                "lost": self.lost, "cropped": self.cropped, "durable": self.durable}
+                "lost": self.lost, "cropped": self.cropped, "durable": self.durable,
+                "decision": None if self.decision is None else self.decision.to_wire(), "lag_ms": self.lag_ms,
+                "dropped": None if self.dropped is None else self.dropped.to_wire()}
 
 
 def endpoint_url(url: str, kind: str) -> str:

@@ -121,6 +121,8 @@ class AsyncStreamSession:
         replay_packet_events: events per packet when answered packets are sent again.
         api_key: the server's API key, sent as ``Authorization: Bearer KEY`` (None: the
             ``EVSSM_API_KEY`` variable, or no key).
+        open_fields: more fields of the ``open`` frame, sent again on every resume: ``decide``,
+            ``results``, ``realtime``, ``overload``, ``max_lag_ms`` (docs/protocol.md).
 
     Results and errors come back through :meth:`recv` (and :meth:`poll`, :meth:`drain`,
     :meth:`results`, :meth:`stream`) in packet order; a packet the server rejected raises its
@@ -137,7 +139,7 @@ class AsyncStreamSession:
                  open_timeout: float = 10.0, binary: bool = True,
                  sensor: SensorSpec | None = None, transform: Mapping[str, Any] | None = None,
                  max_replay_events: int = 1 << 22, replay_packet_events: int = 16384,
-                 api_key: str | None = None):
+                 api_key: str | None = None, open_fields: Mapping[str, Any] | None = None):
         self._window = InFlight(max_in_flight)
         if replay_packet_events < 1 or max_replay_events < 0:
             raise ValueError("replay_packet_events must be >= 1 and max_replay_events >= 0")
@@ -153,6 +155,7 @@ class AsyncStreamSession:
         self.binary = binary
         self.sensor = sensor
         self.transform = None if transform is None else dict(transform)
+        self.open_fields = dict(open_fields or {})
         self.max_replay_events = max_replay_events
         self.replay_packet_events = replay_packet_events
         self.info: SessionInfo | None = None
@@ -453,7 +456,7 @@ class AsyncStreamSession:
     def _open_frame(self, resume: str | None, model: str | None = None) -> bytes:
         sensor = None if self.sensor is None else sensor_declaration(self.sensor)
         return encode_message("open", model=model or self.model, resume=resume, top_k=self.top_k,
-                              sensor=sensor, transform=self.transform)
+                              sensor=sensor, transform=self.transform, **self.open_fields)
 
     # -- the reader ------------------------------------------------------------------------
 

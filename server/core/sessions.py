@@ -165,7 +165,10 @@ class Session:
       by the table at creation;
     - ``attachment``, ``last_active``: the API layer (the connection it streams on, its activity);
     - ``answer``: the API layer (its output processor sets it from each result, knowing the
-      labels; the stream handler clears it on a reset).
+      labels; the stream handler clears it on a reset);
+    - ``live``: the API layer's live-sensor state (decisions, lag; ``server/api/live.py``),
+      opaque here; a snapshot holds its ``to_dict()``, and a session restored from one starts
+      with that plain map until the API layer takes it up.
 
     The scheduler keeps the session's work queue and its model's per-slot arrays (probabilities,
     readiness) itself, keyed by ``slot``. Issue 21's staggered lanes would give a session several
@@ -187,6 +190,7 @@ class Session:
     key_id: str | None = None  # the API key that opened it; only that key may resume it
     opened: float = field(default_factory=time.monotonic)
     answer: tuple[str, float] | None = None  # top class and its probability after the last result
+    live: Any = None  # the API layer's live-sensor state, or a restored snapshot's plain map
 
     @property
     def open(self) -> bool:

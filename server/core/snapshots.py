@@ -106,6 +106,7 @@ class SnapshotRecord:
     cropped: int = 0  # events of the stream a declared crop removed (not in ``events``)
     geometry: dict[str, Any] | None = None  # the declared source: {"sensor", "transform"}
     key_id: str | None = None  # the id of the API key that opened the session (None: no keys)
+    live: dict[str, Any] | None = None  # the API layer's live-sensor state as plain data (None: none)
     written: float = field(default_factory=time.time)  # Unix time
 
 
@@ -117,7 +118,7 @@ def encode(rec: SnapshotRecord) -> bytes:
         "last_t": rec.last_t,
         "probs": None if rec.probs is None else np.ascontiguousarray(rec.probs, "<f4").tobytes(),
         "top_k": rec.top_k, "cropped": rec.cropped, "geometry": rec.geometry, "key_id": rec.key_id,
-        "written": rec.written,
+        "live": rec.live, "written": rec.written,
     })
     return msgpack.packb([MAGIC, VERSION, zlib.crc32(body), body])
 
@@ -145,7 +146,8 @@ def decode(data: bytes) -> SnapshotRecord:
             probs=None if probs is None else np.frombuffer(probs, "<f4").astype(np.float32),
             top_k=int(d["top_k"]), cropped=int(d["cropped"]),
             geometry=None if d["geometry"] is None else dict(d["geometry"]),
-            key_id=None if d.get("key_id") is None else str(d["key_id"]), written=float(d["written"]))
+            key_id=None if d.get("key_id") is None else str(d["key_id"]),
+            live=None if d.get("live") is None else dict(d["live"]), written=float(d["written"]))
     except Exception as e:
         raise CorruptSnapshot(f"malformed snapshot body ({type(e).__name__}: {e})") from None
     if rec.events < 0 or rec.cropped < 0 or rec.row.size == 0:
