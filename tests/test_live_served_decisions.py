@@ -191,3 +191,41 @@ def test_decisions_survive_a_resume_and_a_changed_declaration_is_refused(server)
             return first + [await request(ws, f) for f in frames[cut:]]
 
     assert decisions(asyncio.run(go())) == decisions(whole)
+
+
+def test_decisions_survive_a_restart_through_the_snapshot(tiny_model, tmp_path):
+    from conftest import serve_app
+
+    frames = packets()
+    spec = {"min_prob": 0, "hold_ms": 0}
+    settings = BASE.replace(state_dir=str(tmp_path / "state"), snapshot_interval=0.2)
+    cut = PACKETS // 2 + 3
+
+    async def first_half(url: str) -> tuple[str, list[dict], list[dict]]:
+        _, whole = await run(url, frames, decide=spec)
+        async with connect(f"{url}/v1/stream") as ws:
+            opened = await request(ws, {"type": "open", "top_k": 1, "decide": spec, "realtime": True})
+            first = [await request(ws, f) for f in frames[:cut]]
+            for _ in range(100):  # until a snapshot covers every event sent
+                r = await request(ws, {"type": "events", "seq": 1000, "t": [], "x": []})
+                if r.get("durable") == first[-1]["events"]:
+                    break
+                await asyncio.sleep(0.1)
+            assert r["durable"] == first[-1]["events"], r
+        return opened["resume"], whole, first
+
+    async def second_half(url: str, token: str) -> list[dict]:
+        async with connect(f"{url}/v1/stream") as ws:
+            again = await request(ws, {"type": "open", "resume": token})
+            assert again["type"] == "opened" and again["restored"], again
+            return [await request(ws, f) for f in frames[cut:]]
+
+    with serve_app(create_app(settings, models={"tiny": tiny_model})) as a:
+        wait_ready(a.http)
+        token, whole, first = asyncio.run(first_half(a.ws))
+    with serve_app(create_app(settings, models={"tiny": tiny_model})) as b:
+        wait_ready(b.http)
+        rest = asyncio.run(second_half(b.ws, token))
+    assert decisions(whole), "the stream decides"
+    assert decisions(first + rest) == decisions(whole)
+    assert all(math.isfinite(r["lag_ms"]) and r["lag_ms"] >= 0 for r in rest), "restored realtime, a new clock"

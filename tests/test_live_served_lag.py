@@ -193,3 +193,27 @@ def test_the_client_sends_live_fields_and_reads_lag_and_drops(server):
     assert first.lag_ms is not None and math.isfinite(first.lag_ms) and first.dropped is None
     assert late.dropped is not None and (late.dropped.packets, late.dropped.events) == (1, 20)
     assert late.lag_ms is not None and late.lag_ms > 100
+
+
+def test_stream_command_replays_in_real_time_with_lag_decisions_and_compact_results(server, tmp_path, capsys):
+    import json
+
+    from evssm.cli import main
+    from evssm.client import SimulatedSensor, save_events
+    from evssm.models.events import SensorSpec
+
+    rec = SimulatedSensor(SensorSpec.one_d(CHANNELS), 20_000, label=3, num_classes=20, seed=0).recording(0.3)
+    path = str(save_events(tmp_path / "rec.npz", rec, label=3))
+    assert main(["stream", path, "--url", server.ws, "--packet-ms", "10", "--realtime", "--decide",
+                 "min_prob=0,hold_ms=0", "--compact", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    lag = summary["lag_ms"]
+    assert lag is not None and math.isfinite(lag["p50"]) and 0 <= lag["p50"] <= lag["max"] < 5_000
+    assert summary["dropped"] == {"packets": 0, "events": 0} and summary["events"] == len(rec)
+    assert summary["decisions"], "the first answer decides at hold 0"
+    assert summary["decisions"][-1]["label"] == summary["prediction"]
+    # The options the server would refuse are refused before connecting, with the reason.
+    assert main(["stream", path, "--url", server.ws, "--compact", "--json"]) != 0
+    assert "--decide" in capsys.readouterr().err
+    assert main(["stream", path, "--url", server.ws, "--max-lag-ms", "5", "--json"]) != 0
+    assert "--overload drop" in capsys.readouterr().err

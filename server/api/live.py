@@ -246,7 +246,8 @@ def drop_packet(engine: Engine, metrics: Metrics, session: Session, live: Sessio
         raise ProtocolError(Code(e.code), e.message) from None
     n = len(events)
     packet = Packet(seq=seq, region=None, start=0, size=0, events_after=session.events, last_t=session.last_t,
-                    received=received, reply=reply(), cropped_after=None if session.geometry is None else session.cropped)
+                    received=received, reply=reply(),
+                    cropped_after=None if session.geometry is None else session.cropped)
     live.drop(packet, received, int(events.t[-1]), n)
     session.last_active = time.monotonic()
     metrics.dropped_packets.labels(model=session.model).inc()

@@ -4,7 +4,8 @@ A snapshot holds what a session needs to go on after its server is gone: the pac
 the event count and last timestamp the row covers, the last probabilities (so that an empty packet
 is answered at once), top-k, the declared source sensor and the count its crop removed, the id of
 the API key that opened the session (only that key may resume it; never the key itself), the
-model's name and a fingerprint of the model's weights (a row is meaningless under other weights).
+model's name and a fingerprint of the model's weights (a row is meaningless under other weights),
+and the API layer's live-sensor state as plain data (decisions, drop counts; absent in older records).
 Nothing here knows of sessions, slots or the scheduler; the engine's glue is
 :mod:`evssm.server.core.durability`.
 
