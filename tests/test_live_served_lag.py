@@ -129,6 +129,26 @@ def test_a_late_packet_is_dropped_whole_answered_in_order_and_counted(server):
     assert metric(server.http, "evssm_dropped_packets_total") == 2
 
 
+def test_a_reset_restarts_the_clock_and_keeps_the_drop_totals(server):
+    async def go() -> list[dict]:
+        async with connect(f"{server.ws}/v1/stream") as ws:
+            await request(ws, {"type": "open", "realtime": True, "overload": "drop", "max_lag_ms": 100})
+            out = [await request(ws, events(0, 5_000_000, 100))]  # the sensor's clock at 5 s
+            await asyncio.sleep(0.3)
+            out.append(await request(ws, events(1, 5_001_000, 50)))  # late: dropped
+            out.append(await request(ws, {"type": "reset"}))
+            await asyncio.sleep(0.3)
+            out.append(await request(ws, events(2, 0, 100)))  # the sensor restarted at 0: on time
+            out.append(await request(ws, events(3, 1_000, 100)))
+            return out
+
+    r0, r1, reset, r2, r3 = asyncio.run(go())
+    assert "dropped" not in r0 and r1["dropped"] == {"packets": 1, "events": 50}
+    assert reset["type"] == "reset_done"
+    assert r2["events"] == 100 and "dropped" not in r2 and 0 <= r2["lag_ms"] < 100, r2
+    assert r3["events"] == 200 and "dropped" not in r3 and math.isfinite(r3["lag_ms"]), r3
+
+
 async def flood(url: str, n_packets: int, size: int, **fields: Any) -> tuple[list[dict], int]:
     """Send ``n_packets`` back to back, each stamped with the wall clock when sent (a live sensor),
     reading answers concurrently; returns them in arrival order and the events sent."""

@@ -167,9 +167,18 @@ class SessionLive:
         return decided, lag_ms, None if dropped is None else dropped[1]
 
     def reset(self) -> None:
-        """The stream starts again (``reset``): decisions start afresh (its times may go back)."""
+        """The stream's reset is done (answered in order): decisions start afresh (its times
+        may go back)."""
         if self.tracker is not None:
             self.tracker = DecisionTracker(self.tracker.spec)
+
+    def restart_clock(self) -> None:
+        """A ``reset`` was accepted: the packets after it may restart the sensor's clock, so the
+        offset is learned again (from now on: a packet queued before the reset and answered
+        after it is measured on the new clock, and carries no lag before the new clock has a
+        packet). The drop totals stay the session's."""
+        if self.lag is not None:
+            self.lag.clock = ClockSync()
 
     def forget(self, packet: object) -> None:
         """A queued packet will never be answered (its session ended)."""

@@ -269,6 +269,9 @@ class StreamHandler:
         session = self._session()
         session.events, session.last_t, session.cropped, session.answer = 0, None, 0, None
         session.last_active = time.monotonic()
+        live = live_of(session)
+        if live is not None:
+            live.restart_clock()
         self.engine.submit(session, Reset(reply=self.conn.reply()))
 
     def _close(self) -> None:
