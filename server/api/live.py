@@ -43,7 +43,7 @@ from evssm.models.wire import Code, Decided, Dropped
 from ..core.engine import Engine
 from ..core.sessions import Packet, Session
 from ..live.decisions import DecideSpec, DecisionError, DecisionTracker
-from ..live.lag import ClockSync, LagError, LagMonitor, OverloadPolicy, to_us
+from ..live.lag import ClockSync, LagError, LagMonitor, OverloadPolicy
 from ..metrics import Metrics
 from .protocol import Events, ProtocolError
 
@@ -125,9 +125,7 @@ class SessionLive:
         only once it is accepted (:meth:`arrived`, :meth:`drop`), as it offers itself here."""
         if self.lag is None or self.lag.policy.mode != "drop":
             return False
-        own = to_us(received) - t_us
-        offset = own if self.lag.clock.offset_us is None else min(self.lag.clock.offset_us, own)
-        return self.lag.policy.drops(max(0, to_us(now) - (t_us + offset)) / 1000)
+        return self.lag.policy.drops(self.lag.clock.lag_ms(now, t_us, arrival_s=received))
 
     def arrived(self, received: float, t_us: int) -> None:
         """An accepted packet's arrival and newest event time (realtime sessions)."""

@@ -386,8 +386,10 @@ def session_summary(session: Session, *, live: bool) -> dict[str, Any]:
     """What the live page shows of a session: its answer and counts, no event data and nothing
     that would let anyone resume it (the token stays private)."""
     label, prob = session.answer if session.answer is not None else (None, None)
+    out = {"session": session.id, "model": session.model, "label": label,
+           "probability": None if prob is None else round(float(prob), 4),
+           "events": session.events, "live": live, "last_active": session.last_active}
     lag_ms = getattr(session.live, "last_lag_ms", None)  # a realtime session's (server/api/live.py)
-    return {"session": session.id, "model": session.model, "label": label,
-            "probability": None if prob is None else round(float(prob), 4),
-            "events": session.events, "live": live, "last_active": session.last_active,
-            "lag_ms": None if lag_ms is None else round(float(lag_ms), 1)}
+    if lag_ms is not None:
+        out["lag_ms"] = round(float(lag_ms), 1)
+    return out
