@@ -279,3 +279,28 @@ def test_the_udp_bridge_opens_a_realtime_session_and_reports_its_lag(server, cap
     lag = summary["lag_ms"]
     assert lag is not None and math.isfinite(lag["p50"]) and lag["p50"] >= 0, summary
     assert summary["dropped"] == {"packets": 0, "events": 0}
+
+
+def test_the_live_view_shows_lag_drops_and_decisions():
+    from rich.console import Console
+
+    from evssm.client.protocol import ModelInfo, Result, SessionInfo
+    from evssm.client.sources import Sample
+    from evssm.client.stream_view import View
+    from evssm.models.wire import Decided, Dropped
+
+    rec = Recording(t=np.arange(0, 3000, 10, dtype=np.int64), x=np.zeros(300, np.int64))
+    info = SessionInfo(session="s", resume="r", events=0, model=ModelInfo("tiny", ("a", "b"), None))
+    view = View(Sample(rec, name="rec"), info, "ws://x", 1.0, 2)
+    view.add(Result(seq=0, events=100, t=990, probs=[0.2, 0.8], top=[("b", 0.8)], lag_ms=3.5,
+                    decision=Decided("b", 0.8, 990)))
+    view.add(Result(seq=1, events=100, t=990, probs=[0.2, 0.8], top=[("b", 0.8)], lag_ms=250.0,
+                    dropped=Dropped(1, 100)))
+    view.add(Result(seq=2, events=200, t=2990, probs=None, top=[], lag_ms=4.0))  # compact
+    assert view.answered == 300 and view.processed == 200 and view.dropped == (1, 100)
+    assert view.last is not None and view.last.seq == 1, "a compact result keeps the last answer shown"
+    console = Console(width=160, record=True)
+    console.print(view.render())
+    text = console.export_text()
+    assert "lag ms last 4.0" in text and "dropped 1 packets, 100 events" in text
+    assert "decided: b (p 0.800)" in text
