@@ -178,10 +178,6 @@ class SessionLive:
         if self.lag is not None:
             self.lag.clock = ClockSync()
 
-    def forget(self, packet: object) -> None:
-        """A queued packet will never be answered (its session ended)."""
-        self._dropped.pop(packet, None)
-
     # --- snapshots -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """Plain data for the session's snapshot: the declaration, the tracker, the drop counts."""
