@@ -19,7 +19,17 @@ import msgpack
 import numpy as np
 
 from evssm.models.events import Recording, SensorSpec
-from evssm.models.wire import CLASSIFY_PATH, COLUMN_DTYPES, MODELS_PATH, STREAM_PATH, FrameError, Opened, ResultFrame
+from evssm.models.wire import (
+    CLASSIFY_PATH,
+    COLUMN_DTYPES,
+    MODELS_PATH,
+    STREAM_PATH,
+    Decided,
+    Dropped,
+    FrameError,
+    Opened,
+    ResultFrame,
+)
 
 from .errors import ProtocolError
 
@@ -176,6 +186,10 @@ class Result:
     (None: the server keeps no snapshots). ``window``: for a windowed session, the events the
     answer covers, ``{"t0", "events"}``. ``filtered``: the events each input filter removed
     from this packet (None: the session has no filters).
+    ``decision``: the class changed (a ``decide`` session);
+    ``lag_ms``: how far the answer trails the sensor (a ``realtime`` session); ``dropped``: the
+    packet was dropped unstepped, with the session's totals (``overload: "drop"``).
+    ``probs``/``top`` are None/empty in a compact result without a decision.
     """
 
     seq: int
@@ -189,6 +203,9 @@ class Result:
     durable: int | None = None
     window: dict[str, int] | None = None
     filtered: dict[str, int] | None = None
+    decision: Decided | None = None
+    lag_ms: float | None = None
+    dropped: Dropped | None = None
 
     @property
     def label(self) -> Any:
@@ -206,7 +223,8 @@ class Result:
             raise ProtocolError("malformed result frame: its seq is null")
         return cls(seq=frame.seq, events=frame.events, t=frame.t, probs=frame.probs,
                    top=[(label, p) for label, p in frame.top], latency_s=latency_s, cropped=frame.cropped or 0,
-                   durable=frame.durable, window=frame.window, filtered=frame.filtered)
+                   durable=frame.durable, window=frame.window, filtered=frame.filtered,
+                   decision=frame.decision, lag_ms=frame.lag_ms, dropped=frame.dropped)
 
     @property
     def removed(self) -> int:
@@ -217,7 +235,10 @@ class Result:
         out: dict[str, Any] = {"seq": self.seq, "events": self.events, "t": self.t, "probs": self.probs,
                                "top": [[label, p] for label, p in self.top],
                                "latency_ms": self.latency_s * 1e3, "lost": self.lost, "cropped": self.cropped,
-                               "durable": self.durable, "window": self.window}
+                               "durable": self.durable, "window": self.window,
+                               "decision": None if self.decision is None else self.decision.to_wire(),
+                               "lag_ms": self.lag_ms,
+                               "dropped": None if self.dropped is None else self.dropped.to_wire()}
         if self.filtered is not None:
             out["filtered"] = self.filtered
         return out

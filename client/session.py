@@ -123,6 +123,8 @@ class AsyncStreamSession:
         replay_packet_events: events per packet when answered packets are sent again.
         api_key: the server's API key, sent as ``Authorization: Bearer KEY`` (None: the
             ``EVSSM_API_KEY`` variable, or no key).
+        open_fields: more fields of the ``open`` frame, sent again on every resume: ``decide``,
+            ``results``, ``realtime``, ``overload``, ``max_lag_ms`` (docs/protocol.md).
 
     Results and errors come back through :meth:`recv` (and :meth:`poll`, :meth:`drain`,
     :meth:`results`, :meth:`stream`) in packet order; a packet the server rejected raises its
@@ -140,7 +142,8 @@ class AsyncStreamSession:
                  sensor: SensorSpec | None = None, transform: Mapping[str, Any] | None = None,
                  filters: Mapping[str, int] | None = None, max_replay_events: int = 1 << 22,
                  replay_packet_events: int = 16384,
-                 api_key: str | None = None, window: Mapping[str, Any] | None = None):
+                 api_key: str | None = None, window: Mapping[str, Any] | None = None,
+                 open_fields: Mapping[str, Any] | None = None):
         self._window = InFlight(max_in_flight)
         if replay_packet_events < 1 or max_replay_events < 0:
             raise ValueError("replay_packet_events must be >= 1 and max_replay_events >= 0")
@@ -158,6 +161,7 @@ class AsyncStreamSession:
         self.transform = None if transform is None else dict(transform)
         self.sliding_window = None if window is None else dict(window)  # the open frame's ``window``
         self.filters = None if filters is None else dict(filters)
+        self.open_fields = dict(open_fields or {})
         self.max_replay_events = max_replay_events
         self.replay_packet_events = replay_packet_events
         self.info: SessionInfo | None = None
@@ -461,7 +465,7 @@ class AsyncStreamSession:
         sensor = None if self.sensor is None else sensor_declaration(self.sensor)
         return encode_message("open", model=model or self.model, resume=resume, top_k=self.top_k,
                               sensor=sensor, transform=self.transform, window=self.sliding_window,
-                              filters=self.filters)
+                              filters=self.filters, **self.open_fields)
 
     # -- the reader ------------------------------------------------------------------------
 

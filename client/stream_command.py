@@ -21,6 +21,11 @@ t64_x16_y16_on8, the default, or t32_x16_y15_on1; --sensor WxH is required), e.g
 It forwards packets as they fill (at most 20 ms late) and stops on Ctrl-C, or with --json after
 --idle-timeout seconds without a datagram (counted from the first one: it may start before the
 camera), printing what was received and forwarded.
+
+A udp:// stream opens a realtime session: the view shows how far the answers trail the camera
+(lag) and, with --overload drop --max-lag-ms N, the packets the server dropped to keep up.
+--decide min_prob=P,hold_ms=D has the server report class changes (shown as they come);
+--compact then sends probabilities only with them.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from .cli_options import (
     window_option,
 )
 from .errors import ClientError, ConnectionLost, ServerUnavailable, error_line, exit_code
+from .live_options import add_live_arguments, open_fields_of
 from .packets import apaced, packetize
 from .protocol import SessionInfo
 from .session import AsyncStreamSession
@@ -107,6 +113,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true",
                         help="no live view; print one JSON object with the final answer")
     parser.add_argument("--refresh", type=float, default=10.0, help="live view refreshes per s")
+    add_live_arguments(parser)
 
 
 def reconnect_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -190,7 +197,8 @@ async def _stream(args: argparse.Namespace) -> int:
                                  max_in_flight=args.max_in_flight,
                                  reconnect=not args.no_reconnect, sensor=declared,
                                  transform=transform_of(args), filters=args.filters, api_key=args.api_key,
-                                 window=args.window, **reconnect_options(args))
+                                 window=args.window, open_fields=open_fields_of(args, live_source=False),
+                                 **reconnect_options(args))
     info = await open_patiently(session, args)
     try:
         if sample is None:  # the simulated sensor emits for the served model's sensor
@@ -252,6 +260,7 @@ async def _stream_udp(args: argparse.Namespace) -> int:
                                  max_in_flight=args.max_in_flight, reconnect=not args.no_reconnect,
                                  sensor=args.sensor, transform=transform_of(args),
                                  filters=args.filters, api_key=args.api_key, window=args.window,
+                                 open_fields=open_fields_of(args, live_source=True),
                                  **reconnect_options(args))
     try:
         receiver.start(loop)

@@ -1,5 +1,6 @@
 """What ``evssm stream`` shows: the live view while a recording plays (top classes, events/s,
-packet latency, resumes) and the final answer, as text or as the JSON summary."""
+packet latency, resumes; for a realtime session its lag and drops, for a deciding one its
+decisions) and the final answer, as text or as the JSON summary."""
 
 from __future__ import annotations
 
@@ -41,17 +42,28 @@ class View:
         self.last_any: Result | None = None
         self.reconnects = 0
         self.resumes: list[Resume] = []
+        self.lags: list[float] = []  # ms, a realtime session's answers
+        self.dropped: tuple[int, int] = (0, 0)  # packets, events the server dropped (totals)
+        self.decisions: list[tuple[Any, float, int]] = []  # (label, prob, t) as they came
 
     def add(self, result: Result) -> None:
         self.packets += 1
         self.filtered += result.removed
         if result.filtered is not None:
             self.by_filter = {k: (self.by_filter or {}).get(k, 0) + v for k, v in result.filtered.items()}
-        events = result.events + result.cropped + self.info.filtered + self.filtered - self.base
+        if result.lag_ms is not None:
+            self.lags.append(result.lag_ms)
+        if result.dropped is not None:
+            self.dropped = (result.dropped.packets, result.dropped.events)
+        if result.decision is not None:
+            d = result.decision
+            self.decisions.append((d.label, d.prob, d.t))
+        # Filtered and dropped events were sent and answered too.
+        events = result.events + result.cropped + self.info.filtered + self.filtered + self.dropped[1] - self.base
         self.meter.add(max(events - self.answered, 0))
         self.answered = events
         self.cropped = result.cropped - self.info.cropped
-        self.processed = events - self.cropped - self.filtered
+        self.processed = events - self.cropped - self.filtered - self.dropped[1]
         self.last_any = result
         if result.lost:
             self.lost += 1
@@ -116,6 +128,15 @@ class View:
             classes.add_row("", Text(f"no prediction yet: {self.info.model.too_few_events()}",
                                      "dim"), "", "")
         parts: list[Any] = [head, progress, stats]
+        if self.lags:
+            lag = percentiles_ms([v / 1e3 for v in self.lags[-2000:]])
+            parts.append(Text(f"lag ms last {self.lags[-1]:.1f}  p50 {fmt(lag['p50'])}  p99 {fmt(lag['p99'])}   "
+                              f"dropped {self.dropped[0]:,} packets, {self.dropped[1]:,} events",
+                              "red" if self.dropped[0] else ""))
+        if self.decisions:
+            label, prob, t = self.decisions[-1]
+            parts.append(Text(f"decided: {label} (p {prob:.3f}) at {(t - self.t0) / 1e6:.3f} s; "
+                              f"{len(self.decisions)} decisions", "bold green"))
         if self.resumes:
             times = f" ({len(self.resumes)} resumes; the last)" if len(self.resumes) > 1 else ""
             parts.append(Text(describe_resume(self.resumes[-1]) + times, "yellow"))
@@ -199,6 +220,9 @@ def summary_of(view: View, sample: Sample, info: SessionInfo, args: argparse.Nam
         "speed_reached": None if reached is None else round(reached, 4),
         "no_answer": None if final is not None else info.model.too_few_events(),
         "latency_ms": percentiles_ms(view.latencies),
+        "lag_ms": percentiles_ms([v / 1e3 for v in view.lags]) if view.lags else None,
+        "dropped": {"packets": view.dropped[0], "events": view.dropped[1]},
+        "decisions": [{"label": label, "prob": prob, "t": t} for label, prob, t in view.decisions],
         **({} if view.live is None else {"udp": view.live.to_dict(),
                                           "events_received": view.live.events_received,
                                           "events_forwarded": view.answered}),
@@ -225,5 +249,11 @@ def print_final(summary: dict[str, Any]) -> None:
     if summary.get("filtered"):
         removed = ", ".join(f"{name} {n:,}" for name, n in summary["filtered"].items())
         console.print(f"input filters removed {sum(summary['filtered'].values()):,} events ({removed})")
+    if summary["lag_ms"] is not None:
+        lag, dropped = summary["lag_ms"], summary["dropped"]
+        console.print(f"lag p50 {lag['p50']} ms p99 {lag['p99']} ms, dropped {dropped['packets']:,} packets "
+                      f"({dropped['events']:,} events)")
+    for d in summary["decisions"]:
+        console.print(f"decided {d['label']} (p {d['prob']:.3f}) at t {d['t']} us")
     for r in summary["resumes"]:
         console.print(describe_resume(Resume(at=0.0, **r)))

@@ -17,6 +17,10 @@ answers (the streaming invariant makes any cut give the same probabilities). UDP
 reorder datagrams: the counters say how many events arrived, how many were dropped because their
 datagram went back in time (the server needs non-decreasing time), and, on Linux, how many
 datagrams the kernel dropped for a full receive buffer.
+
+``evssm stream udp://...`` forwards them in a session opened with ``realtime: true``: its
+results say how far the answers trail the camera (``lag_ms``), and with ``--overload drop`` the
+server drops late packets rather than fall behind (``client/live_options.py``).
 """
 
 from __future__ import annotations

@@ -218,6 +218,39 @@ def _probs(value: Any) -> list[float] | None:
 
 
 @dataclass(frozen=True, slots=True)
+class Decided:
+    """A result's ``decision``: the top class changed to ``label`` and held (``prob`` and stream
+    time ``t`` µs of the answer that completed it); sent once per change."""
+
+    label: Any
+    prob: float
+    t: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"label": self.label, "prob": self.prob, "t": self.t}
+
+    @classmethod
+    def from_wire(cls, msg: Mapping[str, Any]) -> Decided:
+        return cls(label=msg["label"], prob=float(msg["prob"]), t=int(msg["t"]))
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """A result's ``dropped``: its packet was dropped unstepped (``overload: "drop"``); the
+    session's totals of dropped packets and events, this one included."""
+
+    packets: int
+    events: int
+
+    def to_wire(self) -> dict[str, int]:
+        return {"packets": self.packets, "events": self.events}
+
+    @classmethod
+    def from_wire(cls, msg: Mapping[str, Any]) -> Dropped:
+        return cls(packets=int(msg["packets"]), events=int(msg["events"]))
+
+
+@dataclass(frozen=True, slots=True)
 class ResultFrame:
     """``result``: the answer to packet ``seq``. ``events``/``t``: the session's count and last
     timestamp after it; ``probs`` None (and ``top`` empty) until the model has a complete output
@@ -226,7 +259,9 @@ class ResultFrame:
     ``window`` only for a windowed session once it has events: the events the answer covers,
     ``{"t0": first event's time, "events": count}``. ``filtered`` (events each input filter removed
     from this packet: ``refractory``, ``denoise``, ``max_rate``) only for a session that declared
-    filters."""
+    filters. ``decision`` when a ``decide`` session's class changed; ``lag_ms`` for a ``realtime`` session;
+    ``dropped`` when the packet was dropped unstepped; ``compact``: ``probs``/``top`` left out
+    (``results: "compact"``, a result without a decision; read back as None and [])."""
 
     TYPE: ClassVar[str] = "result"
     seq: int | None
@@ -238,10 +273,15 @@ class ResultFrame:
     durable: int | None = None
     window: dict[str, int] | None = None
     filtered: dict[str, int] | None = None
+    decision: Decided | None = None
+    lag_ms: float | None = None
+    dropped: Dropped | None = None
+    compact: bool = False
 
     def to_wire(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"type": self.TYPE, "seq": self.seq, "events": self.events, "t": self.t,
-                               "probs": self.probs, "top": self.top}
+        out: dict[str, Any] = {"type": self.TYPE, "seq": self.seq, "events": self.events, "t": self.t}
+        if not self.compact:
+            out.update(probs=self.probs, top=self.top)
         if self.cropped is not None:
             out["cropped"] = self.cropped
         if self.durable is not None:
@@ -250,6 +290,12 @@ class ResultFrame:
             out["window"] = self.window
         if self.filtered is not None:
             out["filtered"] = self.filtered
+        if self.decision is not None:
+            out["decision"] = self.decision.to_wire()
+        if self.lag_ms is not None:
+            out["lag_ms"] = self.lag_ms
+        if self.dropped is not None:
+            out["dropped"] = self.dropped.to_wire()
         return out
 
     @classmethod
@@ -259,7 +305,11 @@ class ResultFrame:
             probs=_probs(msg.get("probs")),
             top=[[entry[0], float(entry[1])] for entry in (msg.get("top") or [])],
             cropped=_opt_int(msg, "cropped"), durable=_opt_int(msg, "durable"), window=_window(msg),
-            filtered=_counts(msg.get("filtered"))))
+            filtered=_counts(msg.get("filtered")),
+            decision=None if msg.get("decision") is None else Decided.from_wire(msg["decision"]),
+            lag_ms=None if msg.get("lag_ms") is None else float(msg["lag_ms"]),
+            dropped=None if msg.get("dropped") is None else Dropped.from_wire(msg["dropped"]),
+            compact="probs" not in msg))
 
 
 def _window(msg: Mapping[str, Any]) -> dict[str, int] | None:

@@ -200,6 +200,17 @@ class Metrics:
                                 "Events the declared input filters removed before the model, by filter "
                                 "(refractory, denoise, max_rate; streamed and classified).",
                                 ["model", "filter"], registry=r)
+        # Realtime sessions (open with realtime: true; server/api/live.py).
+        self.session_lag = BatchHistogram(
+            "evssm_session_lag_seconds", "How far a realtime session's answers trail its sensor's clock "
+            "(answer sent - (newest event time + clock offset)), one observation per answer.", "model",
+            LATENCY_BUCKETS, r)
+        self.dropped_packets = Counter("evssm_dropped_packets_total",
+                                       'Packets of realtime sessions dropped unstepped (overload "drop").', m,
+                                       registry=r)
+        self.dropped_events = Counter("evssm_dropped_events_total",
+                                      'Events of realtime sessions dropped unstepped (overload "drop").', m,
+                                      registry=r)
         self.ready = Gauge("evssm_ready", "1 when every model can stream (classify compiles after).", registry=r)
         # Session snapshots (--state-dir / --state-store).
         self.snapshots_written = Counter("evssm_snapshots_written_total", "Session snapshots written.", m,
@@ -228,9 +239,10 @@ class Metrics:
         for metric in (self.events, self.packets, self.compilations, self.sessions_opened, self.cropped,
                        self.sessions_resumed, self.sessions_evicted, self.steps, self.classify_streams,
                        self.non_finite, self.step_latency, self.batch_size, self.snapshots_written,
-                       self.sessions_restored):
+                       self.sessions_restored, self.dropped_packets, self.dropped_events):
             metric.labels(model=model)
         self.packet_latency.init(model)
+        self.session_lag.init(model)
         self.queue_wait.init(model)
         self.sessions_active.labels(model=model).set(0)
         self.queue_depth.labels(model=model).set(0)

@@ -53,6 +53,8 @@ CONTRACT_METRICS = {
     "evssm_rejected_packets_total": "counter",
     "evssm_http_requests_total": "counter",
     "evssm_compilations_total": "counter",
+    "evssm_session_lag_seconds": "histogram",
+    "evssm_dropped_events_total": "counter",
 }
 
 

@@ -167,9 +167,9 @@ def recv_frame(ws, timeout: float = 30.0) -> dict[str, Any]:
 class Stream:
     """One streaming session over a real WebSocket (msgpack frames)."""
 
-    def __init__(self, url: str, resume: str | None = None, seed: int = 0):
+    def __init__(self, url: str, resume: str | None = None, seed: int = 0, **fields: Any):
         self.ws = connect(url, max_size=None, open_timeout=20).__enter__()
-        frame: dict[str, Any] = {"type": "open"}
+        frame: dict[str, Any] = {"type": "open", **fields}
         if resume:
             frame["resume"] = resume
         self.ws.send(pack(frame))
@@ -464,11 +464,15 @@ def test_prometheus_answers_every_dashboard_query(server, tmp_path):
                 assert time.monotonic() < deadline, "Prometheus never scraped the server"
                 time.sleep(0.5)
 
-            # Every query of the dashboard returns data (at least one finite sample).
+            # Every query of the dashboard returns data (at least one finite sample); a realtime
+            # session answers throughout, so that the lag panel has a series.
+            live = Stream(server.ws, seed=98, realtime=True)
+            assert live.ok, live.opened
             pending = {expr: title for title, expr in targets}
             answers: dict[str, list[float]] = {}
             deadline = time.monotonic() + 90
             while pending and time.monotonic() < deadline:
+                assert "lag_ms" in live.send_events(8)
                 for expr in list(pending):
                     values = finite_values(prometheus_query(
                         base, config_test.substitute_variables(expr, dashboard, rate_interval="15s")))
@@ -479,6 +483,7 @@ def test_prometheus_answers_every_dashboard_query(server, tmp_path):
                     time.sleep(1)
             assert not pending, "dashboard queries without data:\n" + "\n".join(
                 f"  [{title}] {expr}" for expr, title in pending.items())
+            live.close()
             assert not load.errors, load.errors
 
         events_per_s = next(v for e, v in answers.items() if e.startswith("sum(rate(evssm_events_total"))

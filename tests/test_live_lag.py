@@ -92,3 +92,13 @@ def test_a_snapshot_keeps_the_learned_offset() -> None:
         ClockSync.from_dict({"window_us": None, "candidates": [[0, 5], [1, 5]]})
     with pytest.raises(LagError, match="window_us must be a positive integer"):
         ClockSync.from_dict({"window_us": 0, "candidates": []})
+
+
+def test_lag_as_if_a_packet_were_observed_changes_nothing():
+    clock = ClockSync()
+    assert clock.lag_ms(1.0, 0, arrival_s=0.9) == 100.0  # its own offset: 0.9 s - 0
+    assert clock.offset_us is None, "a look-ahead observes nothing"
+    clock.observe(1.0, 500_000)  # offset 0.5 s
+    assert clock.lag_ms(2.0, 1_000_000, arrival_s=1.2) == 800.0  # its offset 0.2 s is the lower
+    assert clock.lag_ms(2.0, 1_000_000, arrival_s=1.9) == 500.0  # its 0.9 s is not
+    assert clock.offset_us == 500_000

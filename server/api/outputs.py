@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from ..core.outputs import Answered, Ended, EndReason, StepOutputs
 from ..core.sessions import Packet
 from ..metrics import Metrics
 from .connection import Connection, Reply
+from .live import SessionLive, live_of
 
 log = logging.getLogger("evssm.server.app")
 
@@ -49,10 +51,15 @@ class OutputProcessor:
         self.labels[model] = labels
 
     def emit(self, outputs: StepOutputs) -> None:
+        # Resets first: a session's packets answered in the same step came after its reset (a
+        # plan zeroes before it steps), and its decisions must start afresh before them.
+        for session, reset in outputs.reset:
+            live = live_of(session)
+            if live is not None:
+                live.reset()
+            _reply(reset.reply).answer(ResetDone(session.id))
         for answered in outputs.answered:
             self._results(outputs.model, answered)
-        for session, reset in outputs.reset:
-            _reply(reset.reply).answer(ResetDone(session.id))
         for session, close in outputs.closed:
             _reply(close.reply).answer(Closed(session.id, close.events))
         for record in outputs.ended:
@@ -79,6 +86,7 @@ class OutputProcessor:
         # One vectorised check per step; a non-finite answer is never sent (NaN is not JSON).
         finite = np.isfinite(probs).all(1).tolist() if len(probs) else []
         latencies = np.empty(len(packets), np.float64)
+        lags: list[float] = []
         events = 0
         for i, (session, packet) in enumerate(zip(answered.sessions, packets, strict=True)):
             frame: ErrorFrame | ResultFrame
@@ -87,20 +95,36 @@ class OutputProcessor:
                 frame = ErrorFrame(Code.NON_FINITE_OUTPUT, f"{NON_FINITE_ADVICE}: reset the session "
                                    "(its state is unusable)", packet.seq)
             else:
+                answer = None
                 if ready_rows[i]:
                     row, best = probs_rows[i], order_rows[i][0]
                     top = [[labels[j], row[j]] for j in order_rows[i][:session.top_k]]
-                    session.answer = (labels[best], row[best])
+                    answer = session.answer = (labels[best], row[best])
                 else:
                     row, top = None, []
                 frame = ResultFrame(packet.seq, packet.events_after, packet.last_t, row, top,
                                     packet.cropped_after, None if durable_rows is None else durable_rows[i],
                                     _window(packet),
                                     filtered=None if packet.filtered is None else packet.filtered.to_dict())
+                live = live_of(session)
+                if live is not None:
+                    frame = self._live(frame, live, packet, now, answer, lags)
             _reply(packet.reply).answer(frame)
             latencies[i] = now - packet.received
             events += packet.size
         self.metrics.model(model).packets_done(events, latencies)
+        if lags:
+            self.metrics.session_lag.observe_many(model, np.asarray(lags, np.float64) / 1000)
+
+    def _live(self, frame: ResultFrame, live: SessionLive, packet: Packet, now: float,
+              answer: tuple[str, float] | None, lags: list[float]) -> ResultFrame:
+        """``frame`` with a live session's decision, lag (also added to ``lags``, ms) and drops;
+        compact when it carries no decision (``server/api/live.py``)."""
+        decision, lag_ms, dropped = live.answered(packet, packet.last_t, now, answer)
+        if lag_ms is not None:
+            lags.append(lag_ms)
+        return replace(frame, decision=decision, lag_ms=lag_ms, dropped=dropped,
+                       compact=live.options.compact and decision is None)
 
 
 def _window(packet: Packet) -> dict[str, int] | None:

@@ -36,6 +36,7 @@ from ..settings import Settings
 from .connection import Connection
 from .decoding import Decoders
 from .http import public_info
+from .live import SessionLive, check_resume, drop_packet, live_of, parse_live
 from .protocol import (
     OpenRequest,
     ProtocolError,
@@ -112,6 +113,7 @@ class StreamHandler:
     async def _open(self, msg: dict[str, Any], binary: bool) -> None:
         conn = self.conn
         req = parse_open(msg, self.settings.default_top_k)
+        live = parse_live(msg)
         if conn.session is not None and conn.session.open:
             raise ProtocolError(Code.SESSION_ALREADY_OPEN,
                                 f"session {conn.session.id} is open on this connection; close it first")
@@ -120,6 +122,7 @@ class StreamHandler:
             session, restored = await self._resume(msg, req, req.resume, binary)
         else:
             session, restored = self._new_session(msg, req, binary), False
+            session.live = None if live is None else SessionLive(live)
         self._attach(session)
         conn.send(self._opened(session, resumed=req.resume is not None, restored=restored), binary)
 
@@ -149,6 +152,7 @@ class StreamHandler:
             raise ProtocolError(Code.UNKNOWN_SESSION, "no live session has this resume token "
                                 "(it was closed, or evicted after the idle timeout)")
         self._check_same_stream(msg, req, session)
+        check_resume(msg, session)
         previous = session.attachment
         if isinstance(previous, Connection) and previous is not self.conn:
             previous.detach(session, ErrorFrame(Code.SESSION_RESUMED_ELSEWHERE,
@@ -257,6 +261,11 @@ class StreamHandler:
                                            self.settings.max_packet_events)
         if self._session() is not session:  # taken away while decoding
             raise ProtocolError(Code.NO_SESSION, "the session left this connection while the packet was decoded")
+        live = live_of(session)
+        newest = int(events.t[-1]) if live is not None and len(events) else None
+        if newest is not None and live is not None and live.late(received, time.perf_counter(), newest):
+            drop_packet(self.engine, self.metrics, session, live, events, seq, received, self.conn.reply)
+            return
         staging = self.engine.staging[session.model]
         window = session.window
         room: Region | None = None
@@ -306,6 +315,8 @@ class StreamHandler:
         # Accepted: from here to submit there is no await, so no other frame can interleave.
         session.events += n
         session.last_active = time.monotonic()
+        if newest is not None and live is not None:
+            live.arrived(received, newest)
         if geometry is not None:
             session.cropped += cropped
             self.metrics.cropped.labels(model=session.model).inc(cropped)
@@ -329,6 +340,9 @@ class StreamHandler:
         if session.filters is not None:  # a new stream: its filters start afresh
             session.filter_state = session.filters.new_state()
         session.last_active = time.monotonic()
+        live = live_of(session)
+        if live is not None:
+            live.restart_clock()
         self.engine.submit(session, Reset(reply=self.conn.reply()))
 
     def _close(self) -> None:

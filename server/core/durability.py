@@ -17,6 +17,11 @@ What runs where:
   what it covers (``durable`` in result frames);
 - one reader thread looks records up on resume, so a lookup never waits behind a long write.
 
+A row is read right after a step whose answers the API layer has not yet sent: the session's
+live-sensor state (``Session.live``: its decisions) is updated as those answers go out, in the
+same event-loop callback. So the writer's work (writes and deletions alike, in the order asked
+for) is handed over on the event loop's next turn, when the live state is that of the row.
+
 A record holds the id of the API key that opened the session (never the key): a restored token
 resumes only for that key, as a live one does.
 """
@@ -176,22 +181,36 @@ class Durability:
 
     def captured(self, model: str, items: list[Captured], rows: np.ndarray) -> None:
         """Scheduler hook (event loop): ``rows`` int32 [N, words] read after a step, row ``i`` the
-        state ``items[i]`` describes; they go to the writer thread."""
-        runner = self.runners[model]
-        records = [self._record(c, row, runner) for c, row in zip(items, rows, strict=True)]
-        fut = asyncio.get_running_loop().run_in_executor(self._writer, self._write, records)
-        self._pending.add(fut)
-        fut.add_done_callback(lambda f: self._written(model, items, records, f))
+        state ``items[i]`` describes; they go to the writer thread on the loop's next turn
+        (module docstring), counted as pending from now."""
+        loop = asyncio.get_running_loop()
+        gate: asyncio.Future[None] = loop.create_future()
+        self._pending.add(gate)
+        loop.call_soon(self._write_captured, model, items, rows, gate)
+
+    def _write_captured(self, model: str, items: list[Captured], rows: np.ndarray,
+                        gate: asyncio.Future[None]) -> None:
+        try:
+            runner = self.runners[model]
+            records = [self._record(c, row, runner) for c, row in zip(items, rows, strict=True)]
+            fut = asyncio.get_running_loop().run_in_executor(self._writer, self._write, records)
+            self._pending.add(fut)
+            fut.add_done_callback(lambda f: self._written(model, items, records, f))
+        finally:  # a flush waits for the gate, whatever became of the write
+            self._pending.discard(gate)
+            gate.set_result(None)
 
     @staticmethod
     def _record(c: Captured, row: np.ndarray, runner: RowRunner) -> SnapshotRecord:
         s = c.session
+        live = getattr(s.live, "to_dict", None)
         return SnapshotRecord(
             key=token_key(s.token), session=s.id, model=s.model, fingerprint=runner.fingerprint,
             row=row, events=c.events, last_t=c.last_t, probs=c.probs, top_k=s.top_k,
             cropped=c.cropped, key_id=s.key_id, geometry=None if s.geometry is None else {
                 "sensor": s.geometry.source.to_dict(), "transform": s.geometry.transform.to_dict()},
-            filters=snapshot_of(s.filters, c.filters))
+            filters=snapshot_of(s.filters, c.filters),
+            live=live() if live is not None else s.live if isinstance(s.live, dict) else None)
 
     def _write(self, records: list[SnapshotRecord]) -> list[bool]:
         """Writer thread: encode and store a batch of records."""
@@ -243,7 +262,7 @@ class Durability:
         """Delete a session's record (closed, evicted, failed or taken over)."""
         key = token_key(s.token)
         self._deleting[key] = self._deleting.get(key, 0) + 1
-        fut = asyncio.get_running_loop().run_in_executor(self._writer, self.store.delete, [key])
+        loop = asyncio.get_running_loop()
 
         def done(f: asyncio.Future) -> None:
             left = self._deleting.pop(key) - 1
@@ -251,7 +270,10 @@ class Durability:
                 self._deleting[key] = left
             self._check(f)
 
-        fut.add_done_callback(done)
+        def delete() -> None:  # after the writes asked for before it (module docstring)
+            loop.run_in_executor(self._writer, self.store.delete, [key]).add_done_callback(done)
+
+        loop.call_soon(delete)
 
     def _check(self, fut: asyncio.Future) -> None:
         if not fut.cancelled() and fut.exception() is not None:

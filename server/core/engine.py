@@ -252,6 +252,7 @@ class Engine:
                                          owner_limit=self.settings.sessions_per_client, key_id=rec.key_id,
                                          events=rec.events, last_t=rec.last_t, cropped=rec.cropped,
                                          geometry=adapter, filters=filters)
+            session.live = rec.live  # plain data; the API layer takes it up (sessions.Session)
             self.schedulers[rec.model].restore(session, Restore(
                 row=rec.row, events=rec.events, last_t=rec.last_t, probs=rec.probs, cropped=rec.cropped,
                 filters=None if filters is None else filters[1]))
@@ -397,6 +398,10 @@ def session_summary(session: Session, *, live: bool) -> dict[str, Any]:
     """What the live page shows of a session: its answer and counts, no event data and nothing
     that would let anyone resume it (the token stays private)."""
     label, prob = session.answer if session.answer is not None else (None, None)
-    return {"session": session.id, "model": session.model, "label": label,
-            "probability": None if prob is None else round(float(prob), 4),
-            "events": session.events, "live": live, "last_active": session.last_active}
+    out = {"session": session.id, "model": session.model, "label": label,
+           "probability": None if prob is None else round(float(prob), 4),
+           "events": session.events, "live": live, "last_active": session.last_active}
+    lag_ms = getattr(session.live, "last_lag_ms", None)  # a realtime session's (server/api/live.py)
+    if lag_ms is not None:
+        out["lag_ms"] = round(float(lag_ms), 1)
+    return out

@@ -194,7 +194,10 @@ class Session:
       start as its snapshot's, set by the table at creation;
     - ``attachment``, ``last_active``: the API layer (the connection it streams on, its activity);
     - ``answer``: the API layer (its output processor sets it from each result, knowing the
-      labels; the stream handler clears it on a reset).
+      labels; the stream handler clears it on a reset);
+    - ``live``: the API layer's live-sensor state (decisions, lag; ``server/api/live.py``),
+      opaque here; a snapshot holds its ``to_dict()``, and a session restored from one starts
+      with that plain map until the API layer takes it up.
 
     The scheduler keeps the session's work queue and its model's per-slot arrays (probabilities,
     readiness) itself, keyed by ``slot``. A session with several rows (a sliding window's lanes)
@@ -222,6 +225,7 @@ class Session:
     filters: Any = None  # the declared input filters (evssm.models.filters.FilterBank) or None
     filter_state: Any = None  # their FilterState after the last accepted packet (advanced in place
     # by the stream handler; a new one after a reset)
+    live: Any = None  # the API layer's live-sensor state, or a restored snapshot's plain map
 
     def __post_init__(self) -> None:
         if not self.slots:

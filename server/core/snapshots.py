@@ -4,7 +4,8 @@ A snapshot holds what a session needs to go on after its server is gone: the pac
 the event count and last timestamp the row covers, the last probabilities (so that an empty packet
 is answered at once), top-k, the declared source sensor and the count its crop removed, the id of
 the API key that opened the session (only that key may resume it; never the key itself), the
-model's name and a fingerprint of the model's weights (a row is meaningless under other weights).
+model's name and a fingerprint of the model's weights (a row is meaningless under other weights),
+and the API layer's live-sensor state as plain data (decisions, drop counts; absent in older records).
 Nothing here knows of sessions, slots or the scheduler; the engine's glue is
 :mod:`evssm.server.core.durability`.
 
@@ -106,6 +107,7 @@ class SnapshotRecord:
     cropped: int = 0  # events of the stream a declared crop removed (not in ``events``)
     geometry: dict[str, Any] | None = None  # the declared source: {"sensor", "transform"}
     key_id: str | None = None  # the id of the API key that opened the session (None: no keys)
+    live: dict[str, Any] | None = None  # the API layer's live-sensor state as plain data (None: none)
     written: float = field(default_factory=time.time)  # Unix time
     filters: dict[str, Any] | None = None  # the input filters' spec and state after ``events``
     # (``server/live/filtering.py``; None: no filters); ``cropped`` and ``events`` exclude what they removed
@@ -119,7 +121,7 @@ def encode(rec: SnapshotRecord) -> bytes:
         "last_t": rec.last_t,
         "probs": None if rec.probs is None else np.ascontiguousarray(rec.probs, "<f4").tobytes(),
         "top_k": rec.top_k, "cropped": rec.cropped, "geometry": rec.geometry, "key_id": rec.key_id,
-        "written": rec.written, "filters": rec.filters,
+        "live": rec.live, "written": rec.written, "filters": rec.filters,
     })
     return msgpack.packb([MAGIC, VERSION, zlib.crc32(body), body])
 
@@ -147,7 +149,8 @@ def decode(data: bytes) -> SnapshotRecord:
             probs=None if probs is None else np.frombuffer(probs, "<f4").astype(np.float32),
             top_k=int(d["top_k"]), cropped=int(d["cropped"]),
             geometry=None if d["geometry"] is None else dict(d["geometry"]),
-            key_id=None if d.get("key_id") is None else str(d["key_id"]), written=float(d["written"]),
+            key_id=None if d.get("key_id") is None else str(d["key_id"]),
+            live=None if d.get("live") is None else dict(d["live"]), written=float(d["written"]),
             filters=None if d.get("filters") is None else dict(d["filters"]))
     except Exception as e:
         raise CorruptSnapshot(f"malformed snapshot body ({type(e).__name__}: {e})") from None

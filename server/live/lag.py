@@ -96,10 +96,14 @@ class ClockSync:
     def offset_us(self) -> int | None:
         return self._candidates[0][1] if self._candidates else None
 
-    def lag_ms(self, now_s: float, t_us: int) -> float | None:
+    def lag_ms(self, now_s: float, t_us: int, arrival_s: float | None = None) -> float | None:
         """How far an answer at ``now_s`` for events up to ``t_us`` trails the sensor (None
-        before the first packet)."""
+        before the first packet). With ``arrival_s``: as if a packet that arrived then, newest
+        event ``t_us``, were observed first, without observing it (a window's expiry aside)."""
         offset = self.offset_us
+        if arrival_s is not None:
+            own = to_us(arrival_s) - int(t_us)
+            offset = own if offset is None else min(offset, own)
         if offset is None:
             return None
         return max(0, to_us(now_s) - (int(t_us) + offset)) / 1000
