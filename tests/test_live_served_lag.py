@@ -161,8 +161,10 @@ async def flood(url: str, n_packets: int, size: int, **fields: Any) -> tuple[lis
             last = -1
             for k in range(n_packets):
                 t0 = max(int((time.perf_counter() - start) * 1e6), last + 1)
-                frame = events(k, t0, size, step=1, rng=rng)
-                last = t0 + size - 1
+                # One time per packet, the wall clock's at sending: the sensor's clock runs with
+                # the sender's, so a packet's lag is how long it waited in the server's backlog.
+                frame = events(k, t0, size, step=0, rng=rng)
+                last = t0
                 await ws.send(msgpack.packb(frame))
                 await asyncio.sleep(0)
 
@@ -181,8 +183,9 @@ def test_overload_drop_sheds_a_backlog_in_order_and_lossless_never_drops(start):
     assert all("dropped" not in r and math.isfinite(r["lag_ms"]) for r in lossless)
     assert lossless[-1]["events"] == sent
     worst = max(r["lag_ms"] for r in lossless)
-
-    bound = max(2.0, worst / 4)  # well under what lossless reached on this machine
+    # Half the typical backlog lag of the lossless run on this machine, not its worst (a one-off
+    # spike such as the first step's would not recur): the later half of a flood waits longer.
+    bound = max(2.0, float(np.median([r["lag_ms"] for r in lossless])) / 2)
     dropping, sent = asyncio.run(flood(server.ws, n, size, realtime=True, overload="drop", max_lag_ms=bound))
     assert [r["seq"] for r in dropping] == list(range(n)), "answers stay in packet order"
     assert all(r["type"] == "result" for r in dropping)

@@ -120,7 +120,10 @@ class OutputProcessor:
               answer: tuple[str, float] | None, lags: list[float]) -> ResultFrame:
         """``frame`` with a live session's decision, lag (also added to ``lags``, ms) and drops;
         compact when it carries no decision (``server/api/live.py``)."""
-        decision, lag_ms, dropped = live.answered(packet, packet.last_t, now, answer)
+        # The packet's newest event as the sensor sent it: the filters or the crop may have
+        # removed it (or all of the packet) before the model.
+        t_us = packet.last_t if packet.sent_t is None else packet.sent_t
+        decision, lag_ms, dropped = live.answered(packet, t_us, now, answer)
         if lag_ms is not None:
             lags.append(lag_ms)
         return replace(frame, decision=decision, lag_ms=lag_ms, dropped=dropped,

@@ -327,7 +327,7 @@ class StreamHandler:
                                            size=n, events_after=session.events, last_t=session.last_t,
                                            received=received, reply=self.conn.reply(),
                                            cropped_after=None if geometry is None else session.cropped,
-                                           lanes=lanes,
+                                           lanes=lanes, sent_t=newest,
                                            filtered=None if filtered is None else filtered.counts,
                                            # with snapshots: how the ledger takes it out of the state
                                            filters_undo=filtered.undo if filtered and keep_undo else None))

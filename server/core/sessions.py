@@ -88,6 +88,8 @@ class Packet:
     cropped_after: int | None = None  # the session's cropped count once this packet is in (None:
     # no source sensor declared)
     lanes: LaneRows | None = None  # a session with several rows: what each steps (None: one row)
+    sent_t: int | None = None  # a realtime session's packet: its newest event as sent, before any
+    # filter or crop removed it (what its answer's lag is measured from)
     filtered: Any = None  # models.filters.FilterCounts: what the session's filters removed from
     # this packet (None: the session has no filters)
     filters_undo: Any = None  # server.live.filtering.Undo: how to take this packet out of the
