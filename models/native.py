@@ -41,17 +41,13 @@ from .ssm import input_gain
 Array = jax.Array
 
 
-# Plan layout: must match the Header and Layer enums of kernels/streaming_step.cc.
+# The plan layout this module writes. Where each field goes is the kernel's own business: the
+# field lists of kernels/streaming_step.cc, read through its plan_layout() (PlanLayout).
 PLAN_VERSION = 3
-HEADER_FIELDS = 32
-LAYER_FIELDS = 24
-HEADER = ("version layers words prenorm norm pool head classes width head_w head_b sum_z sum_w "
-          "last_z count zoh vocab decay_size table_bu table_pool table_decay consts gelu held "
-          "head_sum_dt sum_z_c sum_w_c head_sum_dt_c").split()
-LAYER = ("d_in d_out p stride s_last s_first sum_wx sum_w sum_dt count norm_a norm_b b step "
-         "inv_lambda c d d_matrix gate_w gate_b skip_w skip_b d_pool").split()
-POOL_MODES = {"first": 0, "avgpool": 1, "timepool": 2}
-HEAD_MODES = {"pool": 0, "timepool": 1, "last": 2}
+POOL_MODES = ("first", "avgpool", "timepool")
+HEAD_MODES = ("pool", "timepool", "last")
+# The choices a header field codes (as its index in the kernel's list of the same names).
+CODED = {"pool": POOL_MODES, "head": HEAD_MODES, "norm": NORMS, "gelu": GELUS}
 
 # What the kernel implements: every ModelConfig field, with the values it implements (None: any
 # value). A field that is not listed (a model option added later) must keep its default, else
@@ -59,10 +55,10 @@ HEAD_MODES = {"pool": 0, "timepool": 1, "last": 2}
 IMPLEMENTED: dict[str, tuple[Any, ...] | None] = {
     "sensor": None, "num_classes": None, "d_model": None, "d_state": None, "block_size": None,
     "num_stages": None, "layers_per_stage": None, "pooling_stride": None,
-    "pooling_mode": tuple(POOL_MODES), "state_expansion_factor": None,
+    "pooling_mode": POOL_MODES, "state_expansion_factor": None,
     "discretization": DISCRETIZATIONS, "conj_sym": None, "clip_eigs": None, "prenorm": None,
     "norm": NORMS, "dropout": None, "dt_min": None, "dt_max": None, "step_rescale": None,
-    "head": tuple(HEAD_MODES), "bn_momentum": None, "class_names": None, "name": None,
+    "head": HEAD_MODES, "bn_momentum": None, "class_names": None, "name": None,
     "time_lookahead": None, "layer_norm_eps": None, "gelu": GELUS,
     "head_divisor": HEAD_DIVISORS,
 }
@@ -80,13 +76,191 @@ def unsupported(config: ModelConfig) -> str | None:
         elif IMPLEMENTED[f.name] is not None and value not in IMPLEMENTED[f.name]:  # type: ignore[operator]
             return f"the native step does not implement {f.name}={value!r}"
     return None
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanLayout:
+    """The plan layout a built kernel reads (its ``plan_layout()``, from the field lists of
+    ``kernels/streaming_step.cc``): ``header_fields`` int32 words, then ``layer_fields`` words
+    per layer; ``header`` and ``layer`` name the fields in plan order (the rest of a block is
+    unused, -1)."""
+
+    version: int
+    header_fields: int
+    layer_fields: int
+    header: tuple[str, ...]
+    layer: tuple[str, ...]
+    codes: dict[str, tuple[str, ...]]  # field -> the names of its choices, by code
+
+    @classmethod
+    def of(cls, library: Any) -> PlanLayout:
+        """The layout of ``library`` (the kernel's extension module); NativeUnavailable unless
+        it is version :data:`PLAN_VERSION`, the one this module writes."""
+        describe = getattr(library, "plan_layout", None)
+        if describe is None:
+            raise NativeUnavailable("the native library does not describe its plan layout "
+                                    "(rebuild the native step)")
+        d = describe()
+        layout = cls(int(d["version"]), int(d["header_fields"]), int(d["layer_fields"]),
+                     tuple(d["header"]), tuple(d["layer"]),
+                     {field: tuple(names) for field, names in d.get("codes", {}).items()})
+        if layout.version != PLAN_VERSION:
+            raise NativeUnavailable(f"the native library reads plan version {layout.version}; "
+                                    f"this module writes version {PLAN_VERSION} (rebuild the "
+                                    "native step)")
+        if len(layout.header) > layout.header_fields or len(layout.layer) > layout.layer_fields:
+            raise NativeUnavailable("the native library's plan layout names more fields than "
+                                    "its blocks hold")
+        for field, names in CODED.items():
+            if layout.codes.get(field) != tuple(names):
+                raise NativeUnavailable(f"the native library codes {field} as "
+                                        f"{layout.codes.get(field)}, not {tuple(names)} (rebuild "
+                                        "the native step)")
+        return layout
+
+    def code(self, field: str, choice: str) -> int:
+        """The kernel's code of ``choice`` for the header field ``field`` (``pool``, ``head``,
+        ``norm``, ``gelu``)."""
+        return self.codes[field].index(choice)
+
+    def pack(self, header: dict[str, int], layers: list[dict[str, int]]) -> np.ndarray:
+        """The plan, int32 [header_fields + layer_fields * len(layers)], from every field by
+        name (-1 where a model has none); NativeUnavailable when the names given are not
+        exactly the layout's, so no field is left unset or written where the kernel reads
+        another."""
+        plan = np.full(self.header_fields + self.layer_fields * len(layers), -1, np.int32)
+        plan[:len(self.header)] = self._ordered("header", self.header, header)
+        for i, fields in enumerate(layers):
+            at = self.header_fields + self.layer_fields * i
+            plan[at:at + len(self.layer)] = self._ordered("layer", self.layer, fields)
+        return plan
+
+    @staticmethod
+    def _ordered(block: str, names: tuple[str, ...], fields: dict[str, int]) -> list[int]:
+        if set(fields) != set(names):
+            unread = sorted(set(fields) - set(names))
+            unwritten = sorted(set(names) - set(fields))
+            raise NativeUnavailable(f"plan {block} mismatch: the native library does not read "
+                                    f"{unread} and this module does not write {unwritten} "
+                                    "(rebuild the native step)")
+        return [int(fields[name]) for name in names]
+
+
+class WeightBuffer:
+    """The kernel's weights, one float32 buffer put together piece by piece; every piece starts
+    64-byte aligned."""
+
+    def __init__(self) -> None:
+        self.pieces: list[np.ndarray] = []
+        self.size = 0
+
+    def put(self, array: Any) -> int:
+        """Append ``array`` (flattened, as float32) -> its offset in floats."""
+        flat = np.asarray(array, np.float32).reshape(-1)
+        at = self.size
+        pad = -flat.size % 16
+        self.pieces.append(flat)
+        if pad:
+            self.pieces.append(np.zeros(pad, np.float32))
+        self.size += flat.size + pad
+        return at
+
+    def array(self) -> np.ndarray:
+        """float32 [size]; NativeUnavailable beyond the kernel's 32-bit offsets."""
+        if self.size >= 2**31:
+            raise NativeUnavailable("model too large for the native step's 32-bit offsets")
+        return np.concatenate(self.pieces)
+
+
+def layer_fields(config: ModelConfig, layer: Any, params: dict[str, Any], stats: dict[str, Any],
+                 state: dict[str, int], weights: WeightBuffer) -> tuple[dict[str, int], Any]:
+    """A bound :class:`~.model.SequenceLayer`'s plan fields, its parameters put into
+    ``weights`` (``params``/``stats``: its own variables; ``state``: its offsets in a state
+    row) -> ``(fields, gain)``. Except with zoh, the input gain does not depend on the time
+    step and is folded into B~: ``gain`` [P'] is returned for the first layer's table (None with
+    zoh)."""
+    zoh = config.discretization == "zoh"
+    ssm = layer.ssm
+    lam = ssm.lambda_()
+    gain = None if zoh else input_gain(lam, ssm.delta(), jnp.zeros(()), config.discretization)
+    b = ssm.b[..., 0] + 1j * ssm.b[..., 1]  # B~ [P', d_in]
+    if gain is not None:
+        b = gain[:, None] * b
+    c = ssm.readout_scale
+    skip = params.get("skip_proj")
+    pooled = layer.stride > 1
+    fields = {
+        "d_in": layer.d_in, "d_out": layer.d_out, "p": int(lam.shape[0]), "stride": layer.stride,
+        "d_pool": 2 * layer.d_in if config.prenorm else layer.d_in,
+        "d_matrix": int(ssm.d.ndim == 2),
+        # Pieces in the order they are put (the weights' layout follows it).
+        "step": weights.put(_split(ssm.step_size())),
+        "inv_lambda": weights.put(_split(1.0 / lam)) if zoh else -1,
+        "b": weights.put(np.concatenate([np.real(b), np.imag(b)], 0).T),  # [d_in, 2P']
+        "c": weights.put(np.concatenate([c * ssm.c[..., 0].T, -c * ssm.c[..., 1].T], 0)),
+        "d": weights.put(ssm.d.T if ssm.d.ndim == 2 else ssm.d),
+        "gate_w": weights.put(params["gate"]["kernel"]),
+        "gate_b": weights.put(params["gate"]["bias"]),
+        "skip_w": -1 if skip is None else weights.put(skip["kernel"]),
+        "skip_b": -1 if skip is None else weights.put(skip["bias"]),
+        **norm_fields(config, layer, params, stats, weights),
+        "s_last": state["s_last"],
+        **{key: state[key] if pooled else -1
+           for key in ("s_first", "sum_wx", "sum_w", "sum_dt", "count")},
+    }
+    return fields, gain
+
+
+def norm_fields(config: ModelConfig, layer: Any, params: dict[str, Any], stats: dict[str, Any],
+                weights: WeightBuffer) -> dict[str, int]:
+    """The layer's norm as ``x * norm_a + norm_b`` after standardising (layer norm), or as that
+    affine map alone (batch norm at inference: ``a = gamma / sqrt(var + eps)``,
+    ``b = beta - mean * a``)."""
+    if config.norm == "layer":
+        ln = params["norm"]["LayerNorm_0"]
+        return {"norm_a": weights.put(ln["scale"]), "norm_b": weights.put(ln["bias"])}
+    norm = params["norm"]
+    mean, var = stats["norm"]["mean"], stats["norm"]["var"]
+    scale = jax.lax.rsqrt(var + layer.norm.eps) * norm["scale"]
+    return {"norm_a": weights.put(scale), "norm_b": weights.put(norm["bias"] - mean * scale)}
+
+
+def header_fields(config: ModelConfig, layout: PlanLayout, bound: Any, tables: InferenceTables,
+                  first_gain: Any, state_offsets: dict[str, Any], words: int, layers: int,
+                  weights: WeightBuffer) -> dict[str, int]:
+    """The plan header: the model's modes and sizes, the head's weights and the first layer's
+    tables (put into ``weights``), the head's offsets in a state row."""
+    params = bound.variables["params"]
+    head = state_offsets["head"]
+    bu = tables.bu if first_gain is None else tables.bu * first_gain  # None exactly with zoh
+    return {
+        "version": PLAN_VERSION, "layers": layers, "words": words,
+        "prenorm": int(config.prenorm), "norm": layout.code("norm", config.norm),
+        "pool": layout.code("pool", config.pooling_mode), "head": layout.code("head", config.head),
+        "classes": config.num_classes, "width": config.stage_width(config.num_stages - 1),
+        "head_w": weights.put(params["head"]["kernel"]), "head_b": weights.put(params["head"]["bias"]),
+        "sum_z": head["sum_z"], "sum_w": head["sum_w"], "last_z": head["last_z"],
+        "count": head["count"], "zoh": int(config.discretization == "zoh"),
+        "vocab": config.num_embeddings, "decay_size": int(tables.decay.values.shape[0]),
+        "table_bu": weights.put(np.concatenate([np.real(bu), np.imag(bu)], 1)),
+        "table_pool": weights.put(tables.pool_in),
+        "table_decay": weights.put(np.concatenate([np.real(tables.decay.values),
+                                                   np.imag(tables.decay.values)], 1)),
+        "consts": weights.put([bound.layers[0].norm.eps, TIMEPOOL_EPS]),
+        "gelu": layout.code("gelu", config.gelu), "held": state_offsets.get("held", -1),
+        "head_sum_dt": head.get("sum_dt", -1), "sum_z_c": head["sum_z_c"],
+        "sum_w_c": head["sum_w_c"], "head_sum_dt_c": head.get("sum_dt_c", -1),
+    }
+
+
 class NativeStep:
     """One model's weights and plan for the kernel, and the calls into it.
 
     ``weights`` is one float32 array: every parameter in the layout the kernel reads (weight
     matrices ``[K, N]`` row-major, complex vectors as real parts then imaginary parts, the
     gain folded into ``B~`` where it does not depend on the time step) and the first layer's
-    tables. ``plan`` holds the offsets of each piece in ``weights`` and in a packed state row.
+    tables. ``plan`` holds the offsets of each piece in ``weights`` and in a packed state row,
+    placed by the kernel's own :class:`PlanLayout`.
     """
 
     def __init__(self, config: ModelConfig, variables: dict[str, Any], tables: InferenceTables,
@@ -94,103 +268,28 @@ class NativeStep:
         reason = unsupported(config)
         if reason is not None:
             raise NativeUnavailable(reason)
+        library = load_library()
+        self.layout = PlanLayout.of(library)  # refuses a kernel whose plan this module cannot write
         self.config = config
+        self.words = words
         bound = EventSSM(config).bind(variables)
-        params = variables["params"]
         stats = variables.get("batch_stats", {})
-        pieces: list[np.ndarray] = []
-        size = 0
-
-        def put(array: Any) -> int:
-            nonlocal size
-            flat = np.asarray(array, np.float32).reshape(-1)
-            at = size
-            pad = -flat.size % 16  # keep every piece 64-byte aligned
-            pieces.append(flat)
-            if pad:
-                pieces.append(np.zeros(pad, np.float32))
-            size += flat.size + pad
-            return at
-
-        zoh = config.discretization == "zoh"
-        header = dict.fromkeys(HEADER, -1)
+        weights = WeightBuffer()
         layers, gains = [], []
         for i, layer in enumerate(bound.layers):
-            ssm = layer.ssm
-            lam = ssm.lambda_()
-            # The gain does not depend on the time step except with zoh: fold it into B~.
-            gain = None if zoh else input_gain(lam, ssm.delta(), jnp.zeros(()),
-                                               config.discretization)
-            gains.append(gain)
-            b = ssm.b[..., 0] + 1j * ssm.b[..., 1]  # B~ [P', d_in]
-            if gain is not None:
-                b = gain[:, None] * b
             name = f"layers_{i}"
-            rec = dict.fromkeys(LAYER, -1)
-            rec.update(d_in=layer.d_in, d_out=layer.d_out, p=int(lam.shape[0]),
-                       stride=layer.stride, d_pool=2 * layer.d_in if config.prenorm else layer.d_in,
-                       d_matrix=int(ssm.d.ndim == 2))
-            rec["step"] = put(_split(ssm.step_size()))
-            if zoh:
-                rec["inv_lambda"] = put(_split(1.0 / lam))
-            rec["b"] = put(np.concatenate([np.real(b), np.imag(b)], 0).T)  # [d_in, 2P']
-            c = ssm.readout_scale
-            rec["c"] = put(np.concatenate([c * ssm.c[..., 0].T, -c * ssm.c[..., 1].T], 0))
-            rec["d"] = put(ssm.d.T if ssm.d.ndim == 2 else ssm.d)
-            rec["gate_w"] = put(params[name]["gate"]["kernel"])
-            rec["gate_b"] = put(params[name]["gate"]["bias"])
-            if "skip_proj" in params[name]:
-                rec["skip_w"] = put(params[name]["skip_proj"]["kernel"])
-                rec["skip_b"] = put(params[name]["skip_proj"]["bias"])
-            if config.norm == "layer":
-                ln = params[name]["norm"]["LayerNorm_0"]
-                rec["norm_a"], rec["norm_b"] = put(ln["scale"]), put(ln["bias"])
-            else:
-                norm = params[name]["norm"]
-                mean, var = stats[name]["norm"]["mean"], stats[name]["norm"]["var"]
-                scale = jax.lax.rsqrt(var + layer.norm.eps) * norm["scale"]
-                rec["norm_a"], rec["norm_b"] = put(scale), put(norm["bias"] - mean * scale)
-            st = state_offsets["layers"][i]
-            rec["s_last"] = st["s_last"]
-            if layer.stride > 1:
-                for key in ("s_first", "sum_wx", "sum_w", "sum_dt", "count"):
-                    rec[key] = st[key]
-            layers.append(rec)
-
-        first = bound.layers[0]
-        bu = tables.bu if gains[0] is None else tables.bu * gains[0]  # None exactly with zoh
-        head_state = state_offsets["head"]
-        header.update(
-            version=PLAN_VERSION, layers=len(layers), words=words, prenorm=int(config.prenorm),
-            norm=0 if config.norm == "layer" else 1, pool=POOL_MODES[config.pooling_mode],
-            head=HEAD_MODES[config.head], classes=config.num_classes,
-            width=config.stage_width(config.num_stages - 1),
-            head_w=put(params["head"]["kernel"]), head_b=put(params["head"]["bias"]),
-            sum_z=head_state["sum_z"], sum_w=head_state["sum_w"], last_z=head_state["last_z"],
-            count=head_state["count"], zoh=int(zoh), vocab=config.num_embeddings,
-            decay_size=int(tables.decay.values.shape[0]),
-            table_bu=put(np.concatenate([np.real(bu), np.imag(bu)], 1)),
-            table_pool=put(tables.pool_in),
-            table_decay=put(np.concatenate([np.real(tables.decay.values),
-                                            np.imag(tables.decay.values)], 1)),
-            consts=put([first.norm.eps, TIMEPOOL_EPS]), gelu=GELUS.index(config.gelu),
-            held=state_offsets.get("held", -1), head_sum_dt=head_state.get("sum_dt", -1),
-            sum_z_c=head_state["sum_z_c"], sum_w_c=head_state["sum_w_c"],
-            head_sum_dt_c=head_state.get("sum_dt_c", -1))
-        if size >= 2**31:
-            raise NativeUnavailable("model too large for the native step's 32-bit offsets")
-        plan = np.full(HEADER_FIELDS + LAYER_FIELDS * len(layers), -1, np.int32)
-        plan[:len(HEADER)] = [header[k] for k in HEADER]
-        for i, rec in enumerate(layers):
-            at = HEADER_FIELDS + LAYER_FIELDS * i
-            plan[at:at + len(LAYER)] = [rec[k] for k in LAYER]
-        self.plan = plan
-        self.words = words
-        self.weights = np.concatenate(pieces)
+            fields, gain = layer_fields(config, layer, variables["params"][name],
+                                        stats.get(name, {}), state_offsets["layers"][i], weights)
+            layers.append(fields)
+            gains.append(gain)
+        header = header_fields(config, self.layout, bound, tables, gains[0], state_offsets, words,
+                               len(layers), weights)
+        self.plan = self.layout.pack(header, layers)
+        self.weights = weights.array()
         self.weight_bytes = self.weights.nbytes
-        library = load_library()
         self._step = library.step
         self.prime = library.prime  # () -> None: wake the helper threads ahead of a step
+
 
     def step_rows(self, pool: np.ndarray, slots: np.ndarray | None, tokens: Any, gaps: Any,
                   lengths: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import json
 import os
 import sys
@@ -160,11 +161,108 @@ def make_optimizer(train: dict[str, Any], steps_per_epoch: int, global_batch: in
     return tx, ssm_lr
 
 
+# --- the steps -----------------------------------------------------------------------------
+# Module-level and explicit in what they read; train() binds the module, the optimiser and the
+# seed with functools.partial and jits them (compile_steps), donating the training state.
 def cross_entropy(logits, targets):
     """Softmax cross-entropy with soft targets: logits, targets [B, C] -> [B]."""
     import jax
 
     return -(targets * jax.nn.log_softmax(logits)).sum(-1)
+
+
+def loss_fn(params: Any, batch_stats: Any, batch: dict[str, Any], key: Any, *, module: Any
+            ) -> tuple[Any, tuple[Any, Any, Any]]:
+    """Loss of ``module`` (an :class:`~.model.EventSSM`) on a training batch, dropout drawn
+    from ``key``: with ``w_b = weights_b * ready_b`` (a padding row or a recording too short to
+    reach the head counts for nothing),
+
+        loss = sum_b w_b CE(logits_b, targets_b) / max(sum_b w_b, 1)
+
+    -> ``(loss, (batch_stats', correct, count))``: the updated batch statistics, the weighted
+    count of rows whose argmax is the label, and ``sum_b w_b``. ``batch`` holds tokens, gaps
+    int32 [B, L], lengths int32 [B], targets float32 [B, C], labels int32 [B], weights [B]."""
+    import jax.numpy as jnp
+
+    from .model import init_state
+
+    state0 = init_state(module.config, batch["tokens"].shape[0])
+    (logits, ready, _), updates = module.apply(
+        {"params": params, "batch_stats": batch_stats}, batch["tokens"], batch["gaps"],
+        batch["lengths"], state0, train=True, rngs={"dropout": key}, mutable=["batch_stats"])
+    w = batch["weights"] * ready
+    loss = (w * cross_entropy(logits, batch["targets"])).sum() / jnp.maximum(w.sum(), 1.0)
+    correct = ((logits.argmax(-1) == batch["labels"]) * w).sum()
+    return loss, (updates.get("batch_stats", batch_stats), correct, w.sum())
+
+
+def train_step(state: dict[str, Any], batch: dict[str, Any], *, module: Any, tx: Any, seed: int
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One optimiser step on ``batch`` (see :func:`loss_fn`); the dropout key is
+    ``fold_in(PRNGKey(seed), step)``, so a run and its resumption draw the same masks.
+    ``state``: params, batch_stats, opt_state, step (int32), epoch, best_accuracy
+    -> ``(state', {"loss", "correct", "count", "events"})``."""
+    import jax
+    import optax
+
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), state["step"])
+    (loss, (batch_stats, correct, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], state["batch_stats"], batch, key, module=module)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new = dict(state, params=params, batch_stats=batch_stats, opt_state=opt_state,
+               step=state["step"] + 1)
+    return new, {"loss": loss, "correct": correct, "count": count,
+                 "events": batch["lengths"].sum()}
+
+
+def eval_step(params: Any, batch_stats: Any, batch: dict[str, Any], *, module: Any
+              ) -> tuple[Any, Any]:
+    """Inference (no dropout, running batch statistics) on a batch from a zero state
+    -> ``(logits float32 [B, C], ready bool [B])``."""
+    from .model import init_state
+
+    state0 = init_state(module.config, batch["tokens"].shape[0])
+    logits, ready, _ = cast(tuple[Any, Any, Any], module.apply(
+        {"params": params, "batch_stats": batch_stats},
+        batch["tokens"], batch["gaps"], batch["lengths"], state0))
+    return logits, ready
+
+
+def compile_steps(module: Any, tx: Any, seed: int) -> tuple[Any, Any]:
+    """``(train_step, eval_step)`` jitted with ``module``, ``tx`` and ``seed`` bound; the train
+    step donates its state (argument 0), whose buffers the new state reuses."""
+    import jax
+
+    return (jax.jit(functools.partial(train_step, module=module, tx=tx, seed=seed),
+                    donate_argnums=0),
+            jax.jit(functools.partial(eval_step, module=module)))
+
+
+@dataclasses.dataclass
+class EpochSums:
+    """Running sums of an epoch's step metrics: the loss weighted by each step's count, the
+    correct and counted rows, the events read."""
+
+    loss: float = 0.0
+    correct: float = 0.0
+    count: float = 0.0
+    events: int = 0
+
+    def add(self, metrics: dict[str, Any]) -> None:
+        """Add one step's metrics (host values of :func:`train_step`'s second result)."""
+        self.loss += float(metrics["loss"]) * float(metrics["count"])
+        self.correct += float(metrics["correct"])
+        self.count += float(metrics["count"])
+        self.events += int(metrics["events"])
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss / max(self.count, 1)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.count, 1)
 
 
 # --- the run -------------------------------------------------------------------------------
@@ -295,6 +393,7 @@ class EpochBar:
         self.bar.close()
 
 
+# --- one run: set-up, the epoch loop, the test -----------------------------------------------
 def train(cfg: dict[str, Any], out: Path, *, resume: bool = False, limit_train: int | None = None,
           limit_valid: int | None = None, limit_test: int | None = None, progress: bool = True,
           stop_after: int | None = None) -> int:
@@ -311,202 +410,330 @@ def train(cfg: dict[str, Any], out: Path, *, resume: bool = False, limit_train: 
     """
     distributed.maybe_initialize()
     import jax
-    import jax.numpy as jnp
-    import optax
-    import orbax.checkpoint as ocp
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-    from tensorboardX import SummaryWriter
 
-    from .checkpoint import load_checkpoint, save_checkpoint, this_process_only, update_summary
-    from .data import DATASETS, AugmentConfig
-    from .evaluate import classification_metrics
-    from .input_pipeline import eval_batches, pad_batch, prefetch, train_batches
-    from .model import EventSSM, init_state
-    from .streaming import init_variables
+    from .model import EventSSM
 
-    primary = jax.process_index() == 0
-    say = (lambda text: print(text, file=sys.stderr)) if primary else (lambda text: None)
     t = cfg["train"]
-    test_split = "test" if "test" in DATASETS[cfg["dataset"]].splits else t["valid_split"]
+    data = open_data(cfg, limit_train, limit_valid)
+    model_cfg = resolve_model_config(cfg, data.train)
+    mesh = DataMesh.create(t)
+    log = open_run_log(out, cfg, primary=mesh.shard[0] == 0)
+    steps_per_epoch = max(1, len(data.train) // t["batch_size"] // t["accumulation"])
+    tx, ssm_lr = make_optimizer(t, steps_per_epoch, t["batch_size"])
+    states = state_manager(out)
+    state, start_epoch = initial_state(model_cfg, tx, t["seed"]), 0
+    if resume:
+        state, start_epoch = restore_state(states, state, out)
+        log.say(f"resuming {out} at epoch {start_epoch}")
+    state = jax.device_put(state, mesh.replicated)
+    train_fn, eval_fn = compile_steps(EventSSM(model_cfg), tx, t["seed"])
+
+    log.say(f"training {model_cfg.name} on {cfg['dataset']}: {len(data.train)} train / "
+            f"{len(data.valid)} {t['valid_split']} samples, {mesh.devices} device(s) in "
+            f"{mesh.shard[1]} process(es), ssm_lr {ssm_lr:.2e}, run directory {out}")
+    last_epoch = t["epochs"] if stop_after is None else min(t["epochs"], stop_after)
+    for epoch in range(start_epoch, last_epoch):
+        # The run's first step compiles the train step: kept out of the rate and the ETA.
+        state, sums, seconds = run_epoch(train_fn, state, data, mesh, t, epoch,
+                                         compiling=epoch == start_epoch,
+                                         show=progress and log.primary)
+        valid = measure(eval_fn, state, data.valid, mesh, t, model_cfg.num_classes)
+        record = {"epoch": epoch + 1, "step": int(state["step"]),
+                  "train_loss": sums.mean_loss, "train_accuracy": sums.accuracy,
+                  "train_events_per_s": sums.events / seconds, "train_seconds": seconds,
+                  "valid_loss": valid["loss"], "valid_accuracy": valid["accuracy"]}
+        log.say(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f} acc "
+                f"{record['train_accuracy']:.4f} ({record['train_events_per_s']:,.0f} events/s) | "
+                f"{t['valid_split']} loss {valid['loss']:.4f} acc {valid['accuracy']:.4f}")
+        state = end_epoch(log, states, state, record, model_cfg)
+    states.close()
+    log.close()
+    log.say(f"best {t['valid_split']} accuracy {float(state['best_accuracy']):.4f}; "
+            f"checkpoint {out / 'best'}")
+    if int(state["epoch"]) < t["epochs"]:
+        return 0  # stopped early on purpose: the run that finishes the schedule tests
+    measure_test_split(eval_fn, cfg, out, data.test_split, limit_test, mesh, log)
+    return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RunData:
+    """A run's training and validation sets, its augmentations (None: none) and the split it
+    tests on once at the end (the validation split where the data set has no test split)."""
+
+    train: Any  # EventDataset
+    valid: Any
+    augment: AugmentConfig | None
+    test_split: str
+
+
+def open_data(cfg: dict[str, Any], limit_train: int | None, limit_valid: int | None) -> RunData:
+    from .data import DATASETS
+
+    t = cfg["train"]
     train_ds = open_split(cfg, "train", limit_train)
-    valid_ds = open_split(cfg, t["valid_split"], limit_valid)
+    augment = AugmentConfig.from_dict(cfg["augment"], train_ds.sensor) if cfg["augment"] else None
+    test_split = "test" if "test" in DATASETS[cfg["dataset"]].splits else t["valid_split"]
+    return RunData(train_ds, open_split(cfg, t["valid_split"], limit_valid), augment, test_split)
+
+
+def resolve_model_config(cfg: dict[str, Any], train_ds: Any) -> ModelConfig:
+    """The named model with the run's overrides, shaped to the data set (sensor, classes);
+    also stored in ``cfg["model"]`` (so ``config.yaml`` holds it)."""
     base = load_model_config(cfg["model_name"])
     model_cfg = ModelConfig.from_dict({
         **base.to_dict(), **cfg["model_overrides"], "sensor": train_ds.sensor.to_dict(),
         "num_classes": len(train_ds.class_names), "class_names": list(train_ds.class_names)})
     cfg["model"] = model_cfg.to_dict()
-    augment_cfg = AugmentConfig.from_dict(cfg["augment"], train_ds.sensor) if cfg["augment"] else None
+    return model_cfg
 
-    if primary:
-        out.mkdir(parents=True, exist_ok=True)
-        resolved = {k: v for k, v in cfg.items() if k != "model_overrides"}
-        (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 
-    devices = jax.devices()  # every process's, in one mesh: the batch axis spans the job
-    mesh = Mesh(np.array(devices), ("data",))
-    data_sharding = NamedSharding(mesh, PartitionSpec("data"))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    batch_size = t["batch_size"]
-    for size, name in ((batch_size, "train.batch_size"), (t["eval_batch_size"], "train.eval_batch_size")):
-        if size % len(devices):
-            raise SystemExit(f"evssm train: {name}={size} is not divisible by the "
-                             f"{len(devices)} devices of the job")
-    shard = (jax.process_index(), jax.process_count())
-    steps_per_epoch = max(1, len(train_ds) // batch_size // t["accumulation"])
-    tx, ssm_lr = make_optimizer(t, steps_per_epoch, batch_size)
+@dataclasses.dataclass(frozen=True)
+class DataMesh:
+    """Every device of the job (every process's) in one mesh: batches are sharded along its
+    ``data`` axis, the training state is replicated. ``shard``: (this process, processes)."""
 
-    module = EventSSM(model_cfg)
-    variables = init_variables(model_cfg, t["seed"])
-    train_state = {"params": variables["params"], "batch_stats": variables["batch_stats"],
-                   "opt_state": tx.init(variables["params"]), "step": jnp.zeros((), jnp.int32),
-                   "epoch": jnp.zeros((), jnp.int32), "best_accuracy": jnp.zeros((), jnp.float32)}
-    # The training state after each epoch (step = epoch); orbax keeps the latest, writes each one
-    # beside it and removes the older only once the new one is complete. Every process reads it
-    # (on --resume); process 0 alone writes it.
+    data: Any  # NamedSharding
+    replicated: Any
+    devices: int
+    shard: tuple[int, int]
+
+    @classmethod
+    def create(cls, t: dict[str, Any]) -> DataMesh:
+        """The job's mesh; the batch sizes of ``t`` must divide over its devices."""
+        import jax
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        devices = jax.devices()
+        for size, name in ((t["batch_size"], "train.batch_size"),
+                           (t["eval_batch_size"], "train.eval_batch_size")):
+            if size % len(devices):
+                raise SystemExit(f"evssm train: {name}={size} is not divisible by the "
+                                 f"{len(devices)} devices of the job")
+        mesh = Mesh(np.array(devices), ("data",))
+        return cls(NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec()),
+                   len(devices), (jax.process_index(), jax.process_count()))
+
+    def rows(self, global_batch: int) -> slice:
+        """This process's rows of a global batch of ``global_batch`` rows."""
+        rows = global_batch // self.shard[1]
+        return slice(self.shard[0] * rows, (self.shard[0] + 1) * rows)
+
+    def to_device(self, batch: Any) -> dict[str, Any]:
+        """This process's rows of a global batch, as global arrays sharded over the job; every
+        process pads its rows to the longest shard's length (one shape for all)."""
+        import jax
+
+        from .input_pipeline import pad_batch
+
+        batch = pad_batch(batch, distributed.global_max(batch.tokens.shape[1]))
+        return {k: jax.make_array_from_process_local_data(self.data, getattr(batch, k))
+                for k in ("tokens", "gaps", "lengths", "targets", "labels", "weights")}
+
+
+def initial_state(model_cfg: ModelConfig, tx: Any, seed: int) -> dict[str, Any]:
+    """The training state before the first step: parameters and batch statistics initialised
+    from ``seed``, the optimiser's state, step and epoch 0, no best accuracy yet."""
+    import jax.numpy as jnp
+
+    from .streaming import init_variables
+
+    variables = init_variables(model_cfg, seed)
+    return {"params": variables["params"], "batch_stats": variables["batch_stats"],
+            "opt_state": tx.init(variables["params"]), "step": jnp.zeros((), jnp.int32),
+            "epoch": jnp.zeros((), jnp.int32), "best_accuracy": jnp.zeros((), jnp.float32)}
+
+
+def state_manager(out: Path) -> Any:
+    """The orbax manager of ``out/train_state``: the training state after each epoch (step =
+    epoch). It keeps the latest, writes each one beside it and removes the older only once the
+    new one is complete. Every process reads it (on resume); process 0 alone writes it."""
+    import orbax.checkpoint as ocp
+
+    from .checkpoint import this_process_only
+
     (out / "train_state").mkdir(parents=True, exist_ok=True)
-    states = ocp.CheckpointManager(
+    return ocp.CheckpointManager(
         (out / "train_state").absolute(),
         options=ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.LatestN(1), enable_async_checkpointing=False,
             multiprocessing_options=this_process_only(), create=False))
-    start_epoch = 0
-    if resume:
-        if states.latest_step() is None:
-            raise SystemExit(f"evssm train: --resume but {out}/train_state holds no saved epoch")
-        train_state = states.restore(states.latest_step(), args=ocp.args.StandardRestore(train_state))
-        start_epoch = int(train_state["epoch"])
-        say(f"resuming {out} at epoch {start_epoch}")
-    train_state = jax.device_put(train_state, replicated)
 
-    def loss_fn(params, batch_stats, batch, key):
-        state0 = init_state(model_cfg, batch["tokens"].shape[0])
-        (logits, ready, _), updates = module.apply(
-            {"params": params, "batch_stats": batch_stats}, batch["tokens"], batch["gaps"],
-            batch["lengths"], state0, train=True, rngs={"dropout": key}, mutable=["batch_stats"])
-        w = batch["weights"] * ready
-        loss = (w * cross_entropy(logits, batch["targets"])).sum() / jnp.maximum(w.sum(), 1.0)
-        correct = ((logits.argmax(-1) == batch["labels"]) * w).sum()
-        return loss, (updates.get("batch_stats", batch_stats), correct, w.sum())
 
-    def train_step(state, batch):
-        key = jax.random.fold_in(jax.random.PRNGKey(t["seed"]), state["step"])
-        (loss, (batch_stats, correct, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"], state["batch_stats"], batch, key)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        new = dict(state, params=params, batch_stats=batch_stats, opt_state=opt_state,
-                   step=state["step"] + 1)
-        return new, {"loss": loss, "correct": correct, "count": count,
-                     "events": batch["lengths"].sum()}
+def restore_state(states: Any, template: dict[str, Any], out: Path) -> tuple[dict[str, Any], int]:
+    """The last saved training state (shaped like ``template``) and the epoch it ended."""
+    import orbax.checkpoint as ocp
 
-    def eval_step(params, batch_stats, batch):
-        state0 = init_state(model_cfg, batch["tokens"].shape[0])
-        logits, ready, _ = cast(tuple[Any, Any, Any], module.apply(
-            {"params": params, "batch_stats": batch_stats},
-            batch["tokens"], batch["gaps"], batch["lengths"], state0))
-        return logits, ready
+    if states.latest_step() is None:
+        raise SystemExit(f"evssm train: --resume but {out}/train_state holds no saved epoch")
+    state = states.restore(states.latest_step(), args=ocp.args.StandardRestore(template))
+    return state, int(state["epoch"])
 
-    train_step = jax.jit(train_step, donate_argnums=0)
-    eval_step = jax.jit(eval_step)
 
-    def to_device(batch) -> dict[str, Any]:
-        """This process's rows of a global batch, as global arrays sharded over the job; every
-        process pads its rows to the longest shard's length (one shape for all)."""
-        batch = pad_batch(batch, distributed.global_max(batch.tokens.shape[1]))
-        arrays = {k: getattr(batch, k) for k in ("tokens", "gaps", "lengths", "targets",
-                                                  "labels", "weights")}
-        return {k: jax.make_array_from_process_local_data(data_sharding, v)
-                for k, v in arrays.items()}
+def run_epoch(train_fn: Any, state: dict[str, Any], data: RunData, mesh: DataMesh,
+              t: dict[str, Any], epoch: int, *, compiling: bool, show: bool
+              ) -> tuple[dict[str, Any], EpochSums, float]:
+    """One pass over the training set (this process's rows of every global batch) with a
+    progress bar -> ``(state', sums, seconds)``."""
+    import jax
 
-    def measure(variables: dict[str, Any], dataset) -> dict[str, float]:
-        """Loss and accuracy of ``variables`` on every sample of ``dataset``: each process
-        feeds its rows of every batch; the logits are gathered on all."""
-        logits, labels, weights = [], [], []
-        rows = t["eval_batch_size"] // shard[1]
-        mine = slice(shard[0] * rows, (shard[0] + 1) * rows)
-        for batch in eval_batches(dataset, t["eval_batch_size"], model_cfg.num_classes,
-                                  t["pad_unit"], t["max_events"]):
-            lg, ready = eval_step(variables["params"], variables["batch_stats"],
-                                  to_device(batch.rows(mine)))
-            logits.append(distributed.gather_rows(lg))
-            labels.append(batch.labels)
-            weights.append(batch.weights * distributed.gather_rows(ready))
-        return classification_metrics(np.concatenate(logits), np.concatenate(labels),
-                                      np.concatenate(weights))
+    from .input_pipeline import prefetch, train_batches
 
-    writer = SummaryWriter(str(out / "tb")) if primary else None
-    metrics_file = (out / "metrics.jsonl").open("a") if primary else None
-    say(f"training {model_cfg.name} on {cfg['dataset']}: {len(train_ds)} train / "
-        f"{len(valid_ds)} {t['valid_split']} samples, {len(devices)} device(s) in "
-        f"{shard[1]} process(es), ssm_lr {ssm_lr:.2e}, run directory {out}")
-    last_epoch = t["epochs"] if stop_after is None else min(t["epochs"], stop_after)
-    for epoch in range(start_epoch, last_epoch):
-        batches = prefetch(train_batches(train_ds, batch_size, model_cfg.num_classes,
-                                         t["pad_unit"], t["max_events"], augment_cfg, t["seed"],
-                                         epoch, shard))
-        # The run's first step compiles the train step: kept out of the rate and the ETA.
-        bar = EpochBar(len(train_ds) // batch_size, f"epoch {epoch + 1}",
-                       compiling=epoch == start_epoch, disable=not (progress and primary),
-                       file=sys.stderr, dynamic_ncols=True)
-        sums = {"loss": 0.0, "correct": 0.0, "count": 0.0, "events": 0}
-        t0 = time.perf_counter()
-        for batch in batches:
-            train_state, m = train_step(train_state, to_device(batch))
-            m = jax.device_get(m)
-            sums["loss"] += float(m["loss"]) * float(m["count"])
-            sums["correct"] += float(m["correct"])
-            sums["count"] += float(m["count"])
-            sums["events"] += int(m["events"])
-            rate = sums["events"] / (time.perf_counter() - t0)
-            bar.step(loss=f"{sums['loss'] / max(sums['count'], 1):.3f}",
-                     acc=f"{sums['correct'] / max(sums['count'], 1):.3f}", ev_s=f"{rate:,.0f}")
-        bar.close()
-        train_time = time.perf_counter() - t0
-        valid = measure(train_state, valid_ds)
-        record = {"epoch": epoch + 1, "step": int(train_state["step"]),
-                  "train_loss": sums["loss"] / max(sums["count"], 1),
-                  "train_accuracy": sums["correct"] / max(sums["count"], 1),
-                  "train_events_per_s": sums["events"] / train_time,
-                  "train_seconds": train_time,
-                  "valid_loss": valid["loss"], "valid_accuracy": valid["accuracy"]}
-        say(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f} acc "
-            f"{record['train_accuracy']:.4f} ({record['train_events_per_s']:,.0f} events/s) | "
-            f"{t['valid_split']} loss {valid['loss']:.4f} acc {valid['accuracy']:.4f}")
-        train_state = dict(train_state, epoch=jnp.asarray(epoch + 1, jnp.int32))
-        if valid["accuracy"] >= float(train_state["best_accuracy"]) or epoch == 0:
-            train_state["best_accuracy"] = jnp.asarray(valid["accuracy"], jnp.float32)
-            if primary:
-                save_checkpoint(out / "best", model_cfg, jax.device_get(train_state),
-                                task=cfg["task"], summary={**record, "dataset": cfg["dataset"],
-                                                           "valid_split": t["valid_split"]})
-        if metrics_file is not None and writer is not None:  # process 0
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-            for key, value in record.items():
-                if key not in ("epoch", "step"):
-                    writer.add_scalar(key, value, record["epoch"])
-            states.save(epoch + 1, args=ocp.args.StandardSave(jax.device_get(train_state)))
-        # The others wait for process 0's writes: a process that resumes or tests next reads them.
-        distributed.barrier(f"evssm-epoch-{epoch + 1}")
-    states.close()
-    if metrics_file is not None and writer is not None:
-        writer.close()
-        metrics_file.close()
-    say(f"best {t['valid_split']} accuracy {float(train_state['best_accuracy']):.4f}; "
-        f"checkpoint {out / 'best'}")
-    if int(train_state["epoch"]) < t["epochs"]:
-        return 0  # stopped early on purpose: the run that finishes the schedule tests
-    # The test split, measured once, on the checkpoint chosen on the validation split.
-    _, best, meta = load_checkpoint(out / "best")
-    result = measure(jax.device_put(best, replicated), open_split(cfg, test_split, limit_test))
-    test = {"split": test_split, "selected_on": t["valid_split"],
-            "epoch": meta["summary"].get("epoch"), "accuracy": result["accuracy"],
-            "loss": result["loss"], "samples": int(result["count"])}
-    if primary:
-        update_summary(out / "best", test=test)
-        (out / "test.json").write_text(json.dumps(test, indent=2) + "\n")
-    note = " (the split that selected it)" if test_split == t["valid_split"] else ""
-    say(f"{test_split} accuracy of best/ (epoch {test['epoch']}): {test['accuracy']:.4f} on "
-        f"{test['samples']} samples{note}")
-    return 0
+    num_classes = len(data.train.class_names)
+    batches = prefetch(train_batches(data.train, t["batch_size"], num_classes, t["pad_unit"],
+                                     t["max_events"], data.augment, t["seed"], epoch, mesh.shard))
+    bar = EpochBar(len(data.train) // t["batch_size"], f"epoch {epoch + 1}", compiling=compiling,
+                   disable=not show, file=sys.stderr, dynamic_ncols=True)
+    sums = EpochSums()
+    t0 = time.perf_counter()
+    for batch in batches:
+        state, metrics = train_fn(state, mesh.to_device(batch))
+        sums.add(jax.device_get(metrics))
+        rate = sums.events / (time.perf_counter() - t0)
+        bar.step(loss=f"{sums.mean_loss:.3f}", acc=f"{sums.accuracy:.3f}", ev_s=f"{rate:,.0f}")
+    bar.close()
+    return state, sums, time.perf_counter() - t0
 
+
+def measure(eval_fn: Any, variables: dict[str, Any], dataset: Any, mesh: DataMesh,
+            t: dict[str, Any], num_classes: int) -> dict[str, float]:
+    """Loss and accuracy of ``variables`` on every sample of ``dataset``: each process feeds its
+    rows of every batch; the logits are gathered on all."""
+    from .evaluate import classification_metrics
+    from .input_pipeline import eval_batches
+
+    logits, labels, weights = [], [], []
+    mine = mesh.rows(t["eval_batch_size"])
+    for batch in eval_batches(dataset, t["eval_batch_size"], num_classes, t["pad_unit"],
+                              t["max_events"]):
+        lg, ready = eval_fn(variables["params"], variables["batch_stats"],
+                            mesh.to_device(batch.rows(mine)))
+        logits.append(distributed.gather_rows(lg))
+        labels.append(batch.labels)
+        weights.append(batch.weights * distributed.gather_rows(ready))
+    return classification_metrics(np.concatenate(logits), np.concatenate(labels),
+                                  np.concatenate(weights))
+
+
+def end_epoch(log: RunLog, states: Any, state: dict[str, Any], record: dict[str, Any],
+              model_cfg: ModelConfig) -> dict[str, Any]:
+    """After an epoch: the state's epoch and best accuracy (the later epoch wins a tie; the
+    first epoch is always a best), ``best/`` when it is one, the record and the training state
+    written; then every process waits for process 0's writes (a process that resumes or tests
+    next reads them)."""
+    import jax.numpy as jnp
+
+    epoch = record["epoch"]
+    state = dict(state, epoch=jnp.asarray(epoch, jnp.int32))
+    if record["valid_accuracy"] >= float(state["best_accuracy"]) or epoch == 1:
+        state["best_accuracy"] = jnp.asarray(record["valid_accuracy"], jnp.float32)
+        log.save_best(model_cfg, state, record)
+    log.record(record)
+    log.save_state(states, epoch, state)
+    distributed.barrier(f"evssm-epoch-{epoch}")
+    return state
+
+
+def measure_test_split(eval_fn: Any, cfg: dict[str, Any], out: Path, split: str, limit: int | None,
+              mesh: DataMesh, log: RunLog) -> None:
+    """The test split, measured once, on the checkpoint chosen on the validation split."""
+    import jax
+
+    from .checkpoint import load_checkpoint
+
+    valid_split = cfg["train"]["valid_split"]
+    config, best, meta = load_checkpoint(out / "best")
+    result = measure(eval_fn, jax.device_put(best, mesh.replicated),
+                     open_split(cfg, split, limit), mesh, cfg["train"], config.num_classes)
+    test = {"split": split, "selected_on": valid_split, "epoch": meta["summary"].get("epoch"),
+            "accuracy": result["accuracy"], "loss": result["loss"],
+            "samples": int(result["count"])}
+    log.write_test(test)
+    note = " (the split that selected it)" if split == valid_split else ""
+    log.say(f"{split} accuracy of best/ (epoch {test['epoch']}): {test['accuracy']:.4f} on "
+            f"{test['samples']} samples{note}")
+
+
+class RunLog:
+    """What a process other than 0 of a job writes to the run directory and says: nothing.
+    Process 0's :class:`PrimaryRunLog` writes; every process calls the same methods."""
+
+    primary = False
+
+    def say(self, text: str) -> None:
+        """A line for whoever runs the job (stderr)."""
+
+    def save_best(self, config: ModelConfig, state: dict[str, Any], record: dict[str, Any]
+                  ) -> None:
+        """``best/``: the state's variables, with ``record`` in its summary."""
+
+    def record(self, record: dict[str, Any]) -> None:
+        """An epoch's record: a line of ``metrics.jsonl`` and TensorBoard scalars."""
+
+    def save_state(self, states: Any, epoch: int, state: dict[str, Any]) -> None:
+        """The training state after ``epoch``, into the orbax manager ``states``."""
+
+    def write_test(self, test: dict[str, Any]) -> None:
+        """The test figure: ``test.json`` and the summary of ``best/``."""
+
+    def close(self) -> None:
+        """Close the files; :meth:`say` still works."""
+
+
+class PrimaryRunLog(RunLog):
+    """Process 0's run log: writes ``config.yaml`` when opened, then ``metrics.jsonl`` (appended,
+    so a resumed run continues it), ``tb/``, ``best/``, ``train_state/`` and ``test.json``."""
+
+    primary = True
+
+    def __init__(self, out: Path, cfg: dict[str, Any]):
+        from tensorboardX import SummaryWriter
+
+        self.out, self.cfg = out, cfg
+        out.mkdir(parents=True, exist_ok=True)
+        resolved = {k: v for k, v in cfg.items() if k != "model_overrides"}
+        (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        self.writer = SummaryWriter(str(out / "tb"))
+        self.metrics = (out / "metrics.jsonl").open("a")
+
+    def say(self, text: str) -> None:
+        print(text, file=sys.stderr)
+
+    def save_best(self, config: ModelConfig, state: dict[str, Any], record: dict[str, Any]
+                  ) -> None:
+        import jax
+
+        from .checkpoint import save_checkpoint
+
+        summary = {**record, "dataset": self.cfg["dataset"],
+                   "valid_split": self.cfg["train"]["valid_split"]}
+        save_checkpoint(self.out / "best", config, jax.device_get(state), task=self.cfg["task"],
+                        summary=summary)
+
+    def record(self, record: dict[str, Any]) -> None:
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        for key, value in record.items():
+            if key not in ("epoch", "step"):
+                self.writer.add_scalar(key, value, record["epoch"])
+
+    def save_state(self, states: Any, epoch: int, state: dict[str, Any]) -> None:
+        import jax
+        import orbax.checkpoint as ocp
+
+        states.save(epoch, args=ocp.args.StandardSave(jax.device_get(state)))
+
+    def write_test(self, test: dict[str, Any]) -> None:
+        from .checkpoint import update_summary
+
+        update_summary(self.out / "best", test=test)
+        (self.out / "test.json").write_text(json.dumps(test, indent=2) + "\n")
+
+    def close(self) -> None:
+        self.writer.close()
+        self.metrics.close()
+
+
+def open_run_log(out: Path, cfg: dict[str, Any], *, primary: bool) -> RunLog:
+    """Process 0's :class:`PrimaryRunLog` (which writes ``config.yaml`` now), else a silent one."""
+    return PrimaryRunLog(out, cfg) if primary else RunLog()

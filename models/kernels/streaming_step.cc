@@ -19,8 +19,8 @@
 //     columns, or for one session's first layer, by role).
 //
 // The weights (one float32 buffer) and the plan (int32 offsets into it and into a state row)
-// are built by models/native.py; the Header and Layer enums below must match its HEADER and
-// LAYER lists.
+// are built by models/native.py, which reads the plan's layout from plan_layout() below: the
+// field lists here are its one definition.
 
 #include <algorithm>
 #include <atomic>
@@ -40,22 +40,47 @@
 
 namespace {
 
-// --- plan layout (mirrors models/native.py) -------------------------------------------------
-enum Header {
-  H_VERSION, H_LAYERS, H_WORDS, H_PRENORM, H_NORM, H_POOL, H_HEAD, H_CLASSES, H_WIDTH,
-  H_HEAD_W, H_HEAD_B, H_SUM_Z, H_SUM_W, H_LAST_Z, H_COUNT, H_ZOH, H_VOCAB, H_DECAY_SIZE,
-  H_TABLE_BU, H_TABLE_POOL, H_TABLE_DECAY, H_CONSTS, H_GELU, H_HELD, H_HEAD_SUM_DT,
-  H_SUM_Z_C, H_SUM_W_C, H_HEAD_SUM_DT_C, H_FIELDS = 32
-};
-enum Layer {
-  L_DIN, L_DOUT, L_P, L_STRIDE, L_S_LAST, L_S_FIRST, L_SUM_WX, L_SUM_W, L_SUM_DT, L_COUNT,
-  L_NORM_A, L_NORM_B, L_B, L_STEP, L_INV_LAMBDA, L_C, L_D, L_D_MATRIX, L_GATE_W, L_GATE_B,
-  L_SKIP_W, L_SKIP_B, L_DPOOL, L_FIELDS = 24
-};
+// --- plan layout ---------------------------------------------------------------------------
+// A plan is H_FIELDS header words, then L_FIELDS words per layer; a field not used by a model
+// is -1. Each list names a field's enumerator and the name models/native.py fills it by, in
+// plan order; plan_layout() hands the names, counts and kVersion to Python. A change of the
+// layout bumps kVersion.
+#define EVSSM_HEADER_FIELDS(X)                                                                 \
+  X(H_VERSION, version) X(H_LAYERS, layers) X(H_WORDS, words) X(H_PRENORM, prenorm)           \
+  X(H_NORM, norm) X(H_POOL, pool) X(H_HEAD, head) X(H_CLASSES, classes) X(H_WIDTH, width)     \
+  X(H_HEAD_W, head_w) X(H_HEAD_B, head_b) X(H_SUM_Z, sum_z) X(H_SUM_W, sum_w)                 \
+  X(H_LAST_Z, last_z) X(H_COUNT, count) X(H_ZOH, zoh) X(H_VOCAB, vocab)                       \
+  X(H_DECAY_SIZE, decay_size) X(H_TABLE_BU, table_bu) X(H_TABLE_POOL, table_pool)             \
+  X(H_TABLE_DECAY, table_decay) X(H_CONSTS, consts) X(H_GELU, gelu) X(H_HELD, held)           \
+  X(H_HEAD_SUM_DT, head_sum_dt) X(H_SUM_Z_C, sum_z_c) X(H_SUM_W_C, sum_w_c)                   \
+  X(H_HEAD_SUM_DT_C, head_sum_dt_c)
+#define EVSSM_LAYER_FIELDS(X)                                                                  \
+  X(L_DIN, d_in) X(L_DOUT, d_out) X(L_P, p) X(L_STRIDE, stride) X(L_S_LAST, s_last)           \
+  X(L_S_FIRST, s_first) X(L_SUM_WX, sum_wx) X(L_SUM_W, sum_w) X(L_SUM_DT, sum_dt)             \
+  X(L_COUNT, count) X(L_NORM_A, norm_a) X(L_NORM_B, norm_b) X(L_B, b) X(L_STEP, step)         \
+  X(L_INV_LAMBDA, inv_lambda) X(L_C, c) X(L_D, d) X(L_D_MATRIX, d_matrix) X(L_GATE_W, gate_w) \
+  X(L_GATE_B, gate_b) X(L_SKIP_W, skip_w) X(L_SKIP_B, skip_b) X(L_DPOOL, d_pool)
+#define EVSSM_ENUMERATOR(id, name) id,
+#define EVSSM_NAME(id, name) #name,
+enum Header { EVSSM_HEADER_FIELDS(EVSSM_ENUMERATOR) H_NAMED, H_FIELDS = 32 };
+enum Layer { EVSSM_LAYER_FIELDS(EVSSM_ENUMERATOR) L_NAMED, L_FIELDS = 24 };
+static_assert(H_NAMED <= H_FIELDS && L_NAMED <= L_FIELDS, "a plan field beyond its block");
+constexpr const char* kHeaderNames[] = {EVSSM_HEADER_FIELDS(EVSSM_NAME)};
+constexpr const char* kLayerNames[] = {EVSSM_LAYER_FIELDS(EVSSM_NAME)};
 constexpr int kVersion = 3;
-enum PoolMode { POOL_FIRST = 0, POOL_AVG = 1, POOL_TIME = 2 };
-enum HeadMode { HEAD_POOL = 0, HEAD_TIME = 1, HEAD_LAST = 2 };
-enum Gelu { GELU_ERF = 0, GELU_TANH = 1 };
+// The choices a header field codes, by their names in models/config.py, in code order.
+#define EVSSM_POOL_MODES(X) X(POOL_FIRST, first) X(POOL_AVG, avgpool) X(POOL_TIME, timepool)
+#define EVSSM_HEAD_MODES(X) X(HEAD_POOL, pool) X(HEAD_TIME, timepool) X(HEAD_LAST, last)
+#define EVSSM_NORMS(X) X(NORM_LAYER, layer) X(NORM_BATCH, batch)
+#define EVSSM_GELUS(X) X(GELU_ERF, erf) X(GELU_TANH, tanh)
+enum PoolMode { EVSSM_POOL_MODES(EVSSM_ENUMERATOR) POOL_MODES };
+enum HeadMode { EVSSM_HEAD_MODES(EVSSM_ENUMERATOR) HEAD_MODES };
+enum Norm { EVSSM_NORMS(EVSSM_ENUMERATOR) NORMS };
+enum Gelu { EVSSM_GELUS(EVSSM_ENUMERATOR) GELUS };
+constexpr const char* kPoolModeNames[] = {EVSSM_POOL_MODES(EVSSM_NAME)};
+constexpr const char* kHeadModeNames[] = {EVSSM_HEAD_MODES(EVSSM_NAME)};
+constexpr const char* kNormNames[] = {EVSSM_NORMS(EVSSM_NAME)};
+constexpr const char* kGeluNames[] = {EVSSM_GELUS(EVSSM_NAME)};
 
 // --- small dense kernels ------------------------------------------------------------------------
 typedef float v8 __attribute__((vector_size(32)));
@@ -312,7 +337,7 @@ void normalize(const float* x, int ldx, int rows, int d, int kind, const float* 
   for (int r = 0; r < rows; ++r) {
     const float* xr = x + (size_t)r * ldx;
     float* o = out + (size_t)r * ldo;
-    if (kind == 0) {
+    if (kind == NORM_LAYER) {
       float mean = 0.f;
       for (int j = 0; j < d; ++j) mean += xr[j];
       mean /= d;
@@ -801,6 +826,10 @@ extern "C" int evssm_streaming_step(const float* weights, const int32_t* plan, i
   if (plan_len < H_FIELDS || plan[H_VERSION] != kVersion ||
       plan_len < H_FIELDS + L_FIELDS * plan[H_LAYERS])
     return fail("plan version or size mismatch (rebuild the native step)");
+  auto coded = [&](int field, int choices) { return plan[field] >= 0 && plan[field] < choices; };
+  if (!coded(H_POOL, POOL_MODES) || !coded(H_HEAD, HEAD_MODES) || !coded(H_NORM, NORMS) ||
+      !coded(H_GELU, GELUS))
+    return fail("plan codes a mode the native step does not know (rebuild the native step)");
   if (batch < 0 || pool_rows < 0) return fail("negative dimension");
   const int words = plan[H_WORDS];
   thread_local Scratch sc;
@@ -1053,11 +1082,44 @@ PyObject* py_prime(PyObject*, PyObject*) {
   Py_RETURN_NONE;
 }
 
+// {"version", "header_fields", "layer_fields", "header": names, "layer": names, "codes":
+// {"pool", "head", "norm", "gelu": names in code order}}: the plan's layout, read by
+// models/native.py to place and code each field.
+PyObject* py_plan_layout(PyObject*, PyObject*) {
+  auto names = [](const char* const* items, int n) -> PyObject* {
+    PyObject* tuple = PyTuple_New(n);
+    for (int i = 0; tuple && i < n; ++i) {
+      PyObject* name = PyUnicode_FromString(items[i]);
+      if (!name) {
+        Py_DECREF(tuple);
+        return nullptr;
+      }
+      PyTuple_SET_ITEM(tuple, i, name);
+    }
+    return tuple;
+  };
+  PyObject* parts[] = {names(kHeaderNames, H_NAMED), names(kLayerNames, L_NAMED),
+                       names(kPoolModeNames, POOL_MODES), names(kHeadModeNames, HEAD_MODES),
+                       names(kNormNames, NORMS), names(kGeluNames, GELUS)};
+  for (PyObject* part : parts) {
+    if (!part) {
+      for (PyObject* other : parts) Py_XDECREF(other);
+      return nullptr;
+    }
+  }
+  return Py_BuildValue("{s:i,s:i,s:i,s:N,s:N,s:{s:N,s:N,s:N,s:N}}", "version", kVersion,
+                       "header_fields", H_FIELDS, "layer_fields", L_FIELDS, "header", parts[0],
+                       "layer", parts[1], "codes", "pool", parts[2], "head", parts[3], "norm",
+                       parts[4], "gelu", parts[5]);
+}
+
 PyMethodDef methods[] = {
     {"step", py_step, METH_VARARGS,
      "step(weights, plan, pool, slots, tokens, gaps, starts, lengths, logits, ready): advance "
      "sessions in place on their packed state rows, session b by tokens/gaps[starts[b] :"
      " starts[b] + lengths[b]]"},
+    {"plan_layout", py_plan_layout, METH_NOARGS,
+     "plan_layout() -> dict: the plan's version, block sizes and field names in plan order"},
     {"prime", py_prime, METH_NOARGS,
      "prime(): wake the step's helper threads ahead of a step (they spin briefly, then sleep)"},
     {"ingest", py_ingest, METH_VARARGS,
