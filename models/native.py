@@ -190,6 +190,9 @@ class NativeStep:
         library = load_library()
         self._step = library.step
         self.prime = library.prime  # () -> None: wake the helper threads ahead of a step
+        # () -> list[int]: the helper threads' Linux ids (for their CPU clocks; one process-wide
+        # set, shared by every model's step)
+        self.helper_threads = library.helper_threads
 
     def step_rows(self, pool: np.ndarray, slots: np.ndarray | None, tokens: Any, gaps: Any,
                   lengths: Any) -> tuple[np.ndarray, np.ndarray]:

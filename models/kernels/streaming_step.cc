@@ -31,12 +31,17 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
 
 #include <pthread.h>
 #include <type_traits>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace {
 
@@ -125,12 +130,29 @@ constexpr auto kSpin = std::chrono::microseconds(60);
 
 class Helpers {
  public:
-  explicit Helpers(int count) : parts_(count + 1) {
-    for (int i = 0; i < count; ++i) threads_.emplace_back([this] { loop(); });
+  explicit Helpers(int count) : parts_(count + 1), tids_(new std::atomic<long>[count]) {
+    for (int i = 0; i < count; ++i) {
+      tids_[i].store(0);
+      threads_.emplace_back([this, i] {
+        // Named and numbered so that the server can read each helper's CPU clock (and top
+        // or py-spy can show it) by its Linux thread id.
+#if defined(__linux__)
+        pthread_setname_np(pthread_self(), "evssm-helper");
+        tids_[i].store(static_cast<long>(syscall(SYS_gettid)));
+#endif
+        loop();
+      });
+    }
   }
   // Never destroyed (see helpers()): the threads end with the process.
   ~Helpers() = delete;
   int parts() const { return parts_; }
+  // Linux thread ids of the helpers that have started (0: not yet).
+  std::vector<long> thread_ids() const {
+    std::vector<long> ids;
+    for (size_t i = 0; i < threads_.size(); ++i) ids.push_back(tids_[i].load());
+    return ids;
+  }
 
   // Runs fn(0 .. parts-1) and returns when all are done: the caller and the helpers claim parts
   // one at a time, so a part whose helper is asleep or preempted is run here rather than
@@ -215,6 +237,7 @@ class Helpers {
   }
 
   const int parts_;  // the caller and the helpers
+  std::unique_ptr<std::atomic<long>[]> tids_;  // each helper's Linux thread id
   std::vector<std::thread> threads_;
   std::atomic<uint64_t> posted_{0};  // number of the last job posted
   std::atomic<uint64_t> next_{0};    // claims of the current job (see claim())
@@ -1053,6 +1076,27 @@ PyObject* py_prime(PyObject*, PyObject*) {
   Py_RETURN_NONE;
 }
 
+// The helpers' Linux thread ids, for their CPU clocks; empty before the first step or prime
+// (the helpers start with it) and with one native thread.
+PyObject* py_helper_threads(PyObject*, PyObject*) {
+  Helpers* pool = the_helpers.load(std::memory_order_acquire);
+  std::vector<long> ids;
+  if (pool) ids = pool->thread_ids();
+  PyObject* out = PyList_New(0);
+  if (!out) return nullptr;
+  for (long id : ids) {
+    if (id <= 0) continue;
+    PyObject* item = PyLong_FromLong(id);
+    if (!item || PyList_Append(out, item) < 0) {
+      Py_XDECREF(item);
+      Py_DECREF(out);
+      return nullptr;
+    }
+    Py_DECREF(item);
+  }
+  return out;
+}
+
 PyMethodDef methods[] = {
     {"step", py_step, METH_VARARGS,
      "step(weights, plan, pool, slots, tokens, gaps, starts, lengths, logits, ready): advance "
@@ -1060,6 +1104,8 @@ PyMethodDef methods[] = {
      " starts[b] + lengths[b]]"},
     {"prime", py_prime, METH_NOARGS,
      "prime(): wake the step's helper threads ahead of a step (they spin briefly, then sleep)"},
+    {"helper_threads", py_helper_threads, METH_NOARGS,
+     "helper_threads() -> list[int]: the Linux thread ids of the step's helper threads"},
     {"ingest", py_ingest, METH_VARARGS,
      "ingest(t, x, y, p, width, height, last_t, tokens, gaps) -> bool: validate and tokenise a "
      "packet's columns in one pass (False: invalid or unsupported; use the reference)"},

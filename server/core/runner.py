@@ -239,6 +239,11 @@ class ModelRunner:
         if self.model.native is not None:
             self.model.native.prime()
 
+    def helper_threads(self) -> list[int]:
+        """Linux thread ids of the native step's helper threads (process-wide, shared by every
+        model's step; none for XLA, or before the first step)."""
+        return list(self.model.native.helper_threads()) if self.model.native is not None else []
+
     def zero(self, slots: np.ndarray) -> None:
         """Zero rows ``slots`` int32 [K] (in groups of at most the largest batch bucket)."""
         with self._attributed():

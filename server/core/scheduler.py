@@ -330,6 +330,11 @@ class Scheduler:
         self._thread = threading.Thread(target=self._run_steps, name=f"evssm-step-{self.model}", daemon=True)
         self._thread.start()
 
+    @property
+    def thread_id(self) -> int | None:
+        """The step thread's Linux thread id (for its CPU clock), None before it started."""
+        return None if self._thread is None else self._thread.native_id
+
     def _run_steps(self) -> None:
         while self.step():
             pass
