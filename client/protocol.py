@@ -19,7 +19,16 @@ import msgpack
 import numpy as np
 
 from evssm.models.events import Recording, SensorSpec
-from evssm.models.wire import CLASSIFY_PATH, COLUMN_DTYPES, MODELS_PATH, STREAM_PATH, FrameError, Opened, ResultFrame
+from evssm.models.wire import (
+    CLASSIFY_PATH,
+    COLUMN_DTYPES,
+    MODELS_PATH,
+    STATS_PATH,
+    STREAM_PATH,
+    FrameError,
+    Opened,
+    ResultFrame,
+)
 
 from .errors import ProtocolError
 
@@ -205,7 +214,7 @@ def endpoint_url(url: str, kind: str) -> str:
     ``HOST:PORT``.
 
     ``kind``: ``"stream"`` (a ``ws``/``wss`` URL, path ``/v1/stream`` unless ``url`` has a path),
-    ``"classify"``, ``"models"`` or ``"base"`` (``http``/``https``; a path in ``url`` is dropped,
+    ``"classify"``, ``"models"``, ``"stats"`` or ``"base"`` (``http``/``https``; a path in ``url`` is dropped,
     so the same ``--url`` works for both protocols).
     """
     if "://" not in url:
@@ -219,7 +228,7 @@ def endpoint_url(url: str, kind: str) -> str:
         path = parts.path if parts.path not in ("", "/") else STREAM_PATH
         return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
     scheme = "https" if secure else "http"
-    path = {"classify": CLASSIFY_PATH, "models": MODELS_PATH, "base": ""}[kind]
+    path = {"classify": CLASSIFY_PATH, "models": MODELS_PATH, "stats": STATS_PATH, "base": ""}[kind]
     return urlunsplit((scheme, parts.netloc, path, "", ""))
 
 
