@@ -125,12 +125,18 @@ void matmul_serial(const float* a, int lda, int m, int k, const float* w, int ld
 // products of ~0.1-1 M multiply-adds each, too short for a sleeping thread pool (a futex wake
 // costs tens of microseconds): the helper spins for kSpin after each job and then sleeps. kSpin
 // covers the gaps inside a step and between back-to-back steps, and is short enough not to rob
-// a busy server's other threads.
+// a busy server's other threads. $EVSSM_NATIVE_SPIN_US sets it (microseconds) for measurements.
 constexpr auto kSpin = std::chrono::microseconds(60);
+
+std::chrono::microseconds spin_budget() {
+  const char* env = std::getenv("EVSSM_NATIVE_SPIN_US");
+  return env ? std::chrono::microseconds(std::max(0, std::atoi(env))) : kSpin;
+}
 
 class Helpers {
  public:
-  explicit Helpers(int count) : parts_(count + 1), tids_(new std::atomic<long>[count]) {
+  explicit Helpers(int count)
+      : parts_(count + 1), spin_(spin_budget()), tids_(new std::atomic<long>[count]) {
     for (int i = 0; i < count; ++i) {
       tids_[i].store(0);
       threads_.emplace_back([this, i] {
@@ -186,7 +192,7 @@ class Helpers {
     while (done_.load(std::memory_order_acquire) < n) __builtin_ia32_pause();
   }
 
-  // Wakes sleeping helpers to spin for kSpin: a caller about to run a step calls this a little
+  // Wakes sleeping helpers to spin for their budget: a caller about to run a step calls this a little
   // ahead (while its packet is being read), so that the wake-up, not the step, waits for the
   // scheduler. Costs an atomic load when the helpers are awake.
   void prime() {
@@ -206,7 +212,7 @@ class Helpers {
       int spins = 0;
       while (posted_.load(std::memory_order_acquire) == seen) {
         __builtin_ia32_pause();
-        if (++spins % 256 == 0 && clock::now() - idle_since > kSpin) {
+        if (++spins % 256 == 0 && clock::now() - idle_since > spin_) {
           std::unique_lock<std::mutex> lock(mutex_);
           sleeping_.fetch_add(1);
           wake_.wait(lock, [&] { return posted_.load() != seen || primes_.load() != seen_prime; });
@@ -237,6 +243,7 @@ class Helpers {
   }
 
   const int parts_;  // the caller and the helpers
+  const std::chrono::microseconds spin_;  // spinning after a job before sleeping
   std::unique_ptr<std::atomic<long>[]> tids_;  // each helper's Linux thread id
   std::vector<std::thread> threads_;
   std::atomic<uint64_t> posted_{0};  // number of the last job posted
