@@ -13,6 +13,8 @@ from .sources import Sample
 from .stats import RateMeter, percentiles_ms
 from .udp import UdpStats
 
+LAG_POINTS = 20  # the summary's lag over time: at most this many points, evenly over the answers
+
 
 class View:
     """SessionState of a streaming run and its rich rendering."""
@@ -39,12 +41,18 @@ class View:
         self.last_any: Result | None = None
         self.reconnects = 0
         self.resumes: list[Resume] = []
+        # (recording seconds, lag seconds) per answer of a paced file: the answer's wall time
+        # less the wall time its packet's last event was due (playback starts at ``started``).
+        self.lags: list[tuple[float, float]] = []
 
     def add(self, result: Result) -> None:
         self.packets += 1
         events = result.events + result.cropped - self.base
         self.meter.add(max(events - self.answered, 0))
         self.answered = events
+        if self.speed is not None and self.live is None and 0 < events <= self.total:
+            at_s = (int(self.sample.recording.t[events - 1]) - self.t0) / 1e6
+            self.lags.append((at_s, time.monotonic() - self.started - at_s / self.speed))
         self.cropped = result.cropped - self.info.cropped
         self.processed = events - self.cropped
         self.last_any = result
@@ -59,6 +67,14 @@ class View:
         """Seconds of the recording answered so far (its last answered event's time)."""
         last = self.last_any
         return (last.t - self.t0) / 1e6 if last is not None and last.t is not None else 0.0
+
+    def lag_over_time(self) -> list[list[float]]:
+        """[recording s, lag ms] of at most :data:`LAG_POINTS` answers, evenly spaced, the last
+        one included: how far behind real time the answers ran as the recording played."""
+        if not self.lags:
+            return []
+        picks = sorted({round(i * (len(self.lags) - 1) / max(LAG_POINTS - 1, 1)) for i in range(LAG_POINTS)})
+        return [[round(self.lags[i][0], 6), round(self.lags[i][1] * 1e3, 3)] for i in picks]
 
     def speed_reached(self) -> float | None:
         """Recording seconds answered per wall second: 1 is real time (None before any answer)."""
@@ -187,6 +203,9 @@ def summary_of(view: View, sample: Sample, info: SessionInfo, args: argparse.Nam
         "speed_reached": None if reached is None else round(reached, 4),
         "no_answer": None if final is not None else info.model.too_few_events(),
         "latency_ms": percentiles_ms(view.latencies),
+        # Paced playback: how far each answer came after its packet's last event was due.
+        "lag_ms": percentiles_ms([lag for _, lag in view.lags], (50, 99)) if view.lags else None,
+        "lag_over_time": view.lag_over_time() if view.lags else None,
         **({} if view.live is None else {"udp": view.live.to_dict(),
                                           "events_received": view.live.events_received,
                                           "events_forwarded": view.answered}),
