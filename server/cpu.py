@@ -7,7 +7,7 @@ The parts are disjoint, so they add up to the process's CPU time:
 - ``decode``: decoding frames and their event columns (``api/decoding.Decoders``), on the loop
   or on the decode threads;
 - ``step``: the models' step threads (zeroing and restoring rows, the native or XLA step,
-  softmax and class order);
+  softmax and class order; work XLA hands to its own threads counts under ``other``);
 - ``native_helper``: the native step's helper threads (their spinning between jobs included);
 - ``other``: the rest of the process (classification, the snapshot writer, XLA's and the web
   server's other threads, garbage collection).
