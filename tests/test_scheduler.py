@@ -65,6 +65,9 @@ class FakeRunner:
     def prime(self) -> None:
         pass
 
+    def park(self) -> None:
+        pass
+
 
 class Sink:
     """Collects what the scheduler hands the API layer."""

@@ -203,21 +203,28 @@ class Helpers {
     }
   }
 
+  // No step follows at once: the helpers sleep as soon as they are idle instead of spinning out
+  // their budget (the next prime() or job wakes them). The spin then covers the jobs of one
+  // step and back-to-back steps only.
+  void park() { parks_.fetch_add(1, std::memory_order_release); }
+
  private:
   void loop() {
-    uint64_t seen = 0, seen_prime = 0;
+    uint64_t seen = 0, seen_prime = 0, seen_park = parks_.load();
     using clock = std::chrono::steady_clock;
     for (;;) {
       auto idle_since = clock::now();
       int spins = 0;
       while (posted_.load(std::memory_order_acquire) == seen) {
         __builtin_ia32_pause();
-        if (++spins % 256 == 0 && clock::now() - idle_since > spin_) {
+        if (++spins % 256 == 0 && (parks_.load(std::memory_order_acquire) != seen_park ||
+                                   clock::now() - idle_since > spin_)) {
           std::unique_lock<std::mutex> lock(mutex_);
           sleeping_.fetch_add(1);
           wake_.wait(lock, [&] { return posted_.load() != seen || primes_.load() != seen_prime; });
           sleeping_.fetch_sub(1);
           seen_prime = primes_.load();
+          seen_park = parks_.load();  // parked before this wake-up: spent
           idle_since = clock::now();  // primed or posted: spin again
         }
       }
@@ -251,6 +258,7 @@ class Helpers {
   std::atomic<int> done_{0};         // parts of the current job finished
   std::atomic<int> sleeping_{0};
   std::atomic<uint64_t> primes_{0};
+  std::atomic<uint64_t> parks_{0};
   std::mutex mutex_;
   std::mutex run_mutex_;  // held by the one caller whose job the helpers run
   std::condition_variable wake_;
@@ -1083,6 +1091,12 @@ PyObject* py_prime(PyObject*, PyObject*) {
   Py_RETURN_NONE;
 }
 
+PyObject* py_park(PyObject*, PyObject*) {
+  Helpers* pool = the_helpers.load(std::memory_order_acquire);
+  if (pool) pool->park();
+  Py_RETURN_NONE;
+}
+
 // The helpers' Linux thread ids, for their CPU clocks; empty before the first step or prime
 // (the helpers start with it) and with one native thread.
 PyObject* py_helper_threads(PyObject*, PyObject*) {
@@ -1111,6 +1125,8 @@ PyMethodDef methods[] = {
      " starts[b] + lengths[b]]"},
     {"prime", py_prime, METH_NOARGS,
      "prime(): wake the step's helper threads ahead of a step (they spin briefly, then sleep)"},
+    {"park", py_park, METH_NOARGS,
+     "park(): no step follows at once; the helper threads sleep when idle instead of spinning"},
     {"helper_threads", py_helper_threads, METH_NOARGS,
      "helper_threads() -> list[int]: the Linux thread ids of the step's helper threads"},
     {"ingest", py_ingest, METH_VARARGS,

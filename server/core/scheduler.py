@@ -80,6 +80,10 @@ class StepRunner(Protocol):
         """A step is coming soon: get ready (wake helper threads); any thread."""
         ...
 
+    def park(self) -> None:
+        """No step follows at once: stop getting ready (let helper threads sleep); step thread."""
+        ...
+
 
 class Scheduler:
     """Batches one model's sessions' work into pipelined steps (see module docstring)."""
@@ -130,6 +134,8 @@ class Scheduler:
         if plan is None:
             return False
         result, recovered = self._execute(plan)
+        if self._handoff.next is None:  # no plan waits: nothing for the helpers to spin for
+            self.runner.park()
         try:
             self._loop.call_soon_threadsafe(self._after_step, plan, result, recovered)
         except RuntimeError:  # the event loop is closed: the server is gone
