@@ -13,10 +13,13 @@ sent to answer received), errors by code, and the share of sessions that kept up
 a session keeps up when every packet due within the run was sent and answered within --max-lag
 seconds of the moment its last event happened on the (simulated) sensor. It also reports the
 load generator's own CPU use (all its processes): near one full core per process, the client,
-not the server, may be the bottleneck.
+not the server, may be the bottleneck. It records the machine (CPU model, cores, instruction
+sets) and, read from the server's ``/v1/stats`` before and after the run, the split of the
+server's CPU time over its parts (event loop, decoding, step threads, the native step's helper;
+microseconds per event and share), also printed to stderr.
 """
 
-# About 400 lines as one module on purpose: the options, one session's driver, the spread over
+# About 430 lines as one module on purpose: the options, one session's driver, the spread over
 # processes and the report are one measurement, read together.
 
 from __future__ import annotations
@@ -35,11 +38,13 @@ from typing import Any
 
 from evssm import __version__
 from evssm.models.dataset_facts import SHD_CHANNELS
+from evssm.models.machine import machine_info
 
 from .cli_options import add_server_options, explain
 from .errors import ClientError, ConnectionLost, ServerError, error_line, exit_code
 from .packets import Packet
 from .protocol import Result, SessionInfo, endpoint_url
+from .server_cpu import cpu_split, read_stats, split_lines
 from .session import AsyncStreamSession
 from .sources import SensorSpec, SimulatedSensor
 from .stats import percentiles_ms
@@ -320,6 +325,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     if args.sessions < 1 or args.duration <= 0 or args.workers < 1:
         raise ValueError("--sessions and --workers must be >= 1 and --duration > 0")
     cfg = _config(args)
+    stats_before = await asyncio.to_thread(read_stats, args.url, cfg.api_key)
+    stats_at = time.monotonic()
     if args.workers > 1:
         loop = asyncio.get_running_loop()
         reports, cpus, wall = await loop.run_in_executor(None, _spread, args)
@@ -329,6 +336,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         wall = time.monotonic() - wall0
         cpus = [time.process_time() - cpu0]
     cpu = sum(cpus)
+    stats_after = await asyncio.to_thread(read_stats, args.url, cfg.api_key)
+    server_cpu = cpu_split(stats_before, stats_after, time.monotonic() - stats_at)
 
     opened = [r for r in reports if r.opened]
     # Achieved rate over the whole run: first schedule start to last answer (drain included).
@@ -349,6 +358,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                         "bottleneck (try --workers)")
     if len(opened) < args.sessions:
         warnings.append(f"only {len(opened)} of {args.sessions} sessions opened")
+    if server_cpu is None:
+        warnings.append("the server's CPU split is missing: its /v1/stats could not be read or "
+                        "has no cpu block")
     return {
         "benchmark": "serve",
         "url": endpoint_url(args.url, "stream"),
@@ -388,7 +400,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         # Cores the load generator used on average (all its processes), and its busiest one's.
         "client_cpu_share": round(cpu / wall, 3) if wall > 0 else None,
         "client_cpu_share_per_worker": [round(c / wall, 3) for c in cpus] if wall > 0 else None,
+        # The server's CPU over the run, by part (its /v1/stats before and after).
+        "server_cpu": server_cpu,
         "warnings": warnings,
+        "machine": machine_info(),
         "environment": _environment(),
     }
 
@@ -412,6 +427,9 @@ def run(args: argparse.Namespace) -> int:
               "is a server running there? Start one with 'evssm serve' or pass --url",
               file=sys.stderr)
         return 1
+    if report["server_cpu"] is not None:
+        print("\n".join(split_lines(report["server_cpu"], report["config"]["packet_events"])),
+              file=sys.stderr)
     for warning in report["warnings"]:
         print(f"evssm bench serve: warning: {warning}", file=sys.stderr)
     return 0

@@ -23,6 +23,7 @@ from evssm.models.wire import (
     CLASSIFY_PATH,
     COLUMN_DTYPES,
     MODELS_PATH,
+    STATS_PATH,
     STREAM_PATH,
     Decided,
     Dropped,
@@ -249,7 +250,7 @@ def endpoint_url(url: str, kind: str) -> str:
     ``HOST:PORT``.
 
     ``kind``: ``"stream"`` (a ``ws``/``wss`` URL, path ``/v1/stream`` unless ``url`` has a path),
-    ``"classify"``, ``"models"`` or ``"base"`` (``http``/``https``; a path in ``url`` is dropped,
+    ``"classify"``, ``"models"``, ``"stats"`` or ``"base"`` (``http``/``https``; a path in ``url`` is dropped,
     so the same ``--url`` works for both protocols).
     """
     if "://" not in url:
@@ -263,7 +264,7 @@ def endpoint_url(url: str, kind: str) -> str:
         path = parts.path if parts.path not in ("", "/") else STREAM_PATH
         return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
     scheme = "https" if secure else "http"
-    path = {"classify": CLASSIFY_PATH, "models": MODELS_PATH, "base": ""}[kind]
+    path = {"classify": CLASSIFY_PATH, "models": MODELS_PATH, "stats": STATS_PATH, "base": ""}[kind]
     return urlunsplit((scheme, parts.netloc, path, "", ""))
 
 

@@ -14,6 +14,8 @@ from .sources import Sample
 from .stats import RateMeter, percentiles_ms
 from .udp import UdpStats
 
+LAG_POINTS = 20  # the summary's lag over time: at most this many points, evenly over the answers
+
 
 class View:
     """SessionState of a streaming run and its rich rendering."""
@@ -45,6 +47,9 @@ class View:
         self.lags: list[float] = []  # ms, a realtime session's answers
         self.dropped: tuple[int, int] = (0, 0)  # packets, events the server dropped (totals)
         self.decisions: list[tuple[Any, float, int]] = []  # (label, prob, t) as they came
+        # (recording seconds, lag seconds) per answer of a paced file: the answer's wall time
+        # less the wall time its packet's last event was due (playback starts at ``started``).
+        self.playback: list[tuple[float, float]] = []
 
     def add(self, result: Result) -> None:
         self.packets += 1
@@ -62,6 +67,9 @@ class View:
         events = result.events + result.cropped + self.info.filtered + self.filtered + self.dropped[1] - self.base
         self.meter.add(max(events - self.answered, 0))
         self.answered = events
+        if self.speed is not None and self.live is None and 0 < events <= self.total:
+            at_s = (int(self.sample.recording.t[events - 1]) - self.t0) / 1e6
+            self.playback.append((at_s, time.monotonic() - self.started - at_s / self.speed))
         self.cropped = result.cropped - self.info.cropped
         self.processed = events - self.cropped - self.filtered - self.dropped[1]
         self.last_any = result
@@ -76,6 +84,14 @@ class View:
         """Seconds of the recording answered so far (its last answered event's time)."""
         last = self.last_any
         return (last.t - self.t0) / 1e6 if last is not None and last.t is not None else 0.0
+
+    def lag_over_time(self) -> list[list[float]]:
+        """[recording s, lag ms] of at most :data:`LAG_POINTS` answers, evenly spaced, the last
+        one included: how far behind real time the answers ran as the recording played."""
+        if not self.playback:
+            return []
+        picks = sorted({round(i * (len(self.playback) - 1) / max(LAG_POINTS - 1, 1)) for i in range(LAG_POINTS)})
+        return [[round(self.playback[i][0], 6), round(self.playback[i][1] * 1e3, 3)] for i in picks]
 
     def speed_reached(self) -> float | None:
         """Recording seconds answered per wall second: 1 is real time (None before any answer)."""
@@ -223,6 +239,9 @@ def summary_of(view: View, sample: Sample, info: SessionInfo, args: argparse.Nam
         "lag_ms": percentiles_ms([v / 1e3 for v in view.lags]) if view.lags else None,
         "dropped": {"packets": view.dropped[0], "events": view.dropped[1]},
         "decisions": [{"label": label, "prob": prob, "t": t} for label, prob, t in view.decisions],
+        # Paced playback: how far each answer came after its packet's last event was due.
+        "playback_lag_ms": percentiles_ms([lag for _, lag in view.playback], (50, 99)) if view.playback else None,
+        "lag_over_time": view.lag_over_time() if view.playback else None,
         **({} if view.live is None else {"udp": view.live.to_dict(),
                                           "events_received": view.live.events_received,
                                           "events_forwarded": view.answered}),

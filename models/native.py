@@ -289,6 +289,10 @@ class NativeStep:
         self.weight_bytes = self.weights.nbytes
         self._step = library.step
         self.prime = library.prime  # () -> None: wake the helper threads ahead of a step
+        self.park = library.park  # () -> None: no step follows at once; let the helpers sleep
+        # () -> list[int]: the helper threads' Linux ids (for their CPU clocks; one process-wide
+        # set, shared by every model's step)
+        self.helper_threads = library.helper_threads
 
 
     def step_rows(self, pool: np.ndarray, slots: np.ndarray | None, tokens: Any, gaps: Any,

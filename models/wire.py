@@ -19,6 +19,7 @@ import numpy as np
 STREAM_PATH = "/v1/stream"
 CLASSIFY_PATH = "/v1/classify"
 MODELS_PATH = "/v1/models"
+STATS_PATH = "/v1/stats"
 
 MSGPACK = "application/msgpack"
 MSGPACK_TYPES = frozenset({"application/msgpack", "application/x-msgpack", "application/vnd.msgpack"})

@@ -29,6 +29,7 @@ from .api.outputs import OutputProcessor
 from .api.security import Access, AuthMiddleware
 from .api.stream import serve_stream
 from .core.engine import Engine
+from .cpu import CpuAccount
 from .metrics import HISTORY_INTERVAL_S, Metrics
 from .settings import Settings
 
@@ -48,6 +49,8 @@ def create_app(settings: Settings | None = None, *,
     engine = Engine(settings, metrics, OutputProcessor(metrics), models)
     gate = Gate(settings.max_classify_requests)
     decoders = Decoders()
+    cpu = CpuAccount(decoders.cpu_seconds, engine.cpu_threads)
+    metrics.account_cpu(cpu)
 
     async def record_history() -> None:
         """The one writer of the stats history: a sample per interval, on the loop's clock."""
@@ -60,6 +63,7 @@ def create_app(settings: Settings | None = None, *,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        cpu.start()  # this is the event-loop thread
         engine.start()
         recorder = asyncio.create_task(record_history(), name="evssm-stats-history")
         try:

@@ -21,6 +21,8 @@ from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from .cpu import CpuAccount
+
 # Latency buckets: 0.25 ms .. 10 s, roughly x2 apart.
 LATENCY_BUCKETS = (0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128,
                    0.256, 0.512, 1.0, 2.5, 5.0, 10.0)
@@ -230,6 +232,8 @@ class Metrics:
         self._windows: dict[str, _Window] = {}
         self._events_by_model: dict[str, int] = {}
         self._packets_by_model: dict[str, int] = {}
+        self._streamed_events = 0  # events of answered packets, every model
+        self.cpu: CpuAccount | None = None
         self.models: dict[str, ModelMetrics] = {}
         self._history: deque[dict] = deque(maxlen=int(HISTORY_S / HISTORY_INTERVAL_S))
 
@@ -273,6 +277,12 @@ class Metrics:
             self._windows.setdefault(model, _Window()).add(now, events, latencies)
             self._events_by_model[model] = self._events_by_model.get(model, 0) + events
             self._packets_by_model[model] = self._packets_by_model.get(model, 0) + int(latencies.size)
+            self._streamed_events += events
+
+    def account_cpu(self, cpu: CpuAccount) -> None:
+        """Report ``cpu`` in ``/v1/stats`` (per event streamed) and as ``evssm_cpu_seconds_total``."""
+        self.cpu = cpu
+        cpu.register(self.registry)
 
     def classified(self, model: str, streams: int, events: int) -> None:
         self.classify_streams.labels(model=model).inc(streams)
@@ -294,6 +304,7 @@ class Metrics:
                 }
             # Pooled latency percentiles need the raw samples of every model.
             lat = np.concatenate([w.latencies() for w in self._windows.values()] or [np.zeros(0)])
+            streamed = self._streamed_events
         p50 = p99 = None
         if lat.size:
             p50, p99 = (round(float(v), 3) for v in np.percentile(lat, [50, 99]) * 1e3)
@@ -307,6 +318,7 @@ class Metrics:
             "latency_p50_ms": p50,
             "latency_p99_ms": p99,
             "models": per_model,
+            "cpu": None if self.cpu is None else self.cpu.report(streamed),
         }
 
     def record_history(self, sessions_active: dict[str, int]) -> None:

@@ -130,3 +130,13 @@ def test_the_live_view_shows_the_speed_reached(keyed):
                                "--speed", "2", "--json", env={"EVSSM_API_KEY": KEY}).stdout)
     assert summary["speed"] == 2 and np.isfinite(summary["speed_reached"])
     assert 0.5 < summary["speed_reached"] <= 2.2  # paced at twice real time: it cannot run ahead
+    # Lag over time: each answer after its packet's last event was due, at most 20 points in
+    # recording order, the last one at the recording's end; 40 k events/s is kept up with.
+    points = summary["lag_over_time"]
+    assert 2 <= len(points) <= 20
+    times, lags = [p[0] for p in points], [p[1] for p in points]
+    assert np.isfinite(times).all() and np.isfinite(lags).all()
+    assert times == sorted(times) and 0.9 < times[-1] <= 1.0
+    assert all(-50 < lag < 1000 for lag in lags), lags
+    lag = summary["playback_lag_ms"]
+    assert np.isfinite(lag["p50"]) and lag["p50"] <= lag["p99"] <= lag["max"] < 1000

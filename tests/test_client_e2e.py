@@ -291,12 +291,27 @@ def test_bench_serve_against_the_server(server: dict[str, Any], capsys: Any) -> 
     assert main(["bench", "serve", "--url", server["ws"], "--sessions", "3", "--rate", "2000",
                  "--duration", "2", "--packet-events", "128"]) == 0
     assert time.monotonic() - started < 60
-    report = json.loads(capsys.readouterr().out)
+    out = capsys.readouterr()
+    report = json.loads(out.out)
     assert report["sessions"]["opened"] == 3 and report["errors"] == {}
     assert report["offered_events_per_s"] == 6000
     assert report["events"]["answered"] == report["events"]["sent"] > 0
     assert report["latency_ms"]["p99"] is not None
     assert report["sessions"]["share_real_time"] is not None
+    machine = report["machine"]
+    assert machine["cpu"] and machine["cores"] >= 1 and isinstance(machine["instruction_sets"], list)
+    # The server's CPU over the run, split by part: every part finite and non-negative, the
+    # events the sessions sent counted, and the split printed.
+    split = report["server_cpu"]
+    assert split["events"] >= report["events"]["answered"] > 0
+    assert set(split["parts"]) == {"event_loop", "decode", "step", "native_helper", "other"}
+    for part in split["parts"].values():
+        assert np.isfinite(part["seconds"]) and part["seconds"] >= 0
+        assert np.isfinite(part["us_per_event"]) and part["us_per_event"] >= 0
+    assert split["parts"]["step"]["seconds"] > 0 and split["parts"]["decode"]["seconds"] > 0
+    assert np.isfinite(split["us_per_event"]) and split["us_per_event"] > 0
+    printed = out.err
+    assert "us/event" in printed and "event_loop" in printed and "native_helper" in printed
 
 
 def test_bench_serve_spreads_sessions_over_worker_processes(server: dict[str, Any],

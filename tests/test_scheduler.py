@@ -41,6 +41,7 @@ class FakeRunner:
         self.gate = threading.Event()
         self.gate.set()
         self.fail_slot: int | None = None  # a plan stepping this row raises
+        self.parked: list[int] = []  # plans run when each park() came
 
     def run(self, plan: StepPlan) -> StepResult:
         assert self.gate.wait(10), "the test never opened the gate"
@@ -64,6 +65,9 @@ class FakeRunner:
 
     def prime(self) -> None:
         pass
+
+    def park(self) -> None:
+        self.parked.append(len(self.plans))
 
 
 class Sink:
@@ -154,6 +158,23 @@ def test_sessions_waiting_together_share_one_step() -> None:
         assert stepped == [[a.slot], sorted([b.slot, c.slot])]
         got = {s.id: row for s, _, row in h.sink.results()}
         assert got == {a.id: [1, 1, 1], b.id: [2, 4, 1], c.id: [3, 9, 1]}
+
+    run(body)
+
+
+def test_the_runner_is_parked_only_when_no_plan_waits() -> None:
+    """After a step whose successor was gathered meanwhile, the helpers keep spinning for it;
+    after the last one (nothing waiting) the runner is told to park them."""
+    async def body(h: Harness) -> None:
+        a, b = h.open(), h.open()
+        h.runner.gate.clear()
+        h.send(a, [1])  # the first plan: held at the gate
+        await asyncio.sleep(0.05)
+        h.send(b, [2])  # gathered while the first runs: published, waiting
+        h.runner.gate.set()
+        await h.settle()
+        assert len(h.runner.plans) == 2
+        assert h.runner.parked == [2]  # not after the first step: the second was waiting
 
     run(body)
 

@@ -31,12 +31,17 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
 
 #include <pthread.h>
 #include <type_traits>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace {
 
@@ -145,17 +150,40 @@ void matmul_serial(const float* a, int lda, int m, int k, const float* w, int ld
 // products of ~0.1-1 M multiply-adds each, too short for a sleeping thread pool (a futex wake
 // costs tens of microseconds): the helper spins for kSpin after each job and then sleeps. kSpin
 // covers the gaps inside a step and between back-to-back steps, and is short enough not to rob
-// a busy server's other threads.
+// a busy server's other threads. $EVSSM_NATIVE_SPIN_US sets it (microseconds) for measurements.
 constexpr auto kSpin = std::chrono::microseconds(60);
+
+std::chrono::microseconds spin_budget() {
+  const char* env = std::getenv("EVSSM_NATIVE_SPIN_US");
+  return env ? std::chrono::microseconds(std::max(0, std::atoi(env))) : kSpin;
+}
 
 class Helpers {
  public:
-  explicit Helpers(int count) : parts_(count + 1) {
-    for (int i = 0; i < count; ++i) threads_.emplace_back([this] { loop(); });
+  explicit Helpers(int count)
+      : parts_(count + 1), spin_(spin_budget()), tids_(new std::atomic<long>[count]) {
+    for (int i = 0; i < count; ++i) {
+      tids_[i].store(0);
+      threads_.emplace_back([this, i] {
+        // Named and numbered so that the server can read each helper's CPU clock (and top
+        // or py-spy can show it) by its Linux thread id.
+#if defined(__linux__)
+        pthread_setname_np(pthread_self(), "evssm-helper");
+        tids_[i].store(static_cast<long>(syscall(SYS_gettid)));
+#endif
+        loop();
+      });
+    }
   }
   // Never destroyed (see helpers()): the threads end with the process.
   ~Helpers() = delete;
   int parts() const { return parts_; }
+  // Linux thread ids of the helpers that have started (0: not yet).
+  std::vector<long> thread_ids() const {
+    std::vector<long> ids;
+    for (size_t i = 0; i < threads_.size(); ++i) ids.push_back(tids_[i].load());
+    return ids;
+  }
 
   // Runs fn(0 .. parts-1) and returns when all are done: the caller and the helpers claim parts
   // one at a time, so a part whose helper is asleep or preempted is run here rather than
@@ -189,7 +217,7 @@ class Helpers {
     while (done_.load(std::memory_order_acquire) < n) __builtin_ia32_pause();
   }
 
-  // Wakes sleeping helpers to spin for kSpin: a caller about to run a step calls this a little
+  // Wakes sleeping helpers to spin for their budget: a caller about to run a step calls this a little
   // ahead (while its packet is being read), so that the wake-up, not the step, waits for the
   // scheduler. Costs an atomic load when the helpers are awake.
   void prime() {
@@ -200,21 +228,28 @@ class Helpers {
     }
   }
 
+  // No step follows at once: the helpers sleep as soon as they are idle instead of spinning out
+  // their budget (the next prime() or job wakes them). The spin then covers the jobs of one
+  // step and back-to-back steps only.
+  void park() { parks_.fetch_add(1, std::memory_order_release); }
+
  private:
   void loop() {
-    uint64_t seen = 0, seen_prime = 0;
+    uint64_t seen = 0, seen_prime = 0, seen_park = parks_.load();
     using clock = std::chrono::steady_clock;
     for (;;) {
       auto idle_since = clock::now();
       int spins = 0;
       while (posted_.load(std::memory_order_acquire) == seen) {
         __builtin_ia32_pause();
-        if (++spins % 256 == 0 && clock::now() - idle_since > kSpin) {
+        if (++spins % 256 == 0 && (parks_.load(std::memory_order_acquire) != seen_park ||
+                                   clock::now() - idle_since > spin_)) {
           std::unique_lock<std::mutex> lock(mutex_);
           sleeping_.fetch_add(1);
           wake_.wait(lock, [&] { return posted_.load() != seen || primes_.load() != seen_prime; });
           sleeping_.fetch_sub(1);
           seen_prime = primes_.load();
+          seen_park = parks_.load();  // parked before this wake-up: spent
           idle_since = clock::now();  // primed or posted: spin again
         }
       }
@@ -240,12 +275,15 @@ class Helpers {
   }
 
   const int parts_;  // the caller and the helpers
+  const std::chrono::microseconds spin_;  // spinning after a job before sleeping
+  std::unique_ptr<std::atomic<long>[]> tids_;  // each helper's Linux thread id
   std::vector<std::thread> threads_;
   std::atomic<uint64_t> posted_{0};  // number of the last job posted
   std::atomic<uint64_t> next_{0};    // claims of the current job (see claim())
   std::atomic<int> done_{0};         // parts of the current job finished
   std::atomic<int> sleeping_{0};
   std::atomic<uint64_t> primes_{0};
+  std::atomic<uint64_t> parks_{0};
   std::mutex mutex_;
   std::mutex run_mutex_;  // held by the one caller whose job the helpers run
   std::condition_variable wake_;
@@ -1113,6 +1151,33 @@ PyObject* py_plan_layout(PyObject*, PyObject*) {
                        parts[4], "gelu", parts[5]);
 }
 
+PyObject* py_park(PyObject*, PyObject*) {
+  Helpers* pool = the_helpers.load(std::memory_order_acquire);
+  if (pool) pool->park();
+  Py_RETURN_NONE;
+}
+
+// The helpers' Linux thread ids, for their CPU clocks; empty before the first step or prime
+// (the helpers start with it) and with one native thread.
+PyObject* py_helper_threads(PyObject*, PyObject*) {
+  Helpers* pool = the_helpers.load(std::memory_order_acquire);
+  std::vector<long> ids;
+  if (pool) ids = pool->thread_ids();
+  PyObject* out = PyList_New(0);
+  if (!out) return nullptr;
+  for (long id : ids) {
+    if (id <= 0) continue;
+    PyObject* item = PyLong_FromLong(id);
+    if (!item || PyList_Append(out, item) < 0) {
+      Py_XDECREF(item);
+      Py_DECREF(out);
+      return nullptr;
+    }
+    Py_DECREF(item);
+  }
+  return out;
+}
+
 PyMethodDef methods[] = {
     {"step", py_step, METH_VARARGS,
      "step(weights, plan, pool, slots, tokens, gaps, starts, lengths, logits, ready): advance "
@@ -1122,6 +1187,10 @@ PyMethodDef methods[] = {
      "plan_layout() -> dict: the plan's version, block sizes and field names in plan order"},
     {"prime", py_prime, METH_NOARGS,
      "prime(): wake the step's helper threads ahead of a step (they spin briefly, then sleep)"},
+    {"park", py_park, METH_NOARGS,
+     "park(): no step follows at once; the helper threads sleep when idle instead of spinning"},
+    {"helper_threads", py_helper_threads, METH_NOARGS,
+     "helper_threads() -> list[int]: the Linux thread ids of the step's helper threads"},
     {"ingest", py_ingest, METH_VARARGS,
      "ingest(t, x, y, p, width, height, last_t, tokens, gaps) -> bool: validate and tokenise a "
      "packet's columns in one pass (False: invalid or unsupported; use the reference)"},

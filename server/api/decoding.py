@@ -9,6 +9,9 @@ takes 0.6 s), so a thread only moves the stall, it does not remove it. Two bound
 - WebSocket frames over :data:`INLINE_FRAME_BYTES` are decoded on threads: a frame is at most
   ``ws_max_size`` (a few MiB, sized for the largest valid packet), a short hold of the GIL, and
   its columns come back as arrays without a copy.
+
+Each frame's decoding is timed on the CPU clock of the thread that does it (two clock reads), for
+the ``decode`` part of the server's CPU account (``server/cpu.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import multiprocessing
 import os
 import select
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
@@ -38,14 +42,36 @@ class Decoders:
     def __init__(self) -> None:
         self._threads: ThreadPoolExecutor | None = None
         self._processes: ProcessPoolExecutor | None = None
+        self._on_loop_s = 0.0  # CPU seconds of frame decoding on the event loop (its only writer)
+        self._on_threads_s = 0.0  # and on decode threads (under the lock)
+        self._lock = threading.Lock()
+
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU seconds spent decoding frames so far: on the event loop, on decode threads."""
+        with self._lock:
+            return self._on_loop_s, self._on_threads_s
 
     async def frame(self, size: int, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)``: inline for a small frame, on a decode thread for a big one."""
         if size <= INLINE_FRAME_BYTES:
-            return fn(*args)
+            started = time.thread_time()
+            try:
+                return fn(*args)
+            finally:
+                self._on_loop_s += time.thread_time() - started
         if self._threads is None:
             self._threads = ThreadPoolExecutor(WORKERS, thread_name_prefix="evssm-decode")
-        return await asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._threads, self._timed, fn, *args)
+
+    def _timed(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` on a decode thread, its CPU time counted."""
+        started = time.thread_time()
+        try:
+            return fn(*args)
+        finally:
+            spent = time.thread_time() - started
+            with self._lock:
+                self._on_threads_s += spent
 
     async def classify_body(self, body: bytes, is_msgpack: bool, sensors: dict[str, SensorSpec],
                             default_model: str | None, limits: ClassifyLimits) -> ClassifyRequest:

@@ -14,7 +14,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from evssm.models.wire import MSGPACK, MSGPACK_TYPES, Classified, ClassifyReply, Code, HttpError, class_order
+from evssm.models.wire import (
+    MSGPACK,
+    MSGPACK_TYPES,
+    STATS_PATH,
+    Classified,
+    ClassifyReply,
+    Code,
+    HttpError,
+    class_order,
+)
 
 from ..core.engine import Engine
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -203,7 +212,7 @@ def add_read_routes(app: FastAPI, engine: Engine, metrics: Metrics) -> None:
     async def metrics_endpoint() -> Response:
         return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
-    @app.get("/v1/stats")
+    @app.get(STATS_PATH)
     async def stats() -> dict[str, Any]:
         return {**metrics.stats(engine.sessions_by_model()), "recent": engine.recent_sessions()}
 

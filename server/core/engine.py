@@ -311,6 +311,12 @@ class Engine:
         return [{**{k: v for k, v in r.items() if k != "last_active"},
                  "idle_s": round(now - r["last_active"], 1)} for r in ordered[:RECENT_SESSIONS]]
 
+    def cpu_threads(self) -> dict[str, list[int]]:
+        """Linux ids of the threads of the CPU account's ``step`` and ``native_helper`` parts."""
+        steps = [s.thread_id for s in list(self.schedulers.values())]
+        helpers = {tid for r in list(self.runners.values()) for tid in r.helper_threads()}
+        return {"step": [t for t in steps if t is not None], "native_helper": sorted(helpers)}
+
     def sessions_by_model(self) -> dict[str, int]:
         if self.table is None:
             return {name: 0 for name in self.runners}

@@ -44,6 +44,7 @@ _BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _local = threading.local()  # .runner: the runner whose call is running on this thread
 _listener_installed = False
 _listener_lock = threading.Lock()
+_PARK = os.environ.get("EVSSM_NATIVE_PARK", "1") != "0"
 
 
 def _on_jax_event(event: str, duration_secs: float, **kwargs: str | int) -> None:
@@ -238,6 +239,18 @@ class ModelRunner:
         any thread."""
         if self.model.native is not None:
             self.model.native.prime()
+
+    def park(self) -> None:
+        """No step follows at once: the native step's helper threads sleep as soon as they are
+        idle rather than spin out their budget (the next :meth:`prime` wakes them). No-op for
+        XLA, or with ``$EVSSM_NATIVE_PARK=0`` (to measure against)."""
+        if self.model.native is not None and _PARK:
+            self.model.native.park()
+
+    def helper_threads(self) -> list[int]:
+        """Linux thread ids of the native step's helper threads (process-wide, shared by every
+        model's step; none for XLA, or before the first step)."""
+        return list(self.model.native.helper_threads()) if self.model.native is not None else []
 
     def zero(self, slots: np.ndarray) -> None:
         """Zero rows ``slots`` int32 [K] (in groups of at most the largest batch bucket)."""

@@ -85,6 +85,10 @@ class StepRunner(Protocol):
         """A step is coming soon: get ready (wake helper threads); any thread."""
         ...
 
+    def park(self) -> None:
+        """No step follows at once: stop getting ready (let helper threads sleep); step thread."""
+        ...
+
 
 class Scheduler:
     """Batches one model's sessions' work into pipelined steps (see module docstring)."""
@@ -135,6 +139,8 @@ class Scheduler:
         if plan is None:
             return False
         result, recovered = self._execute(plan)
+        if self._handoff.next is None:  # no plan waits: nothing for the helpers to spin for
+            self.runner.park()
         try:
             self._loop.call_soon_threadsafe(self._after_step, plan, result, recovered)
         except RuntimeError:  # the event loop is closed: the server is gone
@@ -339,6 +345,11 @@ class Scheduler:
         self._handoff = Handoff()
         self._thread = threading.Thread(target=self._run_steps, name=f"evssm-step-{self.model}", daemon=True)
         self._thread.start()
+
+    @property
+    def thread_id(self) -> int | None:
+        """The step thread's Linux thread id (for its CPU clock), None before it started."""
+        return None if self._thread is None else self._thread.native_id
 
     def _run_steps(self) -> None:
         while self.step():

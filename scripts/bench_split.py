@@ -1,0 +1,165 @@
+"""Where a served packet's CPU goes: the server's CPU split by part, DVS model, in one run.
+
+    .venv/bin/python scripts/bench_split.py --rounds 3 --out docs/bench/split
+
+Starts ``evssm serve`` (the benchmark's models and buckets, as ``scripts/benchmarks.py``) and
+the bare WebSocket echo (``scripts/ws_echo.py``) on 127.0.0.1, then in order:
+
+- ``evssm bench model --configs dvs`` (native step, 256-event packets): the in-process step;
+- the lone-packet round trip (one session, one 256-event packet in flight, packed records),
+  against the echo and the server, rounds interleaved;
+- ``evssm bench serve --model dvs --rate max --packet-events 256`` with 1 and with 64 sessions,
+  rounds interleaved: throughput, and the server's CPU split by part over each run (the
+  ``server_cpu`` block the load test reads from ``/v1/stats``).
+
+``--variant NAME:VAR=VALUE,...`` runs one more server per variant with those environment
+variables (e.g. ``--variant spin20:EVSSM_NATIVE_SPIN_US=20``), measured in the same interleaved
+rounds as the plain one (``evssm``): a before/after comparison in one run.
+
+Writes every report and ``summary.json`` (the machine, the load average before and after each
+run, medians over the rounds) to the output folder, and prints the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from benchmarks import EVSSM, ROOT, Server, git_commit, record_frames, round_trips, run_json, serve_command
+from benchtools import wait_ready
+
+from evssm.models.machine import machine_info
+
+
+def load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def lone(servers: list[Server], rounds: int, frames: int) -> dict[str, Any]:
+    """Lone 256-event round trips, p50 and mean in ms per server over the rounds."""
+    packets = record_frames(256, frames, seed=256)
+    samples: dict[str, list[float]] = {s.name: [] for s in servers}
+    for r in range(rounds):
+        for server in servers if r % 2 == 0 else servers[::-1]:
+            samples[server.name] += asyncio.run(round_trips(server.ws, "dvs", packets, 100))
+    return {name: {"p50_ms": round(1e3 * float(np.percentile(v, 50)), 4),
+                   "mean_ms": round(1e3 * float(np.mean(v)), 4),
+                   "p99_ms": round(1e3 * float(np.percentile(v, 99)), 4)} for name, v in samples.items()}
+
+
+def flat_out(server: Server, sessions: int, duration: float, out: Path) -> dict[str, Any]:
+    before = load()
+    report = run_json(EVSSM + ["bench", "serve", "--url", server.ws, "--model", "dvs", "--sessions",
+                               str(sessions), "--rate", "max", "--duration", str(duration),
+                               "--packet-events", "256"], out, 600)
+    report["load_average"] = {"before": before, "after": load()}
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def summarise(reports: list[dict[str, Any]], in_process: float) -> dict[str, Any]:
+    """Medians over the rounds: events/s, its ratio to the in-process step, p50/p99, and the
+    server's CPU per part in µs per event and share."""
+    med = lambda f: round(statistics.median(f(r) for r in reports), 4)  # noqa: E731
+    rates = [r["achieved_events_per_s"] for r in reports]
+    parts = reports[0]["server_cpu"]["parts"]
+    return {
+        "events_per_s": med(lambda r: r["achieved_events_per_s"]), "events_per_s_rounds": rates,
+        "ratio_to_in_process": round(statistics.median(rates) / in_process, 3),
+        "latency_p50_ms": med(lambda r: r["latency_ms"]["p50"]),
+        "latency_p99_ms": med(lambda r: r["latency_ms"]["p99"]),
+        "server_cores": med(lambda r: r["server_cpu"]["server_cores"]),
+        "client_cpu_share": med(lambda r: r["client_cpu_share"]),
+        "us_per_event": med(lambda r: r["server_cpu"]["us_per_event"]),
+        "parts_us_per_event": {p: med(lambda r, p=p: r["server_cpu"]["parts"][p]["us_per_event"])
+                               for p in parts},
+        "parts_share": {p: med(lambda r, p=p: r["server_cpu"]["parts"][p]["share"]) for p in parts},
+        "load_average": [r["load_average"] for r in reports],
+    }
+
+
+def variant(text: str) -> tuple[str, dict[str, str]]:
+    name, _, assignments = text.partition(":")
+    env = dict(a.split("=", 1) for a in assignments.split(",") if a)
+    if not name or not env:
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: expected NAME:VAR=VALUE[,VAR=VALUE]")
+    return name, env
+
+
+def start(name: str, env: dict[str, str], out: Path) -> Server:
+    """``evssm serve`` with ``env`` added to this process's environment."""
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        return Server(name, serve_command(ROOT), ROOT, out / f"serve-{name}.log")
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("docs/bench/split"))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per load run")
+    parser.add_argument("--lone-frames", type=int, default=1400)
+    parser.add_argument("--variant", type=variant, action="append", default=[],
+                        help="NAME:VAR=VALUE,...: one more server with these environment variables")
+    args = parser.parse_args()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    servers = [Server("echo", [sys.executable, str(ROOT / "scripts" / "ws_echo.py"), "PORT"], ROOT,
+                      out / "echo.log"),
+               start("evssm", {}, out)]
+    servers += [start(name, env, out) for name, env in args.variant]
+    summary: dict[str, Any] = {"commit": git_commit(ROOT), "machine": machine_info(),
+                               "variants": {name: env for name, env in args.variant},
+                               "load_average_start": load(), "rounds": args.rounds,
+                               "duration_s": args.duration}
+    try:
+        for server in servers:
+            wait_ready(server.url, 2400)
+        summary["load_average_ready"] = load()
+        model = run_json(EVSSM + ["bench", "model", "--configs", "dvs", "--seconds", "2",
+                                  "--packet-sizes", "256", "--offline-length", "0", "--backend",
+                                  "native"], out / "model.json", 1800)
+        dvs = model["models"]["dvs"]
+        one = dvs["streaming_one_session"]["packet_256"]
+        summary["in_process"] = {"one_session_events_per_s": one["events_per_s"],
+                                 "step_ms_p50": one["latency_ms_p50"],
+                                 "sessions_64_events_per_s": dvs["streaming_many_sessions"]["events_per_s"]}
+        summary["lone_256"] = lone(servers, args.rounds, args.lone_frames)
+        echo = summary["lone_256"]["echo"]["p50_ms"]
+        summary["lone_256"]["over_echo_plus_step_ms"] = {
+            s.name: round(summary["lone_256"][s.name]["p50_ms"] - echo - one["latency_ms_p50"], 4)
+            for s in servers[1:]}
+        runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        for r in range(args.rounds):
+            for n in (1, 64) if r % 2 == 0 else (64, 1):
+                for server in servers[1:] if r % 2 == 0 else servers[:0:-1]:
+                    runs.setdefault((server.name, n), []).append(
+                        flat_out(server, n, args.duration, out / f"serve_{server.name}_{n}_{r}.json"))
+                    time.sleep(1.0)
+        in_process = {1: summary["in_process"]["one_session_events_per_s"],
+                      64: summary["in_process"]["sessions_64_events_per_s"]}
+        summary["flat_out"] = {f"{name}_{n}": summarise(reports, in_process[n])
+                               for (name, n), reports in runs.items()}
+        summary["load_average_end"] = load()
+    finally:
+        for server in servers:
+            server.stop()
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
