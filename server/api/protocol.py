@@ -18,6 +18,9 @@ A client may declare its source sensor and a transform (``sensor``/``transform``
 a classify request); :func:`parse_geometry` turns them into an adapter and :func:`adapt` maps a
 packet's decoded events onto the model's sensor before :func:`prepare` tokenises them (the
 mathematics is in ``evssm.models.geometry``).
+
+Over 400 lines on purpose: everything a client can send, stream or classify, is validated in this
+one module, so one field gets one error message and one code wherever it comes.
 """
 
 from __future__ import annotations

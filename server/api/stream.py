@@ -3,6 +3,11 @@
 Big frames are decoded off the event loop (``decoding.Decoders``); a connection's next frame is
 read only after this one is handled, so its frames stay in order. Bad input is answered with an
 error frame and changes nothing; the engine sees only validated work.
+
+Over 400 lines on purpose: one connection's frames in one class, opening as named steps (resume,
+restore, geometry, window, filters, live fields) and one ingest path in which every declared
+field acts in order, with no await between a packet's acceptance and its submission. The live
+fields' own state is ``live.py`` and ``windows.py``; decoding and validation ``protocol.py``.
 """
 
 from __future__ import annotations

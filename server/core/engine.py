@@ -7,6 +7,10 @@ sessions, and keeps the session metrics. Answers leave as plain records
 (:class:`~.outputs.StepOutputs`, :class:`~.outputs.Ended`) through the sink the API layer gives
 it. With ``--state-dir``/``--state-store`` it snapshots sessions (``server/core/durability.py``)
 and restores, on resume, a token it does not hold from its snapshot.
+
+Just over 400 lines on purpose: a session's whole life in the core (open, restore, evict, drain,
+end) reads in one place beside the models it serves; the snapshot machinery is
+``durability.py``, the batching ``scheduler.py``.
 """
 
 from __future__ import annotations
