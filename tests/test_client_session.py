@@ -78,12 +78,18 @@ class _State:
         return other
 
 
-def drop(ws: Any) -> None:
+async def drop(ws: Any) -> None:
     """Drop the connection with no close handshake, as a crashed or cut-off server does, after the
-    answers already sent reach the client: the socket is closed (FIN), not reset. A reset (abort)
-    makes the client's kernel discard answers it has received and not yet read, so which answers
-    survive a drop would depend on scheduling (the tests below count them exactly)."""
-    ws.transport.close()
+    answers already sent reach the client: the server ends its side (FIN) and goes on reading for
+    a moment before it closes the socket. A reset makes the client's kernel discard answers it has
+    received and not yet read, and closing at once resets: a packet the client sends into the
+    closed socket is answered by a reset. Which answers survive a drop would then depend on
+    scheduling (the tests below count them exactly)."""
+    transport = ws.transport
+    if transport.can_write_eof():
+        transport.write_eof()
+        await asyncio.sleep(0.3)  # the client reads to the end and closes its side
+    transport.close()
 
 
 class FakeServer(LoopThread):
@@ -163,7 +169,7 @@ class FakeServer(LoopThread):
                         continue
                     if self.drops.get(number) == "before":
                         del self.drops[number]
-                        drop(ws)
+                        await drop(ws)
                         return
                     err = self._apply(state, msg)
                     if err:
@@ -179,12 +185,12 @@ class FakeServer(LoopThread):
                         state.snapshotted = state.events
                     if self.drops.get(number) == "after":
                         del self.drops[number]
-                        drop(ws)
+                        await drop(ws)
                         return
                     if self.drops.get(number) == "restart":  # the process dies after this packet
                         del self.drops[number]
                         self.sessions.clear()
-                        drop(ws)
+                        await drop(ws)
                         return
                     if self.drops.get(number) == "mute":  # answer nothing more, drop after next
                         del self.drops[number]
