@@ -115,6 +115,11 @@ class PlanBuilder:
         self.oldest = float("inf")  # earliest arrival among its packets
 
     @property
+    def read_rows(self) -> int:
+        """Rows its snapshot reads copy (every lane of a windowed session)."""
+        return sum(len(lane.slots) if isinstance(lane, Lane) else 1 for lane in self.reads)
+
+    @property
     def empty(self) -> bool:
         return not (self.slots or self.zero or self.writes or self.reads)
 

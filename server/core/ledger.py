@@ -200,12 +200,18 @@ class SnapshotLedger:
         return bool(self._due)
 
     def next_reads(self, limit: int) -> list[Hashable]:
-        """Up to ``limit`` lanes to read after the plan being gathered, oldest request first."""
+        """Lanes to read after the plan being gathered, oldest request first: up to ``limit`` rows
+        (a window's lanes count each; one lane at least, whatever its rows)."""
         out: list[Hashable] = []
-        while self._due and len(out) < limit:
+        rows = 0
+        while self._due:
             key = next(iter(self._due))
+            size = len(self._done[key].slots)
+            if rows + size > limit and out:
+                break
             del self._due[key]
             out.append(key)
+            rows += size
         return out
 
     def request(self, candidates: dict[Hashable, Session], everything: bool) -> tuple[int, asyncio.Future[None]]:

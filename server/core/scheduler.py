@@ -416,8 +416,8 @@ class Scheduler:
             for lane in reversed(later):
                 lane.ready = True
                 self._ready.appendleft(lane)
-            if self.ledger is not None and len(builder.reads) < READ_CHUNK:
-                builder.reads.extend(self.ledger.next_reads(READ_CHUNK - len(builder.reads)))
+            if self.ledger is not None and builder.read_rows < READ_CHUNK:
+                builder.reads.extend(self.ledger.next_reads(READ_CHUNK - builder.read_rows))
             if not builder.empty and not builder.published:
                 if self._should_publish(builder):
                     self._publish(builder)
