@@ -6,6 +6,8 @@ is answered at once), top-k, the declared source sensor and the count its crop r
 the API key that opened the session (only that key may resume it; never the key itself), the
 model's name and a fingerprint of the model's weights (a row is meaningless under other weights),
 and the API layer's live-sensor state as plain data (decisions, drop counts; absent in older records).
+A windowed session's record holds its ``L`` lanes' rows one after another and the window (spec
+and lane state, as plain data; absent in older records, which hold one row).
 Nothing here knows of sessions, slots or the scheduler; the engine's glue is
 :mod:`evssm.server.core.durability`.
 
