@@ -8,8 +8,9 @@ is fed each reported plan (:meth:`SnapshotLedger.update`), so its *done* state o
 last timestamp, cropped count, filter state and window lane state of the last finished packet,
 resets so far, changes so far) is the state after plan k too, and it pairs each row read with it
 (:class:`~.sessions.Captured`) for the snapshot sink, which writes them on its own thread. A
-windowed session's rows (one per lane) are read in the same plan, so they hold one state. A row read while its session is between
-two chunks of a packet has no event count and is read again after a later plan. ``durable`` per
+windowed session's rows (one per lane) are read in the same plan, so they hold one state. A row
+read while its session is between two chunks of a packet has no event count and is read again
+after a later plan. ``durable`` per
 slot: events sent that the last finished write of the session's current stream covers; it goes
 out with each result.
 """
