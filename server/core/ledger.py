@@ -10,9 +10,8 @@ resets so far, changes so far) is the state after plan k too, and it pairs each 
 (:class:`~.sessions.Captured`) for the snapshot sink, which writes them on its own thread. A
 windowed session's rows (one per lane) are read in the same plan, so they hold one state. A row
 read while its session is between two chunks of a packet has no event count and is read again
-after a later plan. ``durable`` per
-slot: events sent that the last finished write of the session's current stream covers; it goes
-out with each result.
+after a later plan. ``durable`` per slot: events sent that the last finished write of the
+session's current stream covers; it goes out with each result.
 """
 
 from __future__ import annotations
