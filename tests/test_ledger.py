@@ -8,7 +8,7 @@ import asyncio
 import numpy as np
 
 from evssm.server.core.ledger import SnapshotLedger, StepChanges
-from evssm.server.core.sessions import Captured, Packet, Restore, Session
+from evssm.server.core.sessions import Captured, LaneRows, Packet, Restore, Session
 
 
 class Sink:
@@ -16,7 +16,7 @@ class Sink:
         self.items: list[Captured] = []
         self.rows: list[np.ndarray] = []
 
-    def captured(self, model: str, items: list[Captured], rows: np.ndarray) -> None:
+    def captured(self, model: str, items: list[Captured], rows: list[np.ndarray]) -> None:
         assert model == "m" and len(items) == len(rows)
         self.items += items
         self.rows += list(rows)
@@ -131,5 +131,49 @@ def test_a_filtered_lane_is_captured_with_the_filter_state_of_its_done_events() 
         ledger.update(StepChanges([key], [], []))
         ledger.captured(ledger.next_reads(8), np.zeros((1, 2), np.int32), probs, ready, lambda k: True)
         assert sink.items and sink.items[-1].filters.to_dict() == states[0]
+
+    asyncio.run(run())
+
+
+def test_a_windowed_row_set_is_read_whole_with_the_lane_state_of_its_last_stepped_packet() -> None:
+    """A session of three lanes: a read copies its three rows, paired with the lane state the
+    last finished packet recorded, the answering lane's probabilities,
+    and ``durable`` on every lane; a restore's lane state stands until the next packet."""
+    async def run() -> None:
+        sink = Sink()
+        ledger = SnapshotLedger("m", 8, sink)
+        session = Session(id="w", token="t", model="m", slot=5, top_k=3, slots=(5, 1, 6))
+        other = Session(id="o", token="u", model="m", slot=2, top_k=3)
+        key, one = object(), object()
+        probs = np.arange(16, dtype=np.float32).reshape(8, 2)
+        ready = np.ones(8, bool)
+        ledger.add(key, session, None, zero_first=False)
+        ledger.add(one, other, None, zero_first=False)
+        rows = LaneRows(sizes=(3, 3, 1), resets=(False, False, True), copies=(-1, -1, -1), answer=2,
+                        t0=10, events=3)
+        first = _packet(3, 30)
+        first.lanes, first.window_after = rows, "state after 3"
+        ledger.update(StepChanges([], [], [(key, first, True)]))
+        ledger.request({key: session}, everything=True)
+        ledger.request({one: other}, everything=True)
+        assert ledger.next_reads(3) == [key]  # its three rows fill a budget of three
+        assert ledger.next_reads(3) == [one]
+        read = np.arange(8, dtype=np.int32).reshape(4, 2)  # three rows of ``key``, then ``one``'s
+        ledger.captured([key, one], read, probs, ready, lambda k: True, sizes=[3, 1])
+        (item, single), (kept, alone) = sink.items, sink.rows
+        assert item.window == "state after 3" and single.window is None
+        assert item.probs is not None and item.probs.tolist() == probs[6].tolist()  # lane 2 is slot 6
+        assert np.array_equal(kept, read[:3]) and np.array_equal(alone, read[3:])
+        ledger.written(key, item, covered=3)
+        assert ledger.durable.tolist()[5] == ledger.durable.tolist()[1] == ledger.durable.tolist()[6] == 3
+        # Restored: its lane state is the snapshot's until a packet is stepped.
+        ledger.remove(key)
+        ledger.add(key, session, Restore(row=np.zeros((3, 2), np.int32), events=3, last_t=30, probs=None,
+                                         window="restored"), zero_first=False)
+        ledger.update(StepChanges([], [(key, Restore(row=np.zeros((3, 2), np.int32), events=3, last_t=30,
+                                                     probs=None, window="restored"))], []))
+        ledger.request({key: session}, everything=True)
+        ledger.captured(ledger.next_reads(8), read[:3], probs, ready, lambda k: True, sizes=[3])
+        assert sink.items[-1].window == "restored" and sink.items[-1].events == 3
 
     asyncio.run(run())

@@ -243,17 +243,6 @@ def test_a_resume_keeps_the_lanes_and_may_not_change_the_window(server):
     assert_probs_equal(last["probs"], classify(server.http, [(t[first:], x[first:])])[0]["probs"])
 
 
-def test_a_server_with_snapshots_refuses_windows(start, tmp_path):
-    server = start(state_dir=str(tmp_path / "state"))
-
-    async def run() -> dict:
-        async with connect(f"{server.ws}/v1/stream") as ws:
-            return await Client(ws).request({"type": "open", "window": {"ms": 1000}})
-
-    reply = asyncio.run(run())
-    assert reply["type"] == "error" and reply["code"] == "invalid_field" and "snapshots" in reply["message"]
-
-
 def test_the_stream_command_passes_its_window(server, tmp_path, capsys):
     """``evssm stream --window`` opens a windowed session; its last answer is classify of the
     window the result names."""

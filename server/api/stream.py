@@ -170,7 +170,8 @@ class StreamHandler:
     async def _restore(self, token: str, binary: bool) -> Session | None:
         """The session of ``token`` restored from its snapshot (None: none to restore)."""
         try:
-            return await self.engine.restore(token, key_id=self.conn.key_id, owner=self.conn.principal)
+            return await self.engine.restore(token, key_id=self.conn.key_id, owner=self.conn.principal,
+                                             window=SessionWindow.restore)
         except SnapshotIncompatible as e:
             raise ProtocolError(Code.SNAPSHOT_INCOMPATIBLE, str(e)) from None
         except StoreUnavailable as e:
@@ -335,7 +336,8 @@ class StreamHandler:
                                            lanes=lanes, sent_t=newest,
                                            filtered=None if filtered is None else filtered.counts,
                                            # with snapshots: how the ledger takes it out of the state
-                                           filters_undo=filtered.undo if filtered and keep_undo else None))
+                                           filters_undo=filtered.undo if filtered and keep_undo else None,
+                                           window_after=None if window is None else window.state))
 
     def _reset(self) -> None:
         session = self._session()

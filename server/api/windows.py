@@ -95,6 +95,26 @@ class SessionWindow:
         """The packet was accepted: its lanes' state is the session's."""
         self.state = staged.state
 
+    def snapshot(self, state: LaneState | None) -> dict[str, Any]:
+        """The window for a session snapshot: its spec and ``state``, the lane state paired with
+        the rows the snapshot holds (None: a fresh stream). Plain data; :meth:`restore` reads it."""
+        spec = self.spec
+        return {"spec": {"unit": spec.unit, "length": spec.length, "hop": spec.hop},
+                "state": (state or self._planner.new_state()).to_dict()}
+
+    @classmethod
+    def restore(cls, d: Any) -> SessionWindow:
+        """The window a :meth:`snapshot` kept, planning on from its lane state (raises
+        :class:`WindowError` for a record that does not fit)."""
+        if not isinstance(d, dict) or set(d) != {"spec", "state"} or not isinstance(d["spec"], dict):
+            raise WindowError("window snapshot: expected the fields spec and state")
+        spec = d["spec"]
+        if set(spec) != {"unit", "length", "hop"} or not all(isinstance(spec[k], int) for k in ("length", "hop")):
+            raise WindowError("window snapshot: spec must hold unit and the integers length and hop")
+        window = cls(WindowSpec(str(spec["unit"]), spec["length"], spec["hop"]))
+        window.state = window._planner.restore(d["state"])
+        return window
+
 
 def window_suffix(spec: WindowSpec, t: np.ndarray) -> tuple[int, int | None]:
     """How many of a whole recording's last events (times ``t`` int64 [n]) form its last window,

@@ -179,16 +179,16 @@ class Durability:
         await asyncio.gather(*waits)
         return count
 
-    def captured(self, model: str, items: list[Captured], rows: np.ndarray) -> None:
-        """Scheduler hook (event loop): ``rows`` int32 [N, words] read after a step, row ``i`` the
-        state ``items[i]`` describes; they go to the writer thread on the loop's next turn
-        (module docstring), counted as pending from now."""
+    def captured(self, model: str, items: list[Captured], rows: list[np.ndarray]) -> None:
+        """Scheduler hook (event loop): ``rows[i]`` int32 [L_i, words] read after a step, the
+        state ``items[i]`` describes (a window's ``L_i`` lanes, one row without a window); they go
+        to the writer thread on the loop's next turn (module docstring), counted as pending from now."""
         loop = asyncio.get_running_loop()
         gate: asyncio.Future[None] = loop.create_future()
         self._pending.add(gate)
         loop.call_soon(self._write_captured, model, items, rows, gate)
 
-    def _write_captured(self, model: str, items: list[Captured], rows: np.ndarray,
+    def _write_captured(self, model: str, items: list[Captured], rows: list[np.ndarray],
                         gate: asyncio.Future[None]) -> None:
         try:
             runner = self.runners[model]
@@ -206,10 +206,10 @@ class Durability:
         live = getattr(s.live, "to_dict", None)
         return SnapshotRecord(
             key=token_key(s.token), session=s.id, model=s.model, fingerprint=runner.fingerprint,
-            row=row, events=c.events, last_t=c.last_t, probs=c.probs, top_k=s.top_k,
+            row=row.reshape(-1), events=c.events, last_t=c.last_t, probs=c.probs, top_k=s.top_k,
             cropped=c.cropped, key_id=s.key_id, geometry=None if s.geometry is None else {
                 "sensor": s.geometry.source.to_dict(), "transform": s.geometry.transform.to_dict()},
-            filters=snapshot_of(s.filters, c.filters),
+            filters=snapshot_of(s.filters, c.filters), window=_window_of(s.window, c.window),
             live=live() if live is not None else s.live if isinstance(s.live, dict) else None)
 
     def _write(self, records: list[SnapshotRecord]) -> list[bool]:
@@ -313,7 +313,7 @@ class Durability:
             problem = (f"it was made for other weights or another state layout of model "
                        f"{rec.model!r} (fingerprint "
                        f"{rec.fingerprint[:12]}, served {runner.fingerprint[:12]})")
-        elif rec.row.size * 4 != runner.state_bytes or (
+        elif rec.row.size * 4 != runner.state_bytes * rec.lanes or (
                 rec.probs is not None and rec.probs.size != runner.num_classes):
             problem = f"its state does not fit model {rec.model!r}"
         adapter = None
@@ -333,6 +333,22 @@ class Durability:
             raise SnapshotIncompatible(f"session {rec.session} cannot be restored: {problem}")
         return rec, blob, adapter, filters
 
+    @staticmethod
+    def window_of(rec: SnapshotRecord, take_up: Callable[[dict], object] | None, max_batch: int) -> object:
+        """The window ``take_up`` (the API layer's) rebuilds from ``rec``'s (None: none); raises
+        :class:`SnapshotIncompatible` for one this server cannot restore (its lanes must fit one
+        step of at most ``max_batch`` rows, as at open)."""
+        if rec.window is None:
+            return None
+        try:
+            if take_up is None:
+                raise ValueError("this server restores no windows")
+            if rec.lanes > max_batch:
+                raise ValueError(f"{rec.lanes} lanes; this server steps at most {max_batch} rows at once")
+            return take_up(rec.window)
+        except (ValueError, TypeError, KeyError) as e:
+            raise SnapshotIncompatible(f"session {rec.session} cannot be restored: its window: {e}") from None
+
     def adopt(self, s: Session, rec: SnapshotRecord, blob: bytes) -> None:
         """A session was restored from ``rec``: the store already holds its state; in a shared
         store this server now owns its record (a replica that held it before can no longer write
@@ -342,3 +358,10 @@ class Durability:
             fut = asyncio.get_running_loop().run_in_executor(
                 self._writer, lambda: self.store.put([(rec.key, blob)], claim=True))
             fut.add_done_callback(self._check)
+
+
+def _window_of(window: object, state: object) -> dict | None:
+    """A windowed session's window for its snapshot (its spec and ``state``, the lane state paired
+    with the rows; None: a fresh stream), from the API layer's planner (None: no window)."""
+    snapshot = getattr(window, "snapshot", None)
+    return None if snapshot is None else snapshot(state)

@@ -209,16 +209,13 @@ class Engine:
         """A new session of ``model`` for ``owner`` (raises ``sessions.ServerFull``, or its
         subclass ``ClientFull`` past ``Settings.sessions_per_client``). ``lanes``: a window's ``L``
         rows (None: one row), counted as ``L`` sessions; ``LanesRefused`` where one step cannot
-        hold them all, or with snapshots (a snapshot holds one row and no window)."""
+        hold them all."""
         assert self.table is not None
         if lanes is not None:
             batch = self.runners[model].max_batch
             if lanes > batch:
                 raise LanesRefused(f"the window needs {lanes} lanes; this server steps at most {batch} "
                                    f"rows at once (its largest batch bucket): raise the hop")
-            if self.durability is not None:
-                raise LanesRefused("this server keeps session snapshots (--state-dir/--state-store), "
-                                   "which do not hold a window's lanes: open the session without a window")
         session = self.table.open(model, top_k, owner=owner, owner_limit=self.settings.sessions_per_client,
                                   key_id=key_id, lanes=lanes or 1)
         self.schedulers[model].add(session)
@@ -233,10 +230,12 @@ class Engine:
         """Events sent that ``session``'s last snapshot covers (None: no snapshots are kept)."""
         return self.schedulers[session.model].durable_of(session)
 
-    async def restore(self, token: str, *, key_id: str | None, owner: str | None) -> Session | None:
+    async def restore(self, token: str, *, key_id: str | None, owner: str | None,
+                      window: Callable[[dict], Any] | None = None) -> Session | None:
         """The session of ``token`` restored from its snapshot, for a token this server does not
         hold, resumed by a client with API key ``key_id`` (None: no snapshot, one opened under
-        another key, or snapshots are off). It counts against ``owner``'s sessions. Raises
+        another key, or snapshots are off). It counts against ``owner``'s sessions. ``window``:
+        the API layer's planner from a snapshot's window (its ``state`` the lane state). Raises
         ``sessions.ServerFull`` (or ``ClientFull``), ``durability.SnapshotIncompatible`` or
         ``snapshots.StoreUnavailable``."""
         if self.durability is None or self.table is None or self.table.knows(token):
@@ -252,14 +251,17 @@ class Engine:
             if found is None or self.table.knows(token):
                 return None
             rec, blob, adapter, filters = found
+            planner = self.durability.window_of(rec, window, self.runners[rec.model].max_batch)
             session = self.table.restore(rec.model, rec.top_k, rec.session, token, owner=owner,
                                          owner_limit=self.settings.sessions_per_client, key_id=rec.key_id,
                                          events=rec.events, last_t=rec.last_t, cropped=rec.cropped,
-                                         geometry=adapter, filters=filters)
+                                         geometry=adapter, filters=filters, lanes=rec.lanes)
             session.live = rec.live  # plain data; the API layer takes it up (sessions.Session)
+            session.window = planner
             self.schedulers[rec.model].restore(session, Restore(
-                row=rec.row, events=rec.events, last_t=rec.last_t, probs=rec.probs, cropped=rec.cropped,
-                filters=None if filters is None else filters[1]))
+                row=rec.row.reshape(rec.lanes, -1), events=rec.events, last_t=rec.last_t, probs=rec.probs,
+                cropped=rec.cropped, filters=None if filters is None else filters[1],
+                window=getattr(planner, "state", None)))
             self.metrics.model(rec.model).sessions_active.inc()
             self.durability.adopt(session, rec, blob)
             log.info("session %s of %s restored from its snapshot at %d events", session.id, rec.model,

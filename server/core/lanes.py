@@ -115,17 +115,24 @@ class PlanBuilder:
         self.oldest = float("inf")  # earliest arrival among its packets
 
     @property
+    def read_rows(self) -> int:
+        """Rows its snapshot reads copy (every lane of a windowed session)."""
+        return sum(len(lane.slots) if isinstance(lane, Lane) else 1 for lane in self.reads)
+
+    @property
     def empty(self) -> bool:
         return not (self.slots or self.zero or self.writes or self.reads)
 
     def plan(self, staging: StagingBuffer, words: int) -> StepPlan:
-        write_rows = (np.stack([item.row for _, item in self.writes]).astype(np.int32, copy=False)
-                      if self.writes else np.zeros((0, words), np.int32))
+        # A restore writes, and a snapshot read copies, every row of its lane (a window's L).
+        write_rows = (np.concatenate([np.reshape(item.row, (-1, words)) for _, item in self.writes])
+                      .astype(np.int32, copy=False) if self.writes else np.zeros((0, words), np.int32))
         return StepPlan(np.array(self.zero, np.int32),
-                        np.array([lane.slot for lane, _ in self.writes], np.int32), write_rows,
+                        np.array([s for lane, _ in self.writes for s in lane.slots], np.int32), write_rows,
                         np.array(self.slots, np.int32), np.array(self.starts, np.int64),
                         np.array(self.lengths, np.int32), staging.tokens, staging.gaps,
-                        np.array([lane.slot for lane in self.reads if isinstance(lane, Lane)], np.int32))
+                        np.array([s for lane in self.reads if isinstance(lane, Lane) for s in lane.slots],
+                                 np.int32))
 
     def changes(self) -> StepChanges:
         return StepChanges([lane for lane, _ in self.zeros], [(lane, item) for lane, item in self.writes],

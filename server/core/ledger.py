@@ -5,13 +5,13 @@ With snapshots (``--state-dir``/``--state-store``; ``server/core/durability.py``
 keeps one :class:`SnapshotLedger`. The step thread is the one thread that touches the rows and
 runs plans in order, so a row read after plan k is exactly the state after plan k; the ledger
 is fed each reported plan (:meth:`SnapshotLedger.update`), so its *done* state of a lane (events,
-last timestamp, cropped count and filter state of the last finished packet, resets so far,
-changes so far) is
-the state after plan k too, and it pairs each row read with it (:class:`~.sessions.Captured`) for
-the snapshot sink, which writes them on its own thread. A row read while its session is between
-two chunks of a packet has no event count and is read again after a later plan. ``durable`` per
-slot: events sent that the last finished write of the session's current stream covers; it goes
-out with each result.
+last timestamp, cropped count, filter state and window lane state of the last finished packet,
+resets so far, changes so far) is the state after plan k too, and it pairs each row read with it
+(:class:`~.sessions.Captured`) for the snapshot sink, which writes them on its own thread. A
+windowed session's rows (one per lane) are read in the same plan, so they hold one state. A row
+read while its session is between two chunks of a packet has no event count and is read again
+after a later plan. ``durable`` per slot: events sent that the last finished write of the
+session's current stream covers; it goes out with each result.
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ READ_CHUNK = 512  # rows one plan reads for snapshots at most: bounds the pause 
 class Snapshots(Protocol):
     """Where rows read for snapshots go (``durability.Durability``). Called on the event loop."""
 
-    def captured(self, model: str, items: list[Captured], rows: np.ndarray) -> None:
-        """``rows`` int32 [N, words]: row ``i`` is the state ``items[i]`` describes."""
+    def captured(self, model: str, items: list[Captured], rows: list[np.ndarray]) -> None:
+        """``rows[i]`` int32 [L_i, words]: the rows (a window's lanes, in slot order) whose state
+        ``items[i]`` describes."""
         ...
 
 
@@ -45,12 +46,15 @@ class _Done:
     """One session's done state and its snapshot bookkeeping."""
 
     session: Session
-    slot: int
+    slot: int  # its first row (the one of a session without a window)
+    slots: list[int]  # every row it holds
     settled: bool  # the row is exactly the state after ``events`` (no packet half done, no
     # zeroing or restore pending)
     events: int = 0  # events of the current stream the finished packets hold
     last_t: int | None = None
     cropped: int = 0
+    window: Any = None  # the lane state of a windowed session (None: none, or a fresh stream)
+    answer: int = 0  # the lane (index into ``slots``) that answers at the done state
     epoch: int = 0  # resets done
     version: int = 0  # changes of the row done: packets, resets, a restore
     snap_version: int = -1  # the version the last finished snapshot write covered
@@ -88,12 +92,13 @@ class SnapshotLedger:
     def add(self, key: Hashable, session: Session, restore: Restore | None, zero_first: bool) -> None:
         """A new lane: a fresh session (its row is zeroed first when ``zero_first``) or one restored
         from a snapshot, which that snapshot already covers."""
-        done = self._done[key] = _Done(session, session.slot, settled=restore is None and not zero_first,
-                                       zero_pending=zero_first)
+        done = self._done[key] = _Done(session, session.slot, list(session.slots),
+                                       settled=restore is None and not zero_first, zero_pending=zero_first)
         if restore is None:
-            self.durable[done.slot] = 0
+            self.durable[done.slots] = 0
         else:
-            self.durable[done.slot] = restore.events + restore.cropped + removed_total(restore.filters)
+            self.durable[done.slots] = restore.events + restore.cropped + removed_total(restore.filters)
+            done.window = restore.window  # every slot holds the snapshot's answer (answer 0 will do)
             done.snap_version = 1  # the version once the Restore is done
             done.snap_active = session.last_active
 
@@ -128,16 +133,18 @@ class SnapshotLedger:
         for key in changes.zeroed:
             done = self._done[key]
             done.settled, done.events, done.last_t, done.cropped = True, 0, None, 0
+            done.window, done.answer = None, 0
             if done.zero_pending:
                 done.zero_pending = False
             else:
                 _pop_through(done.log, lambda item: isinstance(item, Reset))
             done.epoch += 1
             done.version += 1
-            self.durable[done.slot] = 0  # a new stream: no snapshot covers any of it yet
+            self.durable[done.slots] = 0  # a new stream: no snapshot covers any of it yet
         for key, item in changes.restored:
             done = self._done[key]
             done.settled, done.events, done.last_t, done.cropped = True, item.events, item.last_t, item.cropped
+            done.window, done.answer = item.window, 0
             done.version += 1
         for key, packet, last in changes.stepped:
             done = self._done[key]
@@ -145,16 +152,22 @@ class SnapshotLedger:
             if last:
                 done.events, done.last_t = packet.events_after, packet.last_t
                 done.cropped = packet.cropped_after or 0
+                # The window's lane state as of this packet, as the rows are (the live one may
+                # be ahead by packets accepted since).
+                done.window = packet.window_after
+                done.answer = 0 if packet.lanes is None else packet.lanes.answer
                 _pop_through(done.log, functools.partial(operator.is_, packet))
                 done.version += 1
 
     def captured(self, reads: list[Hashable], rows: np.ndarray, probs: np.ndarray, ready: np.ndarray,
-                 live: Callable[[Hashable], bool]) -> None:
-        """After a plan: pair each read row (``rows`` int32 [N, words]) with its lane's done state
-        and the slot's answer (``probs`` float32 [slots, C], ``ready`` bool [slots]); ``live``: the
-        lanes still wanted (a failed or closing one is dropped, a released one is gone)."""
+                 live: Callable[[Hashable], bool], sizes: list[int] | None = None) -> None:
+        """After a plan: pair each lane's read rows (``rows`` int32 [sum(sizes), words], ``sizes[i]``
+        rows for ``reads[i]``, one each when None) with its done state and the answering slot's
+        answer (``probs`` float32 [slots, C], ``ready`` bool [slots]); ``live``: the lanes still
+        wanted (a failed or closing one is dropped, a released one is gone)."""
         items: list[Captured] = []
-        keep: list[int] = []
+        keep: list[np.ndarray] = []
+        ends = np.cumsum([1] * len(reads) if sizes is None else sizes)
         for i, key in enumerate(reads):
             done = self._done.get(key)
             if done is None:
@@ -166,13 +179,14 @@ class SnapshotLedger:
             if filters is False:  # not settled, or a reset pending: read again after a later plan
                 self._due[key] = None
                 continue
-            s = done.slot
+            s = done.slots[done.answer]
             items.append(Captured(done.session, done.version, done.epoch, done.session.last_active, done.events,
-                                  done.last_t, done.cropped, probs[s].copy() if ready[s] else None, filters))
-            keep.append(i)
+                                  done.last_t, done.cropped, probs[s].copy() if ready[s] else None, filters,
+                                  done.window))
+            keep.append(rows[ends[i] - len(done.slots):ends[i]].copy())
             self._read_done(key)
         if items:
-            self.sink.captured(self.model, items, rows[keep])
+            self.sink.captured(self.model, items, keep)
 
     def retry(self, reads: Iterable[Hashable]) -> None:
         """A plan failed: the rows it was to read are read after a later plan."""
@@ -186,12 +200,18 @@ class SnapshotLedger:
         return bool(self._due)
 
     def next_reads(self, limit: int) -> list[Hashable]:
-        """Up to ``limit`` lanes to read after the plan being gathered, oldest request first."""
+        """Lanes to read after the plan being gathered, oldest request first: up to ``limit`` rows
+        (a window's lanes count each; one lane at least, whatever its rows)."""
         out: list[Hashable] = []
-        while self._due and len(out) < limit:
+        rows = 0
+        while self._due:
             key = next(iter(self._due))
+            size = len(self._done[key].slots)
+            if rows + size > limit and out:
+                break
             del self._due[key]
             out.append(key)
+            rows += size
         return out
 
     def request(self, candidates: dict[Hashable, Session], everything: bool) -> tuple[int, asyncio.Future[None]]:
@@ -221,7 +241,7 @@ class SnapshotLedger:
         done.snap_version = max(done.snap_version, item.version)
         done.snap_active = max(done.snap_active, item.active)
         if item.epoch == done.epoch:  # a write from before a reset covers nothing of this stream
-            self.durable[done.slot] = max(int(self.durable[done.slot]), covered)
+            self.durable[done.slots] = np.maximum(self.durable[done.slots], covered)
 
     def _read_done(self, key: Hashable) -> None:
         done = self._done.get(key)

@@ -225,7 +225,8 @@ class Scheduler:
                 [rows[i][0].session for i in done], [rows[i][1] for i in done], self.probs[at],
                 self.ready[at], self.order[at], None if self.ledger is None else self.ledger.durable[at]))
         if plan.reads and self.ledger is not None:
-            self.ledger.captured(plan.reads, result.rows, self.probs, self.ready, self._wanted)
+            self.ledger.captured(plan.reads, result.rows, self.probs, self.ready, self._wanted,
+                                 [len(lane.slots) if isinstance(lane, Lane) else 1 for lane in plan.reads])
         for lane in touched:
             if lane.failed:
                 self._release_failed(lane)
@@ -235,8 +236,6 @@ class Scheduler:
 
     # --- called from the API layer (event loop) ------------------------------------------------
     def add(self, session: Session) -> None:
-        if self.ledger is not None and len(session.slots) > 1:
-            raise SlotError("a session of several rows on a server that keeps snapshots")
         lane = self.lanes[session.id] = Lane(session)
         dirty = any(self.pool.is_dirty(slot) for slot in lane.slots)
         if self.ledger is not None:
@@ -417,8 +416,8 @@ class Scheduler:
             for lane in reversed(later):
                 lane.ready = True
                 self._ready.appendleft(lane)
-            if self.ledger is not None and len(builder.reads) < READ_CHUNK:
-                builder.reads.extend(self.ledger.next_reads(READ_CHUNK - len(builder.reads)))
+            if self.ledger is not None and builder.read_rows < READ_CHUNK:
+                builder.reads.extend(self.ledger.next_reads(READ_CHUNK - builder.read_rows))
             if not builder.empty and not builder.published:
                 if self._should_publish(builder):
                     self._publish(builder)
@@ -498,8 +497,9 @@ class Scheduler:
 
     # --- after a step (event loop) ---------------------------------------------------------------
     def _restored(self, lane: Lane, item: Restore) -> None:
-        """A restore is done: the per-slot answer is the snapshot's."""
-        s = lane.slot
+        """A restore is done: the per-slot answer is the snapshot's (on every lane of a window,
+        so whichever answers next reads it)."""
+        s = list(lane.slots)
         self.ready[s] = item.probs is not None
         if item.probs is not None:
             self.probs[s] = item.probs

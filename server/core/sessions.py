@@ -94,6 +94,8 @@ class Packet:
     # this packet (None: the session has no filters)
     filters_undo: Any = None  # server.live.filtering.Undo: how to take this packet out of the
     # session's filter state (the ledger rebuilds the state a snapshot holds with it)
+    window_after: Any = None  # a windowed session's lane state once this packet is in (the API
+    # layer's; the ledger pairs the last stepped packet's with the rows a snapshot reads)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,9 +133,10 @@ class Close:
 
 @dataclass(eq=False, slots=True)
 class Restore:
-    """Write a snapshot's state row into the session's slot (the first item of a session restored
-    from a snapshot). ``row`` int32 [words]; ``probs`` float32 [C] or None (no complete final-rate
-    window yet); ``events``/``last_t``/``cropped``: what the row covers."""
+    """Write a snapshot's state rows into the session's slots (the first item of a session restored
+    from a snapshot). ``row`` int32 [words], or [L, words] for a window's ``L`` lanes (in slot
+    order); ``probs`` float32 [C] or None (no complete final-rate window yet): the answer, set on
+    every slot; ``events``/``last_t``/``cropped``: what the rows cover."""
 
     row: np.ndarray
     events: int
@@ -142,6 +145,7 @@ class Restore:
     cropped: int = 0
     reply: Any = None  # never answered: the API layer answers the resume itself
     filters: Any = None  # the snapshot's FilterState (None: no filters)
+    window: Any = None  # the snapshot's lane state (the API layer's; None: no window)
 
 
 Item = Packet | Reset | Close | Restore
@@ -164,6 +168,7 @@ class Captured:
     cropped: int
     probs: np.ndarray | None
     filters: Any = None  # the FilterState after those events (None: no filters, or a fresh stream)
+    window: Any = None  # the window's lane state after those events (None: no window, or a fresh stream)
 
 
 class Client(Protocol):
@@ -282,13 +287,14 @@ class SessionTable:
     def restore(self, model: str, top_k: int, sid: str, token: str, *, owner: str | None = None,
                 owner_limit: int | None = None, key_id: str | None = None, events: int = 0,
                 last_t: int | None = None, cropped: int = 0, geometry: Any = None,
-                filters: tuple[Any, Any] | None = None) -> Session:
+                filters: tuple[Any, Any] | None = None, lanes: int = 1) -> Session:
         """A session restored from a snapshot: the same id (unless a live session has it) and
         token, and the counts the snapshot holds (the baseline its next packet is checked
         against); its ``Restore`` item writes the whole row, so a dirty slot needs no zeroing.
-        ``filters``: the snapshot's (FilterBank, FilterState). The same limits and errors as
-        :meth:`open`."""
-        session = self._add(model, top_k, sid, token, owner=owner, owner_limit=owner_limit, key_id=key_id)
+        ``filters``: the snapshot's (FilterBank, FilterState); ``lanes``: its window's rows. The same
+        limits and errors as :meth:`open`."""
+        session = self._add(model, top_k, sid, token, owner=owner, owner_limit=owner_limit, key_id=key_id,
+                            lanes=lanes)
         session.events, session.last_t, session.cropped, session.geometry = events, last_t, cropped, geometry
         if filters is not None:
             session.filters, session.filter_state = filters

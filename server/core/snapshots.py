@@ -6,6 +6,8 @@ is answered at once), top-k, the declared source sensor and the count its crop r
 the API key that opened the session (only that key may resume it; never the key itself), the
 model's name and a fingerprint of the model's weights (a row is meaningless under other weights),
 and the API layer's live-sensor state as plain data (decisions, drop counts; absent in older records).
+A windowed session's record holds its ``L`` lanes' rows one after another and the window (spec
+and lane state, as plain data; absent in older records, which hold one row).
 Nothing here knows of sessions, slots or the scheduler; the engine's glue is
 :mod:`evssm.server.core.durability`.
 
@@ -92,8 +94,8 @@ def weights_fingerprint(arrays: Iterable[tuple[str, np.ndarray]], config: Mappin
 
 @dataclass(frozen=True, eq=False)
 class SnapshotRecord:
-    """One session's snapshot. ``row`` int32 [words]; ``probs`` float32 [C] or None (no complete
-    final-rate window yet)."""
+    """One session's snapshot. ``row`` int32 [words] (a window's ``L`` rows: [L * words]);
+    ``probs`` float32 [C] or None (no complete final-rate window yet)."""
 
     key: str  # token_key(resume token)
     session: str  # the session id (logs only)
@@ -111,6 +113,15 @@ class SnapshotRecord:
     written: float = field(default_factory=time.time)  # Unix time
     filters: dict[str, Any] | None = None  # the input filters' spec and state after ``events``
     # (``server/live/filtering.py``; None: no filters); ``cropped`` and ``events`` exclude what they removed
+    window: dict[str, Any] | None = None  # a sliding window's spec and lane state after ``events``
+    # (``server/api/windows.py``; None: no window); ``row`` then holds its lanes' rows one after another
+
+    @property
+    def lanes(self) -> int:
+        """How many state rows ``row`` holds (a window's lanes; 1 without a window)."""
+        state = self.window.get("state") if self.window else None
+        counts = state.get("counts") if isinstance(state, dict) else None
+        return len(counts) if isinstance(counts, list) and counts else 1
 
 
 def encode(rec: SnapshotRecord) -> bytes:
@@ -121,7 +132,7 @@ def encode(rec: SnapshotRecord) -> bytes:
         "last_t": rec.last_t,
         "probs": None if rec.probs is None else np.ascontiguousarray(rec.probs, "<f4").tobytes(),
         "top_k": rec.top_k, "cropped": rec.cropped, "geometry": rec.geometry, "key_id": rec.key_id,
-        "live": rec.live, "written": rec.written, "filters": rec.filters,
+        "live": rec.live, "written": rec.written, "filters": rec.filters, "window": rec.window,
     })
     return msgpack.packb([MAGIC, VERSION, zlib.crc32(body), body])
 
@@ -151,7 +162,8 @@ def decode(data: bytes) -> SnapshotRecord:
             geometry=None if d["geometry"] is None else dict(d["geometry"]),
             key_id=None if d.get("key_id") is None else str(d["key_id"]),
             live=None if d.get("live") is None else dict(d["live"]), written=float(d["written"]),
-            filters=None if d.get("filters") is None else dict(d["filters"]))
+            filters=None if d.get("filters") is None else dict(d["filters"]),
+            window=None if d.get("window") is None else dict(d["window"]))
     except Exception as e:
         raise CorruptSnapshot(f"malformed snapshot body ({type(e).__name__}: {e})") from None
     if rec.events < 0 or rec.cropped < 0 or rec.row.size == 0:
