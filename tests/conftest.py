@@ -89,6 +89,27 @@ def wait_ready(base_url: str, timeout: float = 300.0) -> dict:
     return body
 
 
+@pytest.fixture(scope="module")
+def tiny_model() -> Any:
+    """The tiny configuration's model (random init), loaded once per test module."""
+    from evssm.models.streaming import load_model
+
+    return load_model("config:tiny")
+
+
+def start_tiny(serve: Any, model: Any, base: Any, **changes: Any) -> Any:
+    """A real server (uvicorn on 127.0.0.1, from the ``serve`` fixture) serving ``model`` as
+    ``tiny`` with the settings ``base`` and ``changes``, once it is ready; ``server.engine`` is
+    its engine."""
+    from evssm.server.app import create_app
+
+    app = create_app(base.replace(**changes), models={"tiny": model})
+    server = serve(app)
+    wait_ready(server.http)
+    server.engine = app.state.engine
+    return server
+
+
 def wait_process_ready(proc: subprocess.Popen, base_url: str, log_path: Path,
                        timeout: float, classify: bool = True) -> None:
     """Poll ``base_url/readyz`` of a server started as ``proc`` until it answers 200 (and, with

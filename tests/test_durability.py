@@ -44,13 +44,6 @@ BASE = Settings(batch_buckets=(1, 4), length_buckets=(64, 256), classify_length_
 RTOL, ATOL = 1e-4, 1e-6
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    from evssm.models.streaming import load_model
-
-    return load_model("config:tiny")
-
-
 @pytest.fixture
 def start(serve, tiny_model):
     def _start(model: Any = None, **changes: Any):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import sqlite3
 import subprocess
@@ -30,7 +31,7 @@ import httpx
 import msgpack
 import numpy as np
 import pytest
-from conftest import LoopThread, wait_ready
+from conftest import LoopThread, start_tiny
 from numeric import assert_close, assert_finite, seeded_rng
 from websockets.asyncio.client import connect
 
@@ -42,7 +43,6 @@ from evssm.models.filters import FilterBank, FilterCounts, FilterSpec
 from evssm.models.wire import Classified, Code, Opened, ResultFrame
 from evssm.server.api import stream
 from evssm.server.api.protocol import RECORD_DTYPE, ProtocolError
-from evssm.server.app import create_app
 from evssm.server.core import ledger
 from evssm.server.core.snapshots import DiskStore, decode, token_key
 from evssm.server.settings import Settings
@@ -59,22 +59,9 @@ MODEL_SENSOR = SensorSpec.one_d(CHANNELS)
 RTOL, ATOL = 1e-3, 2e-6
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    from evssm.models.streaming import load_model
-
-    return load_model("config:tiny")
-
-
 @pytest.fixture
 def start(serve, tiny_model):
-    def _start(**changes: Any):
-        app = create_app(BASE.replace(**changes), models={"tiny": tiny_model})
-        server = serve(app)
-        wait_ready(server.http)
-        server.engine = app.state.engine
-        return server
-    return _start
+    return functools.partial(start_tiny, serve, tiny_model, BASE)
 
 
 # --- recordings and the reference ----------------------------------------------------------------

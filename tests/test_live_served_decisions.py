@@ -8,13 +8,14 @@ decision must fall; a ``decide`` session of the same packets must send exactly t
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from typing import Any
 
 import msgpack
 import numpy as np
 import pytest
-from conftest import wait_ready
+from conftest import start_tiny, wait_ready
 from websockets.asyncio.client import connect
 
 from evssm.server.app import create_app
@@ -28,20 +29,9 @@ BASE = Settings(batch_buckets=(8,), length_buckets=(128,), classify_length_bucke
 PACKETS = 40
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    from evssm.models.streaming import load_model
-
-    return load_model("config:tiny")
-
-
 @pytest.fixture
 def start(serve, tiny_model):
-    def _start(**changes: Any):
-        server = serve(create_app(BASE.replace(**changes), models={"tiny": tiny_model}))
-        wait_ready(server.http)
-        return server
-    return _start
+    return functools.partial(start_tiny, serve, tiny_model, BASE)
 
 
 @pytest.fixture

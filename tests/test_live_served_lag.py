@@ -8,6 +8,7 @@ falling behind: that makes a late packet on demand, with no reliance on the mach
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from typing import Any
@@ -16,12 +17,11 @@ import httpx
 import msgpack
 import numpy as np
 import pytest
-from conftest import wait_ready
+from conftest import start_tiny
 from websockets.asyncio.client import connect
 
 from evssm.client.session import AsyncStreamSession
 from evssm.models.events import Recording
-from evssm.server.app import create_app
 from evssm.server.settings import Settings
 
 CHANNELS = 700
@@ -30,20 +30,9 @@ BASE = Settings(batch_buckets=(8,), length_buckets=(128,), classify_length_bucke
                 session_idle_timeout=60.0)
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    from evssm.models.streaming import load_model
-
-    return load_model("config:tiny")
-
-
 @pytest.fixture
 def start(serve, tiny_model):
-    def _start(**changes: Any):
-        server = serve(create_app(BASE.replace(**changes), models={"tiny": tiny_model}))
-        wait_ready(server.http)
-        return server
-    return _start
+    return functools.partial(start_tiny, serve, tiny_model, BASE)
 
 
 @pytest.fixture

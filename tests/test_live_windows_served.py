@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import math
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import wait_ready
+from conftest import start_tiny, wait_ready
 from test_server_stream import BASE, CHANNELS, Client, assert_probs_equal, classify, columns
 from websockets.asyncio.client import connect
 
@@ -26,20 +27,9 @@ from evssm.server.app import create_app
 HOUR_US = 3_600_000_000
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    from evssm.models.streaming import load_model
-
-    return load_model("config:tiny")
-
-
 @pytest.fixture
 def start(serve, tiny_model):
-    def _start(**changes: Any):
-        server = serve(create_app(BASE.replace(**changes), models={"tiny": tiny_model}))
-        wait_ready(server.http)
-        return server
-    return _start
+    return functools.partial(start_tiny, serve, tiny_model, BASE)
 
 
 @pytest.fixture

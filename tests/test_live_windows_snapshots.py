@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import sqlite3
 import threading
@@ -23,7 +24,7 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
-from conftest import wait_ready
+from conftest import start_tiny
 from numeric import assert_close, assert_finite, seeded_rng
 from test_live_filters_served import SwitchingProxy, snapshot_now, stored
 from test_live_windows_served import HOUR_US, live_stream
@@ -33,7 +34,6 @@ from websockets.asyncio.client import connect
 from evssm.client import AsyncStreamSession, Result, packetize
 from evssm.models.events import Recording
 from evssm.server.api.windows import SessionWindow, WindowError
-from evssm.server.app import create_app
 from evssm.server.core import durability
 from evssm.server.core.snapshots import MAGIC, VERSION, DiskStore, decode, encode, token_key
 from evssm.server.live.windows import WindowPlan, WindowSpec
@@ -48,22 +48,9 @@ TIME_WINDOW = {"ms": 2000, "hop_ms": 500}  # 4 lanes
 COUNT_WINDOW = {"events": 300, "hop": 100}  # 3 lanes
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    from evssm.models.streaming import load_model
-
-    return load_model("config:tiny")
-
-
 @pytest.fixture
 def start(serve, tiny_model):
-    def _start(**changes: Any):
-        app = create_app(BASE.replace(**changes), models={"tiny": tiny_model})
-        server = serve(app)
-        wait_ready(server.http)
-        server.engine = app.state.engine
-        return server
-    return _start
+    return functools.partial(start_tiny, serve, tiny_model, BASE)
 
 
 def recording(seed: str, bursts: int) -> Recording:

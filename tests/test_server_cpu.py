@@ -25,13 +25,6 @@ SETTINGS = Settings(batch_buckets=(1, 8), length_buckets=(256,), classify_length
                     slots_per_model=8, max_sessions=8, session_idle_timeout=60.0)
 
 
-@pytest.fixture(scope="module")
-def tiny_model() -> Any:
-    from evssm.models.streaming import load_model
-
-    return load_model("config:tiny")
-
-
 @pytest.fixture
 def server(serve: Any, tiny_model: Any) -> Any:
     app = create_app(SETTINGS, models={"tiny": tiny_model})

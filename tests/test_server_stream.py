@@ -32,13 +32,6 @@ BASE = Settings(batch_buckets=(8,), length_buckets=(128,), classify_length_bucke
                 max_classify_events=50_000, session_idle_timeout=60.0, max_sessions_per_client=64)
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    from evssm.models.streaming import load_model
-
-    return load_model("config:tiny")
-
-
 @pytest.fixture
 def start(serve, tiny_model):
     """``start(**settings)`` -> a ready server with the tiny model named "tiny"."""
