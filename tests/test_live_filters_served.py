@@ -144,6 +144,23 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 # --- streaming with filters equals classify with filters -------------------------------------------
+
+async def snapshot_then_leave(s: AsyncStreamSession, covered: int) -> str:
+    """Ask with empty packets until a snapshot of the session covers the ``covered`` events sent,
+    then walk away without closing the server's session (as a crashed client); its resume token."""
+    deadline = time.monotonic() + 10
+    while True:
+        await s.send(Recording(t=np.zeros(0, np.int64), x=np.zeros(0, np.int64)))
+        if (await s.recv()).durable == covered:
+            break
+        assert time.monotonic() < deadline, "no snapshot covered the events sent"
+        await asyncio.sleep(0.05)
+    token = s.resume_token
+    assert token is not None
+    s._closing = True
+    await s._ws.close()  # type: ignore[union-attr]
+    return token
+
 def test_a_filtered_stream_cut_anywhere_answers_as_classify_with_the_same_filters(start) -> None:
     server = start()
     rng = seeded_rng("live-filters", "cuts")
@@ -366,17 +383,7 @@ def test_filter_state_survives_a_restore_on_another_server(start, tmp_path: Path
         await s.open()
         got = [r async for r in s.stream(packetize(rec.slice(0, half), events=700))]
         assert sum(r.removed for r in got) + got[-1].events == half
-        deadline = time.monotonic() + 10
-        while True:  # until a snapshot covers everything sent
-            await s.send(rec.slice(half, half))
-            if (await s.recv()).durable == half:
-                break
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
-        token = s.resume_token
-        assert token is not None
-        s._closing = True  # walk away without closing the server session
-        await s._ws.close()  # type: ignore[union-attr]
+        token = await snapshot_then_leave(s, half)
         return token, got[-1].events
 
     token, kept = asyncio.run(part_one())

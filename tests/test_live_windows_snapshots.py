@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from conftest import start_tiny
 from numeric import assert_close, assert_finite, seeded_rng
-from test_live_filters_served import SwitchingProxy, snapshot_now, stored
+from test_live_filters_served import SwitchingProxy, snapshot_now, snapshot_then_leave, stored
 from test_live_windows_served import HOUR_US, live_stream
 from test_server_stream import classify
 from websockets.asyncio.client import connect
@@ -99,17 +99,7 @@ def test_a_windowed_session_restored_on_another_server_answers_each_window(start
         await s.open()
         assert s.info is not None and s.info.window == {**TIME_WINDOW, "lanes": 4}
         got = [r async for r in s.stream(packetize(rec.slice(0, half), events=97))]
-        deadline = time.monotonic() + 10
-        while True:  # until a snapshot covers everything sent
-            await s.send(rec.slice(half, half))
-            if (await s.recv()).durable == half:
-                break
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
-        token = s.resume_token
-        assert token is not None
-        s._closing = True  # walk away without closing the server session
-        await s._ws.close()  # type: ignore[union-attr]
+        token = await snapshot_then_leave(s, half)
         return token, got
 
     token, before = asyncio.run(part_one())
