@@ -37,7 +37,6 @@ from typing import Any
 
 import numpy as np
 
-from evssm.models.events import EventError, time_gaps
 from evssm.models.wire import Code, Decided, Dropped
 
 from ..core.engine import Engine
@@ -45,7 +44,7 @@ from ..core.sessions import Packet, Session
 from ..live.decisions import DecideSpec, DecisionError, DecisionTracker
 from ..live.lag import ClockSync, LagError, LagMonitor, OverloadPolicy
 from ..metrics import Metrics
-from .protocol import Events, ProtocolError
+from .protocol import Events, ProtocolError, check_times
 
 log = logging.getLogger("evssm.server.app")
 
@@ -240,13 +239,7 @@ def drop_packet(engine: Engine, metrics: Metrics, session: Session, live: Sessio
     """Answer a packet the overload policy drops (module docstring): its timestamps are checked
     (they teach the clock), nothing else; an empty packet takes its place in the queue, and
     its answer the place ``reply()`` reserves (once it is accepted)."""
-    t = events.t
-    if t.dtype == np.uint64 and t.max() > np.iinfo(np.int64).max:
-        raise ProtocolError(Code.INVALID_COLUMN, "records: t beyond int64")
-    try:
-        time_gaps(t, session.last_t)
-    except EventError as e:
-        raise ProtocolError(Code(e.code), e.message) from None
+    check_times(events.t, session.last_t)
     n = len(events)
     lanes = None
     if session.window is not None:  # a windowed session answers from its answering lane, unchanged

@@ -39,7 +39,8 @@ from evssm.models.geometry import Adapter, GeometryError, adapter_for
 from evssm.models.wire import COLUMN_DTYPES, FRAME_TYPES, RECORD_DTYPE, TOP_K_MAX, Code
 
 from ..live.filtering import Filtered, filter_packet, parse_filters
-from .windows import WindowError, parse_window, window_suffix
+from ..live.windows import WindowError, WindowSpec
+from .windows import window_suffix
 
 
 class ProtocolError(Exception):
@@ -252,6 +253,17 @@ def parse_filter_field(value: Any, source: SensorSpec, where: str = "") -> Filte
         raise ProtocolError(Code.INVALID_FIELD, f"{where}{e}") from None
 
 
+def parse_window_field(value: Any) -> WindowSpec | None:
+    """The sliding window a frame's ``window`` declares (None: none); ``invalid_field`` naming
+    what is wrong with a declaration that cannot be used."""
+    if value is None:
+        return None
+    try:
+        return WindowSpec.from_dict(value)
+    except WindowError as e:
+        raise ProtocolError(Code.INVALID_FIELD, str(e)) from None
+
+
 def apply_filters(events: Events, bank: FilterBank, state: FilterState, last_t: int | None
                   ) -> tuple[Events, Filtered]:
     """``events`` (on the source sensor) less what the filters remove, and the filters' outcome;
@@ -290,6 +302,22 @@ def adapt(events: Events, adapter: Adapter | None) -> tuple[Events, int]:
     return Events(t=t, x=x, y=y, p=p), len(events) - int(t.shape[0])
 
 
+def check_int64(t: np.ndarray) -> None:
+    """``invalid_column`` when ``t`` (uint64 from packed records) holds a time beyond int64."""
+    if t.dtype == np.uint64 and t.size and t.max() > np.iinfo(np.int64).max:
+        raise ProtocolError(Code.INVALID_COLUMN, "records: t beyond int64")
+
+
+def check_times(t: np.ndarray, last_t: int | None) -> None:
+    """The ingest's checks of a packet's times alone (``t`` int64/uint64 [N]): within int64, and
+    non-decreasing from ``last_t`` (``invalid_column``, ``timestamps_decreasing``)."""
+    check_int64(t)
+    try:
+        time_gaps(t, last_t)
+    except EventError as e:
+        raise ProtocolError(Code(e.code), e.message) from None
+
+
 def prepare(events: Events, sensor: SensorSpec, last_t: int | None,
             tokens: np.ndarray | None = None, gaps: np.ndarray | None = None
             ) -> tuple[np.ndarray, np.ndarray]:
@@ -315,8 +343,7 @@ def prepare(events: Events, sensor: SensorSpec, last_t: int | None,
                 return tokens, gaps
             # Invalid, or a column type it does not take: the reference below decides.
     t = events.t
-    if t.dtype == np.uint64 and t.size and t.max() > np.iinfo(np.int64).max:
-        raise ProtocolError(Code.INVALID_COLUMN, "records: t beyond int64")
+    check_int64(t)
     try:
         tokens = tokenize(sensor, events.x, events.y, events.p, out=tokens)
         gaps = time_gaps(t, last_t, out=gaps)
@@ -391,12 +418,7 @@ def parse_classify(body: bytes, is_msgpack: bool, sensors: dict[str, SensorSpec]
     top_k = data.get("top_k", limits.default_top_k)
     if not _is_int(top_k) or not 0 <= top_k <= TOP_K_MAX:
         raise ProtocolError(Code.INVALID_FIELD, f"top_k must be an integer in 0..{TOP_K_MAX}")
-    window = None
-    if data.get("window") is not None:
-        try:
-            window = parse_window(data["window"])
-        except WindowError as e:
-            raise ProtocolError(Code.INVALID_FIELD, str(e)) from None
+    window = parse_window_field(data.get("window"))
     sensor = sensors[model]
     req = ClassifyRequest(model=model, top_k=top_k, tokens=[], gaps=[], last_t=[], events=0, cropped=[],
                           windows=None if window is None else [])

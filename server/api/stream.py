@@ -35,7 +35,6 @@ from ..core.sessions import ClientFull, LanesRefused, Packet, Reset, ServerFull,
 from ..core.snapshots import StoreUnavailable
 from ..core.staging import Region
 from ..live.filtering import spec_of
-from ..live.windows import WindowSpec
 from ..metrics import Metrics
 from ..settings import Settings
 from .connection import Connection
@@ -54,11 +53,12 @@ from .protocol import (
     parse_geometry,
     parse_open,
     parse_seq,
+    parse_window_field,
     prepare,
     shorten,
 )
 from .security import Access
-from .windows import SessionWindow, Staged, WindowError, describe, parse_window
+from .windows import SessionWindow, Staged, WindowError, describe
 
 log = logging.getLogger("evssm.server.app")
 
@@ -190,7 +190,8 @@ class StreamHandler:
                 parse_geometry(msg, self.engine.runners[session.model].sensor) != session.geometry:
             raise ProtocolError(Code.INVALID_FIELD, "the session was opened with another sensor "
                                 "or transform; a resume must declare the same (or none)")
-        if "window" in msg and _window(msg) != (None if session.window is None else session.window.spec):
+        if "window" in msg and parse_window_field(msg["window"]) != \
+                (None if session.window is None else session.window.spec):
             raise ProtocolError(Code.INVALID_FIELD, "the session was opened with another window "
                                 "(or none); a resume must declare the same (or none)")
         if "filters" in msg and spec_of(self._filters(msg, session.model, session.geometry)) != \
@@ -206,7 +207,7 @@ class StreamHandler:
             raise ProtocolError(Code.UNKNOWN_MODEL,
                                 f"unknown model {shorten(model)}; served: {sorted(engine.runners)}")
         geometry = parse_geometry(msg, engine.runners[model].sensor)
-        spec = _window(msg)
+        spec = parse_window_field(msg.get("window"))
         filters = self._filters(msg, model, geometry)
         try:
             session = engine.open(model, req.top_k, owner=self.conn.principal, key_id=self.conn.key_id,
@@ -358,16 +359,6 @@ class StreamHandler:
             raise ProtocolError(Code.NO_SESSION, "no open session on this connection: send open first")
         self.conn.session = None
         self.engine.close(session, self.conn.reply())
-
-
-def _window(msg: dict[str, Any]) -> WindowSpec | None:
-    """The frame's ``window`` (None: none declared)."""
-    if msg.get("window") is None:
-        return None
-    try:
-        return parse_window(msg["window"])
-    except WindowError as e:
-        raise ProtocolError(Code.INVALID_FIELD, str(e)) from None
 
 
 def _stage_window(window: SessionWindow | None, t: np.ndarray) -> tuple[Staged | None, ProtocolError | None]:

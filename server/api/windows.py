@@ -21,11 +21,6 @@ from ..core.sessions import LaneRows
 from ..live.windows import NO_RESTART, LaneState, PacketPlan, WindowError, WindowPlan, WindowSpec
 
 
-def parse_window(value: Any) -> WindowSpec:
-    """The ``window`` field of an ``open`` frame or a classify body (raises :class:`WindowError`)."""
-    return WindowSpec.from_dict(value)
-
-
 def describe(spec: WindowSpec) -> dict[str, Any]:
     """What ``opened`` echoes: the window as declared, and its lanes (its cost in sessions)."""
     return {**spec.to_dict(), "lanes": spec.lanes}
@@ -124,4 +119,4 @@ def window_suffix(spec: WindowSpec, t: np.ndarray) -> tuple[int, int | None]:
     return plan.events, plan.t0
 
 
-__all__ = ["SessionWindow", "Staged", "WindowError", "describe", "parse_window", "window_suffix"]
+__all__ = ["SessionWindow", "Staged", "WindowError", "describe", "window_suffix"]
