@@ -19,8 +19,9 @@ import contextlib
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import msgpack
@@ -36,6 +37,8 @@ from evssm.models.streaming import softmax
 from evssm.server.app import create_app
 from evssm.server.core.snapshots import DiskStore, decode, token_key
 from evssm.server.settings import Settings
+
+T = TypeVar("T")
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -69,6 +72,32 @@ def stored(state: Path) -> dict[str, bytes]:
         return {key: bytes(data) for key, data in db.execute("SELECT key, data FROM snapshots")}
 
 
+def snapshots_while(state: Path, run: Callable[[], T], covered: Callable[[Any], int | None] = lambda rec: rec.events,
+                    every_s: float = 0.005) -> tuple[T, dict[str, dict[int, Any]]]:
+    """``run()``'s result, and every record a thread read from the state directory ``state``
+    every ``every_s`` seconds while it ran: by store key, then by ``covered(record)`` (the events
+    sent it covers; None: not counted)."""
+    seen: dict[str, dict[int, Any]] = {}
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            for key, data in stored(state).items():
+                rec = decode(data)
+                at = covered(rec)
+                if at is not None:
+                    seen.setdefault(key, {})[at] = rec
+            time.sleep(every_s)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        return run(), seen
+    finally:
+        stop.set()
+        watcher.join(10)
+
+
 def server_steps(events: int, packet_events: int, max_length: int) -> list[tuple[int, int]]:
     """(start, stop) of the steps that streamed the first ``events`` events in packets of
     ``packet_events``: each packet in consecutive pieces of at most ``max_length``."""
@@ -89,16 +118,6 @@ def test_snapshots_taken_under_load_are_states_of_their_streams(start, tiny_mode
     # Longer packets stream faster: snapshots are taken more often to see as many.
     server = start(state_dir=str(tmp_path), snapshot_interval=0.05 if packet_events < 256 else 0.01)
     recs = [sim(seed, 1.5) for seed in range(4)]
-    seen: dict[str, dict[int, Any]] = {}
-    stop = threading.Event()
-
-    def watch() -> None:
-        while not stop.is_set():
-            for key, data in stored(tmp_path).items():
-                rec = decode(data)
-                seen.setdefault(key, {})[rec.events] = rec
-            time.sleep(0.01)
-
     async def one(rec: Recording) -> tuple[str, list[Any]]:
         async with AsyncStreamSession(server.ws, max_in_flight=4) as s:
             token = s.resume_token
@@ -108,13 +127,7 @@ def test_snapshots_taken_under_load_are_states_of_their_streams(start, tiny_mode
     async def main() -> list[tuple[str, list[Any]]]:
         return await asyncio.gather(*(one(r) for r in recs))
 
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        outcome = asyncio.run(main())
-    finally:
-        stop.set()
-        watcher.join(10)
+    outcome, seen = snapshots_while(tmp_path, lambda: asyncio.run(main()), every_s=0.01)
     sensor = SensorSpec.one_d(700)
     checked = 0
     for rec, (token, results) in zip(recs, outcome, strict=False):

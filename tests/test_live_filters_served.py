@@ -33,6 +33,7 @@ import numpy as np
 import pytest
 from conftest import LoopThread, start_tiny
 from numeric import assert_close, assert_finite, seeded_rng
+from test_durability import snapshots_while
 from websockets.asyncio.client import connect
 
 from evssm.client import AsyncStreamSession, classify, packetize, save_events
@@ -44,7 +45,7 @@ from evssm.models.wire import Classified, Code, Opened, ResultFrame
 from evssm.server.api import stream
 from evssm.server.api.protocol import RECORD_DTYPE, ProtocolError
 from evssm.server.core import ledger
-from evssm.server.core.snapshots import DiskStore, decode, token_key
+from evssm.server.core.snapshots import DiskStore, token_key
 from evssm.server.settings import Settings
 
 pytestmark = pytest.mark.timeout(600)
@@ -405,15 +406,6 @@ def test_filter_state_survives_a_restore_on_another_server(start, tmp_path: Path
     assert_same_answer(last.probs, want.probs)
 
 
-def stored(state: Path) -> dict[str, bytes]:
-    """The state directory's records by key, read by another connection than the server's."""
-    path = state / DiskStore.FILE
-    if not path.exists():
-        return {}
-    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)) as db:
-        return {key: bytes(data) for key, data in db.execute("SELECT key, data FROM snapshots")}
-
-
 def test_snapshots_under_load_hold_the_filter_state_of_their_events(start, tmp_path: Path, monkeypatch) -> None:
     """Three sessions stream with filters as fast as the server answers while snapshots are taken
     every 10 ms (packets in flight when their rows are read): every snapshot's filter state is
@@ -428,17 +420,9 @@ def test_snapshots_under_load_hold_the_filter_state_of_their_events(start, tmp_p
     monkeypatch.setattr(ledger, "_filters_at", counting)
     server = start(state_dir=str(tmp_path), snapshot_interval=0.01)
     recs = [live_recording(seeded_rng("live-filters", "load", i)) for i in range(3)]
-    seen: dict[str, dict[int, Any]] = {}
-    stop = threading.Event()
 
-    def watch() -> None:
-        while not stop.is_set():
-            for key, data in stored(tmp_path).items():
-                snap = decode(data)
-                if snap.filters is not None:
-                    covered = snap.events + sum(snap.filters["state"]["removed"])
-                    seen.setdefault(key, {})[covered] = snap
-            time.sleep(0.005)
+    def covered(snap: Any) -> int | None:  # the events sent: kept and filtered
+        return None if snap.filters is None else snap.events + sum(snap.filters["state"]["removed"])
 
     async def one(rec: Recording) -> str:
         async with AsyncStreamSession(server.ws, filters=FILTERS, max_in_flight=8) as s:
@@ -451,13 +435,7 @@ def test_snapshots_under_load_hold_the_filter_state_of_their_events(start, tmp_p
     async def main() -> list[str]:
         return await asyncio.gather(*(one(r) for r in recs))
 
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        tokens = asyncio.run(main())
-    finally:
-        stop.set()
-        watcher.join(10)
+    tokens, seen = snapshots_while(tmp_path, lambda: asyncio.run(main()), covered)
     assert max(reverted) > 0, "no snapshot was read with packets in flight"
     checked = 0
     for rec, token in zip(recs, tokens, strict=True):

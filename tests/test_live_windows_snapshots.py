@@ -15,8 +15,6 @@ import dataclasses
 import functools
 import json
 import sqlite3
-import threading
-import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,8 @@ import numpy as np
 import pytest
 from conftest import start_tiny
 from numeric import assert_close, assert_finite, seeded_rng
-from test_live_filters_served import SwitchingProxy, snapshot_now, snapshot_then_leave, stored
+from test_durability import snapshots_while, stored
+from test_live_filters_served import SwitchingProxy, snapshot_now, snapshot_then_leave
 from test_live_windows_served import HOUR_US, live_stream
 from test_server_stream import classify
 from websockets.asyncio.client import connect
@@ -183,16 +182,6 @@ def test_snapshots_under_load_pair_each_window_state_with_its_rows(start, tmp_pa
     server = start(state_dir=str(tmp_path), snapshot_interval=0.01, max_sessions_per_client=16)
     recs = [recording(f"load-{i}", 10) for i in range(3)]
     specs = [TIME_WINDOW, COUNT_WINDOW, TIME_WINDOW]
-    seen: dict[str, dict[int, Any]] = {}
-    stop = threading.Event()
-
-    def watch() -> None:
-        while not stop.is_set():
-            for key, data in stored(tmp_path).items():
-                snap = decode(data)
-                seen.setdefault(key, {})[snap.events] = snap
-            time.sleep(0.005)
-
     async def one(rec: Recording, spec: dict[str, int]) -> str:
         async with AsyncStreamSession(server.ws, window=spec, max_in_flight=8) as s:
             token = s.resume_token
@@ -204,13 +193,7 @@ def test_snapshots_under_load_pair_each_window_state_with_its_rows(start, tmp_pa
     async def main() -> list[str]:
         return await asyncio.gather(*(one(r, w) for r, w in zip(recs, specs, strict=True)))
 
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        tokens = asyncio.run(main())
-    finally:
-        stop.set()
-        watcher.join(10)
+    tokens, seen = snapshots_while(tmp_path, lambda: asyncio.run(main()))
     assert any(ahead), "no snapshot was read with packets in flight"
     words = server.engine.runners["tiny"].state_bytes // 4
     checked = 0
