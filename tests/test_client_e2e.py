@@ -72,7 +72,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
 
 
 class DroppingProxy(LoopThread):
-    """A TCP proxy on loopback whose :meth:`drop` cuts every open connection at once (RST)."""
+    """A TCP proxy on loopback to ``target_port`` (read at each new connection, so it may be
+    switched to another server) whose :meth:`drop` cuts every open connection at once (RST)."""
 
     def __init__(self, target_port: int):
         super().__init__()

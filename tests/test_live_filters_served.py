@@ -23,7 +23,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +30,9 @@ import httpx
 import msgpack
 import numpy as np
 import pytest
-from conftest import LoopThread, start_tiny
+from conftest import start_tiny
 from numeric import assert_close, assert_finite, seeded_rng
+from test_client_e2e import DroppingProxy
 from test_durability import snapshots_while
 from websockets.asyncio.client import connect
 
@@ -450,50 +450,6 @@ def test_snapshots_under_load_hold_the_filter_state_of_their_events(start, tmp_p
     assert checked >= 6
 
 
-class SwitchingProxy(LoopThread):
-    """A TCP proxy on loopback to ``target_port``, read at each new connection; :meth:`cut`
-    resets every open connection (a server that died, as its client sees it)."""
-
-    def __init__(self, target_port: int):
-        super().__init__()
-        self.target_port = target_port
-        self._transports: list[asyncio.BaseTransport] = []
-
-    def cut(self) -> None:
-        done = threading.Event()
-
-        def abort() -> None:
-            for tr in self._transports:
-                tr.abort()  # type: ignore[attr-defined]
-            self._transports.clear()
-            done.set()
-
-        self._loop.call_soon_threadsafe(abort)
-        assert done.wait(5)
-
-    @contextlib.asynccontextmanager
-    async def _listen(self) -> AsyncIterator[int]:
-        server = await asyncio.start_server(self._client, "127.0.0.1", 0)
-        async with server:
-            yield server.sockets[0].getsockname()[1]
-
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        self._transports += [writer.transport, up_writer.transport]
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                dst.transport.abort()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-
 def snapshot_now(server: Any) -> None:
     """Have ``server`` snapshot every session and wait until the writes are done."""
     async def both() -> None:
@@ -516,7 +472,7 @@ def test_a_client_replays_what_an_older_snapshot_lacks_through_the_filters(start
     packets = list(packetize(rec, events=700))
     (tmp_path / "b").mkdir()
 
-    async def run(proxy: SwitchingProxy) -> tuple[Any, Any]:
+    async def run(proxy: DroppingProxy) -> tuple[Any, Any]:
         async with AsyncStreamSession(proxy.url, filters=FILTERS, reconnect_timeout=120) as s:
             for packet in packets[:8]:
                 await s.send(packet)
@@ -532,14 +488,14 @@ def test_a_client_replays_what_an_older_snapshot_lacks_through_the_filters(start
             second = await asyncio.get_running_loop().run_in_executor(
                 None, lambda: start(state_dir=str(tmp_path / "b")))
             proxy.target_port = int(second.http.rsplit(":", 1)[1])
-            proxy.cut()  # the first server is gone, as its client sees it
+            proxy.drop()  # the first server is gone, as its client sees it
             last = None
             for packet in packets[14:]:
                 await s.send(packet)
                 last = await s.recv()
             return last, s.resumes
 
-    with SwitchingProxy(int(first.http.rsplit(":", 1)[1])) as proxy:
+    with DroppingProxy(int(first.http.rsplit(":", 1)[1])) as proxy:
         last, resumes = asyncio.run(asyncio.wait_for(run(proxy), 300))
     (resume,) = resumes
     assert resume.restored and not resume.new_session and resume.replayed > 0

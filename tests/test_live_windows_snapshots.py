@@ -24,8 +24,9 @@ import numpy as np
 import pytest
 from conftest import start_tiny
 from numeric import assert_close, assert_finite, seeded_rng
+from test_client_e2e import DroppingProxy
 from test_durability import snapshots_while, stored
-from test_live_filters_served import SwitchingProxy, snapshot_now, snapshot_then_leave
+from test_live_filters_served import snapshot_now, snapshot_then_leave
 from test_live_windows_served import HOUR_US, live_stream
 from test_server_stream import classify
 from websockets.asyncio.client import connect
@@ -135,7 +136,7 @@ def test_a_client_replays_what_an_older_snapshot_lacks_into_its_window(start, tm
     first = start(state_dir=str(tmp_path / "a"), snapshot_interval=3600.0)  # snapshots when asked
     (tmp_path / "b").mkdir()
 
-    async def run(proxy: SwitchingProxy) -> tuple[list[Result], Any]:
+    async def run(proxy: DroppingProxy) -> tuple[list[Result], Any]:
         async with AsyncStreamSession(proxy.url, window=COUNT_WINDOW, reconnect_timeout=120) as s:
             for packet in packets[:8]:
                 await s.send(packet)
@@ -150,14 +151,14 @@ def test_a_client_replays_what_an_older_snapshot_lacks_into_its_window(start, tm
             second = await asyncio.get_running_loop().run_in_executor(
                 None, lambda: start(state_dir=str(tmp_path / "b")))
             proxy.target_port = int(second.http.rsplit(":", 1)[1])
-            proxy.cut()  # the first server is gone, as its client sees it
+            proxy.drop()  # the first server is gone, as its client sees it
             after = []
             for packet in packets[14:]:
                 await s.send(packet)
                 after.append(await s.recv())
             return after, s.resumes
 
-    with SwitchingProxy(int(first.http.rsplit(":", 1)[1])) as proxy:
+    with DroppingProxy(int(first.http.rsplit(":", 1)[1])) as proxy:
         after, resumes = asyncio.run(asyncio.wait_for(run(proxy), 300))
     (resume,) = resumes
     assert resume.restored and not resume.new_session and resume.replayed == 6 * 60
