@@ -72,6 +72,13 @@ def stored(state: Path) -> dict[str, bytes]:
         return {key: bytes(data) for key, data in db.execute("SELECT key, data FROM snapshots")}
 
 
+def copy_store(src: Path, dst: Path) -> None:
+    """The state directory's database as it is now, into ``dst`` (a consistent copy)."""
+    dst.mkdir(exist_ok=True)
+    with contextlib.closing(sqlite3.connect(src / DiskStore.FILE)) as db:
+        db.execute(f"VACUUM INTO '{dst / DiskStore.FILE}'")
+
+
 def snapshots_while(state: Path, run: Callable[[], T], covered: Callable[[Any], int | None] = lambda rec: rec.events,
                     every_s: float = 0.005) -> tuple[T, dict[str, dict[int, Any]]]:
     """``run()``'s result, and every record a thread read from the state directory ``state``
@@ -241,9 +248,7 @@ def test_two_connections_restoring_one_token_get_one_session(start, tmp_path: Pa
     token, events = asyncio.run(make())
     first.call(first.engine.drain(timeout=10))
     # A second server process would find this directory; here a second app does.
-    (tmp_path / "b").mkdir()
-    with contextlib.closing(sqlite3.connect(tmp_path / "a" / DiskStore.FILE)) as db:
-        db.execute(f"VACUUM INTO '{tmp_path / 'b' / DiskStore.FILE}'")
+    copy_store(tmp_path / "a", tmp_path / "b")
     second = start(state_dir=str(tmp_path / "b"))
 
     async def race() -> list[list[dict]]:
@@ -357,9 +362,7 @@ def test_a_declared_sensor_and_its_crop_survive_a_restore(start, tmp_path: Path)
 
     token, kept, cropped = asyncio.run(part_one())
     first.call(first.engine.drain(timeout=10))
-    (tmp_path / "b").mkdir()
-    with contextlib.closing(sqlite3.connect(tmp_path / "a" / DiskStore.FILE)) as db:
-        db.execute(f"VACUUM INTO '{tmp_path / 'b' / DiskStore.FILE}'")
+    copy_store(tmp_path / "a", tmp_path / "b")
     second = start(state_dir=str(tmp_path / "b"))
 
     async def part_two() -> Any:
@@ -413,9 +416,7 @@ def test_a_restored_token_resumes_only_for_its_key_and_counts_against_its_cap(st
 
     token = asyncio.run(make())
     first.call(first.engine.drain(timeout=10))
-    (tmp_path / "b").mkdir()
-    with contextlib.closing(sqlite3.connect(tmp_path / "a" / DiskStore.FILE)) as db:
-        db.execute(f"VACUUM INTO '{tmp_path / 'b' / DiskStore.FILE}'")
+    copy_store(tmp_path / "a", tmp_path / "b")
     blob = stored(tmp_path / "b")[token_key(token)]
     assert decode(blob).key_id and KEY_A.encode() not in blob and KEY_B.encode() not in blob
     second = start(state_dir=str(tmp_path / "b"), **options)
@@ -471,9 +472,7 @@ def test_frames_sent_right_behind_a_restore_apply_after_it(start, tiny_model, tm
 
     token = asyncio.run(make())
     first.call(first.engine.drain(timeout=10))
-    (tmp_path / "b").mkdir()
-    with contextlib.closing(sqlite3.connect(tmp_path / "a" / DiskStore.FILE)) as db:
-        db.execute(f"VACUUM INTO '{tmp_path / 'b' / DiskStore.FILE}'")
+    copy_store(tmp_path / "a", tmp_path / "b")
     model = tiny_model if backend == "native" else StreamingModel(tiny_model.config, tiny_model.variables,
                                                                   backend="xla")
     second = start(model, state_dir=str(tmp_path / "b"), session_idle_timeout=900.0)

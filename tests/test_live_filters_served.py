@@ -14,11 +14,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import json
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -33,7 +31,7 @@ import pytest
 from conftest import start_tiny
 from numeric import assert_close, assert_finite, seeded_rng
 from test_client_e2e import DroppingProxy
-from test_durability import snapshots_while
+from test_durability import copy_store, snapshots_while
 from websockets.asyncio.client import connect
 
 from evssm.client import AsyncStreamSession, classify, packetize, save_events
@@ -45,7 +43,7 @@ from evssm.models.wire import Classified, Code, Opened, ResultFrame
 from evssm.server.api import stream
 from evssm.server.api.protocol import RECORD_DTYPE, ProtocolError
 from evssm.server.core import ledger
-from evssm.server.core.snapshots import DiskStore, token_key
+from evssm.server.core.snapshots import token_key
 from evssm.server.settings import Settings
 
 pytestmark = pytest.mark.timeout(600)
@@ -390,9 +388,7 @@ def test_filter_state_survives_a_restore_on_another_server(start, tmp_path: Path
     token, kept = asyncio.run(part_one())
     assert kept == int(keep[:half].sum())
     first.call(first.engine.drain(timeout=10))
-    (tmp_path / "b").mkdir()
-    with contextlib.closing(sqlite3.connect(tmp_path / "a" / DiskStore.FILE)) as db:
-        db.execute(f"VACUUM INTO '{tmp_path / 'b' / DiskStore.FILE}'")
+    copy_store(tmp_path / "a", tmp_path / "b")
     second = start(state_dir=str(tmp_path / "b"))
 
     async def part_two() -> Any:
@@ -480,8 +476,7 @@ def test_a_client_replays_what_an_older_snapshot_lacks_through_the_filters(start
             await asyncio.get_running_loop().run_in_executor(None, snapshot_now, first)
             await s.send(rec.slice(0, 0))
             assert (await s.recv()).durable == 8 * 700  # the last snapshot A writes
-            with contextlib.closing(sqlite3.connect(tmp_path / "a" / DiskStore.FILE)) as db:
-                db.execute(f"VACUUM INTO '{tmp_path / 'b' / DiskStore.FILE}'")  # the store as it is now
+            copy_store(tmp_path / "a", tmp_path / "b")  # the store as it is now
             for packet in packets[8:14]:  # answered, and not in the copied store
                 await s.send(packet)
                 await s.recv()

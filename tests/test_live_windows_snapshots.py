@@ -25,7 +25,7 @@ import pytest
 from conftest import start_tiny
 from numeric import assert_close, assert_finite, seeded_rng
 from test_client_e2e import DroppingProxy
-from test_durability import snapshots_while, stored
+from test_durability import copy_store, snapshots_while, stored
 from test_live_filters_served import snapshot_now, snapshot_then_leave
 from test_live_windows_served import HOUR_US, live_stream
 from test_server_stream import classify
@@ -75,13 +75,6 @@ def check_windows(base: str, rec: Recording, results: list[Result]) -> None:
             assert_close(assert_finite(r.probs), assert_finite(want["probs"]), rtol=1e-3, atol=2e-6)
             answered += 1
     assert answered > len(results) // 2
-
-
-def copy_store(src: Path, dst: Path) -> None:
-    """The state directory's database as it is now, into ``dst`` (a consistent copy)."""
-    dst.mkdir(exist_ok=True)
-    with contextlib.closing(sqlite3.connect(src / DiskStore.FILE)) as db:
-        db.execute(f"VACUUM INTO '{dst / DiskStore.FILE}'")
 
 
 # --- restore on another server ---------------------------------------------------------------------

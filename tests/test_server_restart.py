@@ -35,6 +35,7 @@ import numpy as np
 import pytest
 from conftest import free_port, haproxy_balancer, redis_server, wait_process_ready
 from numeric import assert_close
+from test_durability import copy_store
 
 from evssm.client import AsyncStreamSession, SessionExpired, SimulatedSensor, apaced, classify, packetize
 from evssm.models.events import Recording, SensorSpec
@@ -388,9 +389,7 @@ def drained(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> dict[str, 
 
 def copy_state(drained: dict[str, Any], to: Path) -> Path:
     """A copy of the drained server's state directory (a consistent copy of its database)."""
-    to.mkdir()
-    with contextlib.closing(sqlite3.connect(drained["state"] / DiskStore.FILE)) as db:
-        db.execute(f"VACUUM INTO '{to / DiskStore.FILE}'")
+    copy_store(drained["state"], to)
     return to
 
 
