@@ -27,6 +27,16 @@ def test_default_model_is_shipped_and_trained() -> None:
     assert model.config.labels == tuple(str(d) for d in range(10))
 
 
+def test_default_model_was_chosen_on_validation_and_measured_once_on_test() -> None:
+    """``best/`` was chosen on the held-out ``valid`` split; its test figure is a held-out one."""
+    summary = json.loads((DEFAULT_MODEL_DIR / "evssm.json").read_text())["summary"]
+    assert summary["dataset"] == "event-mnist" and summary["valid_split"] == "valid"
+    test = summary["test"]
+    assert test["split"] == "test" and test["selected_on"] == "valid"
+    assert test["epoch"] == summary["epoch"] and test["samples"] == 1000
+    assert 0.9 < test["accuracy"] <= 1.0
+
+
 @pytest.mark.slow
 def test_default_model_reaches_its_recorded_accuracy_through_both_forms() -> None:
     record = json.loads(RECORD.read_text())
