@@ -15,8 +15,8 @@ the bare WebSocket echo (``scripts/ws_echo.py``) on 127.0.0.1, then in order:
 ``--variant NAME:VAR=VALUE,...`` runs one more server per variant with those environment
 variables (e.g. ``--variant spin20:EVSSM_NATIVE_SPIN_US=20``), measured in the same interleaved
 rounds as the plain one (``evssm``): a before/after comparison in one run. ``--before DIR`` runs one
-more server, ``before``: ``evssm serve`` of another checkout (its ``.venv`` if it has one), in
-the same rounds: this version against an earlier one.
+more server, ``before``: ``evssm serve`` of another checkout (its ``.venv`` if it has one), loaded
+by that checkout's ``evssm bench serve``, in the same rounds: this version against an earlier one.
 
 Writes every report and ``summary.json`` (the machine, the load average before and after each
 run, medians over the rounds) to the output folder, and prints the summary.
@@ -58,10 +58,12 @@ def lone(servers: list[Server], rounds: int, frames: int) -> dict[str, Any]:
 
 
 def flat_out(server: Server, sessions: int, duration: float, out: Path) -> dict[str, Any]:
+    """``evssm bench serve`` flat out against ``server``, by the load generator of the server's
+    own checkout (the ``before`` server's is its checkout's)."""
     before = load()
     report = run_json(EVSSM + ["bench", "serve", "--url", server.ws, "--model", "dvs", "--sessions",
                                str(sessions), "--rate", "max", "--duration", str(duration),
-                               "--packet-events", "256"], out, 600)
+                               "--packet-events", "256"], out, 600, cwd=server.checkout)
     report["load_average"] = {"before": before, "after": load()}
     out.write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -74,6 +76,7 @@ def summarise(reports: list[dict[str, Any]], in_process: float) -> dict[str, Any
     rates = [r["achieved_events_per_s"] for r in reports]
     parts = reports[0]["server_cpu"]["parts"]
     return {
+        "client_us_per_packet": med(lambda r: 1e6 * r["client_cpu_s"] / max(r["packets"]["answered"], 1)),
         "events_per_s": med(lambda r: r["achieved_events_per_s"]), "events_per_s_rounds": rates,
         "ratio_to_in_process": round(statistics.median(rates) / in_process, 3),
         "latency_p50_ms": med(lambda r: r["latency_ms"]["p50"]),
