@@ -38,9 +38,9 @@ from .errors import ProtocolError
 def _column_bytes(name: str, values: np.ndarray) -> np.ndarray:
     """``values`` as the column's wire type; refuses values it cannot hold (a cast would wrap)."""
     dtype = COLUMN_DTYPES[name]
-    hi = int(np.iinfo(dtype).max)
     arr = np.asarray(values)
     if arr.dtype != dtype and arr.size:
+        hi = int(np.iinfo(dtype).max)
         lo_v, hi_v = arr.min(), arr.max()
         if lo_v < 0 or hi_v > hi:
             bad = lo_v if lo_v < 0 else hi_v

@@ -14,7 +14,9 @@ the bare WebSocket echo (``scripts/ws_echo.py``) on 127.0.0.1, then in order:
 
 ``--variant NAME:VAR=VALUE,...`` runs one more server per variant with those environment
 variables (e.g. ``--variant spin20:EVSSM_NATIVE_SPIN_US=20``), measured in the same interleaved
-rounds as the plain one (``evssm``): a before/after comparison in one run.
+rounds as the plain one (``evssm``): a before/after comparison in one run. ``--before DIR`` runs one
+more server, ``before``: ``evssm serve`` of another checkout (its ``.venv`` if it has one), loaded
+by that checkout's ``evssm bench serve``, in the same rounds: this version against an earlier one.
 
 Writes every report and ``summary.json`` (the machine, the load average before and after each
 run, medians over the rounds) to the output folder, and prints the summary.
@@ -56,10 +58,12 @@ def lone(servers: list[Server], rounds: int, frames: int) -> dict[str, Any]:
 
 
 def flat_out(server: Server, sessions: int, duration: float, out: Path) -> dict[str, Any]:
+    """``evssm bench serve`` flat out against ``server``, by the load generator of the server's
+    own checkout (the ``before`` server's is its checkout's)."""
     before = load()
     report = run_json(EVSSM + ["bench", "serve", "--url", server.ws, "--model", "dvs", "--sessions",
                                str(sessions), "--rate", "max", "--duration", str(duration),
-                               "--packet-events", "256"], out, 600)
+                               "--packet-events", "256"], out, 600, cwd=server.checkout)
     report["load_average"] = {"before": before, "after": load()}
     out.write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -72,6 +76,7 @@ def summarise(reports: list[dict[str, Any]], in_process: float) -> dict[str, Any
     rates = [r["achieved_events_per_s"] for r in reports]
     parts = reports[0]["server_cpu"]["parts"]
     return {
+        "client_us_per_packet": med(lambda r: 1e6 * r["client_cpu_s"] / max(r["packets"]["answered"], 1)),
         "events_per_s": med(lambda r: r["achieved_events_per_s"]), "events_per_s_rounds": rates,
         "ratio_to_in_process": round(statistics.median(rates) / in_process, 3),
         "latency_p50_ms": med(lambda r: r["latency_ms"]["p50"]),
@@ -113,6 +118,8 @@ def main() -> int:
     parser.add_argument("--lone-frames", type=int, default=1400)
     parser.add_argument("--variant", type=variant, action="append", default=[],
                         help="NAME:VAR=VALUE,...: one more server with these environment variables")
+    parser.add_argument("--before", type=Path, default=None, metavar="DIR",
+                        help="one more server: evssm serve of the checkout DIR")
     args = parser.parse_args()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -120,7 +127,11 @@ def main() -> int:
                       out / "echo.log"),
                start("evssm", {}, out)]
     servers += [start(name, env, out) for name, env in args.variant]
+    if args.before is not None:
+        before = args.before.resolve()
+        servers.append(Server("before", serve_command(before), before, out / "serve-before.log"))
     summary: dict[str, Any] = {"commit": git_commit(ROOT), "machine": machine_info(),
+                               "before": str(args.before) if args.before else None,
                                "variants": {name: env for name, env in args.variant},
                                "load_average_start": load(), "rounds": args.rounds,
                                "duration_s": args.duration}

@@ -51,9 +51,11 @@ RECORD = np.dtype([("t", "<u8"), ("x", "<u2"), ("y", "<u2"), ("on", "u1")])
 CLOCK_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def run_json(args: list[str], out: Path, timeout: float) -> dict:
+def run_json(args: list[str], out: Path, timeout: float, cwd: Path | None = None) -> dict:
+    """Run ``args`` (in ``cwd``: ``python -m evssm.cli`` there runs that checkout's evssm) and
+    keep the JSON it prints in ``out``."""
     print("$ evssm " + " ".join(args[3:]), file=sys.stderr, flush=True)
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=cwd)
     if proc.returncode != 0:
         raise SystemExit(f"failed: {' '.join(args)}\n{proc.stderr[-3000:]}")
     data = json.loads(proc.stdout)
@@ -66,6 +68,7 @@ class Server:
 
     def __init__(self, name: str, command: list[str], cwd: Path, log: Path):
         self.name = name
+        self.checkout = cwd  # where it runs from: its checkout's evssm
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws = f"ws://127.0.0.1:{self.port}"

@@ -162,6 +162,36 @@ def test_sessions_waiting_together_share_one_step() -> None:
     run(body)
 
 
+def test_sessions_waiting_for_the_next_plan_keep_their_place_in_line() -> None:
+    """A session with a chunk in the plan being gathered waits for the next plan, set aside; when
+    that plan starts it goes first, ahead of a session whose packet came later."""
+    async def body(h: Harness) -> None:
+        a, b, c, e = h.open(), h.open(), h.open(), h.open()
+        permits = threading.Semaphore(0)
+        real = h.runner.run
+
+        def one_at_a_time(plan: StepPlan) -> StepResult:
+            assert permits.acquire(timeout=10), "the test never let this plan run"
+            return real(plan)
+
+        h.runner.run = one_at_a_time  # type: ignore[method-assign]
+        h.send(a, [1])  # plan 1, taken and held
+        await asyncio.sleep(0.05)
+        for s in (b, b, c, c):  # plan 2: b and c; their second packets wait for plan 3
+            h.send(s, [2])
+        permits.release()  # plan 1 runs; the step thread takes plan 2 and is held again
+        time.sleep(0.1)  # (the event loop does not run meanwhile: nothing is planned yet)
+        h.send(e, [3])  # came after b's and c's second packets
+        permits.release(3)
+        await h.settle()
+        stepped = [p.slots.tolist() for p in h.runner.plans if len(p.slots)]
+        assert stepped == [[a.slot], [b.slot, c.slot], [b.slot, c.slot, e.slot]]
+        got = {s.id: row for s, _, row in h.sink.results()}
+        assert got[b.id] == got[c.id] == [2, 4, 1] and got[e.id] == [1, 3, 1]
+
+    run(body)
+
+
 def test_the_runner_is_parked_only_when_no_plan_waits() -> None:
     """After a step whose successor was gathered meanwhile, the helpers keep spinning for it;
     after the last one (nothing waiting) the runner is told to park them."""

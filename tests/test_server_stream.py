@@ -149,6 +149,61 @@ def test_random_packets_match_classify_of_every_prefix(server):
     assert results[-1]["probs"] is not None
 
 
+def test_packets_queued_behind_a_held_step_are_answered_in_order_and_exactly(server):
+    """While the step thread is held in a step, two sessions queue five packets each (one longer
+    than the length bucket, so it takes two chunks), and a rejected packet among the first's:
+    once the step goes on, each packet gets its own answer, in order, equal to /v1/classify of
+    its session's prefix; the rejected packet gets its error in its place and leaves the state
+    as it was (the answers after it still equal classify)."""
+    runner = server.app.state.engine.runners["tiny"]
+    real, go, held = runner.run, threading.Event(), threading.Event()
+
+    def held_run(plan):
+        if len(plan.slots):
+            held.set()
+            assert go.wait(30), "the test never let the step go on"
+        return real(plan)
+
+    rng = np.random.default_rng(21)
+    streams = [recording(rng, 520) for _ in range(2)]
+    cuts = [0, 60, 61, 250, 380, 520]  # 61..250: two chunks of the 128-event bucket
+
+    async def run() -> list[list[dict]]:
+        async with connect(f"{server.ws}/v1/stream") as wa, connect(f"{server.ws}/v1/stream") as wb:
+            clients = [Client(wa), Client(wb)]
+            for c in clients:
+                await c.open()
+            for k, (a, b) in enumerate(zip(cuts[:-1], cuts[1:], strict=True)):
+                for c, (t, x) in zip(clients, streams, strict=True):
+                    await c.send({"type": "events", "seq": k, **columns(t[a:b], x[a:b], "bin")})
+                if k == 0:
+                    assert await asyncio.to_thread(held.wait, 30)  # the first step is held
+                if k == 2:  # older than the session's newest event: refused
+                    t, x = streams[0]
+                    await clients[0].send({"type": "events", "seq": 99, "t": [int(t[0])], "x": [1]})
+            go.set()
+            return [[await c.recv() for _ in range(n)] for c, n in zip(clients, (6, 5), strict=True)]
+
+    runner.run = held_run
+    try:
+        replies = asyncio.run(run())
+    finally:
+        go.set()
+        runner.run = real
+    assert [r["seq"] for r in replies[0]] == [0, 1, 2, 99, 3, 4]
+    assert replies[0][3]["type"] == "error" and replies[0][3]["code"] == "timestamps_decreasing"
+    del replies[0][3]
+    for got, (t, x) in zip(replies, streams, strict=True):
+        assert [r["type"] for r in got] == ["result"] * 5 and [r["seq"] for r in got] == list(range(5))
+        assert [r["events"] for r in got] == cuts[1:]
+        expected = classify(server.http, [(t[:b], x[:b]) for b in cuts[1:]])
+        for r, want in zip(got, expected, strict=True):
+            if r["probs"] is not None:
+                assert np.isfinite(r["probs"]).all()
+            assert_probs_equal(r["probs"], want["probs"])
+        assert got[-1]["probs"] is not None
+
+
 def test_xla_step_pads_the_staged_rows_into_its_buckets(serve, tiny_model):
     """The same streams on a model whose streaming step is XLA's: the staged ragged rows are
     padded once per step into the compiled buckets; every answer equals classify, and steady

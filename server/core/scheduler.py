@@ -117,6 +117,9 @@ class Scheduler:
         self.queued_packets = 0  # accepted, not yet answered
         self.steps = 0
         self._ready: deque[Lane] = deque()  # lanes with work to plan, first come first served
+        # Ready lanes that already have a chunk in (or do not fit) the plan being gathered: they
+        # wait for the next one, at the head of the line, and are not scanned again until then.
+        self._next: list[Lane] = []
         self._builder: PlanBuilder | None = None  # the plan being gathered
         self._busy = 0  # plans published and not yet reported back
         self._timer: asyncio.TimerHandle | None = None
@@ -395,27 +398,27 @@ class Scheduler:
     def _fill(self) -> None:
         """Plan ready lanes into the plan being gathered; publish it when it should go."""
         handoff = self._handoff
-        if handoff is None or not (self._ready or (self.ledger is not None and self.ledger.due)):
+        if handoff is None or not (self._ready or self._next or (self.ledger is not None and self.ledger.due)):
             return
         max_batch = self.runner.max_batch
         with handoff.lock:
             builder = self._builder
             if builder is None or builder.taken:
                 builder = self._builder = PlanBuilder()
-            later: list[Lane] = []
+                self._ready.extendleft(reversed(self._next))  # they were first in line
+                self._next = []
             while self._ready and len(builder.slots) < max_batch:
                 lane = self._ready.popleft()
-                lane.ready = False
                 if lane.failed or not plannable(lane):
+                    lane.ready = False
                     continue
-                # One chunk per session and plan, its rows all in it: else the next plan.
+                # One chunk per session and plan, its rows all in it: else the next plan (each
+                # lane is scanned once per plan, however many packets arrive while it gathers).
                 if lane.builder is builder or len(builder.slots) + len(lane.slots) > max_batch:
-                    later.append(lane)
+                    self._next.append(lane)  # still in line (``ready``)
                     continue
+                lane.ready = False
                 self._plan_lane(lane, builder)
-            for lane in reversed(later):
-                lane.ready = True
-                self._ready.appendleft(lane)
             if self.ledger is not None and builder.read_rows < READ_CHUNK:
                 builder.reads.extend(self.ledger.next_reads(READ_CHUNK - builder.read_rows))
             if not builder.empty and not builder.published:
