@@ -152,7 +152,7 @@ def eval_order(dataset: EventDataset, max_events: int | None = None) -> np.ndarr
 
 
 def eval_batches(dataset: EventDataset, batch_size: int, num_classes: int, pad_unit: int,
-                 max_events: int | None = None, order: Sequence[int] | None = None
+                 max_events: int | None = None, order: Sequence[int] | np.ndarray | None = None
                  ) -> Iterator[Batch]:
     """Every sample once, in ``order`` (default: the data set's); the last batch is padded with
     weight-0 rows."""

@@ -41,6 +41,7 @@ from .config import ModelConfig, configs_dir, load_model_config, parse_value
 from .data.augment import AugmentConfig
 
 SSM_PARAMS = ("B", "Lambda_re", "Lambda_im")
+COMPILATION_CACHE_ENV = "EVSSM_COMPILATION_CACHE"  # the server's setting of the same name
 SECTIONS = ("train", "augment")
 
 
@@ -398,6 +399,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "over gloo); across machines set JAX_COORDINATOR_ADDRESS, "
                              "JAX_NUM_PROCESSES and JAX_PROCESS_ID instead (docs/training.md)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--compilation-cache", default=os.environ.get(COMPILATION_CACHE_ENV),
+                        metavar="DIR|off",
+                        help="persistent XLA compilation cache: a re-run loads its compiled steps "
+                             f"instead of compiling them (or ${COMPILATION_CACHE_ENV}; default "
+                             "$EVSSM_CACHE_DIR/xla, i.e. ~/.cache/evssm/xla; off: none)")
 
 
 def process_argv(args: argparse.Namespace, out: Path) -> list[str]:
@@ -405,6 +411,7 @@ def process_argv(args: argparse.Namespace, out: Path) -> list[str]:
     run directory for all."""
     argv = [*args.overrides, "--out", str(out)]
     for flag, value in (("--data-dir", args.data_dir), ("--limit-train", args.limit_train),
+                        ("--compilation-cache", args.compilation_cache),
                         ("--limit-valid", args.limit_valid), ("--limit-test", args.limit_test)):
         if value is not None:
             argv += [flag, str(value)]
@@ -439,7 +446,7 @@ def _run(args: argparse.Namespace) -> int:
         return distributed.launch_local(process_argv(args, out), args.processes)
     return train(cfg, out, resume=args.resume, limit_train=args.limit_train,
                  limit_valid=args.limit_valid, limit_test=args.limit_test,
-                 progress=not args.no_progress)
+                 progress=not args.no_progress, compilation_cache=args.compilation_cache)
 
 
 class EpochBar:
@@ -475,14 +482,15 @@ class EpochBar:
 # --- one run: set-up, the epoch loop, the test -----------------------------------------------
 def train(cfg: dict[str, Any], out: Path, *, resume: bool = False, limit_train: int | None = None,
           limit_valid: int | None = None, limit_test: int | None = None, progress: bool = True,
-          stop_after: int | None = None) -> int:
+          stop_after: int | None = None, compilation_cache: str | None = None) -> int:
     """Train per ``cfg`` (from :func:`load_task_config`) into ``out``; returns an exit code.
 
     ``best/`` is the epoch with the highest accuracy on ``train.valid_split``; once the last epoch
     is done, ``best/`` is measured on the test split, once, and the figure is recorded in its
     ``evssm.json`` summary and in ``out/test.json``. ``stop_after`` ends the run after that many
     epochs without changing its schedule (the run can be continued with ``resume``); the test is
-    measured only by the run that completes the schedule.
+    measured only by the run that completes the schedule. ``compilation_cache``: the persistent
+    XLA cache's folder (:mod:`.xla_cache`; None: the default, ``off``: none).
 
     In a job of several processes (:mod:`.distributed`) every process runs this function, feeds
     its shard of every global batch and holds the same parameters; process 0 alone writes.
@@ -491,6 +499,9 @@ def train(cfg: dict[str, Any], out: Path, *, resume: bool = False, limit_train: 
     import jax
 
     from .model import EventSSM
+    from .xla_cache import cache_folder, use_compilation_cache
+
+    use_compilation_cache(cache_folder(compilation_cache))
 
     t = cfg["train"]
     data = open_data(cfg, limit_train, limit_valid)

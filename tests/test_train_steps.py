@@ -12,8 +12,8 @@ import pytest
 from numeric import assert_close, assert_finite, seeded_rng
 
 from evssm.models.config import ModelConfig, load_model_config
-from evssm.models.model import EventSSM
 from evssm.models.input_pipeline import Batch, length_groups
+from evssm.models.model import EventSSM
 from evssm.models.train import (
     EpochSums,
     PartSteps,
