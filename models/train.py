@@ -185,9 +185,9 @@ def loss_sums(params: Any, batch_stats: Any, batch: dict[str, Any], key: Any, *,
     [B, L], lengths int32 [B], targets float32 [B, C], labels int32 [B], weights [B]. ``w`` does
     not depend on the parameters, so the gradients of several parts' ``S`` add up to the whole
     batch's."""
-    from .model import init_state
+    from .model import fresh_state
 
-    state0 = init_state(module.config, batch["tokens"].shape[0])
+    state0 = fresh_state(module.config, batch["tokens"].shape[0])
     (logits, ready, _), updates = module.apply(
         {"params": params, "batch_stats": batch_stats}, batch["tokens"], batch["gaps"],
         batch["lengths"], state0, train=True, rngs={"dropout": key}, mutable=["batch_stats"])
@@ -266,9 +266,9 @@ def eval_step(params: Any, batch_stats: Any, batch: dict[str, Any], *, module: A
               ) -> tuple[Any, Any]:
     """Inference (no dropout, running batch statistics) on a batch from a zero state
     -> ``(logits float32 [B, C], ready bool [B])``."""
-    from .model import init_state
+    from .model import fresh_state
 
-    state0 = init_state(module.config, batch["tokens"].shape[0])
+    state0 = fresh_state(module.config, batch["tokens"].shape[0])
     logits, ready, _ = cast(tuple[Any, Any, Any], module.apply(
         {"params": params, "batch_stats": batch_stats},
         batch["tokens"], batch["gaps"], batch["lengths"], state0))
@@ -520,7 +520,8 @@ def train(cfg: dict[str, Any], out: Path, *, resume: bool = False, limit_train: 
 
     log.say(f"training {model_cfg.name} on {cfg['dataset']}: {len(data.train)} train / "
             f"{len(data.valid)} {t['valid_split']} samples, {mesh.devices} device(s) in "
-            f"{mesh.shard[1]} process(es), ssm_lr {ssm_lr:.2e}, run directory {out}")
+            f"{mesh.shard[1]} process(es), ssm_lr {ssm_lr:.2e}, batches in "
+            f"{length_groups_of(t, mesh.devices)} length group(s), run directory {out}")
     last_epoch = t["epochs"] if stop_after is None else min(t["epochs"], stop_after)
     for epoch in range(start_epoch, last_epoch):
         # The run's first step compiles the train step: kept out of the rate and the ETA.
@@ -682,7 +683,7 @@ def run_epoch(steps: TrainSteps, state: dict[str, Any], data: RunData, mesh: Dat
         if steps.parts is None:
             state, metrics = steps.train(state, mesh.to_device(batch))
         else:
-            parts = length_groups(batch, t["length_groups"], t["pad_unit"])
+            parts = length_groups(batch, length_groups_of(t, mesh.devices), t["pad_unit"])
             state, metrics = grouped_step(steps.parts, state, [mesh.to_device(p) for p in parts])
         sums.add(jax.device_get(metrics))
         rate = sums.events / (time.perf_counter() - t0)
@@ -702,14 +703,22 @@ class TrainSteps:
 
     @classmethod
     def compile(cls, module: Any, tx: Any, t: dict[str, Any], mesh: DataMesh) -> TrainSteps:
-        groups = int(t.get("length_groups", 1))
-        if groups < 1 or t["batch_size"] % groups or (t["batch_size"] // groups) % mesh.devices:
-            raise SystemExit(f"evssm train: train.length_groups={groups} must cut "
-                             f"train.batch_size={t['batch_size']} into groups whose size is "
-                             f"divisible by the {mesh.devices} devices of the job")
         train_fn, eval_fn = compile_steps(module, tx, t["seed"])
-        return cls(train_fn, eval_fn, PartSteps.compile(module, tx, t["seed"]) if groups > 1
-                   else None)
+        return cls(train_fn, eval_fn, PartSteps.compile(module, tx, t["seed"])
+                   if length_groups_of(t, mesh.devices) > 1 else None)
+
+
+def length_groups_of(t: dict[str, Any], devices: int) -> int:
+    """The groups a batch is taken in: the most, up to ``train.length_groups``, that cut
+    ``train.batch_size`` into equal groups whose size the job's devices divide (each group is
+    sharded over them)."""
+    groups = int(t.get("length_groups", 1))
+    if groups < 1:
+        raise SystemExit(f"evssm train: train.length_groups must be at least 1, got {groups}")
+    batch = t["batch_size"]
+    while batch % groups or (batch // groups) % devices:
+        groups -= 1
+    return groups
 
 
 def measure(eval_fn: Any, variables: dict[str, Any], dataset: Any, mesh: DataMesh,

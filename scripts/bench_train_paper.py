@@ -21,8 +21,9 @@ training steps, each step timed to its metrics on the host:
   repository (``--paper-code`` / ``EVSSM_PAPER_CODE``); without them it is skipped, with a
   message. Its code is never copied here.
 
-The two trainer variants are timed in interleaved rounds in one process; the paper's code in a
-second process right after. ``/proc/loadavg`` is recorded with each.
+All three are timed in interleaved rounds: the trainer's variants in this process, the paper's
+code in a second process that waits while this one runs. ``/proc/loadavg`` is recorded after
+each round.
 """
 
 from __future__ import annotations
@@ -66,9 +67,9 @@ def make_batches(count: int, pad_unit: int, seed: int) -> tuple[dict[str, Any], 
     return cfg, batches
 
 
-def time_ours(cfg: dict[str, Any], batches: list[Any], groups: int, rounds: int
-              ) -> dict[str, Any]:
-    """Compile every shape of both variants, then ``rounds`` interleaved timed passes."""
+def our_passes(cfg: dict[str, Any], batches: list[Any], groups: int) -> dict[str, Any]:
+    """``{variant: pass}``: each pass runs the batches once through that variant's compiled
+    steps and returns the seconds of its steps, each timed to its metrics on the host."""
     import jax
 
     from evssm.models.input_pipeline import length_groups
@@ -87,39 +88,39 @@ def time_ours(cfg: dict[str, Any], batches: list[Any], groups: int, rounds: int
     mesh = DataMesh.create(t)
     tx, _ = make_optimizer(t, 100, t["batch_size"])
     steps = TrainSteps.compile(EventSSM(model_cfg), tx, dict(t, length_groups=groups), mesh)
-    assert steps.parts is not None
+    parts_fn = steps.parts
+    assert parts_fn is not None
 
     def one(state, batch):
         return steps.train(state, mesh.to_device(batch))
 
     def grouped(state, batch):
         parts = length_groups(batch, groups, t["pad_unit"])
-        return grouped_step(steps.parts, state, [mesh.to_device(p) for p in parts])
+        return grouped_step(parts_fn, state, [mesh.to_device(p) for p in parts])
 
-    variants = {"one-batch": one, "grouped": grouped}
-    states = {name: jax.device_put(initial_state(model_cfg, tx, t["seed"]), mesh.replicated)
-              for name in variants}
-    seconds: dict[str, float] = {name: 0.0 for name in variants}
-    compile_s: dict[str, float] = {}
-    for timed in [False] + [True] * rounds:
-        for name, fn in variants.items():
-            tic = time.perf_counter()
+    def make_pass(fn):
+        box = [jax.device_put(initial_state(model_cfg, tx, t["seed"]), mesh.replicated)]
+
+        def run_pass() -> float:
+            seconds = 0.0
             for batch in batches:
-                step_tic = time.perf_counter()
-                states[name], metrics = fn(states[name], batch)
+                tic = time.perf_counter()
+                box[0], metrics = fn(box[0], batch)
                 jax.device_get(metrics)
-                if timed:
-                    seconds[name] += time.perf_counter() - step_tic
-            if not timed:
-                compile_s[name] = time.perf_counter() - tic
-    events = rounds * sum(b.num_events for b in batches)
-    slots = {"one-batch": sum(b.tokens.size for b in batches),
-             "grouped": sum(p.tokens.size for b in batches
-                            for p in length_groups(b, groups, t["pad_unit"]))}
-    return {name: {"events_per_s": events / seconds[name], "seconds": seconds[name],
-                   "steps": rounds * len(batches), "first_pass_s": compile_s[name],
-                   "real_fraction": sum(b.num_events for b in batches) / slots[name]}
-            for name in variants}
+                seconds += time.perf_counter() - tic
+            return seconds
+        return run_pass
+
+    return {"one-batch": make_pass(one), "grouped": make_pass(grouped)}
+
+
+def real_fractions(batches: list[Any], groups: int, pad_unit: int) -> dict[str, float]:
+    from evssm.models.input_pipeline import length_groups
+
+    events = sum(b.num_events for b in batches)
+    return {"one-batch": events / sum(b.tokens.size for b in batches),
+            "grouped": events / sum(p.tokens.size for b in batches
+                                    for p in length_groups(b, groups, pad_unit))}
 
 
 def paper_inputs(batches: list[Any], path: Path) -> None:
@@ -137,21 +138,44 @@ def paper_inputs(batches: list[Any], path: Path) -> None:
         arrays[f"lengths{i}"] = np.maximum(b.lengths - 1, 0).astype(np.int32)
         arrays[f"targets{i}"] = b.targets
         arrays[f"events{i}"] = np.asarray(b.num_events)
-    np.savez(path, count=len(batches), **arrays)
+    arrays["count"] = np.asarray(len(batches))
+    np.savez(path, **arrays)
 
 
-def time_paper(code: Path, python: str, inputs: Path, rounds: int) -> dict[str, Any]:
-    proc = subprocess.run([python, str(HERE), "--paper-worker", str(inputs), "--rounds", str(rounds)],
-                          cwd=code, env=dict(os.environ, PYTHONPATH=str(code)), capture_output=True,
-                          text=True, timeout=1800)
-    if proc.returncode != 0:
-        raise SystemExit(f"the paper's code failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+class PaperWorker:
+    """The paper's code in its own Python: started (and its shapes compiled) once, then one
+    timed pass over the batches per :meth:`run_pass`."""
+
+    def __init__(self, code: Path, python: str, inputs: Path):
+        self.proc = subprocess.Popen(
+            [python, str(HERE), "--paper-worker", str(inputs)], cwd=code,
+            env=dict(os.environ, PYTHONPATH=str(code)), stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True)
+        self.info = self._read()  # after the compiling pass
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                return json.loads(line)
+        raise SystemExit(f"the paper's code failed (exit {self.proc.wait()}); see its stderr")
+
+    def run_pass(self) -> float:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("pass\n")
+        self.proc.stdin.flush()
+        return float(self._read()["seconds"])
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
 
 
-def paper_worker(inputs: Path, rounds: int) -> None:
+def paper_worker(inputs: Path) -> None:
     """Run inside the paper's own Python, from its checkout: its SHD medium model, its optimiser
-    and its ``training_step``, jitted as its ``run_training.py`` does on one device."""
+    and its ``training_step``, jitted as its ``run_training.py`` does on one device. One
+    untimed pass (compiling every shape), then a timed pass per ``pass`` line on stdin."""
     import jax
     from event_ssm.seq_model import BatchClassificationModel  # type: ignore[import-not-found]
     from event_ssm.ssm import init_S5SSM  # type: ignore[import-not-found]
@@ -161,7 +185,6 @@ def paper_worker(inputs: Path, rounds: int) -> None:
     data = np.load(inputs)
     batches = [tuple(data[f"{k}{i}"] for k in ("tokens", "targets", "steps", "lengths"))
                for i in range(int(data["count"]))]
-    events = sum(int(data[f"events{i}"]) for i in range(int(data["count"])))
     model = BatchClassificationModel(
         ssm=init_S5SSM(C_init="lecun_normal", dt_min=0.004, dt_max=0.1, conj_sym=False,
                        clip_eigs=False),
@@ -172,26 +195,25 @@ def paper_worker(inputs: Path, rounds: int) -> None:
     opt = OmegaConf.create({"ssm_lr": 1.7e-5 * 32, "lr_factor": 10, "ssm_weight_decay": 0.0,
                             "weight_decay": 0.03, "schedule": "cosine", "total_steps": 100,
                             "warmup_steps": 10, "accumulation_steps": 1})
-    key = jax.random.PRNGKey(1234)
     inputs0, _, steps0, lengths0 = batches[0]
-    state = init_model_state(key, model, inputs0, steps0, lengths0, opt)
+    state = init_model_state(jax.random.PRNGKey(1234), model, inputs0, steps0, lengths0, opt)
     step = jax.jit(training_step)
-    dropout_key = jax.random.PRNGKey(0)
-    seconds, first = 0.0, 0.0
-    for timed in [False] + [True] * rounds:
-        tic = time.perf_counter()
+    box = [state, jax.random.PRNGKey(0)]
+
+    def run_pass() -> float:
+        seconds = 0.0
         for batch in batches:
-            step_tic = time.perf_counter()
-            step_key, dropout_key = jax.random.split(dropout_key)
-            state, metrics = step(state, batch, step_key)
+            tic = time.perf_counter()
+            step_key, box[1] = jax.random.split(box[1])
+            box[0], metrics = step(box[0], batch, step_key)
             jax.device_get(metrics)
-            if timed:
-                seconds += time.perf_counter() - step_tic
-        if not timed:
-            first = time.perf_counter() - tic
-    print(json.dumps({"events_per_s": rounds * events / seconds, "seconds": seconds,
-                      "steps": rounds * len(batches), "first_pass_s": first,
-                      "jax": jax.__version__}))
+            seconds += time.perf_counter() - tic
+        return seconds
+
+    print(json.dumps({"first_pass_s": run_pass(), "jax": jax.__version__}), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "pass":
+            print(json.dumps({"seconds": run_pass()}), flush=True)
 
 
 def main() -> int:
@@ -209,7 +231,7 @@ def main() -> int:
     parser.add_argument("--paper-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.paper_worker:
-        paper_worker(Path(args.paper_worker), args.rounds)
+        paper_worker(Path(args.paper_worker))
         return 0
 
     cfg, batches = make_batches(args.batches, args.pad_unit, args.seed)
@@ -217,19 +239,36 @@ def main() -> int:
         "config": "task=shd dataset=spoken-digits, no augmentation, batch 32",
         "pad_unit": args.pad_unit, "batches": len(batches), "rounds": args.rounds,
         "groups": args.groups, "shapes": sorted({int(b.tokens.shape[1]) for b in batches}),
-        "events": sum(b.num_events for b in batches)}
-    report["load_before"] = loadavg()
-    report.update(time_ours(cfg, batches, args.groups, args.rounds))
-    report["load_after_ours"] = loadavg()
+        "events": sum(b.num_events for b in batches), "load": [loadavg()]}
+    passes = our_passes(cfg, batches, args.groups)
     code, python = args.paper_code, args.paper_python
+    paper = None
     if not code or not python or not Path(code, "event_ssm").is_dir() or not Path(python).exists():
         print("paper's code: skipped (set EVSSM_PAPER_CODE to a checkout of its repository and "
               "EVSSM_PAPER_PYTHON to a Python with its packages)", file=sys.stderr)
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
+        if code and python and Path(code, "event_ssm").is_dir() and Path(python).exists():
             paper_inputs(batches, Path(tmp, "batches.npz"))
-            report["paper"] = time_paper(Path(code), python, Path(tmp, "batches.npz"), args.rounds)
-        report["load_after_paper"] = loadavg()
+            paper = PaperWorker(Path(code), python, Path(tmp, "batches.npz"))
+            passes["paper"] = paper.run_pass
+        first = {name: fn() for name, fn in passes.items() if name != "paper"}  # compiles
+        if paper is not None:
+            first["paper"] = paper.info["first_pass_s"]
+        seconds = {name: 0.0 for name in passes}
+        for _ in range(args.rounds):  # interleaved
+            for name, fn in passes.items():
+                seconds[name] += fn()
+            report["load"].append(loadavg())
+        if paper is not None:
+            paper.close()
+    events = args.rounds * report["events"]
+    fractions = real_fractions(batches, args.groups, args.pad_unit)
+    for name in passes:
+        report[name] = {"events_per_s": events / seconds[name], "seconds": seconds[name],
+                        "steps": args.rounds * len(batches), "first_pass_s": first[name],
+                        "real_fraction": fractions.get(name)}
+    if paper is not None:
+        report["paper"]["jax"] = paper.info["jax"]
         for name in ("one-batch", "grouped"):
             report[name]["vs_paper"] = report[name]["events_per_s"] / report["paper"]["events_per_s"]
     text = json.dumps(report, indent=2)

@@ -180,3 +180,49 @@ def test_grouped_step_makes_the_one_batch_update(steps, groups: int, accumulatio
         assert_close(np.asarray(x), np.asarray(y), rtol=1e-4, atol=2e-5)
         moved += not np.array_equal(np.asarray(y), np.asarray(x0))
     assert moved > 10  # trained parameters are compared, not two initialisations
+
+
+def test_fresh_state_takes_the_padded_layout_with_the_same_results(monkeypatch) -> None:
+    """A NumPy zero state (fresh_state, known at trace time) makes the strided layers of the
+    training pass pad and reshape instead of gathering; logits and gradients equal those from
+    init_state's traced zeros. Long enough rows (512 events, stride 4, two stages) that both strided layers take
+    the block layout, with rows of different lengths and an empty one."""
+    from evssm.models import pooling
+    from evssm.models.model import fresh_state, init_state
+
+    padded = []
+    real_fresh = pooling._pool_windows_fresh
+    monkeypatch.setattr(pooling, "_pool_windows_fresh",
+                        lambda *a: padded.append(1) or real_fresh(*a))
+    config = load_model_config("tiny", dict(CONFIG, num_stages=2, pooling_stride=4))
+    module = EventSSM(config)
+    rng = seeded_rng("fresh-state-batch")
+    length = 512
+    lengths = np.array([0, 100, 333, 512], np.int32)
+    tokens = rng.integers(0, config.num_embeddings, (4, length)).astype(np.int32)
+    gaps = rng.integers(1, 3000, (4, length)).astype(np.int32)
+    for b, n in enumerate(lengths):
+        tokens[b, n:], gaps[b, n:] = -1, 0
+    variables = initial_state(config, make_optimizer(TRAIN, 10, 4)[0], SEED)
+    params = variables["params"]
+
+    def loss(p: Any, fresh: bool) -> Any:
+        # Built inside the traced function, as the train and eval steps do.
+        state = fresh_state(config, 4) if fresh else init_state(config, 4)
+        # The training pass (no dropout here): every layer runs, none under a cond.
+        (logits, ready, _), _ = module.apply({"params": p, "batch_stats": {}}, tokens, gaps,
+                                             lengths, state, train=True, mutable=["batch_stats"])
+        return (logits * ready[:, None]).sum(), logits
+
+    for fresh in (True, False):  # the padded layout is taken only for the NumPy state
+        (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True),
+                                     static_argnums=1)(params, fresh)
+        if fresh:
+            want_logits, want_grads = logits, grads
+            assert len(padded) == 2  # both strided layers took it
+        else:
+            assert len(padded) == 2
+            assert_close(np.asarray(want_logits), np.asarray(logits), rtol=1e-5, atol=1e-6)
+            for x, y in zip(jax.tree.leaves(want_grads), jax.tree.leaves(grads), strict=True):
+                assert_close(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+    assert np.abs(np.asarray(want_logits)).max() > 0
