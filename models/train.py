@@ -255,11 +255,22 @@ def apply_sums(state: dict[str, Any], sums: dict[str, Any], *, tx: Any
 
 def train_step(state: dict[str, Any], batch: dict[str, Any], *, module: Any, tx: Any, seed: int
                ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """One optimiser step on ``batch`` taken whole: :func:`part_step` (part 0) then
-    :func:`apply_sums`. ``state`` as in :func:`apply_sums`."""
-    batch_stats, sums = part_step(state["params"], state["batch_stats"], state["step"],
-                                  zero_sums(state["params"]), batch, 0, module=module, seed=seed)
-    return apply_sums(dict(state, batch_stats=batch_stats), sums, tx=tx)
+    """One optimiser step on ``batch`` taken whole: the gradient of :func:`loss_fn`'s batch-mean
+    loss; the dropout key is ``fold_in(PRNGKey(seed), step)``, so a run and its resumption draw
+    the same masks. ``state`` as in :func:`apply_sums` -> ``(state', {"loss", "correct",
+    "count", "events"})``."""
+    import jax
+    import optax
+
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), state["step"])
+    (loss, (batch_stats, correct, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], state["batch_stats"], batch, key, module=module)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new = dict(state, params=params, batch_stats=batch_stats, opt_state=opt_state,
+               step=state["step"] + 1)
+    return new, {"loss": loss, "correct": correct, "count": count,
+                 "events": batch["lengths"].sum()}
 
 
 def eval_step(params: Any, batch_stats: Any, batch: dict[str, Any], *, module: Any
