@@ -36,8 +36,8 @@ class Batch:
     def num_events(self) -> int:
         return int(self.lengths.sum())
 
-    def rows(self, index: slice) -> Batch:
-        """The batch of rows ``index`` (one process's share of a global batch)."""
+    def rows(self, index: slice | np.ndarray) -> Batch:
+        """The batch of rows ``index`` (one process's share of a global batch, or a group)."""
         return Batch(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
 
 
@@ -125,12 +125,41 @@ def pad_batch(batch: Batch, length: int) -> Batch:
                  batch.targets, batch.labels, batch.weights)
 
 
+def length_groups(batch: Batch, groups: int, pad_unit: int) -> list[Batch]:
+    """The rows of ``batch`` sorted by length (stable) and cut into ``groups`` groups of equal
+    size, each padded only to its own longest row (a multiple of ``pad_unit``): the same rows
+    with less padding. ``groups`` must divide the batch's rows."""
+    rows = len(batch.lengths)
+    if groups < 1 or rows % groups:
+        raise ValueError(f"a batch of {rows} rows cannot be cut into {groups} equal groups")
+    order = np.argsort(batch.lengths, kind="stable")
+    parts = []
+    for index in np.split(order, groups):
+        length = bucket_length(int(batch.lengths[index].max()), pad_unit)
+        part = batch.rows(index)
+        parts.append(dataclasses.replace(part, tokens=part.tokens[:, :length],
+                                         gaps=part.gaps[:, :length]))
+    return parts
+
+
+def eval_order(dataset: EventDataset, max_events: int | None = None) -> np.ndarray:
+    """Sample indices of ``dataset`` by length (stable; cropped to ``max_events``): batches taken
+    in this order need the least padding."""
+    lengths = np.array([len(dataset[i][0]) for i in range(len(dataset))])
+    if max_events is not None:
+        lengths = np.minimum(lengths, max_events)
+    return np.argsort(lengths, kind="stable")
+
+
 def eval_batches(dataset: EventDataset, batch_size: int, num_classes: int, pad_unit: int,
-                 max_events: int | None = None) -> Iterator[Batch]:
-    """Every sample once, in order; the last batch is padded with weight-0 rows."""
+                 max_events: int | None = None, order: Sequence[int] | np.ndarray | None = None
+                 ) -> Iterator[Batch]:
+    """Every sample once, in ``order`` (default: the data set's); the last batch is padded with
+    weight-0 rows."""
     eye = np.eye(num_classes, dtype=np.float32)
-    for start in range(0, len(dataset), batch_size):
-        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+    order = range(len(dataset)) if order is None else order
+    for start in range(0, len(order), batch_size):
+        items = [dataset[int(i)] for i in order[start:start + batch_size]]
         recs = [crop_to(rec, max_events, None) for rec, _ in items]
         labels = np.array([label for _, label in items])
         yield make_batch(recs, eye[labels], labels, dataset.sensor, pad_unit, batch_size)

@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .config import ModelConfig
 from .pooling import TIMEPOOL_EPS, pool_state_shapes, pool_weights, pool_windows
@@ -244,6 +245,14 @@ def is_spec_leaf(value: Any) -> bool:
 def init_state(config: ModelConfig, batch: int) -> State:
     """Zero carried state for ``batch`` sessions (leading axis ``batch`` on every leaf)."""
     return jax.tree.map(lambda sd: jnp.zeros((batch, *sd[0]), sd[1]), state_spec(config),
+                        is_leaf=is_spec_leaf)
+
+
+def fresh_state(config: ModelConfig, batch: int) -> State:
+    """:func:`init_state` as NumPy zeros: inside a traced function its values stay known, so
+    the layers take the layout of a packet that starts every window (pads and reshapes
+    instead of gathers; :func:`~.pooling.known_zero`). The same results as :func:`init_state`."""
+    return jax.tree.map(lambda sd: np.zeros((batch, *sd[0]), sd[1]), state_spec(config),
                         is_leaf=is_spec_leaf)
 
 

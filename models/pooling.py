@@ -16,8 +16,11 @@ so a window split across packets pools exactly as if it had arrived in one.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -25,6 +28,12 @@ TIMEPOOL_EPS = 1e-6
 
 # Packets with (events x windows) up to this pool by a membership matmul (no gathers).
 SHORT_PACKET_CELLS = 4096
+
+
+def known_zero(value: Any) -> bool:
+    """True when ``value`` is known at trace time to be all zero: a NumPy array (part of a fresh
+    state built on the host, :func:`~.model.fresh_state`), not a traced value."""
+    return isinstance(value, np.ndarray) and not value.any()
 
 
 def pool_weights(dt: Array, offsets: Array, stride: int, mode: str) -> Array:
@@ -69,8 +78,32 @@ def pool_windows(x: Array, w: Array, dt: Array, n: Array, off: Array, carry: dic
         pooled = sums[..., :d] / jnp.where(sum_w > 0, sum_w, 1.0)[..., None]
         new_carry = {"sum_wx": new[:, :d], "sum_w": new[:, d], "sum_dt": new[:, d + 1]}
         return pooled[:, :nwin], sums[:, :nwin, d + 1], new_carry
+    if all(known_zero(a) for a in (off, *carry.values())):
+        return _pool_windows_fresh(x, w, dt, n, stride)
     return jax.vmap(_pool_windows_one, in_axes=(0, 0, 0, 0, 0, 0, None))(
         x, w, dt, n, off, carry, stride)
+
+
+def _pool_windows_fresh(x: Array, w: Array, dt: Array, n: Array, stride: int
+                        ) -> tuple[Array, Array, dict[str, Array]]:
+    """:func:`pool_windows` when every packet starts a window with nothing carried (offsets
+    known to be zero at trace time, as in training): the window layout is the packet padded to
+    whole windows, a reshape instead of a gather."""
+    batch, length, d = x.shape
+    nwin = -(-(length + stride - 1) // stride)
+    real = jnp.arange(length)[None, :] < n[:, None]
+    pad = ((0, 0), (0, (nwin + 1) * stride - length))
+    wb = jnp.pad(jnp.where(real, w, 0.0), pad).reshape(batch, nwin + 1, stride)
+    dtb = jnp.pad(jnp.where(real, dt, 0.0), pad).reshape(batch, nwin + 1, stride)
+    xb = jnp.pad(x, (*pad, (0, 0))).reshape(batch, nwin + 1, stride, d)
+    sum_wx = jnp.einsum("bws,bwsd->bwd", wb, xb)
+    sum_w, sum_dt = wb.sum(2), dtb.sum(2)
+    pooled = sum_wx / jnp.where(sum_w > 0, sum_w, 1.0)[..., None]
+    m = (n // stride)[:, None]  # complete windows; window m is the new partial one
+    new_carry = {"sum_wx": jnp.take_along_axis(sum_wx, m[..., None], 1)[:, 0],
+                 "sum_w": jnp.take_along_axis(sum_w, m, 1)[:, 0],
+                 "sum_dt": jnp.take_along_axis(sum_dt, m, 1)[:, 0]}
+    return pooled[:, :nwin], sum_dt[:, :nwin], new_carry
 
 
 def _pool_windows_one(x: Array, w: Array, dt: Array, n: Array, off: Array,

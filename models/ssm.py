@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .pooling import known_zero
 from .ssm_init import hippo_n_init
 
 Array = jax.Array
@@ -192,13 +193,22 @@ def window_states(step: Array, b: Array, times: Array, scale: float, n: Array, o
         span_decay = decays[:, length:]
     else:
         # Times (small) in the block layout: suffix sums within blocks, block spans.
-        src = jnp.arange(nblk * stride)[None, :] - off[:, None] - (stride - 1)
-        real = (src >= 0) & (src < n[:, None])
-        src = jnp.clip(src, 0, length - 1)
-        tb = jnp.where(real, jnp.take_along_axis(times, src, 1), 0.0).reshape(batch, nblk, stride)
+        if known_zero(off):
+            # Every packet starts a window (a fresh state, as in training): the layout is the
+            # packet shifted by stride - 1, a pad instead of a gather (and of its scatter in
+            # the backward pass).
+            shift = ((0, 0), (stride - 1, nblk * stride - length - (stride - 1)))
+            tb = jnp.pad(jnp.where(real_ev, times, 0.0), shift).reshape(batch, nblk, stride)
+            bb = jnp.pad(jnp.where(real_ev[..., None], b, 0.0), (*shift, (0, 0)))
+        else:
+            src = jnp.arange(nblk * stride)[None, :] - off[:, None] - (stride - 1)
+            real = (src >= 0) & (src < n[:, None])
+            src = jnp.clip(src, 0, length - 1)
+            tb = jnp.where(real, jnp.take_along_axis(times, src, 1), 0.0)
+            tb = tb.reshape(batch, nblk, stride)
+            bb = jnp.where(real[..., None], jnp.take_along_axis(b, src[..., None], 1), 0.0)
         suffix = jnp.flip(jnp.cumsum(jnp.flip(tb, -1), -1), -1) - tb  # time after event j
         span = suffix[..., 0] + tb[..., 0]
-        bb = jnp.where(real[..., None], jnp.take_along_axis(b, src[..., None], 1), 0.0)
         bb = bb.reshape(batch, nblk, stride, -1)
         blk_b = (decay(step, suffix, scale, table) * bb).sum(2)
         span_decay = decay(step, span, scale, table)

@@ -41,6 +41,7 @@ from .config import ModelConfig, configs_dir, load_model_config, parse_value
 from .data.augment import AugmentConfig
 
 SSM_PARAMS = ("B", "Lambda_re", "Lambda_im")
+COMPILATION_CACHE_ENV = "EVSSM_COMPILATION_CACHE"  # the server's setting of the same name
 SECTIONS = ("train", "augment")
 
 
@@ -171,37 +172,93 @@ def cross_entropy(logits, targets):
     return -(targets * jax.nn.log_softmax(logits)).sum(-1)
 
 
-def loss_fn(params: Any, batch_stats: Any, batch: dict[str, Any], key: Any, *, module: Any
-            ) -> tuple[Any, tuple[Any, Any, Any]]:
-    """Loss of ``module`` (an :class:`~.model.EventSSM`) on a training batch, dropout drawn
-    from ``key``: with ``w_b = weights_b * ready_b`` (a padding row or a recording too short to
-    reach the head counts for nothing),
+def loss_sums(params: Any, batch_stats: Any, batch: dict[str, Any], key: Any, *, module: Any
+              ) -> tuple[Any, tuple[Any, Any, Any]]:
+    """The un-normalised loss of ``module`` (an :class:`~.model.EventSSM`) on a training batch,
+    dropout drawn from ``key``: with ``w_b = weights_b * ready_b`` (a padding row or a recording
+    too short to reach the head counts for nothing),
 
-        loss = sum_b w_b CE(logits_b, targets_b) / max(sum_b w_b, 1)
+        S = sum_b w_b CE(logits_b, targets_b)
 
-    -> ``(loss, (batch_stats', correct, count))``: the updated batch statistics, the weighted
-    count of rows whose argmax is the label, and ``sum_b w_b``. ``batch`` holds tokens, gaps
-    int32 [B, L], lengths int32 [B], targets float32 [B, C], labels int32 [B], weights [B]."""
-    import jax.numpy as jnp
+    -> ``(S, (batch_stats', correct, count))``: the updated batch statistics, the weighted count
+    of rows whose argmax is the label, and ``sum_b w_b``. ``batch`` holds tokens, gaps int32
+    [B, L], lengths int32 [B], targets float32 [B, C], labels int32 [B], weights [B]. ``w`` does
+    not depend on the parameters, so the gradients of several parts' ``S`` add up to the whole
+    batch's."""
+    from .model import fresh_state
 
-    from .model import init_state
-
-    state0 = init_state(module.config, batch["tokens"].shape[0])
+    state0 = fresh_state(module.config, batch["tokens"].shape[0])
     (logits, ready, _), updates = module.apply(
         {"params": params, "batch_stats": batch_stats}, batch["tokens"], batch["gaps"],
         batch["lengths"], state0, train=True, rngs={"dropout": key}, mutable=["batch_stats"])
     w = batch["weights"] * ready
-    loss = (w * cross_entropy(logits, batch["targets"])).sum() / jnp.maximum(w.sum(), 1.0)
+    total = (w * cross_entropy(logits, batch["targets"])).sum()
     correct = ((logits.argmax(-1) == batch["labels"]) * w).sum()
-    return loss, (updates.get("batch_stats", batch_stats), correct, w.sum())
+    return total, (updates.get("batch_stats", batch_stats), correct, w.sum())
+
+
+def loss_fn(params: Any, batch_stats: Any, batch: dict[str, Any], key: Any, *, module: Any
+            ) -> tuple[Any, tuple[Any, Any, Any]]:
+    """The batch-mean loss ``S / max(sum_b w_b, 1)`` (see :func:`loss_sums`), with the same
+    auxiliary results."""
+    import jax.numpy as jnp
+
+    total, (batch_stats, correct, count) = loss_sums(params, batch_stats, batch, key, module=module)
+    return total / jnp.maximum(count, 1.0), (batch_stats, correct, count)
+
+
+def zero_sums(params: Any) -> dict[str, Any]:
+    """The sums a step gathers over its parts, before the first: gradients shaped like
+    ``params``, loss, correct and counted rows, events."""
+    import jax
+    import jax.numpy as jnp
+
+    return {"grads": jax.tree.map(jnp.zeros_like, params), "loss": jnp.zeros((), jnp.float32),
+            "correct": jnp.zeros((), jnp.float32), "count": jnp.zeros((), jnp.float32),
+            "events": jnp.zeros((), jnp.int32)}
+
+
+def part_step(params: Any, batch_stats: Any, step: Any, sums: dict[str, Any],
+              batch: dict[str, Any], part: Any, *, module: Any, seed: int
+              ) -> tuple[Any, dict[str, Any]]:
+    """Add one part of a step's batch to ``sums``: the gradient of its :func:`loss_sums`, its
+    loss, correct and counted rows and events -> ``(batch_stats', sums')``. Part ``p`` of step
+    ``n`` draws dropout from ``fold_in(fold_in(PRNGKey(seed), n), p)``, so a run and its
+    resumption draw the same masks."""
+    import jax
+
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), step), part)
+    (total, (batch_stats, correct, count)), grads = jax.value_and_grad(loss_sums, has_aux=True)(
+        params, batch_stats, batch, key, module=module)
+    add = {"grads": grads, "loss": total, "correct": correct, "count": count,
+           "events": batch["lengths"].sum()}
+    return batch_stats, jax.tree.map(lambda a, b: a + b, sums, add)
+
+
+def apply_sums(state: dict[str, Any], sums: dict[str, Any], *, tx: Any
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One optimiser step from a whole batch's sums: the gradient of the batch-mean loss is
+    ``sum_parts grad S_p / max(sum_b w_b, 1)``. ``state``: params, batch_stats, opt_state, step
+    (int32), epoch, best_accuracy -> ``(state', {"loss", "correct", "count", "events"})``."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    scale = 1.0 / jnp.maximum(sums["count"], 1.0)
+    grads = jax.tree.map(lambda g: g * scale, sums["grads"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1)
+    return new, {"loss": sums["loss"] * scale, "correct": sums["correct"],
+                 "count": sums["count"], "events": sums["events"]}
 
 
 def train_step(state: dict[str, Any], batch: dict[str, Any], *, module: Any, tx: Any, seed: int
                ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """One optimiser step on ``batch`` (see :func:`loss_fn`); the dropout key is
-    ``fold_in(PRNGKey(seed), step)``, so a run and its resumption draw the same masks.
-    ``state``: params, batch_stats, opt_state, step (int32), epoch, best_accuracy
-    -> ``(state', {"loss", "correct", "count", "events"})``."""
+    """One optimiser step on ``batch`` taken whole: the gradient of :func:`loss_fn`'s batch-mean
+    loss; the dropout key is ``fold_in(PRNGKey(seed), step)``, so a run and its resumption draw
+    the same masks. ``state`` as in :func:`apply_sums` -> ``(state', {"loss", "correct",
+    "count", "events"})``."""
     import jax
     import optax
 
@@ -220,9 +277,9 @@ def eval_step(params: Any, batch_stats: Any, batch: dict[str, Any], *, module: A
               ) -> tuple[Any, Any]:
     """Inference (no dropout, running batch statistics) on a batch from a zero state
     -> ``(logits float32 [B, C], ready bool [B])``."""
-    from .model import init_state
+    from .model import fresh_state
 
-    state0 = init_state(module.config, batch["tokens"].shape[0])
+    state0 = fresh_state(module.config, batch["tokens"].shape[0])
     logits, ready, _ = cast(tuple[Any, Any, Any], module.apply(
         {"params": params, "batch_stats": batch_stats},
         batch["tokens"], batch["gaps"], batch["lengths"], state0))
@@ -237,6 +294,40 @@ def compile_steps(module: Any, tx: Any, seed: int) -> tuple[Any, Any]:
     return (jax.jit(functools.partial(train_step, module=module, tx=tx, seed=seed),
                     donate_argnums=0),
             jax.jit(functools.partial(eval_step, module=module)))
+
+
+@dataclasses.dataclass(frozen=True)
+class PartSteps:
+    """A step taken in parts (:func:`grouped_step`): :func:`zero_sums`, :func:`part_step` and
+    :func:`apply_sums`, jitted with ``module``, ``tx`` and ``seed`` bound; the part step donates
+    the sums, the apply step the state."""
+
+    zero: Any
+    part: Any
+    apply: Any
+
+    @classmethod
+    def compile(cls, module: Any, tx: Any, seed: int) -> PartSteps:
+        import jax
+
+        return cls(jax.jit(zero_sums),
+                   jax.jit(functools.partial(part_step, module=module, seed=seed),
+                           donate_argnums=3),
+                   jax.jit(functools.partial(apply_sums, tx=tx), donate_argnums=0))
+
+
+def grouped_step(steps: PartSteps, state: dict[str, Any], parts: list[dict[str, Any]]
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One optimiser step on a batch given as ``parts`` (its rows in groups, each padded to its
+    own length): the parts' loss gradients add up to the whole batch's, so the update is
+    :func:`train_step`'s on the whole batch, up to float order and dropout masks. The batch
+    statistics (BatchNorm) are updated part after part."""
+    sums = steps.zero(state["params"])
+    batch_stats = state["batch_stats"]
+    for index, part in enumerate(parts):
+        batch_stats, sums = steps.part(state["params"], batch_stats, state["step"], sums, part,
+                                       index)
+    return steps.apply(dict(state, batch_stats=batch_stats), sums)
 
 
 @dataclasses.dataclass
@@ -319,6 +410,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "over gloo); across machines set JAX_COORDINATOR_ADDRESS, "
                              "JAX_NUM_PROCESSES and JAX_PROCESS_ID instead (docs/training.md)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--compilation-cache", default=os.environ.get(COMPILATION_CACHE_ENV),
+                        metavar="DIR|off",
+                        help="persistent XLA compilation cache: a re-run loads its compiled steps "
+                             f"instead of compiling them (or ${COMPILATION_CACHE_ENV}; default "
+                             "$EVSSM_CACHE_DIR/xla, i.e. ~/.cache/evssm/xla; off: none)")
 
 
 def process_argv(args: argparse.Namespace, out: Path) -> list[str]:
@@ -326,6 +422,7 @@ def process_argv(args: argparse.Namespace, out: Path) -> list[str]:
     run directory for all."""
     argv = [*args.overrides, "--out", str(out)]
     for flag, value in (("--data-dir", args.data_dir), ("--limit-train", args.limit_train),
+                        ("--compilation-cache", args.compilation_cache),
                         ("--limit-valid", args.limit_valid), ("--limit-test", args.limit_test)):
         if value is not None:
             argv += [flag, str(value)]
@@ -360,7 +457,7 @@ def _run(args: argparse.Namespace) -> int:
         return distributed.launch_local(process_argv(args, out), args.processes)
     return train(cfg, out, resume=args.resume, limit_train=args.limit_train,
                  limit_valid=args.limit_valid, limit_test=args.limit_test,
-                 progress=not args.no_progress)
+                 progress=not args.no_progress, compilation_cache=args.compilation_cache)
 
 
 class EpochBar:
@@ -396,14 +493,15 @@ class EpochBar:
 # --- one run: set-up, the epoch loop, the test -----------------------------------------------
 def train(cfg: dict[str, Any], out: Path, *, resume: bool = False, limit_train: int | None = None,
           limit_valid: int | None = None, limit_test: int | None = None, progress: bool = True,
-          stop_after: int | None = None) -> int:
+          stop_after: int | None = None, compilation_cache: str | None = None) -> int:
     """Train per ``cfg`` (from :func:`load_task_config`) into ``out``; returns an exit code.
 
     ``best/`` is the epoch with the highest accuracy on ``train.valid_split``; once the last epoch
     is done, ``best/`` is measured on the test split, once, and the figure is recorded in its
     ``evssm.json`` summary and in ``out/test.json``. ``stop_after`` ends the run after that many
     epochs without changing its schedule (the run can be continued with ``resume``); the test is
-    measured only by the run that completes the schedule.
+    measured only by the run that completes the schedule. ``compilation_cache``: the persistent
+    XLA cache's folder (:mod:`.xla_cache`; None: the default, ``off``: none).
 
     In a job of several processes (:mod:`.distributed`) every process runs this function, feeds
     its shard of every global batch and holds the same parameters; process 0 alone writes.
@@ -412,6 +510,9 @@ def train(cfg: dict[str, Any], out: Path, *, resume: bool = False, limit_train: 
     import jax
 
     from .model import EventSSM
+    from .xla_cache import cache_folder, use_compilation_cache
+
+    use_compilation_cache(cache_folder(compilation_cache))
 
     t = cfg["train"]
     data = open_data(cfg, limit_train, limit_valid)
@@ -426,18 +527,19 @@ def train(cfg: dict[str, Any], out: Path, *, resume: bool = False, limit_train: 
         state, start_epoch = restore_state(states, state, out)
         log.say(f"resuming {out} at epoch {start_epoch}")
     state = jax.device_put(state, mesh.replicated)
-    train_fn, eval_fn = compile_steps(EventSSM(model_cfg), tx, t["seed"])
+    steps = TrainSteps.compile(EventSSM(model_cfg), tx, t, mesh)
 
     log.say(f"training {model_cfg.name} on {cfg['dataset']}: {len(data.train)} train / "
             f"{len(data.valid)} {t['valid_split']} samples, {mesh.devices} device(s) in "
-            f"{mesh.shard[1]} process(es), ssm_lr {ssm_lr:.2e}, run directory {out}")
+            f"{mesh.shard[1]} process(es), ssm_lr {ssm_lr:.2e}, batches in "
+            f"{length_groups_of(t, mesh.devices)} length group(s), run directory {out}")
     last_epoch = t["epochs"] if stop_after is None else min(t["epochs"], stop_after)
     for epoch in range(start_epoch, last_epoch):
         # The run's first step compiles the train step: kept out of the rate and the ETA.
-        state, sums, seconds = run_epoch(train_fn, state, data, mesh, t, epoch,
+        state, sums, seconds = run_epoch(steps, state, data, mesh, t, epoch,
                                          compiling=epoch == start_epoch,
                                          show=progress and log.primary)
-        valid = measure(eval_fn, state, data.valid, mesh, t, model_cfg.num_classes)
+        valid = measure(steps.eval, state, data.valid, mesh, t, model_cfg.num_classes)
         record = {"epoch": epoch + 1, "step": int(state["step"]),
                   "train_loss": sums.mean_loss, "train_accuracy": sums.accuracy,
                   "train_events_per_s": sums.events / seconds, "train_seconds": seconds,
@@ -452,7 +554,7 @@ def train(cfg: dict[str, Any], out: Path, *, resume: bool = False, limit_train: 
             f"checkpoint {out / 'best'}")
     if int(state["epoch"]) < t["epochs"]:
         return 0  # stopped early on purpose: the run that finishes the schedule tests
-    measure_test_split(eval_fn, cfg, out, data.test_split, limit_test, mesh, log)
+    measure_test_split(steps.eval, cfg, out, data.test_split, limit_test, mesh, log)
     return 0
 
 
@@ -570,14 +672,16 @@ def restore_state(states: Any, template: dict[str, Any], out: Path) -> tuple[dic
     return state, int(state["epoch"])
 
 
-def run_epoch(train_fn: Any, state: dict[str, Any], data: RunData, mesh: DataMesh,
+def run_epoch(steps: TrainSteps, state: dict[str, Any], data: RunData, mesh: DataMesh,
               t: dict[str, Any], epoch: int, *, compiling: bool, show: bool
               ) -> tuple[dict[str, Any], EpochSums, float]:
     """One pass over the training set (this process's rows of every global batch) with a
-    progress bar -> ``(state', sums, seconds)``."""
+    progress bar -> ``(state', sums, seconds)``. With ``train.length_groups`` G > 1 each batch
+    is taken in G length-sorted groups (:func:`grouped_step`): each process sorts its own rows,
+    and group g of the global batch is every process's group g."""
     import jax
 
-    from .input_pipeline import prefetch, train_batches
+    from .input_pipeline import length_groups, prefetch, train_batches
 
     num_classes = len(data.train.class_names)
     batches = prefetch(train_batches(data.train, t["batch_size"], num_classes, t["pad_unit"],
@@ -587,7 +691,11 @@ def run_epoch(train_fn: Any, state: dict[str, Any], data: RunData, mesh: DataMes
     sums = EpochSums()
     t0 = time.perf_counter()
     for batch in batches:
-        state, metrics = train_fn(state, mesh.to_device(batch))
+        if steps.parts is None:
+            state, metrics = steps.train(state, mesh.to_device(batch))
+        else:
+            parts = length_groups(batch, length_groups_of(t, mesh.devices), t["pad_unit"])
+            state, metrics = grouped_step(steps.parts, state, [mesh.to_device(p) for p in parts])
         sums.add(jax.device_get(metrics))
         rate = sums.events / (time.perf_counter() - t0)
         bar.step(loss=f"{sums.mean_loss:.3f}", acc=f"{sums.accuracy:.3f}", ev_s=f"{rate:,.0f}")
@@ -595,17 +703,48 @@ def run_epoch(train_fn: Any, state: dict[str, Any], data: RunData, mesh: DataMes
     return state, sums, time.perf_counter() - t0
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainSteps:
+    """A run's jitted steps: the whole-batch train step, the eval step, and the part steps when
+    batches are taken in length groups (``train.length_groups`` > 1; else None)."""
+
+    train: Any
+    eval: Any
+    parts: PartSteps | None
+
+    @classmethod
+    def compile(cls, module: Any, tx: Any, t: dict[str, Any], mesh: DataMesh) -> TrainSteps:
+        train_fn, eval_fn = compile_steps(module, tx, t["seed"])
+        return cls(train_fn, eval_fn, PartSteps.compile(module, tx, t["seed"])
+                   if length_groups_of(t, mesh.devices) > 1 else None)
+
+
+def length_groups_of(t: dict[str, Any], devices: int) -> int:
+    """The groups a batch is taken in: the most, up to ``train.length_groups``, that cut
+    ``train.batch_size`` into equal groups whose size the job's devices divide (each group is
+    sharded over them)."""
+    groups = int(t.get("length_groups", 1))
+    if groups < 1:
+        raise SystemExit(f"evssm train: train.length_groups must be at least 1, got {groups}")
+    batch = t["batch_size"]
+    while batch % groups or (batch // groups) % devices:
+        groups -= 1
+    return groups
+
+
 def measure(eval_fn: Any, variables: dict[str, Any], dataset: Any, mesh: DataMesh,
             t: dict[str, Any], num_classes: int) -> dict[str, float]:
-    """Loss and accuracy of ``variables`` on every sample of ``dataset``: each process feeds its
-    rows of every batch; the logits are gathered on all."""
+    """Loss and accuracy of ``variables`` on every sample of ``dataset``, taken in order of
+    length (the metrics do not depend on the order; batches of similar lengths need less
+    padding): each process feeds its rows of every batch; the logits are gathered on all."""
     from .evaluate import classification_metrics
-    from .input_pipeline import eval_batches
+    from .input_pipeline import eval_batches, eval_order
 
     logits, labels, weights = [], [], []
     mine = mesh.rows(t["eval_batch_size"])
+    order = eval_order(dataset, t["max_events"])
     for batch in eval_batches(dataset, t["eval_batch_size"], num_classes, t["pad_unit"],
-                              t["max_events"]):
+                              t["max_events"], order):
         lg, ready = eval_fn(variables["params"], variables["batch_stats"],
                             mesh.to_device(batch.rows(mine)))
         logits.append(distributed.gather_rows(lg))

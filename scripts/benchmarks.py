@@ -17,7 +17,10 @@
      server's event-loop CPU per packet: the CPU time of the server's main thread (the thread
      that runs uvicorn's event loop), read from ``/proc/PID/task/PID/stat`` before and after the
      run, divided by the packets answered;
-3. one epoch of ``evssm train task=event-mnist`` for the training throughput.
+3. one epoch of ``evssm train task=event-mnist`` for the training throughput, and the SHD
+   configuration's training throughput beside the paper's code run from a scratch copy when
+   ``EVSSM_PAPER_CODE`` and ``EVSSM_PAPER_PYTHON`` name one (``scripts/bench_train_paper.py``;
+   skipped with a message otherwise).
 
 Everything runs on this machine, one measurement at a time; the servers are stopped at the end.
 """
@@ -276,7 +279,23 @@ def main() -> int:
         record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
         record["wall_s_including_start_up"] = time.monotonic() - start
         (out / "train.json").write_text(json.dumps(record, indent=2) + "\n")
+        train_beside_paper(out / "train_paper.json")
     return 0
+
+
+def train_beside_paper(out: Path) -> None:
+    """The SHD configuration's training throughput beside the paper's code
+    (``scripts/bench_train_paper.py``), when ``EVSSM_PAPER_CODE`` (a scratch checkout of its
+    repository) and ``EVSSM_PAPER_PYTHON`` (a Python with its packages) name one; else skipped
+    with a message."""
+    code, python = os.environ.get("EVSSM_PAPER_CODE"), os.environ.get("EVSSM_PAPER_PYTHON")
+    if not code or not python or not Path(code, "event_ssm").is_dir() or not Path(python).exists():
+        print("train beside the paper's code: skipped (set EVSSM_PAPER_CODE to a scratch "
+              "checkout of its repository and EVSSM_PAPER_PYTHON to a Python with its packages; "
+              "docs/benchmarks.md, \"Training\")", file=sys.stderr)
+        return
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_train_paper.py"), "--out",
+                    str(out)], check=True, timeout=3600)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, Setting
 from pydantic_settings.sources.utils import parse_env_vars
 
 from evssm.models.config import STREAMING_BACKENDS
-from evssm.models.native_build import cache_dir
+from evssm.models.xla_cache import cache_folder
 
 ENV_PREFIX = "EVSSM_"
 MODEL_ENV = ENV_PREFIX + "MODEL"
@@ -250,11 +250,7 @@ class Settings(BaseSettings):
     @property
     def compilation_cache_dir(self) -> str | None:
         """The persistent XLA compilation cache's folder (None: off), per user by default."""
-        if self.compilation_cache is None:
-            return str(cache_dir() / "xla")
-        if self.compilation_cache.strip().lower() in ("none", "off"):
-            return None
-        return self.compilation_cache
+        return cache_folder(self.compilation_cache)
 
     @property
     def snapshots(self) -> bool:

@@ -194,6 +194,16 @@ def test_training_learns_resumes_reproducibly_and_evaluates(tmp_path: Path, caps
     assert result["offline"]["accuracy"] == result["streaming"]["accuracy"]
 
 
+def test_compilation_cache_folder(monkeypatch, tmp_path: Path) -> None:
+    """`--compilation-cache`: the default is under $EVSSM_CACHE_DIR, `off`/`none` turn it off."""
+    from evssm.models.xla_cache import cache_folder
+
+    monkeypatch.setenv("EVSSM_CACHE_DIR", str(tmp_path))
+    assert cache_folder(None) == str(tmp_path / "xla")
+    assert cache_folder("off") is None and cache_folder(" None ") is None
+    assert cache_folder("/data/xla") == "/data/xla"
+
+
 @pytest.mark.slow
 def test_data_parallel_over_forced_host_devices(tmp_path: Path) -> None:
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
@@ -201,19 +211,26 @@ def test_data_parallel_over_forced_host_devices(tmp_path: Path) -> None:
     out = tmp_path / "dp"
     proc = subprocess.run(
         [sys.executable, "-m", "evssm.cli", "train", *TINY, "train.epochs=1", "--out", str(out),
-         "--limit-train", "32", "--limit-valid", "16", "--limit-test", "16", "--no-progress"],
+         "--limit-train", "32", "--limit-valid", "16", "--limit-test", "16", "--no-progress",
+         "--compilation-cache", str(tmp_path / "xla")],
         env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 device(s)" in proc.stderr
+    assert any((tmp_path / "xla").iterdir()), "the run kept its compiled steps"
     assert read_metrics(out)[0]["train_loss"] > 0
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("grouped", [False, True], ids=["one-batch", "length-groups"])
+def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path: Path,
+                                                                  grouped: bool) -> None:
     """`evssm train --processes 2`: two processes on loopback (gloo collectives), each feeding
     half of every global batch, end with the parameters of one process fed the whole batch; the
-    run directory is written once."""
+    run directory is written once. In length groups (each process sorts its own rows, so the
+    groups differ from one process's) the masks of dropout differ: compared without dropout."""
     overrides = TINY + ["train.epochs=1"]
+    if grouped:
+        overrides += ["train.length_groups=4", "model.dropout=0"]
     limits = ["--limit-train", "32", "--limit-valid", "16", "--limit-test", "16"]
     two = tmp_path / "two"
     proc = subprocess.run(

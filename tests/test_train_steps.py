@@ -12,12 +12,15 @@ import pytest
 from numeric import assert_close, assert_finite, seeded_rng
 
 from evssm.models.config import ModelConfig, load_model_config
+from evssm.models.input_pipeline import Batch, length_groups
 from evssm.models.model import EventSSM
 from evssm.models.train import (
     EpochSums,
+    PartSteps,
     compile_steps,
     cross_entropy,
     eval_step,
+    grouped_step,
     initial_state,
     loss_fn,
     make_optimizer,
@@ -145,3 +148,104 @@ def test_same_seed_same_parameters(steps) -> None:
     # Another seed starts elsewhere: the comparison above can fail.
     assert any(not np.array_equal(np.asarray(x), np.asarray(y))
                for x, y in zip(leaves_a, jax.tree.leaves(c["params"]), strict=True))
+
+
+@pytest.mark.parametrize("groups,accumulation", [(2, 1), (4, 2)])
+def test_grouped_step_makes_the_one_batch_update(steps, groups: int, accumulation: int) -> None:
+    """The batch cut into length-sorted groups, each padded to its own length, gives the update
+    of the whole batch in one step (no dropout: equal up to float order), also when the
+    optimiser accumulates steps; the groups hold less padding than the batch."""
+    config = steps[0]
+    tx, _ = make_optimizer(dict(TRAIN, accumulation=accumulation), steps_per_epoch=10,
+                           global_batch=BATCH)
+    train_fn, _ = compile_steps(EventSSM(config), tx, SEED)
+    parts_fn = PartSteps.compile(EventSSM(config), tx, SEED)
+    batch = synthetic_batch(config)
+    parts = length_groups(Batch(**batch), groups, pad_unit=8)
+    assert sum(p.tokens.size for p in parts) < batch["tokens"].size
+    whole, grouped = initial_state(config, tx, SEED), initial_state(config, tx, SEED)
+    for _ in range(2 * accumulation):
+        whole, m_whole = train_fn(whole, batch)
+        grouped, m_grouped = grouped_step(parts_fn, grouped, [vars(p) for p in parts])
+        for key in ("loss", "correct", "count", "events"):
+            assert_finite(m_grouped[key])
+            assert_close(float(m_grouped[key]), float(m_whole[key]), rtol=1e-5, err_msg=key)
+    assert int(grouped["step"]) == int(whole["step"]) == 2 * accumulation
+    init = jax.tree.leaves(initial_state(config, tx, SEED)["params"])
+    moved = 0
+    for x, y, x0 in zip(jax.tree.leaves(grouped["params"]), jax.tree.leaves(whole["params"]),
+                        init, strict=True):
+        assert_finite(x)
+        # Adam divides by sqrt(v): a near-zero gradient's float-order difference shows at a few
+        # 1e-5 after a few steps; a wrong update would be off by about a step (1e-3 and more).
+        assert_close(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-4)
+        moved += not np.array_equal(np.asarray(y), np.asarray(x0))
+    assert moved > 10  # trained parameters are compared, not two initialisations
+
+
+def test_fresh_state_takes_the_padded_layout_with_the_same_results(monkeypatch) -> None:
+    """A NumPy zero state (fresh_state, known at trace time) makes the strided layers of the
+    training pass pad and reshape instead of gathering; logits and gradients equal those from
+    init_state's traced zeros. Long enough rows (512 events, stride 4, two stages) that both strided layers take
+    the block layout, with rows of different lengths and an empty one."""
+    from evssm.models import pooling
+    from evssm.models.model import fresh_state, init_state
+
+    padded = []
+    real_fresh = pooling._pool_windows_fresh
+    monkeypatch.setattr(pooling, "_pool_windows_fresh",
+                        lambda *a: padded.append(1) or real_fresh(*a))
+    config = load_model_config("tiny", dict(CONFIG, num_stages=2, pooling_stride=4))
+    module = EventSSM(config)
+    rng = seeded_rng("fresh-state-batch")
+    length = 512
+    lengths = np.array([0, 100, 333, 512], np.int32)
+    tokens = rng.integers(0, config.num_embeddings, (4, length)).astype(np.int32)
+    gaps = rng.integers(1, 3000, (4, length)).astype(np.int32)
+    for b, n in enumerate(lengths):
+        tokens[b, n:], gaps[b, n:] = -1, 0
+    variables = initial_state(config, make_optimizer(TRAIN, 10, 4)[0], SEED)
+    params = variables["params"]
+
+    def loss(p: Any, fresh: bool) -> Any:
+        # Built inside the traced function, as the train and eval steps do.
+        state = fresh_state(config, 4) if fresh else init_state(config, 4)
+        # The training pass (no dropout here): every layer runs, none under a cond.
+        (logits, ready, _), _ = module.apply({"params": p, "batch_stats": {}}, tokens, gaps,
+                                             lengths, state, train=True, mutable=["batch_stats"])
+        return (logits * ready[:, None]).sum(), logits
+
+    for fresh in (True, False):  # the padded layout is taken only for the NumPy state
+        (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True),
+                                     static_argnums=1)(params, fresh)
+        if fresh:
+            want_logits, want_grads = logits, grads
+            assert len(padded) == 2  # both strided layers took it
+        else:
+            assert len(padded) == 2
+            assert_close(np.asarray(want_logits), np.asarray(logits), rtol=1e-5, atol=1e-6)
+            for x, y in zip(jax.tree.leaves(want_grads), jax.tree.leaves(grads), strict=True):
+                assert_close(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+    assert np.abs(np.asarray(want_logits)).max() > 0
+
+
+def test_grouped_gradient_is_the_batch_mean_gradient(steps) -> None:
+    """Before the optimiser: the groups' summed gradients over the batch's weighted count equal
+    the gradient of the batch-mean loss (no dropout), within float32 order."""
+    config, tx = steps[0], steps[1]
+    module = EventSSM(config)
+    state = initial_state(config, tx, SEED)
+    batch = synthetic_batch(config)
+    parts_fn = PartSteps.compile(module, tx, SEED)
+    sums = parts_fn.zero(state["params"])
+    for index, part in enumerate(length_groups(Batch(**batch), 4, pad_unit=8)):
+        _, sums = parts_fn.part(state["params"], state["batch_stats"], state["step"], sums,
+                                vars(part), index)
+    key = jax.random.PRNGKey(0)
+    want = jax.grad(lambda p: loss_fn(p, state["batch_stats"], batch, key, module=module)[0])(
+        state["params"])
+    assert float(sums["count"]) == BATCH - 2
+    leaves = jax.tree.leaves(want)
+    assert len(leaves) > 10 and any(np.abs(np.asarray(g)).max() > 0 for g in leaves)
+    for got, g in zip(jax.tree.leaves(sums["grads"]), leaves, strict=True):
+        assert_close(np.asarray(got) / float(sums["count"]), np.asarray(g), rtol=1e-4, atol=1e-7)

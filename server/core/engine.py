@@ -86,9 +86,10 @@ class Engine:
                 store = await loop.run_in_executor(None, functools.partial(
                     open_store, state_dir=s.state_dir, state_store=s.state_store, ttl_s=s.snapshot_ttl,
                     owner=secrets.token_hex(8)))
-            from . import runner as runner_mod  # JAX is imported here, off the API layer's path
+            # JAX is imported here, off the API layer's path.
+            from evssm.models.xla_cache import use_compilation_cache
 
-            cache = runner_mod.use_compilation_cache(s.compilation_cache_dir)
+            cache = use_compilation_cache(s.compilation_cache_dir)
             log.info("JAX imported %.1f s after start; XLA compilation cache: %s",
                      time.monotonic() - self.started_at, cache or "off")
 

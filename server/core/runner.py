@@ -24,7 +24,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -61,22 +60,6 @@ def _install_compile_listener() -> None:
         if not _listener_installed:
             jax.monitoring.register_event_duration_secs_listener(_on_jax_event)
             _listener_installed = True
-
-
-def use_compilation_cache(folder: str | None) -> str | None:
-    """Keep compiled XLA programs in ``folder`` (None: no persistent cache), every one however
-    quick to compile: a restart then loads the start-up programs instead of compiling them.
-    JAX opens its cache once per process, at its first compilation; a process that compiled
-    before keeps the folder it had. Returns the folder in use."""
-    if folder is None:
-        jax.config.update("jax_enable_compilation_cache", False)
-        return None
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_enable_compilation_cache", True)
-    jax.config.update("jax_compilation_cache_dir", folder)
-    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    return folder
 
 
 def bucket(value: int, buckets: tuple[int, ...]) -> int:
