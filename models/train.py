@@ -533,6 +533,9 @@ def train(cfg: dict[str, Any], out: Path, *, resume: bool = False, limit_train: 
             f"{len(data.valid)} {t['valid_split']} samples, {mesh.devices} device(s) in "
             f"{mesh.shard[1]} process(es), ssm_lr {ssm_lr:.2e}, batches in "
             f"{length_groups_of(t, mesh.devices)} length group(s), run directory {out}")
+    if model_cfg.norm == "batch" and length_groups_of(t, mesh.devices) > 1:
+        log.say("note: with BatchNorm each length group is normalised with its own statistics, "
+                "not the whole batch's; train.length_groups=1 keeps whole batches")
     last_epoch = t["epochs"] if stop_after is None else min(t["epochs"], stop_after)
     for epoch in range(start_epoch, last_epoch):
         # The run's first step compiles the train step: kept out of the rate and the ETA.
