@@ -105,6 +105,24 @@ def snapshots_while(state: Path, run: Callable[[], T], covered: Callable[[Any], 
         watcher.join(10)
 
 
+def stream_each(ws: str, recs: list[Recording], packet_events: int, *, max_in_flight: int,
+                options: list[dict[str, Any]] | None = None) -> list[tuple[str, list[Any]]]:
+    """Stream every recording in a session of its own, all at once, as fast as the server
+    answers (each session opened with ``options[i]``) -> each session's resume token and
+    results."""
+    async def one(rec: Recording, opts: dict[str, Any]) -> tuple[str, list[Any]]:
+        async with AsyncStreamSession(ws, max_in_flight=max_in_flight, **opts) as s:
+            token = s.resume_token
+            assert token is not None
+            return token, [r async for r in s.stream(packetize(rec, events=packet_events))]
+
+    async def main() -> list[tuple[str, list[Any]]]:
+        return await asyncio.gather(*(one(r, o) for r, o in zip(
+            recs, options or [{}] * len(recs), strict=True)))
+
+    return asyncio.run(main())
+
+
 def server_steps(events: int, packet_events: int, max_length: int) -> list[tuple[int, int]]:
     """(start, stop) of the steps that streamed the first ``events`` events in packets of
     ``packet_events``: each packet in consecutive pieces of at most ``max_length``."""
@@ -125,16 +143,8 @@ def test_snapshots_taken_under_load_are_states_of_their_streams(start, tiny_mode
     # Longer packets stream faster: snapshots are taken more often to see as many.
     server = start(state_dir=str(tmp_path), snapshot_interval=0.05 if packet_events < 256 else 0.01)
     recs = [sim(seed, 1.5) for seed in range(4)]
-    async def one(rec: Recording) -> tuple[str, list[Any]]:
-        async with AsyncStreamSession(server.ws, max_in_flight=4) as s:
-            token = s.resume_token
-            results = [r async for r in s.stream(packetize(rec, events=packet_events))]
-            return token, results
-
-    async def main() -> list[tuple[str, list[Any]]]:
-        return await asyncio.gather(*(one(r) for r in recs))
-
-    outcome, seen = snapshots_while(tmp_path, lambda: asyncio.run(main()), every_s=0.01)
+    outcome, seen = snapshots_while(
+        tmp_path, lambda: stream_each(server.ws, recs, packet_events, max_in_flight=4), every_s=0.01)
     sensor = SensorSpec.one_d(700)
     checked = 0
     for rec, (token, results) in zip(recs, outcome, strict=False):

@@ -31,10 +31,10 @@ import pytest
 from conftest import start_tiny
 from numeric import assert_close, assert_finite, seeded_rng
 from test_client_e2e import DroppingProxy
-from test_durability import copy_store, snapshots_while
+from test_durability import copy_store, snapshots_while, stream_each
 from websockets.asyncio.client import connect
 
-from evssm.client import AsyncStreamSession, classify, packetize, save_events
+from evssm.client import AsyncStreamSession, Result, classify, packetize, save_events
 from evssm.client.cli_options import filters_arg
 from evssm.client.protocol import SessionInfo
 from evssm.models.events import Recording, SensorSpec
@@ -420,18 +420,9 @@ def test_snapshots_under_load_hold_the_filter_state_of_their_events(start, tmp_p
     def covered(snap: Any) -> int | None:  # the events sent: kept and filtered
         return None if snap.filters is None else snap.events + sum(snap.filters["state"]["removed"])
 
-    async def one(rec: Recording) -> str:
-        async with AsyncStreamSession(server.ws, filters=FILTERS, max_in_flight=8) as s:
-            token = s.resume_token
-            assert token is not None
-            async for _ in s.stream(packetize(rec, events=500)):
-                pass
-            return token
-
-    async def main() -> list[str]:
-        return await asyncio.gather(*(one(r) for r in recs))
-
-    tokens, seen = snapshots_while(tmp_path, lambda: asyncio.run(main()), covered)
+    outcome, seen = snapshots_while(tmp_path, lambda: stream_each(
+        server.ws, recs, 500, max_in_flight=8, options=[{"filters": FILTERS}] * len(recs)), covered)
+    tokens = [token for token, _ in outcome]
     assert max(reverted) > 0, "no snapshot was read with packets in flight"
     checked = 0
     for rec, token in zip(recs, tokens, strict=True):
@@ -455,6 +446,41 @@ def snapshot_now(server: Any) -> None:
     server.call(both())
 
 
+def replay_after_switch(start: Any, first: Any, state: Path, rec: Recording, packets: list[Recording],
+                        options: dict[str, Any]) -> tuple[list[Result], list[Any]]:
+    """Stream ``packets`` (of ``rec``) through a proxy to ``first`` (its store in ``state / "a"``)
+    in a session opened with ``options``; after 8 packets ``first`` snapshots and its store is
+    copied to ``state / "b"``; 6 more are answered; then a second server starts from the copy,
+    the proxy points at it and drops the connection. -> the answers of the packets after the
+    switch, and the client's resumes."""
+    async def run(proxy: DroppingProxy) -> tuple[list[Result], list[Any]]:
+        async with AsyncStreamSession(proxy.url, reconnect_timeout=120, **options) as s:
+            for packet in packets[:8]:
+                await s.send(packet)
+                await s.recv()
+            await asyncio.get_running_loop().run_in_executor(None, snapshot_now, first)
+            await s.send(rec.slice(0, 0))
+            # the last snapshot the first server writes
+            assert (await s.recv()).durable == sum(len(p) for p in packets[:8])
+            copy_store(state / "a", state / "b")  # the store as it is now
+            for packet in packets[8:14]:  # answered, and not in the copied store
+                await s.send(packet)
+                await s.recv()
+            second = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: start(state_dir=str(state / "b")))
+            proxy.target_port = int(second.http.rsplit(":", 1)[1])
+            proxy.drop()  # the first server is gone, as its client sees it
+            after = []
+            for packet in packets[14:]:
+                await s.send(packet)
+                after.append(await s.recv())
+            return after, s.resumes
+
+    (state / "b").mkdir()
+    with DroppingProxy(int(first.http.rsplit(":", 1)[1])) as proxy:
+        return asyncio.run(asyncio.wait_for(run(proxy), 300))
+
+
 def test_a_client_replays_what_an_older_snapshot_lacks_through_the_filters(start, tmp_path: Path) -> None:
     """The server dies (its connections cut) while its store holds an older snapshot than the
     answers the client has: the client reconnects to a server restored from that store, replays
@@ -466,32 +492,8 @@ def test_a_client_replays_what_an_older_snapshot_lacks_through_the_filters(start
     first = start(state_dir=str(tmp_path / "a"), snapshot_interval=3600.0)  # snapshots when asked
     (want,) = classify(first.http, [rec], filters=FILTERS)
     packets = list(packetize(rec, events=700))
-    (tmp_path / "b").mkdir()
-
-    async def run(proxy: DroppingProxy) -> tuple[Any, Any]:
-        async with AsyncStreamSession(proxy.url, filters=FILTERS, reconnect_timeout=120) as s:
-            for packet in packets[:8]:
-                await s.send(packet)
-                await s.recv()
-            await asyncio.get_running_loop().run_in_executor(None, snapshot_now, first)
-            await s.send(rec.slice(0, 0))
-            assert (await s.recv()).durable == 8 * 700  # the last snapshot A writes
-            copy_store(tmp_path / "a", tmp_path / "b")  # the store as it is now
-            for packet in packets[8:14]:  # answered, and not in the copied store
-                await s.send(packet)
-                await s.recv()
-            second = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: start(state_dir=str(tmp_path / "b")))
-            proxy.target_port = int(second.http.rsplit(":", 1)[1])
-            proxy.drop()  # the first server is gone, as its client sees it
-            last = None
-            for packet in packets[14:]:
-                await s.send(packet)
-                last = await s.recv()
-            return last, s.resumes
-
-    with DroppingProxy(int(first.http.rsplit(":", 1)[1])) as proxy:
-        last, resumes = asyncio.run(asyncio.wait_for(run(proxy), 300))
+    after, resumes = replay_after_switch(start, first, tmp_path, rec, packets, {"filters": FILTERS})
+    last = after[-1]
     (resume,) = resumes
     assert resume.restored and not resume.new_session and resume.replayed > 0
     assert last.events == want.events and last.events + sum(want.filtered.values()) == n

@@ -24,9 +24,8 @@ import numpy as np
 import pytest
 from conftest import start_tiny
 from numeric import assert_close, assert_finite, seeded_rng
-from test_client_e2e import DroppingProxy
-from test_durability import copy_store, snapshots_while, stored
-from test_live_filters_served import snapshot_now, snapshot_then_leave
+from test_durability import copy_store, snapshots_while, stored, stream_each
+from test_live_filters_served import replay_after_switch, snapshot_then_leave
 from test_live_windows_served import HOUR_US, live_stream
 from test_server_stream import classify
 from websockets.asyncio.client import connect
@@ -127,32 +126,7 @@ def test_a_client_replays_what_an_older_snapshot_lacks_into_its_window(start, tm
     packets = list(packetize(rec, events=60))
     assert len(packets) > 16
     first = start(state_dir=str(tmp_path / "a"), snapshot_interval=3600.0)  # snapshots when asked
-    (tmp_path / "b").mkdir()
-
-    async def run(proxy: DroppingProxy) -> tuple[list[Result], Any]:
-        async with AsyncStreamSession(proxy.url, window=COUNT_WINDOW, reconnect_timeout=120) as s:
-            for packet in packets[:8]:
-                await s.send(packet)
-                await s.recv()
-            await asyncio.get_running_loop().run_in_executor(None, snapshot_now, first)
-            await s.send(rec.slice(0, 0))
-            assert (await s.recv()).durable == 8 * 60  # the last snapshot the first server writes
-            copy_store(tmp_path / "a", tmp_path / "b")
-            for packet in packets[8:14]:  # answered, and not in the copied store
-                await s.send(packet)
-                await s.recv()
-            second = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: start(state_dir=str(tmp_path / "b")))
-            proxy.target_port = int(second.http.rsplit(":", 1)[1])
-            proxy.drop()  # the first server is gone, as its client sees it
-            after = []
-            for packet in packets[14:]:
-                await s.send(packet)
-                after.append(await s.recv())
-            return after, s.resumes
-
-    with DroppingProxy(int(first.http.rsplit(":", 1)[1])) as proxy:
-        after, resumes = asyncio.run(asyncio.wait_for(run(proxy), 300))
+    after, resumes = replay_after_switch(start, first, tmp_path, rec, packets, {"window": COUNT_WINDOW})
     (resume,) = resumes
     assert resume.restored and not resume.new_session and resume.replayed == 6 * 60
     assert after[-1].events == len(rec)
@@ -176,18 +150,9 @@ def test_snapshots_under_load_pair_each_window_state_with_its_rows(start, tmp_pa
     server = start(state_dir=str(tmp_path), snapshot_interval=0.01, max_sessions_per_client=16)
     recs = [recording(f"load-{i}", 10) for i in range(3)]
     specs = [TIME_WINDOW, COUNT_WINDOW, TIME_WINDOW]
-    async def one(rec: Recording, spec: dict[str, int]) -> str:
-        async with AsyncStreamSession(server.ws, window=spec, max_in_flight=8) as s:
-            token = s.resume_token
-            assert token is not None
-            async for _ in s.stream(packetize(rec, events=50)):
-                pass
-            return token
-
-    async def main() -> list[str]:
-        return await asyncio.gather(*(one(r, w) for r, w in zip(recs, specs, strict=True)))
-
-    tokens, seen = snapshots_while(tmp_path, lambda: asyncio.run(main()))
+    outcome, seen = snapshots_while(tmp_path, lambda: stream_each(
+        server.ws, recs, 50, max_in_flight=8, options=[{"window": w} for w in specs]))
+    tokens = [token for token, _ in outcome]
     assert any(ahead), "no snapshot was read with packets in flight"
     words = server.engine.runners["tiny"].state_bytes // 4
     checked = 0
