@@ -145,7 +145,7 @@ def length_groups(batch: Batch, groups: int, pad_unit: int) -> list[Batch]:
 def eval_order(dataset: EventDataset, max_events: int | None = None) -> np.ndarray:
     """Sample indices of ``dataset`` by length (stable; cropped to ``max_events``): batches taken
     in this order need the least padding."""
-    lengths = np.array([len(dataset[i][0]) for i in range(len(dataset))])
+    lengths = dataset.event_counts()
     if max_events is not None:
         lengths = np.minimum(lengths, max_events)
     return np.argsort(lengths, kind="stable")

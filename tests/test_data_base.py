@@ -15,6 +15,7 @@ from evssm.models.data import (
     ArrayDataset,
     ClassSubset,
     EventDataset,
+    Subset,
     dataset_names,
     default_data_dir,
     load_dataset,
@@ -99,6 +100,9 @@ def test_array_dataset() -> None:
     assert [label for _, label in ds] == [1, 0, 1]
     sub = ds.take([2, 0])
     assert len(sub) == 2 and sub[0][1] == 1 and len(sub[1][0]) == 3
+    view = Subset(ds, [2, 0, 1], split="valid")  # counts from the base's, not by reading samples
+    np.testing.assert_array_equal(view.event_counts(), [len(r) for r, _ in view])
+    np.testing.assert_array_equal(view.event_counts(), [1, 3, 0])
     again = pickle.loads(pickle.dumps(ds))
     np.testing.assert_array_equal(again[0][0].x, rec.x)
     with pytest.raises(ValueError, match="offsets"):
@@ -158,8 +162,6 @@ def test_no_jax_anywhere_in_data_package() -> None:
 
 def test_limit_works_for_every_reader(tmp_path: Path) -> None:
     import h5py
-
-    from evssm.models.data import Subset
 
     (tmp_path / "shd").mkdir()
     with h5py.File(tmp_path / "shd" / "shd_test.h5", "w") as f:

@@ -207,6 +207,9 @@ class Subset(EventDataset):
     def labels(self) -> np.ndarray:
         return self.base.labels[self.indices]
 
+    def event_counts(self) -> np.ndarray:
+        return self.base.event_counts()[self.indices]
+
 
 class ClassSubset(Subset):
     """The samples of some classes of another data set, relabelled ``0 .. k-1`` in the order
