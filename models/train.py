@@ -532,8 +532,8 @@ def train(cfg: dict[str, Any], out: Path, *, resume: bool = False, limit_train: 
     log.say(f"training {model_cfg.name} on {cfg['dataset']}: {len(data.train)} train / "
             f"{len(data.valid)} {t['valid_split']} samples, {mesh.devices} device(s) in "
             f"{mesh.shard[1]} process(es), ssm_lr {ssm_lr:.2e}, batches in "
-            f"{length_groups_of(t, mesh.devices)} length group(s), run directory {out}")
-    if model_cfg.norm == "batch" and length_groups_of(t, mesh.devices) > 1:
+            f"{steps.groups} length group(s), run directory {out}")
+    if model_cfg.norm == "batch" and steps.groups > 1:
         log.say("note: with BatchNorm each length group is normalised with its own statistics, "
                 "not the whole batch's; train.length_groups=1 keeps whole batches")
     last_epoch = t["epochs"] if stop_after is None else min(t["epochs"], stop_after)
@@ -697,7 +697,7 @@ def run_epoch(steps: TrainSteps, state: dict[str, Any], data: RunData, mesh: Dat
         if steps.parts is None:
             state, metrics = steps.train(state, mesh.to_device(batch))
         else:
-            parts = length_groups(batch, length_groups_of(t, mesh.devices), t["pad_unit"])
+            parts = length_groups(batch, steps.groups, t["pad_unit"])
             state, metrics = grouped_step(steps.parts, state, [mesh.to_device(p) for p in parts])
         sums.add(jax.device_get(metrics))
         rate = sums.events / (time.perf_counter() - t0)
@@ -708,18 +708,20 @@ def run_epoch(steps: TrainSteps, state: dict[str, Any], data: RunData, mesh: Dat
 
 @dataclasses.dataclass(frozen=True)
 class TrainSteps:
-    """A run's jitted steps: the whole-batch train step, the eval step, and the part steps when
-    batches are taken in length groups (``train.length_groups`` > 1; else None)."""
+    """A run's jitted steps: the whole-batch train step, the eval step, the length groups a batch
+    is taken in (:func:`length_groups_of`) and their part steps (None when ``groups`` is 1)."""
 
     train: Any
     eval: Any
+    groups: int
     parts: PartSteps | None
 
     @classmethod
     def compile(cls, module: Any, tx: Any, t: dict[str, Any], mesh: DataMesh) -> TrainSteps:
         train_fn, eval_fn = compile_steps(module, tx, t["seed"])
-        return cls(train_fn, eval_fn, PartSteps.compile(module, tx, t["seed"])
-                   if length_groups_of(t, mesh.devices) > 1 else None)
+        groups = length_groups_of(t, mesh.devices)
+        return cls(train_fn, eval_fn, groups,
+                   PartSteps.compile(module, tx, t["seed"]) if groups > 1 else None)
 
 
 def length_groups_of(t: dict[str, Any], devices: int) -> int:

@@ -95,7 +95,7 @@ def our_passes(cfg: dict[str, Any], batches: list[Any], groups: int) -> dict[str
         return steps.train(state, mesh.to_device(batch))
 
     def grouped(state, batch):
-        parts = length_groups(batch, groups, t["pad_unit"])
+        parts = length_groups(batch, steps.groups, t["pad_unit"])
         return grouped_step(parts_fn, state, [mesh.to_device(p) for p in parts])
 
     def make_pass(fn):
