@@ -293,6 +293,9 @@ class NativeStep:
         # () -> list[int]: the helper threads' Linux ids (for their CPU clocks; one process-wide
         # set, shared by every model's step)
         self.helper_threads = library.helper_threads
+        # Several packets of one session in a call: the total-time divisor would need every
+        # strided layer's partial window after each packet, which the step does not keep.
+        self.coalesces = config.head_divisor != "total_time"
 
 
     def step_rows(self, pool: np.ndarray, slots: np.ndarray | None, tokens: Any, gaps: Any,
@@ -310,11 +313,15 @@ class NativeStep:
                     gaps: np.ndarray, starts: np.ndarray, lengths: np.ndarray
                     ) -> tuple[np.ndarray, np.ndarray]:
         """Advance sessions in place on ``pool`` (int32 [N, words], C-contiguous, writable):
-        session ``b`` is row ``slots[b]`` (``b`` when ``slots`` is None; a slot outside the pool
-        is a padding row, not written) and reads the ragged row
+        entry ``b`` steps row ``slots[b]`` (``b`` when ``slots`` is None; a slot outside the pool
+        is a padding row, not written) by the ragged row
         ``tokens/gaps[starts[b] : starts[b] + lengths[b]]`` of the flat int32 buffers [E]
         (starts int64 [B], lengths int32 [B]; no copy of the buffers is made)
-        -> ``(logits float32 [B, C], ready bool [B])``."""
+        -> ``(logits float32 [B, C], ready bool [B])``, each entry's after its packet.
+
+        Entries with the same slot are one session's consecutive packets, in entry order: they
+        are stepped as one row with a readout after each packet, the same arithmetic as one call
+        per packet (see :attr:`coalesces`; a head that cannot read out mid-row raises)."""
         batch = lengths.shape[0]
         if slots is None and pool.shape[0] < batch:
             raise ValueError(f"{batch} sessions but {pool.shape[0]} state rows")

@@ -312,3 +312,45 @@ def test_calls_from_several_threads_are_exact() -> None:
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"exit {done.returncode}:\n{done.stderr[-3000:]}"
     assert "concurrent results equal" in done.stdout
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_sessions_packets_in_one_call_equal_one_call_per_packet(name: str) -> None:
+    """Entries with the same slot are one session's consecutive packets: stepped in one call
+    (interleaved with other sessions' entries, as the server's coalesced plans are), each entry's
+    logits and readiness, and the rows after the call, equal one call per packet exactly; with
+    the total-time divisor, which needs each packet's partial windows, the step refuses them and
+    leaves the pool alone."""
+    config = load_model_config("tiny", CASES[name])
+    model, _ = both_backends(config)
+    rng = np.random.default_rng(21)
+    # (slot, events): session 4's first packet holds one event (the held token at a stream's
+    # start), an empty packet sits between two of session 0's.
+    entries = [(0, 30), (4, 1), (0, 0), (2, 17), (0, 45), (4, 60), (0, 3), (2, 1), (4, 9)]
+    sizes = [n for _, n in entries]
+    flat_t = rng.integers(0, config.num_embeddings, sum(sizes) + 50).astype(np.int32)
+    flat_g = np.where(rng.random(flat_t.size) < 0.9, rng.integers(0, 80, flat_t.size),
+                      rng.integers(0, 300_000, flat_t.size)).astype(np.int32)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) + 50
+    slots = np.array([s for s, _ in entries], np.int32)
+    lengths = np.array(sizes, np.int32)
+    coalesced = model.init_state(6)
+    assert model.native is not None and model.native.coalesces == (config.head_divisor != "total_time")
+    if not model.native.coalesces:
+        before = np.asarray(coalesced).copy()
+        with pytest.raises(RuntimeError, match="total-time divisor"):
+            model.step_slots_ragged(coalesced, slots, flat_t, flat_g, starts, lengths)
+        np.testing.assert_array_equal(np.asarray(coalesced), before)
+        return
+    for _ in range(2):  # the second call continues every session's stream
+        one_by_one = np.asarray(coalesced).copy()
+        coalesced, logits, ready = model.step_slots_ragged(coalesced, slots, flat_t, flat_g,
+                                                           starts, lengths)
+        logits, ready = np.asarray(logits), np.asarray(ready)
+        assert np.isfinite(logits).all() and ready.any()
+        for b in range(len(entries)):
+            one_by_one, lb, rb = model.step_slots_ragged(one_by_one, slots[b:b + 1], flat_t, flat_g,
+                                                         starts[b:b + 1], lengths[b:b + 1])
+            assert bool(np.asarray(rb)[0]) == bool(ready[b]), b
+            np.testing.assert_array_equal(np.asarray(lb)[0], logits[b], err_msg=f"entry {b}")
+        np.testing.assert_array_equal(np.asarray(coalesced), np.asarray(one_by_one))

@@ -400,21 +400,29 @@ struct Events {
   std::vector<float> dt;            // time step (ms)
   std::vector<float> weight;        // pooling weight
   std::vector<float> divisor;       // sum of the window's weights, where a window completes
+  std::vector<int> src;             // the session's input event it stems from (see Scratch)
   std::vector<int> emit;            // output row written after this event, or -1
   std::vector<uint8_t> first;       // the event opens a window
   void clear() {
-    bu.clear(); pool.clear(); decay.clear(); dt.clear(); weight.clear(); divisor.clear();
-    emit.clear(); first.clear();
+    bu.clear(); pool.clear(); decay.clear(); dt.clear(); src.clear(); weight.clear();
+    divisor.clear(); emit.clear(); first.clear();
   }
-  void add(const float* b, const float* p, const float* d, float t) {
-    bu.push_back(b); pool.push_back(p); decay.push_back(d); dt.push_back(t);
+  void add(const float* b, const float* p, const float* d, float t, int from) {
+    bu.push_back(b); pool.push_back(p); decay.push_back(d); dt.push_back(t); src.push_back(from);
   }
 };
 
+// A session's packets in one call (entries with the same slot) are one row of events, numbered
+// 0.. in order; every row of every layer carries `src`, the number of the event that completed
+// it, so the head can tell which packet's readout each final-rate row belongs to.
 struct Scratch {
   std::vector<float> ws, pooled, dt, x, x_next, dt_in, dt_next, y, g, u, bu, pool_in, tmp;
   std::vector<float> head_in;  // the head's pooled rows
+  std::vector<int> src, src_in, src_next;  // per row, as dt / dt_in / dt_next
   std::vector<int> rows, next_rows;
+  std::vector<int> order;  // entries grouped by session, in entry order within one
+  std::vector<int> begin;  // session s's entries are order[begin[s] .. begin[s + 1])
+  std::vector<int> ends;   // per entry: events of its session up to its packet's end
   std::vector<float*> row_ptrs;  // per session: its state row
   std::vector<Events> events;  // per session
   std::vector<float*> outputs;  // per session: where its stride-1 states go, or null
@@ -431,7 +439,7 @@ struct Net {
 // completed windows, their divisors and time steps; the carried count, sum_w and sum_dt).
 // Output rows are numbered from `row`; returns the number of rows.
 int plan_windows(const int32_t* lay, int mode, float eps, float* row_f, int32_t* row_i, int row,
-                 Events& ev, std::vector<float>& out_dt) {
+                 Events& ev, std::vector<float>& out_dt, std::vector<int>& out_src) {
   const int n = static_cast<int>(ev.dt.size()), stride = lay[L_STRIDE];
   ev.weight.resize(n);
   ev.divisor.resize(n);
@@ -441,6 +449,7 @@ int plan_windows(const int32_t* lay, int mode, float eps, float* row_f, int32_t*
     for (int i = 0; i < n; ++i) {
       ev.emit[i] = row + i;
       out_dt.push_back(ev.dt[i]);
+      out_src.push_back(ev.src[i]);
     }
     return n;
   }
@@ -459,6 +468,7 @@ int plan_windows(const int32_t* lay, int mode, float eps, float* row_f, int32_t*
       ev.emit[i] = row + rows++;
       ev.divisor[i] = sum_w > 0.f ? sum_w : 1.f;
       out_dt.push_back(sum_dt);
+      out_src.push_back(ev.src[i]);
       sum_w = sum_dt = 0.f;
       count = 0;
     } else {
@@ -542,6 +552,7 @@ void recur(const Net& net, const int32_t* lay, int batch, float* const* state, S
   const int p = lay[L_P], d_pool = lay[L_DPOOL], stride = lay[L_STRIDE];
   const float eps = net.at(plan[H_CONSTS])[1];
   sc.dt.clear();
+  sc.src.clear();
   sc.next_rows.assign(batch, 0);
   size_t events = 0;
   for (int b = 0; b < batch; ++b) {
@@ -549,7 +560,8 @@ void recur(const Net& net, const int32_t* lay, int batch, float* const* state, S
     // Strided and first-layer rows are stacked; a deeper stride-1 layer's go to sc.outputs[b].
     const int row0 = stride == 1 && !first ? 0 : static_cast<int>(sc.dt.size());
     sc.next_rows[b] = plan_windows(lay, plan[H_POOL], eps, row_f,
-                                   reinterpret_cast<int32_t*>(row_f), row0, sc.events[b], sc.dt);
+                                   reinterpret_cast<int32_t*>(row_f), row0, sc.events[b], sc.dt,
+                                   sc.src);
     events += sc.events[b].dt.size();
   }
   const size_t rows = sc.dt.size();
@@ -667,7 +679,8 @@ void layer_output(const Net& net, const int32_t* lay, int rows, const float* ws,
 }
 
 // The first layer: events of every session -> stacked output rows in sc.x / sc.dt_next, rows
-// per session in sc.rows. Session b's events are tokens/gaps[starts[b] .. + lengths[b]).
+// per session in sc.rows. Session b's events are those of its entries e = sc.order[sc.begin[b]
+// ..], each tokens/gaps[starts[e] .. + lengths[e]), in that order; sc.ends[e] is set.
 void first_layer(const Net& net, int batch, const int32_t* tokens, const int32_t* gaps,
                  const int64_t* starts, const int32_t* lengths, float* const* state,
                  Scratch& sc) {
@@ -680,30 +693,38 @@ void first_layer(const Net& net, int batch, const int32_t* tokens, const int32_t
   const int decay_size = plan[H_DECAY_SIZE], vocab = plan[H_VOCAB];
   if ((int)sc.events.size() < batch) sc.events.resize(batch);
   for (int b = 0; b < batch; ++b) {
-    const int n = std::max(lengths[b], 0);
-    const int32_t* row_tokens = tokens + starts[b];
-    const int32_t* row_gaps = gaps + starts[b];
     Events& ev = sc.events[b];
     ev.clear();
     // Time look-ahead (model.py::hold_last_token): event i is the token before it (the held
-    // one, token + 1 in the state row, for i = 0) with event i's gap; with none held, the first
-    // event only becomes the held token.
+    // one, token + 1 in the state row, for a packet's first event) with event i's gap; with
+    // none held, the first event only becomes the held token.
     int32_t* held = plan[H_HELD] >= 0
                         ? reinterpret_cast<int32_t*>(state[b]) + plan[H_HELD] : nullptr;
-    for (int i = held && *held == 0 ? 1 : 0; i < n; ++i) {
-      // Out-of-range tokens index as in JAX: negative ones count from the end, then clamp.
-      int token = !held ? row_tokens[i] : i == 0 ? *held - 1 : row_tokens[i - 1];
-      token = std::min(std::max(token < 0 ? token + vocab : token, 0), vocab - 1);
-      const int gap = row_gaps[i];
-      ev.add(table_bu + (size_t)token * 2 * p, table_pool + (size_t)token * d_pool,
-             gap >= 0 && gap < decay_size ? table_decay + (size_t)gap * 2 * p : nullptr,
-             static_cast<float>(gap) * 1e-3f);
+    int number = 0;  // the session's events so far in this call
+    for (int k = sc.begin[b]; k < sc.begin[b + 1]; ++k) {
+      const int e = sc.order[k];
+      const int n = std::max(lengths[e], 0);
+      const int32_t* row_tokens = tokens + starts[e];
+      const int32_t* row_gaps = gaps + starts[e];
+      for (int i = held && *held == 0 ? 1 : 0; i < n; ++i) {
+        // Out-of-range tokens index as in JAX: negative ones count from the end, then clamp.
+        int token = !held ? row_tokens[i] : i == 0 ? *held - 1 : row_tokens[i - 1];
+        token = std::min(std::max(token < 0 ? token + vocab : token, 0), vocab - 1);
+        const int gap = row_gaps[i];
+        ev.add(table_bu + (size_t)token * 2 * p, table_pool + (size_t)token * d_pool,
+               gap >= 0 && gap < decay_size ? table_decay + (size_t)gap * 2 * p : nullptr,
+               static_cast<float>(gap) * 1e-3f, number + i);
+      }
+      // Held across the session's packets exactly as between calls.
+      if (held && n > 0) *held = row_tokens[n - 1] + 1;
+      number += n;
+      sc.ends[e] = number;
     }
-    if (held && n > 0) *held = row_tokens[n - 1] + 1;
   }
   recur(net, lay, batch, state, sc, true);
   sc.rows.swap(sc.next_rows);
   sc.dt_next.swap(sc.dt);
+  sc.src_next.swap(sc.src);
   const int rows = static_cast<int>(sc.dt_next.size());
   if (rows == 0) return;
   const float* skip = plan[H_PRENORM] ? sc.pooled.data() + d_in : sc.pooled.data();
@@ -743,6 +764,7 @@ void deeper_layer(const Net& net, int index, int batch, float* const* state, Scr
   }
   std::vector<float>& in_dt = sc.dt_in;
   in_dt.swap(sc.dt_next);
+  sc.src_in.swap(sc.src_next);
   sc.outputs.assign(batch, nullptr);
   int at = 0;
   for (int b = 0; b < batch; ++b) {
@@ -750,7 +772,7 @@ void deeper_layer(const Net& net, int index, int batch, float* const* state, Scr
     ev.clear();
     for (int r = at; r < at + sc.rows[b]; ++r)
       ev.add(sc.bu.data() + (size_t)r * 2 * p, stride > 1 ? pin + (size_t)r * d_pool : nullptr,
-             nullptr, in_dt[r]);
+             nullptr, in_dt[r], sc.src_in[r]);
     // Stride 1: every row is an output; its state replaces its B~u in place.
     sc.outputs[b] = sc.bu.data() + (size_t)at * 2 * p;
     at += sc.rows[b];
@@ -758,6 +780,7 @@ void deeper_layer(const Net& net, int index, int batch, float* const* state, Scr
   recur(net, lay, batch, state, sc, false);
   sc.rows.swap(sc.next_rows);
   sc.dt_next.swap(sc.dt);
+  sc.src_next.swap(sc.src);
   const int rows = static_cast<int>(sc.dt_next.size());
   if (rows == 0) {
     sc.x.clear();
@@ -782,16 +805,17 @@ inline void kahan_add(float& total, float& comp, float inc) {
   total = t;
 }
 
-// The head's running pool over the final-rate rows, then the logits of every session. As in
+// The head's running pool over the final-rate rows, then the logits after every entry: entry e
+// of session b reads out after its packet, from the rows of events before sc.ends[e]. As in
 // XLA's step, a packet's rows are summed first and added to the running sums once, compensated.
 void head(const Net& net, int batch, float* const* state, float* logits, int32_t* ready,
-          Scratch& sc, bool have_rows) {
+          Scratch& sc, bool have_rows, int entries) {
   const int32_t* plan = net.plan;
   const int width = plan[H_WIDTH], classes = plan[H_CLASSES], mode = plan[H_HEAD];
   const float eps = net.at(plan[H_CONSTS])[1];
   int at = 0;
   std::vector<float>& pooled = sc.head_in;
-  pooled.resize((size_t)batch * width);
+  pooled.resize((size_t)entries * width);
   for (int b = 0; b < batch; ++b) {
     float* row_f = state[b];
     int32_t* row_i = reinterpret_cast<int32_t*>(row_f);
@@ -802,56 +826,65 @@ void head(const Net& net, int batch, float* const* state, float* logits, int32_t
     int32_t* count = row_i + plan[H_COUNT];
     // With the total-time divisor: the completed final-rate windows' pooled time.
     float* sum_dt = plan[H_HEAD_SUM_DT] >= 0 ? row_f + plan[H_HEAD_SUM_DT] : nullptr;
-    const int rows = have_rows ? sc.rows[b] : 0;
-    if (rows > 0) {
-      float* inc_z = pooled.data() + (size_t)b * width;  // this packet's sums (out comes later)
-      std::fill(inc_z, inc_z + width, 0.f);
-      float inc_w = 0.f, inc_dt = 0.f;
-      for (int r = at; r < at + rows; ++r) {
-        const float* z = sc.x.data() + (size_t)r * width;
-        const float wgt = mode == HEAD_TIME ? sc.dt_next[r] + eps : 1.f;
-        for (int j = 0; j < width; ++j) inc_z[j] += wgt * z[j];
-        inc_w += wgt;
-        inc_dt += sc.dt_next[r];
+    const int end = at + (have_rows ? sc.rows[b] : 0);
+    for (int k = sc.begin[b]; k < sc.begin[b + 1]; ++k) {
+      const int e = sc.order[k];
+      int stop = at;  // this packet's rows: at .. stop
+      while (stop < end && sc.src_next[stop] < sc.ends[e]) ++stop;
+      const int rows = stop - at;
+      if (rows > 0) {
+        float* inc_z = pooled.data() + (size_t)e * width;  // this packet's sums (out comes later)
+        std::fill(inc_z, inc_z + width, 0.f);
+        float inc_w = 0.f, inc_dt = 0.f;
+        for (int r = at; r < stop; ++r) {
+          const float* z = sc.x.data() + (size_t)r * width;
+          const float wgt = mode == HEAD_TIME ? sc.dt_next[r] + eps : 1.f;
+          for (int j = 0; j < width; ++j) inc_z[j] += wgt * z[j];
+          inc_w += wgt;
+          inc_dt += sc.dt_next[r];
+        }
+        for (int j = 0; j < width; ++j) kahan_add(sum_z[j], sum_z_c[j], inc_z[j]);
+        kahan_add(*sum_w, row_f[plan[H_SUM_W_C]], inc_w);
+        if (sum_dt) kahan_add(*sum_dt, row_f[plan[H_HEAD_SUM_DT_C]], inc_dt);
+        std::memcpy(last_z, sc.x.data() + (size_t)(stop - 1) * width, sizeof(float) * width);
       }
-      for (int j = 0; j < width; ++j) kahan_add(sum_z[j], sum_z_c[j], inc_z[j]);
-      kahan_add(*sum_w, row_f[plan[H_SUM_W_C]], inc_w);
-      if (sum_dt) kahan_add(*sum_dt, row_f[plan[H_HEAD_SUM_DT_C]], inc_dt);
-    }
-    if (rows > 0)
-      std::memcpy(last_z, sc.x.data() + (size_t)(at + rows - 1) * width, sizeof(float) * width);
-    *count += rows;
-    at += rows;
-    ready[b] = *count > 0;
-    float* out = pooled.data() + (size_t)b * width;
-    if (mode == HEAD_LAST) {
-      std::memcpy(out, last_z, sizeof(float) * width);
-    } else {
-      float total = *sum_w;
-      if (sum_dt) {
-        // T = sum of every event's dt: the completed windows' plus every strided layer's
-        // partial window (model.py::EventSSM._total_time, in the same order).
-        total = *sum_dt;
-        for (int i = 0; i < plan[H_LAYERS]; ++i)
-          if (net.layer(i)[L_STRIDE] > 1) total += row_f[net.layer(i)[L_SUM_DT]];
+      *count += rows;
+      at = stop;
+      ready[e] = *count > 0;
+      float* out = pooled.data() + (size_t)e * width;
+      if (mode == HEAD_LAST) {
+        std::memcpy(out, last_z, sizeof(float) * width);
+      } else {
+        float total = *sum_w;
+        if (sum_dt) {
+          // T = sum of every event's dt: the completed windows' plus every strided layer's
+          // partial window (model.py::EventSSM._total_time, in the same order). The partial
+          // windows are those after the session's last entry: the step refuses a session with
+          // several entries under this divisor.
+          total = *sum_dt;
+          for (int i = 0; i < plan[H_LAYERS]; ++i)
+            if (net.layer(i)[L_STRIDE] > 1) total += row_f[net.layer(i)[L_SUM_DT]];
+        }
+        const float div = total > 0.f ? total : 1.f;
+        for (int j = 0; j < width; ++j) out[j] = sum_z[j] / div;
       }
-      const float div = total > 0.f ? total : 1.f;
-      for (int j = 0; j < width; ++j) out[j] = sum_z[j] / div;
     }
   }
-  matmul(pooled.data(), width, batch, width, net.at(plan[H_HEAD_W]), classes, logits, classes,
+  matmul(pooled.data(), width, entries, width, net.at(plan[H_HEAD_W]), classes, logits, classes,
          net.at(plan[H_HEAD_B]), false);
 }
 
 }  // namespace
 
-// Advances `batch` sessions by one packet each, in place on their packed state rows: session b's
-// row is pool[slots[b]] (pool[b] when slots is null); a slot outside the pool marks a padding
-// row, stepped from a zero state and not written. The packets are ragged rows of one flat
-// buffer: session b's events are tokens/gaps[starts[b] .. starts[b] + lengths[b]) (the caller
-// has checked that every row lies inside the buffer); logits [batch, classes] and ready [batch]
-// are written. Returns 0, or -1 with a message in error (the pool untouched). The extension
-// function step() below calls it without the GIL.
+// Advances sessions in place on their packed state rows by `batch` entries, one packet each:
+// entry b steps row pool[slots[b]] (pool[b] when slots is null); a slot outside the pool marks a
+// padding entry, stepped from a zero state and not written. Entries with the same slot are one
+// session's consecutive packets in entry order, stepped as one row of events with a readout
+// after each (the same arithmetic as one call per packet). The packets are ragged rows of one
+// flat buffer: entry b's events are tokens/gaps[starts[b] .. starts[b] + lengths[b]) (the
+// caller has checked that every row lies inside the buffer); logits [batch, classes] and ready
+// [batch] are written per entry. Returns 0, or -1 with a message in error (the pool untouched).
+// The extension function step() below calls it without the GIL.
 extern "C" int evssm_streaming_step(const float* weights, const int32_t* plan, int plan_len,
                                     int32_t* pool, int pool_rows, const int32_t* slots,
                                     int batch, const int32_t* tokens, const int32_t* gaps,
@@ -869,33 +902,51 @@ extern "C" int evssm_streaming_step(const float* weights, const int32_t* plan, i
       !coded(H_GELU, GELUS))
     return fail("plan codes a mode the native step does not know (rebuild the native step)");
   if (batch < 0 || pool_rows < 0) return fail("negative dimension");
+  if (!slots && pool_rows < batch) return fail("pool has fewer rows than sessions");
   const int words = plan[H_WORDS];
   thread_local Scratch sc;
   thread_local std::vector<int32_t> padding;
-  sc.row_ptrs.resize(batch);
+  // Sessions: entries grouped by slot (a padding entry alone), stably, so each session's
+  // entries keep their order.
+  auto key = [&](int b) -> int64_t {
+    const int row = slots ? slots[b] : b;
+    return row >= 0 && row < pool_rows ? row : (int64_t)pool_rows + b;
+  };
+  sc.order.resize(batch);
+  for (int b = 0; b < batch; ++b) sc.order[b] = b;
+  bool sorted = true;
+  for (int b = 1; b < batch && sorted; ++b) sorted = key(b - 1) < key(b);
+  if (!sorted)
+    std::stable_sort(sc.order.begin(), sc.order.end(),
+                     [&](int a, int b) { return key(a) < key(b); });
+  sc.begin.clear();
+  for (int k = 0; k < batch; ++k)
+    if (k == 0 || key(sc.order[k]) != key(sc.order[k - 1])) sc.begin.push_back(k);
+  const int sessions = static_cast<int>(sc.begin.size());
+  sc.begin.push_back(batch);
+  if (sessions < batch && plan[H_HEAD_SUM_DT] >= 0)
+    return fail("several packets of one session in one step need a head without the total-time "
+                "divisor");
+  sc.ends.assign(batch, 0);
+  sc.row_ptrs.resize(sessions);
   int padding_rows = 0;
-  for (int b = 0; b < batch; ++b) padding_rows += slots && (slots[b] < 0 || slots[b] >= pool_rows);
+  for (int s = 0; s < sessions; ++s) padding_rows += key(sc.order[sc.begin[s]]) >= pool_rows;
   padding.assign((size_t)padding_rows * words, 0);
   int next_padding = 0;
-  for (int b = 0; b < batch; ++b) {
-    const int row = slots ? slots[b] : b;
-    if (row >= 0 && row < pool_rows) {
-      sc.row_ptrs[b] = reinterpret_cast<float*>(pool + (size_t)row * words);
-    } else if (slots) {
-      sc.row_ptrs[b] = reinterpret_cast<float*>(padding.data() + (size_t)next_padding++ * words);
-    } else {
-      return fail("pool has fewer rows than sessions");
-    }
+  for (int s = 0; s < sessions; ++s) {
+    const int64_t row = key(sc.order[sc.begin[s]]);
+    sc.row_ptrs[s] = reinterpret_cast<float*>(
+        row < pool_rows ? pool + (size_t)row * words : padding.data() + (size_t)next_padding++ * words);
   }
   Net net{weights, plan};
   float* const* state = sc.row_ptrs.data();
-  first_layer(net, batch, tokens, gaps, starts, lengths, state, sc);
+  first_layer(net, sessions, tokens, gaps, starts, lengths, state, sc);
   bool have_rows = !sc.dt_next.empty();
   for (int i = 1; i < plan[H_LAYERS] && have_rows; ++i) {
-    deeper_layer(net, i, batch, state, sc);
+    deeper_layer(net, i, sessions, state, sc);
     have_rows = !sc.dt_next.empty();
   }
-  head(net, batch, state, logits, ready, sc, have_rows);
+  head(net, sessions, state, logits, ready, sc, have_rows, batch);
   return 0;
 }
 
