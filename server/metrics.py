@@ -132,13 +132,17 @@ class ModelMetrics:
         self.steps = metrics.steps.labels(model=model)
         self.step_latency = metrics.step_latency.labels(model=model)
         self.batch_size = metrics.batch_size.labels(model=model)
+        self.coalesced = metrics.coalesced.labels(model=model)
         self.sessions_active = metrics.sessions_active.labels(model=model)
 
-    def step(self, seconds: float, batch: int, queue_waits: np.ndarray) -> None:
-        """One engine step over ``batch`` sessions; ``queue_waits`` of the packets it started."""
+    def step(self, seconds: float, batch: int, coalesced: int, queue_waits: np.ndarray) -> None:
+        """One engine step over ``batch`` sessions' rows, ``coalesced`` more chunks of theirs
+        joining them; ``queue_waits`` of the packets it started."""
         self.steps.inc()
         self.step_latency.observe(seconds)
         self.batch_size.observe(batch)
+        if coalesced:
+            self.coalesced.inc(coalesced)
         self.metrics.queue_wait.observe_many(self.model, queue_waits)
 
     def packets_done(self, events: int, latencies: np.ndarray) -> None:
@@ -186,6 +190,10 @@ class Metrics:
         self.sessions_evicted = Counter("evssm_sessions_evicted_total", "Sessions evicted after the idle timeout.",
                                         m, registry=r)
         self.steps = Counter("evssm_steps_total", "Engine steps run.", m, registry=r)
+        self.coalesced = Counter("evssm_coalesced_chunks_total",
+                                 "Packet chunks stepped in the row of an earlier packet of their session "
+                                 "in the same engine step (a readout after each; native step).", m,
+                                 registry=r)
         self.queue_depth = Gauge("evssm_queue_depth", "Packets accepted and not yet answered.", m, registry=r)
         self.classify_streams = Counter("evssm_classify_streams_total", "Recordings classified over HTTP.", m,
                                         registry=r)
@@ -241,7 +249,8 @@ class Metrics:
         """Create the labelled series of a model so they show as 0 before traffic; returns its
         cached children."""
         for metric in (self.events, self.packets, self.compilations, self.sessions_opened, self.cropped,
-                       self.sessions_resumed, self.sessions_evicted, self.steps, self.classify_streams,
+                       self.sessions_resumed, self.sessions_evicted, self.steps, self.coalesced,
+                       self.classify_streams,
                        self.non_finite, self.step_latency, self.batch_size, self.snapshots_written,
                        self.sessions_restored, self.dropped_packets, self.dropped_events):
             metric.labels(model=model)

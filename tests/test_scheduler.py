@@ -33,6 +33,7 @@ class FakeRunner:
     max_batch = 8
     max_length = 4  # small: a packet of 10 events runs as 3 chunks in 3 plans
     words = 2
+    coalesces = False  # set per test: a session's packets may share a plan
 
     def __init__(self, num_slots: int = 6):
         self.num_slots = num_slots
@@ -188,6 +189,47 @@ def test_sessions_waiting_for_the_next_plan_keep_their_place_in_line() -> None:
         assert stepped == [[a.slot], [b.slot, c.slot], [b.slot, c.slot, e.slot]]
         got = {s.id: row for s, _, row in h.sink.results()}
         assert got[b.id] == got[c.id] == [2, 4, 1] and got[e.id] == [1, 3, 1]
+
+    run(body)
+
+
+def test_a_coalescing_runner_steps_a_sessions_queued_packets_in_one_plan() -> None:
+    """With a runner that coalesces, the packets a session queued while a step ran join one
+    plan, each chunk an entry of its own, and each packet is answered from its own entry (the
+    row's readout after that packet, not after the plan); a reset waits for the next plan, and
+    another session still gets its turn."""
+    async def body(h: Harness) -> None:
+        h.runner.coalesces = True
+        a, b = h.open(), h.open()
+        h.runner.gate.clear()
+        h.send(a, [1])  # the first plan: held at the gate
+        await asyncio.sleep(0.05)
+        h.send(a, [2, 2])
+        h.send(b, [3])
+        h.send(a, list(range(10, 20)))  # 10 events: 3 chunks of at most 4, all in plan 2
+        h.sched.submit(a, Reset(reply=object()))
+        h.send(a, [7])
+        h.runner.gate.set()
+        await h.settle()
+        stepped = [p.slots.tolist() for p in h.runner.plans if len(p.slots)]
+        assert stepped == [[a.slot], [a.slot, b.slot, a.slot, a.slot, a.slot], [a.slot]]
+        assert h.runner.plans[2].zero.tolist() == [a.slot]
+        got = [(s.id, row) for s, _, row in h.sink.results()]
+        assert got == [(a.id, [1, 1, 1]), (a.id, [3, 5, 1]), (b.id, [1, 3, 1]),
+                       (a.id, [13, 5 + sum(range(10, 20)), 1]), (a.id, [1, 7, 1])]
+        assert h.sched.metrics.coalesced._value.get() == 3
+        # A session with more queued packets than a plan has rows fills it, then the next.
+        h.runner.gate.clear()
+        h.send(b, [1])
+        await asyncio.sleep(0.05)
+        for i in range(12):
+            h.send(b, [i])
+        h.runner.gate.set()
+        await h.settle()
+        sizes = [len(p.slots) for p in h.runner.plans[3:]]
+        assert sizes == [1, h.runner.max_batch, 12 - h.runner.max_batch]
+        rows = [row for s, _, row in h.sink.results() if s is b][2:]
+        assert rows == [[3 + i, 4 + sum(range(i + 1)), 1] for i in range(12)]
 
     run(body)
 

@@ -154,12 +154,18 @@ def test_packets_queued_behind_a_held_step_are_answered_in_order_and_exactly(ser
     than the length bucket, so it takes two chunks), and a rejected packet among the first's:
     once the step goes on, each packet gets its own answer, in order, equal to /v1/classify of
     its session's prefix; the rejected packet gets its error in its place and leaves the state
-    as it was (the answers after it still equal classify)."""
+    as it was (the answers after it still equal classify). The native step coalesces: the
+    queued packets of a session share the steps after the held one, each answered from its own
+    readout."""
     runner = server.app.state.engine.runners["tiny"]
+    sched = server.app.state.engine.schedulers["tiny"]
+    assert runner.coalesces
     real, go, held = runner.run, threading.Event(), threading.Event()
+    stepped: list[list[int]] = []
 
     def held_run(plan):
         if len(plan.slots):
+            stepped.append(plan.slots.tolist())
             held.set()
             assert go.wait(30), "the test never let the step go on"
         return real(plan)
@@ -181,6 +187,10 @@ def test_packets_queued_behind_a_held_step_are_answered_in_order_and_exactly(ser
                 if k == 2:  # older than the session's newest event: refused
                     t, x = streams[0]
                     await clients[0].send({"type": "events", "seq": 99, "t": [int(t[0])], "x": [1]})
+            for _ in range(3000):  # every packet accepted (and planned) before the step goes on
+                if sched.queued_packets == 10:
+                    break
+                await asyncio.sleep(0.01)
             go.set()
             return [[await c.recv() for _ in range(n)] for c, n in zip(clients, (6, 5), strict=True)]
 
@@ -202,6 +212,11 @@ def test_packets_queued_behind_a_held_step_are_answered_in_order_and_exactly(ser
                 assert np.isfinite(r["probs"]).all()
             assert_probs_equal(r["probs"], want["probs"])
         assert got[-1]["probs"] is not None
+    # One step for the first packets, then 7 chunks per session (three packets are longer than
+    # the 128-event bucket): 14 rows in steps of at most 8.
+    assert [len(s) for s in stepped] == [2, 8, 6] and len(set(stepped[1])) == 2
+    coalesced = sum(len(s) - len(set(s)) for s in stepped)
+    assert f'evssm_coalesced_chunks_total{{model="tiny"}} {coalesced:.1f}' in httpx.get(f"{server.http}/metrics").text
 
 
 def test_xla_step_pads_the_staged_rows_into_its_buckets(serve, tiny_model):
@@ -214,6 +229,7 @@ def test_xla_step_pads_the_staged_rows_into_its_buckets(serve, tiny_model):
     app = create_app(BASE.replace(max_sessions=8), models={"tiny": xla})
     server = serve(app)
     before = wait_ready(server.http)["compilations"]["tiny"]
+    assert not app.state.engine.runners["tiny"].coalesces  # XLA's step reads out once per row
     rng = np.random.default_rng(11)
     recs = [recording(rng, int(rng.integers(100, 400))) for _ in range(5)]
 

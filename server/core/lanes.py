@@ -97,16 +97,22 @@ class PlanBuilder:
     """The next step plan while it is gathered (lists; arrays once the step thread takes it).
     The event loop appends and the step thread takes it, both under the step thread's lock."""
 
-    __slots__ = ("zero", "slots", "starts", "lengths", "rows", "zeros", "writes", "reads",
-                 "published", "taken", "oldest")
+    __slots__ = ("zero", "slots", "starts", "lengths", "rows", "answer_at", "coalesced", "zeros",
+                 "writes", "reads", "published", "taken", "oldest")
 
     def __init__(self) -> None:
         self.zero: list[int] = []
         self.slots: list[int] = []
         self.starts: list[int] = []
         self.lengths: list[int] = []
-        # One entry per lane and plan (its rows are among slots/starts/lengths).
+        # One entry per chunk planned (its rows are among slots/starts/lengths); a lane has one
+        # chunk per plan unless the runner coalesces, see ``Scheduler``.
         self.rows: list[tuple[Lane, Packet, bool, bool]] = []  # (lane, packet, first, last chunk)
+        # Per entry of ``rows``: the index into ``slots`` of the row that answers its packet (the
+        # answering lane's row of the chunk), -1 when the chunk is not the packet's last.
+        self.answer_at: list[int] = []
+        # Chunks that joined a lane already in the plan (one row with a readout after each).
+        self.coalesced = 0
         self.zeros: list[tuple[Lane, Reset]] = []
         self.writes: list[tuple[Lane, Restore]] = []
         self.reads: list[Hashable] = []  # lanes whose rows are copied out after the step (snapshots)

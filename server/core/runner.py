@@ -44,6 +44,7 @@ _local = threading.local()  # .runner: the runner whose call is running on this 
 _listener_installed = False
 _listener_lock = threading.Lock()
 _PARK = os.environ.get("EVSSM_NATIVE_PARK", "1") != "0"
+_COALESCE = os.environ.get("EVSSM_COALESCE", "1") != "0"
 
 
 def _on_jax_event(event: str, duration_secs: float, **kwargs: str | int) -> None:
@@ -108,6 +109,10 @@ class ModelRunner:
         with self._attributed():
             self.pool = model.init_state(num_slots)  # the sessions' states: row = slot
         self.words = int(model.layout.words)  # int32 words of one state row
+        # A session's queued packets share a step (scheduler.py): the native step reads out after
+        # each packet of a row; XLA's reads out once per row. $EVSSM_COALESCE=0 turns it off (to
+        # measure against).
+        self.coalesces = model.native is not None and model.native.coalesces and _COALESCE
         config = {k: v for k, v in self.config.to_dict().items() if k != "name"}
         config["state_layout"] = STATE_LAYOUT_VERSION
         self.fingerprint = weights_fingerprint(  # a snapshot's row means the same only under these

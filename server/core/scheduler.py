@@ -8,9 +8,17 @@ as vLLM's ``EngineCore.step``): take the plan gathered, run it on the device, up
 from its result into plain :class:`~.outputs.StepOutputs`, hand those to the API layer's sink,
 gather the next plan. The run happens on a step thread and the rest on the event loop, so the
 next plan is gathered while a step runs and the step thread takes it the moment the step ends:
-steps run back to back under load. A plan holds at most one chunk per session and at most the
-largest batch bucket of sessions; a session's next chunk may already be in the next plan while
-its current one runs (plans run in order, so its state is advanced in order).
+steps run back to back under load. A plan holds at most the largest batch bucket of rows; a
+session's next chunk may already be in the next plan while its current one runs (plans run in
+order, so its state is advanced in order).
+
+A plan holds one chunk per session, unless the runner *coalesces* (the native step): then the
+packets a session has queued join its row in the same plan, each chunk an entry of its own with
+the same slot, and the step reads out after each (the same arithmetic as one step per packet).
+A live camera that sends faster than one step per packet then costs one step and one hand-off
+per plan, not per packet. Only a session of one row whose head is a packet joins again (a reset
+or a restore acts at the start of a plan, so it waits for the next one); the others still take
+turns, since a lane that joined goes to the back of the line.
 
 When the step thread is idle a plan goes at once, except that it may wait up to ``batch_wait_s``
 (from its oldest packet) for company while other attached sessions could still send; a lone
@@ -72,6 +80,7 @@ class StepRunner(Protocol):
     max_batch: int  # largest batch bucket
     max_length: int  # largest length bucket
     words: int  # int32 words of one state row
+    coalesces: bool  # one session's packets may share a step (repeated slots, a readout each)
 
     def run(self, plan: StepPlan) -> StepResult:
         """Zero ``plan.zero``, write, step ``plan.slots`` by their rows, read (see ``plan.py``)."""
@@ -204,10 +213,15 @@ class Scheduler:
             touched.append(lane)
         rows = plan.rows
         if rows:
+            # The per-slot answers: each slot's last entry (a coalesced lane has several).
             slots = np.asarray(plan.slots, np.int64)
-            self.probs[slots] = result.probs
-            self.ready[slots] = result.ready
-            self.order[slots] = result.order
+            last = np.arange(len(slots))
+            if plan.coalesced:
+                by_slot = np.argsort(slots, kind="stable")
+                last = by_slot[np.append(slots[by_slot][:-1] != slots[by_slot][1:], True)]
+            self.probs[slots[last]] = result.probs[last]
+            self.ready[slots[last]] = result.ready[last]
+            self.order[slots[last]] = result.order[last]
         done: list[int] = []
         waits: list[float] = []
         for i, (lane, packet, first, last) in enumerate(rows):
@@ -219,14 +233,17 @@ class Scheduler:
             if last and not lane.failed:
                 done.append(i)
             touched.append(lane)
-        self.metrics.step(result.seconds, len(plan.slots), np.asarray(waits, np.float64))
+        self.metrics.step(result.seconds, len(plan.slots) - plan.coalesced, plan.coalesced,
+                          np.asarray(waits, np.float64))
         if done:
             self.queued_packets -= len(done)
-            # Copies of the answering rows, as they are after this plan.
+            # The answering rows' entries (copies): each packet's own readout.
+            entry = np.fromiter((plan.answer_at[i] for i in done), np.int64, len(done))
             at = np.fromiter((answer_slot(rows[i][0], rows[i][1]) for i in done), np.int64, len(done))
             out.answered.append(Answered(
-                [rows[i][0].session for i in done], [rows[i][1] for i in done], self.probs[at],
-                self.ready[at], self.order[at], None if self.ledger is None else self.ledger.durable[at]))
+                [rows[i][0].session for i in done], [rows[i][1] for i in done], result.probs[entry],
+                result.ready[entry], result.order[entry],
+                None if self.ledger is None else self.ledger.durable[at]))
         if plan.reads and self.ledger is not None:
             self.ledger.captured(plan.reads, result.rows, self.probs, self.ready, self._wanted,
                                  [len(lane.slots) if isinstance(lane, Lane) else 1 for lane in plan.reads])
@@ -412,11 +429,14 @@ class Scheduler:
                 if lane.failed or not plannable(lane):
                     lane.ready = False
                     continue
-                # One chunk per session and plan, its rows all in it: else the next plan (each
-                # lane is scanned once per plan, however many packets arrive while it gathers).
-                if lane.builder is builder or len(builder.slots) + len(lane.slots) > max_batch:
+                # One chunk per session and plan (unless it joins, see module), its rows all
+                # in it: else the next plan (each lane is scanned once per plan, however many
+                # packets arrive while it gathers).
+                joins = lane.builder is builder
+                if (joins and not self._joins(lane)) or len(builder.slots) + len(lane.slots) > max_batch:
                     self._next.append(lane)  # still in line (``ready``)
                     continue
+                builder.coalesced += joins
                 lane.ready = False
                 self._plan_lane(lane, builder)
             if self.ledger is not None and builder.read_rows < READ_CHUNK:
@@ -428,6 +448,11 @@ class Scheduler:
                     deadline = builder.oldest + self.batch_wait_s
                     delay = max(0.0, deadline - time.perf_counter())
                     self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+
+    def _joins(self, lane: Lane) -> bool:
+        """``lane``, already in the plan being gathered, may add its next chunk to it."""
+        head = lane.queue[0]
+        return self.runner.coalesces and len(lane.slots) == 1 and isinstance(head, Packet) and head.lanes is None
 
     def _plan_lane(self, lane: Lane, builder: PlanBuilder) -> None:
         """Put the lane's next zeroing or restore and/or chunk into ``builder``."""
@@ -454,7 +479,11 @@ class Scheduler:
         if any(self.pool.is_dirty(slot) for slot in lane.slots):  # zeroed first (sessions.py)
             raise SlotError(f"session {lane.session.id} would step a dirty slot of {lane.slots}")
         rows, end = chunk(lane, head, self.runner.max_length)
+        answering = answer_slot(lane, head)
+        answer_at = -1
         for slot, start, n, zero in rows:
+            if slot == answering:
+                answer_at = len(builder.slots)
             if zero and slot not in builder.zero:  # a restarted lane: zeroed before the step
                 builder.zero.append(slot)
             builder.slots.append(slot)
@@ -464,6 +493,7 @@ class Scheduler:
         lane.offset = end
         last = end >= span(head)
         builder.rows.append((lane, head, first, last))
+        builder.answer_at.append(answer_at if last else -1)
         builder.oldest = min(builder.oldest, head.received)
         lane.inflight.append(head)
         if last:
