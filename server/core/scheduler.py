@@ -215,13 +215,13 @@ class Scheduler:
         if rows:
             # The per-slot answers: each slot's last entry (a coalesced lane has several).
             slots = np.asarray(plan.slots, np.int64)
-            last = np.arange(len(slots))
+            final = np.arange(len(slots))
             if plan.coalesced:
                 by_slot = np.argsort(slots, kind="stable")
-                last = by_slot[np.append(slots[by_slot][:-1] != slots[by_slot][1:], True)]
-            self.probs[slots[last]] = result.probs[last]
-            self.ready[slots[last]] = result.ready[last]
-            self.order[slots[last]] = result.order[last]
+                final = by_slot[np.append(slots[by_slot][:-1] != slots[by_slot][1:], True)]
+            self.probs[slots[final]] = result.probs[final]
+            self.ready[slots[final]] = result.ready[final]
+            self.order[slots[final]] = result.order[final]
         done: list[int] = []
         waits: list[float] = []
         for i, (lane, packet, first, last) in enumerate(rows):
