@@ -46,7 +46,7 @@ from .cli_options import add_server_options, explain
 from .errors import ClientError, ConnectionLost, ServerError, error_line, exit_code
 from .packets import Packet
 from .protocol import Result, SessionInfo, endpoint_url
-from .server_cpu import cpu_split, read_stats, split_lines
+from .server_cpu import cpu_split, read_stats, split_lines, step_counts
 from .session import AsyncStreamSession
 from .sources import SensorSpec, SimulatedSensor
 from .stats import percentiles_ms
@@ -416,6 +416,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "client_cpu_share_per_worker": [round(c / wall, 3) for c in cpus] if wall > 0 else None,
         # The server's CPU over the run, by part (its /v1/stats before and after).
         "server_cpu": server_cpu,
+        # The server's engine steps over the run: how many packets shared each.
+        "server_steps": step_counts(stats_before, stats_after),
         "warnings": warnings,
         "machine": machine_info(),
         "environment": _environment(),

@@ -52,6 +52,24 @@ def cpu_split(before: dict[str, Any] | None, after: dict[str, Any] | None, wall_
             "parts": parts}
 
 
+def step_counts(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Engine steps over a run, every model, between two ``/v1/stats`` bodies (None for a server
+    that does not count them): ``steps``, ``packets`` answered, ``packets_per_step`` and
+    ``coalesced`` (packet chunks that shared their session's row in a step)."""
+    def totals(body: dict[str, Any] | None) -> tuple[int, int, int] | None:
+        models = (body or {}).get("models")
+        if not isinstance(models, dict) or any("steps_total" not in m for m in models.values()):
+            return None
+        return tuple(sum(int(m.get(k, 0)) for m in models.values())  # type: ignore[return-value]
+                     for k in ("steps_total", "packets_total", "coalesced_total"))
+    a, b = totals(before), totals(after)
+    if a is None or b is None:
+        return None
+    steps, packets, coalesced = (y - x for x, y in zip(a, b, strict=True))
+    return {"steps": steps, "packets": packets, "coalesced": coalesced,
+            "packets_per_step": round(packets / steps, 3) if steps > 0 else None}
+
+
 def split_lines(split: dict[str, Any], packet_events: int | None) -> list[str]:
     """The split as a few lines of text: per part, µs per event (and per packet) and share."""
     n = packet_events or 0

@@ -79,6 +79,8 @@ def summarise(reports: list[dict[str, Any]], in_process: float) -> dict[str, Any
         "client_us_per_packet": med(lambda r: 1e6 * r["client_cpu_s"] / max(r["packets"]["answered"], 1)),
         "events_per_s": med(lambda r: r["achieved_events_per_s"]), "events_per_s_rounds": rates,
         "ratio_to_in_process": round(statistics.median(rates) / in_process, 3),
+        # Packets answered per engine step (above 1: a session's packets shared steps).
+        "packets_per_step": med(lambda r: (r.get("server_steps") or {}).get("packets_per_step") or 0.0),
         "latency_p50_ms": med(lambda r: r["latency_ms"]["p50"]),
         "latency_p99_ms": med(lambda r: r["latency_ms"]["p99"]),
         "server_cores": med(lambda r: r["server_cpu"]["server_cores"]),

@@ -133,16 +133,20 @@ class ModelMetrics:
         self.step_latency = metrics.step_latency.labels(model=model)
         self.batch_size = metrics.batch_size.labels(model=model)
         self.coalesced = metrics.coalesced.labels(model=model)
+        self.steps_run = 0  # the same counts as plain ints, for /v1/stats
+        self.chunks_coalesced = 0
         self.sessions_active = metrics.sessions_active.labels(model=model)
 
     def step(self, seconds: float, batch: int, coalesced: int, queue_waits: np.ndarray) -> None:
         """One engine step over ``batch`` sessions' rows, ``coalesced`` more chunks of theirs
         joining them; ``queue_waits`` of the packets it started."""
         self.steps.inc()
+        self.steps_run += 1
         self.step_latency.observe(seconds)
         self.batch_size.observe(batch)
         if coalesced:
             self.coalesced.inc(coalesced)
+            self.chunks_coalesced += coalesced
         self.metrics.queue_wait.observe_many(self.model, queue_waits)
 
     def packets_done(self, events: int, latencies: np.ndarray) -> None:
@@ -309,6 +313,8 @@ class Metrics:
                     "events_total": self._events_by_model.get(name, 0),
                     "packets_total": self._packets_by_model.get(name, 0),
                     "sessions_active": sessions_active.get(name, 0),
+                    "steps_total": self.models[name].steps_run if name in self.models else 0,
+                    "coalesced_total": self.models[name].chunks_coalesced if name in self.models else 0,
                     **window.summary(now),
                 }
             # Pooled latency percentiles need the raw samples of every model.

@@ -5,6 +5,7 @@ session streams; the parts add up to the process's CPU time. Tiny model, native 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import threading
 import time
@@ -135,3 +136,21 @@ def test_account_reads_other_threads_clocks_and_never_goes_back() -> None:
     assert second["step"] >= first["step"]  # the ended thread's time is kept
     report = cpu.report(0)
     assert all(p["us_per_event"] is None for p in report["parts"].values())
+
+
+def test_bench_serve_reports_the_packets_each_step_answered(server: Any, capsys: Any) -> None:
+    """One session flat out with four packets in flight: ``evssm bench serve`` reads the steps
+    and coalesced chunks off ``/v1/stats`` before and after. Every 256-event packet is one chunk
+    (the length bucket is 256) and the one session is one row per step, so the steps and the
+    chunks that shared a step add up to the packets answered."""
+    from evssm.cli import main
+
+    assert main(["bench", "serve", "--url", server.ws, "--sessions", "1", "--rate", "max",
+                 "--duration", "1", "--packet-events", "256", "--max-in-flight", "4"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    steps = report["server_steps"]
+    assert steps is not None and steps["packets"] == report["packets"]["answered"] > 0
+    assert steps["steps"] > 0 and steps["steps"] + steps["coalesced"] == steps["packets"]
+    assert steps["packets_per_step"] == pytest.approx(steps["packets"] / steps["steps"], abs=1e-3)
+    stats = httpx.get(f"{server.http}/v1/stats").json()["models"]["tiny"]
+    assert stats["steps_total"] >= steps["steps"] and stats["coalesced_total"] >= steps["coalesced"]
