@@ -5,7 +5,9 @@
 Starts ``evssm serve`` (the benchmark's models and buckets, as ``scripts/benchmarks.py``) and
 the bare WebSocket echo (``scripts/ws_echo.py``) on 127.0.0.1, then in order:
 
-- ``evssm bench model --configs dvs`` (native step, 256-event packets): the in-process step;
+- ``evssm bench model --configs dvs`` (native step, 256-event packets): the in-process step,
+  once per round (it moves by a third between minutes on a shared machine), the median of the
+  rounds being the reference of the ratios;
 - the lone-packet round trip (one session, one 256-event packet in flight, packed records),
   against the echo and the server, rounds interleaved;
 - ``evssm bench serve --model dvs --rate max --packet-events 256`` with 1 and with 64 sessions,
@@ -57,13 +59,16 @@ def lone(servers: list[Server], rounds: int, frames: int) -> dict[str, Any]:
                    "p99_ms": round(1e3 * float(np.percentile(v, 99)), 4)} for name, v in samples.items()}
 
 
-def flat_out(server: Server, sessions: int, duration: float, out: Path) -> dict[str, Any]:
+def flat_out(server: Server, sessions: int, duration: float, out: Path,
+             max_in_flight: int | None = None) -> dict[str, Any]:
     """``evssm bench serve`` flat out against ``server``, by the load generator of the server's
-    own checkout (the ``before`` server's is its checkout's)."""
+    own checkout (the ``before`` server's is its checkout's); its default window of packets in
+    flight unless ``max_in_flight``."""
     before = load()
+    window = [] if max_in_flight is None else ["--max-in-flight", str(max_in_flight)]
     report = run_json(EVSSM + ["bench", "serve", "--url", server.ws, "--model", "dvs", "--sessions",
                                str(sessions), "--rate", "max", "--duration", str(duration),
-                               "--packet-events", "256"], out, 600, cwd=server.checkout)
+                               "--packet-events", "256", *window], out, 600, cwd=server.checkout)
     report["load_average"] = {"before": before, "after": load()}
     out.write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -101,6 +106,18 @@ def variant(text: str) -> tuple[str, dict[str, str]]:
     return name, env
 
 
+def in_process_step(out: Path) -> dict[str, float]:
+    """``evssm bench model`` of the DVS model's native step: one session's events/s and p50 per
+    256-event packet, and 64 sessions' events/s."""
+    model = run_json(EVSSM + ["bench", "model", "--configs", "dvs", "--seconds", "2",
+                              "--packet-sizes", "256", "--offline-length", "0", "--backend",
+                              "native"], out, 1800)
+    dvs = model["models"]["dvs"]
+    one = dvs["streaming_one_session"]["packet_256"]
+    return {"one_session_events_per_s": one["events_per_s"], "step_ms_p50": one["latency_ms_p50"],
+            "sessions_64_events_per_s": dvs["streaming_many_sessions"]["events_per_s"]}
+
+
 def start(name: str, env: dict[str, str], out: Path) -> Server:
     """``evssm serve`` with ``env`` added to this process's environment."""
     saved = dict(os.environ)
@@ -122,7 +139,13 @@ def main() -> int:
                         help="NAME:VAR=VALUE,...: one more server with these environment variables")
     parser.add_argument("--before", type=Path, default=None, metavar="DIR",
                         help="one more server: evssm serve of the checkout DIR")
+    parser.add_argument("--sessions", type=lambda text: [int(n) for n in text.split(",")],
+                        default=[1, 64], help="session counts of the flat-out runs (default 1,64)")
+    parser.add_argument("--max-in-flight", type=int, default=None,
+                        help="packets in flight per session (default: evssm bench serve's)")
     args = parser.parse_args()
+    if not set(args.sessions) <= {1, 64}:
+        parser.error("--sessions: 1 and/or 64 (the in-process step is measured for those)")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     servers = [Server("echo", [sys.executable, str(ROOT / "scripts" / "ws_echo.py"), "PORT"], ROOT,
@@ -136,31 +159,30 @@ def main() -> int:
                                "before": str(args.before) if args.before else None,
                                "variants": {name: env for name, env in args.variant},
                                "load_average_start": load(), "rounds": args.rounds,
-                               "duration_s": args.duration}
+                               "duration_s": args.duration, "max_in_flight": args.max_in_flight}
     try:
         for server in servers:
             wait_ready(server.url, 2400)
         summary["load_average_ready"] = load()
-        model = run_json(EVSSM + ["bench", "model", "--configs", "dvs", "--seconds", "2",
-                                  "--packet-sizes", "256", "--offline-length", "0", "--backend",
-                                  "native"], out / "model.json", 1800)
-        dvs = model["models"]["dvs"]
-        one = dvs["streaming_one_session"]["packet_256"]
-        summary["in_process"] = {"one_session_events_per_s": one["events_per_s"],
-                                 "step_ms_p50": one["latency_ms_p50"],
-                                 "sessions_64_events_per_s": dvs["streaming_many_sessions"]["events_per_s"]}
+        steps = [in_process_step(out / "model_0.json")]
+        step_p50 = steps[0]["step_ms_p50"]
         summary["lone_256"] = lone(servers, args.rounds, args.lone_frames)
         echo = summary["lone_256"]["echo"]["p50_ms"]
         summary["lone_256"]["over_echo_plus_step_ms"] = {
-            s.name: round(summary["lone_256"][s.name]["p50_ms"] - echo - one["latency_ms_p50"], 4)
+            s.name: round(summary["lone_256"][s.name]["p50_ms"] - echo - step_p50, 4)
             for s in servers[1:]}
         runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
         for r in range(args.rounds):
-            for n in (1, 64) if r % 2 == 0 else (64, 1):
+            if r:
+                steps.append(in_process_step(out / f"model_{r}.json"))
+            for n in args.sessions if r % 2 == 0 else args.sessions[::-1]:
                 for server in servers[1:] if r % 2 == 0 else servers[:0:-1]:
                     runs.setdefault((server.name, n), []).append(
-                        flat_out(server, n, args.duration, out / f"serve_{server.name}_{n}_{r}.json"))
+                        flat_out(server, n, args.duration, out / f"serve_{server.name}_{n}_{r}.json",
+                                 args.max_in_flight))
                     time.sleep(1.0)
+        summary["in_process"] = {key: statistics.median(s[key] for s in steps) for key in steps[0]}
+        summary["in_process"]["rounds"] = steps
         in_process = {1: summary["in_process"]["one_session_events_per_s"],
                       64: summary["in_process"]["sessions_64_events_per_s"]}
         summary["flat_out"] = {f"{name}_{n}": summarise(reports, in_process[n])
