@@ -237,12 +237,17 @@ class Scheduler:
                           np.asarray(waits, np.float64))
         if done:
             self.queued_packets -= len(done)
-            # The answering rows' entries (copies): each packet's own readout.
-            entry = np.fromiter((plan.answer_at[i] for i in done), np.int64, len(done))
+            # Copies of the answering rows as they are after this plan, then each packet's own
+            # readout where its answering row was stepped by it (a coalesced lane's earlier
+            # packets are not the row's last entry).
             at = np.fromiter((answer_slot(rows[i][0], rows[i][1]) for i in done), np.int64, len(done))
+            entry = np.fromiter((plan.answer_at[i] for i in done), np.int64, len(done))
+            probs, ready, order = self.probs[at], self.ready[at], self.order[at]
+            own = entry >= 0
+            probs[own], ready[own], order[own] = (result.probs[entry[own]], result.ready[entry[own]],
+                                                  result.order[entry[own]])
             out.answered.append(Answered(
-                [rows[i][0].session for i in done], [rows[i][1] for i in done], result.probs[entry],
-                result.ready[entry], result.order[entry],
+                [rows[i][0].session for i in done], [rows[i][1] for i in done], probs, ready, order,
                 None if self.ledger is None else self.ledger.durable[at]))
         if plan.reads and self.ledger is not None:
             self.ledger.captured(plan.reads, result.rows, self.probs, self.ready, self._wanted,
