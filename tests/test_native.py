@@ -354,3 +354,29 @@ def test_a_sessions_packets_in_one_call_equal_one_call_per_packet(name: str) -> 
             assert bool(np.asarray(rb)[0]) == bool(ready[b]), b
             np.testing.assert_array_equal(np.asarray(lb)[0], logits[b], err_msg=f"entry {b}")
         np.testing.assert_array_equal(np.asarray(coalesced), np.asarray(one_by_one))
+
+
+def test_random_groupings_of_packets_equal_one_call_per_packet() -> None:
+    """Random calls (a slot repeated any number of times, in any order among the others, empty
+    packets, padding entries, bursts of equal timestamps) on streams that go on between calls:
+    every entry's logits and readiness, and the pool, equal one call per packet exactly."""
+    config = load_model_config("tiny", VARIANTS["async-timepool-timepool-conj"])
+    model, _ = both_backends(config)
+    rng = np.random.default_rng(5)
+    grouped, single = model.init_state(5), model.init_state(5)
+    for call in range(6):
+        batch = int(rng.integers(1, 12))
+        slots = rng.integers(0, 6, batch).astype(np.int32)  # slot 5 is outside the pool: padding
+        lengths = rng.integers(0, 70, batch).astype(np.int32)
+        flat_t = rng.integers(0, config.num_embeddings, int(lengths.sum()) + 1).astype(np.int32)
+        flat_g = np.where(rng.random(flat_t.size) < 0.5, 0, rng.integers(0, 5000, flat_t.size)).astype(np.int32)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        grouped, logits, ready = model.step_slots_ragged(grouped, slots, flat_t, flat_g, starts, lengths)
+        logits, ready = np.asarray(logits), np.asarray(ready)
+        assert np.isfinite(logits).all()
+        for b in range(batch):
+            single, lb, rb = model.step_slots_ragged(single, slots[b:b + 1], flat_t, flat_g,
+                                                     starts[b:b + 1], lengths[b:b + 1])
+            assert bool(np.asarray(rb)[0]) == bool(ready[b]), (call, b)
+            np.testing.assert_array_equal(np.asarray(lb)[0], logits[b], err_msg=f"call {call}, entry {b}")
+        np.testing.assert_array_equal(np.asarray(grouped), np.asarray(single))
