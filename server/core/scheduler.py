@@ -18,7 +18,9 @@ the same slot, and the step reads out after each (the same arithmetic as one ste
 A live camera that sends faster than one step per packet then costs one step and one hand-off
 per plan, not per packet. Only a session of one row whose head is a packet joins again (a reset
 or a restore acts at the start of a plan, so it waits for the next one); the others still take
-turns, since a lane that joined goes to the back of the line.
+turns, since a lane that joined goes to the back of the line. The trade: a session with a
+backlog may fill a plan alone, so a session whose packet comes after the plan filled waits for
+one such step (at most the largest batch bucket of full-length rows, the bound any plan had).
 
 When the step thread is idle a plan goes at once, except that it may wait up to ``batch_wait_s``
 (from its oldest packet) for company while other attached sessions could still send; a lone
