@@ -90,6 +90,7 @@ def test_a_late_packet_is_dropped_whole_answered_in_order_and_counted(server):
             opened = await request(ws, {"type": "open", "realtime": True, "overload": "drop",
                                         "max_lag_ms": 100})
             assert opened["type"] == "opened"
+            assert (opened["realtime"], opened["overload"], opened["max_lag_ms"]) == (True, "drop", 100)
             start = time.perf_counter()
             out = [await request(ws, events(0, 0, 200))]  # newest event 1990 µs: the clock's origin
             await asyncio.sleep(0.4)
@@ -172,9 +173,11 @@ def test_overload_drop_sheds_a_backlog_in_order_and_lossless_never_drops(start):
     assert all("dropped" not in r and math.isfinite(r["lag_ms"]) for r in lossless)
     assert lossless[-1]["events"] == sent
     worst = max(r["lag_ms"] for r in lossless)
-    # Half the typical backlog lag of the lossless run on this machine, not its worst (a one-off
-    # spike such as the first step's would not recur): the later half of a flood waits longer.
-    bound = max(2.0, float(np.median([r["lag_ms"] for r in lossless])) / 2)
+    # A third of the typical backlog lag of the lossless run on this machine, not its worst (a
+    # one-off spike such as the first step's would not recur): the later half of a flood waits
+    # longer. A third, not a half: a 2048-event packet is one step, and the two runs' speeds
+    # differ by up to 2x on a shared machine.
+    bound = max(2.0, float(np.median([r["lag_ms"] for r in lossless])) / 3)
     dropping, sent = asyncio.run(flood(server.ws, n, size, realtime=True, overload="drop", max_lag_ms=bound))
     assert [r["seq"] for r in dropping] == list(range(n)), "answers stay in packet order"
     assert all(r["type"] == "result" for r in dropping)
