@@ -141,6 +141,8 @@ class SessionInfo:
     replica held it). ``durable``: the events sent (kept, cropped and filtered) its last snapshot
     covers; None when the server keeps no snapshots. ``filters``: the session's input filters
     (None: none), ``filtered``: events they removed from the stream so far (not in ``events``).
+    ``live``: the live-sensor fields the session declared (``decide``, ``results``, ``realtime``,
+    ``overload``, ``max_lag_ms``; None: none), as the server holds them.
     """
 
     session: str
@@ -154,6 +156,7 @@ class SessionInfo:
     window: dict[str, Any] | None = None  # a windowed session's window, with its ``lanes``
     filters: dict[str, int] | None = None
     filtered: int = 0
+    live: dict[str, Any] | None = None
 
     @property
     def sent(self) -> int:
@@ -170,7 +173,7 @@ class SessionInfo:
         return cls(session=frame.session, resume=frame.resume, events=frame.events,
                    model=ModelInfo.from_dict(frame.model), cropped=frame.cropped or 0, geometry=frame.geometry,
                    restored=frame.restored, durable=frame.durable, window=frame.window,
-                   filters=frame.filters, filtered=sum((frame.filtered or {}).values()))
+                   filters=frame.filters, filtered=sum((frame.filtered or {}).values()), live=frame.live)
 
 
 @dataclass(frozen=True)

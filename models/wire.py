@@ -25,6 +25,7 @@ MSGPACK = "application/msgpack"
 MSGPACK_TYPES = frozenset({"application/msgpack", "application/x-msgpack", "application/vnd.msgpack"})
 
 FRAME_TYPES = ("open", "events", "reset", "close")  # what a client sends on /v1/stream
+LIVE_FIELDS = ("decide", "results", "realtime", "overload", "max_lag_ms")  # an open's live-sensor fields
 
 
 # --- error codes ---------------------------------------------------------------------------------
@@ -166,7 +167,9 @@ class Opened:
     events sent its last snapshot covers (None: no snapshots kept); ``geometry``/``cropped`` only
     for a session that declared its source sensor; ``filters`` (the active input filters'
     parameters) and ``filtered`` (the events each removed from the stream so far, not in
-    ``events``) only for a session that declared filters."""
+    ``events``) only for a session that declared filters; ``live`` (its ``decide``, ``results``,
+    ``realtime``, ``overload`` and ``max_lag_ms`` as ``open`` fields, sent at the top level)
+    only for a session that declared any of them."""
 
     TYPE: ClassVar[str] = "opened"
     session: str
@@ -183,6 +186,7 @@ class Opened:
     window: dict[str, Any] | None = None  # only for a windowed session: its window and ``lanes``
     filters: dict[str, int] | None = None
     filtered: dict[str, int] | None = None
+    live: dict[str, Any] | None = None
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.TYPE, "session": self.session, "resume": self.resume,
@@ -194,6 +198,8 @@ class Opened:
             out["window"] = self.window
         if self.filters is not None:
             out.update(filters=self.filters, filtered=self.filtered)
+        if self.live:
+            out.update(self.live)
         return out
 
     @classmethod
@@ -207,7 +213,8 @@ class Opened:
             top_k=_int(msg, "top_k"), model=dict(model) if isinstance(model, Mapping) else {},
             geometry=dict(geometry) if isinstance(geometry, Mapping) else None, cropped=_opt_int(msg, "cropped"),
             window=dict(msg["window"]) if isinstance(msg.get("window"), Mapping) else None,
-            filters=_counts(msg.get("filters")), filtered=_counts(msg.get("filtered"))))
+            filters=_counts(msg.get("filters")), filtered=_counts(msg.get("filtered")),
+            live={k: msg[k] for k in LIVE_FIELDS if k in msg} or None))
 
 
 def _probs(value: Any) -> list[float] | None:

@@ -171,13 +171,14 @@ def test_decisions_survive_a_resume_and_a_changed_declaration_is_refused(server)
     async def go() -> list[dict]:
         async with connect(f"{server.ws}/v1/stream") as ws:
             opened = await request(ws, {"type": "open", "top_k": 1, "decide": spec})
+            assert opened["decide"] == spec and "results" not in opened and "realtime" not in opened
             first = [await request(ws, f) for f in frames[:cut]]
         async with connect(f"{server.ws}/v1/stream") as ws:
             err = await request(ws, {"type": "open", "resume": opened["resume"],
                                      "decide": {"min_prob": 0.9, "hold_ms": 0}})
             assert err["type"] == "error" and err["code"] == "invalid_field" and "decide" in err["message"]
             again = await request(ws, {"type": "open", "resume": opened["resume"], "decide": spec})
-            assert again["type"] == "opened" and again["resumed"]
+            assert again["type"] == "opened" and again["resumed"] and again["decide"] == spec
             return first + [await request(ws, f) for f in frames[cut:]]
 
     assert decisions(asyncio.run(go())) == decisions(whole)
@@ -208,6 +209,8 @@ def test_decisions_survive_a_restart_through_the_snapshot(tiny_model, tmp_path):
         async with connect(f"{url}/v1/stream") as ws:
             again = await request(ws, {"type": "open", "resume": token})
             assert again["type"] == "opened" and again["restored"], again
+            # The declaration came back with the snapshot, and the reply says so.
+            assert again["decide"] == spec and again["realtime"] is True, again
             return [await request(ws, f) for f in frames[cut:]]
 
     with serve_app(create_app(settings, models={"tiny": tiny_model})) as a:

@@ -39,6 +39,9 @@ FRAMES = [
     ResultFrame(6, 500, 9000, [0.5, 0.5], [["a", 0.5]], window={"t0": 7000, "events": 120}),
     Opened("s2", "tok", False, False, 0, None, None, 3, {"name": "tiny"},
            window={"ms": 2000, "hop_ms": 500, "lanes": 4}),
+    Opened("s3", "tok", False, False, 0, None, None, 1, {"name": "tiny"},
+           live={"decide": {"min_prob": 0.8, "hold_ms": 200.0}, "results": "compact",
+                 "realtime": True, "overload": "drop", "max_lag_ms": 100.0}),
 ]
 
 

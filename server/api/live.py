@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from evssm.models.wire import Code, Decided, Dropped
+from evssm.models.wire import LIVE_FIELDS, Code, Decided, Dropped
 
 from ..core.engine import Engine
 from ..core.sessions import Packet, Session
@@ -49,7 +49,6 @@ from .protocol import Events, ProtocolError, check_times
 log = logging.getLogger("evssm.server.app")
 
 RESULT_MODES = ("full", "compact")
-LIVE_FIELDS = ("decide", "results", "realtime", "overload", "max_lag_ms")
 
 
 @dataclass(frozen=True)

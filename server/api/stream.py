@@ -243,7 +243,8 @@ class StreamHandler:
                       cropped=None if geometry is None else session.cropped,
                       window=None if session.window is None else describe(session.window.spec),
                       filters=spec_of(session.filters),
-                      filtered=None if session.filters is None else session.filter_state.removed.to_dict())
+                      filtered=None if session.filters is None else session.filter_state.removed.to_dict(),
+                      live=None if (live := live_of(session)) is None else live.options.to_dict())
 
     def _refuse_full(self, e: ServerFull, binary: bool) -> None:
         """``server_full`` or ``too_many_sessions`` (this client's cap), then close 1013."""
