@@ -242,15 +242,21 @@ def apply_sums(state: dict[str, Any], sums: dict[str, Any], *, tx: Any
     (int32), epoch, best_accuracy -> ``(state', {"loss", "correct", "count", "events"})``."""
     import jax
     import jax.numpy as jnp
-    import optax
 
     scale = 1.0 / jnp.maximum(sums["count"], 1.0)
-    grads = jax.tree.map(lambda g: g * scale, sums["grads"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    new = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1)
+    new = apply_gradients(state, jax.tree.map(lambda g: g * scale, sums["grads"]), tx)
     return new, {"loss": sums["loss"] * scale, "correct": sums["correct"],
                  "count": sums["count"], "events": sums["events"]}
+
+
+def apply_gradients(state: dict[str, Any], grads: Any, tx: Any) -> dict[str, Any]:
+    """``state`` after one optimiser update by ``grads`` (shaped like its params): params,
+    opt_state and step advanced, the rest as it was."""
+    import optax
+
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    return dict(state, params=optax.apply_updates(state["params"], updates), opt_state=opt_state,
+                step=state["step"] + 1)
 
 
 def train_step(state: dict[str, Any], batch: dict[str, Any], *, module: Any, tx: Any, seed: int
@@ -260,15 +266,11 @@ def train_step(state: dict[str, Any], batch: dict[str, Any], *, module: Any, tx:
     the same masks. ``state`` as in :func:`apply_sums` -> ``(state', {"loss", "correct",
     "count", "events"})``."""
     import jax
-    import optax
 
     key = jax.random.fold_in(jax.random.PRNGKey(seed), state["step"])
     (loss, (batch_stats, correct, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state["params"], state["batch_stats"], batch, key, module=module)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    new = dict(state, params=params, batch_stats=batch_stats, opt_state=opt_state,
-               step=state["step"] + 1)
+    new = apply_gradients(dict(state, batch_stats=batch_stats), grads, tx)
     return new, {"loss": loss, "correct": correct, "count": count,
                  "events": batch["lengths"].sum()}
 
