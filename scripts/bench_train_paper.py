@@ -47,6 +47,11 @@ def loadavg() -> str:
     return Path("/proc/loadavg").read_text().strip()
 
 
+def paper_code(code: str | None, python: str | None) -> bool:
+    """``code`` is a checkout of the paper's repository and ``python`` a Python to run it."""
+    return bool(code and python and Path(code, "event_ssm").is_dir() and Path(python).exists())
+
+
 def make_batches(count: int, pad_unit: int, seed: int) -> tuple[dict[str, Any], list[Any]]:
     """(the run's resolved configuration, the first ``count`` training batches of epoch 0)."""
     from evssm.models.input_pipeline import train_batches
@@ -243,11 +248,11 @@ def main() -> int:
     passes = our_passes(cfg, batches, args.groups)
     code, python = args.paper_code, args.paper_python
     paper = None
-    if not code or not python or not Path(code, "event_ssm").is_dir() or not Path(python).exists():
+    if not paper_code(code, python):
         print("paper's code: skipped (set EVSSM_PAPER_CODE to a checkout of its repository and "
               "EVSSM_PAPER_PYTHON to a Python with its packages)", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
-        if code and python and Path(code, "event_ssm").is_dir() and Path(python).exists():
+        if paper_code(code, python):
             paper_inputs(batches, Path(tmp, "batches.npz"))
             paper = PaperWorker(Path(code), python, Path(tmp, "batches.npz"))
             passes["paper"] = paper.run_pass

@@ -288,8 +288,9 @@ def train_beside_paper(out: Path) -> None:
     (``scripts/bench_train_paper.py``), when ``EVSSM_PAPER_CODE`` (a scratch checkout of its
     repository) and ``EVSSM_PAPER_PYTHON`` (a Python with its packages) name one; else skipped
     with a message."""
-    code, python = os.environ.get("EVSSM_PAPER_CODE"), os.environ.get("EVSSM_PAPER_PYTHON")
-    if not code or not python or not Path(code, "event_ssm").is_dir() or not Path(python).exists():
+    from bench_train_paper import paper_code
+
+    if not paper_code(os.environ.get("EVSSM_PAPER_CODE"), os.environ.get("EVSSM_PAPER_PYTHON")):
         print("train beside the paper's code: skipped (set EVSSM_PAPER_CODE to a scratch "
               "checkout of its repository and EVSSM_PAPER_PYTHON to a Python with its packages; "
               "docs/benchmarks.md, \"Training\")", file=sys.stderr)
