@@ -314,6 +314,22 @@ def test_calls_from_several_threads_are_exact() -> None:
     assert "concurrent results equal" in done.stdout
 
 
+def assert_one_call_per_packet(model: StreamingModel, pool: np.ndarray, slots: np.ndarray,
+                               tokens: np.ndarray, gaps: np.ndarray, starts: np.ndarray,
+                               lengths: np.ndarray, logits: np.ndarray, ready: np.ndarray,
+                               after: np.ndarray, label: str) -> np.ndarray:
+    """Step ``pool`` (int32 [N, words], the rows before a grouped call) by each entry in a call
+    of its own, in order: every entry's logits and readiness equal ``logits`` [B, C] and
+    ``ready`` [B] of the grouped call, and the rows ``after`` it, exactly. Returns the rows."""
+    for b in range(len(lengths)):
+        pool, lb, rb = model.step_slots_ragged(pool, slots[b:b + 1], tokens, gaps, starts[b:b + 1],
+                                               lengths[b:b + 1])
+        assert bool(np.asarray(rb)[0]) == bool(ready[b]), f"{label}, entry {b}"
+        np.testing.assert_array_equal(np.asarray(lb)[0], logits[b], err_msg=f"{label}, entry {b}")
+    np.testing.assert_array_equal(np.asarray(after), np.asarray(pool), err_msg=label)
+    return np.asarray(pool)
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_a_sessions_packets_in_one_call_equal_one_call_per_packet(name: str) -> None:
     """Entries with the same slot are one session's consecutive packets: stepped in one call
@@ -342,18 +358,14 @@ def test_a_sessions_packets_in_one_call_equal_one_call_per_packet(name: str) -> 
             model.step_slots_ragged(coalesced, slots, flat_t, flat_g, starts, lengths)
         np.testing.assert_array_equal(np.asarray(coalesced), before)
         return
-    for _ in range(2):  # the second call continues every session's stream
-        one_by_one = np.asarray(coalesced).copy()
+    for call in range(2):  # the second call continues every session's stream
+        before = np.asarray(coalesced).copy()
         coalesced, logits, ready = model.step_slots_ragged(coalesced, slots, flat_t, flat_g,
                                                            starts, lengths)
         logits, ready = np.asarray(logits), np.asarray(ready)
         assert np.isfinite(logits).all() and ready.any()
-        for b in range(len(entries)):
-            one_by_one, lb, rb = model.step_slots_ragged(one_by_one, slots[b:b + 1], flat_t, flat_g,
-                                                         starts[b:b + 1], lengths[b:b + 1])
-            assert bool(np.asarray(rb)[0]) == bool(ready[b]), b
-            np.testing.assert_array_equal(np.asarray(lb)[0], logits[b], err_msg=f"entry {b}")
-        np.testing.assert_array_equal(np.asarray(coalesced), np.asarray(one_by_one))
+        assert_one_call_per_packet(model, before, slots, flat_t, flat_g, starts, lengths, logits,
+                                   ready, coalesced, f"call {call}")
 
 
 def test_random_groupings_of_packets_equal_one_call_per_packet() -> None:
@@ -374,9 +386,5 @@ def test_random_groupings_of_packets_equal_one_call_per_packet() -> None:
         grouped, logits, ready = model.step_slots_ragged(grouped, slots, flat_t, flat_g, starts, lengths)
         logits, ready = np.asarray(logits), np.asarray(ready)
         assert np.isfinite(logits).all()
-        for b in range(batch):
-            single, lb, rb = model.step_slots_ragged(single, slots[b:b + 1], flat_t, flat_g,
-                                                     starts[b:b + 1], lengths[b:b + 1])
-            assert bool(np.asarray(rb)[0]) == bool(ready[b]), (call, b)
-            np.testing.assert_array_equal(np.asarray(lb)[0], logits[b], err_msg=f"call {call}, entry {b}")
-        np.testing.assert_array_equal(np.asarray(grouped), np.asarray(single))
+        single = assert_one_call_per_packet(model, single, slots, flat_t, flat_g, starts, lengths,
+                                            logits, ready, grouped, f"call {call}")
