@@ -273,17 +273,26 @@ from evssm.models.streaming import StreamingModel, init_variables
 config = load_model_config("shd")
 models = [StreamingModel(config, init_variables(config, seed), backend="native") for seed in (0, 1)]
 rng = np.random.default_rng(0)
-jobs = []  # (model, batch, length): two models' step threads and a classify-like scratch stream
-for model, batch, length in ((models[0], 8, 256), (models[1], 1, 1024), (models[0], 1, 512)):
+# (model, batch, length, slots): two models' step threads, a classify-like scratch stream, and
+# a step whose call holds one session's queued packets (a repeated slot: one row, a readout each)
+jobs = []
+for model, batch, length, slots in ((models[0], 8, 256, None), (models[1], 1, 1024, None),
+                                    (models[0], 1, 512, None), (models[1], 4, 128, [0, 0, 1, 0])):
     tokens = rng.integers(0, config.num_embeddings, (batch, length)).astype(np.int32)
     gaps = rng.integers(0, 60, (batch, length)).astype(np.int32)
-    jobs.append((model, tokens, gaps, np.full(batch, length, np.int32)))
+    jobs.append((model, tokens, gaps, np.full(batch, length, np.int32),
+                 None if slots is None else np.array(slots, np.int32)))
 
 def run(job, steps):
-    model, tokens, gaps, lengths = job
+    model, tokens, gaps, lengths, slots = job
     state, out = model.init_state(tokens.shape[0]), []
+    starts = np.arange(len(lengths), dtype=np.int64) * tokens.shape[1]
     for _ in range(steps):
-        state, logits, _ = model.step(state, tokens, gaps, lengths)
+        if slots is None:
+            state, logits, _ = model.step(state, tokens, gaps, lengths)
+        else:
+            state, logits, _ = model.step_slots_ragged(state, slots, tokens.reshape(-1),
+                                                       gaps.reshape(-1), starts, lengths)
         out.append(np.asarray(logits).copy())
     return out
 
@@ -298,15 +307,17 @@ for _ in range(int(sys.argv[2])):
     for t in threads: t.join()
     for i in range(len(jobs)):
         for a, b in zip(got[i], expected[i]):
+            assert np.isfinite(a).all()
             np.testing.assert_array_equal(a, b)
 print("concurrent results equal")
 """
 
 
 def test_calls_from_several_threads_are_exact() -> None:
-    """Two models' step threads and a third stream (as a long classify runs one) call the kernel
-    at once: every result equals the one computed alone, bit for bit, and nothing crashes. Run in
-    a subprocess so a crash is a failure, not the end of the test session."""
+    """Two models' step threads, a third stream (as a long classify runs one) and a call holding
+    one session's several packets call the kernel at once: every result equals the one computed
+    alone, bit for bit, and nothing crashes. Run in a subprocess so a crash is a failure, not the
+    end of the test session."""
     env = dict(os.environ, EVSSM_NATIVE_THREADS="2", JAX_PLATFORMS="cpu")
     done = subprocess.run([sys.executable, "-c", CONCURRENT_SCRIPT, "12", "4"], env=env,
                           capture_output=True, text=True, timeout=600)
