@@ -105,6 +105,18 @@ def snapshots_while(state: Path, run: Callable[[], T], covered: Callable[[Any], 
         watcher.join(10)
 
 
+def checked_in_rounds(one_round: Callable[[], int], need: int, rounds: int = 4) -> int:
+    """Run ``one_round`` (a streaming round that checks every snapshot it saw -> how many it
+    checked) until ``need`` have been checked, at most ``rounds`` times -> the total. How many
+    snapshots land inside a stream depends on how fast the server answers."""
+    checked = 0
+    for _ in range(rounds):
+        checked += one_round()
+        if checked >= need:
+            break
+    return checked
+
+
 def stream_each(ws: str, recs: list[Recording], packet_events: int, *, max_in_flight: int,
                 options: list[dict[str, Any]] | None = None) -> list[tuple[str, list[Any]]]:
     """Stream every recording in a session of its own, all at once, as fast as the server

@@ -31,7 +31,7 @@ import pytest
 from conftest import start_tiny
 from numeric import assert_close, assert_finite, seeded_rng
 from test_client_e2e import DroppingProxy
-from test_durability import copy_store, snapshots_while, stream_each
+from test_durability import checked_in_rounds, copy_store, snapshots_while, stream_each
 from websockets.asyncio.client import connect
 
 from evssm.client import AsyncStreamSession, Result, classify, packetize, save_events
@@ -405,7 +405,8 @@ def test_filter_state_survives_a_restore_on_another_server(start, tmp_path: Path
 def test_snapshots_under_load_hold_the_filter_state_of_their_events(start, tmp_path: Path, monkeypatch) -> None:
     """Three sessions stream with filters as fast as the server answers while snapshots are taken
     every 10 ms (packets in flight when their rows are read): every snapshot's filter state is
-    the reference's after exactly the events it covers (kept and filtered), a packet boundary."""
+    the reference's after exactly the events it covers (kept and filtered), a packet boundary.
+    New sessions stream again until six have been checked (at most four rounds)."""
     reverted: list[int] = []  # packets taken out of the live state per capture
     real = ledger._filters_at
 
@@ -420,21 +421,23 @@ def test_snapshots_under_load_hold_the_filter_state_of_their_events(start, tmp_p
     def covered(snap: Any) -> int | None:  # the events sent: kept and filtered
         return None if snap.filters is None else snap.events + sum(snap.filters["state"]["removed"])
 
-    outcome, seen = snapshots_while(tmp_path, lambda: stream_each(
-        server.ws, recs, 500, max_in_flight=8, options=[{"filters": FILTERS}] * len(recs)), covered)
-    tokens = [token for token, _ in outcome]
+    def one_round() -> int:
+        outcome, seen = snapshots_while(tmp_path, lambda: stream_each(
+            server.ws, recs, 500, max_in_flight=8, options=[{"filters": FILTERS}] * len(recs)), covered)
+        checked = 0
+        for rec, (token, _) in zip(recs, outcome, strict=True):
+            for at, snap in sorted(seen.get(token_key(token), {}).items()):
+                assert at % 500 == 0 or at == len(rec), f"a snapshot at {at} events sent"
+                bank = FilterBank(FilterSpec.from_dict(FILTERS), MODEL_SENSOR, native=False)
+                want = bank.new_state()
+                keep, _ = bank.apply(want, rec.t[:at], rec.x[:at].astype(np.int32))
+                assert snap.events == int(keep.sum())
+                assert snap.filters == {"spec": FILTERS, "state": want.to_dict()}
+                checked += at > 0
+        return checked
+
+    assert checked_in_rounds(one_round, need=6) >= 6
     assert max(reverted) > 0, "no snapshot was read with packets in flight"
-    checked = 0
-    for rec, token in zip(recs, tokens, strict=True):
-        for covered, snap in sorted(seen.get(token_key(token), {}).items()):
-            assert covered % 500 == 0 or covered == len(rec), f"a snapshot at {covered} events sent"
-            bank = FilterBank(FilterSpec.from_dict(FILTERS), MODEL_SENSOR, native=False)
-            want = bank.new_state()
-            keep, _ = bank.apply(want, rec.t[:covered], rec.x[:covered].astype(np.int32))
-            assert snap.events == int(keep.sum())
-            assert snap.filters == {"spec": FILTERS, "state": want.to_dict()}
-            checked += covered > 0
-    assert checked >= 6
 
 
 def snapshot_now(server: Any) -> None:
