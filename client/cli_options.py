@@ -11,6 +11,7 @@ from typing import Any
 
 from evssm.models.events import Recording, SensorSpec
 
+from .pairs import name_numbers
 from .protocol import API_KEY_ENV
 from .sources import FORMATS, SourceError, parse_sensor
 from .udp import UDP_FORMATS
@@ -83,23 +84,16 @@ FILTER_NAMES = ("refractory_us", "denoise_us", "max_rate")
 
 def filters_arg(text: str) -> dict[str, int]:
     """``--filters refractory_us=R,denoise_us=D,max_rate=E`` (any of them) -> the ``filters`` map."""
-    out: dict[str, int] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, eq, value = part.partition("=")
-        name = name.strip()
-        if name not in FILTER_NAMES:
-            raise argparse.ArgumentTypeError(f"unknown filter {name!r} in {text!r}; known: "
-                                             f"{', '.join(FILTER_NAMES)}")
-        try:
-            number = int(value)
-        except ValueError:
-            number = 0
-        if not eq or number < 1:
-            raise argparse.ArgumentTypeError(f"bad filter {part!r}: use {name}=N, N a positive integer")
-        out[name] = number
-    if not out:
-        raise argparse.ArgumentTypeError("--filters needs at least one NAME=VALUE")
-    return out
+    try:
+        values = name_numbers(text, FILTER_NAMES)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"bad filter: {exc}") from None
+    for name, number in values.items():
+        if number < 1 or not number.is_integer():
+            raise argparse.ArgumentTypeError(f"bad filter {name}={number:g}: use {name}=N, N a positive integer")
+    if not values:
+        raise argparse.ArgumentTypeError("--filters needs at least one NAME=VALUE filter")
+    return {name: int(number) for name, number in values.items()}
 
 
 def _crop_arg(text: str) -> list[int]:
@@ -130,17 +124,11 @@ def transform_of(args: argparse.Namespace) -> dict[str, Any] | None:
 def window_option(text: str) -> dict[str, float]:
     """``--window ms=2000,hop_ms=500`` (or ``events=N,hop=M``) as the ``open`` frame's ``window``
     (the server checks the combination and names what is wrong)."""
-    out: dict[str, float] = {}
-    for part in text.split(","):
-        key, eq, value = part.partition("=")
-        if not eq or key.strip() not in ("ms", "hop_ms", "events", "hop"):
-            raise argparse.ArgumentTypeError(f"--window takes ms=T,hop_ms=H or events=N,hop=M; got {part!r}")
-        try:
-            number = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--window {key}: not a number: {value!r}") from None
-        out[key.strip()] = int(number) if number.is_integer() else number
-    return out
+    try:
+        values = name_numbers(text, ("ms", "hop_ms", "events", "hop"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--window takes ms=T,hop_ms=H or events=N,hop=M: {exc}") from None
+    return {key: int(number) if number.is_integer() else number for key, number in values.items()}
 
 
 def check_sensor(rec: Recording, sensor: SensorSpec | None,

@@ -13,19 +13,15 @@ import argparse
 from typing import Any
 
 from .errors import ClientError
+from .pairs import name_numbers
 
 
 def _decide_arg(text: str) -> dict[str, float]:
     """``min_prob=0.8,hold_ms=200`` (hold optional) -> ``{"min_prob": 0.8, "hold_ms": 200.0}``."""
-    out: dict[str, float] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, sep, value = part.partition("=")
-        if not sep or name.strip() not in ("min_prob", "hold_ms"):
-            raise argparse.ArgumentTypeError(f"expected min_prob=P[,hold_ms=D], got {text!r}")
-        try:
-            out[name.strip()] = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name.strip()} must be a number, got {value!r}") from None
+    try:
+        out = name_numbers(text, ("min_prob", "hold_ms"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected min_prob=P[,hold_ms=D]: {exc}") from None
     if "min_prob" not in out:
         raise argparse.ArgumentTypeError(f"expected min_prob=P[,hold_ms=D], got {text!r}")
     return out

@@ -11,6 +11,7 @@ import numpy as np
 from evssm.models.events import Recording, SensorSpec
 
 from .errors import SourceError
+from .pairs import name_numbers
 from .sample import Sample
 
 
@@ -103,14 +104,8 @@ SIM_DEFAULTS: dict[str, float] = {"rate": 20000.0, "duration": 2.0, "label": 0.0
 
 def parse_sim_spec(spec: str) -> dict[str, float]:
     """``sim`` or ``sim:rate=R,duration=S,label=K,classes=C,seed=N`` -> the settings."""
-    settings = dict(SIM_DEFAULTS)
     _, _, body = spec.partition(":")
-    for part in filter(None, (s.strip() for s in body.split(","))):
-        key, eq, value = part.partition("=")
-        if not eq or key not in settings:
-            raise SourceError(f"bad sim setting {part!r}; use {', '.join(SIM_DEFAULTS)} as key=value")
-        try:
-            settings[key] = float(value)
-        except ValueError as exc:
-            raise SourceError(f"sim setting {key} must be a number, got {value!r}") from exc
-    return settings
+    try:
+        return {**SIM_DEFAULTS, **name_numbers(body, SIM_DEFAULTS)}
+    except ValueError as exc:
+        raise SourceError(f"bad sim setting: {exc}") from None

@@ -383,6 +383,34 @@ def test_simulated_labels_are_distinguishable() -> None:
             assert np.abs(hists[a] / hists[a].sum() - hists[b] / hists[b].sum()).sum() > 0.3
 
 
+@pytest.mark.parametrize("bad, named", [
+    ("{0}=1, {0}=2", "{0} is given twice"),
+    ("speed=3", "'speed=3' is not NAME=VALUE"),  # an unknown name
+    ("{0}", "'{0}' is not NAME=VALUE"),          # no value
+    ("{0}=fast", "{0} must be a finite number, got 'fast'"),
+    ("{0}=nan", "{0} must be a finite number, got 'nan'"),
+])
+def test_name_value_lists_are_read_alike_by_every_option(bad: str, named: str) -> None:
+    """``--filters``, ``--window``, ``--decide`` and ``sim:`` read NAME=VALUE lists with one
+    reader: blanks allowed, and the same mistakes refused naming the part at fault."""
+    import argparse
+
+    from evssm.client.cli_options import filters_arg, window_option
+    from evssm.client.live_options import _decide_arg
+    from evssm.client.pairs import name_numbers
+
+    assert name_numbers(" ms = 2 ,, hop_ms=0.5 ", ("ms", "hop_ms")) == {"ms": 2.0, "hop_ms": 0.5}
+    for parse, name, error in ((lambda text: name_numbers(text, ("ms", "hop_ms")), "ms", ValueError),
+                               (filters_arg, "max_rate", argparse.ArgumentTypeError),
+                               (window_option, "hop", argparse.ArgumentTypeError),
+                               (_decide_arg, "min_prob", argparse.ArgumentTypeError),
+                               (lambda text: parse_sim_spec("sim:" + text), "rate", SourceError)):
+        with pytest.raises(error, match=named.format(name)):
+            parse(bad.format(name))
+    assert filters_arg("max_rate = 2000000 ") == {"max_rate": 2_000_000}
+    assert window_option("ms=100, hop_ms=2.5") == {"ms": 100, "hop_ms": 2.5}
+
+
 def test_sim_spec() -> None:
     assert parse_sim_spec("sim") == sources.SIM_DEFAULTS
     s = parse_sim_spec("sim:rate=1000,duration=0.5,label=2")
