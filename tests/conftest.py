@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import re
 import shutil
@@ -108,6 +109,19 @@ def start_tiny(serve: Any, model: Any, base: Any, **changes: Any) -> Any:
     wait_ready(server.http)
     server.engine = app.state.engine
     return server
+
+
+@pytest.fixture
+def start(serve: Any, tiny_model: Any, request: pytest.FixtureRequest) -> Any:
+    """``start(**changes)`` -> :func:`start_tiny` with the test module's ``BASE`` settings (a
+    module whose servers differ more defines its own ``start``)."""
+    return functools.partial(start_tiny, serve, tiny_model, request.module.BASE)
+
+
+@pytest.fixture
+def server(start: Any) -> Any:
+    """A ready server of the tiny model with the test module's ``BASE`` settings."""
+    return start()
 
 
 def wait_process_ready(proc: subprocess.Popen, base_url: str, log_path: Path,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import json
 import subprocess
 import sys
@@ -28,7 +27,6 @@ import httpx
 import msgpack
 import numpy as np
 import pytest
-from conftest import start_tiny
 from numeric import assert_close, assert_finite, seeded_rng
 from test_client_e2e import DroppingProxy
 from test_durability import checked_in_rounds, copy_store, snapshots_while, stream_each
@@ -56,11 +54,6 @@ FILTERS = {"refractory_us": 400, "denoise_us": 3000, "max_rate": 150_000}
 HOUR_US = 3_600_000_000
 MODEL_SENSOR = SensorSpec.one_d(CHANNELS)
 RTOL, ATOL = 1e-3, 2e-6
-
-
-@pytest.fixture
-def start(serve, tiny_model):
-    return functools.partial(start_tiny, serve, tiny_model, BASE)
 
 
 # --- recordings and the reference ----------------------------------------------------------------

@@ -8,14 +8,12 @@ decision must fall; a ``decide`` session of the same packets must send exactly t
 from __future__ import annotations
 
 import asyncio
-import functools
 import math
 from typing import Any
 
 import msgpack
 import numpy as np
-import pytest
-from conftest import start_tiny, wait_ready
+from conftest import wait_ready
 from websockets.asyncio.client import connect
 
 from evssm.server.app import create_app
@@ -27,16 +25,6 @@ BASE = Settings(batch_buckets=(8,), length_buckets=(128,), classify_length_bucke
                 slots_per_model=16, max_sessions=16, max_packet_events=2048, batch_wait_ms=1.0,
                 session_idle_timeout=60.0)
 PACKETS = 40
-
-
-@pytest.fixture
-def start(serve, tiny_model):
-    return functools.partial(start_tiny, serve, tiny_model, BASE)
-
-
-@pytest.fixture
-def server(start):
-    return start()
 
 
 def packets(seed: int = 3) -> list[dict[str, Any]]:

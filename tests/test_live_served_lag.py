@@ -8,7 +8,6 @@ falling behind: that makes a late packet on demand, with no reliance on the mach
 from __future__ import annotations
 
 import asyncio
-import functools
 import math
 import time
 from typing import Any
@@ -16,8 +15,6 @@ from typing import Any
 import httpx
 import msgpack
 import numpy as np
-import pytest
-from conftest import start_tiny
 from websockets.asyncio.client import connect
 
 from evssm.client.session import AsyncStreamSession
@@ -28,16 +25,6 @@ CHANNELS = 700
 BASE = Settings(batch_buckets=(8,), length_buckets=(128,), classify_length_buckets=(),
                 slots_per_model=16, max_sessions=16, max_packet_events=4096, batch_wait_ms=1.0,
                 session_idle_timeout=60.0)
-
-
-@pytest.fixture
-def start(serve, tiny_model):
-    return functools.partial(start_tiny, serve, tiny_model, BASE)
-
-
-@pytest.fixture
-def server(start):
-    return start()
 
 
 def events(seq: int, t0: int, n: int, step: int = 10, rng: np.random.Generator | None = None) -> dict[str, Any]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import math
 from typing import Any
@@ -18,23 +17,13 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import start_tiny, wait_ready
+from conftest import wait_ready
 from test_server_stream import BASE, CHANNELS, Client, assert_probs_equal, classify, columns
 from websockets.asyncio.client import connect
 
 from evssm.server.app import create_app
 
 HOUR_US = 3_600_000_000
-
-
-@pytest.fixture
-def start(serve, tiny_model):
-    return functools.partial(start_tiny, serve, tiny_model, BASE)
-
-
-@pytest.fixture
-def server(start):
-    return start()
 
 
 def live_stream(rng: np.random.Generator, bursts: int) -> tuple[np.ndarray, np.ndarray]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import json
 import sqlite3
 import zlib
@@ -22,7 +21,6 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
-from conftest import start_tiny
 from numeric import assert_close, assert_finite, seeded_rng
 from test_durability import checked_in_rounds, copy_store, snapshots_while, stored, stream_each
 from test_live_filters_served import replay_after_switch, snapshot_then_leave
@@ -45,11 +43,6 @@ BASE = Settings(batch_buckets=(1, 4), length_buckets=(128,), classify_length_buc
                 session_idle_timeout=60.0, snapshot_interval=0.05)
 TIME_WINDOW = {"ms": 2000, "hop_ms": 500}  # 4 lanes
 COUNT_WINDOW = {"events": 300, "hop": 100}  # 3 lanes
-
-
-@pytest.fixture
-def start(serve, tiny_model):
-    return functools.partial(start_tiny, serve, tiny_model, BASE)
 
 
 def recording(seed: str, bursts: int) -> Recording:
