@@ -90,6 +90,21 @@ def wait_ready(base_url: str, timeout: float = 300.0) -> dict:
     return body
 
 
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """The sum of metric ``name``'s samples in the Prometheus text ``text``, over those whose
+    labels include every pair of ``labels`` (none given: all of them)."""
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith((name + "{", name + " ")) and all(w in line for w in want))
+
+
+def scrape(base_url: str, name: str, **labels: str) -> float:
+    """:func:`metric_sum` of the server at ``base_url``'s ``/metrics``, read now."""
+    import httpx
+
+    return metric_sum(httpx.get(f"{base_url}/metrics", timeout=10).text, name, **labels)
+
+
 @pytest.fixture(scope="module")
 def tiny_model() -> Any:
     """The tiny configuration's model (random init), loaded once per test module."""

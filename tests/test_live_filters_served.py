@@ -27,6 +27,7 @@ import httpx
 import msgpack
 import numpy as np
 import pytest
+from conftest import metric_sum
 from numeric import assert_close, assert_finite, seeded_rng
 from test_client_e2e import DroppingProxy
 from test_durability import checked_in_rounds, copy_store, snapshots_while, stream_each
@@ -129,12 +130,6 @@ def assert_same_answer(got: list[float] | None, want: list[float] | None) -> Non
         assert_close(assert_finite(got), assert_finite(want), rtol=RTOL, atol=ATOL)
 
 
-def metric(text: str, name: str, **labels: str) -> float:
-    want = [f'{k}="{v}"' for k, v in labels.items()]
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") and all(w in line for w in want))
-
-
 # --- streaming with filters equals classify with filters -------------------------------------------
 
 async def snapshot_then_leave(s: AsyncStreamSession, covered: int) -> str:
@@ -204,7 +199,7 @@ def test_a_filtered_stream_cut_anywhere_answers_as_classify_with_the_same_filter
     text = httpx.get(f"{server.http}/metrics").text
     for name, n in total.to_dict().items():  # the stream's and the classify requests' removals
         classified = sum(w["filtered"][name] for w in wanted.values())
-        assert metric(text, "evssm_filtered_events_total", model="tiny", filter=name) == n + classified
+        assert metric_sum(text, "evssm_filtered_events_total", model="tiny", filter=name) == n + classified
 
 
 def test_filters_address_the_declared_source_before_its_crop(start) -> None:

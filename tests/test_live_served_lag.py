@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import msgpack
 import numpy as np
+from conftest import scrape
 from websockets.asyncio.client import connect
 
 from evssm.client.session import AsyncStreamSession
@@ -40,12 +41,6 @@ async def request(ws: Any, msg: dict[str, Any]) -> dict[str, Any]:
     return msgpack.unpackb(await asyncio.wait_for(ws.recv(), 60))
 
 
-def metric(base: str, name: str) -> float:
-    text = httpx.get(f"{base}/metrics").text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") or line.startswith(name + " "))
-
-
 def test_realtime_results_carry_a_finite_lag_and_others_none(server):
     async def go(**fields: Any) -> list[dict]:
         async with connect(f"{server.ws}/v1/stream") as ws:
@@ -66,7 +61,7 @@ def test_realtime_results_carry_a_finite_lag_and_others_none(server):
     for r in live:
         assert math.isfinite(r["lag_ms"]) and 0 <= r["lag_ms"] < 5_000, r
         assert "dropped" not in r
-    assert metric(server.http, "evssm_session_lag_seconds_count") == 13
+    assert scrape(server.http, "evssm_session_lag_seconds_count") == 13
     stats = httpx.get(f"{server.http}/v1/stats").json()
     assert any(s.get("lag_ms") is not None and s["lag_ms"] >= 0 for s in stats["recent"]), stats["recent"]
 
@@ -102,8 +97,8 @@ def test_a_late_packet_is_dropped_whole_answered_in_order_and_counted(server):
     assert bad["type"] == "error" and bad["code"] == "timestamps_decreasing" and bad["seq"] == 2
     assert r3["events"] == 320 and "dropped" not in r3 and 0 <= r3["lag_ms"] < r1["lag_ms"]
     assert r4["dropped"] == {"packets": 2, "events": 230} and r4["events"] == 320
-    assert metric(server.http, "evssm_dropped_events_total") == 230
-    assert metric(server.http, "evssm_dropped_packets_total") == 2
+    assert scrape(server.http, "evssm_dropped_events_total") == 230
+    assert scrape(server.http, "evssm_dropped_packets_total") == 2
 
 
 def test_a_reset_restarts_the_clock_and_keeps_the_drop_totals(server):
@@ -175,7 +170,7 @@ def test_overload_drop_sheds_a_backlog_in_order_and_lossless_never_drops(start):
     last = dropping[-1]
     assert last["events"] + dropped[-1]["dropped"]["events"] == sent, "every event stepped or dropped"
     assert dropped[-1]["dropped"]["events"] == size * len(dropped)
-    assert metric(server.http, "evssm_dropped_packets_total") == len(dropped)
+    assert scrape(server.http, "evssm_dropped_packets_total") == len(dropped)
 
 
 def test_the_client_sends_live_fields_and_reads_lag_and_drops(server):

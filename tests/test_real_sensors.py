@@ -25,7 +25,7 @@ import httpx
 import msgpack
 import numpy as np
 import pytest
-from conftest import serve_app, shared_path, wait_ready
+from conftest import scrape, serve_app, shared_path, wait_ready
 from numeric import assert_close
 from websockets.asyncio.client import connect
 
@@ -160,7 +160,7 @@ def test_crop_and_flip_on_gen4_stream_like_classify_and_count_cropped(server) ->
     transform = {"crop": [320, 0, 640, 720], "scale": "stretch", "flip_y": True}
     inside = ((rec.x >= 320) & (rec.x < 960)).sum()
     assert 0 < inside < len(rec)
-    before = metric(server.http, "evssm_cropped_events_total")
+    before = scrape(server.http, "evssm_cropped_events_total")
     results = stream(server.ws, rec, "dvs", sample.sensor, transform, packet=500)
     last = results[-1]
     assert last.events == inside and last.cropped == len(rec) - inside
@@ -168,13 +168,7 @@ def test_crop_and_flip_on_gen4_stream_like_classify_and_count_cropped(server) ->
     (got,) = classify(server.http, [rec], model="dvs", sensors=[sample.sensor], transform=transform)
     assert got.events == inside and got.cropped == len(rec) - inside
     probs_close(last.probs, got.probs)
-    assert metric(server.http, "evssm_cropped_events_total") - before == 2 * (len(rec) - inside)
-
-
-def metric(base: str, name: str) -> float:
-    text = httpx.get(f"{base}/metrics").text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{"))
+    assert scrape(server.http, "evssm_cropped_events_total") - before == 2 * (len(rec) - inside)
 
 
 # --- the declaration's contract over the raw protocol ----------------------------------------------

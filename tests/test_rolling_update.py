@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import HAPROXY_RISE_S, free_port, haproxy_balancer, redis_server
+from conftest import HAPROXY_RISE_S, free_port, haproxy_balancer, redis_server, scrape
 from numeric import assert_close
-from test_server_restart import ATOL, PATIENT, RTOL, Serve, metric
+from test_server_restart import ATOL, PATIENT, RTOL, Serve
 
 from evssm.client import AsyncStreamSession, SimulatedSensor, apaced, classify, packetize
 from evssm.client.packets import Packet
@@ -172,7 +172,7 @@ async def rolling_update(runs: list[Run], replicas: list[Serve], ports: list[int
         await until_all_answered(runs, 0.0)
         for i, port in enumerate(ports):
             await asyncio.sleep(2.0)  # a few packets on the current layout
-            held = int(await loop.run_in_executor(None, metric, replicas[i].http, "evssm_sessions_active"))
+            held = int(await loop.run_in_executor(None, scrape, replicas[i].http, "evssm_sessions_active"))
             begin = time.monotonic()
             code = await loop.run_in_executor(None, replicas[i].stop)
             restarted = Serve(tmp_path / f"replica{i}-restarted.log", port, cache, *args)

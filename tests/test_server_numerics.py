@@ -19,7 +19,8 @@ import httpx
 import msgpack
 import numpy as np
 import pytest
-from test_server_stream import BASE, metric_value, wait_ready
+from conftest import metric_sum
+from test_server_stream import BASE, wait_ready
 from websockets.asyncio.client import connect
 
 from evssm.models.streaming import StreamingModel
@@ -90,7 +91,7 @@ def test_a_non_finite_answer_is_an_error_frame_counted_and_logged(server, caplog
         assert "probs" not in reply
     assert reset["type"] == "reset_done"
     metrics = httpx.get(f"{server.http}/metrics").text
-    assert metric_value(metrics, "evssm_non_finite_outputs_total") == 2
+    assert metric_sum(metrics, "evssm_non_finite_outputs_total") == 2
     logged = [r.getMessage() for r in caplog.records if "non-finite" in r.getMessage()]
     assert len(logged) == 2 and all("tiny" in m and opened["session"] in m for m in logged), logged
 
@@ -110,7 +111,7 @@ def test_classify_of_a_non_finite_answer_is_422_in_strict_json(server, caplog) -
     r = httpx.post(f"{server.http}/v1/classify", json={"streams": [events(3)]}, timeout=60)
     assert r.status_code == 200 and strict_json(r.text)["results"][0]["probs"] is None
     metrics = httpx.get(f"{server.http}/metrics").text
-    assert metric_value(metrics, "evssm_non_finite_outputs_total") == 2
+    assert metric_sum(metrics, "evssm_non_finite_outputs_total") == 2
     assert any("tiny" in r.getMessage() and "classify" in r.getMessage() for r in caplog.records)
 
 

@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import free_port, haproxy_balancer, redis_server, wait_process_ready
+from conftest import free_port, haproxy_balancer, redis_server, scrape, wait_process_ready
 from numeric import assert_close
 from test_durability import copy_store
 
@@ -130,14 +130,6 @@ async def stream_until(session: AsyncStreamSession, rec: Recording, trigger: Any
     return results
 
 
-def metric(http: str, name: str) -> float:
-    total = 0.0
-    for line in httpx.get(f"{http}/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 # --- restart -------------------------------------------------------------------------------------
 def test_sigterm_then_restart_every_session_resumes_exactly(tmp_path: Path, cache: Path,
                                                             servers: list[Serve]) -> None:
@@ -182,7 +174,7 @@ def test_sigterm_then_restart_every_session_resumes_exactly(tmp_path: Path, cach
         assert resume.restored and not resume.new_session and resume.replayed == 0
         assert 6000 <= resume.events < len(rec)
         assert [r.seq for r in results] == list(range(len(results)))
-    assert metric(servers[1].http, "evssm_sessions_restored_total") == 3
+    assert scrape(servers[1].http, "evssm_sessions_restored_total") == 3
 
 
 def test_sigkill_mid_stream_replays_from_durable(tmp_path: Path, cache: Path, servers: list[Serve]) -> None:
@@ -254,10 +246,10 @@ def finished(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, dict[st
 def kill_mid_stream(srv: Serve, cli: subprocess.Popen) -> None:
     """SIGKILL ``srv`` once the stream is well into its recording and snapshotted (counted from
     now: the server may have served other streams)."""
-    events, snapshots = metric(srv.http, "evssm_events_total"), metric(srv.http, "evssm_snapshots_written_total")
+    events, snapshots = scrape(srv.http, "evssm_events_total"), scrape(srv.http, "evssm_snapshots_written_total")
     deadline = time.monotonic() + 120
-    while metric(srv.http, "evssm_events_total") < events + 15_000 or \
-            metric(srv.http, "evssm_snapshots_written_total") < snapshots + 1:
+    while scrape(srv.http, "evssm_events_total") < events + 15_000 or \
+            scrape(srv.http, "evssm_snapshots_written_total") < snapshots + 1:
         assert cli.poll() is None, cli.communicate()
         assert time.monotonic() < deadline, "the stream did not get going"
         time.sleep(0.05)
@@ -340,7 +332,7 @@ def test_replica_lost_its_session_resumes_on_another_through_redis(tmp_path: Pat
             async def main() -> tuple[list[Any], AsyncStreamSession]:
                 async def trigger(s: AsyncStreamSession, result: Any) -> None:
                     if not holder and s.durable and result.events - s.durable >= 2000:
-                        active = [metric(r.http, "evssm_sessions_active") for r in replicas]
+                        active = [scrape(r.http, "evssm_sessions_active") for r in replicas]
                         assert sorted(active) == [0, 1], active
                         holder.append(replicas[active.index(1)])
                         holder[0].stop(signal.SIGKILL)
@@ -355,7 +347,7 @@ def test_replica_lost_its_session_resumes_on_another_through_redis(tmp_path: Pat
         assert_close(results[-1].probs, want, rtol=RTOL, atol=ATOL)
         (resume,) = session.resumes
         assert resume.restored and resume.replayed > 0
-        assert metric(survivor.http, "evssm_sessions_restored_total") == 1
+        assert scrape(survivor.http, "evssm_sessions_restored_total") == 1
 
 
 # --- refused and damaged snapshots ---------------------------------------------------------------
@@ -417,7 +409,7 @@ def test_snapshot_of_other_weights_is_refused(tmp_path: Path, cache: Path, drain
 
     asyncio.run(main())
     assert "2 session snapshots (2 for models or weights not served here)" in srv.log()
-    assert metric(srv.http, "evssm_snapshot_failures_total") == 1
+    assert scrape(srv.http, "evssm_snapshot_failures_total") == 1
 
 
 def test_damaged_snapshot_is_skipped_and_the_server_starts(tmp_path: Path, cache: Path,

@@ -18,7 +18,7 @@ import msgpack
 import numpy as np
 import pytest
 import websockets
-from conftest import wait_ready
+from conftest import metric_sum, wait_ready
 from numeric import assert_close
 from websockets.asyncio.client import connect
 
@@ -106,14 +106,6 @@ def assert_probs_equal(a: list[float] | None, b: list[float] | None) -> None:
     assert (a is None) == (b is None), (a, b)
     if a is not None:
         assert_close(np.asarray(a), np.asarray(b), rtol=1e-3, atol=2e-6)
-
-
-def metric_value(text: str, name: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 # --- streaming equals classify -------------------------------------------------------------------
@@ -363,10 +355,10 @@ def test_64_concurrent_sessions_each_get_their_own_answer(server):
         assert got["events"] == len(t)
         assert_probs_equal(got["probs"], want["probs"])
     metrics = httpx.get(f"{server.http}/metrics").text
-    steps = metric_value(metrics, "evssm_batch_size_count")
-    sessions_stepped = metric_value(metrics, "evssm_batch_size_sum")
+    steps = metric_sum(metrics, "evssm_batch_size_count")
+    sessions_stepped = metric_sum(metrics, "evssm_batch_size_sum")
     assert sessions_stepped / steps > 2  # packets of different sessions shared steps
-    assert metric_value(metrics, "evssm_sessions_active") == 0  # all closed, all slots free
+    assert metric_sum(metrics, "evssm_sessions_active") == 0  # all closed, all slots free
 
 
 def test_steady_traffic_compiles_nothing(server):
@@ -386,7 +378,7 @@ def test_steady_traffic_compiles_nothing(server):
     classify(server.http, [(t[:n], x[:n]) for n in (5, 100, 1000, 1500)])
     after = httpx.get(f"{server.http}/readyz").json()["compilations"]["tiny"]
     assert after == before
-    assert metric_value(httpx.get(f"{server.http}/metrics").text, "evssm_compilations_total") == before
+    assert metric_sum(httpx.get(f"{server.http}/metrics").text, "evssm_compilations_total") == before
 
 
 # --- session lifecycle ---------------------------------------------------------------------------
@@ -542,8 +534,8 @@ def test_idle_sessions_are_evicted(start):
 
     asyncio.run(run())
     metrics = httpx.get(f"{server.http}/metrics").text
-    assert metric_value(metrics, "evssm_sessions_evicted_total") == 2
-    assert metric_value(metrics, "evssm_sessions_active") == 0
+    assert metric_sum(metrics, "evssm_sessions_evicted_total") == 2
+    assert metric_sum(metrics, "evssm_sessions_active") == 0
 
 
 def test_server_full_closes_with_1013(start):
@@ -608,7 +600,7 @@ def test_a_failed_step_ends_its_session_and_the_server_goes_on(server):
         runner.run = real
     assert failures == [1]
     metrics = httpx.get(f"{server.http}/metrics").text
-    assert metric_value(metrics, "evssm_sessions_active") == 1
+    assert metric_sum(metrics, "evssm_sessions_active") == 1
 
 
 # --- bad input -----------------------------------------------------------------------------------
@@ -669,7 +661,7 @@ def test_every_bad_input_gets_an_error_and_leaves_the_state_untouched(server):
     asyncio.run(run())
     metrics = httpx.get(f"{server.http}/metrics").text
     assert 'evssm_rejected_packets_total{code="timestamps_decreasing"} 2.0' in metrics
-    assert metric_value(metrics, "evssm_rejected_packets_total") == len(BAD_FRAMES) + 2
+    assert metric_sum(metrics, "evssm_rejected_packets_total") == len(BAD_FRAMES) + 2
 
 
 def test_http_bad_input_is_4xx_json(server):
@@ -758,7 +750,7 @@ def test_models_health_stats_metrics_dashboard(server):
     for name in ("evssm_sessions_active", "evssm_packet_latency_seconds_count", "evssm_step_latency_seconds_count",
                  "evssm_batch_size_count", "evssm_queue_wait_seconds_count", "evssm_compilations_total"):
         assert f'{name}{{model="tiny"}}' in text, name
-    assert metric_value(text, "evssm_packet_latency_seconds_count") == 4
+    assert metric_sum(text, "evssm_packet_latency_seconds_count") == 4
     r = httpx.get(f"{h}/dashboard")
     if r.status_code == 200:
         assert "html" in r.headers["content-type"]
