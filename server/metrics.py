@@ -136,6 +136,17 @@ class ModelMetrics:
         self.steps_run = 0  # the same counts as plain ints, for /v1/stats
         self.chunks_coalesced = 0
         self.sessions_active = metrics.sessions_active.labels(model=model)
+        self.slots_used = metrics.slots_used.labels(model=model)
+
+    def session_live(self, slots: int) -> None:
+        """A session became live (opened or restored) holding ``slots`` rows (a window's lanes)."""
+        self.sessions_active.inc()
+        self.slots_used.inc(slots)
+
+    def session_gone(self, slots: int) -> None:
+        """A live session holding ``slots`` rows was freed."""
+        self.sessions_active.dec()
+        self.slots_used.dec(slots)
 
     def step(self, seconds: float, batch: int, coalesced: int, queue_waits: np.ndarray) -> None:
         """One engine step over ``batch`` sessions' rows, ``coalesced`` more chunks of theirs
@@ -204,6 +215,8 @@ class Metrics:
         self.state_bytes = Gauge("evssm_state_bytes_per_session", "Bytes of carried state per session.", m,
                                  registry=r)
         self.slots = Gauge("evssm_slots", "Session slots allocated on the device.", m, registry=r)
+        self.slots_used = Gauge("evssm_slots_used", "Session slots held by live sessions (a sliding "
+                                "window's session holds one per lane).", m, registry=r)
         self.non_finite = Counter("evssm_non_finite_outputs_total",
                                   "Answers withheld because the model's output was NaN or infinite "
                                   "(streamed packets and classified recordings).", m, registry=r)
@@ -262,6 +275,7 @@ class Metrics:
         self.session_lag.init(model)
         self.queue_wait.init(model)
         self.sessions_active.labels(model=model).set(0)
+        self.slots_used.labels(model=model).set(0)
         self.queue_depth.labels(model=model).set(0)
         self.state_bytes.labels(model=model).set(state_bytes)
         self.slots.labels(model=model).set(slots)

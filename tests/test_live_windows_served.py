@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import wait_ready
+from conftest import scrape, wait_ready
 from test_server_stream import BASE, CHANNELS, Client, assert_probs_equal, classify, columns
 from websockets.asyncio.client import connect
 
@@ -171,14 +171,20 @@ def test_invalid_windows_are_refused_clearly(server, window, words):
 
 def test_a_window_counts_as_its_lanes_toward_the_limits(start):
     server = start(max_sessions=5, slots_per_model=5)
+    held: list[tuple[float, float]] = []  # (sessions, slots in use) as the metrics say
+
+    def gauges() -> tuple[float, float]:
+        return scrape(server.http, "evssm_sessions_active"), scrape(server.http, "evssm_slots_used")
 
     async def run() -> list[dict]:
         async with connect(f"{server.ws}/v1/stream") as a, connect(f"{server.ws}/v1/stream") as b, \
                 connect(f"{server.ws}/v1/stream") as c:
             first = await Client(a).request({"type": "open", "window": {"ms": 1000, "hop_ms": 250}})
             plain = await Client(b).request({"type": "open"})
+            held.append(await asyncio.to_thread(gauges))
             refused = await Client(c).request({"type": "open"})
             closed = await Client(a).request({"type": "close"})
+            held.append(await asyncio.to_thread(gauges))
         # Closed, the window's four rows are free again: three plain sessions fit beside the one.
         async with contextlib.AsyncExitStack() as stack:
             sockets = [await stack.enter_async_context(connect(f"{server.ws}/v1/stream")) for _ in range(4)]
@@ -194,6 +200,8 @@ def test_a_window_counts_as_its_lanes_toward_the_limits(start):
     # One row left (the plain session whose connection dropped keeps its own): two lanes do not fit.
     assert window["type"] == "error" and window["code"] == "server_full", window
     assert "a session of 2 window lanes counts as 2" in window["message"]
+    # The metrics count the window as one session holding four slots, and free them on its close.
+    assert held == [(2, 5), (1, 1)]
 
 
 def test_a_resume_keeps_the_lanes_and_may_not_change_the_window(server):

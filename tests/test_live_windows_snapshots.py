@@ -21,6 +21,7 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
+from conftest import scrape
 from numeric import assert_close, assert_finite, seeded_rng
 from test_durability import checked_in_rounds, copy_store, snapshots_while, stored, stream_each
 from test_live_filters_served import replay_after_switch, snapshot_then_leave
@@ -100,6 +101,8 @@ def test_a_windowed_session_restored_on_another_server_answers_each_window(start
         async with AsyncStreamSession(second.ws, resume=token, window=TIME_WINDOW, reconnect=False) as s:
             assert s.info is not None and s.info.restored and s.info.events == half
             assert s.info.window == {**TIME_WINDOW, "lanes": 4}
+            # Restored, it holds its four slots again, as the metrics say.
+            assert await asyncio.to_thread(scrape, second.http, "evssm_slots_used") == 4
             return [r async for r in s.stream(packetize(rec.slice(half, n), events=61))]
 
     after = asyncio.run(part_two())

@@ -220,7 +220,7 @@ class Engine:
         session = self.table.open(model, top_k, owner=owner, owner_limit=self.settings.sessions_per_client,
                                   key_id=key_id, lanes=lanes or 1)
         self.schedulers[model].add(session)
-        self.metrics.model(model).sessions_active.inc()
+        self.metrics.model(model).session_live(len(session.slots))
         self.metrics.sessions_opened.labels(model=model).inc()
         return session
 
@@ -263,7 +263,7 @@ class Engine:
                 row=rec.row.reshape(rec.lanes, -1), events=rec.events, last_t=rec.last_t, probs=rec.probs,
                 cropped=rec.cropped, filters=None if filters is None else filters[1],
                 window=getattr(planner, "state", None)))
-            self.metrics.model(rec.model).sessions_active.inc()
+            self.metrics.model(rec.model).session_live(len(session.slots))
             self.durability.adopt(session, rec, blob)
             log.info("session %s of %s restored from its snapshot at %d events", session.id, rec.model,
                      rec.events)
@@ -291,7 +291,7 @@ class Engine:
         return self.schedulers[session.model].idle(session)
 
     def _released(self, session: Session) -> None:
-        self.metrics.model(session.model).sessions_active.dec()
+        self.metrics.model(session.model).session_gone(len(session.slots))
         summary = session_summary(session, live=False)
         self._ended.append(summary)
         answer = "no answer yet" if session.answer is None else \
