@@ -248,11 +248,12 @@ def main() -> int:
     passes = our_passes(cfg, batches, args.groups)
     code, python = args.paper_code, args.paper_python
     paper = None
-    if not paper_code(code, python):
+    have_paper = paper_code(code, python)
+    if not have_paper:
         print("paper's code: skipped (set EVSSM_PAPER_CODE to a checkout of its repository and "
               "EVSSM_PAPER_PYTHON to a Python with its packages)", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
-        if paper_code(code, python):
+        if have_paper:
             paper_inputs(batches, Path(tmp, "batches.npz"))
             paper = PaperWorker(Path(code), python, Path(tmp, "batches.npz"))
             passes["paper"] = paper.run_pass
